@@ -1,0 +1,600 @@
+"""LLaMA in plain PyTorch: the model, its checkpoints (Hugging Face safetensors, Meta .pth), generation, scoring.
+
+Self-contained (torch, numpy-free, stdlib), so it can be copied into another project alone. Module names follow
+Meta's first LLaMA release, so Meta checkpoints load with strict=True; Hugging Face checkpoints go through
+hf_to_meta (key names plus the q/k row permutation). Tuna needs three things from it (METHOD.md): logits for the
+SFT and ranking losses, sampling of candidates for contextual ranking, and per-response log-prob sums for scores.
+"""
+import glob
+import json
+import math
+import mmap
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); fewer -> grouped-query attention
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # FFN inner size; None -> LLaMA's rule from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    head_dim: int | None = None  # None -> dim // n_heads
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices), rounded up
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads}) and head_dim ({self.head_dim}) even")
+
+    @classmethod
+    def from_name(cls, name):
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_hf_config(cls, path):
+        cfg = _read_json(path)
+        supported = {"model_type": cfg.get("model_type", "llama") == "llama",
+                     "hidden_act": cfg.get("hidden_act", "silu") == "silu", "rope_scaling": not cfg.get("rope_scaling"),
+                     "attention_bias": not cfg.get("attention_bias"), "mlp_bias": not cfg.get("mlp_bias")}
+        unsupported = [f"{key}={cfg.get(key)!r}" for key, ok in supported.items() if not ok]
+        if unsupported:
+            raise ValueError(f"{path}: not supported by model.py: {', '.join(unsupported)}")
+        eos = cfg.get("eos_token_id", 2)
+        try:
+            return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                       hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       rope_theta=cfg.get("rope_theta", 10000.0), head_dim=cfg.get("head_dim"),
+                       max_seq_len=cfg.get("max_position_embeddings", 2048),
+                       tie_embeddings=cfg.get("tie_word_embeddings", False), bos_id=cfg.get("bos_token_id", 1),
+                       eos_id=eos[0] if isinstance(eos, list) else eos)  # several EOS ids (Llama 3): keep the first
+        except KeyError as e:
+            raise ValueError(f"{path}: missing field {e}") from None
+
+    @classmethod
+    def from_meta_params(cls, path, vocab_size=None):
+        params = _read_json(path)
+        if params.get("use_scaled_rope"):
+            raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+        known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+        fields = {key: params[key] for key in known if params.get(key) is not None}
+        vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or the weights
+        vocab = vocab if vocab > 0 else vocab_size
+        if not vocab:
+            raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')} and no vocab_size was given")
+        try:
+            return cls(vocab_size=vocab, **fields)
+        except TypeError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+CONFIGS = {
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
+                       max_seq_len=4096),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 (a bf16 mean of squares loses digits), cast back before the gain, as Meta and HF do
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_tables(args, device=None):
+    """cos and sin of position * theta^(-2i/head_dim), each (max_seq_len, head_dim/2), float32 as in Meta and HF."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # Meta layout: channels (2i, 2i+1) rotate as one pair (HF q/k rows are permuted into this order on load).
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, head_dim/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, head_dim/2): same angle for every head
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, T, heads, head_dim/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, T, heads, head_dim)
+
+
+class KVCache(nn.Module):
+    """Keys and values of earlier slots for one attention layer, so a decode step costs O(T), not O(T^2).
+    Allocated on first use with the keys' dtype (which autocast may have changed) and device."""
+
+    def __init__(self, batch, max_len):
+        super().__init__()
+        self.batch, self.max_len, self.k, self.v = batch, max_len, None, None
+
+    def update(self, start, k, v):  # k, v: (B, n_kv_heads, T, head_dim) written to slots [start, start + T)
+        if self.k is None:
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])  # (B, n_kv_heads, max_len, head_dim)
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache = None  # a KVCache only while generate() runs
+
+    def forward(self, x, cos, sin, mask, cache_start):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim): SDPA's layout
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S = cache_start + T, head_dim)
+        repeats = self.n_heads // self.n_kv_heads
+        if repeats > 1:  # GQA: query head h reads kv head h // repeats (Meta's and HF's grouping)
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, n_heads, S, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, n_heads, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_heads * head_dim) -> (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention, self.feed_forward = Attention(args), FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache_start):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False  # True: keep only each block's input, recompute the rest in backward
+        self.reset_rope()
+
+    def reset_rope(self, device=None):
+        # Computed, not stored in checkpoints (persistent=False); rebuilt after a load onto the meta device.
+        cos, sin = rope_tables(self.args, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens, positions=None, mask=None, *, cache_start=None):
+        """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
+        row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend, default causal.
+        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots."""
+        B, T = tokens.shape
+        start = cache_start or 0
+        if positions is None:
+            if start + T > self.args.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)  # (B, T)
+        if mask is None and cache_start is not None:  # slot start + i sees slots 0 .. start + i
+            slots = torch.arange(start + T, device=tokens.device)
+            mask = slots[None, :] <= slots[start:, None]  # (T, S)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, T, S): one pattern for every head
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim/2)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # METHOD.md: the authors trained with gradient checkpointing; activations are rebuilt in backward
+                h = checkpoint(layer, h, cos, sin, mask, cache_start, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache_start)
+        return self.output(self.norm(h)).float()  # (B, T, vocab)
+
+
+# ---- checkpoints: Hugging Face <-> Meta names -------------------------------------------------------------------
+LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+               "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}  # Meta -> HF, per layer
+TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def _meta_to_hf_names(args):
+    names = {f"{meta}.weight": f"{hf}.weight" for meta, hf in TOP_NAMES.items()}
+    for i in range(args.n_layers):
+        names.update({f"layers.{i}.{meta}.weight": f"model.layers.{i}.{hf}.weight" for meta, hf in LAYER_NAMES.items()})
+    return names
+
+
+def _permute_qk_rows(weight, n_heads, to_hf):
+    # Meta rotates channel pairs (2i, 2i+1) of each head; HF rotates (i, i + head_dim/2) ("rotate_half").
+    # Reordering the rows of wq / wk turns one layout into the other with identical logits.
+    head_dim = weight.shape[0] // n_heads
+    split = (n_heads, head_dim // 2, 2, -1) if to_hf else (n_heads, 2, head_dim // 2, -1)
+    return weight.reshape(split).transpose(1, 2).reshape(weight.shape)  # (n_heads * head_dim, dim)
+
+
+def meta_to_hf(state_dict, args):
+    names = _meta_to_hf_names(args)
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    out = {}
+    for key, tensor in state_dict.items():
+        n = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
+        out[names.get(key, key)] = tensor if n is None else _permute_qk_rows(tensor, n, to_hf=True)
+    return out
+
+
+def hf_to_meta(state_dict, args):
+    """Unknown keys pass through unchanged, so the strict load names them."""
+    names = {hf: meta for meta, hf in _meta_to_hf_names(args).items()}
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("rotary_emb.inv_freq"):  # older HF files saved this computed buffer
+            continue
+        key = names.get(key, key)
+        n = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
+        out[key] = tensor if n is None else _permute_qk_rows(tensor, n, to_hf=False)
+    return out
+
+
+# ---- safetensors: 8-byte little-endian header size, JSON header, raw little-endian bytes --------------------------
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+def read_safetensors(path):
+    """All tensors of one .safetensors file, memory-mapped copy-on-write: pages are read when first touched."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: header length {header_len} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    tensors, spans = {}, []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = SAFETENSORS_DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise ValueError(f"{where}: unknown dtype {info.get('dtype')!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"{where}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{where}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{where}: data_offsets [{begin}, {end}] lie outside the {data_size} data bytes")
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize:
+            raise ValueError(f"{where}: {end - begin} bytes cannot hold shape {shape} of {info['dtype']}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        spans.append((begin, end, name))
+        tensor = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+        tensors[name] = tensor.clone() if (data_start + begin) % dtype.itemsize else tensor  # keep loads aligned
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensors {first!r} and {second!r} overlap (bytes {begin} to {end})")
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None, *, dtype=None):
+    """Write tensors (cast to dtype if given) atomically: a temporary file, then a rename."""
+    codes = {d: code for code, d in SAFETENSORS_DTYPES.items()}
+    target = {name: dtype if dtype is not None and t.is_floating_point() else t.dtype for name, t in tensors.items()}
+    # largest items first: every tensor then starts at a multiple of its item size (data begins 8-aligned)
+    order = sorted(tensors, key=lambda name: -target[name].itemsize)
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name in order:
+        if target[name] not in codes:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {target[name]}, which safetensors cannot store")
+        nbytes = tensors[name].numel() * target[name].itemsize
+        header[name] = {"dtype": codes[target[name]], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # trailing spaces are allowed and keep the data 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name in order:  # one tensor at a time on the CPU, so a GPU model needs no second copy in RAM
+            t = tensors[name].detach().to("cpu", target[name]).contiguous().reshape(-1)
+            f.write(t.view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- loading and saving whole checkpoints ------------------------------------------------------------------------
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _write_atomic(path, text):
+    with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def _read_hf_weights(path):
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: no weight_map object")
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            if os.path.basename(shard) != shard:
+                raise ValueError(f"{index_path}: shard {shard!r} is not a file name in {path}")
+            state.update(read_safetensors(os.path.join(path, shard)))
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise ValueError(f"{index_path}: keys listed but absent from their shards: {absent[:10]}")
+        return state
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return read_safetensors(os.path.join(path, "model.safetensors"))
+    raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor model.safetensors.index.json")
+
+
+# Meta's model-parallel shards (LLaMA 1/2, fairscale): column-parallel weights split rows, row-parallel ones
+# columns, the embedding its feature dimension; norms are replicated.
+MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _read_meta_weights(path):
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not files:
+        raise FileNotFoundError(f"{path}: has params.json but no consolidated.*.pth")
+    shards = []
+    for file in files:
+        try:
+            shards.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # torch's messages do not name the file
+            raise ValueError(f"{file}: torch.load(weights_only=True, mmap=True) failed: {e}") from e
+    if len(shards) == 1:
+        return shards[0]
+    for file, shard in zip(files[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            raise ValueError(f"{file}: keys differ from {files[0]}: {sorted(set(shard) ^ set(shards[0]))[:10]}")
+    merged = {}
+    for key in shards[0]:
+        dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2]) if key.count(".") else None
+        merged[key] = shards[0][key] if dim is None else torch.cat([shard[key] for shard in shards], dim=dim)
+    return merged
+
+
+def load_checkpoint(path, device="cpu", dtype=None):
+    """A Transformer (in eval mode) from a directory: Hugging Face (config.json + model.safetensors, or shards with
+    model.safetensors.index.json) or Meta (params.json + consolidated.*.pth). The model is built on the meta device
+    and takes over the memory-mapped tensors (assign=True), so the weights are never held twice in RAM."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        args = ModelArgs.from_hf_config(os.path.join(path, "config.json"))
+        state = hf_to_meta(_read_hf_weights(path), args)
+    elif os.path.isfile(os.path.join(path, "params.json")):
+        state = _read_meta_weights(path)
+        state.pop("rope.freqs", None)  # LLaMA-1 files carry Meta's precomputed frequencies; recomputed here
+        embedding = state.get("tok_embeddings.weight")
+        args = ModelArgs.from_meta_params(os.path.join(path, "params.json"),
+                                          vocab_size=None if embedding is None else embedding.shape[0])
+    else:
+        raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+    if args.tie_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]  # one matrix; HF files store only the embedding
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model built from its config: "
+                         f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    state = {k: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype) for k, t in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path}: {e}") from None
+    if args.tie_embeddings:  # assign=True replaced both parameters; make them one again
+        model.output.weight = model.tok_embeddings.weight
+    model.reset_rope(device)
+    return model.eval()
+
+
+def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
+    """config.json + safetensors in Hugging Face's LlamaForCausalLM layout, sharded with model.safetensors.index.json
+    above max_shard_bytes. Every file is written to a temporary name and renamed."""
+    args = model.args
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    state = {k: t for k, t in model.state_dict().items() if not (args.tie_embeddings and k == "output.weight")}
+    state = meta_to_hf(state, args)
+    shards, size = [{}], 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key], size = tensor, size + nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(os.path.join(out_dir, name), shard, metadata={"format": "pt"}, dtype=dtype)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in state.values())},
+                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        names.append("model.safetensors.index.json")
+        _write_atomic(os.path.join(out_dir, names[-1]), json.dumps(index, indent=2))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+              "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+              "attention_bias": False, "mlp_bias": False, "vocab_size": args.vocab_size,
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+              "bos_token_id": args.bos_id, "eos_token_id": args.eos_id, "torch_dtype": str(dtype).split(".")[-1],
+              "use_cache": True}
+    _write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
+    for stale in os.listdir(out_dir):  # weights of an earlier save that the index or loader could still pick up
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
+            os.remove(os.path.join(out_dir, stale))
+
+
+# ---- generation and scoring --------------------------------------------------------------------------------------
+def sample_next(logits, temperature, top_p, generator=None):
+    """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0  # mass before it already suffices
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def prefill(model, tokens, positions, mask):
+    """Run the (left-padded) prompts, filling KV-cache slots from 0; logits after the last slot (B, vocab)."""
+    return model(tokens, positions, mask, cache_start=0)[:, -1]
+
+
+def decode_step(model, tokens, positions, mask, slot):
+    """One token per row (B,) at cache slot `slot`; logits for the next token (B, vocab)."""
+    return model(tokens[:, None], positions[:, None], mask, cache_start=slot)[:, -1]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+    """New tokens per prompt (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and
+    each one's log-prob under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
+    `generator` must live on the model's device."""
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts], [[] for _ in prompts]
+    if min(map(len, prompts)) == 0:
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    eos_id = model.args.eos_id if eos_id is None else eos_id
+    device = model.tok_embeddings.weight.device
+    B, P = len(prompts), max(map(len, prompts))
+    total = P + max_new_tokens
+    if max(map(len, prompts)) + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len {model.args.max_seq_len}")
+    # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its own
+    # first token and pad slots are masked out, so a row's tokens do not depend on its neighbours in the batch.
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+    slots = torch.arange(total, device=device)
+    positions = (slots[None] - pad[:, None]).clamp(min=0)  # (B, total)
+    real = slots[None] >= pad[:, None]  # (B, total): False on pad slots
+    # slot i sees real slots j <= i, and itself (so a pad slot's softmax row is never empty: no NaN)
+    visible = (slots[None, :] <= slots[:, None]) & real[:, None, :] | torch.eye(total, dtype=torch.bool, device=device)
+    for layer in model.layers:
+        layer.attention.kv_cache = KVCache(B, total)
+    new_tokens, new_logprobs = [], []
+    try:
+        logits = prefill(model, tokens, positions[:, :P], visible[:, :P, :P])
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, generator)  # (B,)
+            new_tokens.append(token)
+            new_logprobs.append(torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0])
+            done |= token == eos_id
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            slot = P + step
+            logits = decode_step(model, token, positions[:, slot], visible[:, slot:slot + 1, :slot + 1], slot)
+    finally:
+        for layer in model.layers:
+            layer.attention.kv_cache = None
+    out_tokens, out_logprobs = [], []
+    for row_tokens, row_logprobs in zip(torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist()):
+        n = row_tokens.index(eos_id) + 1 if eos_id in row_tokens else len(row_tokens)  # cut after the first EOS
+        out_tokens.append(row_tokens[:n])
+        out_logprobs.append(row_logprobs[:n])
+    return out_tokens, out_logprobs
+
+
+def token_logprobs(logits, targets, ignore_index=-100):
+    """log p(targets[b, t]) under logits[b, t] (B, T, vocab) -> (B, T) float32, 0 where target == ignore_index."""
+    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="none")
+    return -flat.view(targets.shape)  # (B, T)
+
+
+def sequence_logprobs(model, prompts, responses):
+    """(sum of log p(response token | prompt, earlier response tokens) [B], number of response tokens [B]).
+    Rows are right-padded; causal attention keeps the padding out of every scored position. Gradients flow."""
+    if len(prompts) != len(responses) or min(map(len, prompts), default=1) == 0:
+        raise ValueError("sequence_logprobs: one non-empty prompt (e.g. BOS) per response")
+    device = model.tok_embeddings.weight.device
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.tensor([list(p) + list(r) + [0] * (T - len(p) - len(r)) for p, r in zip(prompts, responses)],
+                          device=device)  # (B, T)
+    # the logits at position t predict token t + 1: response tokens are the targets of positions len(p)-1 onwards
+    targets = torch.tensor([[-100] * (len(p) - 1) + list(r) + [-100] * (T - len(p) - len(r) + 1)
+                            for p, r in zip(prompts, responses)], device=device)  # (B, T)
+    logprobs = token_logprobs(model(tokens), targets)  # (B, T)
+    return logprobs.sum(-1), (targets != -100).sum(-1)
