@@ -17,7 +17,8 @@ IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, line or record index, and the field."""
+    """Bad input data; the message names the file, the line (1-based) or record index (0-based, in a
+    JSON list), and the field: "alpaca.json, record 3, field 'output': empty"."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -32,8 +33,9 @@ class Tokenizer:
     look up). Alpaca and Tuna add a "[PAD]" token and resize the embeddings; we do not, so checkpoints
     keep their shapes. We pad with the unknown-piece id (0 in LLaMA) instead: with byte fallback,
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
-    code that masks `ids == pad_id` (Alpaca's collator does) would then drop every real EOS from
-    the loss and the model would never learn to stop. Still, build masks from lengths, not by
+    code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
+    real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
+    pad token instead). Still, build masks from lengths, not by
     comparing ids with pad_id; labels at padded and prompt positions are IGNORE_INDEX.
     """
 
@@ -58,7 +60,7 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + self.sp.encode(text) + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))  # BOS/EOS (control pieces) decode to nothing
+        return self.sp.decode([int(i) for i in ids])  # BOS/EOS (control pieces) decode to nothing
 
     def piece_bytes(self, token_id: int) -> bytes:
         """The bytes of the normalized text a token covers ("▁" is a space, "<0xE6>" one byte)."""
@@ -97,9 +99,10 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
 
     Usually the prompt's own tokens are a prefix of the full tokenization. At the seam they can
     differ: a piece may span the last prompt characters and the first response characters
-    ("wor" + "ld" -> "▁world"), or the last word of the prompt may be segmented differently. We then
-    walk the full tokenization's pieces by byte length: a token that holds any response byte belongs
-    to the response (it is trained on), so no response text is ever masked.
+    ("...word banan" + "a." -> "▁banana"), or the prompt's last word may be split differently.
+    We then walk the full tokenization's pieces by byte length: a token that holds any response
+    byte belongs to the response (it is trained on), so no response text is ever masked; the
+    prompt ids then decode to the prompt minus its last few characters.
     """
     prompt_ids = tok.sp.encode(prompt)
     if full_ids[: len(prompt_ids)] == prompt_ids:
@@ -112,12 +115,9 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
     if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA), +1 for the dummy "▁"
         boundary = len(prompt.encode("utf-8")) + (total - text_bytes)
         return sum(1 for end in ends if end <= boundary)
-    # Another normalization (e.g. NFKC) changed the text's length: the longest common prefix is
-    # then the best exact statement we can make; the tokens after it are trained on.
-    common = 0
-    while common < min(len(full_ids), len(prompt_ids)) and full_ids[common] == prompt_ids[common]:
-        common += 1
-    return common
+    # Another normalization (e.g. NFKC) or an unknown piece changed the length: fall back to the
+    # longest common prefix of the two tokenizations (commonprefix works on any lists).
+    return len(os.path.commonprefix([full_ids, prompt_ids]))
 
 
 def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: int = 512):
@@ -262,9 +262,11 @@ def iter_jsonl(path):
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _fail(path, f"line {line_no}", None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+                problem = f"malformed JSON: {e.msg}, column {e.colno}"
+                raise _fail(path, f"line {line_no}", None, problem) from None
+            yield line_no, obj
 
 
 def _read_json_list(path) -> list:
@@ -272,7 +274,8 @@ def _read_json_list(path) -> list:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise _fail(path, f"line {e.lineno}", None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            problem = f"malformed JSON: {e.msg}, column {e.colno}"
+            raise _fail(path, f"line {e.lineno}", None, problem) from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(data, list):
@@ -337,17 +340,17 @@ def write_ranked_jsonl(path, records) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        os.chmod(tmp_path, 0o644)  # mkstemp makes it private (0600); a data file is meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); a data file is meant to be shared
             seen = {}
             for i, record in enumerate(records):
                 where = f"record {i}"
                 if not isinstance(record, RankedRecord):
                     raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
-                checked = _ranked_record_from_dict(asdict(record), path, where)  # same rules as reading
-                _check_unique_id(seen, checked.id, path, where)
+                obj = asdict(record)
+                _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
                 try:
-                    line = json.dumps(asdict(record), ensure_ascii=False, allow_nan=False)
+                    line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
                 except (TypeError, ValueError) as e:
                     raise _fail(path, where, "source", f"not JSON-serialisable ({e})") from None
                 f.write(line + "\n")

@@ -276,6 +276,7 @@ def test_ranked_jsonl_round_trip(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert len(text.splitlines()) == 2 and "東京" in text  # one record a line, UTF-8 kept readable
     assert [line_no for line_no, _ in iter_jsonl(path)] == [1, 2]
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not the temporary file's private 0600
 
 
 def jsonl(path, objects):
