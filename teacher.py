@@ -1,0 +1,758 @@
+"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server (METHOD.md, Pipeline 2-3).
+
+1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
+   `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended to
+   a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts again
+   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off.
+2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
+   student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
+3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+"""
+import argparse
+import codecs
+import concurrent.futures
+import email.utils
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+import torch
+
+import data
+from model import generate, load_checkpoint
+
+log = logging.getLogger("teacher")
+
+
+class TeacherError(RuntimeError):
+    """A request that failed for good, or an answer without a needed field; names the URL, never the API key."""
+
+
+class ReplyError(ValueError):
+    """An answer that cannot become a training record (e.g. an unparseable ranking); `raw` is the teacher's text."""
+
+    def __init__(self, message, raw=None):
+        super().__init__(message)
+        self.raw = raw
+
+
+# ----------------------------------------------------------------------------- 1. the client
+
+class TeacherClient:
+    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
+                 max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
+        self.base_url, self.model = base_url.rstrip("/"), model
+        self._api_key = os.environ.get(api_key_env) or None  # no key is fine for a local server
+        self.timeout, self.max_retries, self.max_workers = timeout, max_retries, max_workers
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
+        self._next_slot = 0.0
+        self._lock = threading.Lock()
+        self.counts = dict(requests=0, retries=0, cache_hits=0, failed=0, prompt_tokens=0, completion_tokens=0)
+        self.cache_path, self._cache = cache_path, {}
+        if cache_path and os.path.exists(cache_path):
+            with open(cache_path, "rb+") as f:
+                for line_no, line in enumerate(f, 1):
+                    try:
+                        entry = json.loads(line)
+                        self._cache[entry["key"]] = entry["response"]
+                    except (ValueError, KeyError, TypeError):  # the last line of a killed run may be cut short
+                        log.warning("%s line %d: unreadable cache entry skipped (its request is sent again)",
+                                    cache_path, line_no)
+                if f.seek(0, os.SEEK_END) and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n":
+                    f.write(b"\n")  # so the next entry does not glue onto a cut-short one
+
+    def __repr__(self):  # never the key
+        return f"TeacherClient({self.base_url!r}, model={self.model!r})"
+
+    def chat(self, messages, cache_only=False, **params):
+        return self.post("/chat/completions", {"model": self.model, "messages": messages, **params}, cache_only)
+
+    def complete(self, prompt, cache_only=False, **params):
+        return self.post("/completions", {"model": self.model, "prompt": prompt, **params}, cache_only)
+
+    def post(self, path, body, cache_only=False):
+        """The answer (a dict) to POST base_url + path with a JSON body: from the cache, else from the server
+        (None if cache_only and not cached)."""
+        url = self.base_url + path
+        request = json.dumps([urllib.parse.urlparse(url).path, body], sort_keys=True, ensure_ascii=False)
+        key = hashlib.sha256(request.encode("utf-8")).hexdigest()
+        with self._lock:
+            if key in self._cache:
+                self.counts["cache_hits"] += 1
+                return self._cache[key]
+        if cache_only:
+            return None
+        answer = self._send(url, body)
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        line = json.dumps({"key": key, "path": path, "request": body, "response": answer}, ensure_ascii=False)
+        with self._lock:
+            for name in ("prompt_tokens", "completion_tokens"):
+                self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
+            self._cache[key] = answer
+            if self.cache_path:  # append + flush: the line survives a SIGKILL of this process
+                with open(self.cache_path, "a", encoding="utf-8") as f:
+                    f.write(self._redact(line) + "\n")
+        return answer
+
+    def _send(self, url, body):
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        for attempt in range(self.max_retries + 1):
+            self._wait_for_rate_limit()
+            with self._lock:
+                self.counts["requests"] += 1
+            retry_after = None
+            try:
+                reply = requests.post(url, json=body, headers=headers, timeout=self.timeout)
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if 200 <= reply.status_code < 300:
+                    try:
+                        answer = reply.json()
+                        if isinstance(answer, dict):
+                            return answer
+                        problem = f"answer is JSON {type(answer).__name__}, not an object"
+                    except ValueError:  # a cut-short body: usually a proxy or network glitch, so retried
+                        problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
+                elif reply.status_code == 429 or reply.status_code >= 500:
+                    problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
+                    retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
+                else:  # other 4xx: the request itself is wrong, asking again cannot help
+                    self._count_failure()
+                    raise TeacherError(self._redact(f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"))
+            if attempt == self.max_retries:
+                break
+            delay = retry_after if retry_after is not None else \
+                min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
+            with self._lock:
+                self.counts["retries"] += 1
+            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in {delay:.1f}s"))
+            time.sleep(delay)
+        self._count_failure()
+        raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: {problem}"))
+
+    def _count_failure(self):
+        with self._lock:
+            self.counts["failed"] += 1
+
+    def _wait_for_rate_limit(self):
+        if not self._interval:
+            return
+        with self._lock:  # each request takes the next free slot, interval seconds after the previous one
+            now = time.monotonic()
+            start = self._next_slot = max(now, self._next_slot)
+            self._next_slot += self._interval
+        time.sleep(start - now)
+
+    def _redact(self, text):  # servers echo keys back in error messages ("Incorrect API key provided: ...")
+        return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
+
+    def map(self, fn, items):
+        """fn over items on a bounded thread pool, results in order."""
+        with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+            return list(pool.map(fn, items))
+
+    def report(self):
+        c = self.counts
+        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['failed']}), cache hits "
+                f"{c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion")
+
+
+def _server_message(reply):
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:500] or reply.reason
+
+
+def _retry_after_seconds(value):
+    """Retry-After in seconds (it may be a number or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def get_field(answer, dotted, url):
+    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError naming the URL and field."""
+    value = answer
+    for key in dotted.split("."):
+        try:
+            value = value[int(key) if key.isdigit() else key]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError(f"{url}: the answer has no field '{dotted}'") from None
+    return value
+
+
+# ----------------------------------------------------------------------------- 2. the data builders
+
+def _items(examples):
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
+    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
+            for i, ex in enumerate(examples)]
+
+
+def ask(send, parse, retry_failures):
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt has
+    its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures pays for
+    one new one. Raises the last ReplyError/TeacherError when none parses."""
+    fresh_left, error = retry_failures, None
+    for attempt in itertools.count():
+        params = {"seed": attempt} if attempt else {}
+        answer = send(cache_only=attempt > 0, **params)
+        if answer is None and fresh_left:
+            answer, fresh_left = send(**params), False
+        if answer is None:
+            raise error
+        try:
+            return parse(answer), attempt
+        except (ReplyError, TeacherError) as e:
+            error = e
+
+
+def _failure(kind, item, error, teacher):
+    item_id, ex, prompt = item
+    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None), "teacher": teacher}
+
+
+def write_jsonl_atomic(path, rows):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _finish(kind, client, results, out_path, failures_path):
+    records = [r for status, r in results if status == "done"]
+    failures = [r for status, r in results if status == "failed"]
+    data.write_ranked_jsonl(out_path, records)
+    write_jsonl_atomic(failures_path or out_path + ".failures.jsonl", failures)
+    counts = dict(done=len(records), failed=len(failures), **client.counts)
+    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
+    return counts
+
+
+def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
+                        chat=False, add_original=None, retry_failures=False):
+    """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its mean
+    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each other).
+    add_original: None; "scored" = the dataset's response scored by the same teacher (echo, /completions only)
+    and sorted in with the samples; "first" = placed best (gold), its score unknown (scores then null)."""
+    if add_original not in (None, "scored", "first"):
+        raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
+    if add_original == "scored" and chat:
+        raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
+    url = client.base_url + ("/chat/completions" if chat else "/completions")
+
+    def sample(item, cache_only=False, **extra):
+        _, ex, prompt = item
+        if chat:  # a chat teacher gets the instruction itself, not our template
+            user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+            return client.chat([{"role": "user", "content": user}], cache_only, n=n, max_tokens=max_tokens,
+                               temperature=temperature, logprobs=True, **extra)
+        return client.complete(prompt, cache_only, n=n, max_tokens=max_tokens, temperature=temperature, logprobs=1,
+                               **extra)
+
+    def scored_samples(answer):
+        scored = {}
+        for i in range(len(get_field(answer, "choices", url))):
+            if chat:
+                text = get_field(answer, f"choices.{i}.message.content", url)
+                logprobs = [t.get("logprob") for t in get_field(answer, f"choices.{i}.logprobs.content", url)]
+            else:
+                text = get_field(answer, f"choices.{i}.text", url)
+                logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
+            logprobs = [lp for lp in logprobs if lp is not None]
+            if isinstance(text, str) and text.strip() and logprobs:
+                scored.setdefault(text.strip(), sum(logprobs) / len(logprobs))
+        if len(scored) < 2 and add_original is None:
+            raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs")
+        return scored
+
+    def original_score(prompt, output):
+        full = prompt + output  # as the training text (data.encode_prompt_response): no separator
+        answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
+        offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
+        logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
+        picked = [lp for at, lp in zip(offsets, logprobs) if len(prompt) <= at < len(full) and lp is not None]
+        if not picked:
+            raise ReplyError(f"{url}: no log-probs for the original response's tokens")
+        return sum(picked) / len(picked)
+
+    def one(item):
+        item_id, ex, prompt = item
+        try:
+            scored, attempt = ask(lambda **kw: sample(item, **kw), scored_samples, retry_failures)
+            ranked = sorted(scored.items(), key=lambda pair: -pair[1])
+            original = ex.get("output", "").strip()
+            if add_original and not original:
+                raise ReplyError("add_original is set but the example has no output")
+            if add_original == "scored" and original not in scored:
+                ranked = sorted(ranked + [(original, original_score(prompt, ex["output"]))], key=lambda p: -p[1])
+            elif add_original == "first":
+                ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
+            if len(ranked) < 2:
+                raise ReplyError(f"{url}: fewer than 2 distinct candidates")
+            texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
+            source = {"kind": "probabilistic", "teacher": client.model, "endpoint": url.rsplit("/v1", 1)[-1],
+                      "attempt": attempt,
+                      "original_index": texts.index(original) if add_original and original in texts else None}
+            if add_original == "first":
+                source["teacher_scores"], scores = scores[1:], None
+            return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
+                                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+        except (ReplyError, TeacherError) as e:
+            return "failed", _failure("probabilistic", item, e, client.model)
+
+    return _finish("probabilistic", client, client.map(one, _items(examples)), out_path, failures_path)
+
+
+RANKING_SYSTEM = "You are a professional, experienced data annotator."
+
+
+def ranking_messages(prompt, candidates):
+    """The contextual-ranking request (METHOD.md, "The contextual-ranking prompt"); index len(candidates) is
+    the teacher's own reference answer."""
+    n = len(candidates)
+    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
+            f"Follow these steps:\n"
+            f"(1) Say whether the instruction is open-ended or close-ended.\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with \"###Response {n}:\".\n"
+            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: relevance, "
+            f"level of details/justification and accuracy, each 0-5. Close-ended instruction: accuracy, level of "
+            f"details/justification and clarity, each 0-5. Write each as \"Response k: [sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of score, as "
+            f"\"rank: [{', '.join(map(str, range(n + 1)))}]\" (shorter if you dropped duplicates).")
+    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_ranking(reply, n):
+    """(ranks best first, the reference answer or None) from a ranking reply over n candidates + the teacher's
+    own answer (index n). As the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers
+    in order. Unlike them, only the integers inside the [...] list (or on that line) are read, and each index
+    must be in 0..n at most once, so stray digits become a ReplyError instead of training data."""
+    text = reply.lower()
+    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
+    if key is None:
+        raise ReplyError("no 'rank:' in the reply", reply)
+    tail = text.rsplit(key, 1)[1].lstrip()
+    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
+    ranks = [int(x) for x in re.findall(r"\d+", listed)]
+    bad = [r for r in ranks if r > n]
+    if bad or len(set(ranks)) != len(ranks) or len(ranks) < 2:
+        problem = f"index {bad[0]} out of range 0..{n}" if bad else \
+            "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
+        raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
+    # the reference answer runs from "###Response n:" to the next "###" heading or the step (3) marker
+    found = re.search(rf"###\s*response\s*{n}\s*:?(.*?)(?=\n\W*(?:###|\(3\)|3\)|step\s*3)|\Z)", reply,
+                      re.IGNORECASE | re.DOTALL)
+    return ranks, (found.group(1).strip() or None) if found else None
+
+
+def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                   generator=None):
+    """n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair has ROUGE-L F1 >=
+    threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with the lowest mean
+    pairwise ROUGE-L."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    ids = tok.encode(prompt, bos=True)
+    best = None
+    for round_index in range(tries):
+        t = round(temperature + 0.1 * round_index, 6)
+        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id, generator=generator)
+        texts = [tok.decode([i for i in out if i != tok.eos_id]).strip() for out in outs]
+        pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
+        mean = sum(pairs) / len(pairs)
+        if best is None or mean < best["mean_rouge_l"]:
+            best = {"candidates": texts, "temperature": t, "round": round_index + 1, "mean_rouge_l": mean}
+        if max(pairs) < threshold:
+            break
+    return best
+
+
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3, seed=0):
+    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and read
+    back on a re-run with the same prompt and settings, so a killed run does not sample again. Each item has its
+    own generator seeded from (seed, id): the result does not depend on where a run was killed."""
+    settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed)
+    done = {}
+    if os.path.exists(cache_path):
+        for line in open(cache_path, encoding="utf-8"):
+            try:
+                entry = json.loads(line)
+                done[entry["id"]] = entry
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: unreadable student entry skipped (sampled again)", cache_path)
+    device = model.tok_embeddings.weight.device
+    result = {}
+    for item_id, _, prompt in _items(examples):
+        entry = done.get(item_id)
+        if not entry or entry.get("prompt") != prompt or entry.get("settings") != settings:
+            item_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:6], "little")
+            generator = torch.Generator(device=device).manual_seed(item_seed)
+            entry = dict(id=item_id, prompt=prompt, settings=settings, **sample_diverse(
+                model, tok, prompt, n, temperature, max_new_tokens, tries, generator=generator))
+            with open(cache_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        result[item_id] = entry
+    return result
+
+
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
+    {"candidates": [...]}} from sample_candidates) in one chat request per instruction, at the authors' temperature
+    1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a candidate unless keep_reference is
+    False; empty student responses are dropped from the ranking (a record holds non-empty texts only)."""
+    url = client.base_url + "/chat/completions"
+
+    def one(item):
+        item_id, ex, prompt = item
+        entry = samples.get(item_id)
+        if not entry:
+            return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
+        candidates = entry["candidates"]
+
+        def parse(answer):
+            reply = get_field(answer, "choices.0.message.content", url)
+            ranks, reference = parse_ranking(str(reply), len(candidates))
+            pool = candidates + [reference if keep_reference else None]
+            kept = [i for i in ranks if pool[i]]
+            if len(kept) < 2:
+                raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+            return reply, ranks, reference, kept, pool
+
+        try:
+            (reply, ranks, reference, kept, pool), attempt = ask(
+                lambda **kw: client.chat(ranking_messages(prompt, candidates), temperature=temperature,
+                                         max_tokens=max_tokens, **kw), parse, retry_failures)
+        except (ReplyError, TeacherError) as e:
+            return "failed", _failure("contextual", item, e, client.model)
+        source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
+                  "raw_reply": reply, "reference": reference, "student_candidates": candidates,
+                  "attempt": attempt, **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}}
+        return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
+                                         instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+
+    return _finish("contextual", client, client.map(one, _items(examples)), out_path, failures_path)
+
+
+# ----------------------------------------------------------------------------- 3. the server
+
+def chat_prompt(messages):
+    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns as
+    "### Instruction:", assistant turns as "### Response:", ending in "### Response:". One user message and no
+    system message give exactly data.alpaca_prompt(content), the SFT model's own format."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
+    parts += [f"### Instruction:\n{m['content']}" if m["role"] == "user" else f"### Response:{m['content']}"
+              for m in messages if m["role"] != "system"]
+    return "\n\n".join(parts) + "\n\n### Response:"
+
+
+class BadRequest(ValueError):
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+def _option(body, name, kinds, default, valid=lambda value: True):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not valid(value):
+        raise BadRequest(f"Invalid value for '{name}': {value!r}", name)
+    return value
+
+
+def _offsets(pieces, text_end):
+    """Character offset of each token (bytes) in a text that ends with them at text_end. Counted from the end,
+    because sentencepiece drops the leading space of a text's first piece."""
+    decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
+    for piece in pieces:
+        starts.append(chars)
+        chars += len(decoder.decode(piece))
+    chars += len(decoder.decode(b"", final=True))
+    return [max(0, text_end - chars + start) for start in starts]
+
+
+class LocalTeacher:
+    """The model behind the server; one model call at a time (a lock), the HTTP threads only parse and format."""
+
+    def __init__(self, model, tokenizer, name):
+        self.model, self.tok, self.name = model, tokenizer, name
+        self.device = model.tok_embeddings.weight.device
+        self.lock = threading.Lock()
+
+    def _text(self, token_id):
+        return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
+
+    def _score(self, ids, top_k):
+        """log p(ids[t] | ids[:t]) for t >= 1 (log_softmax of the raw logits, as the OpenAI API reports them,
+        hence equal to model.py's sequence_logprobs) and the top_k (log-prob, id) pairs at each position."""
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(torch.tensor([ids], device=self.device))[0, :-1].float(), -1)
+        chosen = logp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0].tolist()
+        if not top_k:
+            return chosen, [[] for _ in chosen]
+        values, indices = logp.topk(top_k, -1)
+        return chosen, [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
+
+    def _run(self, prompt, n, temperature, top_p, max_tokens, seed, stop, top_k):
+        ids = self.tok.encode(prompt, bos=True)
+        limit = self.model.args.max_seq_len
+        max_tokens = limit - len(ids) if max_tokens is None else max_tokens
+        if len(ids) + max(max_tokens, 0) > limit:
+            raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                             f"tokens and max_tokens is {max_tokens}", "max_tokens")
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        eos = self.tok.eos_id
+        with self.lock:
+            outs, _ = generate(self.model, [ids] * n, max_tokens, temperature=temperature, top_p=top_p,
+                               eos_id=eos, generator=generator)
+            scored = [self._score(ids + [t for t in out if t != eos], top_k) for out in outs]
+        choices = []
+        for out, (logprobs, tops) in zip(outs, scored):
+            new, finish = [t for t in out if t != eos], "stop" if eos in out else "length"
+            logprobs, tops = logprobs[len(ids) - 1:], tops[len(ids) - 1:]
+            pieces = [self.tok.piece_bytes(t) for t in new]
+            text = b"".join(pieces).decode("utf-8", "replace")
+            cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
+            if cut >= 0:  # the text ends before the stop sequence, and so do the tokens
+                keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
+                new, logprobs, tops, text, finish = new[:keep], logprobs[:keep], tops[:keep], text[:cut], "stop"
+            choices.append((new, logprobs, tops, text, finish))
+        return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
+
+    def _sampling(self, body, default_max_tokens):
+        if body.get("stream"):
+            raise BadRequest("stream is not supported by this server", "stream")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+        return dict(n=_option(body, "n", (int,), 1, lambda v: 1 <= v <= 16),
+                    temperature=float(_option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)),
+                    top_p=float(_option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)),
+                    max_tokens=_option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0),
+                    seed=_option(body, "seed", (int,), None), stop=stop)
+
+    def _answer(self, kind, choices, usage):
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": self.name, "choices": choices, "usage": usage}
+
+    def completions(self, body):
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
+        sampling = self._sampling(body, 16)  # 16: the OpenAI default
+        top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
+        echo = _option(body, "echo", (bool,), False)
+        choices, usage = [], dict(prompt_tokens=0, completion_tokens=0)
+        for p, prompt in enumerate(prompts):
+            ids, prompt_logprobs, prompt_tops, outs = self._run(prompt, top_k=top_k or 0, **sampling)
+            usage["prompt_tokens"] += len(ids)
+            for j, (new, logprobs, tops, text, finish) in enumerate(outs):
+                usage["completion_tokens"] += len(new)
+                if echo:  # the prompt's tokens first (BOS is no text); the first has no context: None
+                    new, text = ids[1:] + new, prompt + text
+                    logprobs, tops = [None] + prompt_logprobs[1:] + logprobs, [None] + prompt_tops[1:] + tops
+                info = None if top_k is None else {
+                    "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,
+                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in top} for top in tops],
+                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], len(text))}
+                choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info, "finish_reason": finish})
+        return self._answer("text_completion", choices, usage)
+
+    def chat(self, body):
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise BadRequest("'messages' must be a non-empty list of {role: system|user|assistant, content: "
+                             "string}", "messages")
+        sampling = self._sampling(body, None)  # None: up to the end of the context
+        want_logprobs = _option(body, "logprobs", (bool,), False)
+        top_k = _option(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20)
+        if top_k and not want_logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        ids, _, _, outs = self._run(chat_prompt(messages), top_k=top_k, **sampling)
+        choices, usage = [], dict(prompt_tokens=len(ids), completion_tokens=0)
+        for j, (new, logprobs, tops, text, finish) in enumerate(outs):
+            usage["completion_tokens"] += len(new)
+            token = lambda t, lp: {"token": self._text(t), "logprob": lp, "bytes": list(self.tok.piece_bytes(t))}
+            content = [dict(token(t, lp), top_logprobs=[token(i, v) for v, i in top])
+                       for t, lp, top in zip(new, logprobs, tops)]
+            choices.append({"index": j, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
+                            "finish_reason": finish})
+        return self._answer("chat.completion", choices, usage)
+
+
+def _error(message, kind="invalid_request_error", param=None, code=None):  # OpenAI's error body
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def _send(self, status, answer):
+        payload = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.server.teacher.name, "object": "model",
+                                                         "created": 0, "owned_by": "tuna"}]})
+        else:
+            self._send(404, _error(f"Unknown URL: GET {self.path}", code="unknown_url"))
+
+    def do_POST(self):
+        teacher = self.server.teacher
+        route = {"/v1/completions": teacher.completions, "/v1/chat/completions": teacher.chat}.get(self.path)
+        try:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if route is None:
+                return self._send(404, _error(f"Unknown URL: POST {self.path}", code="unknown_url"))
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise BadRequest("We could not parse the JSON body of your request.") from None
+            if not isinstance(body, dict):
+                raise BadRequest("The request body must be a JSON object.")
+            self._send(200, route(body))
+        except BadRequest as e:
+            self._send(400, _error(str(e), param=e.param))
+        except Exception as e:  # never crash the server: a 500 the client may retry
+            log.exception("POST %s failed", self.path)
+            self._send(500, _error(f"Internal error: {type(e).__name__}: {e}", "server_error"))
+
+    def log_message(self, format, *args):
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local"):
+    """A ThreadingHTTPServer (not started) answering /v1/completions, /v1/chat/completions and /v1/models with
+    `model`; port 0 picks a free port (server.server_port). Run it with serve_forever(), e.g. in a thread."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    server.teacher = LocalTeacher(model, tokenizer, model_name)
+    return server
+
+
+def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu"):
+    model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
+    name = model_name or os.path.basename(os.path.normpath(model_dir))
+    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name)
+    print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM over "
+                                     "an OpenAI-compatible API, and a local teacher server (METHOD.md).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
+    s.add_argument("--tokenizer", help="tokenizer.model (default: the one in --checkpoint)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
+    s.add_argument("--device", default="cpu")
+    helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
+             "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
+    for name, text in helps.items():
+        p = commands.add_parser(name, help=text, description=text)
+        p.add_argument("--data", required=True, help="Alpaca JSON list of {instruction, input, output}")
+        p.add_argument("--out", required=True, help="ranked JSONL to write (atomically)")
+        p.add_argument("--failures", help="failures JSONL (default: OUT.failures.jsonl)")
+        p.add_argument("--cache", help="append-only request cache JSONL (default: OUT.cache.jsonl)")
+        p.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+        p.add_argument("--model", required=True, help="teacher model name")
+        p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key "
+                       "(may be unset for a local server)")
+        p.add_argument("--n", type=int, default=4, help="candidates per instruction")
+        p.add_argument("--limit", type=int, help="only the first LIMIT examples")
+        p.add_argument("--workers", type=int, default=4, help="concurrent requests")
+        p.add_argument("--rpm", type=float, help="at most this many requests per minute")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+        p.add_argument("--max-retries", type=int, default=6)
+        p.add_argument("--retry-failures", action="store_true",
+                       help="items whose cached answers were unusable get one new request each (with a new seed)")
+        if name == "probabilistic":
+            p.add_argument("--chat", action="store_true", help="use /chat/completions (default /completions)")
+            p.add_argument("--max-tokens", type=int, default=256)
+            p.add_argument("--temperature", type=float, default=1.0)
+            p.add_argument("--add-original", choices=["scored", "first"], help="add the dataset's response: "
+                           "scored by the teacher and sorted in (needs /completions echo), or placed first")
+        else:
+            p.add_argument("--student", required=True, help="student checkpoint folder (SFT or Tuna_p)")
+            p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --student)")
+            p.add_argument("--student-cache", help="finished student samples JSONL (default: OUT.student.jsonl)")
+            p.add_argument("--student-temperature", type=float, default=0.8)
+            p.add_argument("--student-max-tokens", type=int, default=256)
+            p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--teacher-temperature", type=float, default=1.0)
+            p.add_argument("--teacher-max-tokens", type=int, default=2048)
+            p.add_argument("--drop-reference", action="store_true", help="do not keep the teacher's own answer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s teacher: %(message)s")
+    try:
+        if args.command == "serve":
+            return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device)
+        examples = data.read_alpaca(args.data)[:args.limit]
+        client = TeacherClient(args.base_url, args.model, args.api_key_env, args.cache or args.out + ".cache.jsonl",
+                               args.timeout, args.max_retries, args.workers, args.rpm)
+        if args.command == "probabilistic":
+            build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
+                                args.temperature, args.chat, args.add_original, args.retry_failures)
+        else:
+            student = load_checkpoint(args.student, args.device, torch.float32 if args.device == "cpu" else None)
+            samples = sample_candidates(student, data.Tokenizer(args.tokenizer or args.student), examples,
+                                        args.student_cache or args.out + ".student.jsonl", args.n,
+                                        args.student_temperature, args.student_max_tokens, args.tries, args.seed)
+            build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
+                             args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
+    except (OSError, ValueError, TeacherError) as e:  # DataError is a ValueError; messages name the file or URL
+        parser.exit(1, f"teacher.py {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
