@@ -228,6 +228,9 @@ def plain_model(net, state):
     with torch.device("meta"):
         plain = llama.Transformer(net.args)
     plain.load_state_dict(merged, strict=True, assign=True)
+    plain.reset_rope(plain.tok_embeddings.weight.device)     # buffers not in the state dict
+    if net.args.tie_embeddings:
+        plain.output.weight = plain.tok_embeddings.weight
     return plain
 
 

@@ -1,0 +1,251 @@
+"""tuna.py's objective and prefix sharing: hand-computed losses, the authors' formula, and packed == naive K rows."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import model
+import tuna
+
+
+def scores_of(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def full_mask(scores):
+    return torch.ones_like(scores, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------- ranking loss, hand-computed
+
+def test_correct_order_with_enough_margin_costs_nothing():
+    s = scores_of([[-0.1, -0.5, -0.9]])  # gaps 0.4 > m*1 and 0.8 > m*2
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == 0.0
+
+
+def test_correct_order_inside_the_margin_costs_the_shortfall():
+    s = scores_of([[-0.10, -0.15]])  # gap 0.05 < 0.1: loss 0.1 - 0.05
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == pytest.approx(0.05, abs=1e-6)
+
+
+def test_fully_inverted_ranking():
+    s = scores_of([[-0.9, -0.5, -0.1]])  # best candidate scored lowest
+    # d=1: pairs (0,1): -0.5+0.9+0.1 = 0.5, (1,2): -0.1+0.5+0.1 = 0.5 -> mean 0.5
+    # d=2: pair (0,2): -0.1+0.9+0.2 = 1.0                                 -> 1.0
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == pytest.approx(1.5, abs=1e-6)
+
+
+def test_two_candidates():
+    s = scores_of([[-1.0, -0.95], [-0.2, -0.7]])  # first inverted (0.05 + 0.1), second fine (0)
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == pytest.approx(0.15 / 2, abs=1e-6)
+
+
+def test_ties_cost_the_margin_times_the_distance():
+    s = scores_of([[-0.5, -0.5, -0.5, -0.5]])
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == pytest.approx(0.1 + 0.2 + 0.3, abs=1e-6)
+
+
+def test_masked_candidates_are_left_out_of_sums_and_means():
+    s = scores_of([[-0.9, -0.5, -0.1], [-0.2, -0.6, 123.0]])  # row 1 has 2 candidates; its 3rd is padding
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    # d=1: valid pairs row0 (0.5, 0.5), row1 (0,1): max(0, -0.6+0.2+0.1) = 0 -> 1.0 / 3 pairs
+    # d=2: only row 0: 1.0 / 1 pair
+    expected = 1.0 / 3 + 1.0
+    assert tuna.rank_loss(s, mask, margin=0.1).item() == pytest.approx(expected, abs=1e-6)
+    s2 = s.clone()
+    s2[1, 2] = -1e9  # whatever a masked candidate scores, nothing changes
+    assert tuna.rank_loss(s2, mask, margin=0.1).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_single_candidate_has_no_pairs():
+    s = scores_of([[-3.0]])
+    assert tuna.rank_loss(s, full_mask(s)).item() == 0.0
+
+
+def test_equals_the_authors_margin_ranking_loss_formula():
+    # The authors' code (METHOD.md): for i in 1..n-1, nn.MarginRankingLoss(m*i) over the flattened
+    # pairs (scores[:, :-i], scores[:, i:]) with target 1, mean reduction; summed over i.
+    torch.manual_seed(0)
+    s = torch.randn(6, 5)
+    expected = sum(nn.MarginRankingLoss(0.1 * i)(s[:, :-i].reshape(-1), s[:, i:].reshape(-1),
+                                                 torch.ones(6 * (5 - i))) for i in range(1, 5))
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gradient_pushes_the_worse_candidate_down_and_the_better_up():
+    s = scores_of([[-0.9, -0.2]]).requires_grad_()  # inverted: the worse candidate (index 1) scores higher
+    tuna.rank_loss(s, full_mask(s), margin=0.1).backward()
+    assert s.grad[0, 1] > 0 and s.grad[0, 0] < 0  # gradient descent lowers s_1 and raises s_0
+    s.data -= 0.1 * s.grad
+    assert tuna.rank_loss(s, full_mask(s), margin=0.1).item() < 0.8  # it was 0.8
+
+
+def test_split_batch_with_step_normalizers_equals_whole_batch():
+    torch.manual_seed(1)
+    s = torch.randn(4, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    whole = tuna.rank_loss(s, mask)
+    counts = [int((mask[:, :-d] & mask[:, d:]).sum()) for d in range(1, 4)]
+    halves = tuna.rank_loss(s[:2], mask[:2], pair_counts=counts) + tuna.rank_loss(s[2:], mask[2:], pair_counts=counts)
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
+    rows = [{"num_candidates": int(m.sum()), "candidate": [k for k in range(int(m.sum())) for _ in range(3)]}
+            for m in mask]
+    assert tuna.step_normalizers(rows) == (3 * int(mask.sum()), counts)
+    assert tuna.step_normalizers(rows, mle_best_only=True)[0] == 3 * 4
+
+
+# ---------------------------------------------------------------------------- scores and the MLE term
+
+def test_candidate_scores_are_length_normalised_sums():
+    lp = torch.tensor([[-1.0, -3.0, -2.0, 0.0]])  # candidate 0: two tokens, candidate 1: one, then padding
+    cand = torch.tensor([[0, 0, 1, -1]])
+    assert tuna.candidate_scores(lp, cand, 2).tolist() == [[-2.0, -2.0]]
+    assert tuna.candidate_scores(lp, cand, 2, length_penalty=0.0).tolist() == [[-4.0, -2.0]]
+    assert tuna.candidate_scores(lp, cand, 3)[0, 2].item() == 0.0  # a candidate with no token
+
+
+def test_mle_is_token_level_over_all_candidates_or_best_only():
+    lp = torch.tensor([[-1.0, -3.0, -2.0, 0.0], [-4.0, 0.0, 0.0, 0.0]])
+    cand = torch.tensor([[0, 0, 1, -1], [1, -1, -1, -1]])
+    assert tuna.mle_loss(lp, cand).item() == pytest.approx((1 + 3 + 2 + 4) / 4)  # mean over tokens, not rows
+    assert tuna.mle_loss(lp, cand, best_only=True).item() == pytest.approx((1 + 3) / 2)
+
+
+def test_total_is_weighted_mle_plus_rank():
+    lp = torch.tensor([[-1.0, -1.0, -3.0]])
+    cand = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[True, True]])
+    total, mle, rank = tuna.tuna_loss(lp, cand, mask, margin=0.1, mle_weight=0.5)
+    assert mle.item() == pytest.approx(5 / 3)
+    assert rank.item() == pytest.approx(0.0)  # -1 vs -3: gap 2 > 0.1
+    assert total.item() == pytest.approx(0.5 * 5 / 3)
+
+
+def test_learning_rate_warms_up_then_decays_with_a_cosine():
+    lrs = [tuna.learning_rate(step, 10, 1e-5, 2) for step in range(10)]
+    assert lrs[0] == pytest.approx(0.5e-5) and lrs[1] == pytest.approx(1e-5) and lrs[2] == pytest.approx(1e-5)
+    assert lrs[6] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0
+
+
+# ---------------------------------------------------------------------------- prefix sharing
+
+def test_pack_layout_positions_and_mask():
+    row = tuna.pack_example([[1, 5, 6], [1, 5, 6]], [[7, 8], [9, 2]])
+    assert row["tokens"] == [1, 5, 6, 7, 8, 9, 2]
+    assert row["positions"] == [0, 1, 2, 3, 4, 3, 4]  # both responses start right after the prompt
+    assert row["segment"] == [0, 0, 0, 1, 1, 2, 2]
+    # the last prompt token (index 2) predicts the first token of both responses
+    assert list(zip(row["source"], row["target"], row["candidate"])) == [(2, 7, 0), (3, 8, 0), (2, 9, 1), (5, 2, 1)]
+    mask = tuna.collate([row], pad_id=0)["mask"][0, 0]
+    assert mask[6].tolist() == [True, True, True, False, False, True, True]  # prompt + itself, not response 0
+    assert mask[4].tolist() == [True, True, True, True, True, False, False]
+    assert mask[1].tolist() == [True, True, False, False, False, False, False]  # the prompt stays causal
+
+
+def test_pack_with_prompts_that_differ_at_the_seam():
+    row = tuna.pack_example([[1, 5, 6], [1, 5, 4, 3]], [[7], [9, 2]])
+    assert row["tokens"] == [1, 5, 6, 7, 4, 3, 9, 2]  # shared [1, 5]; each rest of prompt opens its segment
+    assert row["positions"] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert list(zip(row["source"], row["target"])) == [(2, 7), (5, 9), (6, 2)]
+
+
+def test_single_candidate_batches_use_plain_causal_attention():
+    batch = tuna.collate([tuna.pack_example([[1, 5]], [[7, 2]])], pad_id=0)
+    assert batch["mask"] is None and batch["positions"] is None
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return model.Transformer(model.ModelArgs.from_name("tiny")).train()
+
+
+def naive_loss(net, prompts_per_row, responses_per_row, **options):
+    """The K-row computation the packed row must reproduce: each (prompt, response) alone in its own row,
+    scored with model.sequence_logprobs (mean log-prob), losses from the scores and token sums."""
+    K = max(map(len, responses_per_row))
+    flat_prompts = [p for ps in prompts_per_row for p in ps]
+    flat_responses = [r for rs in responses_per_row for r in rs]
+    sums, counts = model.sequence_logprobs(net, flat_prompts, flat_responses)
+    scores = torch.zeros(len(prompts_per_row), K)
+    mask = torch.zeros(len(prompts_per_row), K, dtype=torch.bool)
+    i = 0
+    for b, rs in enumerate(responses_per_row):
+        for k in range(len(rs)):
+            scores[b, k], mask[b, k] = sums[i] / counts[i], True
+            i += 1
+    mle = -sums.sum() / counts.sum()
+    rank = tuna.rank_loss(scores, mask, options.get("margin", 0.1))
+    return scores, options.get("mle_weight", 1.0) * mle + rank
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_scores_loss_and_gradients_equal_naive_k_rows(spm_model_path, tiny_model, checkpointing):
+    tok = data.Tokenizer(spm_model_path)
+    prompt = data.alpaca_prompt("Give three tips for staying healthy.")
+    answers = [["Eat a balanced diet, exercise regularly and sleep well.", "Sleep well.",
+                "The quick brown fox jumps over the lazy dog while the cat sleeps."],
+               ["Paris.", "The capital of France is Paris."]]  # 3 and 2 candidates: a masked slot
+    prompts2 = data.alpaca_prompt("What is the capital of France?")
+    pairs = [[data.encode_prompt_response(tok, prompt, a, 128) for a in answers[0]],
+             [data.encode_prompt_response(tok, prompts2, a, 128) for a in answers[1]]]
+    prompts_per_row = [[p for p, _ in row] for row in pairs]
+    responses_per_row = [[r for _, r in row] for row in pairs]
+    tiny_model.gradient_checkpointing = checkpointing
+
+    tiny_model.zero_grad()
+    batch = tuna.collate([tuna.pack_example(p, r) for p, r in zip(prompts_per_row, responses_per_row)], tok.pad_id)
+    assert batch["tokens"].shape[1] < sum(len(p) + len(r) for p, r in zip(prompts_per_row[0], responses_per_row[0]))
+    token_logprobs = tuna.score_tokens(tiny_model, batch)
+    packed_scores = tuna.candidate_scores(token_logprobs, batch["candidate"], 3)
+    packed_loss, _, _ = tuna.tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"])
+    packed_loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+
+    tiny_model.zero_grad()
+    naive_scores, naive = naive_loss(tiny_model, prompts_per_row, responses_per_row)
+    naive.backward()
+    tiny_model.gradient_checkpointing = False
+
+    torch.testing.assert_close(packed_scores * batch["candidate_mask"], naive_scores, atol=1e-5, rtol=1e-5)
+    assert packed_loss.item() == pytest.approx(naive.item(), abs=1e-5)
+    for name, p in tiny_model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packing_a_seam_mismatch_still_equals_naive_rows(tiny_model):
+    prompts, responses = [[1, 50, 60], [1, 50, 61, 62]], [[70, 80, 2], [90, 2]]
+    batch = tuna.collate([tuna.pack_example(prompts, responses)], pad_id=0)
+    with torch.no_grad():
+        lp = tuna.score_tokens(tiny_model, batch)
+        sums, counts = model.sequence_logprobs(tiny_model, prompts, responses)
+    torch.testing.assert_close(tuna.candidate_scores(lp, batch["candidate"], 2)[0], sums / counts, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(tiny_model):
+    torch.manual_seed(3)
+    net = model.Transformer(model.ModelArgs.from_name("tiny"))
+    net.load_state_dict(tiny_model.state_dict())
+    tokens = torch.randint(3, 500, (2, 12))
+    with torch.no_grad():
+        before = net(tokens)
+    tuna.add_lora(net, rank=4, alpha=8, targets=["wq", "wv", "w2"])
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
+    assert len(trainable) == 2 * 3 * net.args.n_layers
+    with torch.no_grad():
+        torch.testing.assert_close(net(tokens), before)  # B = 0: the adapters start as a no-op
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net(tokens).logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = net(tokens)
+        merged = tuna.plain_model(net, net.state_dict())
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(merged(tokens), after, atol=1e-5, rtol=1e-5)
+    assert set(merged.state_dict()) == set(tiny_model.state_dict())
