@@ -379,7 +379,7 @@ def lm_position(p, m, ex, task):  # first_/last_word, first_/last_letter, word_a
              "the word that _FOLL_ {a} is {q}", "{a} is succeeded by {q}", "{q} _FOLL_ {a}"]
         marker, other = "_BEFORE_", "_AFTER_"
     # mirrored: "Q comes before A" for "A comes after Q" (the authors' swap of answer and query)
-    bases = fill(T, words, a=A, q=Q, s=S) + fill([t for t in T if marker in t], {marker: words[other], **words},
+    bases = fill(T, words, a=A, q=Q, s=S) + fill([t for t in T if marker in t], {**words, marker: words[other]},
                                                  a=Q, q=A, s=S)
     return lm_patterns(p, bases + shared(A), **xfixes)
 
