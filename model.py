@@ -1,6 +1,6 @@
 """LLaMA in plain PyTorch: the model, its checkpoints (Hugging Face safetensors, Meta .pth), generation, scoring.
 
-Self-contained (torch, numpy-free, stdlib), so it can be copied into another project alone. Module names follow
+Self-contained (torch, numpy, the standard library), so it can be copied into another project alone. Module names follow
 Meta's first LLaMA release, so Meta checkpoints load with strict=True; Hugging Face checkpoints go through
 hf_to_meta (key names plus the q/k row permutation). Tuna needs three things from it (METHOD.md): logits for the
 SFT and ranking losses, sampling of candidates for contextual ranking, and per-response log-prob sums for scores.
@@ -64,15 +64,16 @@ class ModelArgs:
         unsupported = [f"{key}={cfg.get(key)!r}" for key, ok in supported.items() if not ok]
         if unsupported:
             raise ValueError(f"{path}: not supported by model.py: {', '.join(unsupported)}")
-        eos = cfg.get("eos_token_id", 2)
+        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos  # several EOS ids (Llama 3): generation stops at the first
         try:
             return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
                        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                        rope_theta=cfg.get("rope_theta", 10000.0), head_dim=cfg.get("head_dim"),
                        max_seq_len=cfg.get("max_position_embeddings", 2048),
-                       tie_embeddings=cfg.get("tie_word_embeddings", False), bos_id=cfg.get("bos_token_id", 1),
-                       eos_id=eos[0] if isinstance(eos, list) else eos)  # several EOS ids (Llama 3): keep the first
+                       tie_embeddings=cfg.get("tie_word_embeddings", False),
+                       bos_id=1 if bos is None else bos, eos_id=2 if eos is None else eos)
         except KeyError as e:
             raise ValueError(f"{path}: missing field {e}") from None
 
@@ -81,16 +82,15 @@ class ModelArgs:
         params = _read_json(path)
         if params.get("use_scaled_rope"):
             raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+        missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
+        if missing:
+            raise ValueError(f"{path}: missing fields {missing}")
         known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
-        fields = {key: params[key] for key in known if params.get(key) is not None}
         vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or the weights
         vocab = vocab if vocab > 0 else vocab_size
         if not vocab:
             raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')} and no vocab_size was given")
-        try:
-            return cls(vocab_size=vocab, **fields)
-        except TypeError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return cls(vocab_size=vocab, **{key: params[key] for key in known if params.get(key) is not None})
 
 
 CONFIGS = {
@@ -218,7 +218,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, positions=None, mask=None, *, cache_start=None):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
-        row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend, default causal.
+        row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend, default causal; every
+        query must see at least one key (itself, say), or attention divides by zero and gives NaN.
         cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots."""
         B, T = tokens.shape
         start = cache_start or 0
@@ -265,28 +266,27 @@ def _permute_qk_rows(weight, n_heads, to_hf):
     return weight.reshape(split).transpose(1, 2).reshape(weight.shape)  # (n_heads * head_dim, dim)
 
 
-def meta_to_hf(state_dict, args):
+def _convert(state_dict, args, to_hf):
     names = _meta_to_hf_names(args)
-    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
-    out = {}
-    for key, tensor in state_dict.items():
-        n = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
-        out[names.get(key, key)] = tensor if n is None else _permute_qk_rows(tensor, n, to_hf=True)
-    return out
-
-
-def hf_to_meta(state_dict, args):
-    """Unknown keys pass through unchanged, so the strict load names them."""
-    names = {hf: meta for meta, hf in _meta_to_hf_names(args).items()}
-    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    names = names if to_hf else {hf: meta for meta, hf in names.items()}
     out = {}
     for key, tensor in state_dict.items():
         if key.endswith("rotary_emb.inv_freq"):  # older HF files saved this computed buffer
             continue
-        key = names.get(key, key)
-        n = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
-        out[key] = tensor if n is None else _permute_qk_rows(tensor, n, to_hf=False)
+        meta_key = key if to_hf else names.get(key, key)
+        if meta_key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            tensor = _permute_qk_rows(tensor, args.n_heads if ".wq." in meta_key else args.n_kv_heads, to_hf)
+        out[names.get(key, key)] = tensor
     return out
+
+
+def meta_to_hf(state_dict, args):
+    return _convert(state_dict, args, to_hf=True)
+
+
+def hf_to_meta(state_dict, args):
+    """Unknown keys pass through unchanged, so the strict load names them."""
+    return _convert(state_dict, args, to_hf=False)
 
 
 # ---- safetensors: 8-byte little-endian header size, JSON header, raw little-endian bytes --------------------------
