@@ -1,0 +1,202 @@
+"""tuna.py end to end on a tiny model: the CLI stages, checkpoints, --resume after SIGKILL, NaN stop, torchrun."""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model
+import tuna
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUNA = os.path.join(ROOT, "tuna.py")
+WORDS = "the quick brown fox jumps over lazy dog cat sleeps in sun capital of France is Paris tips".split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, spm_model_path):
+    """A tiny random LLaMA checkpoint (vocab 512, like the test tokenizer) and small data files."""
+    root = tmp_path_factory.mktemp("tuna_train")
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs.from_name("tiny"))
+    model.save_hf_checkpoint(net, str(root / "init"))
+    shutil.copyfile(spm_model_path, root / "init" / "tokenizer.model")
+    rng = random.Random(0)
+    say = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    records, alpaca, authors = [], [], []
+    for i in range(16):
+        instruction, candidates = say(3, 8), [say(2, 12) for _ in range(rng.choice([2, 3, 4]))]
+        records.append(data.RankedRecord(id=f"r{i}", prompt=data.alpaca_prompt(instruction), candidates=candidates,
+                                         instruction=instruction, source={"kind": "probabilistic"}))
+        alpaca.append({"instruction": instruction, "input": "", "output": candidates[0]})
+        authors.append({"instruction": data.alpaca_prompt(instruction), "id": i, "output": candidates,
+                        "score": [-float(k) for k in range(len(candidates))]})
+    data.write_ranked_jsonl(root / "ranked.jsonl", records)
+    (root / "alpaca.json").write_text(json.dumps(alpaca))
+    (root / "authors.json").write_text(json.dumps(authors))
+    return root
+
+
+def run(*argv):
+    return tuna.main([str(a) for a in argv])
+
+
+def common(files, out, *extra):
+    return ["--init", files / "init", "--out", out, "--max-len", 96, "--batch-size", 4, *extra]
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(folder):
+    return model.read_safetensors(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path, capsys):
+    out = tmp_path / "tuna_p"
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out)) == 0
+    assert not os.path.exists(f"{out}.partial")
+    loaded = model.load_checkpoint(str(out))
+    assert loaded.args.vocab_size == 512
+    assert (out / "tokenizer.model").read_bytes() == (files / "init" / "tokenizer.model").read_bytes()
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {"loss", "mle", "rank", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert all(m["loss"] == pytest.approx(m["mle"] + m["rank"]) and m["rank"] >= 0 for m in lines)
+    assert lines[1]["lr"] == pytest.approx(1e-5)  # METHOD.md: Tuna_p lr 1e-5, 2 warm-up steps
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["finished"]
+    assert any(not torch.equal(weights(out)[k], weights(files / "init")[k]) for k in weights(out))
+    err = capsys.readouterr().err
+    assert "step 4/4 | loss" in err and "tok/s" in err and "ETA" in err
+
+
+def test_training_lowers_the_loss_on_data_it_sees_again(files, tmp_path):
+    out = tmp_path / "overfit"
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 3e-3, "--epochs", 6,
+                                                                  "--warmup-steps", 0)) == 0
+    losses = [m["loss"] for m in metrics(out)]
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+
+
+def test_sft_authors_json_and_the_two_stage_pipeline(files, tmp_path):
+    sft = tmp_path / "alpaca"
+    assert run("sft", "--data", files / "alpaca.json", *common(files, sft, "--max-steps", 2)) == 0
+    assert all(m["rank"] == 0 for m in metrics(sft))  # one candidate: the loss is the cross-entropy alone
+    authors = tmp_path / "authors"
+    assert run("rank", "--data", files / "authors.json", "--init", sft, "--out", authors, "--max-len", 96,
+               "--batch-size", 8) == 0
+    assert len(metrics(authors)) == 2
+    tuna_dir = tmp_path / "tuna"
+    assert run("pipeline", "--probabilistic-data", files / "ranked.jsonl", "--contextual-data", files / "authors.json",
+               "--init", sft, "--out", tuna_dir, "--max-len", 96, "--batch-size", 8) == 0
+    assert max(m["lr"] for m in metrics(tuna_dir / "tuna_p")) == pytest.approx(1e-5)
+    assert max(m["lr"] for m in metrics(tuna_dir / "tuna")) == pytest.approx(1e-6)
+    assert json.load(open(tuna_dir / "tuna" / "run.json"))["init"] == str(tuna_dir / "tuna_p")
+    model.load_checkpoint(str(tuna_dir / "tuna"))
+
+
+def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)]
+    assert run(*args) == 0
+    before = weights(out)
+    assert run(*args) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert run(*args, "--resume") == 0  # same settings, finished: nothing to do
+    assert "already finished" in capsys.readouterr().err
+    assert run(*args, "--resume", "--lr", "1e-3") == 1  # a different run
+    assert "lr" in capsys.readouterr().err
+    assert all(torch.equal(before[k], weights(out)[k]) for k in before)
+    assert run(*args, "--overwrite", "--lr", "1e-3") == 0
+    assert metrics(out)[0]["lr"] == pytest.approx(0.5e-3)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "nan"
+    # lr 1e30: the first update pushes every weight to ~1e30, so the second forward overflows to inf/nan
+    code = run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 1e30, "--warmup-steps", 0,
+                                                                   "--save-every", 1))
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite loss" in err and "at step 2 " in err and "records [" in err
+    assert not os.path.exists(out)
+    assert os.listdir(f"{out}.partial/checkpoints") == ["step-00000001"]
+    model.load_checkpoint(f"{out}.partial/checkpoints/step-00000001")
+
+
+def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    args = ["rank", "--data", files / "ranked.jsonl", "--lr", 1e-3]
+    assert run(*args, *common(files, whole)) == 0
+    assert run(*args, *common(files, accumulated, "--micro-batch-size", 1)) == 0
+    for a, b in zip(metrics(whole), metrics(accumulated)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_weights(whole, accumulated, atol=1e-5)
+
+
+def test_lora_run_saves_merged_weights_and_leaves_the_rest(files, tmp_path):
+    out = tmp_path / "lora"
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lora-rank", 4, "--lr", 1e-2,
+                                                                   "--lora-targets", "wq,wv")) == 0
+    before, after = weights(files / "init"), weights(out)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.endswith(("q_proj.weight", "v_proj.weight"))}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_exactly(files, tmp_path, capsys):
+    args = ["rank", "--data", files / "ranked.jsonl", "--lr", 1e-3, "--epochs", 4, "--save-every", 2]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run(*args, *common(files, straight, "--batch-size", 2)) == 0  # the later --batch-size wins
+    cmd = [sys.executable, TUNA, *map(str, args), *map(str, common(files, killed, "--batch-size", 2))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("step 5/"):  # a checkpoint at step 4 exists; kill between checkpoints
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(killed) and os.path.isdir(f"{killed}.partial")
+    capsys.readouterr()
+    assert run(*args, *common(files, killed, "--batch-size", 2, "--resume")) == 0
+    resumed_from = int(re.search(r"from step (\d+)", capsys.readouterr().err).group(1))
+    assert 4 <= resumed_from < 32 and resumed_from % 2 == 0  # from a checkpoint, not from scratch
+    a, b = metrics(straight), metrics(killed)
+    assert [m["step"] for m in b] == list(range(1, 33))
+    for x, y in zip(a, b):
+        assert (x["loss"], x["lr"]) == pytest.approx((y["loss"], y["lr"]), rel=1e-6)
+    assert_same_weights(straight, killed, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(files, tmp_path, engine):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["rank", "--data", files / "ranked.jsonl", "--lr", 1e-3]
+    assert run(*args, *common(files, one)) == 0
+    extra = ["--fsdp", "--micro-batch-size", "1"] if engine == "fsdp" else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TUNA,
+           *map(str, args), *map(str, common(files, two)), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    for a, b in zip(metrics(one), metrics(two)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_weights(one, two, atol=1e-5)
