@@ -85,7 +85,8 @@ class ModelArgs:
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
         if missing:
             raise ValueError(f"{path}: missing fields {missing}")
-        known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+        known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+                 "rope_theta")
         vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or the weights
         vocab = vocab if vocab > 0 else vocab_size
         if not vocab:
@@ -342,29 +343,28 @@ def read_safetensors(path):
     return tensors
 
 
-def write_safetensors(path, tensors, metadata=None, *, dtype=None):
-    """Write tensors (cast to dtype if given) atomically: a temporary file, then a rename."""
-    codes = {d: code for code, d in SAFETENSORS_DTYPES.items()}
-    target = {name: dtype if dtype is not None and t.is_floating_point() else t.dtype for name, t in tensors.items()}
+def write_safetensors(path, tensors, metadata=None):
+    """Write tensors (on any device) atomically: a temporary file, then a rename."""
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     # largest items first: every tensor then starts at a multiple of its item size (data begins 8-aligned)
-    order = sorted(tensors, key=lambda name: -target[name].itemsize)
+    order = sorted(tensors, key=lambda name: -tensors[name].element_size())
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     offset = 0
     for name in order:
-        if target[name] not in codes:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {target[name]}, which safetensors cannot store")
-        nbytes = tensors[name].numel() * target[name].itemsize
-        header[name] = {"dtype": codes[target[name]], "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        tensor = tensors[name]
+        if tensor.dtype not in codes:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # trailing spaces are allowed and keep the data 8-byte aligned
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
-        for name in order:  # one tensor at a time on the CPU, so a GPU model needs no second copy in RAM
-            t = tensors[name].detach().to("cpu", target[name]).contiguous().reshape(-1)
-            f.write(t.view(torch.uint8).numpy().data)
+        for name in order:  # one tensor at a time on the CPU
+            flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)  # (numel,) in row-major order
+            f.write(flat.view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -456,7 +456,8 @@ def load_checkpoint(path, device="cpu", dtype=None):
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model built from its config: "
                          f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-    state = {k: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype) for k, t in state.items()}
+    state = {key: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+             for key, t in state.items()}  # one tensor at a time; a no-op (still memory-mapped) on the CPU
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shape mismatches
@@ -471,24 +472,27 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     """config.json + safetensors in Hugging Face's LlamaForCausalLM layout, sharded with model.safetensors.index.json
     above max_shard_bytes. Every file is written to a temporary name and renamed."""
     args = model.args
-    os.makedirs(out_dir, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype
-    state = {k: t for k, t in model.state_dict().items() if not (args.tie_embeddings and k == "output.weight")}
-    state = meta_to_hf(state, args)
-    shards, size = [{}], 0
+    state = model.state_dict()
+    if args.tie_embeddings:
+        state.pop("output.weight")  # HF stores a tied matrix once, as the embedding
+    shards, size = [[]], 0  # Meta key names per shard
     for key, tensor in state.items():
-        nbytes = tensor.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key], size = tensor, size + nbytes
+        if shards[-1] and size + tensor.numel() * dtype.itemsize > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(key)
+        size += tensor.numel() * dtype.itemsize
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        write_safetensors(os.path.join(out_dir, name), shard, metadata={"format": "pt"}, dtype=dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    weight_map = {}
+    for name, keys in zip(names, shards):  # one shard at a time in RAM, whatever the model's device
+        tensors = meta_to_hf({key: state[key].detach().to("cpu", dtype) for key in keys}, args)
+        write_safetensors(os.path.join(out_dir, name), tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in state.values())},
-                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        index = {"metadata": {"total_size": sum(t.numel() for t in state.values()) * dtype.itemsize},
+                 "weight_map": weight_map}
         names.append("model.safetensors.index.json")
         _write_atomic(os.path.join(out_dir, names[-1]), json.dumps(index, indent=2))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
@@ -541,7 +545,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     device = model.tok_embeddings.weight.device
     B, P = len(prompts), max(map(len, prompts))
     total = P + max_new_tokens
-    if max(map(len, prompts)) + max_new_tokens > model.args.max_seq_len:
+    if total > model.args.max_seq_len:
         raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len {model.args.max_seq_len}")
     # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its own
     # first token and pad slots are masked out, so a row's tokens do not depend on its neighbours in the batch.

@@ -84,8 +84,9 @@ def write_meta_checkpoint(hf, name, out_dir, shards=1):
             "output.weight": sd["lm_head.weight"].clone()}  # tied HF model: Meta stores its own copy
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        meta[f"layers.{i}.attention.wq.weight"] = hf_rows_to_meta(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads)
-        meta[f"layers.{i}.attention.wk.weight"] = hf_rows_to_meta(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        wq, wk = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        meta[f"layers.{i}.attention.wq.weight"] = hf_rows_to_meta(wq, c.num_attention_heads)
+        meta[f"layers.{i}.attention.wk.weight"] = hf_rows_to_meta(wk, c.num_key_value_heads)
         meta[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
         meta[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
         meta[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
@@ -365,7 +366,8 @@ def test_safetensors_reader_and_writer_agree_with_the_safetensors_package(tmp_pa
     safetensors.torch.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     ours = M.read_safetensors(str(tmp_path / "theirs.safetensors"))
     assert set(ours) == set(tensors)
-    assert all(ours[k].dtype == t.dtype and ours[k].shape == t.shape and torch.equal(ours[k], t) for k, t in tensors.items())
+    for key, t in tensors.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape and torch.equal(ours[key], t)
     M.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt", "note": "x"})
     theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(theirs[k], t) and theirs[k].dtype == t.dtype for k, t in tensors.items())
@@ -386,7 +388,8 @@ def write_raw(path, header, data=b"", header_len=None):
     ({"a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, r"tensor 'a': unknown dtype 'F7'"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, r"tensors 'a' and 'b' overlap"),
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, r"8 bytes cannot hold shape \[3\]"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     r"8 bytes cannot hold shape \[3\]"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 10**12,
      r"header length 1000000000000 does not fit"),
     (b"{not json", b"", None, r"header is not valid JSON"),
@@ -403,7 +406,8 @@ def test_configs_from_files(tmp_path, hf_dirs):
     assert (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim) == (48, 4, 2, 16, 128)
     (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "multiple_of": 256, "n_heads": 32,
                                                       "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}))
-    assert M.ModelArgs.from_meta_params(str(tmp_path / "params.json"), vocab_size=32000) == M.ModelArgs.from_name("llama-7b")
+    llama_7b = M.ModelArgs.from_meta_params(str(tmp_path / "params.json"), vocab_size=32000)
+    assert llama_7b == M.ModelArgs.from_name("llama-7b")
     with pytest.raises(ValueError, match="vocab_size is -1"):
         M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"type": "linear"}}))
