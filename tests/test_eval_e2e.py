@@ -1,0 +1,129 @@
+"""eval.py end to end: two tiny random checkpoints (model.py) and the conftest tokenizer, evaluated on small
+benchmark folders built from the fixtures (with bad input mixed in), the judge a test-only HTTP server;
+then a run killed after its first batch resumes without regenerating finished items."""
+import json
+import os
+import shutil
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+import torch
+
+import eval as E
+import model as M
+from test_eval import FIXTURES, JudgeHandler
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name, seed in (("alpaca", 0), ("tuna", 1)):
+        torch.manual_seed(seed)
+        args = M.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=512)
+        directory = tmp_path_factory.mktemp(name)
+        M.save_hf_checkpoint(M.Transformer(args).eval(), str(directory))
+        out[name] = str(directory)
+    return out
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory):
+    """Small folders in the benchmarks' layouts: 2 real Super-NI tasks + one without Instances + one missing;
+    the LMentry fixtures + an unreadable file; 4 Vicuna questions (one coding) + a malformed line."""
+    root = tmp_path_factory.mktemp("bench")
+    (root / "superni" / "tasks").mkdir(parents=True)
+    names = ["task648_answer_generation", "task1393_superglue_copa_text_completion"]
+    for name in names:
+        shutil.copy(os.path.join(FIXTURES, "superni", "tasks", name + ".json"), root / "superni" / "tasks")
+    (root / "superni" / "tasks" / "task_no_instances.json").write_text(json.dumps(
+        {"Definition": ["Say hi."], "Categories": ["Title Generation"], "Instances": []}))
+    (root / "superni" / "test_tasks.txt").write_text("\n".join(names + ["task_no_instances", "task_missing"]) + "\n")
+    shutil.copytree(os.path.join(FIXTURES, "lmentry"), root / "lmentry")
+    (root / "lmentry" / "homophones.json").write_text('{"settings": ')
+    (root / "vicuna").mkdir()
+    with open(os.path.join(FIXTURES, "vicuna", "question.jsonl")) as f:
+        lines = [line for line in f if json.loads(line)["question_id"] in (1, 2, 61, 71)]
+    (root / "vicuna" / "question.jsonl").write_text("".join(lines[:2]) + '{"question_id": 99, "turns": [\n'
+                                                    + "".join(lines[2:]))
+    shutil.copy(os.path.join(FIXTURES, "vicuna", "reference_answer_gpt-4.jsonl"), root / "vicuna")
+    return root
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def run_cli(checkpoints, benchmarks, judge_url, spm_model_path, out):
+    E.main(["--checkpoints"] + [f"{n}={d}" for n, d in checkpoints.items()] + [
+        "--tokenizer", spm_model_path, "--superni", str(benchmarks / "superni"), "--lmentry",
+        str(benchmarks / "lmentry"), "--vicuna", str(benchmarks / "vicuna"), "--judge-url", judge_url,
+        "--judge-model", "test-judge", "--out", str(out), "--max-instances", "3", "--batch-size", "4",
+        "--max-new-tokens", "6", "6", "6", "--device", "cpu"])
+    with open(out / "results.json") as f:
+        return json.load(f), (out / "results.md").read_text()
+
+
+def test_cli_writes_results_table_and_json(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path, capsys):
+    results, markdown = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
+    lines = markdown.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("| Model |")))
+    assert "Super-NI ROUGE-L" in lines[header] and "LMentry" in lines[header] and "Vicuna QA vs alpaca" in lines[header]
+    alpaca, tuna = lines[header + 2].split(" | "), lines[header + 3].split(" | ")
+    assert alpaca[0] == "| alpaca" and tuna[0] == "| tuna" and alpaca[-1] == "— |"
+    win, lose, tie = map(int, tuna[-1].rstrip(" |").split(" / "))
+    assert win + lose + tie == 4  # questions 1, 2, 61 (coding, with its reference) and 71
+    for name in ("alpaca", "tuna"):
+        row = results["models"][name]
+        assert len(row["superni"]["items"]) == 6 and 0 <= row["superni"]["overall"]["rougeL"] <= 100
+        assert all(isinstance(i["prediction"], str) and "rougeL" in i for i in row["superni"]["items"])
+        assert len(row["lmentry"]["items"]) == 18 and row["lmentry"]["tasks_scored"] == 3
+        assert [a["question_id"] for a in row["vicuna_answers"]] == ["1", "2", "61", "71"]
+        assert f"| {name} | {row['superni']['overall']['rougeL']} |" in markdown
+    pair = results["vicuna"]["pairs"]["tuna vs alpaca"]
+    assert pair["win"] + pair["lose"] + pair["tie"] + pair["error"] == 4 and (pair["win"], pair["lose"], pair["tie"]) == (win, lose, tie)
+    judged = results["vicuna"]["judgments"]
+    assert len(judged) == 4 and all(j["g1_judgment"] and j["g2_judgment"] for j in judged)
+    skipped = "\n".join(results["skipped"])
+    assert "task_no_instances.json" in skipped and "1 of 4 tasks have no file" in skipped
+    assert "homophones.json" in skipped and "question.jsonl:3" in skipped and "22 of the 25 core" in skipped
+    assert f"## Skipped ({len(results['skipped'])})" in markdown and "task_no_instances.json" in markdown
+    assert "| Model 1 vs model 2 |" in markdown and "coreference_resolution" in markdown
+    assert "| tuna |" in capsys.readouterr().out
+
+
+def test_killed_run_resumes_without_regenerating(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path,
+                                                 monkeypatch):
+    real_generate, calls = M.generate, []
+
+    def counting_generate(lm, prompts, *args, **kwargs):
+        if kill_after is not None and len(calls) == kill_after:
+            raise KeyboardInterrupt  # as if the run were killed here
+        calls.append(len(prompts))
+        return real_generate(lm, prompts, *args, **kwargs)
+    monkeypatch.setattr(E.model, "generate", counting_generate)
+    kill_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
+    assert calls == [4]
+    path = tmp_path / "generations" / "alpaca" / "superni.jsonl"
+    with open(path, "a") as f:
+        f.write('{"id": "task648-half-written", "out')  # a line cut short by the kill
+    kill_after, calls[:] = None, []
+    results, _ = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
+    # per model: superni 6 + lmentry 18 + vicuna 4 = 28 items, alpaca's first 4 were finished before the kill
+    assert sum(calls) == 2 * 28 - 4
+    assert any("superni.jsonl" in p and "malformed" in p for p in results["skipped"])
+    with open(path) as f:
+        ids = [json.loads(line)["id"] for line in f if line.strip().endswith("}")]
+    assert len(ids) == len(set(ids)) == 6
+    # a third run finds everything done: no model is even loaded, and the results are the same
+    monkeypatch.setattr(E.model, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    calls[:] = []
+    again, _ = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
+    assert calls == [] and again["models"] == results["models"] and again["vicuna"] == results["vicuna"]
