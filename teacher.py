@@ -59,7 +59,7 @@ class TeacherClient:
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
-        self.counts = dict(requests=0, retries=0, cache_hits=0, failed=0, prompt_tokens=0, completion_tokens=0)
+        self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0, completion_tokens=0)
         self.cache_path, self._cache = cache_path, {}
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, "rb+") as f:
@@ -97,13 +97,16 @@ class TeacherClient:
         answer = self._send(url, body)
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         line = json.dumps({"key": key, "path": path, "request": body, "response": answer}, ensure_ascii=False)
+        if self._redact(line) != line:  # the server put the key into its answer: keep it out of every file
+            line = self._redact(line)
+            answer = json.loads(line)["response"]
         with self._lock:
             for name in ("prompt_tokens", "completion_tokens"):
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
             self._cache[key] = answer
-            if self.cache_path:  # append + flush: the line survives a SIGKILL of this process
+            if self.cache_path:  # append + close: the line survives a SIGKILL of this process
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write(self._redact(line) + "\n")
+                    f.write(line + "\n")
         return answer
 
     def _send(self, url, body):
@@ -145,7 +148,7 @@ class TeacherClient:
 
     def _count_failure(self):
         with self._lock:
-            self.counts["failed"] += 1
+            self.counts["requests_failed"] += 1
 
     def _wait_for_rate_limit(self):
         if not self._interval:
@@ -166,7 +169,7 @@ class TeacherClient:
 
     def report(self):
         c = self.counts
-        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['failed']}), cache hits "
+        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache hits "
                 f"{c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion")
 
 
@@ -585,7 +588,7 @@ class LocalTeacher:
                     logprobs, tops = [None] + prompt_logprobs[1:] + logprobs, [None] + prompt_tops[1:] + tops
                 info = None if top_k is None else {
                     "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,
-                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in top} for top in tops],
+                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)} for top in tops],
                     "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], len(text))}
                 choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info, "finish_reason": finish})
         return self._answer("text_completion", choices, usage)

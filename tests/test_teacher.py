@@ -1,0 +1,569 @@
+"""teacher.py over real HTTP on 127.0.0.1: the project's server with a tiny random model (checked with the
+official openai client and against model.py's own scoring), and a fault-injecting fake teacher that counts
+every request by body hash, so "nothing lost, nothing paid twice" is measured, not assumed."""
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+import requests
+import torch
+
+import data
+import model as M
+import teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "sk-TUNA-test-secret-0123456789abcdef"
+
+
+# ----------------------------------------------------------------------------- the fake teacher
+
+class FakeTeacher(ThreadingHTTPServer):
+    """OpenAI-shaped answers computed from the request body; FAULT:<name> in the body picks a fault.
+    seen counts requests per body hash; repeats counts requests for a body that already got a good answer."""
+
+    def __init__(self, hang_after=None):
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.daemon_threads = True
+        self.lock = threading.Lock()
+        self.seen, self.times = collections.Counter(), collections.defaultdict(list)
+        self.delivered, self.repeats, self.answered, self.auth = set(), 0, 0, []
+        self.hang_after, self.hanging, self.release = hang_after, threading.Event(), threading.Event()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_port}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+def fake_answer(path, body, h, fault):
+    number = int(h[:8], 16)
+    usage = {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
+    if path.endswith("/completions") and "messages" not in body:
+        texts = [f"Answer {(number + j) % 3} for {h[:6]}" if fault != "same" else "Same answer"
+                 for j in range(body.get("n", 1))]
+        choices = [{"text": " " + text, "index": j, "finish_reason": "stop",
+                    "logprobs": {"tokens": text.split(), "token_logprobs": [-((number >> j) % 50) / 10 - 0.1] * 3,
+                                 "top_logprobs": None, "text_offset": [0, 7, 9]}} for j, text in enumerate(texts)]
+        return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices, "usage": usage}
+    user = body["messages"][-1]["content"]
+    if body.get("logprobs"):  # probabilistic ranking over chat
+        choices = [{"index": j, "finish_reason": "stop", "message": {"role": "assistant", "content": f"Chat {j} {h[:6]}"},
+                    "logprobs": {"content": [{"token": "x", "logprob": -j - 0.5, "bytes": [120], "top_logprobs": []}]}}
+                   for j in range(body.get("n", 1))]
+    else:  # a contextual-ranking reply
+        n = len(re.findall(r"^###Response \d+:\n", user, re.M))
+        order = sorted(range(n + 1), key=lambda i: hashlib.sha256(f"{h}{i}".encode()).hexdigest())
+        rank = {"badrank": "I like them all.", "dupe": "rank: [1, 1, 0]", "range": "rank: [9, 0]",
+                "short": "rank: [2, 4, 0]"}.get(fault, f"rank: {order}")
+        if fault == "badrank_once" and "seed" not in body:
+            rank = "ranking of the responses: unclear"
+        content = (f"(1) The instruction is open-ended.\n(2) ###Response {n}: The reference answer {h[:6]}.\n"
+                   f"(3) No duplicates.\n(4) Response 0: [11]\n(5) {rank}\nThat is all 42 of it.")
+        if fault == "keyecho":
+            content += " " + body.get("echo_key", "")
+        choices = [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": choices,
+            "usage": usage}
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, answer, headers=(), cut=False):
+        payload = json.dumps(answer).encode()
+        payload = payload[:len(payload) // 2] if cut else payload
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        h = hashlib.sha256(json.dumps([self.path, body], sort_keys=True).encode()).hexdigest()
+        auth = self.headers.get("Authorization", "")
+        with server.lock:
+            k = server.seen[h]
+            server.seen[h] += 1
+            server.repeats += h in server.delivered
+            server.times[h].append(time.monotonic())
+            server.auth.append(auth)
+            hang = server.hang_after is not None and server.answered >= server.hang_after
+        if hang:  # never answered: the test kills the client now
+            server.hanging.set()
+            server.release.wait(60)
+            return
+        found = re.search(r"FAULT:(\w+)", json.dumps(body))
+        fault = found.group(1) if found else None
+        error = lambda message: {"error": {"message": message, "type": "x", "param": None, "code": None}}
+        if fault == "429" and k == 0:
+            return self.reply(429, error("Rate limit reached"), [("Retry-After", "1")])
+        if (fault == "500" and k < 2) or fault == "always500":
+            return self.reply(500, error(f"The server had an error ({auth})"))
+        if fault == "drop" and k == 0:
+            return  # closes the connection without a response
+        if fault == "slow" and k == 0:
+            time.sleep(1.0)  # beyond the client's timeout; then hang up
+            return
+        if fault == "trunc" and k == 0:
+            return self.reply(200, fake_answer(self.path, body, h, fault), cut=True)
+        if fault == "400":
+            return self.reply(400, error("Invalid value for 'max_tokens': too many tokens"))
+        if fault == "key":
+            return self.reply(401, error(f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"))
+        answer = {"id": "cmpl-2", "object": "text_completion"} if fault == "missing" else \
+            fake_answer(self.path, dict(body, echo_key=auth), h, fault)
+        self.reply(200, answer)
+        with server.lock:
+            server.delivered.add(h)
+            server.answered += 1
+
+
+def example(i, marker=""):
+    return {"instruction": f"Task {i} {marker}".strip(), "input": "" if i % 2 else f"input {i}", "output": f"Gold {i}."}
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def client_for(server, tmp_path, **kw):
+    options = dict(cache_path=str(tmp_path / "cache.jsonl"), timeout=0.5, max_retries=3, backoff=0.01,
+                   max_workers=4)
+    return teacher.TeacherClient(server.url, "fake-teacher", **dict(options, **kw))
+
+
+# ----------------------------------------------------------------------------- faults, cache, resume
+
+FAULTS = ["", "429", "500", "drop", "slow", "trunc", "always500", "missing", "400", ""]
+
+
+def test_probabilistic_faults_nothing_lost_nothing_paid_twice(tmp_path, caplog):
+    examples = [example(i, f"FAULT:{fault}" if fault else "") for i, fault in enumerate(FAULTS)]
+    out, failures = str(tmp_path / "p.jsonl"), str(tmp_path / "p.failures.jsonl")
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        counts = teacher.build_probabilistic(client, examples, out, failures)
+        first_requests = sum(server.seen.values())
+        assert counts["requests"] == first_requests == 19  # 2 ok, 429+1, 500x2+1, drop+1, slow+1, trunc+1, 4, 1, 1
+        assert (counts["done"], counts["failed"], counts["retries"]) == (7, 3, 9)
+        assert counts["prompt_tokens"] == 10 * 7  # usage of the 7 good answers ("missing" has none)
+        records, failed = data.read_ranked_jsonl(out), read_jsonl(failures)
+        assert sorted([r.id for r in records] + [f["id"] for f in failed], key=int) == [str(i) for i in range(10)]
+        reasons = {f["id"]: f["error"] for f in failed}
+        assert set(reasons) == {"6", "7", "8"}
+        assert "gave up after 4 attempts" in reasons["6"] and server.url in reasons["6"]
+        assert "no field 'choices'" in reasons["7"] and server.url + "/completions" in reasons["7"]
+        assert "Invalid value for 'max_tokens': too many tokens" in reasons["8"] and "HTTP 400" in reasons["8"]
+        # Retry-After: 1 honoured (the only fault whose retry may come a second later)
+        assert sum(1 for t in server.times.values() if len(t) == 2 and t[1] - t[0] >= 1.0) == 1
+        for record in records:
+            assert record.scores == sorted(record.scores, reverse=True) and len(record.candidates) >= 2
+            assert record.source["kind"] == "probabilistic" and record.source["teacher"] == "fake-teacher"
+        assert server.repeats == 0
+        # a second run reads every good answer from the cache; only the failed requests are sent again
+        again = teacher.build_probabilistic(client_for(server, tmp_path), examples, out, failures)
+        assert (again["done"], again["failed"], again["cache_hits"]) == (7, 3, 8)
+        assert sum(server.seen.values()) - first_requests == 4 + 1  # always500 again, 400 again
+        assert server.repeats == 0 and data.read_ranked_jsonl(out) == records
+    assert "retry 1/3" in caplog.text
+
+
+def test_contextual_parse_failures_recorded_and_retried_later(tmp_path):
+    markers = ["", "badrank", "badrank_once", "dupe", "range", "short", "429", ""]
+    examples = [example(i, f"FAULT:{m}" if m else "") for i, m in enumerate(markers)]
+    samples = {str(i): {"candidates": [f"Student {i}.{j}" for j in range(4)], "temperature": 0.8} for i in range(8)}
+    out = str(tmp_path / "c.jsonl")
+    with FakeTeacher() as server:
+        counts = teacher.build_contextual(client_for(server, tmp_path), examples, samples, out)
+        failed = {f["id"]: f for f in read_jsonl(out + ".failures.jsonl")}
+        records = {r.id: r for r in data.read_ranked_jsonl(out)}
+        assert (counts["done"], counts["failed"]) == (4, 4) and set(failed) == {"1", "2", "3", "4"}
+        assert set(records) | set(failed) == {str(i) for i in range(8)}
+        assert "I like them all." in failed["1"]["raw_reply"] and "no 'rank:'" in failed["1"]["error"]
+        assert "appears twice" in failed["3"]["error"] and "out of range 0..4" in failed["4"]["error"]
+        short = records["5"]  # the teacher dropped two duplicates: 3 ranked, its own answer (4) second
+        assert short.candidates == ["Student 5.2", short.source["reference"], "Student 5.0"]
+        assert short.source["reference"].startswith("The reference answer") and short.source["ranks"] == [2, 4, 0]
+        for record in records.values():
+            ranks = record.source["ranks"]
+            pool = samples[record.id]["candidates"] + [record.source["reference"]]
+            assert record.candidates == [pool[i] for i in ranks] and record.source["kind"] == "contextual"
+        requests_before = sum(server.seen.values())
+        # a plain re-run pays nothing; --retry-failures sends one new request (seed=1) per failed item
+        teacher.build_contextual(client_for(server, tmp_path), examples, samples, out)
+        assert sum(server.seen.values()) == requests_before
+        again = teacher.build_contextual(client_for(server, tmp_path), examples, samples, out, retry_failures=True)
+        assert sum(server.seen.values()) == requests_before + 4 and (again["done"], again["failed"]) == (5, 3)
+        fixed = {r.id: r for r in data.read_ranked_jsonl(out)}["2"]
+        assert fixed.source["attempt"] == 1
+        teacher.build_contextual(client_for(server, tmp_path), examples, samples, out)  # the fix is remembered
+        assert "2" in {r.id for r in data.read_ranked_jsonl(out)} and sum(server.seen.values()) == requests_before + 4
+        assert server.repeats == 0
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    examples = [example(i, "FAULT:missing" if i == 5 else "") for i in range(8)]
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump(examples, f)
+    out = tmp_path / "killed" / "p.jsonl"
+    out.parent.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def command(url):
+        return [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data", str(tmp_path / "alpaca.json"),
+                "--out", str(out), "--base-url", url, "--model", "fake-teacher", "--workers", "1", "--timeout", "60"]
+
+    with FakeTeacher(hang_after=3) as server:
+        run = subprocess.Popen(command(server.url), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert server.hanging.wait(60), run.communicate()[0]
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert not out.exists() and len(read_jsonl(str(out) + ".cache.jsonl")) == 3
+        server.hang_after = None
+        server.release.set()
+        resumed = subprocess.run(command(server.url), env=env, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "7 done, 1 failed" in resumed.stdout and "cache hits 3" in resumed.stdout
+        # 3 answered + 1 never answered before the kill, then that one again + 4 more: no answer paid twice
+        assert sum(server.seen.values()) == 9 and server.repeats == 0 and len(server.delivered) == 8
+    with FakeTeacher() as fresh:
+        reference = tmp_path / "reference.jsonl"
+        client = teacher.TeacherClient(fresh.url, "fake-teacher", cache_path=str(tmp_path / "ref.cache.jsonl"))
+        teacher.build_probabilistic(client, examples, str(reference))
+    assert out.read_bytes() == reference.read_bytes()
+    killed_failures = read_jsonl(str(tmp_path / "killed" / "p.jsonl.failures.jsonl"))
+    reference_failures = read_jsonl(str(tmp_path / "reference.jsonl.failures.jsonl"))
+    for failure in killed_failures + reference_failures:  # the error names the URL: two servers, two ports
+        failure["error"] = re.sub(r"127\.0\.0\.1:\d+", "HOST", failure["error"])
+    assert killed_failures == reference_failures and len(killed_failures) == 1
+    keys = [e["key"] for e in read_jsonl(str(out) + ".cache.jsonl")]
+    assert len(keys) == len(set(keys)) == 8
+
+
+def test_cut_short_cache_line_is_skipped_and_resent(tmp_path):
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        first = client.complete("Hello", n=2, logprobs=1)
+        second = client.complete("World", n=2, logprobs=1)
+        cache = tmp_path / "cache.jsonl"
+        cache.write_bytes(cache.read_bytes()[:-40])  # a run killed while writing the second entry
+        again = client_for(server, tmp_path)
+        assert again.complete("Hello", n=2, logprobs=1) == first and again.counts["requests"] == 0
+        assert again.complete("World", n=2, logprobs=1) == second and again.counts["requests"] == 1
+        assert client_for(server, tmp_path).complete("World", n=2, logprobs=1) == second  # readable again
+
+
+# ----------------------------------------------------------------------------- the API key, 4xx, rate limit
+
+def test_api_key_never_in_errors_logs_or_cache(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("TUNA_TEST_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path, api_key_env="TUNA_TEST_KEY", max_retries=1)
+        with pytest.raises(teacher.TeacherError) as info:
+            client.chat([{"role": "user", "content": "FAULT:key"}])
+        assert "Incorrect API key provided: ***" in str(info.value) and server.url in str(info.value)
+        with pytest.raises(teacher.TeacherError) as info_500:
+            client.chat([{"role": "user", "content": "FAULT:always500"}])
+        answer = client.chat([{"role": "user", "content": "FAULT:keyecho ###Response 0: a"}])
+        assert server.auth[0] == f"Bearer {SECRET}"  # it was sent, in the header only
+        assert client.counts["requests"] == 1 + 2 + 1
+        samples = {"0": {"candidates": ["a", "b"]}}
+        teacher.build_contextual(client, [example(0, "FAULT:key")], samples, str(tmp_path / "c.jsonl"))
+    texts = [str(info.value), repr(info.value), str(info_500.value), repr(client), caplog.text,
+             "".join(capsys.readouterr()), (tmp_path / "cache.jsonl").read_text(),
+             (tmp_path / "c.jsonl.failures.jsonl").read_text()]
+    assert "Bearer ***" in json.dumps(answer) and SECRET not in json.dumps(answer)
+    assert all(SECRET not in text for text in texts)
+    assert "Incorrect API key" in texts[-1]
+
+
+def test_4xx_fails_fast_with_server_message(tmp_path):
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        started = time.monotonic()
+        with pytest.raises(teacher.TeacherError, match=r"HTTP 400: Invalid value for 'max_tokens': too many tokens"):
+            client.complete("FAULT:400")
+        assert client.counts["requests"] == 1 and time.monotonic() - started < 1.0
+        with pytest.raises(teacher.TeacherError, match="no field 'choices.0.message.content'"):
+            teacher.get_field({"choices": [{}]}, "choices.0.message.content", server.url)
+
+
+def test_requests_per_minute_limit(tmp_path):
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path, requests_per_minute=600, cache_path=None)  # one per 0.1 s
+        client.map(lambda i: client.complete(f"rate {i}"), range(5))
+        starts = sorted(t for times in server.times.values() for t in times)
+        assert len(starts) == 5 and starts[-1] - starts[0] >= 0.38
+
+
+# ----------------------------------------------------------------------------- ranking prompt and parser
+
+def test_ranking_prompt_structure():
+    system, user = teacher.ranking_messages(data.alpaca_prompt("Name a fruit."), ["Apple.", "Pear.", "Fig.", "Kiwi."])
+    assert system["role"] == "system" and "professional, experienced data annotator" in system["content"]
+    assert user["content"].index("### Instruction:\nName a fruit.") < user["content"].index("###Response 0:\nApple.")
+    positions = [user["content"].index(f"###Response {i}:") for i in range(4)]
+    assert positions == sorted(positions) and "###Response 4" in user["content"]
+    assert all(f"({k})" in user["content"] for k in range(1, 6)) and "rank: [0, 1, 2, 3, 4]" in user["content"]
+    assert "open-ended" in user["content"] and "close-ended" in user["content"] and "0 to 15" in user["content"]
+
+
+@pytest.mark.parametrize("reply, ranks", [
+    ("...(5) rank: [2, 0, 4, 1, 3]", [2, 0, 4, 1, 3]),
+    ("(5) RANK: [3,1,0]\nThere were 2 duplicates among 4 responses.", [3, 1, 0]),  # stray digits after the list
+    ("Ranking: 4 > 1 > 0 > 2\n\n5 stars", [4, 1, 0, 2]),
+    ("I rank: carefully.\n(5) rank: [1, 0]", [1, 0]),  # the last "rank:" wins
+])
+def test_parse_ranking(reply, ranks):
+    assert teacher.parse_ranking(reply, 4)[0] == ranks
+
+
+@pytest.mark.parametrize("reply, message", [
+    ("no ranking here", "no 'rank:'"), ("rank: [0, 5]", "out of range 0..4"),
+    ("rank: [1, 2, 1]", "appears twice"), ("rank: [3]", "need 2+"), ("rank: none", "need 2+"),
+])
+def test_parse_ranking_rejects(reply, message):
+    with pytest.raises(teacher.ReplyError, match=re.escape(message)) as info:
+        teacher.parse_ranking(reply, 4)
+    assert info.value.raw == reply
+
+
+def test_reference_answer_extraction():
+    reply = ("(1) Close-ended.\n(2) ###Response 4: Paris is the capital.\n1. It is in France.\n"
+             "(3) Responses 0 and 2 are duplicates.\n(4) Response 0: [12]\n(5) rank: [4, 0, 1]")
+    assert teacher.parse_ranking(reply, 4) == ([4, 0, 1], "Paris is the capital.\n1. It is in France.")
+    assert teacher.parse_ranking("rank: [4, 0]", 4) == ([4, 0], None)
+
+
+def test_keep_reference_false_drops_the_teachers_answer(tmp_path):
+    samples = {"0": {"candidates": ["A.", "B.", "C.", ""]}}
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        teacher.build_contextual(client, [example(0, "FAULT:short")], samples, str(tmp_path / "k.jsonl"),
+                                 keep_reference=False)
+    record = data.read_ranked_jsonl(tmp_path / "k.jsonl")[0]
+    assert record.candidates == ["C.", "A."] and record.source["ranks"] == [2, 4, 0]
+
+
+# ----------------------------------------------------------------------------- the diversity rule
+
+def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm_model_path):
+    tok = data.Tokenizer(spm_model_path)
+    rounds = [["the cat sat"] * 4, ["the cat sat", "the cat sat", "a dog ran far", "the cat sat"],
+              ["the cat sat", "the cat sat down", "the cat sat", "the cat sat"]]
+    temperatures = []
+
+    def fake_generate(model, prompts, max_new_tokens, *, temperature, **kw):
+        temperatures.append(temperature)
+        return [tok.encode(t) + [tok.eos_id] for t in rounds[len(temperatures) - 1]], None
+
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    best = teacher.sample_diverse(None, tok, "Say something.", n=4, temperature=0.7, tries=3)
+    assert temperatures == [0.7, 0.8, 0.9]
+    assert best["candidates"] == rounds[1] and best["round"] == 2 and best["temperature"] == 0.8
+    temperatures.clear()
+    rounds[0] = ["one apple", "two bears", "three cars", "four dogs"]
+    assert teacher.sample_diverse(None, tok, "Say something.", tries=3)["round"] == 1 and len(temperatures) == 1
+
+
+# ----------------------------------------------------------------------------- the project's server
+
+@pytest.fixture(scope="module")
+def tiny(spm_model_path):
+    torch.manual_seed(0)
+    args = dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=1024)
+    model = M.Transformer(args).eval()
+    tok = data.Tokenizer(spm_model_path)
+    server = teacher.make_server(model, tok, "127.0.0.1", 0, "tiny-teacher")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield model, tok, f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
+    model, tok, url = tiny
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    prompt = data.alpaca_prompt("Give three tips for staying healthy.")
+    answer = client.completions.create(model="tiny-teacher", prompt=prompt, n=2, max_tokens=12, temperature=1.0,
+                                       logprobs=3, seed=7)
+    ids = tok.encode(prompt, bos=True)
+    new, new_logprobs = M.generate(model, [ids] * 2, 12, temperature=1.0, eos_id=tok.eos_id,
+                                   generator=torch.Generator().manual_seed(7))
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == sum(
+        len([t for t in row if t != tok.eos_id]) for row in new)
+    for choice, row, row_logprobs in zip(answer.choices, new, new_logprobs):
+        body = [t for t in row if t != tok.eos_id]
+        lp = choice.logprobs
+        assert choice.finish_reason == ("stop" if tok.eos_id in row else "length")
+        assert lp.tokens == [tok.piece_bytes(t).decode("utf-8", "replace") for t in body]
+        assert lp.token_logprobs == pytest.approx(row_logprobs[:len(body)], abs=1e-4)  # generate's incremental pass
+        total, count = M.sequence_logprobs(model, [ids], [body])
+        assert sum(lp.token_logprobs) == pytest.approx(total.item(), abs=1e-3) and count.item() == len(body)
+        with torch.no_grad():  # the top-3 at each position (tokens with the same text share one key)
+            logp = torch.log_softmax(model(torch.tensor([ids + body]))[0, len(ids) - 1:-1].float(), -1)
+        for top, expected in zip(lp.top_logprobs, logp.topk(3, -1).values.tolist()):
+            assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(expected[0], abs=1e-4)
+            assert all(min(abs(value - e) for e in expected) < 1e-4 for value in top.values())
+        assert choice.text == b"".join(tok.piece_bytes(t) for t in body).decode("utf-8", "replace")
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # echo scores a given text: the prompt's tokens (the first has no log-prob), as model.py scores them
+    echo = client.completions.create(model="tiny-teacher", prompt="Paris is the capital of France.", max_tokens=0,
+                                     echo=True, logprobs=1)
+    ids = tok.encode("Paris is the capital of France.", bos=True)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text == "Paris is the capital of France." and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == len(ids) - 1 and lp.text_offset[0] == 0
+    total, _ = M.sequence_logprobs(model, [ids[:2]], [ids[2:]])
+    assert sum(lp.token_logprobs[1:]) == pytest.approx(total.item(), abs=1e-3)
+    # chat: the Alpaca template, logprobs as content[{token, logprob, bytes, top_logprobs}]
+    chat = client.chat.completions.create(model="tiny-teacher", messages=[{"role": "user", "content": "Count to 3."}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    ids = tok.encode(data.alpaca_prompt("Count to 3."), bos=True)
+    greedy, _ = M.generate(model, [ids], 6, temperature=0.0, eos_id=tok.eos_id)
+    content = chat.choices[0].logprobs.content
+    body = [t for t in greedy[0] if t != tok.eos_id]
+    assert [c.bytes for c in content] == [list(tok.piece_bytes(t)) for t in body]
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy = top-1
+    total, _ = M.sequence_logprobs(model, [ids], [body])
+    assert sum(c.logprob for c in content) == pytest.approx(total.item(), abs=1e-3)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert [m.id for m in client.models.list().data] == ["tiny-teacher"]
+
+
+def test_server_stop_sequences_and_prompt_lists(tiny):
+    model, tok, url = tiny
+    plain = requests.post(url + "/completions", json={"prompt": "Hello", "max_tokens": 20, "temperature": 0}).json()
+    text = plain["choices"][0]["text"]
+    stop = text[5:8] if len(text) > 8 else text[-1]
+    cut = requests.post(url + "/completions", json={"prompt": ["Hello", "Hello"], "max_tokens": 20, "temperature": 0,
+                                                     "stop": stop, "n": 2}).json()
+    assert len(cut["choices"]) == 4 and [c["index"] for c in cut["choices"]] == [0, 1, 2, 3]
+    assert cut["choices"][0]["text"] == text[:text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/completions", {"prompt": 3}, "prompt"),
+    ("/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/completions", {"prompt": "x", "logprobs": 9}, "logprobs"),
+    ("/completions", {"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+    ("/completions", {"prompt": "x", "stream": True}, "stream"),
+    ("/completions", {"prompt": "x", "echo": "yes"}, "echo"),
+    ("/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/completions", "[1, 2]", None),
+    ("/completions", "{not json", None),
+])
+def test_server_bad_requests_get_openai_style_400(tiny, path, body, param):
+    _, _, url = tiny
+    reply = requests.post(url + path, data=body if isinstance(body, str) else json.dumps(body))
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+    assert requests.post(url + "/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200  # alive
+
+
+def test_server_unknown_url_and_chat_template(tiny):
+    _, _, url = tiny
+    assert requests.post(url + "/embeddings", json={}).status_code == 404
+    assert requests.get(url + "/nothing").json()["error"]["code"] == "unknown_url"
+    assert teacher.chat_prompt([{"role": "user", "content": "Hi"}]) == data.alpaca_prompt("Hi")
+    prompt = teacher.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert prompt == "Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello.\n\n### Instruction:\nBye\n\n### Response:"
+
+
+# ----------------------------------------------------------------------------- both builders end to end
+
+def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
+    _, _, url = tiny
+    examples = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+                {"instruction": "Add 123 and 456.", "input": "", "output": "579"},
+                {"instruction": "Reverse the string.", "input": "hello world", "output": "dlrow olleh"}]
+    client = teacher.TeacherClient(url, "tiny-teacher", cache_path=str(tmp_path / "cache.jsonl"))
+    counts = teacher.build_probabilistic(client, examples, str(tmp_path / "p.jsonl"), n=4, max_tokens=8,
+                                         add_original="scored")
+    records = data.read_ranked_jsonl(tmp_path / "p.jsonl")
+    assert counts["done"] + counts["failed"] == 3 and len(records) == counts["done"] >= 2
+    for record in records:
+        assert record.scores == sorted(record.scores, reverse=True) and all(s < 0 for s in record.scores)
+        original = examples[int(record.id)]["output"]
+        assert record.candidates[record.source["original_index"]] == original
+        assert record.prompt == data.alpaca_prompt(record.instruction, record.input)
+    assert counts["requests"] == 6 and counts["completion_tokens"] > 0
+    chat = teacher.build_probabilistic(teacher.TeacherClient(url, "tiny-teacher"), examples[:2],
+                                       str(tmp_path / "chat.jsonl"), n=3, max_tokens=6, chat=True,
+                                       add_original="first")
+    for record in data.read_ranked_jsonl(tmp_path / "chat.jsonl"):
+        assert record.candidates[0] == examples[int(record.id)]["output"] and record.scores is None
+    assert chat["done"] + chat["failed"] == 2
+
+
+def test_contextual_end_to_end_student_and_teachers(tiny, tmp_path, monkeypatch):
+    model, tok, url = tiny
+    examples = [{"instruction": f"Give tip number {i} for staying healthy.", "input": "", "output": "x"}
+                for i in range(3)]
+    student_cache = str(tmp_path / "student.jsonl")
+    samples = teacher.sample_candidates(model, tok, examples, student_cache, n=4, max_new_tokens=8, seed=3)
+    assert sorted(samples) == ["0", "1", "2"] and all(len(s["candidates"]) == 4 for s in samples.values())
+    # resumable: a re-run reads the cache, a run killed after item 0 samples the rest exactly as in one go
+    monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    assert teacher.sample_candidates(model, tok, examples, student_cache, n=4, max_new_tokens=8, seed=3) == samples
+    monkeypatch.undo()
+    partial = str(tmp_path / "partial.jsonl")
+    teacher.sample_candidates(model, tok, examples[:1], partial, n=4, max_new_tokens=8, seed=3)
+    assert teacher.sample_candidates(model, tok, examples, partial, n=4, max_new_tokens=8, seed=3) == samples
+    # the project's server as teacher: a random tiny model cannot rank, so every reply is a recorded failure
+    local = teacher.TeacherClient(url, "tiny-teacher")
+    counts = teacher.build_contextual(local, examples, samples, str(tmp_path / "local.jsonl"), max_tokens=16)
+    failed = read_jsonl(str(tmp_path / "local.jsonl.failures.jsonl"))
+    assert counts["failed"] + counts["done"] == 3 and counts["requests"] == 3
+    assert all(isinstance(f["raw_reply"], str) and f["kind"] == "contextual" for f in failed)
+    # a teacher that ranks: records hold the student's candidates (non-empty ones) in the teacher's order
+    with FakeTeacher() as server:
+        counts = teacher.build_contextual(client_for(server, tmp_path), examples, samples, str(tmp_path / "c.jsonl"))
+    for record in data.read_ranked_jsonl(tmp_path / "c.jsonl"):
+        pool = samples[record.id]["candidates"] + [record.source["reference"]]
+        assert record.candidates == [pool[i] for i in record.source["kept_ranks"]]
+        assert record.source["student_candidates"] == samples[record.id]["candidates"]
+    assert counts["done"] + counts["failed"] == 3
+
+
+def test_cli_help_and_errors_name_the_file(tmp_path, capsys):
+    for command in ("serve", "probabilistic", "contextual"):
+        with pytest.raises(SystemExit) as shown:
+            teacher.main([command, "--help"])
+        assert shown.value.code == 0 and "--" in capsys.readouterr().out
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(SystemExit) as failed:
+        teacher.main(["probabilistic", "--data", missing, "--out", str(tmp_path / "o.jsonl"),
+                      "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert failed.value.code == 1 and missing in capsys.readouterr().err
