@@ -81,7 +81,8 @@ def write_meta_checkpoint(hf, name, out_dir, shards=1):
     c = hf.config
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd["lm_head.weight"].clone()}  # tied HF model: Meta stores its own copy
+            "output.weight": sd["lm_head.weight"].clone(),  # tied HF model: Meta stores its own copy
+            "rope.freqs": torch.zeros(c.head_dim // 2)}  # LLaMA-1 files carry this; the loader must skip it
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         wq, wk = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
@@ -223,6 +224,12 @@ def test_missing_and_unexpected_keys_are_named(hf_dirs, tmp_path):
     assert str(tmp_path) in str(err.value)
     with pytest.raises(FileNotFoundError, match="neither config.json"):
         M.load_checkpoint(str(tmp_path / "nothing"))
+    meta_dir = tmp_path / "meta"
+    meta_dir.mkdir()
+    (meta_dir / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    (meta_dir / "consolidated.00.pth").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: torch.load\(weights_only=True, mmap=True\) failed"):
+        M.load_checkpoint(str(meta_dir))
 
 
 def tiny_model(seed=0, **overrides):
