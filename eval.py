@@ -252,7 +252,6 @@ def absent(prediction, word):
     return not re.search(rf"\b{word}\b", prediction)
 
 
-
 def fill(templates, words=None, **fields):
     """Regexes from templates: each MARKER in `words` replaced by its regex, then {fields} filled in."""
     out = []
@@ -547,7 +546,7 @@ def lmentry_score_prediction(task, prediction, example):
     same for plain words); num2words is replaced by a small English speller (same words for 0..999999); a
     prediction with no alphanumeric character is 0 at once (theirs reaches 0 later, with certainty 0 in some
     tasks); the truncation for base models that cannot stop is not applied (the models here are
-    instruction-tuned); the 2023 extra "obviously, it is X" phrasing of later forks is not included. Quirks of
+    instruction-tuned); only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more). Quirks of
     the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern, "first word"
     in last_word, and bigger_number's mirrored "<"/">" patterns."""
     p = lm_norm(prediction).replace("_", " ")
@@ -569,8 +568,9 @@ def read_lmentry(lmentry_dir):
             with open(path, encoding="utf-8") as f:
                 content = json.load(f)
             settings, examples = content["settings"], content["examples"]
-            settings["num_examples_per_template"], settings["input_templates"]  # noqa: B018 (must exist)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(settings["num_examples_per_template"], int) or not settings["input_templates"]:
+                raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             problem(f"{path}: not an LMentry task file ({type(e).__name__}: {e})")
             continue
         items = []
@@ -650,16 +650,16 @@ def lmentry_score(per_task):
 # ----------------------------------------------------------------------------- Vicuna QA
 # FastChat llm_judge "pair-v2" / "pair-math-v1" structure (NOTES.md 3.2), in this project's words.
 JUDGE_SYSTEM = (
-    "Please act as an impartial judge and evaluate the responses of two AI assistants to the user question "
-    "shown below. Choose the assistant that follows the user's instructions and answers the question better. "
-    "{criteria} Begin by comparing the two responses and give a short explanation. Do not let the order in "
-    "which the responses are presented, their length, or the assistants' names influence your decision, and be "
-    "as objective as possible. After your explanation, output your final verdict in exactly this format: "
-    '"[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.')
+    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to it. "
+    "Decide which assistant follows the user's instructions and answers the question better. {criteria} "
+    "First compare the two answers and explain your comparison briefly. The order in which the answers appear, "
+    "their length and the assistants' names must not sway you; be as objective as you can. After the "
+    'explanation, give your verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if '
+    'assistant B is better, "[[C]]" for a tie.')
 JUDGE_CRITERIA = {
-    "general": "Consider helpfulness, relevance, accuracy, depth, creativity and level of detail.",
-    "reference": "Judge correctness and helpfulness. You are given a reference answer: compare both responses "
-                 "with it, and identify and correct any mistakes."}
+    "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
+    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with it, "
+                 "and identify and correct any mistakes in them."}
 REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}  # FastChat's categories judged with a reference
 
 
@@ -700,8 +700,9 @@ def read_vicuna(vicuna_dir):
     path = os.path.join(vicuna_dir, "question.jsonl")
     questions = []
     for i, record in enumerate(read_jsonl(path), 1):
+        record = record if isinstance(record, dict) else {}
         turns = record.get("turns") or ([record["text"]] if isinstance(record.get("text"), str) else None)
-        if "question_id" not in record or not turns or not isinstance(turns[0], str):
+        if "question_id" not in record or not isinstance(turns, list) or not isinstance(turns[0], str):
             problem(f"{path}: record {i}: needs 'question_id' and 'turns' (or 'text')")
             continue
         questions.append({"id": str(record["question_id"]), "category": record.get("category", ""),
@@ -713,7 +714,7 @@ def read_vicuna(vicuna_dir):
             try:
                 references[str(record["question_id"])] = record["choices"][0]["turns"][0]
             except (KeyError, IndexError, TypeError):
-                problem(f"{ref_path}: question {record.get('question_id')}: no choices[0].turns[0]")
+                problem(f"{ref_path}: record {str(record)[:60]}: no question_id or choices[0].turns[0]")
     return questions, references
 
 
@@ -729,8 +730,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
         messages = judge_messages(q["question"], answers[first].get(q["id"], ""), answers[second].get(q["id"], ""),
                                   reference)
         try:
-            reply = client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"]
-        except Exception as e:  # noqa: BLE001 -- a failed request is recorded like a reply without a verdict
+            reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
+        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded, like a reply without a verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
