@@ -60,21 +60,21 @@ class TeacherClient:
         self._next_slot = 0.0
         self._lock = threading.Lock()
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0, completion_tokens=0)
+        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in RAM),
+        # or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, "rb+") as f:
-                for line_no, line in enumerate(f, 1):
+                offset, line = 0, b"\n"
+                for line_no, line in enumerate(iter(f.readline, b""), 1):
                     try:
-                        entry = json.loads(line)
-                        self._cache[entry["key"]] = entry["response"]
+                        self._cache[json.loads(line)["key"]] = offset
                     except (ValueError, KeyError, TypeError):  # the last line of a killed run may be cut short
                         log.warning("%s line %d: unreadable cache entry skipped (its request is sent again)",
                                     cache_path, line_no)
-                if f.seek(0, os.SEEK_END) and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n":
+                    offset += len(line)
+                if not line.endswith(b"\n"):
                     f.write(b"\n")  # so the next entry does not glue onto a cut-short one
-
-    def __repr__(self):  # never the key
-        return f"TeacherClient({self.base_url!r}, model={self.model!r})"
 
     def chat(self, messages, cache_only=False, **params):
         return self.post("/chat/completions", {"model": self.model, "messages": messages, **params}, cache_only)
@@ -89,9 +89,14 @@ class TeacherClient:
         request = json.dumps([urllib.parse.urlparse(url).path, body], sort_keys=True, ensure_ascii=False)
         key = hashlib.sha256(request.encode("utf-8")).hexdigest()
         with self._lock:
-            if key in self._cache:
-                self.counts["cache_hits"] += 1
-                return self._cache[key]
+            where = self._cache.get(key)
+            self.counts["cache_hits"] += where is not None
+        if where is not None:
+            if isinstance(where, dict):
+                return where
+            with open(self.cache_path, "rb") as f:
+                f.seek(where)
+                return json.loads(f.readline())["response"]
         if cache_only:
             return None
         answer = self._send(url, body)
@@ -105,8 +110,9 @@ class TeacherClient:
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
             self._cache[key] = answer
             if self.cache_path:  # append + close: the line survives a SIGKILL of this process
-                with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                with open(self.cache_path, "ab") as f:
+                    self._cache[key] = f.seek(0, os.SEEK_END)
+                    f.write(line.encode("utf-8") + b"\n")
         return answer
 
     def _send(self, url, body):
@@ -163,9 +169,14 @@ class TeacherClient:
         return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
 
     def map(self, fn, items):
-        """fn over items on a bounded thread pool, results in order."""
+        """fn over items on a bounded thread pool, results in order, progress logged every 5%."""
+        results, step = [], max(1, len(items) // 20)
         with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(fn, items))
+            for done, result in enumerate(pool.map(fn, items), 1):
+                results.append(result)
+                if done % step == 0:
+                    log.info("%d/%d items; %s", done, len(items), self.report())
+        return results
 
     def report(self):
         c = self.counts
@@ -317,8 +328,7 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
             if len(ranked) < 2:
                 raise ReplyError(f"{url}: fewer than 2 distinct candidates")
             texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "endpoint": url.rsplit("/v1", 1)[-1],
-                      "attempt": attempt,
+            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat, "attempt": attempt,
                       "original_index": texts.index(original) if add_original and original in texts else None}
             if add_original == "first":
                 source["teacher_scores"], scores = scores[1:], None
@@ -382,6 +392,7 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     ids = tok.encode(prompt, bos=True)
+    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer tokens
     best = None
     for round_index in range(tries):
         t = round(temperature + 0.1 * round_index, 6)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -385,12 +386,13 @@ def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm
         return [tok.encode(t) + [tok.eos_id] for t in rounds[len(temperatures) - 1]], None
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
-    best = teacher.sample_diverse(None, tok, "Say something.", n=4, temperature=0.7, tries=3)
+    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024))  # fake_generate does the work
+    best = teacher.sample_diverse(model, tok, "Say something.", n=4, temperature=0.7, tries=3)
     assert temperatures == [0.7, 0.8, 0.9]
     assert best["candidates"] == rounds[1] and best["round"] == 2 and best["temperature"] == 0.8
     temperatures.clear()
     rounds[0] = ["one apple", "two bears", "three cars", "four dogs"]
-    assert teacher.sample_diverse(None, tok, "Say something.", tries=3)["round"] == 1 and len(temperatures) == 1
+    assert teacher.sample_diverse(model, tok, "Say something.", tries=3)["round"] == 1 and len(temperatures) == 1
 
 
 # ----------------------------------------------------------------------------- the project's server
