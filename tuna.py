@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -588,23 +590,40 @@ def add_pipeline_arguments(p):
     add_training_arguments(p, lr=None, epochs=1, batch_size=16, warmup_steps=2, with_data=False)
     add_loss_arguments(p)
     p.add_argument("--probabilistic-data", required=True, help="ranked file for Tuna_p")
-    p.add_argument("--contextual-data", help="ranked file for Tuna_c (candidates sampled from Tuna_p)")
     p.add_argument("--lr-probabilistic", type=float, default=1e-5)
     p.add_argument("--lr-contextual", type=float, default=1e-6)
+    p.add_argument("--contextual-data", help="ranked file for Tuna_c; if absent, built from OUT/tuna_p's samples "
+                   "by `teacher.py contextual` with the --teacher-* options")
+    p.add_argument("--instructions", help="Alpaca JSON whose instructions Tuna_p answers for contextual ranking")
+    p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
+    p.add_argument("--teacher-model", help="teacher model name")
+    p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options, e.g. '--limit 1000'")
 
 
 def run_pipeline(args):
     """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking (lr 1e-6)
-    from Tuna_p (METHOD.md, Pipeline 4). OUT/tuna_p and OUT/tuna are ordinary stage outputs."""
-    if not args.contextual_data:
-        raise TrainingError("pipeline: give --contextual-data, built from OUT/tuna_p's samples with teacher.py")
+    from Tuna_p on candidates sampled from Tuna_p (METHOD.md, Pipeline 4). OUT/tuna_p and OUT/tuna
+    are ordinary stage outputs; --resume skips a finished stage."""
     out = args.out.rstrip("/")
     stage = argparse.Namespace(**vars(args))
-    stage.__dict__.update(init=args.init, out=os.path.join(out, "tuna_p"), data=args.probabilistic_data,
-                          lr=args.lr_probabilistic)
-    train(stage, "rank")
-    stage.__dict__.update(init=os.path.join(out, "tuna_p"), out=os.path.join(out, "tuna"), data=args.contextual_data,
-                          lr=args.lr_contextual, tokenizer=None)
+    stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data, lr=args.lr_probabilistic)
+    tuna_p = train(stage, "rank")
+    contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
+    if not args.contextual_data and not (args.resume and os.path.exists(contextual)):
+        if not (args.instructions and args.teacher_base_url and args.teacher_model):
+            raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
+                                "--teacher-model to build it from Tuna_p's samples with teacher.py")
+        if dist.is_initialized():                            # hours of sampling would time out the other ranks
+            raise TrainingError("pipeline: under torchrun, build the contextual data first and pass --contextual-data")
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
+                   "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
+                   args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
+                   *shlex.split(args.teacher_args)]
+        log("pipeline: " + " ".join(shlex.quote(c) for c in command))
+        if subprocess.run(command).returncode != 0:
+            raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun with --resume")
+    stage.__dict__.update(init=tuna_p, out=os.path.join(out, "tuna"), data=contextual, lr=args.lr_contextual,
+                          tokenizer=None)
     return train(stage, "rank")
 
 

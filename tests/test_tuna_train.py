@@ -200,3 +200,46 @@ def test_two_processes_equal_one_with_the_same_global_batch(files, tmp_path, eng
     for a, b in zip(metrics(one), metrics(two)):  # grad_norm too: Adam alone would hide a wrong gradient scale
         assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-5)
     assert_same_weights(one, two, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_path):
+    """No --contextual-data: Tuna_p samples candidates and a (stub) ranking teacher orders them via teacher.py."""
+    import http.server
+    import threading
+
+    reply = "(1) close-ended\n(2) ###Response 2: Paris is the capital.\n(3) no duplicates\n(5) rank: [2, 0, 1]"
+    requests_seen = []
+
+    class StubTeacher(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests_seen.append(body)
+            answer = json.dumps({"object": "chat.completion", "model": body["model"],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                              "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "tuna"
+        assert run("pipeline", "--probabilistic-data", files / "ranked.jsonl", "--init", files / "init", "--out", out,
+                   "--max-len", 96, "--batch-size", 4, "--instructions", files / "alpaca.json",
+                   "--teacher-base-url", f"http://127.0.0.1:{server.server_port}/v1", "--teacher-model", "stub-gpt-4",
+                   "--teacher-args", "--limit 4 --n 2 --tries 1 --student-max-tokens 6 --workers 1") == 0
+    finally:
+        server.shutdown()
+    assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
+    records = data.read_ranked_jsonl(out / "contextual.jsonl")
+    assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
+    assert records[0].source["student_candidates"]  # sampled from Tuna_p
+    assert json.load(open(out / "tuna" / "run.json"))["data"] == str(out / "contextual.jsonl")
+    assert len(metrics(out / "tuna")) == 1
