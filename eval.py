@@ -91,9 +91,11 @@ def read_superni(superni_dir, max_instances=100):
             continue
         category = "_".join(task["Categories"][0].lower().split())  # the official script's group name
         for index, inst in enumerate(instances[:max_instances]):
-            refs = inst.get("output")
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                problem(f"{path}: instance {inst.get('id', index)}: empty or malformed reference list 'output'")
+            refs = inst.get("output") if isinstance(inst, dict) else None
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
+                    or not isinstance(inst.get("input"), str):
+                problem(f"{path}: instance {inst.get('id', index) if isinstance(inst, dict) else index}: "
+                        "no 'input', or an empty or malformed reference list 'output'")
                 continue
             items.append({"id": inst.get("id", f"{name}-{index}"), "task": name, "category": category,
                           "prompt": superni_prompt(definition, inst["input"]), "references": refs})
@@ -206,6 +208,8 @@ def number_words(n):
     ones = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
             "sixteen seventeen eighteen nineteen").split()
     tens = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+    if n < 0:
+        return "minus " + number_words(-n)
     if n < 20:
         return ones[n]
     if n < 100:
@@ -575,9 +579,10 @@ def read_lmentry(lmentry_dir):
             continue
         items = []
         for key, example in examples.items():
-            if not isinstance(example, dict) or not isinstance(example.get("input"), str) \
-                    or "template_id" not in example.get("metadata", {}):
-                problem(f"{path}: example {key}: needs 'input' and 'metadata' with 'template_id'")
+            if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not isinstance(
+                    example.get("metadata"), dict) or example["metadata"].get("template_id") not in range(
+                    len(settings["input_templates"])):
+                problem(f"{path}: example {key}: needs 'input' and 'metadata' with a valid 'template_id'")
                 continue
             items.append({"id": f"{name}/{key}", "task": name, "example": example})
         tasks[name] = {"settings": settings, "items": items}
@@ -599,7 +604,7 @@ def score_lmentry(tasks, outputs):
             prediction = outputs.get(item["id"], "")
             try:
                 score, certainty = lmentry_score_prediction(name, prediction, item["example"])
-            except (KeyError, TypeError, ValueError, re.error) as e:
+            except (KeyError, IndexError, TypeError, ValueError, re.error) as e:
                 problem(f"LMentry {name}.json: example {item['id']}: cannot score ({type(e).__name__}: {e})")
                 continue
             meta = item["example"]["metadata"]
@@ -818,6 +823,8 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni=None, lmentry=None, v
              batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu", dtype=None):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
     PROBLEMS.clear()
+    if baseline is not None and baseline not in checkpoints:
+        raise ValueError(f"baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
     os.makedirs(out_dir, exist_ok=True)
     names = list(checkpoints)
     superni_items = read_superni(superni, max_instances) if superni else None
@@ -914,13 +921,15 @@ def main(argv=None):
     checkpoints = {}
     for spec in args.checkpoints:
         name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory:
-            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR")
+        if not sep or not name or not directory or name in checkpoints:
+            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
         checkpoints[name] = directory
-    results = evaluate(checkpoints, args.out, args.tokenizer, args.superni, args.lmentry, args.vicuna, args.judge_url,
-                       args.judge_model, args.judge_api_key_env, args.baseline, args.all_pairs, args.batch_size,
-                       args.max_instances, tuple(args.max_new_tokens), args.device,
-                       getattr(torch, args.dtype) if args.dtype else None)
+    results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni=args.superni, lmentry=args.lmentry,
+                       vicuna=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
+                       judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
+                       batch_size=args.batch_size, max_instances=args.max_instances,
+                       max_new_tokens=tuple(args.max_new_tokens), device=args.device,
+                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(results_markdown(results))
 
 
