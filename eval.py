@@ -233,10 +233,12 @@ def shared(target):  # answer phrasings every task accepts (NOTES.md 2.3)
 
 def lm_simple(prediction, answer, repeat=True):
     """The simple scorer: the whole prediction is the answer (optional final period), or every
-    [a-z0-9]+ word of it is (e.g. "cat, cat"). True means score 1, certain."""
+    [a-z0-9]+ word of it is (e.g. "cat, cat"), and there is at least one such word (the authors' check
+    passes on none, so e.g. "Ωé" scored 1). True means score 1, certain."""
     if re.match(answer + r"\.?$", prediction, flags=re.IGNORECASE):
         return True
-    return repeat and all(re.match(answer + "$", w) for w in re.findall(r"\b[a-z\d]+\b", prediction))
+    words = re.findall(r"\b[a-z\d]+\b", prediction)
+    return repeat and bool(words) and all(re.match(answer + "$", w) for w in words)
 
 
 def lm_patterns(prediction, bases, prefixes=("",), suffixes=("",)):
@@ -546,13 +548,18 @@ def lmentry_score_prediction(task, prediction, example):
     Covers all 25 core tasks; the 16 analysis files use their base task's scorer. Re-implemented from the
     authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" -> " "),
     each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and suffixes,
-    lowercased like theirs. Differences: metadata words are regex-escaped (the authors insert them raw; the
-    same for plain words); num2words is replaced by a small English speller (same words for 0..999999); a
-    prediction with no alphanumeric character is 0 at once (theirs reaches 0 later, with certainty 0 in some
-    tasks); the truncation for base models that cannot stop is not applied (the models here are
-    instruction-tuned); only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more). Quirks of
-    the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern, "first word"
-    in last_word, and bigger_number's mirrored "<"/">" patterns."""
+    lowercased like theirs. Differences:
+    - metadata words are regex-escaped (the authors insert them raw; the same for plain words);
+    - num2words is replaced by a small English speller (the same words for -999999..999999);
+    - a prediction with no alphanumeric character is 0 at once (theirs reaches 0 later, in some tasks with
+      certainty 0);
+    - the simple scorer's repetition rule needs at least one [a-z0-9] word (theirs passes vacuously on
+      predictions like "Ωé", scoring such garbage as correct);
+    - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
+      models here are instruction-tuned);
+    - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
+    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern,
+    "first word" in last_word, and bigger_number's mirrored "<" / ">" patterns."""
     p = lm_norm(prediction).replace("_", " ")
     if not re.search(r"[^\W_]", p):
         return 0, 1

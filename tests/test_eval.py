@@ -260,6 +260,8 @@ LMENTRY_CASES = [  # (task, metadata, input, prediction, expected score)
     ("all_words_from_category", dict(category="fruit", num_words=2, num_distractors=1), "", "yes", 0),
     ("more_letters_length_diff_1", dict(word1="cats", word2="cat", answer="cats", distractor="cat"), "", "cats", 1),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "...", 0),  # nothing alphanumeric
+    ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "Ωé ñó", 0),  # no [a-z0-9] word at all
+    ("first_letter", dict(word="apple", answer="a"), "", "a a, a", 1),  # the repetition rule
 ]
 
 
