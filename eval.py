@@ -355,7 +355,8 @@ def lm_position(p, m, ex, task):  # first_/last_word, first_/last_letter, word_a
     if task.endswith("letter"):
         first = task == "first_letter"
         T = ["the _POS_ letter is {a}", "the _POS_ letter (of|in) {w} is {a}", "{a} is the _POS_ letter (of|in) {w}",
-             "{w} _STARTS_ with {a}", "the letter that {w} _STARTS_ with is {a}", "{a} is the _START_ letter (of|in) {w}",
+             "{w} _STARTS_ with {a}", "the letter that {w} _STARTS_ with is {a}",
+             "{a} is the _START_ letter (of|in) {w}",
              "{w}: {a}", "_POS_ letter: {a}"]
         words = {"_POS_": "first" if first else "last", "_STARTS_": "(starts|begins)" if first else "ends",
                  "_START_": "starting" if first else "final"}
@@ -370,7 +371,8 @@ def lm_position(p, m, ex, task):  # first_/last_word, first_/last_letter, word_a
         return lm_patterns(p, bases + shared(A), **xfixes)
     Q = the_(re.escape(m["query"].lower()))
     words = {"_AFTER_": "(immediately |right )?after", "_BEFORE_": "(immediately |right )?before",
-             "_SUCC_": "(immediately )?succeeds", "_PREC_": "(immediately )?precedes", "_FOLL_": "(immediately )?follows"}
+             "_SUCC_": "(immediately )?succeeds", "_PREC_": "(immediately )?precedes",
+             "_FOLL_": "(immediately )?follows"}
     if task == "word_after":
         T = ["{a} comes _AFTER_ {q}", "{a} is the word that comes _AFTER_ {q}", "{a} _SUCC_ {q}",
              "{a} is the word that _SUCC_ {q}", "{a} _FOLL_ {q}", "the word that comes _AFTER_ {q} is {a}",
@@ -407,8 +409,9 @@ def lm_letters(p, m, ex, task):  # more_letters, less_letters
     if any(re.match(lm_norm(t) + r"\.?$", p) for t in negatives):
         return 0, 1  # names the distractor
     said = r"(?P<number>\d+|one|two|three|four|five|six|seven|eight|nine|ten|zero|a single)"
-    for t in fill(["{a} has {s} _CMP_ letter(s)?", "{a} has {s} _CMP_ letter(s)? than {b}",
-                   "{a} is _LONG_ by {s} letter(s)?", "{a} is _LONG_ than {b} by {s} letter(s)?"], words, a=A, b=D, s=said):
+    stated = ["{a} has {s} _CMP_ letter(s)?", "{a} has {s} _CMP_ letter(s)? than {b}",
+              "{a} is _LONG_ by {s} letter(s)?", "{a} is _LONG_ than {b} by {s} letter(s)?"]
+    for t in fill(stated, words, a=A, b=D, s=said):
         found = re.match(t, p)
         if found and not re.match(N, found.group("number")):
             return 0, 1  # the right word, the wrong difference
@@ -496,8 +499,9 @@ def lm_associated(p, m, ex, task):  # most_associated_word, least_associated_wor
         return 1, 1
     i = m["answer_index"]
     listed = m["distractors"][:i] + [m["answer"]] + m["distractors"][i:]
-    words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == len(listed) - 2 else "")
-                                     for k, w in enumerate(listed)) + f"{NOT_WORD}*"
+    words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == len(listed) - 2
+                                                                       else "") for k, w in enumerate(listed))
+    words += f"{NOT_WORD}*"  # the listed words in order, "and" allowed before the last
     given, options = "(above|given|listed|following)", "(words|options)"
     W = f"(of|from) ((the words )?{words}|the {options} {given}|the {given} {options})"
     T = ["the word _ASSOC_ _TO_ {c} is {a}", "the word _ASSOC_ _TO_ {c} {w} is {a}", "{c} _IS_ _ASSOC_ _TO_ {a}",
@@ -625,7 +629,8 @@ def score_lmentry(tasks, outputs):
         metrics = {"accuracy": round(100 * correct / (per_template * templates), 2),
                    "per_template": [round(100 * c / per_template, 1) for c in by_template]}
         if sum(count_index):
-            metrics["accuracy_by_answer_index"] = [round(100 * c / n, 2) if c else 0 for c, n in zip(by_index, count_index)]
+            metrics["accuracy_by_answer_index"] = [round(100 * c / n, 2) if c else 0
+                                                   for c, n in zip(by_index, count_index)]
         per_task[name] = metrics
     core = [per_task[t]["accuracy"] for t in LMENTRY_CORE if t in per_task]
     result = {"accuracy": round(sum(core) / len(core), 2) if core else None, "tasks_scored": len(core),
@@ -743,7 +748,7 @@ def judge_vicuna(client, questions, references, answers, pairs):
                                   reference)
         try:
             reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
-        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded, like a reply without a verdict
+        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded as a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
@@ -893,7 +898,8 @@ def results_markdown(results):
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {p} | {c['win']} | {c['lose']} | {c['tie']} | {c['error']} | {dash(c['win_rate'])} | "
                   f"{dash(c['adjusted_win_rate'])} |" for p, c in pairs.items()]
-    categories = sorted({c for row in results["models"].values() for c in row.get("superni", {}).get("per_category", {})})
+    categories = sorted({c for row in results["models"].values()
+                         for c in row.get("superni", {}).get("per_category", {})})
     if categories:
         lines += ["", "## Super-NI per category (its Tk-Instruct metric)", "",
                   "| Model | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]

@@ -256,7 +256,8 @@ LMENTRY_CASES = [  # (task, metadata, input, prediction, expected score)
     ("any_words_from_category", dict(category="animals", num_words=2, num_distractors=1), "", "yes, dog is one", 1),
     ("any_words_from_category", dict(category="animals", num_words=2, num_distractors=1), "", "No.", 0),
     ("all_words_from_category", dict(category="fruit", num_words=2, num_distractors=1), "", "no", 1),
-    ("all_words_from_category", dict(category="fruit", num_words=3, num_distractors=0), "", "Yes, all of these words are fruits", 1),
+    ("all_words_from_category", dict(category="fruit", num_words=3, num_distractors=0), "",
+     "Yes, all of these words are fruits", 1),
     ("all_words_from_category", dict(category="fruit", num_words=2, num_distractors=1), "", "yes", 0),
     ("more_letters_length_diff_1", dict(word1="cats", word2="cat", answer="cats", distractor="cat"), "", "cats", 1),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "...", 0),  # nothing alphanumeric
@@ -332,9 +333,9 @@ def test_lmentry_score_from_its_four_robustness_aspects():
 
 def test_lmentry_bad_files_are_reported(tmp_path):
     (tmp_path / "first_word.json").write_text("{broken")
-    (tmp_path / "last_word.json").write_text(json.dumps({"settings": {"num_examples_per_template": 1,
-                                                                      "input_templates": ["{x}"]},
-                                                         "examples": {"1": {"input": "x"}, "2": {"input": "y", "metadata": {"template_id": 0}}}}))
+    settings = {"num_examples_per_template": 1, "input_templates": ["{x}"]}
+    examples = {"1": {"input": "x"}, "2": {"input": "y", "metadata": {"template_id": 0}}}
+    (tmp_path / "last_word.json").write_text(json.dumps({"settings": settings, "examples": examples}))
     tasks = E.read_lmentry(str(tmp_path))
     assert list(tasks) == ["last_word"] and [i["id"] for i in tasks["last_word"]["items"]] == ["last_word/2"]
     assert any("first_word.json" in p for p in E.PROBLEMS)
