@@ -503,8 +503,8 @@ def _option(body, name, kinds, default, valid=lambda value: True):
 
 
 def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end. Counted from the end,
-    because sentencepiece drops the leading space of a text's first piece."""
+    """Character offset of each token (bytes) in a text that ends with them at text_end (OpenAI counts from the
+    prompt's start). Counted from the end, because sentencepiece drops the leading space of a text's first piece."""
     decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
     for piece in pieces:
         starts.append(chars)
@@ -600,7 +600,7 @@ class LocalTeacher:
                 info = None if top_k is None else {
                     "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,
                     "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)} for top in tops],
-                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], len(text))}
+                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], len(prompt) + len(outs[j][3]))}
                 choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info, "finish_reason": finish})
         return self._answer("text_completion", choices, usage)
 

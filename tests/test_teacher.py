@@ -277,7 +277,8 @@ def test_cut_short_cache_line_is_skipped_and_resent(tmp_path):
         again = client_for(server, tmp_path)
         assert again.complete("Hello", n=2, logprobs=1) == first and again.counts["requests"] == 0
         assert again.complete("World", n=2, logprobs=1) == second and again.counts["requests"] == 1
-        assert client_for(server, tmp_path).complete("World", n=2, logprobs=1) == second  # readable again
+        third = client_for(server, tmp_path)  # the new entry did not glue onto the cut-short line
+        assert third.complete("World", n=2, logprobs=1) == second and third.counts["requests"] == 0
 
 
 # ----------------------------------------------------------------------------- the API key, 4xx, rate limit
@@ -435,7 +436,7 @@ def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
             assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(expected[0], abs=1e-4)
             assert all(min(abs(value - e) for e in expected) < 1e-4 for value in top.values())
         assert choice.text == b"".join(tok.piece_bytes(t) for t in body).decode("utf-8", "replace")
-        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == len(prompt)  # from the prompt's start
     # echo scores a given text: the prompt's tokens (the first has no log-prob), as model.py scores them
     echo = client.completions.create(model="tiny-teacher", prompt="Paris is the capital of France.", max_tokens=0,
                                      echo=True, logprobs=1)
@@ -462,13 +463,17 @@ def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
 
 def test_server_stop_sequences_and_prompt_lists(tiny):
     model, tok, url = tiny
-    plain = requests.post(url + "/completions", json={"prompt": "Hello", "max_tokens": 20, "temperature": 0}).json()
-    text = plain["choices"][0]["text"]
-    stop = text[5:8] if len(text) > 8 else text[-1]
-    cut = requests.post(url + "/completions", json={"prompt": ["Hello", "Hello"], "max_tokens": 20, "temperature": 0,
-                                                     "stop": stop, "n": 2}).json()
+    request = {"prompt": "Hello", "max_tokens": 20, "temperature": 0, "logprobs": 0}
+    plain = requests.post(url + "/completions", json=request).json()["choices"][0]
+    text = plain["text"]
+    stop = text[8:11]
+    cut = requests.post(url + "/completions", json=dict(request, prompt=["Hello", "Hello"], stop=stop, n=2)).json()
     assert len(cut["choices"]) == 4 and [c["index"] for c in cut["choices"]] == [0, 1, 2, 3]
-    assert cut["choices"][0]["text"] == text[:text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    first = cut["choices"][0]
+    assert first["text"] == text[:text.index(stop)] and first["finish_reason"] == "stop"
+    assert plain["finish_reason"] == "length" and len(text) > 11
+    kept = sum(1 for at in plain["logprobs"]["text_offset"] if at < len("Hello") + text.index(stop))
+    assert first["logprobs"]["tokens"] == plain["logprobs"]["tokens"][:kept] < plain["logprobs"]["tokens"]
 
 
 @pytest.mark.parametrize("path, body, param", [
