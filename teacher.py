@@ -308,7 +308,9 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
         answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
         offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
         logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-        picked = [lp for at, lp in zip(offsets, logprobs) if len(prompt) <= at < len(full) and lp is not None]
+        ends = list(offsets[1:]) + [len(full)]  # a token holding any response character is the response's,
+        picked = [lp for at, end, lp in zip(offsets, ends, logprobs)  # as in data.encode_prompt_response
+                  if end > len(prompt) and at < len(full) and lp is not None]
         if not picked:
             raise ReplyError(f"{url}: no log-probs for the original response's tokens")
         return sum(picked) / len(picked)

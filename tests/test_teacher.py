@@ -511,7 +511,7 @@ def test_server_unknown_url_and_chat_template(tiny):
 # ----------------------------------------------------------------------------- both builders end to end
 
 def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
-    _, _, url = tiny
+    model, tok, url = tiny
     examples = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
                 {"instruction": "Add 123 and 456.", "input": "", "output": "579"},
                 {"instruction": "Reverse the string.", "input": "hello world", "output": "dlrow olleh"}]
@@ -524,6 +524,10 @@ def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
         assert record.scores == sorted(record.scores, reverse=True) and all(s < 0 for s in record.scores)
         original = examples[int(record.id)]["output"]
         assert record.candidates[record.source["original_index"]] == original
+        # the original's score is its mean token log-prob as model.py scores it (the training-side split)
+        prompt_ids, response_ids = data.encode_prompt_response(tok, record.prompt, original)
+        total, count = M.sequence_logprobs(model, [prompt_ids], [response_ids[:-1]])  # the API has no EOS
+        assert record.scores[record.source["original_index"]] == pytest.approx(total.item() / count.item(), abs=1e-4)
         assert record.prompt == data.alpaca_prompt(record.instruction, record.input)
     assert counts["requests"] == 6 and counts["completion_tokens"] > 0
     chat = teacher.build_probabilistic(teacher.TeacherClient(url, "tiny-teacher"), examples[:2],
