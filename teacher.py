@@ -171,11 +171,14 @@ class TeacherClient:
     def map(self, fn, items):
         """fn over items on a bounded thread pool, results in order, progress logged every 5%."""
         results, step = [], max(1, len(items) // 20)
-        with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
+        try:
             for done, result in enumerate(pool.map(fn, items), 1):
                 results.append(result)
                 if done % step == 0:
                     log.info("%d/%d items; %s", done, len(items), self.report())
+        finally:  # on Ctrl-C, drop the queued items instead of waiting for all of them
+            pool.shutdown(wait=False, cancel_futures=True)
         return results
 
     def report(self):
@@ -292,11 +295,15 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
         for i in range(len(get_field(answer, "choices", url))):
             if chat:
                 text = get_field(answer, f"choices.{i}.message.content", url)
-                logprobs = [t.get("logprob") for t in get_field(answer, f"choices.{i}.logprobs.content", url)]
+                logprobs = get_field(answer, f"choices.{i}.logprobs.content", url)
             else:
                 text = get_field(answer, f"choices.{i}.text", url)
                 logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
-            logprobs = [lp for lp in logprobs if lp is not None]
+            try:
+                values = [t["logprob"] for t in logprobs] if chat else list(logprobs)
+                logprobs = [float(value) for value in values if value is not None]
+            except (TypeError, KeyError, ValueError):
+                raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
             if isinstance(text, str) and text.strip() and logprobs:
                 scored.setdefault(text.strip(), sum(logprobs) / len(logprobs))
         if len(scored) < 2 and add_original is None:
@@ -308,9 +315,12 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
         answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
         offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
         logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-        ends = list(offsets[1:]) + [len(full)]  # a token holding any response character is the response's,
-        picked = [lp for at, end, lp in zip(offsets, ends, logprobs)  # as in data.encode_prompt_response
-                  if end > len(prompt) and at < len(full) and lp is not None]
+        try:  # a token holding any response character is the response's, as in data.encode_prompt_response
+            ends = list(offsets[1:]) + [len(full)]
+            picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
+                      if end > len(prompt) and at < len(full) and lp is not None]
+        except (TypeError, ValueError):
+            raise ReplyError(f"{url}: malformed echo log-probs") from None
         if not picked:
             raise ReplyError(f"{url}: no log-probs for the original response's tokens")
         return sum(picked) / len(picked)

@@ -61,10 +61,10 @@ def fake_answer(path, body, h, fault):
     number = int(h[:8], 16)
     usage = {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
     if path.endswith("/completions") and "messages" not in body:
-        texts = [f"Answer {(number + j) % 3} for {h[:6]}" if fault != "same" else "Same answer"
-                 for j in range(body.get("n", 1))]
+        texts = [f"Answer {(number + j) % 3} for {h[:6]}" for j in range(body.get("n", 1))]
+        logprobs = lambda j: "oops" if fault == "badlogprobs" else [-((number >> j) % 50) / 10 - 0.1] * 3
         choices = [{"text": " " + text, "index": j, "finish_reason": "stop",
-                    "logprobs": {"tokens": text.split(), "token_logprobs": [-((number >> j) % 50) / 10 - 0.1] * 3,
+                    "logprobs": {"tokens": text.split(), "token_logprobs": logprobs(j),
                                  "top_logprobs": None, "text_offset": [0, 7, 9]}} for j, text in enumerate(texts)]
         return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices, "usage": usage}
     user = body["messages"][-1]["content"]
@@ -161,7 +161,7 @@ def client_for(server, tmp_path, **kw):
 
 # ----------------------------------------------------------------------------- faults, cache, resume
 
-FAULTS = ["", "429", "500", "drop", "slow", "trunc", "always500", "missing", "400", ""]
+FAULTS = ["", "429", "500", "drop", "slow", "trunc", "always500", "missing", "400", "", "badlogprobs"]
 
 
 def test_probabilistic_faults_nothing_lost_nothing_paid_twice(tmp_path, caplog):
@@ -171,13 +171,14 @@ def test_probabilistic_faults_nothing_lost_nothing_paid_twice(tmp_path, caplog):
         client = client_for(server, tmp_path)
         counts = teacher.build_probabilistic(client, examples, out, failures)
         first_requests = sum(server.seen.values())
-        assert counts["requests"] == first_requests == 19  # 2 ok, 429+1, 500x2+1, drop+1, slow+1, trunc+1, 4, 1, 1
-        assert (counts["done"], counts["failed"], counts["retries"]) == (7, 3, 9)
-        assert counts["prompt_tokens"] == 10 * 7  # usage of the 7 good answers ("missing" has none)
+        # 2 ok, 429+1, 500x2+1, drop+1, slow+1, trunc+1, always500 1+3, missing 1, 400 1, badlogprobs 1
+        assert counts["requests"] == first_requests == 20
+        assert (counts["done"], counts["failed"], counts["retries"], counts["requests_failed"]) == (7, 4, 9, 2)
+        assert counts["prompt_tokens"] == 10 * 8  # usage of the 8 good answers ("missing" has none)
         records, failed = data.read_ranked_jsonl(out), read_jsonl(failures)
-        assert sorted([r.id for r in records] + [f["id"] for f in failed], key=int) == [str(i) for i in range(10)]
+        assert sorted([r.id for r in records] + [f["id"] for f in failed], key=int) == [str(i) for i in range(11)]
         reasons = {f["id"]: f["error"] for f in failed}
-        assert set(reasons) == {"6", "7", "8"}
+        assert set(reasons) == {"6", "7", "8", "10"} and "malformed log-probs in choices[0]" in reasons["10"]
         assert "gave up after 4 attempts" in reasons["6"] and server.url in reasons["6"]
         assert "no field 'choices'" in reasons["7"] and server.url + "/completions" in reasons["7"]
         assert "Invalid value for 'max_tokens': too many tokens" in reasons["8"] and "HTTP 400" in reasons["8"]
@@ -189,7 +190,7 @@ def test_probabilistic_faults_nothing_lost_nothing_paid_twice(tmp_path, caplog):
         assert server.repeats == 0
         # a second run reads every good answer from the cache; only the failed requests are sent again
         again = teacher.build_probabilistic(client_for(server, tmp_path), examples, out, failures)
-        assert (again["done"], again["failed"], again["cache_hits"]) == (7, 3, 8)
+        assert (again["done"], again["failed"], again["cache_hits"]) == (7, 4, 9)
         assert sum(server.seen.values()) - first_requests == 4 + 1  # always500 again, 400 again
         assert server.repeats == 0 and data.read_ranked_jsonl(out) == records
     assert "retry 1/3" in caplog.text
