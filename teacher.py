@@ -606,14 +606,17 @@ class LocalTeacher:
             usage["prompt_tokens"] += len(ids)
             for j, (new, logprobs, tops, text, finish) in enumerate(outs):
                 usage["completion_tokens"] += len(new)
+                end = len(prompt) + len(text)  # OpenAI counts text offsets from the prompt's start
                 if echo:  # the prompt's tokens first (BOS is no text); the first has no context: None
                     new, text = ids[1:] + new, prompt + text
                     logprobs, tops = [None] + prompt_logprobs[1:] + logprobs, [None] + prompt_tops[1:] + tops
                 info = None if top_k is None else {
-                    "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,
-                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)} for top in tops],
-                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], len(prompt) + len(outs[j][3]))}
-                choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info, "finish_reason": finish})
+                    "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,  # equal texts: the best
+                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)}
+                                     for top in tops],
+                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], end)}
+                choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info,
+                                "finish_reason": finish})
         return self._answer("text_completion", choices, usage)
 
     def chat(self, body):

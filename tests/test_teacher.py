@@ -69,7 +69,8 @@ def fake_answer(path, body, h, fault):
         return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices, "usage": usage}
     user = body["messages"][-1]["content"]
     if body.get("logprobs"):  # probabilistic ranking over chat
-        choices = [{"index": j, "finish_reason": "stop", "message": {"role": "assistant", "content": f"Chat {j} {h[:6]}"},
+        choices = [{"index": j, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": f"Chat {j} {h[:6]}"},
                     "logprobs": {"content": [{"token": "x", "logprob": -j - 0.5, "bytes": [120], "top_logprobs": []}]}}
                    for j in range(body.get("n", 1))]
     else:  # a contextual-ranking reply
@@ -238,7 +239,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def command(url):
-        return [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data", str(tmp_path / "alpaca.json"),
+        return [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic",
+                "--data", str(tmp_path / "alpaca.json"),
                 "--out", str(out), "--base-url", url, "--model", "fake-teacher", "--workers", "1", "--timeout", "60"]
 
     with FakeTeacher(hang_after=3) as server:
@@ -475,6 +477,7 @@ def test_server_stop_sequences_and_prompt_lists(tiny):
     assert plain["finish_reason"] == "length" and len(text) > 11
     kept = sum(1 for at in plain["logprobs"]["text_offset"] if at < len("Hello") + text.index(stop))
     assert first["logprobs"]["tokens"] == plain["logprobs"]["tokens"][:kept] < plain["logprobs"]["tokens"]
+    assert all(top == {} for top in first["logprobs"]["top_logprobs"])  # logprobs=0: the sampled token only
 
 
 @pytest.mark.parametrize("path, body, param", [
@@ -506,7 +509,8 @@ def test_server_unknown_url_and_chat_template(tiny):
     assert teacher.chat_prompt([{"role": "user", "content": "Hi"}]) == data.alpaca_prompt("Hi")
     prompt = teacher.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
-    assert prompt == "Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello.\n\n### Instruction:\nBye\n\n### Response:"
+    assert prompt == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello.\n\n"
+                      "### Instruction:\nBye\n\n### Response:")
 
 
 # ----------------------------------------------------------------------------- both builders end to end
