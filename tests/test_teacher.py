@@ -573,6 +573,45 @@ def test_contextual_end_to_end_student_and_teachers(tiny, tmp_path, monkeypatch)
     assert counts["done"] + counts["failed"] == 3
 
 
+@pytest.mark.slow
+def test_contextual_cli_kill_and_resume(tiny, tmp_path):
+    """teacher.py contextual in a subprocess: killed after 2 teacher answers, restarted, equal to a run in one go;
+    the student's samples are read back, not drawn again, and no teacher answer is paid twice."""
+    model, tok, _ = tiny
+    student = tmp_path / "student"
+    M.save_hf_checkpoint(model, str(student))
+    with open(tok.path, "rb") as src, open(student / "tokenizer.model", "wb") as dst:
+        dst.write(src.read())
+    examples = [{"instruction": f"Name fruit number {i}.", "input": "", "output": "x"} for i in range(5)]
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump(examples, f)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def command(url, out):
+        return [sys.executable, os.path.join(ROOT, "teacher.py"), "contextual", "--data", str(tmp_path / "alpaca.json"),
+                "--out", str(out), "--base-url", url, "--model", "fake-teacher", "--student", str(student),
+                "--student-max-tokens", "8", "--tries", "2", "--seed", "5", "--workers", "1", "--timeout", "60"]
+
+    out = tmp_path / "killed.jsonl"
+    with FakeTeacher(hang_after=2) as server:
+        run = subprocess.Popen(command(server.url, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert server.hanging.wait(120), run.communicate()[0]
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert len(read_jsonl(str(out) + ".student.jsonl")) == 5 and not out.exists()
+        server.hang_after = None
+        server.release.set()
+        resumed = subprocess.run(command(server.url, out), env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert sum(server.seen.values()) == 2 + 1 + 3 and server.repeats == 0
+    assert len(read_jsonl(str(out) + ".student.jsonl")) == 5  # nothing sampled twice
+    with FakeTeacher() as fresh:
+        reference = tmp_path / "reference.jsonl"
+        whole = subprocess.run(command(fresh.url, reference), env=env, capture_output=True, text=True, timeout=300)
+        assert whole.returncode == 0, whole.stderr
+    assert out.read_bytes() == reference.read_bytes() and len(data.read_ranked_jsonl(out)) >= 1
+
+
 def test_cli_help_and_errors_name_the_file(tmp_path, capsys):
     for command in ("serve", "probabilistic", "contextual"):
         with pytest.raises(SystemExit) as shown:
