@@ -452,7 +452,8 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
     """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
     {"candidates": [...]}} from sample_candidates) in one chat request per instruction, at the authors' temperature
     1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a candidate unless keep_reference is
-    False; empty student responses are dropped from the ranking (a record holds non-empty texts only)."""
+    False. Empty responses and exact copies of a better-ranked one are left out of the record (source["ranks"]
+    keeps the teacher's full ranking, source["kept_ranks"] the one trained on)."""
     url = client.base_url + "/chat/completions"
 
     def one(item):
@@ -465,8 +466,10 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
         def parse(answer):
             reply = get_field(answer, "choices.0.message.content", url)
             ranks, reference = parse_ranking(str(reply), len(candidates))
-            pool = candidates + [reference if keep_reference else None]
-            kept = [i for i in ranks if pool[i]]
+            pool, kept = candidates + [reference if keep_reference else None], []
+            for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
+                if pool[i] and pool[i] not in [pool[k] for k in kept]:
+                    kept.append(i)
             if len(kept) < 2:
                 raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
             return reply, ranks, reference, kept, pool
@@ -762,7 +765,7 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="do not keep the teacher's own answer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s teacher: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device)

@@ -377,6 +377,17 @@ def test_keep_reference_false_drops_the_teachers_answer(tmp_path):
     assert record.candidates == ["C.", "A."] and record.source["ranks"] == [2, 4, 0]
 
 
+def test_empty_and_duplicate_candidates_are_left_out(tmp_path):
+    samples = {"0": {"candidates": ["Same.", "", "Same.", "Other."]}}
+    with FakeTeacher() as server:
+        teacher.build_contextual(client_for(server, tmp_path), [example(0)], samples, str(tmp_path / "d.jsonl"))
+    record = data.read_ranked_jsonl(tmp_path / "d.jsonl")[0]
+    ranks, kept = record.source["ranks"], record.source["kept_ranks"]
+    assert sorted(ranks) == [0, 1, 2, 3, 4] and len(kept) == 3 and 1 not in kept
+    assert sorted(record.candidates) == sorted(["Same.", "Other.", record.source["reference"]])
+    assert kept == [i for i in ranks if i != 1 and not (i in (0, 2) and ranks.index(i) > ranks.index(2 - i))]
+
+
 # ----------------------------------------------------------------------------- the diversity rule
 
 def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm_model_path):
