@@ -145,11 +145,20 @@ def collate(rows, pad_id, device="cpu"):
 
 
 def score_tokens(model, batch):
-    """log p(target | all it may see) of every scored token: (B, N), 0 at padding."""
-    logits = model(batch["tokens"], batch["positions"], batch["mask"])             # (B, T, V)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    return logprobs[rows, batch["source"], batch["target"]] * (batch["candidate"] >= 0)
+    """log p(target | all it may see) of every scored token: (B, N), 0 at padding.
+
+    Only the positions that predict a scored token go through the vocabulary-sized output layer:
+    a hook picks them between the final norm and `output` (model.py's forward has no argument for
+    it), which skips prompts and padding, and never holds (B, T, vocab) logits."""
+    rows = torch.arange(batch["tokens"].shape[0], device=batch["tokens"].device)[:, None]
+    pick = lambda module, inputs, hidden: hidden[rows, batch["source"]]              # (B, N, dim)
+    handle = getattr(model, "module", model).norm.register_forward_hook(pick)        # DDP keeps it in .module
+    try:
+        logits = model(batch["tokens"], batch["positions"], batch["mask"])           # (B, N, V)
+    finally:
+        handle.remove()
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
+    return -nll.view(batch["target"].shape) * (batch["candidate"] >= 0)
 
 
 # ============================================================================ 3. data: files -> packed rows
@@ -329,7 +338,7 @@ def gather_state(wrapped, optimizer):
     return model_state, (get_optimizer_state_dict(wrapped, optimizer, options=options) if optimizer else None)
 
 
-def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_path, finished=False):
+def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_path, data_position, finished=False):
     """HF checkpoint + tokenizer.model + training_state.pt, written to folder.tmp and renamed: a
     checkpoint folder either is complete or does not exist. Every rank calls it (FSDP gathers)."""
     model_state, optimizer_state = gather_state(wrapped, None if finished else optimizer)
@@ -342,7 +351,7 @@ def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_path, finis
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "finished": finished, "optimizer": optimizer_state, "rng": rng,
+    torch.save({"step": step, "finished": finished, "data_position": data_position, "optimizer": optimizer_state, "rng": rng,
                 "lora": {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}},
                os.path.join(tmp, "training_state.pt"))
     os.rename(tmp, folder)
@@ -438,7 +447,7 @@ def train(args, kind):
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(0.03 * total)  # Alpaca: 3% warm-up
 
     checkpoint = latest_checkpoint(run_dir)
-    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True) if checkpoint else None
+    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True, mmap=True) if checkpoint else None
     if state and state["finished"]:
         if is_main():
             finish_run(run_dir, args.out.rstrip("/"), checkpoint)
@@ -465,10 +474,10 @@ def train(args, kind):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start = state["step"]
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if is_main():                                            # forget steps logged after the checkpoint
-        kept = [l for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+    if is_main():                   # forget steps logged after the checkpoint (and a line cut by a kill)
+        kept = [line for line in open(metrics_path) if line.endswith("\n")] if os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
-            f.writelines(l for l in kept if json.loads(l)["step"] <= start)
+            f.writelines(line for line in kept if json.loads(line)["step"] <= start)
     log(f"tuna.py {kind}: {len(rows)} examples, {total} steps of {args.batch_size} "
         f"({world} process(es) x {accum} micro-batch(es)), from step {start}, in {run_dir}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 else nullcontext()
@@ -520,14 +529,14 @@ def train(args, kind):
                                     "rank": rank_value, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                                     "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}) + "\n")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step + 1:08d}"),
-                            net, wrapped, optimizer, step + 1, tokenizer_path)
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step + 1:08d}"), net, wrapped, optimizer,
+                            step + 1, tokenizer_path, dict(epoch=epoch, batches_done_in_epoch=index + 1, seed=args.seed))
             if is_main():                                    # keep only the newest
                 for name in os.listdir(os.path.join(run_dir, "checkpoints")):
                     if name != f"step-{step + 1:08d}":
                         shutil.rmtree(os.path.join(run_dir, "checkpoints", name))
     final = os.path.join(run_dir, "checkpoints", f"step-{total:08d}-final")
-    save_checkpoint(final, net, wrapped, None, total, tokenizer_path, finished=True)
+    save_checkpoint(final, net, wrapped, None, total, tokenizer_path, dict(epochs=args.epochs), finished=True)
     if is_main():
         finish_run(run_dir, args.out.rstrip("/"), final)
         log(f"saved {args.out}")
