@@ -210,9 +210,6 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
         return self.base(x) + (self.scale * update).to(x.dtype)
 
-    def merged_weight(self):
-        return (self.base.weight.float() + self.scale * self.lora_b @ self.lora_a).to(self.base.weight.dtype)
-
 
 def add_lora(net, rank, alpha, targets):
     """Freeze every weight, then wrap the named linear layers of every block (e.g. wq, wv, w1)."""

@@ -249,3 +249,15 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
         assert not torch.allclose(after, before)
         torch.testing.assert_close(merged(tokens), after, atol=1e-5, rtol=1e-5)
     assert set(merged.state_dict()) == set(tiny_model.state_dict())
+
+
+def test_bench_compares_layouts_that_compute_the_same_loss():
+    import bench  # its naive K-row baseline must be the same computation, or its speed-up means nothing
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
+    shared, naive = bench.ranking_rows(512, 2)
+    assert sum(len(r["tokens"]) for r in shared) == 2 * (bench.PROMPT_LEN + sum(bench.RESPONSE_LENS))
+    with torch.no_grad():
+        packed = bench.ranking_loss(net, shared, False, torch.device("cpu"), 2)
+        rows = bench.ranking_loss(net, naive, True, torch.device("cpu"), 2)
+    assert packed.item() == pytest.approx(rows.item(), abs=1e-5)
