@@ -285,8 +285,11 @@ def run_identity(args, kind):
             "mle_best_only", "lora_rank", "lora_alpha", "lora_targets", "dtype")
     identity = {key: getattr(args, key, None) for key in keys}
     identity["init"] = os.path.abspath(args.init)
+    digest = hashlib.sha256()
     with open(args.data, "rb") as f:
-        identity.update(kind=kind, data=os.path.abspath(args.data), data_sha256=hashlib.file_digest(f, "sha256").hexdigest())
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    identity.update(kind=kind, data=os.path.abspath(args.data), data_sha256=digest.hexdigest())
     return json.loads(json.dumps(identity))                  # tuples -> lists, as read back from run.json
 
 
@@ -442,6 +445,9 @@ def train(args, kind):
     steps_per_epoch = full_batches + (rest >= world * accum)  # a last batch too small to split is dropped
     total = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(0.03 * total)  # Alpaca: 3% warm-up
+    if total == 0:
+        raise TrainingError(f"{args.data}: {len(rows)} usable example(s), fewer than one batch of "
+                            f"{min(args.batch_size, world * accum)} can be made of")
 
     checkpoint = latest_checkpoint(run_dir)
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True, mmap=True) if checkpoint else None
