@@ -9,7 +9,8 @@ compare with LlamaForCausalLM at the same config, weights and batch. It prints
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows both alike.
 
     python bench.py                               # CPU, config cpu-small: about two minutes
-    python bench.py --config gpu-1b               # on a GPU (bf16 autocast); or llama-7b, ...
+    python bench.py --config gpu-1b               # on a GPU, bf16 autocast (fp32 weights and Adam for
+                                                  # two models: 7B configs do not fit one GPU)
 """
 import argparse
 import json
