@@ -217,11 +217,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens, positions=None, mask=None, *, cache_start=None):
+    def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
         row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend, default causal; every
         query must see at least one key (itself, say), or attention divides by zero and gives NaN.
-        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots."""
+        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots.
+        output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so prompts and padding
+        never go through the vocabulary-sized output layer (training scores, the last prompt token in prefill)."""
         B, T = tokens.shape
         start = cache_start or 0
         if positions is None:
@@ -241,7 +243,9 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache_start, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache_start)
-        return self.output(self.norm(h)).float()  # (B, T, vocab)
+        if output_positions is not None:
+            h = h[torch.arange(B, device=h.device)[:, None], output_positions]  # (B, N, dim)
+        return self.output(self.norm(h)).float()  # (B, T or N, vocab)
 
 
 # ---- checkpoints: Hugging Face <-> Meta names -------------------------------------------------------------------
@@ -524,7 +528,8 @@ def sample_next(logits, temperature, top_p, generator=None):
 
 def prefill(model, tokens, positions, mask):
     """Run the (left-padded) prompts, filling KV-cache slots from 0; logits after the last slot (B, vocab)."""
-    return model(tokens, positions, mask, cache_start=0)[:, -1]
+    last = torch.full((tokens.shape[0], 1), tokens.shape[1] - 1, device=tokens.device)
+    return model(tokens, positions, mask, cache_start=0, output_positions=last)[:, -1]
 
 
 def decode_step(model, tokens, positions, mask, slot):

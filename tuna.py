@@ -145,18 +145,10 @@ def collate(rows, pad_id, device="cpu"):
 
 
 def score_tokens(model, batch):
-    """log p(target | all it may see) of every scored token: (B, N), 0 at padding.
-
-    Only the positions that predict a scored token go through the vocabulary-sized output layer:
-    a hook picks them between the final norm and `output` (model.py's forward has no argument for
-    it), which skips prompts and padding, and never holds (B, T, vocab) logits."""
-    rows = torch.arange(batch["tokens"].shape[0], device=batch["tokens"].device)[:, None]
-    pick = lambda module, inputs, hidden: hidden[rows, batch["source"]]              # (B, N, dim)
-    handle = getattr(model, "module", model).norm.register_forward_hook(pick)        # DDP keeps it in .module
-    try:
-        logits = model(batch["tokens"], batch["positions"], batch["mask"])           # (B, N, V)
-    finally:
-        handle.remove()
+    """log p(target | all it may see) of every scored token: (B, N), 0 at padding. Only the positions
+    that predict a scored token go through the vocabulary-sized output layer (output_positions), which
+    skips prompts and padding and never holds (B, T, vocab) logits."""
+    logits = model(batch["tokens"], batch["positions"], batch["mask"], output_positions=batch["source"])  # (B, N, V)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
     return -nll.view(batch["target"].shape) * (batch["candidate"] >= 0)
 
