@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -531,8 +532,8 @@ def _offsets(pieces, text_end):
 class LocalTeacher:
     """The model behind the server; one model call at a time (a lock), the HTTP threads only parse and format."""
 
-    def __init__(self, model, tokenizer, name):
-        self.model, self.tok, self.name = model, tokenizer, name
+    def __init__(self, model, tokenizer, name, seed=None):
+        self.model, self.tok, self.name, self.seed = model, tokenizer, name, seed
         self.device = model.tok_embeddings.weight.device
         self.lock = threading.Lock()
 
@@ -587,7 +588,15 @@ class LocalTeacher:
                     temperature=float(_option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)),
                     top_p=float(_option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)),
                     max_tokens=_option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0),
-                    seed=_option(body, "seed", (int,), None), stop=stop)
+                    seed=_option(body, "seed", (int,), self._default_seed(body)), stop=stop)
+
+    def _default_seed(self, body):
+        """serve --seed S: a request without a seed samples from a generator seeded by (S, the request), so a
+        run is reproducible whatever the order in which concurrent requests arrive."""
+        if self.seed is None:
+            return None
+        request = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        return int.from_bytes(hashlib.sha256(f"{self.seed}:{request}".encode()).digest()[:6], "little")
 
     def _answer(self, kind, choices, usage):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -691,19 +700,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local"):
+def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None):
     """A ThreadingHTTPServer (not started) answering /v1/completions, /v1/chat/completions and /v1/models with
     `model`; port 0 picks a free port (server.server_port). Run it with serve_forever(), e.g. in a thread."""
     server = ThreadingHTTPServer((host, port), _Handler)
     server.daemon_threads = True
-    server.teacher = LocalTeacher(model, tokenizer, model_name)
+    server.teacher = LocalTeacher(model, tokenizer, model_name, seed)
     return server
 
 
-def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu"):
+def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu", seed=None):
     model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name)
+    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed)
     print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1", flush=True)
     try:
         server.serve_forever()
@@ -726,6 +735,7 @@ def main(argv=None):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the request)")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -765,10 +775,16 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="do not keep the teacher's own answer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # rouge_score's absl logging configures the root logger: no second copy there
     try:
         if args.command == "serve":
-            return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device)
+            return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
+                         args.seed)
         examples = data.read_alpaca(args.data)[:args.limit]
         client = TeacherClient(args.base_url, args.model, args.api_key_env, args.cache or args.out + ".cache.jsonl",
                                args.timeout, args.max_retries, args.workers, args.rpm)
@@ -784,7 +800,8 @@ def main(argv=None):
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
     except (OSError, ValueError, TeacherError) as e:  # DataError is a ValueError; messages name the file or URL
         parser.exit(1, f"teacher.py {args.command}: error: {e}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

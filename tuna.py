@@ -8,6 +8,7 @@ distributed) and the CLI:
     python tuna.py rank     --init runs/alpaca --data ranked.jsonl --out runs/tuna_p        # lr 1e-5
     python tuna.py pipeline --init runs/alpaca --probabilistic-data p.jsonl --contextual-data c.jsonl --out runs/tuna
     torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]                                     # many GPUs
+    python tuna.py demo     --out runs/demo        # all of it offline on a CPU, on a built-in suite (section 9)
 """
 import argparse
 import hashlib
@@ -15,20 +16,26 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
+import requests
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import eval as evaluation  # eval.py (renamed here so Python's eval() stays visible)
 import model as llama
+import teacher
 
 # ============================================================================ 1. the objective
 
@@ -540,7 +547,243 @@ def train(args, kind):
     return args.out
 
 
-# ============================================================================ 9. command line
+# ============================================================================ 9. the offline demo
+
+# The demo's instruction suite: short tasks whose answers can be checked, so the final table can say
+# whether ranking helped. Every answer is a function of what the instruction shows (no world knowledge),
+# so held-out instructions are new instances of the same tasks. Each task also has one plausible wrong
+# answer: the SFT data uses it for a share of the instructions, as Alpaca's distilled answers are
+# sometimes wrong.
+DEMO_TASKS = {  # name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
+    "first": lambda ls, ds: (f"What is the first of the letters {' '.join(ls)}?", ls[0], ls[-1]),
+    "last": lambda ls, ds: (f"What is the last of the letters {' '.join(ls)}?", ls[-1], ls[0]),
+    "count": lambda ls, ds: (f"How many letters are in {' '.join(ls)}?", str(len(ls)), str(len(ls) + 1)),
+    "largest": lambda ls, ds: (f"Which is the largest of the digits {' '.join(ds)}?", max(ds), ds[0]),
+    "smallest": lambda ls, ds: (f"Which is the smallest of the digits {' '.join(ds)}?", min(ds), max(ds)),
+    "sort": lambda ls, ds: (f"Sort the letters {' '.join(ls)} alphabetically.", " ".join(sorted(ls)), " ".join(ls)),
+}
+
+DEMO_JUDGE = "rule-based-judge-checking-known-answers"  # its name in every data file it touches
+
+# name -> settings; "full" is what the README's command runs, "ci" the test-sized variant.
+DEMO_SIZES = {
+    "full": dict(train=4000, heldout=300, ranked=2000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+                 sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
+    "ci": dict(train=2000, heldout=300, ranked=1000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+               sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
+}
+
+
+def demo_suite(size, noise, seed):
+    """(SFT examples with a share `noise` of wrong answers, the same instructions answered right for the
+    teacher, held-out examples). Held-out instructions never appear in training."""
+    rng, seen, suites = random.Random(seed), set(), {"heldout": [], "train": []}
+    for split, count in (("heldout", size["heldout"]), ("train", size["train"])):
+        while len(suites[split]) < count:
+            task = list(DEMO_TASKS)[len(suites[split]) % len(DEMO_TASKS)]
+            letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 5))
+            instruction, right, wrong = DEMO_TASKS[task](letters, rng.sample("0123456789", rng.randint(3, 5)))
+            if instruction not in seen:
+                seen.add(instruction)
+                suites[split].append({"instruction": instruction, "input": "", "output": right,
+                                      "wrong": wrong, "task": task})
+    student = [dict(e, output=e["wrong"] if rng.random() < noise else e["output"]) for e in suites["train"]]
+    return student, suites["train"], suites["heldout"]
+
+
+def demo_tokenizer(examples, path):
+    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, split digits) trained on the suite."""
+    import sentencepiece as spm
+    text = [data.alpaca_prompt(e["instruction"]) + e["output"] for e in examples]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=path[: -len(".model")], model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+
+
+def rule_judge_reply(messages, solutions):
+    """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks each candidate
+    against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
+    the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
+    user = messages[-1]["content"]
+    instruction = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL).group(1).strip()
+    candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user, re.DOTALL)
+    solution = solutions[instruction]
+    pool = [c.strip() for c in candidates] + [solution]
+    kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
+    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution)) for i in kept}
+    ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
+    return ("(1) The instruction is close-ended.\n"
+            f"(2) ###Response {len(candidates)}:\n{solution}\n"
+            f"(3) Kept one of each duplicate: responses {kept}.\n"
+            "(4) " + "\n".join(f"Response {i}: [{score[i]}]" for i in kept) + "\n"
+            f"(5) rank: [{', '.join(map(str, ranks))}]")
+
+
+def start_rule_judge(solutions):
+    """The rule-based judge as an OpenAI-compatible /v1/chat/completions on 127.0.0.1 (a thread)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = rule_judge_reply(body["messages"], solutions)
+            answer = json.dumps({"object": "chat.completion", "model": body["model"], "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def start_teacher_server(checkpoint):
+    """`python teacher.py serve` on a free port of 127.0.0.1, as a user would start it -> (process, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen([sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint",
+                                checkpoint, "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"],
+                               stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(300):
+        try:
+            if requests.get(url + "/models", timeout=1).ok:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    raise TrainingError(f"demo: teacher.py serve did not answer at {url}")
+
+
+def demo_answers(checkpoint, examples, batch_size=64):
+    """Greedy answers of a checkpoint to the held-out instructions."""
+    net, tok = llama.load_checkpoint(checkpoint), data.Tokenizer(checkpoint)
+    answers = []
+    for i in range(0, len(examples), batch_size):
+        prompts = [tok.encode(data.alpaca_prompt(e["instruction"]), bos=True) for e in examples[i:i + batch_size]]
+        outs, _ = llama.generate(net, prompts, 16, eos_id=tok.eos_id)
+        answers += [tok.decode([t for t in out if t != tok.eos_id]).strip() for out in outs]
+    return answers
+
+
+def run_demo(args):
+    """SFT, Tuna_p, Tuna_c and Tuna on a built-in suite, offline, on a CPU; every artefact in --out."""
+    size, out, began = DEMO_SIZES[args.size], args.out.rstrip("/"), time.time()
+    os.makedirs(out, exist_ok=True)
+    path = lambda *names: os.path.join(out, *names)
+
+    def stage(title, run, argv):          # each stage is the command a user would type; --resume: re-runs skip it
+        log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
+        try:
+            status = run(argv[1:])
+        except SystemExit as e:                                  # argparse and teacher.py exit this way
+            status = e.code
+        if status != 0:
+            raise TrainingError(f"demo: stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
+
+    student, teacher_data, heldout = demo_suite(size, args.noise, args.seed)
+    for name, rows in (("sft_data.json", student), ("teacher_data.json", teacher_data), ("heldout.json", heldout)):
+        with open(path(name), "w") as f:
+            json.dump(rows, f, indent=1)
+    if not os.path.exists(path("tokenizer.model")):
+        demo_tokenizer(teacher_data, path("tokenizer.model"))
+    tok = data.Tokenizer(path("tokenizer.model"))
+    for name, dim, layers in (("init_student", size["dim"], size["layers"]),
+                              ("init_teacher", size["teacher_dim"], size["teacher_layers"])):
+        if not os.path.exists(path(name, "config.json")):
+            torch.manual_seed(args.seed)
+            llama.save_hf_checkpoint(llama.Transformer(llama.ModelArgs(
+                dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=3 * dim, max_seq_len=256,
+                bos_id=tok.bos_id, eos_id=tok.eos_id)), path(name))
+            shutil.copyfile(path("tokenizer.model"), path(name, "tokenizer.model"))
+    common = ["--resume", "--seed", str(args.seed), "--save-every", "0", "--log-every", "25"]
+    sft = ["--lr", str(size["sft_lr"]), "--epochs", str(size["sft_epochs"]), "--warmup-steps", "20", "--batch-size", "32"]
+    stage("the teacher: SFT on correct answers (it stands for text-davinci-003)", main,
+          ["tuna.py", "sft", "--init", path("init_teacher"), "--data", path("teacher_data.json"),
+           "--out", path("teacher"), *common, *sft])
+    stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)", main,
+          ["tuna.py", "sft", "--init", path("init_student"), "--data", path("sft_data.json"),
+           "--out", path("sft"), *common, *sft])
+    rank = [*common, "--batch-size", "16", "--epochs", "1"]
+    limit = ["--limit", str(size["ranked"]), "--workers", "2"]
+    process, teacher_url = start_teacher_server(path("teacher"))
+    try:
+        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token log-prob",
+              teacher.main, ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
+                             path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
+                             "--max-tokens", "16", "--add-original", "scored", *limit])
+    finally:
+        process.kill()
+    judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
+    judge_args = ["--base-url", f"http://127.0.0.1:{judge.server_port}/v1", "--model", DEMO_JUDGE,
+                  "--student-max-tokens", "16", *limit]
+    try:
+        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on Tuna_p's "
+              "own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", main,
+              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data", path("probabilistic.jsonl"),
+               "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual", str(size["rank_lr"] / 10),
+               "--instructions", path("sft_data.json"), "--teacher-base-url", judge_args[1], "--teacher-model",
+               DEMO_JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out", path("tuna"), *rank])
+        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge ranks "
+              "them", teacher.main, ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student",
+                                     path("sft"), "--out", path("contextual_sft.jsonl"), *judge_args])
+    finally:
+        judge.shutdown()
+    stage("Tuna_c: ranking training from SFT on the contextual data", main,
+          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out", path("tuna_c"),
+           "--lr", str(size["rank_lr"]), *rank])
+
+    log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new instructions")
+    models = {"SFT (Alpaca)": path("sft"), "Tuna_p": path("tuna", "tuna_p"), "Tuna_c": path("tuna_c"),
+              "Tuna": path("tuna", "tuna"), "teacher (for reference)": path("teacher")}
+    results = {}
+    for name, checkpoint in models.items():
+        answers = demo_answers(checkpoint, heldout)
+        em = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
+        rl = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
+        by_task = {t: 100 * sum(x for x, e in zip(em, heldout) if e["task"] == t) /
+                   sum(e["task"] == t for e in heldout) for t in DEMO_TASKS}
+        results[name] = {"checkpoint": checkpoint, "items": len(heldout), "exact_match": 100 * sum(em) / len(em),
+                         "rouge_l": 100 * sum(rl) / len(rl), "exact_match_by_task": by_task,
+                         "answers": [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
+                                     for a, e in zip(answers, heldout)]}
+    table = ["| model | exact match | ROUGE-L | " + " | ".join(DEMO_TASKS) + " | items |",
+             "|---|---|---|" + "---|" * len(DEMO_TASKS) + "---|"]
+    for name, r in results.items():
+        table.append(f"| {name} | {r['exact_match']:.1f} | {r['rouge_l']:.1f} | "
+                     + " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in DEMO_TASKS) + f" | {r['items']} |")
+    table += ["", f"Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them (x100), then "
+              f"exact match per task. SFT data: {args.noise:.0%} wrong answers. Contextual ranking was judged by a "
+              f"rule-based judge that checks the known answers (a stand-in for GPT-4). Wall time "
+              f"{time.time() - began:.0f} s."]
+    with open(path("results.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    with open(path("results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n".join(table))
+    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, results.md, results.json)")
+    return results
+
+
+def add_demo_arguments(p):
+    p.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo); "
+                   "running the demo again continues what is there")
+    p.add_argument("--size", choices=sorted(DEMO_SIZES), default="full", help="ci: the test-sized variant")
+    p.add_argument("--noise", type=float, default=0.35, help="share of wrong answers in the student's SFT data")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ============================================================================ 10. command line
 
 def add_training_arguments(p, lr, epochs, batch_size, warmup_steps, with_data=True):
     p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
@@ -638,6 +881,8 @@ SUBCOMMANDS = {
     "rank": ("ranking training on a ranked file (.jsonl ours, .json the authors')", add_rank_arguments,
              lambda args: train(args, "rank")),
     "pipeline": ("Tuna: Tuna_p (lr 1e-5) then Tuna_c (lr 1e-6) in one command", add_pipeline_arguments, run_pipeline),
+    "demo": ("the whole method offline on a CPU: SFT, Tuna_p, Tuna_c, Tuna on a built-in suite", add_demo_arguments,
+             run_demo),
 }
 
 

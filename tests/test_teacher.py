@@ -524,6 +524,28 @@ def test_server_unknown_url_and_chat_template(tiny):
                       "### Instruction:\nBye\n\n### Response:")
 
 
+def test_server_seed_makes_unseeded_requests_reproducible(tiny):
+    model, tok, _ = tiny
+    body = {"model": "m", "prompt": "Name a colour.", "n": 3, "max_tokens": 12, "temperature": 1.0}
+
+    def texts(server_seed, request):
+        server = teacher.make_server(model, tok, "127.0.0.1", 0, "m", seed=server_seed)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/v1/completions"
+            return [c["text"] for c in requests.post(url, json=request).json()["choices"]]
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    first = texts(7, body)
+    assert texts(7, body) == first                              # same server seed, same request: same samples
+    assert texts(8, body) != first                              # another server seed: other samples
+    assert texts(7, dict(body, prompt="Name a fruit.")) != first  # the seed follows the request's content
+    unseeded = [texts(None, body) for _ in range(3)]
+    assert len({tuple(t) for t in unseeded}) > 1                # no --seed: random, as the OpenAI API
+
+
 # ----------------------------------------------------------------------------- both builders end to end
 
 def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):

@@ -1,0 +1,102 @@
+"""`python tuna.py demo --size ci`: the whole method end to end, offline, through the real commands.
+
+One run (about 2 minutes on 2 cores) is shared by the tests below; a second run on the same folder must
+redo nothing and pay for no teacher request."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data
+import model
+import tuna
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna", "teacher (for reference)"]
+
+
+def run_demo(out):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tuna.py"), "demo", "--size", "ci", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    first = run_demo(out)
+    return out, first
+
+
+@pytest.mark.slow
+def test_demo_table_covers_every_stage_and_ranking_does_not_hurt(demo):
+    out, first = demo
+    results = json.load(open(out / "results.json"))
+    assert list(results) == MODELS
+    heldout = json.load(open(out / "heldout.json"))
+    for name in MODELS:
+        r = results[name]
+        assert r["items"] == len(heldout) == len(r["answers"]) == tuna.DEMO_SIZES["ci"]["heldout"]
+        assert 0 <= r["exact_match"] <= 100 and 0 <= r["rouge_l"] <= 100
+        # the table's figure is the mean of the per-item answers it keeps
+        em = [a["answer"].strip().lower() == a["reference"].lower() for a in r["answers"]]
+        assert r["exact_match"] == pytest.approx(100 * sum(em) / len(em))
+    # the issue's bar for the test-sized run: the final model is not below the SFT baseline
+    assert results["Tuna"]["exact_match"] >= results["SFT (Alpaca)"]["exact_match"]
+    table = open(out / "results.md").read()
+    assert all(f"| {name} |" in table for name in MODELS) and "rule-based judge" in table
+    assert table.splitlines()[2] in first.stdout               # the table is printed too
+
+
+@pytest.mark.slow
+def test_demo_artefacts_are_well_formed(demo):
+    out, _ = demo
+    train = json.load(open(out / "sft_data.json"))
+    clean = json.load(open(out / "teacher_data.json"))
+    heldout = json.load(open(out / "heldout.json"))
+    assert not {e["instruction"] for e in heldout} & {e["instruction"] for e in train}
+    assert [e["instruction"] for e in train] == [e["instruction"] for e in clean]
+    wrong = sum(a["output"] != b["output"] for a, b in zip(train, clean)) / len(train)
+    assert 0.25 < wrong < 0.45                                 # --noise 0.35: Alpaca-like imperfect answers
+    probabilistic = data.read_ranked_jsonl(out / "probabilistic.jsonl")
+    assert len(probabilistic) >= 100
+    for record in probabilistic:
+        assert record.source["kind"] == "probabilistic" and record.source["teacher"] == "demo-teacher"
+        assert record.scores == sorted(record.scores, reverse=True)   # best first by mean token log-prob
+    for path in (out / "contextual_sft.jsonl", out / "tuna" / "contextual.jsonl"):
+        contextual = data.read_ranked_jsonl(path)
+        assert len(contextual) >= 100
+        solutions = {e["instruction"]: e["output"] for e in clean}
+        for record in contextual:
+            assert record.source["kind"] == "contextual" and record.source["teacher"] == tuna.DEMO_JUDGE
+            assert "rank:" in record.source["raw_reply"]
+            # the rule-based judge puts a correct answer first whenever there is one
+            assert record.candidates[0] == solutions[record.instruction]
+    for stage in ("teacher", "sft", "tuna_c", os.path.join("tuna", "tuna_p"), os.path.join("tuna", "tuna")):
+        folder = out / stage
+        net = model.load_checkpoint(folder)
+        assert net.args.vocab_size == data.Tokenizer(folder / "tokenizer.model").vocab_size
+        metrics = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        assert metrics and all(m["loss"] == m["loss"] for m in metrics)   # logged, finite
+    rank_metrics = [json.loads(line) for line in open(out / "tuna_c" / "metrics.jsonl")]
+    assert any(m["rank"] > 0 for m in rank_metrics)             # the ranking term is live, not a silent zero
+
+
+@pytest.mark.slow
+def test_demo_rerun_redoes_nothing_and_pays_nothing(demo):
+    out, _ = demo
+    before = json.load(open(out / "results.json"))
+    cache_sizes = {p: os.path.getsize(out / p) for p in ("probabilistic.jsonl.cache.jsonl",
+                                                         "contextual_sft.jsonl.cache.jsonl",
+                                                         os.path.join("tuna", "contextual.jsonl.cache.jsonl"))}
+    second = run_demo(out)
+    assert second.stderr.count("already finished") == 5        # teacher, SFT, Tuna_p, Tuna, Tuna_c: not retrained
+    summaries = [line for line in (second.stderr + second.stdout).splitlines() if " failed -> " in line]
+    assert len(summaries) == 2                                  # probabilistic and Tuna_c's data (a finished
+    assert all("; requests 0 (" in line for line in summaries)  # pipeline makes none) ... not one request sent
+    assert {p: os.path.getsize(out / p) for p in cache_sizes} == cache_sizes
+    after = json.load(open(out / "results.json"))
+    assert {k: v["exact_match"] for k, v in after.items()} == {k: v["exact_match"] for k, v in before.items()}
