@@ -700,13 +700,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None):
-    """A ThreadingHTTPServer (not started) answering /v1/completions, /v1/chat/completions and /v1/models with
-    `model`; port 0 picks a free port (server.server_port). Run it with serve_forever(), e.g. in a thread."""
+def backend_server(backend, host="127.0.0.1", port=0):
+    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies, answered by `backend`: an
+    object with .name, .completions(body) and .chat(body) -> answer dict (BadRequest -> 400). Port 0 picks a
+    free port (server.server_port). Run it with serve_forever(), e.g. in a thread."""
     server = ThreadingHTTPServer((host, port), _Handler)
     server.daemon_threads = True
-    server.teacher = LocalTeacher(model, tokenizer, model_name, seed)
+    server.teacher = backend
     return server
+
+
+def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None):
+    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and /v1/models."""
+    return backend_server(LocalTeacher(model, tokenizer, model_name, seed), host, port)
 
 
 def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu", seed=None):

@@ -620,27 +620,26 @@ def rule_judge_reply(messages, solutions):
             f"(5) rank: [{', '.join(map(str, ranks))}]")
 
 
+class RuleJudge:
+    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions only."""
+    name = DEMO_JUDGE
+
+    def __init__(self, solutions):
+        self.solutions = solutions
+
+    def chat(self, body):
+        reply = rule_judge_reply(body["messages"], self.solutions)
+        return {"object": "chat.completion", "model": self.name, "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+    def completions(self, body):
+        raise teacher.BadRequest("the rule-based judge answers /v1/chat/completions only")
+
+
 def start_rule_judge(solutions):
-    """The rule-based judge as an OpenAI-compatible /v1/chat/completions on 127.0.0.1 (a thread)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Judge(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            reply = rule_judge_reply(body["messages"], solutions)
-            answer = json.dumps({"object": "chat.completion", "model": body["model"], "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as `teacher.py serve`."""
+    server = teacher.backend_server(RuleJudge(solutions))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
