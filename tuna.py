@@ -606,9 +606,11 @@ def rule_judge_reply(messages, solutions):
     against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
     the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
     user = messages[-1]["content"]
-    instruction = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL).group(1).strip()
+    found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
+    if not found or found.group(1).strip() not in solutions:
+        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction", "messages")
     candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user, re.DOTALL)
-    solution = solutions[instruction]
+    solution = solutions[found.group(1).strip()]
     pool = [c.strip() for c in candidates] + [solution]
     kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
     score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution)) for i in kept}

@@ -100,3 +100,26 @@ def test_demo_rerun_redoes_nothing_and_pays_nothing(demo):
     assert {p: os.path.getsize(out / p) for p in cache_sizes} == cache_sizes
     after = json.load(open(out / "results.json"))
     assert {k: v["exact_match"] for k, v in after.items()} == {k: v["exact_match"] for k, v in before.items()}
+
+
+def test_rule_based_judge_answers_over_http_in_the_teachers_format():
+    """The demo's judge goes through the real prompt, HTTP layer and parser: the correct candidate comes
+    first, then the teacher's own answer where no candidate is right, the rest by closeness; an instruction
+    it has no solution for is a 400, not a crash."""
+    import requests
+    import teacher
+    instruction = "Sort the letters d b a alphabetically."
+    server = tuna.start_rule_judge({instruction: "a b d"})
+    url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+    try:
+        def ranks(candidates, asked=instruction):
+            messages = teacher.ranking_messages(data.alpaca_prompt(asked), candidates)
+            reply = requests.post(url, json={"model": tuna.DEMO_JUDGE, "messages": messages}, timeout=10)
+            return reply if reply.status_code != 200 else teacher.parse_ranking(
+                reply.json()["choices"][0]["message"]["content"], len(candidates))[0]
+        assert ranks(["d b a", "a b d", "b a d", "a b d"]) == [1, 2, 0]      # right first, duplicate dropped
+        assert ranks(["d b a", "b a d", "z"])[:1] == [3]                    # none right: its own answer first
+        refused = ranks(["a", "b"], asked="What is the last of the letters x y?")
+        assert refused.status_code == 400 and "no solution" in refused.json()["error"]["message"]
+    finally:
+        server.shutdown()
