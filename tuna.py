@@ -666,17 +666,6 @@ def start_teacher_server(checkpoint):
     raise TrainingError(f"demo: teacher.py serve did not answer at {url}")
 
 
-def demo_answers(checkpoint, examples, batch_size=64):
-    """Greedy answers of a checkpoint to the held-out instructions."""
-    net, tok = llama.load_checkpoint(checkpoint), data.Tokenizer(checkpoint)
-    answers = []
-    for i in range(0, len(examples), batch_size):
-        prompts = [tok.encode(data.alpaca_prompt(e["instruction"]), bos=True) for e in examples[i:i + batch_size]]
-        outs, _ = llama.generate(net, prompts, 16, eos_id=tok.eos_id)
-        answers += [tok.decode([t for t in out if t != tok.eos_id]).strip() for out in outs]
-    return answers
-
-
 def run_demo(args):
     """SFT, Tuna_p, Tuna_c and Tuna on a built-in suite, offline, on a CPU; every artefact in --out."""
     size, out, began = DEMO_SIZES[args.size], args.out.rstrip("/"), time.time()
@@ -692,10 +681,25 @@ def run_demo(args):
         if status != 0:
             raise TrainingError(f"demo: stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
 
+    def write_once(name, value):                                   # atomically: a kill never leaves half a file
+        if not os.path.exists(path(name)):
+            with open(path(name) + ".tmp", "w") as f:
+                json.dump(value, f, indent=1)
+            os.replace(path(name) + ".tmp", path(name))
+
+    # A folder holds one demo: its settings are recorded, and a rerun with others is refused rather than
+    # overwriting the data under checkpoints that were trained on it.
+    settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
+    if os.path.exists(path("demo.json")):
+        with open(path("demo.json")) as f:
+            recorded = json.load(f)
+        if recorded != settings:
+            raise TrainingError(f"{path('demo.json')}: this folder holds a demo run with {recorded}, not {settings}; "
+                                "use another --out or the same settings")
+    write_once("demo.json", settings)
     student, teacher_data, heldout = demo_suite(size, args.noise, args.seed)
     for name, rows in (("sft_data.json", student), ("teacher_data.json", teacher_data), ("heldout.json", heldout)):
-        with open(path(name), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_once(name, rows)
     if not os.path.exists(path("tokenizer.model")):
         demo_tokenizer(teacher_data, path("tokenizer.model"))
     tok = data.Tokenizer(path("tokenizer.model"))
@@ -747,9 +751,12 @@ def run_demo(args):
     log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new instructions")
     models = {"SFT (Alpaca)": path("sft"), "Tuna_p": path("tuna", "tuna_p"), "Tuna_c": path("tuna_c"),
               "Tuna": path("tuna", "tuna"), "teacher (for reference)": path("teacher")}
+    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(heldout)]
     results = {}
     for name, checkpoint in models.items():
-        answers = demo_answers(checkpoint, heldout)
+        answers = evaluation.generate_answers(                # eval.py's batched greedy path; kept, resumable
+            os.path.basename(checkpoint), "demo", items, evaluation.model_loader(checkpoint, None, "cpu", torch.float32), out, 64, 16)
+        answers = [answers[item["id"]] for item in items]
         em = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
         rl = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
         by_task = {t: 100 * sum(x for x, e in zip(em, heldout) if e["task"] == t) /
@@ -772,7 +779,7 @@ def run_demo(args):
     with open(path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n".join(table))
-    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, results.md, results.json)")
+    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, generations/, results.md, results.json)")
     return results
 
 

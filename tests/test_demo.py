@@ -99,6 +99,12 @@ def test_demo_rerun_redoes_nothing_and_pays_nothing(demo):
     assert all("; requests 0 (" in line for line in summaries)  # pipeline makes none) ... not one request sent
     assert {p: os.path.getsize(out / p) for p in cache_sizes} == cache_sizes
     after = json.load(open(out / "results.json"))
+    # other settings on the same folder: refused, naming the record, before anything is overwritten
+    data_before = (out / "sft_data.json").read_bytes()
+    other = subprocess.run([sys.executable, os.path.join(ROOT, "tuna.py"), "demo", "--size", "ci", "--noise", "0.2",
+                            "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and str(out / "demo.json") in other.stderr and "'noise': 0.35" in other.stderr
+    assert (out / "sft_data.json").read_bytes() == data_before
     assert {k: v["exact_match"] for k, v in after.items()} == {k: v["exact_match"] for k, v in before.items()}
 
 
