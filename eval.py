@@ -825,7 +825,7 @@ def model_loader(directory, tokenizer_path, device, dtype):
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
-            loaded.append((lm, data.Tokenizer(tokenizer_path or os.path.join(directory, "tokenizer.model"))))
+            loaded.append((lm, data.Tokenizer(tokenizer_path or directory)))  # tokenizer.model or tokenizer.json
         return loaded[0]
     return get
 
@@ -914,7 +914,7 @@ def results_markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one in each checkpoint directory)")
+    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's own)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
     parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")

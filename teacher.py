@@ -736,7 +736,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
-    s.add_argument("--tokenizer", help="tokenizer.model (default: the one in --checkpoint)")
+    s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --checkpoint)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
@@ -770,7 +770,7 @@ def main(argv=None):
                            "scored by the teacher and sorted in (needs /completions echo), or placed first")
         else:
             p.add_argument("--student", required=True, help="student checkpoint folder (SFT or Tuna_p)")
-            p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --student)")
+            p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --student)")
             p.add_argument("--student-cache", help="finished student samples JSONL (default: OUT.student.jsonl)")
             p.add_argument("--student-temperature", type=float, default=0.8)
             p.add_argument("--student-max-tokens", type=int, default=256)

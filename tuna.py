@@ -337,16 +337,18 @@ def gather_state(wrapped, optimizer):
     return model_state, (get_optimizer_state_dict(wrapped, optimizer, options=options) if optimizer else None)
 
 
-def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_path, data_position, finished=False):
-    """HF checkpoint + tokenizer.model + training_state.pt, written to folder.tmp and renamed: a
-    checkpoint folder either is complete or does not exist. Every rank calls it (FSDP gathers)."""
+def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_files, data_position, finished=False):
+    """HF checkpoint + the tokenizer's files (data.Tokenizer.files: tokenizer.model, or tokenizer.json and
+    the files beside it) + training_state.pt, written to folder.tmp and renamed: a checkpoint folder
+    either is complete or does not exist. Every rank calls it (FSDP gathers)."""
     model_state, optimizer_state = gather_state(wrapped, None if finished else optimizer)
     if not is_main():
         return
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     llama.save_hf_checkpoint(plain_model(net, model_state), tmp)
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    for name, source in tokenizer_files.items():
+        shutil.copyfile(source, os.path.join(tmp, name))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -425,7 +427,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def train(args, kind):
     """One stage (kind "sft" or "rank"), checkpoint folder args.init -> checkpoint folder args.out."""
     rank, world, device = setup_distributed(args.device)
-    tokenizer_path = args.tokenizer or os.path.join(args.init, "tokenizer.model")
+    tokenizer_path = args.tokenizer or args.init  # a folder: its tokenizer.model, else its tokenizer.json
     try:
         decision = prepare_output(args, run_identity(args, kind)) if is_main() else None
     except (TrainingError, OSError) as e:
@@ -532,13 +534,13 @@ def train(args, kind):
                                     "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}) + "\n")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step + 1:08d}"), net, wrapped, optimizer,
-                            step + 1, tokenizer_path, dict(epoch=epoch, batches_done_in_epoch=index + 1, seed=args.seed))
+                            step + 1, tok.files, dict(epoch=epoch, batches_done_in_epoch=index + 1, seed=args.seed))
             if is_main():                                    # keep only the newest
                 for name in os.listdir(os.path.join(run_dir, "checkpoints")):
                     if name != f"step-{step + 1:08d}":
                         shutil.rmtree(os.path.join(run_dir, "checkpoints", name))
     final = os.path.join(run_dir, "checkpoints", f"step-{total:08d}-final")
-    save_checkpoint(final, net, wrapped, None, total, tokenizer_path, dict(epochs=args.epochs), finished=True)
+    save_checkpoint(final, net, wrapped, None, total, tok.files, dict(epochs=args.epochs), finished=True)
     if is_main():
         finish_run(run_dir, args.out.rstrip("/"), final)
         log(f"saved {args.out}")
@@ -795,11 +797,11 @@ def add_demo_arguments(p):
 
 def add_training_arguments(p, lr, epochs, batch_size, warmup_steps, with_data=True):
     p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (HF layout, tokenizer.model beside)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (HF layout, the tokenizer's files beside)")
     if with_data:
         p.add_argument("--data", required=True)
         p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --init)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --init)")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="instructions per optimizer step, all GPUs")

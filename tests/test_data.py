@@ -1,5 +1,5 @@
-"""data.py: tokenizer parity with transformers' LlamaTokenizer, the Alpaca template, SFT examples,
-and the readers' and writer's validation."""
+"""data.py: tokenizer parity with transformers' slow LlamaTokenizer (transformers 4; the byte-level BPE path is
+tests/test_bpe.py), the Alpaca template, SFT examples, and the readers' and writer's validation."""
 import json
 import os
 import re
@@ -47,6 +47,9 @@ def tok(spm_model_path):
 @pytest.fixture(scope="module")
 def hf_tokenizer(spm_model_path):
     transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("transformers 5 removed the slow, sentencepiece-backed LlamaTokenizer: .ci/run runs this "
+                    "module again with transformers 4.57.6")
     # legacy=True is plain sentencepiece, what Meta's llama tokenizer does; legacy=False changes the
     # handling of text after special tokens (and needs protobuf).
     return transformers.LlamaTokenizer(vocab_file=spm_model_path, legacy=True,
