@@ -61,12 +61,13 @@ def spm_model_path(tmp_path_factory):
     return str(out / "tokenizer.model")
 
 
-def pytest_report_header(config):
+def pytest_terminal_summary(terminalreporter):
+    """Which transformers release the parity tests compared with (.ci/run runs two)."""
     try:
         import transformers
-        return f"transformers {transformers.__version__} (parity tests compare against this release)"
+        terminalreporter.write_line(f"parity reference: transformers {transformers.__version__}")
     except ImportError:
-        return "transformers: not installed"
+        terminalreporter.write_line("parity reference: transformers not installed")
 
 
 # ----------------------------------------------------------------------------- byte-level BPE tokenizers
