@@ -224,10 +224,15 @@ def _split_isolated(regex):
     def split(piece):
         pieces, end = [], 0
         for match in regex.finditer(piece):
-            if match.end() > match.start():
-                pieces += [piece[end:match.start()], match.group()] if match.start() > end else [match.group()]
-                end = match.end()
-        return pieces + [piece[end:]] if end < len(piece) else pieces
+            if match.end() == match.start():  # an empty match cuts nothing
+                continue
+            if match.start() > end:
+                pieces.append(piece[end:match.start()])
+            pieces.append(match.group())
+            end = match.end()
+        if end < len(piece):
+            pieces.append(piece[end:])
+        return pieces
     return split
 
 
@@ -254,7 +259,7 @@ def _pre_tokenizer_steps(spec, where):
                 for step in _pre_tokenizer_steps(inner, f"{where}.pretokenizers[{k}]")]
     if kind == "ByteLevel":
         step = _byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True), where)
-        step.is_byte_level = True
+        step.add_prefix_space = spec.get("add_prefix_space", True)  # marks the ByteLevel step (see ByteLevelBPE)
         return [step]
     if kind == "Digits":  # tokenizers splits on char::is_numeric, the Unicode categories Nd, Nl and No
         run = "" if spec.get("individual_digits", False) else "+"
@@ -300,9 +305,11 @@ class ByteLevelBPE:
         if decoder.get("type") != "ByteLevel":
             raise DataError(f"{path}: decoder {decoder.get('type')!r} is not implemented (ByteLevel only)")
         self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), f"{path}: pre_tokenizer")
-        if sum(getattr(step, "is_byte_level", False) for step in self.steps) != 1:
+        byte_level = [step.add_prefix_space for step in self.steps if hasattr(step, "add_prefix_space")]
+        if len(byte_level) != 1:
             raise DataError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step (or "
                             "several): not a byte-level BPE tokenizer")
+        self.add_prefix_space = byte_level[0]
         self.special_ids = {}  # content -> id of every added token; all are special
         for k, token in enumerate(spec.get("added_tokens") or []):
             if not token.get("special"):  # tokenizers would match it inside plain text, which encode() never does
@@ -360,8 +367,11 @@ class ByteLevelBPE:
                         raise DataError(f"{folder}: special_tokens_map.json and tokenizer_config.json disagree on "
                                         f"{key}: {config[key]!r} and {value!r}")
                     config[key] = value
-                    if key in ("add_eos_token", "add_prefix_space", "do_lower_case") and value:
+                    if key in ("add_eos_token", "do_lower_case") and value:
                         raise DataError(f"{path}: {key}={value!r} is not implemented")
+                    if key == "add_prefix_space" and value is not None and value != self.add_prefix_space:
+                        raise DataError(f"{path}: add_prefix_space={value!r} disagrees with tokenizer.json's "
+                                        f"ByteLevel add_prefix_space={self.add_prefix_space!r}")
         return config
 
     def _token_id(self, content, where):

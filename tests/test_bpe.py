@@ -226,7 +226,7 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("post_processor.processors.0.type", "BertProcessing", r"type 'BertProcessing' is not implemented"),
     ("model.merges.0", ["Ġ", "no-such-token"], r"model.merges\[0\] .* not two vocabulary tokens"),
     ("tokenizer_config.json:eos_token", None, r"no EOS token"),
-    ("tokenizer_config.json:add_prefix_space", True, r"tokenizer_config.json: add_prefix_space=True is not"),
+    ("tokenizer_config.json:add_prefix_space", True, r"tokenizer_config.json: add_prefix_space=True disagrees"),
     ("tokenizer_config.json:add_bos_token", False, r"add_bos_token=False disagrees"),
     ("tokenizer_config.json:eos_token", "<|not a token|>", r"eos_token '<\|not a token\|>' is not a token"),
 ]

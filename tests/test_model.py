@@ -553,8 +553,8 @@ def test_configs_from_files(tmp_path, hf_dirs):
             (dict(rope_scaling=dict(LLAMA31_ROPE, low_freq_factor=4.0)), r"low_freq_factor >= high_freq_factor"),
             (dict(model_type="qwen2"), r"model_type='qwen2' is not supported"),
             (dict(quantization_config={"quant_method": "gptq"}), r"quantization_config=\{'quant_method': 'gptq'\}")):
-        cfg = {key: value for key, value in base.items() if key not in ("rope_theta", "rope_scaling", "rope_parameters")}
-        (tmp_path / "config.json").write_text(json.dumps({**cfg, **rope}))
+        without_rope = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+        (tmp_path / "config.json").write_text(json.dumps({**without_rope, **rope}))
         with pytest.raises(ValueError, match=f"config.json: .*{message}"):
             M.ModelArgs.from_hf_config(str(tmp_path / "config.json"))
     # both layouts saying the same thing are read once
