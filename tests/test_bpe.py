@@ -187,9 +187,9 @@ def test_unicode_classes_equal_oniguruma_but_for_characters_newer_than_pythons_t
     ours = set(re.findall(f"[{data._unicode_class(name)}]", "".join(chars)))
     theirs = onig_members(pattern, chars)
     differ = sorted(ours ^ theirs)
-    print(f"\n\\p{{{name}}}: {len(theirs)} characters in tokenizers, {len(differ)} differ; all unassigned in "
-          f"Python's Unicode {unicodedata.unidata_version} tables (assigned later): "
-          f"{', '.join(f'U+{ord(c):04X}' for c in differ[:5])}{' ...' if len(differ) > 5 else ''}")
+    print(f"\n\\p{{{name}}}: {len(theirs)} characters in tokenizers, {len(differ)} differ" + (
+        f", all unassigned in Python's Unicode {unicodedata.unidata_version} tables (assigned later): "
+        f"{', '.join(f'U+{ord(c):04X}' for c in differ[:5])}{' ...' if len(differ) > 5 else ''}" if differ else ""))
     # The only difference: characters that Python's tables do not know yet (category Cn), which tokenizers'
     # newer tables class as letters or numbers; text written before they were assigned never holds them.
     assert all(unicodedata.category(c) == "Cn" and c in theirs for c in differ)
