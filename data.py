@@ -34,7 +34,7 @@ class Tokenizer:
 
     encode() never produces a control or special token from text: text that looks like "</s>" or
     "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
-    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (SmolLM2).
+    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2 style).
 
     Padding: LLaMA's model has no pad piece (sentencepiece pad_id() == -1, which no embedding can
     look up). Alpaca and Tuna add a "[PAD]" token and resize the embeddings; we do not, so checkpoints
@@ -287,7 +287,7 @@ class ByteLevelBPE:
 
     BOS is what the checkpoint's own tokenizer puts before a text: tokenizer.json's post_processor (a
     TemplateProcessing "<|begin_of_text|> $A", as Llama 3's) or tokenizer_config.json's add_bos_token; None if
-    neither (SmolLM2, GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
+    neither (GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
     folders), else generation_config.json's eos_token_id (the first of a list). The pad id is a special token
     (never produced from text) other than EOS: tokenizer_config.json's pad_token if it is one, else the first
     special token that is neither BOS nor EOS, else BOS."""

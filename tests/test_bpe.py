@@ -102,7 +102,7 @@ def test_transformers_reads_the_same_ids_bos_eos_and_pad_from_the_folder(style, 
             continue
         assert ours.encode(text, bos=True) == theirs(text)["input_ids"], text
     assert ours.eos_id == theirs.eos_token_id
-    assert ours.bos_id == (theirs.bos_token_id if style == "llama3" else None)  # SmolLM2 puts nothing first
+    assert ours.bos_id == (theirs.bos_token_id if style == "llama3" else None)  # this style puts nothing first
     special = set(theirs.all_special_ids) | {i for i, t in theirs.added_tokens_decoder.items() if t.special}
     assert ours.pad_id in special and ours.pad_id != ours.eos_id
 
