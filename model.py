@@ -528,7 +528,8 @@ def _checkpoint_files(path):
 
 
 def _files_digest(path, files, blocks=None):
-    """sha256 over each file's name, size and bytes (all of them, or `blocks` blocks of 64 KiB spread evenly)."""
+    """sha256 over each file's name, size and bytes: all of them, or `blocks` blocks of 64 KiB spread evenly
+    and the last 64 KiB."""
     digest = hashlib.sha256()
     for name, (size, _) in files.items():
         digest.update(f"{name}\0{size}\0".encode())
@@ -537,8 +538,8 @@ def _files_digest(path, files, blocks=None):
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     digest.update(chunk)
                 continue
-            for i in range(blocks):
-                f.seek(size * i // blocks)
+            for at in [size * i // blocks for i in range(blocks)] + [max(0, size - (1 << 16))]:
+                f.seek(at)
                 digest.update(f.read(1 << 16))
     return digest.hexdigest()
 
@@ -554,8 +555,8 @@ def write_checkpoint_identity(path):
 def checkpoint_identity(path):
     """A string that changes whenever the config or weights in a checkpoint folder change: "sha256:..." as
     save_hf_checkpoint recorded it, while the files are the ones it recorded; else (another tool's checkpoint,
-    or files changed since) "sampled-sha256:...", over each file's name, size and 64 blocks of 64 KiB spread
-    over it: cheap for a 13 GB folder, and retraining changes every block it reads."""
+    or files changed since) "sampled-sha256:...", over each file's name, size and 65 blocks of 64 KiB spread
+    over it, its end included: cheap for a 13 GB folder, and retraining changes every block it reads."""
     files = _checkpoint_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no config.json, params.json or weight files")
