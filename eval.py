@@ -7,8 +7,10 @@ LMentry (its own scorers) and Vicuna QA (a pairwise LLM judge), one table with a
 
 Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
 (every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, so a killed run resumes without regenerating; judge replies are cached by teacher.TeacherClient
-(OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under "Skipped".
+as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run resumes
+without regenerating and another checkpoint under the same name never reuses them; judge replies are cached by
+teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under
+"Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
 benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
 """

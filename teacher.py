@@ -3,7 +3,8 @@
 1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
    `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended to
    a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts again
-   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off.
+   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that no
+   request reaches stops the run at once (RunError), as does a run where every item failed.
 2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
    student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
 3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
@@ -142,7 +143,7 @@ class TeacherClient:
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 unreached = _unreached(e) if not self._reached else None
-                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: asking again cannot help
+                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no use asking again
                     break
             else:
                 self._reached = True
@@ -159,8 +160,8 @@ class TeacherClient:
                     retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
                 else:  # other 4xx: the request itself is wrong, asking again cannot help
                     self._count_failure()
-                    raise TeacherError(self._redact(f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"),
-                                       reply.status_code)
+                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
+                    raise TeacherError(self._redact(message), reply.status_code)
             if attempt == self.max_retries:
                 break
             delay = retry_after if retry_after is not None else \
@@ -224,9 +225,10 @@ def _unreached(error):
         return None
     reason = getattr(error.args[0], "reason", None) if error.args else None
     if type(reason).__name__ == "NameResolutionError" or "Name or service not known" in str(error):
-        return f"unknown host {urllib.parse.urlparse(error.request.url).hostname!r}" if error.request else "unknown host"
+        host = urllib.parse.urlparse(error.request.url).hostname if error.request else None
+        return f"unknown host {host!r}"
     if type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError"):
-        return "connection refused" if "refused" in str(reason) else f"connection failed ({_one_line(str(reason))})"
+        return "connection refused" if "refused" in str(reason) else f"connection failed ({_one_line(reason)})"
     return None
 
 
@@ -307,15 +309,16 @@ def write_jsonl_atomic(path, rows):
 
 
 def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures; a run where every item failed replaces no earlier OUT and is an error."""
+    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
     failures_path = failures_path or out_path + ".failures.jsonl"
     write_jsonl_atomic(failures_path, failures)
     if failures and not records:
         print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), e.g. item "
-                       f"{failures[0]['id']}: {_one_line(failures[0]['error'])}; all are listed in {failures_path}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), e.g. "
+                       f"item {first['id']}: {_one_line(first['error'])}; all are listed in {failures_path}")
     data.write_ranked_jsonl(out_path, records)
     counts = dict(done=len(records), failed=len(failures), **client.counts)
     print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
@@ -326,9 +329,9 @@ def _finish(kind, client, results, out_path, failures_path):
 # choice each, with seeds 1, 2, ... (each its own cache entry), up to this many requests per wanted sample in all.
 REQUESTS_PER_SAMPLE = 2
 
-ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored needs; "
-                "OpenAI's current completion models refuse it: use --add-original first, or a server that scores "
-                "prompts (vLLM, teacher.py serve)")
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server that "
+                "scores prompts (vLLM, teacher.py serve)")
 
 
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
@@ -476,10 +479,10 @@ def ranking_messages(prompt, candidates):
 
 
 def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As the
-    authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them, only the
-    integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most once, so
-    stray digits become a ReplyError instead of training data."""
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
+    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
+    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
+    once, so stray digits become a ReplyError instead of training data."""
     text = reply.lower()
     key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
     if key is None:
@@ -511,7 +514,7 @@ STEP_MARKERS = {
 # Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
 STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
                4: r"scor|rat(?:e|ing)", 5: r"rank"}
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+\S[^\n]*|\*\*[^*\n]+\*\*:?[ \t]*)$"  # "## Duplicates", "**Duplicates:**"
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
 
 
 def reference_answer(reply, n):
@@ -527,7 +530,7 @@ def reference_answer(reply, n):
         return None, f"no '###Response {n}' in the reply"
     begin, lowered = head.end(), masked.lower()
     key = "rank:" if "rank:" in lowered else "ranking:"
-    end = lowered.rfind(key)  # the ranking's line is no part of the answer (nor the ranking, on the answer's line)
+    end = lowered.rfind(key)  # the ranking's line is no part of the answer (nor the ranking on the answer's line)
     line_start = masked.rfind("\n", 0, end) + 1
     end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
     cut, problem = _step_after_reference(masked, head.start(), begin, end)
@@ -548,29 +551,34 @@ def _step_after_reference(masked, head_at, begin, end):
         if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
                 best is None or before[-1][0] > best[0]):
             best = (before[-1][0], after)
-    if best is None:  # no numbered steps: headings, if the reply marks its steps with them
-        headings = [m for m in re.finditer(_HEADING, masked, re.M) if not re.search(r"response\s*\d", m.group(), re.I)]
+    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them; the
+        # first one after the answer, at its heading's level or above, that names a later step's topic
+        headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                    if not re.search(r"response\s*\d", m.group(), re.I)]
         level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731 (bold: 7)
         before = [m for m in headings if m.start() < head_at]
-        after = [(m.start(), 3) for m in headings
-                 if begin <= m.start() < end and before and level(m) <= level(before[-1])]
-        if not after:
-            if re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
-                return None, "no step markers after the reference answer to tell where it ends"
-            return end, None  # nothing but the answer up to the ranking
-        best = (None, after)
+        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
+        topics = "|".join(STEP_TOPICS.values())
+        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+        if named:
+            return named[0], None
+        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
+            return None, "no step markers after the reference answer to tell where it ends"
+        return end, None  # nothing but the answer up to the ranking
     after = best[1]
     for step in (3, 4, 5):
         places = [at for at, k in after if k == step]
         if not places:
             continue
-        continuing = {at for at in places if max(((q, k) for q, k in after if q < at), default=(0, 0))[1] == step - 1}
+        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
+        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
         topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
-        fresh = [at for at in places if at not in continuing]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else [at for at in fresh if at in topical]
+        both = [at for at in fresh if at in topical]
+        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
         if len(chosen) == 1:
             return chosen[0], None
-        return None, f"cannot tell where the reference answer ends: {len(places)} place(s) could begin step {step}"
+        return None, f"cannot tell where the reference answer ends: {len(places)} place(s) could begin step " \
+                     f"{step}"
     return end, None
 
 
@@ -635,7 +643,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity) and its tokenizer file's sha256."""
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer file's sha256."""
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
@@ -997,9 +1005,9 @@ def main(argv=None):
                          args.seed)
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
-        student_cache = (args.student_cache or args.out + ".student.jsonl") if args.command == "contextual" else None
-        with contextlib.ExitStack() as locks:  # one writer per output: a second run refuses at once
-            for path in dict.fromkeys(p for p in (args.out, cache, student_cache) if p):
+        given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
+        with contextlib.ExitStack() as locks:  # one writer per output, and per cache given apart from it
+            for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
             client = TeacherClient(args.base_url, args.model, args.api_key_env, cache, args.timeout,
                                    args.max_retries, args.workers, args.rpm)
@@ -1009,13 +1017,14 @@ def main(argv=None):
                 return 0
             tok = data.Tokenizer(args.tokenizer or args.student)
             student = load_checkpoint(args.student, args.device, torch.float32 if args.device == "cpu" else None)
+            student_cache = args.student_cache or args.out + ".student.jsonl"
             samples = sample_candidates(student, tok, examples, student_cache, args.n, args.student_temperature,
                                         args.student_max_tokens, args.tries, args.seed,
                                         student=producer_identity(args.student, tok.path))
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
-    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # DataError is a ValueError; messages name
-        parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")  # the file or URL
+    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL
+        parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
     return 0
 
 

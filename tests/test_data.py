@@ -367,7 +367,9 @@ def test_write_is_atomic_and_validates(tmp_path, bad, message):
 
 # ----------------------------------------------------------------------------- one writer per output
 
-HOLD_LOCK = "import sys, time, data\nwith data.lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+# a second process that holds data.lock_output(argv[1]) until it is killed
+HOLD_LOCK = ("import sys, time, data\nwith data.lock_output(sys.argv[1]):\n"
+             "    print('held', flush=True)\n    time.sleep(120)\n")
 
 
 def test_lock_output_one_writer_and_a_killed_holder_never_blocks(tmp_path):

@@ -174,10 +174,12 @@ def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm
                         "--lmentry", os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
                         "--max-new-tokens", "4", "4", "4"])
             error = capsys.readouterr().err.strip().splitlines()[-1]
-            assert refused.value.code == 1 and f"{locked} is being written by another process (pid {holder.pid}" in error
+            assert refused.value.code == 1
+            assert f"{locked} is being written by another process (pid {holder.pid}" in error
         finally:
             holder.send_signal(signal.SIGKILL)
             holder.wait()
     E.main(["--checkpoints", f"alpaca={checkpoints['alpaca']}", "--tokenizer", spm_model_path, "--lmentry",
-            os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu", "--max-new-tokens", "4", "4", "4"])
+            os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
+            "--max-new-tokens", "4", "4", "4"])
     assert (out / "results.json").exists()  # the killed holders block nothing

@@ -753,7 +753,8 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
     with FakeTeacher() as server:
         client = client_for(server, tmp_path)
         teacher.build_probabilistic(client, [example(0, "FAULT:cut"), example(1)], str(tmp_path / "p.jsonl"))
-        answer, = [e["response"] for e in read_jsonl(str(tmp_path / "cache.jsonl")) if "FAULT:cut" in e["request"]["prompt"]]
+        answer, = [e["response"] for e in read_jsonl(str(tmp_path / "cache.jsonl"))
+                   if "FAULT:cut" in e["request"]["prompt"]]
         assert answer["choices"][1]["finish_reason"] == "length"
         probabilistic = {r.id: r for r in data.read_ranked_jsonl(tmp_path / "p.jsonl")}
         cut = probabilistic["0"].candidates.index(answer["choices"][1]["text"].strip())
@@ -776,7 +777,8 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
             teacher.build_contextual(client_for(server, tmp_path), [example(0, "FAULT:cutreply")],
                                      {"0": {"candidates": ["A.", "B."]}}, str(tmp_path / "cut.jsonl"))
     cut_reply = read_jsonl(str(tmp_path / "cut.jsonl.failures.jsonl"))[0]
-    assert "cut at max_tokens=2048 (finish_reason 'length')" in cut_reply["error"] and "rank:" in cut_reply["raw_reply"]
+    assert "cut at max_tokens=2048 (finish_reason 'length')" in cut_reply["error"]
+    assert "rank:" in cut_reply["raw_reply"]
     contextual = data.read_ranked_jsonl(tmp_path / "c.jsonl")
     for record in contextual:
         finished = samples[record.id]["finished"]
@@ -881,10 +883,11 @@ def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(tmp_pa
     with open(tmp_path / "alpaca.json", "w") as f:
         json.dump([example(i) for i in range(3)], f)
     out = tmp_path / "p.jsonl"
-    command = [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data", str(tmp_path / "alpaca.json"),
-               "--out", str(out), "--model", "m", "--workers", "1", "--timeout", "60"]
+    command = [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data",
+               str(tmp_path / "alpaca.json"), "--out", str(out), "--model", "m", "--workers", "1", "--timeout", "60"]
     with FakeTeacher(hang_after=0) as server:  # the first run waits for its first answer, holding the output
-        first = subprocess.Popen(command + ["--base-url", server.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(command + ["--base-url", server.url], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
         assert server.hanging.wait(60), first.communicate()[0]
         second = teacher_cli(*command[2:], "--base-url", server.url)
         assert second.returncode == 1 and sum(server.seen.values()) == 1  # it paid for nothing

@@ -185,6 +185,26 @@ Water boils at 100 °C (212 °F) at sea level.
 
 At higher altitudes it boils at a lower temperature."""),
 
+    ("bold_labels_with_bold_labels_inside_the_answer", """\
+**Type:** Open-ended.
+
+**Reference answer:**
+###Response 4:
+**Morning:** a short walk in daylight.
+**Evening:** ten minutes of stretching, then no screens.
+
+**Duplicates:** Responses 0 and 1 are the same; keeping Response 0.
+
+**Scores:**
+Response 0: [9]
+Response 2: [11]
+Response 3: [6]
+Response 4: [15]
+
+**Ranking:** rank: [4, 2, 0, 3]""", """\
+**Morning:** a short walk in daylight.
+**Evening:** ten minutes of stretching, then no screens."""),
+
     ("steps_three_and_four_skipped", """\
 (1) Open-ended.
 (2) ###Response 4: An autumn haiku:

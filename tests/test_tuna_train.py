@@ -14,6 +14,7 @@ import torch
 import data
 import model
 import tuna
+from test_data import HOLD_LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNA = os.path.join(ROOT, "tuna.py")
@@ -271,8 +272,7 @@ def read_lines(path):
 def test_a_second_run_on_the_same_output_refuses_at_once(files, tmp_path, capsys):
     """One writer per run folder: the other process is named; a lock left by a killed run blocks nothing."""
     out = tmp_path / "run"
-    hold = "import sys, time, data\nwith data.lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 1
