@@ -4,7 +4,9 @@ No model here: the teacher, the evaluation and the training loop all read and wr
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
 line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside.
 """
+import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -517,21 +519,23 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
     return len(os.path.commonprefix([full_ids, prompt_ids]))
 
 
-def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: int = 512):
+def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: int = 512,
+                           finished: bool = True):
     """(prompt ids starting with BOS (if the tokenizer has one), response ids ending in EOS), or None.
 
     One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (METHOD.md, Pipeline 1),
     split where the prompt text ends (see _count_prompt_tokens). Longer than max_len: the sequence is
     cut on the right like Alpaca's `truncation=True`, so a truncated response loses its EOS (we do not
-    teach the model to stop mid-sentence). None when not even one response token fits: the caller
-    counts and reports such examples instead of training on an all-masked row.
+    teach the model to stop mid-sentence). finished=False is a response that a token limit cut when it
+    was generated: no EOS either, for the same reason. None when not even one response token fits: the
+    caller counts and reports such examples instead of training on an all-masked row.
     """
     full_ids = tok.encode(prompt + response)
     n_prompt = _count_prompt_tokens(tok, full_ids, prompt, prompt + response)
     prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]  # BOS where the checkpoint's tokenizer has one
-    response_ids = full_ids[n_prompt:] + [tok.eos_id]
+    response_ids = full_ids[n_prompt:] + ([tok.eos_id] if finished else [])
     room = max_len - len(prompt_ids)
-    if room < 1:
+    if room < 1 or not response_ids:
         return None
     return prompt_ids, response_ids[:room]
 
@@ -563,7 +567,9 @@ class RankedRecord:
       "scores"      null or a list of finite numbers parallel to "candidates" (for probabilistic
                     ranking the teacher's mean token log-probability; only the order is trained on)
       "source"      object, the audit trail: {"kind": "probabilistic" | "contextual" | "authors",
-                    "teacher": ..., "raw_reply": ..., "ranks": [...], ...}
+                    "teacher": ..., "raw_reply": ..., "ranks": [...], ...}; its optional "unfinished"
+                    lists the positions (in "candidates") of responses a token limit cut when they were
+                    generated: they are trained without EOS (encode_prompt_response, finished=False)
     Unknown keys are refused, so a typo cannot silently drop a field. Blank lines are skipped.
     """
     id: str
@@ -631,6 +637,11 @@ def _ranked_record_from_dict(obj, path, where) -> RankedRecord:
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise _fail(path, where, "source", f"expected an object, got {type(source).__name__}")
+    unfinished = source.get("unfinished", [])
+    if not isinstance(unfinished, list) or len(set(map(str, unfinished))) != len(unfinished) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(candidates) for k in unfinished):
+        raise _fail(path, where, "source.unfinished",
+                    f"expected distinct candidate positions 0..{len(candidates) - 1}, got {unfinished!r}")
     return RankedRecord(
         id=_check_text(obj["id"], path, where, "id"),
         prompt=_check_text(obj["prompt"], path, where, "prompt"),
@@ -702,10 +713,14 @@ def read_alpaca(path) -> list[dict]:
     return examples
 
 
-def read_authors_ranking(path) -> list[RankedRecord]:
+def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
     """The authors' ranking release: JSON list of {instruction (already templated), id, output: [str],
     score: [float]}. Candidates are sorted by score, highest first, ties kept in file order (a stable
-    sort, as the authors' code); source["ranks"] keeps the original positions, best first."""
+    sort, as the authors' code); source["ranks"] keeps the original positions, best first.
+
+    skipped: a list to receive one message per record left out because of its content (an empty
+    output, a non-finite score), so that one bad record among 52K does not stop a run; the caller
+    reports them. Without it such a record raises, as does anything that is not the release's shape."""
     records, seen = [], {}
     for i, obj in enumerate(_read_json_list(path)):
         where = f"record {i}"
@@ -714,8 +729,18 @@ def read_authors_ranking(path) -> list[RankedRecord]:
         if isinstance(record_id, bool) or not isinstance(record_id, (int, str)) or str(record_id) == "":
             raise _fail(path, where, "id", f"expected a non-empty string or an integer, got {record_id!r}")
         _check_unique_id(seen, str(record_id), path, where)
-        outputs = _check_texts(obj["output"], path, where, "output", 2)
-        scores = _check_scores(obj["score"], len(outputs), path, where, "score")
+        try:
+            outputs = _check_texts(obj["output"], path, where, "output", 2)
+            scores = _check_scores(obj["score"], len(outputs), path, where, "score")
+        except DataError as e:
+            outputs, scores = obj["output"], obj["score"]
+            empty = isinstance(outputs, list) and any(isinstance(x, str) and not x.strip() for x in outputs)
+            infinite = isinstance(scores, list) and any(
+                isinstance(x, float) and not math.isfinite(x) for x in scores)
+            if skipped is None or not (empty or infinite):  # a wrong shape is no release file: stop
+                raise
+            skipped.append(f"{e} (id {record_id!r}): record skipped")
+            continue
         order = sorted(range(len(outputs)), key=lambda k: scores[k], reverse=True)
         records.append(RankedRecord(
             id=str(record_id),
@@ -766,3 +791,43 @@ def write_ranked_jsonl(path, records) -> None:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+
+
+# ----------------------------------------------------------------------------- files shared by processes
+
+class OutputLocked(RuntimeError):
+    """Another live process is writing the same output."""
+
+
+@contextlib.contextmanager
+def lock_output(path):
+    """Hold PATH.lock while writing PATH (a file or a folder): one writer per output. A second process
+    refuses at once, naming the first (its pid and command line are in the lock file). The lock is an
+    fcntl.flock, which the OS drops when its holder dies, so a killed run never blocks the next; the
+    lock file itself stays (deleting it could let two processes hold two different files)."""
+    import fcntl  # POSIX only; imported here so that data.py still imports elsewhere
+    lock_path = str(path).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "pid unknown"
+        os.close(fd)
+        raise OutputLocked(f"{path} is being written by another process ({holder}); wait for it to end "
+                           "or stop it, then run again") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode("utf-8"), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

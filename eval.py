@@ -7,12 +7,14 @@ LMentry (its own scorers) and Vicuna QA (a pairwise LLM judge), one table with a
 
 Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
 (every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, so a killed run resumes without regenerating; judge replies are cached by teacher.TeacherClient
-(OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under "Skipped".
+as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run resumes
+without regenerating and another checkpoint under the same name never reuses them; judge replies are cached by
+teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under
+"Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
 benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
 """
-import argparse, json, os, re, string, sys
+import argparse, hashlib, json, os, re, string, sys
 from itertools import combinations, product
 
 import torch
@@ -431,14 +433,13 @@ def lm_numbers(p, m, ex, task):  # bigger_number, smaller_number
     A, D = the_number(m["answer"]), the_number(m["distractor"])
     if lm_simple(p, A):
         return 1, 1
+    # LMentry v1 (lmentry/scorers at commit 463763d): the same four phrasings for both tasks, each mirrored
+    # ("D is smaller than A" for "A is bigger than D"). A later bigger_number added "<" / ">" patterns and
+    # mirrored them too, so "9 < 5" scored as the answer 9; smaller_number never had them.
+    T = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
     big = "(bigger|larger)"
-    if task == "bigger_number":  # the authors mirror all of these, the < and > ones included
-        T = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}", "the _X_ is {a}",
-             r"{b}(\s|)<(\s|){a}", r"{a}(\s|)>(\s|){b}", "the number that is _X_ than {b} is {a}."]
-        bases = fill(T, {"_X_": big}, a=A, b=D) + fill(T, {"_X_": "smaller"}, a=D, b=A)
-    else:
-        T = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
-        bases = fill(T, {"_X_": "smaller"}, a=A, b=D) + fill(T, {"_X_": big}, a=D, b=A)
+    X, mirrored = (big, "smaller") if task == "bigger_number" else ("smaller", big)
+    bases = fill(T, {"_X_": X}, a=A, b=D) + fill(T, {"_X_": mirrored}, a=D, b=A)
     prefixes = ("",) + tuple(f"{w} the numbers {m['n1']} and {m['n2']}, " for w in ("of", "from", "between"))
     return lm_patterns(p, bases + shared(A), prefixes)
 
@@ -562,8 +563,10 @@ def lmentry_score_prediction(task, prediction, example):
     - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
       models here are instruction-tuned);
     - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
-    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern,
-    "first word" in last_word, and bigger_number's mirrored "<" / ">" patterns."""
+    - bigger_number as in LMentry v1, the phrasings smaller_number mirrors (a later version added "<" / ">"
+      patterns, mirrored into nonsense such as "9 < 5" for 9).
+    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern and
+    "first word" in last_word."""
     p = lm_norm(prediction).replace("_", " ")
     if not re.search(r"[^\W_]", p):
         return 0, 1
@@ -748,6 +751,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
                                   reference)
         try:
             reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
+        except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
+            raise
         except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded as a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
@@ -776,14 +781,34 @@ def judge_vicuna(client, questions, references, answers, pairs):
 
 
 # ----------------------------------------------------------------------------- generation, resumable
-def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens):
+def answer_producer(directory, tokenizer_path=None):
+    """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
+    return teacher.producer_identity(directory, data.Tokenizer(tokenizer_path or directory).path)
+
+
+def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what made
+    it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's prompt): an
+    answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again, never reused (the
+    old line stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
     path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    done = {r["id"]: r["output"] for r in (read_jsonl(path) if os.path.exists(path) else [])
+    made_by = lambda item: hashlib.sha256(json.dumps(  # noqa: E731
+        [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
+        sort_keys=True).encode()).hexdigest()[:24]
+    with data.lock_output(path):
+        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by)
+
+
+def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by):
+    kept = {(r["id"], r.get("made_by")): r["output"] for r in (read_jsonl(path) if os.path.exists(path) else [])
             if isinstance(r, dict) and "id" in r and isinstance(r.get("output"), str)}
+    done = {item["id"]: kept[item["id"], made_by(item)] for item in items if (item["id"], made_by(item)) in kept}
     todo = [item for item in items if item["id"] not in done]
+    other = len({i for i, _ in kept} & {item["id"] for item in todo})
+    if other:
+        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or max_new_tokens: "
+              "generating them again", file=sys.stderr)
     if not todo:
         return done
     lm, tok = get_model()
@@ -810,7 +835,8 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
             for i, tokens in zip(batch, new_tokens):
                 text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
                 done[todo[i]["id"]] = text
-                f.write(json.dumps({"id": todo[i]["id"], "output": text}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"id": todo[i]["id"], "output": text, "made_by": made_by(todo[i])},
+                                   ensure_ascii=False) + "\n")
             f.flush()
             print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
     return done
@@ -842,11 +868,13 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni=None, lmentry=None, v
     superni_items = read_superni(superni, max_instances) if superni else None
     lmentry_tasks = read_lmentry(lmentry) if lmentry else None
     questions, references = read_vicuna(vicuna) if vicuna else (None, None)
-    results = {"models": {name: {"checkpoint": checkpoints[name]} for name in names}}
+    results = {"models": {name: {"checkpoint": checkpoints[name],
+                                 "producer": answer_producer(checkpoints[name], tokenizer)} for name in names}}
     answers = {}
     for name in names:
         get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n)  # noqa
+        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,  # noqa
+                                                       row["producer"])
         if superni_items is not None:
             row["superni"] = score_superni(superni_items, run("superni", superni_items, max_new_tokens[0]))
         if lmentry_tasks is not None:
@@ -937,12 +965,16 @@ def main(argv=None):
         if not sep or not name or not directory or name in checkpoints:
             parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
         checkpoints[name] = directory
-    results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni=args.superni, lmentry=args.lmentry,
-                       vicuna=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
-                       judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
-                       batch_size=args.batch_size, max_instances=args.max_instances,
-                       max_new_tokens=tuple(args.max_new_tokens), device=args.device,
-                       dtype=getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        with data.lock_output(args.out):  # one evaluation at a time writes OUT
+            results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni=args.superni,
+                               lmentry=args.lmentry, vicuna=args.vicuna, judge_url=args.judge_url,
+                               judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
+                               baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
+                               max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),
+                               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:  # each names its file or URL
+        parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
     print(results_markdown(results))
 
 

@@ -6,6 +6,7 @@ hf_to_meta (key names plus the q/k row permutation). Tuna needs three things fro
 SFT and ranking losses, sampling of candidates for contextual ranking, and per-response log-prob sums for scores.
 """
 import glob
+import hashlib
 import json
 import math
 import mmap
@@ -608,6 +609,62 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     for stale in os.listdir(out_dir):  # weights of an earlier save that the index or loader could still pick up
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
             os.remove(os.path.join(out_dir, stale))
+    write_checkpoint_identity(out_dir)
+
+
+# ---- what a checkpoint is, for the caches of what it produced (student samples, eval answers) --------------------
+IDENTITY_FILE = "checkpoint_identity.json"
+
+
+def _checkpoint_files(path):
+    """{name: (size, mtime_ns)} of the files that make a checkpoint: its config and weights."""
+    names = [name for name in sorted(os.listdir(path)) if name in ("config.json", "params.json") or re.fullmatch(
+        r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|consolidated\.\d+\.pth", name)]
+    stats = {name: os.stat(os.path.join(path, name)) for name in names}
+    return {name: (stat.st_size, stat.st_mtime_ns) for name, stat in stats.items()}
+
+
+def _files_digest(path, files, blocks=None):
+    """sha256 over each file's name, size and bytes: all of them, or `blocks` blocks of 64 KiB spread evenly
+    and the last 64 KiB."""
+    digest = hashlib.sha256()
+    for name, (size, _) in files.items():
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(os.path.join(path, name), "rb") as f:
+            if blocks is None:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+                continue
+            for at in [size * i // blocks for i in range(blocks)] + [max(0, size - (1 << 16))]:
+                f.seek(at)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()
+
+
+def write_checkpoint_identity(path):
+    """Record the sha256 of a checkpoint folder's config and weights (and their sizes and modification times,
+    so that a later change by another tool is noticed) in IDENTITY_FILE; save_hf_checkpoint calls it."""
+    files = _checkpoint_files(path)
+    record = {"sha256": _files_digest(path, files), "files": {name: list(stat) for name, stat in files.items()}}
+    _write_atomic(os.path.join(path, IDENTITY_FILE), json.dumps(record, indent=1))
+
+
+def checkpoint_identity(path):
+    """A string that changes whenever the config or weights in a checkpoint folder change: "sha256:..." as
+    save_hf_checkpoint recorded it, while the files are the ones it recorded; else (another tool's checkpoint,
+    or files changed since) "sampled-sha256:...", over each file's name, size and 65 blocks of 64 KiB spread
+    over it, its end included: cheap for a 13 GB folder, and retraining changes every block it reads."""
+    files = _checkpoint_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no config.json, params.json or weight files")
+    try:
+        with open(os.path.join(path, IDENTITY_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        if {name: tuple(stat) for name, stat in record["files"].items()} == files:
+            return "sha256:" + record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # absent or unreadable: sampled below
+    return "sampled-sha256:" + _files_digest(path, files, blocks=64)
 
 
 # ---- generation and scoring --------------------------------------------------------------------------------------

@@ -164,17 +164,25 @@ def score_tokens(model, batch):
 
 def load_rows(path, tok, max_len, kind):
     """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or a ranked file
-    (.jsonl: the project's format; .json: the authors' release). A candidate that cannot keep one
-    response token within max_len (prompt + response, METHOD.md) is dropped; the rest keep their order."""
+    (.jsonl: the project's format; .json: the authors' release, whose records with an empty output or a
+    non-finite score are skipped and named). A candidate that cannot keep one response token within max_len
+    (prompt + response, METHOD.md) is dropped; the rest keep their order. A candidate that a token limit cut
+    when it was generated (source["unfinished"]) is trained without EOS: the model must not learn to stop there."""
     if kind == "sft":
-        items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]])
+        items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]], [])
                  for i, e in enumerate(data.read_alpaca(path))]
+    elif str(path).endswith(".jsonl"):
+        items = [(r.id, r.prompt, r.candidates, r.source.get("unfinished", []))
+                 for r in data.read_ranked_jsonl(path)]
     else:
-        read = data.read_ranked_jsonl if str(path).endswith(".jsonl") else data.read_authors_ranking
-        items = [(r.id, r.prompt, r.candidates) for r in read(path)]
+        bad = []
+        items = [(r.id, r.prompt, r.candidates, []) for r in data.read_authors_ranking(path, skipped=bad)]
+        if bad:
+            log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     rows, dropped, skipped = [], 0, 0
-    for record_id, prompt, candidates in items:
-        pairs = [data.encode_prompt_response(tok, prompt, c, max_len) for c in candidates]
+    for record_id, prompt, candidates, unfinished in items:
+        pairs = [data.encode_prompt_response(tok, prompt, c, max_len, finished=k not in unfinished)
+                 for k, c in enumerate(candidates)]
         kept = [p for p in pairs if p is not None]
         dropped += len(pairs) - len(kept)
         if not kept:
@@ -757,7 +765,8 @@ def run_demo(args):
     results = {}
     for name, checkpoint in models.items():
         answers = evaluation.generate_answers(                # eval.py's batched greedy path; kept, resumable
-            os.path.basename(checkpoint), "demo", items, evaluation.model_loader(checkpoint, None, "cpu", torch.float32), out, 64, 16)
+            os.path.basename(checkpoint), "demo", items, evaluation.model_loader(checkpoint, None, "cpu", torch.float32),
+            out, 64, 16, evaluation.answer_producer(checkpoint))
         answers = [answers[item["id"]] for item in items]
         em = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
         rl = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
@@ -866,7 +875,9 @@ def run_pipeline(args):
     stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data, lr=args.lr_probabilistic)
     tuna_p = train(stage, "rank")
     contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
-    if not args.contextual_data and not (args.resume and os.path.exists(contextual)):
+    # built from this Tuna_p on every run (teacher.py's caches make that free when nothing changed), so that
+    # the samples of an older Tuna_p are never trained on after a retraining
+    if not args.contextual_data:
         if not (args.instructions and args.teacher_base_url and args.teacher_model):
             raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
                                 "--teacher-model to build it from Tuna_p's samples with teacher.py")
@@ -902,9 +913,10 @@ def main(argv=None):
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:
-        SUBCOMMANDS[args.command][2](args)
-    except (TrainingError, data.DataError, FileNotFoundError) as e:
+    try:  # one writer per output folder (under torchrun rank 0 holds the lock for all ranks)
+        with data.lock_output(args.out) if os.environ.get("RANK", "0") == "0" else nullcontext():
+            SUBCOMMANDS[args.command][2](args)
+    except (TrainingError, data.DataError, data.OutputLocked, FileNotFoundError) as e:
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -229,6 +229,8 @@ LMENTRY_CASES = [  # (task, metadata, input, prediction, expected score)
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "87 is bigger than 12.", 1),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12 12", 0),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12", 0),
+    ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12 is smaller than 87", 1),  # mirrored
+    ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "87 < 12", 0),  # a later version said 1
     ("smaller_number", dict(n1=12, n2=87, answer=12, distractor=87), "", "The smaller number is 12.", 1),
     ("smaller_number", dict(n1=12, n2=87, answer=12, distractor=87), "", "87", 0),
     ("first_alphabetically", dict(word1="zebra", word2="apple", answer="apple", distractor="zebra"), "", "apple", 1),
@@ -447,3 +449,21 @@ def test_vicuna_reader_reports_malformed_lines(tmp_path):
     real, refs = E.read_vicuna(os.path.join(FIXTURES, "vicuna"))
     assert len(real) == 80 and sorted(refs, key=int) == [str(i) for i in range(61, 71)]
     assert sum(q["category"] in E.REFERENCE_CATEGORIES for q in real) == 10
+
+
+def test_bigger_number_is_lmentry_v1_the_mirror_of_smaller_number():
+    """LMentry v1 (lmentry/scorers at commit 463763d): smaller_number "was created by simply mirroring
+    BiggerNumberScorer", whose four phrasings it mirrors; a later bigger_number added "<", ">" and more, and
+    mirrored those into "9 < 5" for 9. Both tasks now score every phrasing alike, mirrored."""
+    bigger = dict(n1=5, n2=9, answer=9, distractor=5)
+    smaller = dict(n1=5, n2=9, answer=5, distractor=9)
+    pairs = [("9 is bigger", "5 is smaller"), ("9 is larger than 5", "5 is smaller than 9"),
+             ("9 is the bigger number", "5 is the smaller number"),
+             ("The larger number is 9.", "The smaller number is 5."), ("5 is smaller than 9", "9 is bigger than 5"),
+             ("Of the numbers 5 and 9, 9 is bigger", "Of the numbers 5 and 9, 5 is smaller"),
+             ("9 > 5", "5 < 9"), ("5 < 9", "9 > 5"), ("9 < 5", "5 > 9"), ("The bigger is 9", "The smaller is 5"),
+             ("The number that is bigger than 5 is 9.", "The number that is smaller than 9 is 5.")]
+    scores = [(E.lmentry_score_prediction("bigger_number", b, example("bigger_number", **bigger))[0],
+               E.lmentry_score_prediction("smaller_number", s, example("smaller_number", **smaller))[0])
+              for b, s in pairs]
+    assert scores == [(1, 1)] * 6 + [(0, 0)] * 5

@@ -218,7 +218,7 @@ def test_save_hf_checkpoint_round_trip(name, hf_dirs, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     # saving a single file over a sharded save removes the shards and the index that would shadow it
     M.save_hf_checkpoint(model, str(tmp_path / "sharded"))
-    assert sorted(os.listdir(tmp_path / "sharded")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "sharded")) == ["checkpoint_identity.json", "config.json", "model.safetensors"]
 
 
 def test_save_bfloat16(hf_dirs, tmp_path):
@@ -561,3 +561,28 @@ def test_configs_from_files(tmp_path, hf_dirs):
     (tmp_path / "config.json").write_text(json.dumps({**base, **in_layout(in_layout(base, "transformers4"),
                                                                           "transformers5"), "rope_theta": 10000.0}))
     assert M.ModelArgs.from_hf_config(str(tmp_path / "config.json")).rope_theta == 10000.0
+
+
+def test_checkpoint_identity_follows_the_weights(hf_dirs, tmp_path):
+    """save_hf_checkpoint records a sha256 of config and weights; a copy keeps it, new weights change it, weights
+    changed by another tool (or a folder another tool wrote) fall back to a sampled digest that still tells
+    them apart."""
+    import shutil
+    model = M.load_checkpoint(hf_dirs["mha"][1])
+    M.save_hf_checkpoint(model, str(tmp_path / "a"))
+    saved = M.checkpoint_identity(str(tmp_path / "a"))
+    assert saved.startswith("sha256:") and len(saved) == 7 + 64
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert M.checkpoint_identity(str(tmp_path / "copy")) == saved
+    with torch.no_grad():
+        model.norm.weight.add_(1e-3)  # a small change in a small tensor
+    M.save_hf_checkpoint(model, str(tmp_path / "a"))
+    assert M.checkpoint_identity(str(tmp_path / "a")) not in (saved, None)
+    foreign = M.checkpoint_identity(hf_dirs["mha"][1])  # written by transformers: no record
+    assert foreign.startswith("sampled-sha256:") and M.checkpoint_identity(hf_dirs["mha"][1]) == foreign
+    weights = tmp_path / "copy" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # another tool rewrote the weights in place: the record no longer describes the files
+    weights.write_bytes(bytes(blob))
+    changed = M.checkpoint_identity(str(tmp_path / "copy"))
+    assert changed.startswith("sampled-sha256:") and changed != M.checkpoint_identity(str(tmp_path / "a"))
