@@ -801,6 +801,7 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
 
 
 def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by):
+    """generate_answers' work, while it holds the lock on `path`."""
     kept = {(r["id"], r.get("made_by")): r["output"] for r in (read_jsonl(path) if os.path.exists(path) else [])
             if isinstance(r, dict) and "id" in r and isinstance(r.get("output"), str)}
     done = {item["id"]: kept[item["id"], made_by(item)] for item in items if (item["id"], made_by(item)) in kept}

@@ -431,6 +431,8 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
             original = ex.get("output", "").strip()
             if add_original and not original:
                 raise ReplyError("add_original is set but the example has no output")
+            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
+                finished[original] = True
             if add_original == "scored" and original not in scored:
                 ranked = sorted(ranked + [(original, original_score(prompt, ex["output"]))], key=lambda p: -p[1])
             elif add_original == "first":
