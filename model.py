@@ -611,9 +611,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
 
     Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce EOS leave the batch
-    (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together (memory):
-    prompts then go in order of length, so a batch pads little; the output keeps the input order. Rows are
-    left-padded and padding is masked out, so a row's logits do not depend on the rows beside it.
+    (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together (memory;
+    one prompt's rows at least): prompts then go in order of length, so a batch pads little; the output keeps the
+    input order. Rows are left-padded and padding is masked out, so a row's logits do not depend on its neighbours.
     generator: None (torch's default), one torch.Generator shared by the rows (they draw from it in turn, so a
     row's samples depend on its neighbours), or a list of len(prompts) * num_samples generators, one per row: a
     row's samples then depend only on its prompt and its own generator, however the rows are batched (e.g. one
