@@ -251,12 +251,16 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     assert set(merged.state_dict()) == set(tiny_model.state_dict())
 
 
-def test_bench_compares_layouts_that_compute_the_same_loss():
+@pytest.mark.parametrize("candidates", [4, 5])
+def test_bench_compares_layouts_that_compute_the_same_loss(candidates):
     import bench  # its naive K-row baseline must be the same computation, or its speed-up means nothing
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
-    shared, naive = bench.ranking_rows(512, 2)
-    assert sum(len(r["tokens"]) for r in shared) == 2 * (bench.PROMPT_LEN + sum(bench.RESPONSE_LENS))
+    lens = bench.RESPONSE_LENS if candidates == 4 else bench.RESPONSE_LENS_K5
+    assert len(lens) == candidates
+    shared, naive = bench.ranking_rows(512, 2, lens)
+    assert sum(len(r["tokens"]) for r in shared) == 2 * (bench.PROMPT_LEN + sum(lens))
+    assert len(naive) == 2 * candidates
     with torch.no_grad():
         packed = bench.ranking_loss(net, shared, False, torch.device("cpu"), 2)
         rows = bench.ranking_loss(net, naive, True, torch.device("cpu"), 2)
