@@ -124,5 +124,5 @@ def test_eval_on_the_bpe_checkpoint(sft, benchmarks, tmp_path):  # noqa: F811
     # eval's batched greedy path answers the training instructions with the trained answers, as generate does
     prompts = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(examples)]
     answers = E.generate_answers("bpe", "train", prompts, E.model_loader(str(root / "sft"), None, "cpu", None),
-                                 str(tmp_path), 4, 40)
+                                 str(tmp_path), 4, 40, E.answer_producer(str(root / "sft")))
     assert sum(answers[str(i)] == e["output"] for i, e in enumerate(examples)) >= len(examples) // 2
