@@ -12,10 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import sentencepiece as spm
 
-# PyTorch's cross_entropy ignores this label by default; being negative it is never a token id.
-IGNORE_INDEX = -100
-
-
 class DataError(ValueError):
     """Bad input data; the message names the file, the line (1-based) or record index (0-based, in a
     JSON list), and the field: "alpaca.json, record 3, field 'output': empty"."""
@@ -35,8 +31,7 @@ class Tokenizer:
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). Still, build masks from lengths, not by
-    comparing ids with pad_id; labels at padded and prompt positions are IGNORE_INDEX.
+    pad token instead). Still, build masks from lengths, not by comparing ids with pad_id.
     """
 
     def __init__(self, model_path):
@@ -137,18 +132,6 @@ def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: 
     if room < 1:
         return None
     return prompt_ids, response_ids[:room]
-
-
-def build_sft_example(tok: Tokenizer, prompt: str, response: str, max_len: int = 512):
-    """(input_ids, labels) for cross-entropy on the response only, or None (see above).
-
-    labels are aligned with input_ids (not shifted: the loss shifts), IGNORE_INDEX over the prompt.
-    """
-    pair = encode_prompt_response(tok, prompt, response, max_len)
-    if pair is None:
-        return None
-    prompt_ids, response_ids = pair
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
 # ----------------------------------------------------------------------------- records and files
@@ -334,26 +317,35 @@ def read_ranked_jsonl(path) -> list[RankedRecord]:
 
 
 def write_ranked_jsonl(path, records) -> None:
-    """Write records as ranked JSONL, atomically: into a temporary file in the same folder, then
-    os.replace, so a crash or a bad record never leaves a half-written or clobbered file."""
+    """Write records as ranked JSONL, atomically (write_atomic): a bad record leaves the old file as it was."""
+    def lines():
+        seen = {}
+        for i, record in enumerate(records):
+            where = f"record {i}"
+            if not isinstance(record, RankedRecord):
+                raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
+            obj = asdict(record)
+            _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
+            try:
+                yield json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+            except (TypeError, ValueError) as e:
+                raise _fail(path, where, "source", f"not JSON-serialisable ({e})") from None
+    write_atomic(path, lines())
+
+
+# ----------------------------------------------------------------------------- files a kill may interrupt
+
+def write_atomic(path, text):
+    """Write text (a string, or an iterable of strings written one by one) to path as UTF-8, through a
+    temporary file in the same folder and a rename: a kill or an error leaves the old file or the new
+    one, never half of one. The project's one way to replace a file."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); a data file is meant to be shared
-            seen = {}
-            for i, record in enumerate(records):
-                where = f"record {i}"
-                if not isinstance(record, RankedRecord):
-                    raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
-                obj = asdict(record)
-                _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
-                try:
-                    line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    raise _fail(path, where, "source", f"not JSON-serialisable ({e})") from None
-                f.write(line + "\n")
+            f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -361,3 +353,38 @@ def write_ranked_jsonl(path, records) -> None:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+
+
+def read_jsonl_log(path, skipped=None):
+    """(byte offset, record) for each line of an append-only JSONL log (a cache, metrics, finished
+    answers) that a kill may have cut short: a line that is not a whole JSON object is passed to
+    skipped(message) and left out, never an error. A missing file holds no records. The project's one
+    way to read such a file (data files are read strictly, with iter_jsonl)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line_no, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line.decode("utf-8")) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = False
+            if isinstance(record, dict):
+                yield offset, record
+            elif record is not None and skipped:
+                skipped(f"{path}, line {line_no}: malformed JSON line (one cut short by a kill?), skipped")
+            offset += len(line)
+
+
+def append_jsonl(path, records):
+    """Append records to a JSONL log, one line each, and close the file, so each line survives a kill of
+    this process. A last line cut short by an earlier kill is ended first, so the new line stands on
+    its own. Returns the byte offset where the first new line starts."""
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                end += f.write(b"\n")
+        f.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records))
+    return end

@@ -31,16 +31,8 @@ def problem(message):
 
 
 def read_jsonl(path):
-    """Records of a JSONL file; a malformed line (e.g. half-written when a run was killed) is reported."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    problem(f"{path}:{line_no}: malformed JSON line ({e.msg})")
-    return records
+    """The JSON objects of a JSONL file; a malformed line (e.g. half-written when a run was killed) is reported."""
+    return [record for _, record in data.read_jsonl_log(path, problem)]
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
@@ -781,8 +773,7 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
     OUT/generations/NAME/BENCH.jsonl after every batch and never generated again."""
     path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    done = {r["id"]: r["output"] for r in (read_jsonl(path) if os.path.exists(path) else [])
-            if isinstance(r, dict) and "id" in r and isinstance(r.get("output"), str)}
+    done = {r["id"]: r["output"] for r in read_jsonl(path) if "id" in r and isinstance(r.get("output"), str)}
     todo = [item for item in items if item["id"] not in done]
     if not todo:
         return done
@@ -796,23 +787,17 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
             ids = ids[:1] + ids[len(ids) - limit + 1:]
         encoded.append(ids)
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut_short = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if os.path.getsize(path) and cut_short:
-            f.write("\n")  # a line cut short by a kill stays on its own line (reported, then ignored)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
-                                                         temperature=0.0, eos_id=tok.eos_id)
-            for i, tokens in zip(batch, new_tokens):
-                text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
-                done[todo[i]["id"]] = text
-                f.write(json.dumps({"id": todo[i]["id"], "output": text}, ensure_ascii=False) + "\n")
-            f.flush()
-            print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
+                                       temperature=0.0, eos_id=tok.eos_id)
+        finished = []
+        for i, tokens in zip(batch, new_tokens):
+            text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
+            done[todo[i]["id"]] = text
+            finished.append({"id": todo[i]["id"], "output": text})
+        data.append_jsonl(path, finished)
+        print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
     return done
 
 
@@ -871,10 +856,8 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni=None, lmentry=None, v
             results["vicuna"] = dict(judge_vicuna(client, questions, references, answers, pairs), baseline=baseline,
                                      judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_markdown(results))
+    data.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, ensure_ascii=False))
+    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
 
 

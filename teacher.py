@@ -20,7 +20,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -64,18 +63,9 @@ class TeacherClient:
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in RAM),
         # or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
-        if cache_path and os.path.exists(cache_path):
-            with open(cache_path, "rb+") as f:
-                offset, line = 0, b"\n"
-                for line_no, line in enumerate(iter(f.readline, b""), 1):
-                    try:
-                        self._cache[json.loads(line)["key"]] = offset
-                    except (ValueError, KeyError, TypeError):  # the last line of a killed run may be cut short
-                        log.warning("%s line %d: unreadable cache entry skipped (its request is sent again)",
-                                    cache_path, line_no)
-                    offset += len(line)
-                if not line.endswith(b"\n"):
-                    f.write(b"\n")  # so the next entry does not glue onto a cut-short one
+        if cache_path:  # the last line of a killed run may be cut short: its request is sent again
+            for offset, entry in data.read_jsonl_log(cache_path, log.warning):
+                self._cache[entry.get("key")] = offset
 
     def chat(self, messages, cache_only=False, **params):
         return self.post("/chat/completions", {"model": self.model, "messages": messages, **params}, cache_only)
@@ -102,18 +92,15 @@ class TeacherClient:
             return None
         answer = self._send(url, body)
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        line = json.dumps({"key": key, "path": path, "request": body, "response": answer}, ensure_ascii=False)
+        entry = {"key": key, "path": path, "request": body, "response": answer}
+        line = json.dumps(entry, ensure_ascii=False)
         if self._redact(line) != line:  # the server put the key into its answer: keep it out of every file
-            line = self._redact(line)
-            answer = json.loads(line)["response"]
+            entry = json.loads(self._redact(line))
+            answer = entry["response"]
         with self._lock:
             for name in ("prompt_tokens", "completion_tokens"):
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            self._cache[key] = answer
-            if self.cache_path:  # append + close: the line survives a SIGKILL of this process
-                with open(self.cache_path, "ab") as f:
-                    self._cache[key] = f.seek(0, os.SEEK_END)
-                    f.write(line.encode("utf-8") + b"\n")
+            self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
         return answer
 
     def _send(self, url, body):
@@ -251,20 +238,12 @@ def _failure(kind, item, error, teacher):
             "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None), "teacher": teacher}
 
 
-def write_jsonl_atomic(path, rows):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _finish(kind, client, results, out_path, failures_path):
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
     data.write_ranked_jsonl(out_path, records)
-    write_jsonl_atomic(failures_path or out_path + ".failures.jsonl", failures)
+    data.write_atomic(failures_path or out_path + ".failures.jsonl",
+                      (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
     counts = dict(done=len(records), failed=len(failures), **client.counts)
     print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
     return counts
@@ -425,14 +404,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     back on a re-run with the same prompt and settings, so a killed run does not sample again. Each item has its
     own generator seeded from (seed, id): the result does not depend on where a run was killed."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed)
-    done = {}
-    if os.path.exists(cache_path):
-        for line in open(cache_path, encoding="utf-8"):
-            try:
-                entry = json.loads(line)
-                done[entry["id"]] = entry
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: unreadable student entry skipped (sampled again)", cache_path)
+    done = {entry.get("id"): entry for _, entry in data.read_jsonl_log(cache_path, log.warning)}
     device = model.tok_embeddings.weight.device
     result = {}
     for item_id, _, prompt in _items(examples):
@@ -442,8 +414,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
             generator = torch.Generator(device=device).manual_seed(item_seed)
             entry = dict(id=item_id, prompt=prompt, settings=settings, **sample_diverse(
                 model, tok, prompt, n, temperature, max_new_tokens, tries, generator=generator))
-            with open(cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            data.append_jsonl(cache_path, [entry])
         result[item_id] = entry
     return result
 
