@@ -588,22 +588,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
 
 
 def token_logprobs(logits, targets, ignore_index=-100):
-    """log p(targets[b, t]) under logits[b, t] (B, T, vocab) -> (B, T) float32, 0 where target == ignore_index."""
-    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="none")
-    return -flat.view(targets.shape)  # (B, T)
-
-
-def sequence_logprobs(model, prompts, responses):
-    """(sum of log p(response token | prompt, earlier response tokens) [B], number of response tokens [B]).
-    Rows are right-padded; causal attention keeps the padding out of every scored position. Gradients flow."""
-    if len(prompts) != len(responses) or min(map(len, prompts), default=1) == 0:
-        raise ValueError("sequence_logprobs: one non-empty prompt (e.g. BOS) per response")
-    device = model.tok_embeddings.weight.device
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    tokens = torch.tensor([list(p) + list(r) + [0] * (T - len(p) - len(r)) for p, r in zip(prompts, responses)],
-                          device=device)  # (B, T)
-    # the logits at position t predict token t + 1: response tokens are the targets of positions len(p)-1 onwards
-    targets = torch.tensor([[-100] * (len(p) - 1) + list(r) + [-100] * (T - len(p) - len(r) + 1)
-                            for p, r in zip(prompts, responses)], device=device)  # (B, T)
-    logprobs = token_logprobs(model(tokens), targets)  # (B, T)
-    return logprobs.sum(-1), (targets != -100).sum(-1)
+    """log p(targets[..., t]) under logits[..., t, :] -> float32 of targets' shape, 0 where target == ignore_index.
+    The project's one token log-prob: the training loss (tuna.score_tokens) and the teacher server's scores
+    (teacher.LocalTeacher) both go through it, so what the teacher reports is what training optimises."""
+    flat = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction="none")
+    return -flat.view(targets.shape)

@@ -30,7 +30,7 @@ import requests
 import torch
 
 import data
-from model import generate, load_checkpoint
+from model import generate, load_checkpoint, token_logprobs
 
 log = logging.getLogger("teacher")
 
@@ -512,14 +512,14 @@ class LocalTeacher:
         return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
 
     def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (log_softmax of the raw logits, as the OpenAI API reports them,
-        hence equal to model.py's sequence_logprobs) and the top_k (log-prob, id) pairs at each position."""
+        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as the OpenAI API reports
+        them, and as training scores responses) and the top_k (log-prob, id) pairs at each position."""
         with torch.no_grad():
-            logp = torch.log_softmax(self.model(torch.tensor([ids], device=self.device))[0, :-1].float(), -1)
-        chosen = logp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0].tolist()
+            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]  # (T - 1, vocab)
+        chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
         if not top_k:
             return chosen, [[] for _ in chosen]
-        values, indices = logp.topk(top_k, -1)
+        values, indices = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
         return chosen, [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
 
     def _run(self, prompt, n, temperature, top_p, max_tokens, seed, stop, top_k):

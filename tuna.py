@@ -156,8 +156,7 @@ def score_tokens(model, batch):
     that predict a scored token go through the vocabulary-sized output layer (output_positions), which
     skips prompts and padding and never holds (B, T, vocab) logits."""
     logits = model(batch["tokens"], batch["positions"], batch["mask"], output_positions=batch["source"])  # (B, N, V)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
-    return -nll.view(batch["target"].shape) * (batch["candidate"] >= 0)
+    return llama.token_logprobs(logits, batch["target"]) * (batch["candidate"] >= 0)
 
 
 # ============================================================================ 3. data: files -> packed rows
