@@ -27,6 +27,10 @@ import model
 import teacher
 
 # ----------------------------------------------------------------------------- files and problems
+class EvalError(ValueError):
+    """Input the evaluation cannot start with (a missing folder or file); the message names it."""
+
+
 PROBLEMS = []  # every skipped file / item / reply, in words; ends up in results.md and results.json
 
 
@@ -66,6 +70,9 @@ def read_superni(superni_dir, max_instances=100):
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
         split = os.path.join(superni_dir, "splits", "default", "test_tasks.txt")
+    if not os.path.isfile(split):
+        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt nor splits/default/test_tasks.txt "
+                        "found there")
     with open(split, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     items, missing = [], []
@@ -209,6 +216,8 @@ def read_vicuna(vicuna_dir):
     """Questions (question.jsonl: question_id, category, turns; the old `text` field too) and the GPT-4
     reference answers by question id (reference_answer_gpt-4.jsonl or reference_answer/gpt-4.jsonl)."""
     path = os.path.join(vicuna_dir, "question.jsonl")
+    if not os.path.isfile(path):
+        raise EvalError(f"--vicuna {vicuna_dir}: no question.jsonl there")
     questions = []
     for i, record in enumerate(read_jsonl(path), 1):
         record = record if isinstance(record, dict) else {}
@@ -323,7 +332,13 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
     PROBLEMS.clear()
     if baseline is not None and baseline not in checkpoints:
-        raise ValueError(f"baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+        raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name, directory in checkpoints.items():  # before any work: a typo should not cost an hour of answers
+        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
+            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
+                            "params.json there)")
+    if lmentry_dir and not os.path.isdir(lmentry_dir):
+        raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
     os.makedirs(out_dir, exist_ok=True)
     names = list(checkpoints)
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
@@ -397,7 +412,7 @@ def results_markdown(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the one in each checkpoint directory)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
@@ -422,12 +437,15 @@ def main(argv=None):
         if not sep or not name or not directory or name in checkpoints:
             parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
         checkpoints[name] = directory
-    results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
-                       lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
-                       judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
-                       batch_size=args.batch_size, max_instances=args.max_instances,
-                       max_new_tokens=tuple(args.max_new_tokens), device=args.device,
-                       dtype=getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
+                           lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url,
+                           judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
+                           baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
+                           max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),
+                           device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (OSError, ValueError, teacher.TeacherError) as e:  # EvalError, DataError and model.py's name the file
+        parser.exit(1, f"eval.py: error: {e}\n")
     print(results_markdown(results))
 
 
