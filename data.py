@@ -317,7 +317,7 @@ def read_ranked_jsonl(path) -> list[RankedRecord]:
 
 
 def write_ranked_jsonl(path, records) -> None:
-    """Write records as ranked JSONL, atomically (write_atomic): a bad record leaves the old file as it was."""
+    """Write records as ranked JSONL atomically (write_atomic): a bad record leaves the old file as it was."""
     def lines():
         seen = {}
         for i, record in enumerate(records):

@@ -113,25 +113,28 @@ def run_demo(args):
     limit = ["--limit", str(size["ranked"]), "--workers", "2"]
     process, teacher_url = start_teacher_server(path("teacher"))
     try:
-        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token log-prob",
-              teacher.main, ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
-                             path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
-                             "--max-tokens", "16", "--add-original", "scored", *limit])
+        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token "
+              "log-prob", teacher.main,
+              ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
+               path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
+               "--max-tokens", "16", "--add-original", "scored", *limit])
     finally:
         process.kill()
     judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
     judge_url = f"http://127.0.0.1:{judge.server_port}/v1"
     judge_args = ["--base-url", judge_url, "--model", JUDGE, "--student-max-tokens", "16", *limit]
     try:
-        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on Tuna_p's "
-              "own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", tuna.main,
-              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data", path("probabilistic.jsonl"),
-               "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual", str(size["rank_lr"] / 10),
-               "--instructions", path("sft_data.json"), "--teacher-base-url", judge_url, "--teacher-model",
-               JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out", path("tuna"), *rank])
-        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge ranks "
-              "them", teacher.main, ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student",
-                                     path("sft"), "--out", path("contextual_sft.jsonl"), *judge_args])
+        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on "
+              "Tuna_p's own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", tuna.main,
+              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data",
+               path("probabilistic.jsonl"), "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual",
+               str(size["rank_lr"] / 10), "--instructions", path("sft_data.json"), "--teacher-base-url",
+               judge_url, "--teacher-model", JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out",
+               path("tuna"), *rank])
+        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge "
+              "ranks them", teacher.main,
+              ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student", path("sft"), "--out",
+               path("contextual_sft.jsonl"), *judge_args])
     finally:
         judge.shutdown()
     stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main,
@@ -172,8 +175,9 @@ def prepare(args, size, out):
                             "use another --out or the same settings")
     os.makedirs(out, exist_ok=True)
     student, teacher_data, heldout = suite(size, args.noise, args.seed)
-    for name, value in (("demo.json", settings), ("sft_data.json", student), ("teacher_data.json", teacher_data),
-                        ("heldout.json", heldout)):
+    files = {"demo.json": settings, "sft_data.json": student, "teacher_data.json": teacher_data,
+             "heldout.json": heldout}
+    for name, value in files.items():
         if not os.path.exists(os.path.join(out, name)):
             data.write_atomic(os.path.join(out, name), json.dumps(value, indent=1))
     tokenizer_path = os.path.join(out, "tokenizer.model")
@@ -221,14 +225,14 @@ def train_tokenizer(examples, path):
 # ----------------------------------------------------------------------------- the teacher and the judge
 
 def start_teacher_server(checkpoint):
-    """`python teacher.py serve` on a free port of 127.0.0.1, as a user would start it -> (process, base URL)."""
+    """`python teacher.py serve` on a free port of 127.0.0.1, as a user starts it -> (process, base URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    process = subprocess.Popen([sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint",
-                                checkpoint, "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"],
-                               stdout=subprocess.DEVNULL)
+    command = [sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint", checkpoint,
+               "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(300):
         try:
@@ -247,13 +251,15 @@ def rule_judge_reply(messages, solutions):
     user = messages[-1]["content"]
     found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
     if not found or found.group(1).strip() not in solutions:
-        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction", "messages")
+        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction",
+                                 "messages")
     candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user,
                             re.DOTALL)
     solution = solutions[found.group(1).strip()]
     pool = [c.strip() for c in candidates] + [solution]
     kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
-    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution)) for i in kept}
+    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution))
+             for i in kept}
     ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
     return ("(1) The instruction is close-ended.\n"
             f"(2) ###Response {len(candidates)}:\n{solution}\n"
@@ -296,13 +302,15 @@ def evaluate_heldout(out, heldout):
     for name, folder in MODELS.items():
         checkpoint = os.path.join(out, folder)
         loader = evaluation.model_loader(checkpoint, None, "cpu", torch.float32)
-        answers = evaluation.generate_answers(os.path.basename(checkpoint), "demo", items, loader, out, 64, 16)
+        answers = evaluation.generate_answers(os.path.basename(checkpoint), "demo", items, loader, out, 64,
+                                              16)
         answers = [answers[item["id"]] for item in items]
         exact = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
         rouge = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
         by_task = {t: 100 * sum(x for x, e in zip(exact, heldout) if e["task"] == t) /
                    sum(e["task"] == t for e in heldout) for t in TASKS}
-        results[name] = {"checkpoint": checkpoint, "items": len(heldout), "exact_match": 100 * sum(exact) / len(exact),
+        results[name] = {"checkpoint": checkpoint, "items": len(heldout),
+                         "exact_match": 100 * sum(exact) / len(exact),
                          "rouge_l": 100 * sum(rouge) / len(rouge), "exact_match_by_task": by_task,
                          "answers": [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
                                      for a, e in zip(answers, heldout)]}
@@ -315,9 +323,10 @@ def results_table(results, noise, wall_time):
     for name, r in results.items():
         lines.append(f"| {name} | {r['exact_match']:.1f} | {r['rouge_l']:.1f} | "
                      + " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in TASKS) + f" | {r['items']} |")
-    lines += ["", f"Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them (x100), "
-              f"then exact match per task. SFT data: {noise:.0%} wrong answers. Contextual ranking was judged by a "
-              f"rule-based judge that checks the known answers (a stand-in for GPT-4). Wall time {wall_time:.0f} s.",
+    lines += ["", "Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them "
+              f"(x100), then exact match per task. SFT data: {noise:.0%} wrong answers. Contextual ranking "
+              "was judged by a rule-based judge that checks the known answers (a stand-in for GPT-4). Wall "
+              f"time {wall_time:.0f} s.",
               "", "![Each stage's training curves and the held-out scores](results.svg)"]
     return "\n".join(lines) + "\n"
 
@@ -338,7 +347,8 @@ def results_svg(curves, results, subtitle):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
              f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
              f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
-             text(20, 28, "Tuna demo: each stage's training curves and the held-out scores", size=17, weight="bold"),
+             text(20, 28, "Tuna demo: each stage's training curves and the held-out scores", size=17,
+                  weight="bold"),
              text(20, 48, f"{subtitle}; per step, loss = MLE term + ranking term (tuna.py); "
                           "axes differ between panels")]
     for i, (key, (label, color)) in enumerate(SERIES.items()):

@@ -38,9 +38,11 @@ ARGUMENT_ORDER_TASKS = ["more_letters", "less_letters", "first_alphabetically", 
 ADJACENT_TASKS = [("bigger_number", "smaller_number"), ("more_letters", "less_letters"),
                   ("word_after", "word_before"), ("most_associated_word", "least_associated_word"),
                   ("any_words_from_category", "all_words_from_category"),
-                  ("sentence_containing", "sentence_not_containing"), ("word_containing", "word_not_containing"),
+                  ("sentence_containing", "sentence_not_containing"),
+                  ("word_containing", "word_not_containing"),
                   ("starts_with_word", "starts_with_letter"), ("ends_with_word", "ends_with_letter"),
-                  ("sentence_containing", "word_containing"), ("sentence_not_containing", "word_not_containing"),
+                  ("sentence_containing", "word_containing"),
+                  ("sentence_not_containing", "word_not_containing"),
                   ("first_word", "first_letter"), ("last_word", "last_letter"),
                   ("starts_with_word", "ends_with_word"), ("starts_with_letter", "ends_with_letter"),
                   ("first_word", "last_word"), ("first_letter", "last_letter")]
@@ -55,7 +57,7 @@ def normalize(text):
 
 
 def quoted(word, noun="word"):
-    """`word` as the authors accept it: optionally "the word " before it, quotes, periods or commas around it."""
+    """`word` as the authors accept it: optionally "the word " before it, quotes, periods, commas around."""
     return rf"(the {noun} )?{QUOTES}\b{word}\b{QUOTES}"
 
 
@@ -155,7 +157,8 @@ def score_letter_in_word(prediction, metadata, example, task):
                  "{w} is _A_ word _STARTING_ with {l}", "a word _STARTING1_ with {l} is {w}"]
     if starts:
         templates += ["{w} is _A_ word whose first letter is {l}", "{l} is for {w}", "how about {w}"]
-        markers = {"_STARTS_": "(starts|begins)", "_STARTING_": "(starting|beginning)", "_STARTING1_": "starting"}
+        markers = {"_STARTS_": "(starts|begins)", "_STARTING_": "(starting|beginning)",
+                   "_STARTING1_": "starting"}
     else:  # the authors' missing comma glues these two patterns into one; kept for parity of scores
         templates += ["{w} is _A_ word whose last letter is {l}how about {w}"]
         markers = {"_STARTS_": "ends", "_STARTING_": "ending", "_STARTING1_": "ending"}
@@ -191,7 +194,7 @@ def score_sentence_containing(prediction, metadata, example, task):
         return 0, 1
     if len(words) == 1:
         return 0, 0  # one word is no sentence
-    return 1, int(metadata["word"].lower() not in prediction)  # uncertain when the word hides in another (cats)
+    return 1, int(metadata["word"].lower() not in prediction)  # uncertain when it hides in another (cats)
 
 
 def score_sentence_starts_or_ends_with(prediction, metadata, example, task):
@@ -202,14 +205,16 @@ def score_sentence_starts_or_ends_with(prediction, metadata, example, task):
     word, valid, a = quoted(word), r"(a|i|\w\w+)", "(a|one)"  # and at least one more valid word
     if task == "starts_with_word":
         sentence = rf"{NOT_WORD}*{word}{NOT_WORD}+{valid}.*"
-        prefixes = ["the sentence( is)?"] + [f"{a} sentence {s} {word}( is)?"
-                                             for s in ("that starts with", "starting with", "whose first word is")]
+        starts = ("that starts with", "starting with", "whose first word is")
+        prefixes = ["the sentence( is)?"] + [f"{a} sentence {s} {word}( is)?" for s in starts]
         suffixes = [f"{s} {word}" for s in ("starts with", "is a sentence that starts with",
-                                             "is a sentence starting with", "is a sentence whose first word is")]
+                                             "is a sentence starting with",
+                                             "is a sentence whose first word is")]
     else:
         sentence = rf".*{valid}{NOT_WORD}+{word}{NOT_WORD}*"
         prefixes = ["the sentence( is)?", f"{a} sentence that ends with {word} ( is)?",
-                    f"{a} sentence ending with {word}( is)?", f"{a} sentence whose (last|final) word is {word}( is)?"]
+                    f"{a} sentence ending with {word}( is)?",
+                    f"{a} sentence whose (last|final) word is {word}( is)?"]
         suffixes = ["$"]
     if simple_match(prediction, sentence):
         return 1, 1
@@ -221,8 +226,9 @@ def score_position(prediction, metadata, example, task):
     answer_text = re.escape(metadata["answer"].lower())
     if lacks_word(prediction, answer_text):
         return 0, 1
-    if task in ("word_after", "word_before") and re.sub(r"[^\w ]+", "", prediction) == metadata["sentence"].lower():
-        return 0, 1  # the prediction only repeats the sentence
+    if task in ("word_after", "word_before"):
+        if re.sub(r"[^\w ]+", "", prediction) == metadata["sentence"].lower():
+            return 0, 1  # the prediction only repeats the sentence
     answer = quoted(answer_text, "letter" if task.endswith("letter") else "word")
     if simple_match(prediction, answer):
         return 1, 1
@@ -244,7 +250,7 @@ def score_position(prediction, metadata, example, task):
         bases = [f"the {position} word is {answer}", f"the {position} word (of|in) {sentence} is {answer}",
                  f"{answer} is the {position} word",
                  f"{sentence} {'begins' if position == 'first' else 'ends'} with {answer}",
-                 r"First word\W+" + answer]  # both tasks say "First word" (the authors' copy); \W lowercases to \w
+                 r"First word\W+" + answer]  # "First word" in both tasks (the authors' copy); \W becomes \w
         return pattern_match(prediction, bases + answer_phrasings(answer), **in_sentence)
     query = quoted(re.escape(metadata["query"].lower()))
     markers = {"_AFTER_": "(immediately |right )?after", "_BEFORE_": "(immediately |right )?before",
@@ -252,16 +258,18 @@ def score_position(prediction, metadata, example, task):
                "_FOLL_": "(immediately )?follows"}
     if task == "word_after":
         templates = ["{a} comes _AFTER_ {q}", "{a} is the word that comes _AFTER_ {q}", "{a} _SUCC_ {q}",
-                     "{a} is the word that _SUCC_ {q}", "{a} _FOLL_ {q}", "the word that comes _AFTER_ {q} is {a}",
+                     "{a} is the word that _SUCC_ {q}", "{a} _FOLL_ {q}",
+                     "the word that comes _AFTER_ {q} is {a}",
                      "the word that comes _AFTER_ {q} in {s} is {a}", "the word that _SUCC_ {q} is {a}",
-                     "the word that _FOLL_ {q} is {a}", "{q} is succeeded by {a}", "{q} is followed by {a}"]
+                     "the word that _FOLL_ {q} is {a}",
+                     "{q} is succeeded by {a}", "{q} is followed by {a}"]
         marker, other = "_AFTER_", "_BEFORE_"
     else:
         templates = ["{a} comes _BEFORE_ {q}", "{a} is the word that comes _BEFORE_ {q}", "{a} _PREC_ {q}",
                      "{a} is the word that _PREC_ {q}", "{a} is followed by {q}",
-                     "the word that comes _BEFORE_ {q} is {a}", "the word that comes _BEFORE_ {q} in {s} is {a}",
-                     "the word that _PREC_ {q} is {a}", "the word that _FOLL_ {a} is {q}", "{a} is succeeded by {q}",
-                     "{q} _FOLL_ {a}"]
+                     "the word that comes _BEFORE_ {q} is {a}",
+                     "the word that comes _BEFORE_ {q} in {s} is {a}", "the word that _PREC_ {q} is {a}",
+                     "the word that _FOLL_ {a} is {q}", "{a} is succeeded by {q}", "{q} _FOLL_ {a}"]
         marker, other = "_BEFORE_", "_AFTER_"
     # mirrored: "Q comes before A" for "A comes after Q" (the authors' swap of answer and query)
     mirrored = [t for t in templates if marker in t]
@@ -270,8 +278,9 @@ def score_position(prediction, metadata, example, task):
     return pattern_match(prediction, bases + answer_phrasings(answer), **in_sentence)
 
 
-LETTER_COUNT_TEMPLATES = ["{a} has _CMP_ letters", "{a} has _CMP_ letters than {b}", "{a} has {n} _CMP_ letter(s)?",
-                          "{a} has {n} _CMP_ letter(s)? than {b}", "the word that has _CMP_ letters is {a}",
+LETTER_COUNT_TEMPLATES = ["{a} has _CMP_ letters", "{a} has _CMP_ letters than {b}",
+                          "{a} has {n} _CMP_ letter(s)?", "{a} has {n} _CMP_ letter(s)? than {b}",
+                          "the word that has _CMP_ letters is {a}",
                           "{a} is the word that has _CMP_ letters", "{a} is _LONG_", "{a} is _LONG_ than {b}",
                           "{a} is _LONG_ than {b} by {n} letter(s)?", "the _LONG_ word is {a}",
                           "the word that is _LONG_ is {a}", "{a} is the word that is _LONG_"]
@@ -284,8 +293,8 @@ def score_letter_counts(prediction, metadata, example, task):
     answer, distractor = quoted(re.escape(metadata["answer"])), quoted(re.escape(metadata["distractor"]))
     spelled = number_words(difference)
     difference_regex = rf"(\b{difference}\b|{spelled}|{spelled.replace('-', ' ')})"
-    markers = {"_CMP_": "more", "_LONG_": "longer"} if more else {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
-    opposite = {"_CMP_": "(less|fewer)", "_LONG_": "shorter"} if more else {"_CMP_": "more", "_LONG_": "longer"}
+    longer, shorter = {"_CMP_": "more", "_LONG_": "longer"}, {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
+    markers, opposite = (longer, shorter) if more else (shorter, longer)
     negatives = [distractor] + fill_templates(LETTER_COUNT_TEMPLATES + ["{a} is _LONG_ by {n} letter(s)?"],
                                               markers, a=distractor, b=answer, n=difference_regex)
     if any(re.match(normalize(t) + r"\.?$", prediction) for t in negatives):
@@ -301,8 +310,9 @@ def score_letter_counts(prediction, metadata, example, task):
         return 1, 1
     bases = fill_templates(LETTER_COUNT_TEMPLATES, markers, a=answer, b=distractor, n=difference_regex)
     for marker in ("_CMP_", "_LONG_"):  # mirrored: "D has fewer letters", "D is shorter"
-        bases += fill_templates([t for t in LETTER_COUNT_TEMPLATES if marker in t], {marker: opposite[marker]},
-                                a=distractor, b=answer, n=difference_regex)
+        mirrored = [t for t in LETTER_COUNT_TEMPLATES if marker in t]
+        bases += fill_templates(mirrored, {marker: opposite[marker]}, a=distractor, b=answer,
+                                n=difference_regex)
     word1, word2 = quoted(re.escape(metadata["word1"])), quoted(re.escape(metadata["word2"]))
     prefixes = ("", f"of the words {word1} and {word2}, ", f"from the words {word1} and {word2}, ")
     return pattern_match(prediction, bases + answer_phrasings(answer), prefixes)
@@ -344,7 +354,8 @@ def score_first_alphabetically(prediction, metadata, example, task):
                             "{d} _C_ after {a}"], {"_C_": "(comes|is)"}, a=answer, d=distractor)
     prefixes = ("", "alphabetically, ", "in an alphabetical order, ", "in alphabetical order, ",
                 f"of the words {word1} and {word2}, ")
-    suffixes = ("", " alphabetically", " in an alphabetical order", " in alphabetical order", " in the dictionary")
+    suffixes = ("", " alphabetically", " in an alphabetical order", " in alphabetical order",
+                " in the dictionary")
     return pattern_match(prediction, bases + answer_phrasings(answer), prefixes, suffixes)
 
 
@@ -352,7 +363,8 @@ RHYME_TEMPLATES = ["{q} rhymes with {a}( and not with {d})?", "{q} is _A_ rhyme 
                    "{q} and {a} rhyme", "{q} and {a} are rhymes", "{q} and {a} are words that rhyme",
                    "_A_ rhyme of {q} is {a}( and not {d})?", "_A_ word rhyming with {q} is {a}",
                    "_A_ word that rhymes with {q} is {a}",
-                   "{q} and {a}( both)? rhyme( with each other)?, _WHILE_ {d} _DOESNT_ rhyme with either( word)?"]
+                   "{q} and {a}( both)? rhyme( with each other)?, _WHILE_ {d} _DOESNT_ rhyme with either"
+                   "( word)?"]
 RHYME_EXTRA = [r"{d} _DOESNT_ rhyme with {q}(\s+{a} (rhymes|does rhyme) with {q})?",
                r"{q} _DOESNT_ rhyme with {d}(\s+{q} (rhymes|does rhyme) with {a})?",
                r"{a} rhymes with {q}\s+{d} _DOESNT_ rhyme with {q}"]
@@ -394,13 +406,14 @@ def score_association(prediction, metadata, example, task):
     at = metadata["answer_index"]
     listed = metadata["distractors"][:at] + [metadata["answer"]] + metadata["distractors"][at:]
     last = len(listed) - 2
-    words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == last else "")
-                                     for k, w in enumerate(listed))
+    words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == last
+                                                                       else "") for k, w in enumerate(listed))
     words += f"{NOT_WORD}*"  # the listed words in order, "and" allowed before the last
     given, options = "(above|given|listed|following)", "(words|options)"
     word_list = f"(of|from) ((the words )?{words}|the {options} {given}|the {given} {options})"
     templates = ["the word _ASSOC_ _TO_ {c} is {a}", "the word _ASSOC_ _TO_ {c} {w} is {a}",
-                 "{c} _IS_ _ASSOC_ _TO_ {a}", "{a} _IS_ the _ASSOC_ _TO_ {c}", "{a} _IS_ the word _ASSOC_ _TO_ {c}",
+                 "{c} _IS_ _ASSOC_ _TO_ {a}", "{a} _IS_ the _ASSOC_ _TO_ {c}",
+                 "{a} _IS_ the word _ASSOC_ _TO_ {c}",
                  "the word that relates to {c} the _MOST_ is {a}", "{a} relates to {c} the _MOST_"]
     most = "most" if task == "most_associated_word" else "least"
     markers = {"_ASSOC_": f"{most}( commonly)? (associated|related)", "_TO_": "(to|with)", "_IS_": "(is|are)",
@@ -428,8 +441,8 @@ def score_category(prediction, metadata, example, task):
                     "furniture": f"({category}|pieces of furniture)",
                     "fruit": f"({category}|fruits)"}.get(metadata["category"], category)
         bases = [f"{answer}, the list contains only {category}",
-                 f"{answer}, (all of these words|all of those words|all of the words|they all)( (listed|in the list))?"
-                 f" (represent|are types of|refer to types of) {category}"] + bases
+                 f"{answer}, (all of these words|all of those words|all of the words|they all)"
+                 f"( (listed|in the list))? (represent|are types of|refer to types of) {category}"] + bases
     return pattern_match(prediction, bases + answer_phrasings(answer))
 
 
@@ -437,7 +450,8 @@ SCORERS = {
     "starts_with_letter": score_letter_in_word, "ends_with_letter": score_letter_in_word,
     "word_containing": score_letter_in_word, "word_not_containing": score_word_not_containing,
     "sentence_containing": score_sentence_containing, "sentence_not_containing": score_sentence_containing,
-    "starts_with_word": score_sentence_starts_or_ends_with, "ends_with_word": score_sentence_starts_or_ends_with,
+    "starts_with_word": score_sentence_starts_or_ends_with,
+    "ends_with_word": score_sentence_starts_or_ends_with,
     "first_word": score_position, "last_word": score_position, "first_letter": score_position,
     "last_letter": score_position, "word_after": score_position, "word_before": score_position,
     "more_letters": score_letter_counts, "less_letters": score_letter_counts, "bigger_number": score_numbers,
@@ -450,10 +464,10 @@ SCORERS = {
 def score_prediction(task, prediction, example):
     """(score, certainty) of one LMentry prediction, both 0/1; accuracy counts score 1, certain or not.
 
-    Covers all 25 core tasks; the 16 argument-content files use their base task's scorer. Re-implemented from the
-    authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" -> " "),
-    each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and suffixes,
-    lowercased like theirs. Differences:
+    Covers all 25 core tasks; the 16 argument-content files use their base task's scorer. Re-implemented from
+    the authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" ->
+    " "), each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and
+    suffixes, lowercased like theirs. Differences:
     - metadata words are regex-escaped (the authors insert them raw; the same for plain words);
     - num2words is replaced by a small English speller (the same words for -999999..999999);
     - a prediction with no alphanumeric character is 0 at once (theirs reaches 0 later, in some tasks with
@@ -475,8 +489,8 @@ def score_prediction(task, prediction, example):
 # ----------------------------------------------------------------------------- files, accuracy, LMentry score
 
 def read_tasks(lmentry_dir, report):
-    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples, NOTES.md 2.2).
-    A file or example that cannot be used is passed to report(message) and left out."""
+    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples, NOTES.md
+    2.2). A file or example that cannot be used is passed to report(message) and left out."""
     known = CORE_TASKS + [f"{t}_{s}" for t, subsets in ARGUMENT_SUBSETS.items() for s in subsets]
     tasks = {}
     for name in known:
@@ -504,7 +518,8 @@ def read_tasks(lmentry_dir, report):
         tasks[name] = {"settings": settings, "items": items}
     missing = [t for t in CORE_TASKS if t not in tasks]
     if missing:
-        report(f"{lmentry_dir}: {len(missing)} of the 25 core LMentry tasks have no file (first: {missing[0]}.json)")
+        report(f"{lmentry_dir}: {len(missing)} of the 25 core LMentry tasks have no file (first: "
+               f"{missing[0]}.json)")
     return tasks
 
 
@@ -570,4 +585,5 @@ def lmentry_score(per_task):
                                 for a, b in ADJACENT_TASKS])}
     accuracy = mean([per_task[t]["accuracy"] for t in CORE_TASKS])
     value = round(mean(list(aspects.values())), 1)
-    return {"lmentry_score": round(accuracy * value / 100, 1), "robustness": value, "robustness_aspects": aspects}
+    return {"lmentry_score": round(accuracy * value / 100, 1), "robustness": value,
+            "robustness_aspects": aspects}

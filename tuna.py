@@ -41,7 +41,7 @@ MLE_WEIGHT = 1.0                # w_mle in L = w_mle * L_MLE + L_rank
 LENGTH_PENALTY = 1.0            # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
 MAX_LEN = 512                   # tokens of prompt + one response; longer ones are cut on the right
 RANK_LR = {"probabilistic": 1e-5, "contextual": 1e-6}  # Tuna_p from SFT, then Tuna_c from Tuna_p
-RANK_BATCH_SIZE = 16            # instructions per optimizer step
+RANK_BATCH_SIZE = 16            # instructions per step (the authors': per GPU; their GPU count is not stated)
 RANK_EPOCHS = 1
 RANK_WARMUP_STEPS = 2           # linear warm-up, then cosine decay
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
@@ -370,6 +370,14 @@ def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
             f"{latest_checkpoint(run.out) or run.args.init}")
 
 
+PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype on CUDA)
+    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (a CPU: fp32)
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
+    "fp16": (torch.float16, None),
+}
+
+
 def autocast(run):
     """bfloat16 matrix products on CUDA for --precision bf16-mixed; weights and optimizer stay float32."""
     if run.device.type != "cuda" or run.autocast_dtype is None:
@@ -403,14 +411,6 @@ class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says which file, step or setting."""
 
 
-PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype on CUDA)
-    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (a CPU: fp32)
-    "fp32": (torch.float32, None),
-    "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
-    "fp16": (torch.float16, None),
-}
-
-
 def run_settings(args, kind):
     """What makes two runs the same run, recorded in OUT/run.json: the settings that change the math (the
     micro-batch size and the process count do not, see rank_loss), the method's constants, and the data
@@ -440,8 +440,11 @@ def run_folder_state(out, settings, args):
     if not os.path.isfile(stored):
         raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): pass --overwrite to "
                             "replace it, or choose another --out")
-    with open(stored, encoding="utf-8") as f:
-        previous = json.load(f)
+    try:
+        with open(stored, encoding="utf-8") as f:
+            previous = json.load(f)
+    except ValueError as e:
+        raise TrainingError(f"{stored}: not readable JSON ({e}); use --overwrite to start over") from None
     changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
     if changed:
         raise TrainingError(f"{stored}: this run was started with other settings ({', '.join(changed)}); "
@@ -454,7 +457,10 @@ def open_run_folder(run):
     from after the checkpoint are forgotten, as the steps that made them are trained again."""
     metrics = os.path.join(run.out, "metrics.jsonl")
     if run.state == "new":
-        shutil.rmtree(run.out, ignore_errors=True)
+        if os.path.isdir(run.out):
+            shutil.rmtree(run.out)
+        elif os.path.exists(run.out):
+            os.remove(run.out)
         os.makedirs(os.path.join(run.out, "checkpoints"))
         data.write_atomic(os.path.join(run.out, "run.json"), json.dumps(run.settings, indent=2))
     else:
@@ -667,7 +673,8 @@ def run_pipeline(args):
         raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
                             "--teacher-model to build it from Tuna_p's samples with teacher.py")
     if build_contextual and "RANK" in os.environ:  # hours of sampling would time out the other processes
-        raise TrainingError("pipeline: under torchrun, build the contextual data first and pass --contextual-data")
+        raise TrainingError("pipeline: under torchrun, build the contextual data first and pass "
+                            "--contextual-data")
     stage = argparse.Namespace(**vars(args))
     stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data,
                           lr=args.lr_probabilistic)
