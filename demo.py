@@ -61,7 +61,7 @@ SIZES = {
 # The models of the table (name -> folder in --out); the first four are the stages drawn in results.svg.
 MODELS = {"SFT (Alpaca)": "sft", "Tuna_p": os.path.join("tuna", "tuna_p"), "Tuna_c": "tuna_c",
           "Tuna": os.path.join("tuna", "tuna"), "teacher (for reference)": "teacher"}
-STAGE_NOTES = {"SFT (Alpaca)": "SFT on noisy answers: one candidate, no ranking term",
+STAGE_NOTES = {"SFT (Alpaca)": "one candidate, so loss = MLE term",
                "Tuna_p": "probabilistic ranking, from SFT", "Tuna_c": "contextual ranking, from SFT",
                "Tuna": "contextual ranking, from Tuna_p (lr / 10)"}
 

@@ -560,8 +560,8 @@ def start_processes(device_name=None):
     cuda = torch.cuda.is_available() and device_name != "cpu"
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_name or (f"cuda:{local_rank}" if cuda else "cpu"))
+    gpu_index = int(os.environ.get("LOCAL_RANK", 0))         # this process's GPU on its machine
+    device = torch.device(device_name or (f"cuda:{gpu_index}" if cuda else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

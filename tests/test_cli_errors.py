@@ -38,7 +38,7 @@ def inputs(tmp_path_factory, spm_model_path):
     (root / "cut.jsonl").write_text(lines[0] + "\n" + lines[1][:30] + "\n")
     (root / "not_a_tokenizer.model").write_text("not a sentencepiece model")
     (root / "vicuna").mkdir()
-    (root / "vicuna" / "question.jsonl").write_text('{"question_id": 1, "category": "generic", "turns": ["Hi?"]}\n')
+    (root / "vicuna" / "question.jsonl").write_text('{"question_id": 1, "turns": ["Hi?"]}\n')
     (root / "a_file").write_text("not a folder")
     (root / "other_demo").mkdir()
     (root / "other_demo" / "demo.json").write_text(json.dumps({"size": "ci", "noise": 0.9, "seed": 7}))
@@ -51,23 +51,23 @@ def inputs(tmp_path_factory, spm_model_path):
 
 
 TRAIN = ["--init", "{root}/init", "--data", "{root}/ranked.jsonl", "--out", "{root}/new_run"]
+SFT = ["--data", "{root}/alpaca.json", "--out", "{root}/new_run"]
 CASES = [  # (script and arguments, what the error line must contain)
-    (["tuna.py", "sft", "--init", "{root}/missing", "--data", "{root}/alpaca.json", "--out", "{root}/new_run"],
-     "{root}/missing/tokenizer.model"),
-    (["tuna.py", "sft", "--init", "{root}/truncated", "--data", "{root}/alpaca.json", "--out", "{root}/new_run"],
-     "{root}/truncated/model.safetensors"),
-    (["tuna.py", "sft", "--init", "{root}/init", "--data", "{root}/no_output.json", "--out", "{root}/new_run"],
+    (["tuna.py", "sft", "--init", "{root}/missing", *SFT], "{root}/missing/tokenizer.model"),
+    (["tuna.py", "sft", "--init", "{root}/truncated", *SFT], "{root}/truncated/model.safetensors"),
+    (["tuna.py", "sft", "--init", "{root}/init", "--data", "{root}/no_output.json", *SFT[2:]],
      "no_output.json, record 1, field 'output': missing"),
     (["tuna.py", "rank", *TRAIN[:3], "{root}/cut.jsonl", *TRAIN[4:]], "cut.jsonl, line 2: malformed JSON"),
     (["tuna.py", "rank", *TRAIN[:3], "{root}/missing.jsonl", *TRAIN[4:]], "{root}/missing.jsonl"),
     (["tuna.py", "rank", *TRAIN, "--tokenizer", "{root}/not_a_tokenizer.model"],
      "not_a_tokenizer.model: not a sentencepiece model"),
-    (["tuna.py", "rank", *TRAIN[:5], "{root}/stopped", "--batch-size", "2", "--lr", "1e30", "--save-every", "1",
-      "--resume"], "step-00000001/training_state.pt: cannot read the training state"),
+    (["tuna.py", "rank", *TRAIN[:5], "{root}/stopped", "--batch-size", "2", "--lr", "1e30", "--save-every",
+      "1", "--resume"], "step-00000001/training_state.pt: cannot read the training state"),
     (["tuna.py", "rank", *TRAIN[:5], "{root}/stopped", "--batch-size", "2"], "{root}/stopped already exists"),
     (["tuna.py", "pipeline", "--init", "{root}/init", "--probabilistic-data", "{root}/ranked.jsonl", "--out",
       "{root}/new_run", "--batch-size", "2"], "give --contextual-data"),
-    (["eval.py", "--checkpoints", "a={root}/missing", "--out", "{root}/eval"], "--checkpoints a={root}/missing"),
+    (["eval.py", "--checkpoints", "a={root}/missing", "--out", "{root}/eval"],
+     "--checkpoints a={root}/missing"),
     (["eval.py", "--checkpoints", "a={root}/init", "--superni", "{root}/missing", "--out", "{root}/eval"],
      "--superni {root}/missing"),
     (["eval.py", "--checkpoints", "a={root}/init", "--lmentry", "{root}/missing", "--out", "{root}/eval"],
@@ -83,9 +83,11 @@ CASES = [  # (script and arguments, what the error line must contain)
       "not-a-url", "--model", "m"], "not-a-url/completions"),
     (["teacher.py", "contextual", "--data", "{root}/alpaca.json", "--out", "{root}/c.jsonl", "--base-url",
       "http://127.0.0.1:9/v1", "--model", "m", "--student", "{root}/missing"], "{root}/missing"),
-    (["teacher.py", "serve", "--checkpoint", "{root}/truncated", "--port", "0"], "{root}/truncated/model.safetensors"),
+    (["teacher.py", "serve", "--checkpoint", "{root}/truncated", "--port", "0"],
+     "{root}/truncated/model.safetensors"),
     (["demo.py", "--out", "{root}/a_file"], "{root}/a_file"),
-    (["demo.py", "--out", "{root}/other_demo", "--size", "ci"], "{root}/other_demo/demo.json: this folder holds"),
+    (["demo.py", "--out", "{root}/other_demo", "--size", "ci"],
+     "{root}/other_demo/demo.json: this folder holds"),
 ]
 
 
@@ -93,10 +95,11 @@ CASES = [  # (script and arguments, what the error line must contain)
                                                       enumerate(CASES)])
 def test_bad_input_ends_in_one_error_line(inputs, argv, expected):
     argv = [a.format(root=inputs) for a in argv]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], capture_output=True, text=True,
-                            timeout=120, cwd=inputs)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], capture_output=True,
+                            text=True, timeout=120, cwd=inputs)
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     script = argv[0] if argv[0] in ("eval.py", "demo.py") else f"{argv[0]} {argv[1]}"
-    assert last.startswith(f"{script}: error: ") and expected.format(root=inputs) in last, result.stderr[-2000:]
+    assert last.startswith(f"{script}: error: "), result.stderr[-2000:]
+    assert expected.format(root=inputs) in last, result.stderr[-2000:]
     assert not os.path.exists(inputs / "new_run")  # a run that fails before its first step leaves nothing

@@ -127,6 +127,19 @@ def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
     assert metrics(out)[0]["lr"] == pytest.approx(0.5e-3)
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    lines = (files / "ranked.jsonl").read_text().splitlines()
+    (tmp_path / "cut.jsonl").write_text(lines[0] + "\n" + lines[1][:40] + "\n")
+    assert run("rank", "--data", tmp_path / "cut.jsonl", *common(files, out)) == 1
+    assert "cut.jsonl, line 2: malformed JSON" in capsys.readouterr().err and not os.path.exists(out)
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 0  # no --overwrite
+    before = weights(out)
+    # --overwrite replaces a run only when the new one takes its first step: bad data keeps the old run whole
+    assert run("rank", "--data", tmp_path / "cut.jsonl", *common(files, out, "--overwrite")) == 1
+    assert all(torch.equal(before[k], weights(out)[k]) for k in before) and len(metrics(out)) == 1
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(files, tmp_path, capsys):
     out = tmp_path / "nan"
     # lr 1e30: the first update pushes every weight to ~1e30, so the second forward overflows to inf/nan
