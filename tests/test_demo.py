@@ -21,7 +21,7 @@ MODELS = ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna", "teacher (for reference)"]
 
 def run_demo(out):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--size", "ci", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
