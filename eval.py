@@ -1,5 +1,5 @@
 """The paper's evaluation (METHOD.md, "Evaluation in the paper"): Super-NaturalInstructions (ROUGE-L),
-LMentry (its own scorers) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
+LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
         --superni BENCH/superni --lmentry BENCH/lmentry/data --vicuna BENCH/vicuna \
