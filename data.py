@@ -4,10 +4,16 @@ No model here: the teacher, the evaluation and the training loop all read and wr
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
 line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside.
 """
+import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
+import re
+import sys
 import tempfile
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import sentencepiece as spm
@@ -20,10 +26,13 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """Thin wrapper over a sentencepiece tokenizer.model with LLaMA's conventions.
+    """The checkpoint's tokenizer with LLaMA's conventions: Tokenizer(folder) opens tokenizer.model (sentencepiece:
+    LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level BPE: Llama 3, SmolLM2;
+    see ByteLevelBPE). A file path opens that file.
 
-    encode() is plain sentencepiece, as Meta's llama does it (and transformers' slow LlamaTokenizer
-    with legacy=True): text that looks like "</s>" is encoded as text, never as a control token.
+    encode() never produces a control or special token from text: text that looks like "</s>" or
+    "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
+    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2 style).
 
     Padding: LLaMA's model has no pad piece (sentencepiece pad_id() == -1, which no embedding can
     look up). Alpaca and Tuna add a "[PAD]" token and resize the embeddings; we do not, so checkpoints
@@ -31,39 +40,429 @@ class Tokenizer:
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). Still, build masks from lengths, not by comparing ids with pad_id.
+    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE).
+    Still, build masks from lengths, not by comparing ids with pad_id.
     """
 
     def __init__(self, model_path):
         path = str(model_path)
-        if os.path.isdir(path):  # a checkpoint folder holding tokenizer.model
-            path = os.path.join(path, "tokenizer.model")
+        if os.path.isdir(path):  # a checkpoint folder: sentencepiece first, as LLaMA 1/2 folders hold both
+            found = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")
+                     if os.path.isfile(os.path.join(path, name))]
+            if not found:
+                raise FileNotFoundError(f"tokenizer model not found: {path} has neither tokenizer.model "
+                                        "(sentencepiece) nor tokenizer.json (byte-level BPE)")
+            path = found[0]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path = path
+        self.sp = self.bpe = None
+        if path.endswith(".json"):
+            self.bpe = ByteLevelBPE(path)
+            self.vocab_size, self.bos_id, self.eos_id = self.bpe.vocab_size, self.bpe.bos_id, self.bpe.eos_id
+            self.pad_id, self.files = self.bpe.pad_id, self.bpe.files
+            return
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
         except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on version
-            raise DataError(f"{path}: not a sentencepiece model ({e})") from None
+            raise DataError(f"{path}: not a sentencepiece model ({e}){_tiktoken_hint(path)}") from None
+        self.files = {"tokenizer.model": path}  # file name in a checkpoint -> this file: what a saved one copies
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return ([self.bos_id] if bos else []) + self.sp.encode(text) + ([self.eos_id] if eos else [])
+        ids = self.bpe.encode(text) if self.bpe else self.sp.encode(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
+        if self.bpe:
+            return self.bpe.decode(ids)
         return self.sp.decode([int(i) for i in ids])  # BOS/EOS (control pieces) decode to nothing
 
     def piece_bytes(self, token_id: int) -> bytes:
-        """The bytes of the normalized text a token covers ("▁" is a space, "<0xE6>" one byte)."""
+        """The bytes of the normalized text a token covers ("▁" is a space, "<0xE6>" one byte); b"" for
+        control and special tokens."""
+        if self.bpe:
+            return self.bpe.piece_bytes(token_id)
         if self.sp.is_byte(token_id):
             return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
         if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
             return b""
         return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
+
+
+def _tiktoken_hint(path):
+    """Meta's own Llama 3 folders hold a tiktoken file named tokenizer.model: say so instead of "not sentencepiece"."""
+    with open(path, "rb") as f:
+        first = f.readline(200).split()
+    if len(first) == 2 and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) and first[1].isdigit():
+        return ("; it is a tiktoken BPE file (Meta's Llama 3 release), which data.py does not read: use the "
+                "Hugging Face release's tokenizer.json")
+    return ""
+
+
+# ----------------------------------------------------------------------------- byte-level BPE (tokenizer.json)
+#
+# The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging Face's tokenizer.json by
+# hand (the `tokenizers` package is not needed). Encoding a text takes three steps, as in `tokenizers`:
+#   1. pre-tokenize: regexes cut the text into words ("Hello", " world", "!", " 123");
+#   2. byte level: each word's UTF-8 bytes become printable characters, one per byte (GPT-2's table), so any
+#      text is spelled with 256 symbols and nothing is ever unknown;
+#   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has a rank.
+# Added (special) tokens are never produced from text. Everything else a tokenizer.json may say (a normalizer,
+# another model type, byte fallback, other pre-tokenizers or split behaviours) is refused by name.
+
+def _byte_to_char():
+    """GPT-2's table: printable bytes stand for themselves, the other 68 for chr(256), chr(257), ... in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+BYTE_TO_CHAR = _byte_to_char()
+CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
+
+# What the ByteLevel pre-tokenizer splits with (use_regex=True): GPT-2's pattern, in Oniguruma syntax as
+# `tokenizers` writes it; _python_regex translates it like any other.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@functools.lru_cache(maxsize=None)
+def _unicode_class(name):
+    r"""The body of a regex character class ("a-zà-ö...") holding every code point in a Unicode general category
+    ("L", "N", "Lu", ...) or, for "White_Space", Oniguruma's \s (\t-\r, U+0085 and the Z categories).
+
+    Python's re has no \p{..}, so the sets come from Python's unicodedata. They equal Oniguruma's (which
+    `tokenizers` uses) except for characters assigned after Python's Unicode version (14.0 in Python 3.11):
+    those are unassigned here, so not letters or numbers; tests/test_bpe.py lists and counts them."""
+    def member(char):
+        if name == "White_Space":
+            return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
+        return unicodedata.category(char).startswith(name)
+
+    def escape(code):  # the characters with a meaning inside [...]
+        return "\\" + chr(code) if chr(code) in "\\]^-[" else chr(code)
+
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):
+        inside = code <= sys.maxunicode and member(chr(code))
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append((start, code - 1))
+            start = None
+    return "".join(escape(a) if a == b else f"{escape(a)}-{escape(b)}" for a, b in ranges)
+
+
+UNICODE_CATEGORIES = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl", "No", "P", "Pc", "Pd",
+                      "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk", "So", "Z", "Zs", "Zl", "Zp"}
+
+
+def _python_regex(pattern, where):
+    r"""A `tokenizers` regex (Oniguruma syntax) as a compiled Python re: \p{X} / \P{X} become explicit classes
+    of the Unicode category X, \s / \S Oniguruma's whitespace (Python's \s also takes \x1c-\x1f). Syntax
+    whose meaning differs between the two engines (\d, \w, \b, anchors, nested or intersected classes) is
+    refused."""
+    def refuse(what):
+        return DataError(f"{where}: {what} is not implemented (regex {pattern!r})")
+
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            code = pattern[i + 1]
+            if code in "pP":
+                found = re.match(r"\{(\^?)(\w+)\}", pattern[i + 2:])
+                if not found or found.group(2) not in UNICODE_CATEGORIES:
+                    raise refuse(f"the Unicode property {pattern[i:i + 12]!r}")
+                body, negated = _unicode_class(found.group(2)), (code == "P") != bool(found.group(1))
+                i += 2 + found.end()
+            elif code in "sS":
+                body, negated = _unicode_class("White_Space"), code == "S"
+                i += 2
+            elif code in "rntfv" or not code.isalnum():  # control characters and escaped punctuation mean the same
+                out.append(pattern[i:i + 2])
+                i += 2
+                continue
+            else:
+                raise refuse(f"the escape \\{code}")
+            if in_class and negated:
+                raise refuse("a negated property inside [...]")
+            out.append(body if in_class else f"[{'^' if negated else ''}{body}]")
+            continue
+        if char == "[" and in_class or pattern.startswith("&&", i) and in_class:
+            raise refuse("a nested or intersected character class")
+        if char in "^$" and not in_class:
+            raise refuse(f"the anchor {char!r}")
+        out.append(char)
+        i += 1
+        if char == "[":
+            in_class = True
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):  # a "]" first in a class is a literal
+                out.append("\\]")
+                i += 1
+        elif char == "]" and in_class:
+            in_class = False
+    try:
+        return re.compile("".join(out))
+    except re.error as e:
+        raise DataError(f"{where}: regex {pattern!r} does not translate to Python's re ({e})") from None
+
+
+def _split_isolated(regex):
+    """A pre-tokenizer step: every match of regex becomes a piece of its own, and so does the text between
+    matches (`tokenizers`' "Isolated" split behaviour)."""
+    def split(piece):
+        pieces, end = [], 0
+        for match in regex.finditer(piece):
+            if match.end() == match.start():  # an empty match cuts nothing
+                continue
+            if match.start() > end:
+                pieces.append(piece[end:match.start()])
+            pieces.append(match.group())
+            end = match.end()
+        if end < len(piece):
+            pieces.append(piece[end:])
+        return pieces
+    return split
+
+
+def _byte_level(add_prefix_space, use_regex, where):
+    """The ByteLevel pre-tokenizer: a space before each piece that lacks one (add_prefix_space), GPT-2's
+    split (use_regex), then every byte as its printable character."""
+    split = _split_isolated(_python_regex(GPT2_PATTERN, where)) if use_regex else lambda piece: [piece]
+
+    def step(piece):
+        if add_prefix_space and not piece.startswith(" "):
+            piece = " " + piece
+        return ["".join(BYTE_TO_CHAR[b] for b in part.encode("utf-8")) for part in split(piece)]
+    return step
+
+
+def _pre_tokenizer_steps(spec, where):
+    """tokenizer.json's pre_tokenizer -> a list of functions, piece -> pieces, applied in order. Exactly one
+    ByteLevel step must be among them (else this is not a byte-level BPE)."""
+    if not isinstance(spec, dict):
+        raise DataError(f"{where}: expected an object, got {spec!r}")
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return [step for k, inner in enumerate(spec.get("pretokenizers") or [])
+                for step in _pre_tokenizer_steps(inner, f"{where}.pretokenizers[{k}]")]
+    if kind == "ByteLevel":
+        step = _byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True), where)
+        step.add_prefix_space = spec.get("add_prefix_space", True)  # marks the ByteLevel step (see ByteLevelBPE)
+        return [step]
+    if kind == "Digits":  # tokenizers splits on char::is_numeric, the Unicode categories Nd, Nl and No
+        run = "" if spec.get("individual_digits", False) else "+"
+        return [_split_isolated(_python_regex(r"\p{N}" + run, where))]
+    if kind == "Split":
+        pattern, behavior, invert = spec.get("pattern") or {}, spec.get("behavior"), spec.get("invert", False)
+        if behavior != "Isolated" or invert:
+            raise DataError(f"{where}: Split with behavior={behavior!r}, invert={invert!r} is not implemented "
+                            "(only behavior 'Isolated', invert false)")
+        if "Regex" in pattern:
+            return [_split_isolated(_python_regex(pattern["Regex"], where))]
+        if "String" in pattern:
+            return [_split_isolated(re.compile(re.escape(pattern["String"])))]
+        raise DataError(f"{where}: Split pattern {pattern!r} is neither Regex nor String")
+    raise DataError(f"{where}: pre-tokenizer type {kind!r} is not implemented (ByteLevel, Split, Digits, Sequence)")
+
+
+def _special_token_content(value):
+    """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class ByteLevelBPE:
+    """A byte-level BPE tokenizer read from tokenizer.json, with its special tokens from the files beside it.
+
+    BOS is what the checkpoint's own tokenizer puts before a text: tokenizer.json's post_processor (a
+    TemplateProcessing "<|begin_of_text|> $A", as Llama 3's) or tokenizer_config.json's add_bos_token; None if
+    neither (GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
+    folders), else generation_config.json's eos_token_id (the first of a list). The pad id is a special token
+    (never produced from text) other than EOS: tokenizer_config.json's pad_token if it is one, else the first
+    special token that is neither BOS nor EOS, else BOS."""
+
+    def __init__(self, path):
+        spec = _read_json_object(path)
+        self.path, self.files = path, {"tokenizer.json": path}  # file name in a checkpoint -> the file read
+        for key in ("truncation", "padding"):
+            if spec.get(key) is not None:
+                raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode returns)")
+        normalizer = spec.get("normalizer")
+        if normalizer is not None and normalizer != {"type": "Sequence", "normalizers": []}:
+            raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not implemented ({normalizer!r})")
+        decoder = spec.get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            raise DataError(f"{path}: decoder {decoder.get('type')!r} is not implemented (ByteLevel only)")
+        self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), f"{path}: pre_tokenizer")
+        byte_level = [step.add_prefix_space for step in self.steps if hasattr(step, "add_prefix_space")]
+        if len(byte_level) != 1:
+            raise DataError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step (or "
+                            "several): not a byte-level BPE tokenizer")
+        self.add_prefix_space = byte_level[0]
+        self.special_ids = {}  # content -> id of every added token; all are special
+        for k, token in enumerate(spec.get("added_tokens") or []):
+            if not token.get("special"):  # tokenizers would match it inside plain text, which encode() never does
+                raise DataError(f"{path}: added_tokens[{k}] {token.get('content')!r} (id {token.get('id')}) is not "
+                                "special: matching added tokens inside text is not implemented")
+            self.special_ids[token["content"]] = token["id"]
+        self._read_model(spec.get("model") or {})
+        self.vocab_size = 1 + max([*self.vocab.values(), *self.special_ids.values()])
+        self.token_bytes = {i: bytes(CHAR_TO_BYTE[c] for c in token) for token, i in self.vocab.items()
+                            if token not in self.special_ids}
+        self.cache = {}  # word -> ids: text repeats its words
+        folder = os.path.dirname(os.path.abspath(path))
+        config = self._read_tokenizer_config(folder)
+        self.bos_id = self._bos_id(spec.get("post_processor"), config, folder)
+        self.eos_id = self._eos_id(config, folder)
+        special = set(self.special_ids.values())
+        pad_content = _special_token_content(config.get("pad_token"))
+        preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
+        candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
+        self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), None)
+        if self.pad_id is None:
+            raise DataError(f"{path}: no special token other than EOS to pad with (added_tokens: "
+                            f"{sorted(self.special_ids)})")
+
+    def _read_model(self, model):
+        where = f"{self.path}: model"
+        if model.get("type") != "BPE":
+            raise DataError(f"{where}.type={model.get('type')!r} is not implemented (BPE only)")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+            if model.get(key) not in (None, "", False):  # unk_token is never needed: every byte is a token
+                raise DataError(f"{where}.{key}={model[key]!r} is not implemented")
+        self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
+        not_bytes = [t for t in self.vocab if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
+        missing = [char for char in CHAR_TO_BYTE if char not in self.vocab]
+        if not_bytes or missing:
+            raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
+                            f"{not_bytes[:5]}, byte symbols missing {missing[:5]}")
+        self.merge_ranks = {}  # (left, right) -> rank: the earlier a merge was learned, the sooner it applies
+        for rank, merge in enumerate(model.get("merges") or []):
+            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)  # "a b" or ["a", "b"]
+            if len(pair) != 2 or any(part not in self.vocab for part in (*pair, "".join(pair))):
+                raise DataError(f"{where}.merges[{rank}] {merge!r}: not two vocabulary tokens merging into one")
+            self.merge_ranks.setdefault(pair, rank)
+
+    def _read_tokenizer_config(self, folder):
+        """tokenizer_config.json (and the older special_tokens_map.json), where present; settings transformers
+        applies on top of tokenizer.json that data.py does not implement are refused."""
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                self.files[name] = path
+                for key, value in _read_json_object(path).items():
+                    if key in config and _special_token_content(config[key]) != _special_token_content(value):
+                        raise DataError(f"{folder}: special_tokens_map.json and tokenizer_config.json disagree on "
+                                        f"{key}: {config[key]!r} and {value!r}")
+                    config[key] = value
+                    if key in ("add_eos_token", "do_lower_case") and value:
+                        raise DataError(f"{path}: {key}={value!r} is not implemented")
+                    if key == "add_prefix_space" and value is not None and value != self.add_prefix_space:
+                        raise DataError(f"{path}: add_prefix_space={value!r} disagrees with tokenizer.json's "
+                                        f"ByteLevel add_prefix_space={self.add_prefix_space!r}")
+        return config
+
+    def _token_id(self, content, where):
+        found = self.special_ids.get(content, self.vocab.get(content))
+        if found is None:
+            raise DataError(f"{where} {content!r} is not a token of {self.path}")
+        return found
+
+    def _bos_id(self, post_processor, config, folder):
+        prefix = self._template_prefix(post_processor, f"{self.path}: post_processor")
+        bos = _special_token_content(config.get("bos_token"))
+        add_bos = config.get("add_bos_token")
+        if add_bos is not None and bool(add_bos) != bool(prefix):
+            if prefix or not bos:
+                raise DataError(f"{folder}: tokenizer_config.json's add_bos_token={add_bos!r} disagrees with "
+                                f"tokenizer.json's post_processor, which puts {prefix!r} before a text")
+            prefix = [self._token_id(bos, f"{folder}: tokenizer_config.json: bos_token")]
+        if len(prefix) > 1:
+            raise DataError(f"{self.path}: post_processor puts {prefix!r} before a text: more than one token (BOS) "
+                            "is not implemented")
+        return prefix[0] if prefix else None
+
+    def _template_prefix(self, spec, where):
+        """The ids a post_processor puts before the text: none (no post_processor, ByteLevel) or a
+        TemplateProcessing's special tokens before $A. Tokens after $A are refused (encode appends EOS only
+        where asked)."""
+        if spec is None or spec.get("type") == "ByteLevel":
+            return []
+        if spec.get("type") == "Sequence":
+            return [i for k, inner in enumerate(spec.get("processors") or [])
+                    for i in self._template_prefix(inner, f"{where}.processors[{k}]")]
+        if spec.get("type") != "TemplateProcessing":
+            raise DataError(f"{where}: type {spec.get('type')!r} is not implemented (ByteLevel, TemplateProcessing)")
+        items, named = spec.get("single") or [], spec.get("special_tokens") or {}
+        if [k for k, item in enumerate(items) if "Sequence" in item] != [len(items) - 1]:
+            raise DataError(f"{where}: single template {items!r} is not implemented (special tokens, then $A)")
+        names = [item.get("SpecialToken", {}).get("id") for item in items[:-1]]
+        ids = [i for name in names for i in named.get(name, {}).get("ids") or []]
+        if any(name not in named for name in names) or any(i not in self.special_ids.values() for i in ids):
+            raise DataError(f"{where}: single template {items!r} names tokens that are not special tokens")
+        return ids
+
+    def _eos_id(self, config, folder):
+        eos = _special_token_content(config.get("eos_token"))
+        if eos:
+            return self._token_id(eos, f"{folder}: tokenizer_config.json: eos_token")
+        generation = os.path.join(folder, "generation_config.json")
+        eos = _read_json_object(generation).get("eos_token_id") if os.path.isfile(generation) else None
+        if eos is None:
+            raise DataError(f"{self.path}: no EOS token: neither tokenizer_config.json's eos_token nor "
+                            f"generation_config.json's eos_token_id in {folder}")
+        self.files["generation_config.json"] = generation
+        eos = eos[0] if isinstance(eos, list) else eos  # Llama 3 Instruct lists several; EOS is the first
+        if eos not in self.special_ids.values():
+            raise DataError(f"{generation}: eos_token_id {eos!r} is not a special token of {self.path}")
+        return eos
+
+    def encode(self, text):
+        pieces = [text] if text else []
+        for step in self.steps:
+            pieces = [part for piece in pieces for part in step(piece)]
+        return [i for piece in pieces for i in self._merge(piece)]
+
+    def _merge(self, word):
+        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its occurrences left to right,
+        until no adjacent pair has a rank (for merge lists learned in order, the same as `tokenizers`' queue)."""
+        if word in self.cache:
+            return self.cache[word]
+        if self.ignore_merges and word in self.vocab:  # Llama 3: a word that is a token stays whole
+            return [self.vocab[word]]
+        parts = list(word)
+        while len(parts) > 1:
+            rank, pair = min((self.merge_ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
+            if rank == math.inf:
+                break
+            merged, k = [], 0
+            while k < len(parts):
+                if k + 1 < len(parts) and (parts[k], parts[k + 1]) == pair:
+                    merged.append(parts[k] + parts[k + 1])
+                    k += 2
+                else:
+                    merged.append(parts[k])
+                    k += 1
+            parts = merged
+        if len(self.cache) > 100_000:
+            self.cache.clear()
+        ids = self.cache[word] = [self.vocab[part] for part in parts]
+        return ids
+
+    def piece_bytes(self, token_id):
+        return self.token_bytes.get(int(token_id), b"")  # special tokens (and ids without a token) cover no text
+
+    def decode(self, ids):
+        return b"".join(self.piece_bytes(i) for i in ids).decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------- prompt and examples
@@ -99,7 +498,7 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
     byte belongs to the response (it is trained on), so no response text is ever masked; the
     prompt ids then decode to the prompt minus its last few characters.
     """
-    prompt_ids = tok.sp.encode(prompt)
+    prompt_ids = tok.encode(prompt)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return len(prompt_ids)
     ends, total = [], 0
@@ -107,7 +506,7 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
         total += len(tok.piece_bytes(token_id))
         ends.append(total)
     text_bytes = len(full_text.encode("utf-8"))
-    if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA), +1 for the dummy "▁"
+    if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA, BPE), +1 for a dummy prefix "▁"
         boundary = len(prompt.encode("utf-8")) + (total - text_bytes)
         return sum(1 for end in ends if end <= boundary)
     # Another normalization (e.g. NFKC) or an unknown piece changed the length: fall back to the
@@ -115,21 +514,23 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
     return len(os.path.commonprefix([full_ids, prompt_ids]))
 
 
-def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: int = 512):
-    """(prompt ids starting with BOS, response ids ending in EOS), or None.
+def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: int = 512,
+                           finished: bool = True):
+    """(prompt ids starting with BOS (if the tokenizer has one), response ids ending in EOS), or None.
 
     One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (METHOD.md, Pipeline 1),
     split where the prompt text ends (see _count_prompt_tokens). Longer than max_len: the sequence is
     cut on the right like Alpaca's `truncation=True`, so a truncated response loses its EOS (we do not
-    teach the model to stop mid-sentence). None when not even one response token fits: the caller
-    counts and reports such examples instead of training on an all-masked row.
+    teach the model to stop mid-sentence). finished=False is a response that a token limit cut when it
+    was generated: no EOS either, for the same reason. None when not even one response token fits: the
+    caller counts and reports such examples instead of training on an all-masked row.
     """
-    full_ids = tok.sp.encode(prompt + response)
+    full_ids = tok.encode(prompt + response)
     n_prompt = _count_prompt_tokens(tok, full_ids, prompt, prompt + response)
-    prompt_ids = [tok.bos_id] + full_ids[:n_prompt]
-    response_ids = full_ids[n_prompt:] + [tok.eos_id]
+    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]  # BOS where the checkpoint's tokenizer has one
+    response_ids = full_ids[n_prompt:] + ([tok.eos_id] if finished else [])
     room = max_len - len(prompt_ids)
-    if room < 1:
+    if room < 1 or not response_ids:
         return None
     return prompt_ids, response_ids[:room]
 
@@ -149,7 +550,9 @@ class RankedRecord:
       "scores"      null or a list of finite numbers parallel to "candidates" (for probabilistic
                     ranking the teacher's mean token log-probability; only the order is trained on)
       "source"      object, the audit trail: {"kind": "probabilistic" | "contextual" | "authors",
-                    "teacher": ..., "raw_reply": ..., "ranks": [...], ...}
+                    "teacher": ..., "raw_reply": ..., "ranks": [...], ...}; its optional "unfinished"
+                    lists the positions (in "candidates") of responses a token limit cut when they were
+                    generated: they are trained without EOS (encode_prompt_response, finished=False)
     Unknown keys are refused, so a typo cannot silently drop a field. Blank lines are skipped.
     """
     id: str
@@ -217,6 +620,11 @@ def _ranked_record_from_dict(obj, path, where) -> RankedRecord:
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise _fail(path, where, "source", f"expected an object, got {type(source).__name__}")
+    unfinished = source.get("unfinished", [])
+    if not isinstance(unfinished, list) or len(set(map(str, unfinished))) != len(unfinished) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(candidates) for k in unfinished):
+        raise _fail(path, where, "source.unfinished",
+                    f"expected distinct candidate positions 0..{len(candidates) - 1}, got {unfinished!r}")
     return RankedRecord(
         id=_check_text(obj["id"], path, where, "id"),
         prompt=_check_text(obj["prompt"], path, where, "prompt"),
@@ -252,7 +660,7 @@ def iter_jsonl(path):
             yield line_no, obj
 
 
-def _read_json_list(path) -> list:
+def _read_json(path, expected_type, what):
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
@@ -261,9 +669,17 @@ def _read_json_list(path) -> list:
             raise _fail(path, f"line {e.lineno}", None, problem) from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not isinstance(data, expected_type):
+        raise DataError(f"{path}: expected {what}, got {type(data).__name__}")
     return data
+
+
+def _read_json_list(path) -> list:
+    return _read_json(path, list, "a JSON list of records")
+
+
+def _read_json_object(path) -> dict:
+    return _read_json(path, dict, "a JSON object")
 
 
 def read_alpaca(path) -> list[dict]:
@@ -280,10 +696,14 @@ def read_alpaca(path) -> list[dict]:
     return examples
 
 
-def read_authors_ranking(path) -> list[RankedRecord]:
+def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
     """The authors' ranking release: JSON list of {instruction (already templated), id, output: [str],
     score: [float]}. Candidates are sorted by score, highest first, ties kept in file order (a stable
-    sort, as the authors' code); source["ranks"] keeps the original positions, best first."""
+    sort, as the authors' code); source["ranks"] keeps the original positions, best first.
+
+    skipped: a list to receive one message per record left out because of its content (an empty
+    output, a non-finite score), so that one bad record among 52K does not stop a run; the caller
+    reports them. Without it such a record raises, as does anything that is not the release's shape."""
     records, seen = [], {}
     for i, obj in enumerate(_read_json_list(path)):
         where = f"record {i}"
@@ -292,8 +712,18 @@ def read_authors_ranking(path) -> list[RankedRecord]:
         if isinstance(record_id, bool) or not isinstance(record_id, (int, str)) or str(record_id) == "":
             raise _fail(path, where, "id", f"expected a non-empty string or an integer, got {record_id!r}")
         _check_unique_id(seen, str(record_id), path, where)
-        outputs = _check_texts(obj["output"], path, where, "output", 2)
-        scores = _check_scores(obj["score"], len(outputs), path, where, "score")
+        try:
+            outputs = _check_texts(obj["output"], path, where, "output", 2)
+            scores = _check_scores(obj["score"], len(outputs), path, where, "score")
+        except DataError as e:
+            outputs, scores = obj["output"], obj["score"]
+            empty = isinstance(outputs, list) and any(isinstance(x, str) and not x.strip() for x in outputs)
+            infinite = isinstance(scores, list) and any(
+                isinstance(x, float) and not math.isfinite(x) for x in scores)
+            if skipped is None or not (empty or infinite):  # a wrong shape is no release file: stop
+                raise
+            skipped.append(f"{e} (id {record_id!r}): record skipped")
+            continue
         order = sorted(range(len(outputs)), key=lambda k: scores[k], reverse=True)
         records.append(RankedRecord(
             id=str(record_id),
@@ -388,3 +818,43 @@ def append_jsonl(path, records):
                 end += f.write(b"\n")
         f.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records))
     return end
+
+
+# ----------------------------------------------------------------------------- files shared by processes
+
+class OutputLocked(RuntimeError):
+    """Another live process is writing the same output."""
+
+
+@contextlib.contextmanager
+def lock_output(path):
+    """Hold PATH.lock while writing PATH (a file or a folder): one writer per output. A second process
+    refuses at once, naming the first (its pid and command line are in the lock file). The lock is an
+    fcntl.flock, which the OS drops when its holder dies, so a killed run never blocks the next; the
+    lock file itself stays (deleting it could let two processes hold two different files)."""
+    import fcntl  # POSIX only; imported here so that data.py still imports elsewhere
+    lock_path = str(path).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "pid unknown"
+        os.close(fd)
+        raise OutputLocked(f"{path} is being written by another process ({holder}); wait for it to end "
+                           "or stop it, then run again") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode("utf-8"), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -303,7 +303,7 @@ def evaluate_heldout(out, heldout):
         checkpoint = os.path.join(out, folder)
         loader = evaluation.model_loader(checkpoint, None, "cpu", torch.float32)
         answers = evaluation.generate_answers(os.path.basename(checkpoint), "demo", items, loader, out, 64,
-                                              16)
+                                              16, evaluation.answer_producer(checkpoint))
         answers = [answers[item["id"]] for item in items]
         exact = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
         rouge = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]

@@ -7,12 +7,15 @@ LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), o
 
 Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
 (every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, so a killed run resumes without regenerating; judge replies are cached by teacher.TeacherClient
-(OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under "Skipped".
+as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run resumes
+without regenerating and another checkpoint under the same name never reuses them; judge replies are cached by
+teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under
+"Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
 benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
 """
 import argparse
+import hashlib
 import json
 import os
 import string
@@ -251,6 +254,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
                                   reference)
         try:
             reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
+        except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
+            raise
         except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded as a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
@@ -279,13 +284,35 @@ def judge_vicuna(client, questions, references, answers, pairs):
 
 
 # ----------------------------------------------------------------------------- generation, resumable
-def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens):
+def answer_producer(directory, tokenizer_path=None):
+    """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
+    return teacher.producer_identity(directory, data.Tokenizer(tokenizer_path or directory).path)
+
+
+def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what made
+    it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's prompt): an
+    answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again, never reused (the
+    old line stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
     path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    done = {r["id"]: r["output"] for r in read_jsonl(path) if "id" in r and isinstance(r.get("output"), str)}
+    made_by = lambda item: hashlib.sha256(json.dumps(  # noqa: E731
+        [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
+        sort_keys=True).encode()).hexdigest()[:24]
+    with data.lock_output(path):
+        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by)
+
+
+def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by):
+    """generate_answers' work, while it holds the lock on `path`."""
+    kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
+            if "id" in r and isinstance(r.get("output"), str)}
+    done = {item["id"]: kept[item["id"], made_by(item)] for item in items if (item["id"], made_by(item)) in kept}
     todo = [item for item in items if item["id"] not in done]
+    other = len({i for i, _ in kept} & {item["id"] for item in todo})
+    if other:
+        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or max_new_tokens: "
+              "generating them again", file=sys.stderr)
     if not todo:
         return done
     lm, tok = get_model()
@@ -306,7 +333,7 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
         for i, tokens in zip(batch, new_tokens):
             text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
             done[todo[i]["id"]] = text
-            finished.append({"id": todo[i]["id"], "output": text})
+            finished.append({"id": todo[i]["id"], "output": text, "made_by": made_by(todo[i])})
         data.append_jsonl(path, finished)
         print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
     return done
@@ -321,7 +348,7 @@ def model_loader(directory, tokenizer_path, device, dtype):
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
-            loaded.append((lm, data.Tokenizer(tokenizer_path or os.path.join(directory, "tokenizer.model"))))
+            loaded.append((lm, data.Tokenizer(tokenizer_path or directory)))  # tokenizer.model or tokenizer.json
         return loaded[0]
     return get
 
@@ -344,11 +371,13 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
-    results = {"models": {name: {"checkpoint": checkpoints[name]} for name in names}}
+    results = {"models": {name: {"checkpoint": checkpoints[name],
+                                 "producer": answer_producer(checkpoints[name], tokenizer)} for name in names}}
     answers = {}
     for name in names:
         get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n)  # noqa
+        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,  # noqa
+                                                       row["producer"])
         if superni_items is not None:
             row["superni"] = score_superni(superni_items, run("superni", superni_items, max_new_tokens[0]))
         if lmentry_tasks is not None:
@@ -414,7 +443,7 @@ def results_markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one in each checkpoint directory)")
+    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's own)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
     parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
@@ -438,14 +467,15 @@ def main(argv=None):
             parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
         checkpoints[name] = directory
     try:
-        results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
-                           lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url,
-                           judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
-                           baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
-                           max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),
-                           device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    except (OSError, ValueError, teacher.TeacherError) as e:  # EvalError, DataError and model.py's name the file
-        parser.exit(1, f"eval.py: error: {e}\n")
+        with data.lock_output(args.out):  # one evaluation at a time writes OUT
+            results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
+                               lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url,
+                               judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
+                               baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
+                               max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),
+                               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:  # each names its file or URL
+        parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
     print(results_markdown(results))
 
 

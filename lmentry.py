@@ -326,17 +326,14 @@ def score_numbers(prediction, metadata, example, task):
     answer, distractor = quoted_number(metadata["answer"]), quoted_number(metadata["distractor"])
     if simple_match(prediction, answer):
         return 1, 1
+    # LMentry v1 (lmentry/scorers at commit 463763d): the same four phrasings for both tasks, each mirrored
+    # ("D is smaller than A" for "A is bigger than D"). A later bigger_number added "<" / ">" patterns and
+    # mirrored them too, so "9 < 5" scored as the answer 9; smaller_number never had them.
+    templates = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
     bigger = "(bigger|larger)"
-    if task == "bigger_number":  # the authors mirror all of these, the < and > ones included
-        templates = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}",
-                     "the _X_ is {a}", r"{b}(\s|)<(\s|){a}", r"{a}(\s|)>(\s|){b}",
-                     "the number that is _X_ than {b} is {a}."]
-        bases = (fill_templates(templates, {"_X_": bigger}, a=answer, b=distractor)
-                 + fill_templates(templates, {"_X_": "smaller"}, a=distractor, b=answer))
-    else:
-        templates = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
-        bases = (fill_templates(templates, {"_X_": "smaller"}, a=answer, b=distractor)
-                 + fill_templates(templates, {"_X_": bigger}, a=distractor, b=answer))
+    compared, mirrored = (bigger, "smaller") if task == "bigger_number" else ("smaller", bigger)
+    bases = (fill_templates(templates, {"_X_": compared}, a=answer, b=distractor)
+             + fill_templates(templates, {"_X_": mirrored}, a=distractor, b=answer))
     prefixes = ("",) + tuple(f"{w} the numbers {metadata['n1']} and {metadata['n2']}, "
                              for w in ("of", "from", "between"))
     return pattern_match(prediction, bases + answer_phrasings(answer), prefixes)
@@ -477,8 +474,10 @@ def score_prediction(task, prediction, example):
     - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
       models here are instruction-tuned);
     - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
-    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern,
-    "first word" in last_word, and bigger_number's mirrored "<" / ">" patterns."""
+    - bigger_number as in LMentry v1, the phrasings smaller_number mirrors (a later version added "<" / ">"
+      patterns, mirrored into nonsense such as "9 < 5" for 9).
+    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern and
+    "first word" in last_word."""
     prediction = normalize(prediction).replace("_", " ")
     if not re.search(r"[^\W_]", prediction):
         return 0, 1

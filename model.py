@@ -6,6 +6,7 @@ hf_to_meta (key names plus the q/k row permutation). Tuna needs three things fro
 SFT and ranking losses, sampling of candidates for contextual ranking, and per-response log-prob sums for scores.
 """
 import glob
+import hashlib
 import json
 import math
 import mmap
@@ -31,6 +32,7 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or a ROPE_SCALINGS kind: {"rope_type": ..., and its parameters}
     head_dim: int | None = None  # None -> dim // n_heads
     max_seq_len: int = 2048
     tie_embeddings: bool = False
@@ -57,41 +59,57 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, path):
+        """A Hugging Face config.json of a LLaMA (or Mistral) model, as transformers 4 or 5 writes it. Every field
+        that changes the computation is implemented or refused with its value; fields transformers itself does not
+        read for these models (e.g. SmolLM2's rope_interleaved) are ignored, as transformers ignores them."""
         cfg = _read_json(path)
-        supported = {"model_type": cfg.get("model_type", "llama") == "llama",
-                     "hidden_act": cfg.get("hidden_act", "silu") == "silu", "rope_scaling": not cfg.get("rope_scaling"),
-                     "attention_bias": not cfg.get("attention_bias"), "mlp_bias": not cfg.get("mlp_bias")}
-        unsupported = [f"{key}={cfg.get(key)!r}" for key, ok in supported.items() if not ok]
-        if unsupported:
-            raise ValueError(f"{path}: not supported by model.py: {', '.join(unsupported)}")
+        if cfg.get("model_type", "llama") not in HF_MODEL_TYPES:
+            raise ValueError(f"{path}: model_type={cfg['model_type']!r} is not supported by model.py "
+                             f"(supported: {', '.join(HF_MODEL_TYPES)})")
+        for key, implemented in HF_IMPLEMENTED_VALUES.items():
+            if cfg.get(key, implemented) != implemented:
+                raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by model.py (it implements "
+                                 f"{key}={implemented!r})")
+        max_positions = cfg.get("max_position_embeddings", 2048)
+        window = cfg.get("sliding_window")
+        if window is not None and window < max_positions:  # Mistral 7B v0.1: 4096 of 32768
+            raise ValueError(f"{path}: sliding_window={window!r} is active (below max_position_embeddings="
+                             f"{max_positions}); model.py attends to every earlier token")
+        rope_theta, rope_scaling = _hf_rope_settings(cfg, path)
         bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos  # several EOS ids (Llama 3): generation stops at the first
         try:
             return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
                        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                       rope_theta=cfg.get("rope_theta", 10000.0), head_dim=cfg.get("head_dim"),
-                       max_seq_len=cfg.get("max_position_embeddings", 2048),
-                       tie_embeddings=cfg.get("tie_word_embeddings", False),
+                       rope_theta=rope_theta, rope_scaling=rope_scaling, head_dim=cfg.get("head_dim"),
+                       max_seq_len=max_positions, tie_embeddings=cfg.get("tie_word_embeddings", False),
                        bos_id=1 if bos is None else bos, eos_id=2 if eos is None else eos)
         except KeyError as e:
             raise ValueError(f"{path}: missing field {e}") from None
 
     @classmethod
     def from_meta_params(cls, path, vocab_size=None):
+        """Meta's params.json (LLaMA 1/2, Code Llama, Llama 3.x). Keys Meta's reference code reads and model.py does
+        not implement (vision, quantization, LoRA adapters) are refused by name, as is any other unknown key."""
         params = _read_json(path)
-        if params.get("use_scaled_rope"):
-            raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
         if missing:
             raise ValueError(f"{path}: missing fields {missing}")
         known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
                  "rope_theta")
+        unknown = sorted(set(params) - set(known) - {"vocab_size", "use_scaled_rope"})
+        if unknown:
+            raise ValueError(f"{path}: not supported by model.py: "
+                             f"{', '.join(f'{key}={params[key]!r}' for key in unknown)}")
         vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or the weights
         vocab = vocab if vocab > 0 else vocab_size
         if not vocab:
             raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')} and no vocab_size was given")
-        return cls(vocab_size=vocab, **{key: params[key] for key in known if params.get(key) is not None})
+        # Llama 3.1/3.2: Meta's reference code (llama-models, apply_scaling) fixes the parameters in code
+        scaling = dict(META_SCALED_ROPE) if params.get("use_scaled_rope") else None
+        return cls(vocab_size=vocab, rope_scaling=scaling,
+                   **{key: params[key] for key in known if params.get(key) is not None})
 
 
 CONFIGS = {
@@ -103,6 +121,62 @@ CONFIGS = {
                        max_seq_len=4096),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
 }
+
+
+# config.json fields that change the computation, with the one value model.py implements (an absent field means
+# transformers' default, which is that value). Sliding windows and RoPE settings are checked on their own.
+HF_IMPLEMENTED_VALUES = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+                         "partial_rotary_factor": 1.0, "quantization_config": None}
+# Mistral's model is LLaMA's plus a sliding window. pretraining_tp (LLaMA 2) splits matrix products into slices
+# in transformers, the same products: it is not read here.
+HF_MODEL_TYPES = ("llama", "mistral")
+# RoPE frequency schemes (transformers' rope_type names) and the parameters each needs; see rope_frequencies.
+ROPE_SCALINGS = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+META_SCALED_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+
+
+def _hf_rope_settings(cfg, path):
+    """(rope_theta, rope_scaling or None) from either layout: transformers 4 writes rope_theta and rope_scaling at the
+    top level, transformers 5 one rope_parameters object ({"rope_theta", "rope_type", parameters}). A file holding
+    both must say the same in both."""
+    layouts = {}
+    if "rope_theta" in cfg or cfg.get("rope_scaling"):
+        layouts["rope_scaling"] = {"rope_theta": cfg.get("rope_theta", 10000.0), **(cfg.get("rope_scaling") or {})}
+    if cfg.get("rope_parameters") is not None:
+        layouts["rope_parameters"] = cfg["rope_parameters"]
+    read = {where: _rope_settings(settings, path, where) for where, settings in layouts.items()}
+    if len({repr(settings) for settings in read.values()}) > 1:
+        raise ValueError(f"{path}: the two RoPE layouts disagree: rope_theta={cfg.get('rope_theta')!r}, "
+                         f"rope_scaling={cfg.get('rope_scaling')!r}, rope_parameters={cfg['rope_parameters']!r}")
+    return next(iter(read.values()), (10000.0, None))  # 10000: LlamaConfig's and MistralConfig's default
+
+
+def _rope_settings(settings, path, where):
+    """One layout's RoPE object -> (rope_theta, rope_scaling or None); unknown types and parameters are refused."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: {where}={settings!r} is not an object")
+    kind = settings.get("rope_type", settings.get("type", "default"))  # "type": transformers' older name
+    if "type" in settings and settings["type"] != kind:
+        raise ValueError(f"{path}: {where} has type={settings['type']!r} and rope_type={kind!r}")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"{path}: {where}.rope_type={kind!r} is not supported by model.py "
+                         f"(supported: {', '.join(ROPE_SCALINGS)})")
+    needed = ROPE_SCALINGS[kind]
+    extra = {key: value for key, value in settings.items() if key not in {"rope_theta", "rope_type", "type", *needed}}
+    if extra:
+        raise ValueError(f"{path}: {where} with rope_type={kind!r}: not supported by model.py: "
+                         f"{', '.join(f'{key}={value!r}' for key, value in extra.items())}")
+    numbers = {"rope_theta": settings.get("rope_theta", 10000.0), **{key: settings.get(key) for key in needed}}
+    bad = [f"{key}={value!r}" for key, value in numbers.items()
+           if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0]
+    if kind == "llama3" and not bad and not numbers["low_freq_factor"] < numbers["high_freq_factor"]:
+        bad.append("low_freq_factor >= high_freq_factor")
+    if bad:
+        raise ValueError(f"{path}: {where} with rope_type={kind!r}: missing or invalid: {', '.join(bad)}")
+    scaling = {"rope_type": kind, **{key: numbers[key] for key in needed}} if needed else None
+    return float(numbers["rope_theta"]), scaling
 
 
 class RMSNorm(nn.Module):
@@ -117,10 +191,33 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
-def rope_tables(args, device=None):
-    """cos and sin of position * theta^(-2i/head_dim), each (max_seq_len, head_dim/2), float32 as in Meta and HF."""
+def rope_frequencies(args, device=None):
+    """theta^(-2i/head_dim) for i < head_dim/2 (float32, as Meta and HF compute it), rescaled for long contexts:
+    "linear" divides every frequency by factor (position interpolation, Chen et al. 2023); "llama3" (Llama 3.1)
+    divides only the low ones, those whose wavelength exceeds original_max_position_embeddings / low_freq_factor,
+    keeps the high ones (wavelength below original / high_freq_factor) and blends the two in between."""
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
-    angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), inv_freq)
+    scaling = args.rope_scaling or {"rope_type": "default"}
+    kind = scaling.get("rope_type")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"ModelArgs.rope_scaling: rope_type {kind!r} is not implemented ({', '.join(ROPE_SCALINGS)})")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the long-wavelength end of the band, 1 at the short
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelength > original / low, inv_freq / factor,
+                       torch.where(wavelength < original / high, inv_freq, blended))
+
+
+def rope_tables(args, device=None):
+    """cos and sin of position * frequency (rope_frequencies), each (max_seq_len, head_dim/2), float32 as in Meta and
+    HF."""
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), rope_frequencies(args, device))
     return angles.cos(), angles.sin()
 
 
@@ -502,7 +599,8 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-              "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+              "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "rope_scaling": args.rope_scaling,  # transformers 4's layout, which transformers 5 reads as well
               "attention_bias": False, "mlp_bias": False, "vocab_size": args.vocab_size,
               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
               "bos_token_id": args.bos_id, "eos_token_id": args.eos_id, "torch_dtype": str(dtype).split(".")[-1],
@@ -511,6 +609,62 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     for stale in os.listdir(out_dir):  # weights of an earlier save that the index or loader could still pick up
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
             os.remove(os.path.join(out_dir, stale))
+    write_checkpoint_identity(out_dir)
+
+
+# ---- what a checkpoint is, for the caches of what it produced (student samples, eval answers) --------------------
+IDENTITY_FILE = "checkpoint_identity.json"
+
+
+def _checkpoint_files(path):
+    """{name: (size, mtime_ns)} of the files that make a checkpoint: its config and weights."""
+    names = [name for name in sorted(os.listdir(path)) if name in ("config.json", "params.json") or re.fullmatch(
+        r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|consolidated\.\d+\.pth", name)]
+    stats = {name: os.stat(os.path.join(path, name)) for name in names}
+    return {name: (stat.st_size, stat.st_mtime_ns) for name, stat in stats.items()}
+
+
+def _files_digest(path, files, blocks=None):
+    """sha256 over each file's name, size and bytes: all of them, or `blocks` blocks of 64 KiB spread evenly
+    and the last 64 KiB."""
+    digest = hashlib.sha256()
+    for name, (size, _) in files.items():
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(os.path.join(path, name), "rb") as f:
+            if blocks is None:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+                continue
+            for at in [size * i // blocks for i in range(blocks)] + [max(0, size - (1 << 16))]:
+                f.seek(at)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()
+
+
+def write_checkpoint_identity(path):
+    """Record the sha256 of a checkpoint folder's config and weights (and their sizes and modification times,
+    so that a later change by another tool is noticed) in IDENTITY_FILE; save_hf_checkpoint calls it."""
+    files = _checkpoint_files(path)
+    record = {"sha256": _files_digest(path, files), "files": {name: list(stat) for name, stat in files.items()}}
+    _write_atomic(os.path.join(path, IDENTITY_FILE), json.dumps(record, indent=1))
+
+
+def checkpoint_identity(path):
+    """A string that changes whenever the config or weights in a checkpoint folder change: "sha256:..." as
+    save_hf_checkpoint recorded it, while the files are the ones it recorded; else (another tool's checkpoint,
+    or files changed since) "sampled-sha256:...", over each file's name, size and 65 blocks of 64 KiB spread
+    over it, its end included: cheap for a 13 GB folder, and retraining changes every block it reads."""
+    files = _checkpoint_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no config.json, params.json or weight files")
+    try:
+        with open(os.path.join(path, IDENTITY_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        if {name: tuple(stat) for name, stat in record["files"].items()} == files:
+            return "sha256:" + record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # absent or unreadable: sampled below
+    return "sampled-sha256:" + _files_digest(path, files, blocks=64)
 
 
 # ---- generation and scoring --------------------------------------------------------------------------------------

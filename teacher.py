@@ -3,7 +3,8 @@
 1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
    `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended to
    a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts again
-   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off.
+   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that no
+   request reaches stops the run at once (RunError), as does a run where every item failed.
 2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
    student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
 3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
@@ -11,6 +12,7 @@
 import argparse
 import codecs
 import concurrent.futures
+import contextlib
 import email.utils
 import hashlib
 import itertools
@@ -30,13 +32,23 @@ import requests
 import torch
 
 import data
-from model import generate, load_checkpoint, token_logprobs
+from model import checkpoint_identity, generate, load_checkpoint, token_logprobs
 
 log = logging.getLogger("teacher")
 
 
 class TeacherError(RuntimeError):
-    """A request that failed for good, or an answer without a needed field; names the URL, never the API key."""
+    """A request that failed for good, or an answer without a needed field; names the URL, never the API key.
+    status: the HTTP status of a refused request (4xx), else None."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class RunError(TeacherError):
+    """A problem of the whole run, not of one item (no request reaches the server, every item failed, the server
+    refuses a feature the run needs): the command stops, says so in one line and exits non-zero."""
 
 
 class ReplyError(ValueError):
@@ -59,6 +71,7 @@ class TeacherClient:
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
+        self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops every thread
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0, completion_tokens=0)
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in RAM),
         # or -> the answer itself when there is no cache file
@@ -106,15 +119,21 @@ class TeacherClient:
     def _send(self, url, body):
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         for attempt in range(self.max_retries + 1):
+            if self._stopped:  # another thread found that no request can reach the server
+                raise self._stopped
             self._wait_for_rate_limit()
             with self._lock:
                 self.counts["requests"] += 1
-            retry_after = None
+            retry_after, unreached = None, None
             try:
                 reply = requests.post(url, json=body, headers=headers, timeout=self.timeout)
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"{type(e).__name__}: {e}"
+                unreached = _unreached(e) if not self._reached else None
+                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no use asking again
+                    break
             else:
+                self._reached = True
                 if 200 <= reply.status_code < 300:
                     try:
                         answer = reply.json()
@@ -128,7 +147,8 @@ class TeacherClient:
                     retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
                 else:  # other 4xx: the request itself is wrong, asking again cannot help
                     self._count_failure()
-                    raise TeacherError(self._redact(f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"))
+                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
+                    raise TeacherError(self._redact(message), reply.status_code)
             if attempt == self.max_retries:
                 break
             delay = retry_after if retry_after is not None else \
@@ -138,7 +158,16 @@ class TeacherClient:
             log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in {delay:.1f}s"))
             time.sleep(delay)
         self._count_failure()
+        if unreached and not self._reached:
+            raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url and "
+                                                  "that the server is running")))
         raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: {problem}"))
+
+    def stop(self, error):
+        """Make every later request of every thread raise `error` (a RunError), which the caller raises too."""
+        with self._lock:
+            self._stopped = self._stopped or error
+        return self._stopped
 
     def _count_failure(self):
         with self._lock:
@@ -173,6 +202,25 @@ class TeacherClient:
         c = self.counts
         return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache hits "
                 f"{c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion")
+
+
+def _unreached(error):
+    """How a request failed to reach the server at all (None: it reached it, e.g. a read timeout)."""
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"TLS failure ({_one_line(str(error))[-160:]})"
+    if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.ReadTimeout):
+        return None
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    if type(reason).__name__ == "NameResolutionError" or "Name or service not known" in str(error):
+        host = urllib.parse.urlparse(error.request.url).hostname if error.request else None
+        return f"unknown host {host!r}"
+    if type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError"):
+        return "connection refused" if "refused" in str(reason) else f"connection failed ({_one_line(reason)})"
+    return None
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
 
 
 def _server_message(reply):
@@ -239,20 +287,37 @@ def _failure(kind, item, error, teacher):
 
 
 def _finish(kind, client, results, out_path, failures_path):
+    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
+    failures_path = failures_path or out_path + ".failures.jsonl"
+    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
+    if failures and not records:
+        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), e.g. "
+                       f"item {first['id']}: {_one_line(first['error'])}; all are listed in {failures_path}")
     data.write_ranked_jsonl(out_path, records)
-    data.write_atomic(failures_path or out_path + ".failures.jsonl",
-                      (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
     counts = dict(done=len(records), failed=len(failures), **client.counts)
     print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
     return counts
 
 
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for one
+# choice each, with seeds 1, 2, ... (each its own cache entry), up to this many requests per wanted sample in all.
+REQUESTS_PER_SAMPLE = 2
+
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server that "
+                "scores prompts (vLLM, teacher.py serve)")
+
+
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
     """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its mean
-    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each other).
+    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each other),
+    and are not replaced by asking again (that would favour the teacher's less likely answers). A sample cut by
+    max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained without EOS.
     add_original: None; "scored" = the dataset's response scored by the same teacher (echo, /completions only)
     and sorted in with the samples; "first" = placed best (gold), its score unknown (scores then null)."""
     if add_original not in (None, "scored", "first"):
@@ -260,18 +325,21 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     if add_original == "scored" and chat:
         raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
     url = client.base_url + ("/chat/completions" if chat else "/completions")
+    distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
 
-    def sample(item, cache_only=False, **extra):
+    def request(item, k, cache_only):  # request 0 asks for n choices as the authors did; request k > 0 for one
         _, ex, prompt = item
+        params = dict(n=n) if k == 0 else dict(n=1, seed=k)
         if chat:  # a chat teacher gets the instruction itself, not our template
             user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-            return client.chat([{"role": "user", "content": user}], cache_only, n=n, max_tokens=max_tokens,
-                               temperature=temperature, logprobs=True, **extra)
-        return client.complete(prompt, cache_only, n=n, max_tokens=max_tokens, temperature=temperature, logprobs=1,
-                               **extra)
+            return client.chat([{"role": "user", "content": user}], cache_only, max_tokens=max_tokens,
+                               temperature=temperature, logprobs=True, **params)
+        return client.complete(prompt, cache_only, max_tokens=max_tokens, temperature=temperature, logprobs=1,
+                               **params)
 
-    def scored_samples(answer):
-        scored = {}
+    def usable_choices(answer):
+        """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
+        found = []
         for i in range(len(get_field(answer, "choices", url))):
             if chat:
                 text = get_field(answer, f"choices.{i}.message.content", url)
@@ -285,14 +353,35 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
             except (TypeError, KeyError, ValueError):
                 raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
             if isinstance(text, str) and text.strip() and logprobs:
-                scored.setdefault(text.strip(), sum(logprobs) / len(logprobs))
-        if len(scored) < 2 and add_original is None:
-            raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs")
-        return scored
+                finished = answer["choices"][i].get("finish_reason") != "length"
+                found.append((text.strip(), sum(logprobs) / len(logprobs), finished))
+        return found
+
+    def samples(item):
+        """The item's usable choices and the number of requests they took. Past the bound (or with n samples
+        but too few distinct ones) only cached answers are read, and with retry_failures one new request is paid
+        for an item that would fail: a re-run replays exactly the requests of the runs before it."""
+        found, k, fresh = [], 0, retry_failures
+        while True:
+            distinct = len({text for text, _, _ in found})
+            if len(found) >= n and distinct >= distinct_needed:
+                return found, k
+            answer = request(item, k, cache_only=len(found) >= n or k >= REQUESTS_PER_SAMPLE * n)
+            if answer is None and fresh and distinct < distinct_needed:
+                answer, fresh = request(item, k, cache_only=False), False
+            if answer is None:
+                return found, k
+            found += usable_choices(answer)
+            k += 1
 
     def original_score(prompt, output):
         full = prompt + output  # as the training text (data.encode_prompt_response): no separator
-        answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
+        try:
+            answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
+        except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
+            if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
+                raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+            raise
         offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
         logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
         try:  # a token holding any response character is the response's, as in data.encode_prompt_response
@@ -308,11 +397,20 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     def one(item):
         item_id, ex, prompt = item
         try:
-            scored, attempt = ask(lambda **kw: sample(item, **kw), scored_samples, retry_failures)
+            found, requests_made = samples(item)
+            scored, finished = {}, {}
+            for text, score, done in found:
+                scored.setdefault(text, score)
+                finished[text] = finished.get(text, False) or done
+            if len(scored) < distinct_needed:
+                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs from "
+                                 f"{requests_made} request(s)")
             ranked = sorted(scored.items(), key=lambda pair: -pair[1])
             original = ex.get("output", "").strip()
             if add_original and not original:
                 raise ReplyError("add_original is set but the example has no output")
+            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
+                finished[original] = True
             if add_original == "scored" and original not in scored:
                 ranked = sorted(ranked + [(original, original_score(prompt, ex["output"]))], key=lambda p: -p[1])
             elif add_original == "first":
@@ -320,12 +418,15 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
             if len(ranked) < 2:
                 raise ReplyError(f"{url}: fewer than 2 distinct candidates")
             texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat, "attempt": attempt,
-                      "original_index": texts.index(original) if add_original and original in texts else None}
+            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat, "requests": requests_made,
+                      "original_index": texts.index(original) if add_original and original in texts else None,
+                      "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
             if add_original == "first":
                 source["teacher_scores"], scores = scores[1:], None
             return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
                                              instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+        except RunError:
+            raise
         except (ReplyError, TeacherError) as e:
             return "failed", _failure("probabilistic", item, e, client.model)
 
@@ -337,9 +438,13 @@ RANKING_SYSTEM = "You are a professional, experienced data annotator."
 
 def ranking_messages(prompt, candidates):
     """The contextual-ranking request (METHOD.md, "The contextual-ranking prompt"); index len(candidates) is
-    the teacher's own reference answer."""
+    the teacher's own reference answer. The format example shows placeholders, as the authors' prompt does
+    ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an answer."""
     n = len(candidates)
+    if n > 17:
+        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
     shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
     user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
             f"Follow these steps:\n"
             f"(1) Say whether the instruction is open-ended or close-ended.\n"
@@ -349,15 +454,15 @@ def ranking_messages(prompt, candidates):
             f"level of details/justification and accuracy, each 0-5. Close-ended instruction: accuracy, level of "
             f"details/justification and clarity, each 0-5. Write each as \"Response k: [sum]\".\n"
             f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of score, as "
-            f"\"rank: [{', '.join(map(str, range(n + 1)))}]\" (shorter if you dropped duplicates).")
+            f"\"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
     return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
 
 
 def parse_ranking(reply, n):
-    """(ranks best first, the reference answer or None) from a ranking reply over n candidates + the teacher's
-    own answer (index n). As the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers
-    in order. Unlike them, only the integers inside the [...] list (or on that line) are read, and each index
-    must be in 0..n at most once, so stray digits become a ReplyError instead of training data."""
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
+    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
+    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
+    once, so stray digits become a ReplyError instead of training data."""
     text = reply.lower()
     key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
     if key is None:
@@ -370,19 +475,101 @@ def parse_ranking(reply, n):
         problem = f"index {bad[0]} out of range 0..{n}" if bad else \
             "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
         raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-    # the reference answer runs from "###Response n:" to the next "###" heading or the step (3) marker
-    found = re.search(rf"###\s*response\s*{n}\s*:?(.*?)(?=\n\W*(?:###|\(3\)|3\)|step\s*3)|\Z)", reply,
-                      re.IGNORECASE | re.DOTALL)
-    return ranks, (found.group(1).strip() or None) if found else None
+    return ranks
+
+
+# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
+# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
+# ("First, ... Second, ... Last, ...").
+_LINE = r"^[ \t>*#_-]*"
+_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
+             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
+STEP_MARKERS = {
+    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
+    "k)": lambda k: rf"{_LINE}{k}\)",
+    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
+    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
+    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
+}
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
+STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
+               4: r"scor|rat(?:e|ing)", 5: r"rank"}
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
+
+
+def reference_answer(reply, n):
+    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up to
+    where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
+    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past the
+    ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the answer is
+    an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot be told
+    unambiguously, there is no reference (the ranking is still usable without it)."""
+    masked = re.sub(r"```.*?(?:```|\Z)", lambda m: re.sub(r"[^\n]", " ", m.group()), reply, flags=re.S)  # code
+    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
+    if not head:
+        return None, f"no '###Response {n}' in the reply"
+    begin, lowered = head.end(), masked.lower()
+    key = "rank:" if "rank:" in lowered else "ranking:"
+    end = lowered.rfind(key)  # the ranking's line is no part of the answer (nor the ranking on the answer's line)
+    line_start = masked.rfind("\n", 0, end) + 1
+    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
+    cut, problem = _step_after_reference(masked, head.start(), begin, end)
+    if problem:
+        return None, problem
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()  # a closing rule
+    return (text, None) if text else (None, "the reference answer is empty")
+
+
+def _step_after_reference(masked, head_at, begin, end):
+    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
+    line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
+    best = None  # (position of the step-2 marker, markers after the answer) of the style whose marker is nearest
+    for marker in STEP_MARKERS.values():
+        found = sorted((m.start(), k) for k in range(1, 6) for m in re.finditer(marker(k), masked, re.I | re.M))
+        before = [(at, k) for at, k in found if at < head_at]
+        after = [(at, k) for at, k in found if begin <= at < end]
+        if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
+                best is None or before[-1][0] > best[0]):
+            best = (before[-1][0], after)
+    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them; the
+        # first one after the answer, at its heading's level or above, that names a later step's topic
+        headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                    if not re.search(r"response\s*\d", m.group(), re.I)]
+        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731 (bold: 7)
+        before = [m for m in headings if m.start() < head_at]
+        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
+        topics = "|".join(STEP_TOPICS.values())
+        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+        if named:
+            return named[0], None
+        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
+            return None, "no step markers after the reference answer to tell where it ends"
+        return end, None  # nothing but the answer up to the ranking
+    after = best[1]
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
+        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
+        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
+        both = [at for at in fresh if at in topical]
+        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
+        if len(chosen) == 1:
+            return chosen[0], None
+        return None, f"cannot tell where the reference answer ends: {len(places)} place(s) could begin step " \
+                     f"{step}"
+    return end, None
 
 
 def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
                    generator=None):
     """n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair has ROUGE-L F1 >=
     threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with the lowest mean
-    pairwise ROUGE-L."""
+    pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True).
+    "finished" says which responses ended in EOS (the others hit max_new_tokens)."""
     from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = tok.encode(prompt, bos=True)
     max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer tokens
     best = None
@@ -393,39 +580,58 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
         pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
         mean = sum(pairs) / len(pairs)
         if best is None or mean < best["mean_rouge_l"]:
-            best = {"candidates": texts, "temperature": t, "round": round_index + 1, "mean_rouge_l": mean}
+            best = {"candidates": texts, "finished": [tok.eos_id in out for out in outs], "temperature": t,
+                    "round": round_index + 1, "mean_rouge_l": mean}
         if max(pairs) < threshold:
             break
     return best
 
 
-def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3, seed=0):
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3, seed=0,
+                      *, student):
     """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and read
-    back on a re-run with the same prompt and settings, so a killed run does not sample again. Each item has its
-    own generator seeded from (seed, id): the result does not depend on where a run was killed."""
-    settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed)
-    done = {entry.get("id"): entry for _, entry in data.read_jsonl_log(cache_path, log.warning)}
+    back on a re-run with the same prompt, settings and student (its identity, e.g. producer_identity(...)), so a
+    killed run does not sample again and another checkpoint never reuses them. Each item has its own generator
+    seeded from (seed, id): the result does not depend on where a run was killed."""
+    settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
+                    student=student)
+    done, others = {}, 0
+    for _, entry in data.read_jsonl_log(cache_path, log.warning):
+        if "id" in entry and isinstance(entry.get("settings"), dict):
+            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
     device = model.tok_embeddings.weight.device
-    result = {}
+    result, key = {}, json.dumps(settings, sort_keys=True)
     for item_id, _, prompt in _items(examples):
-        entry = done.get(item_id)
-        if not entry or entry.get("prompt") != prompt or entry.get("settings") != settings:
+        entry = done.get((item_id, key))
+        if not entry or entry.get("prompt") != prompt:
+            others += any(i == item_id for i, _ in done)
             item_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:6], "little")
             generator = torch.Generator(device=device).manual_seed(item_seed)
             entry = dict(id=item_id, prompt=prompt, settings=settings, **sample_diverse(
                 model, tok, prompt, n, temperature, max_new_tokens, tries, generator=generator))
             data.append_jsonl(cache_path, [entry])
         result[item_id] = entry
+    if others:
+        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again", cache_path,
+                 others)
     return result
+
+
+def producer_identity(checkpoint_dir, tokenizer_path):
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer file's sha256."""
+    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
 def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
                      retry_failures=False, temperature=1.0, max_tokens=2048):
     """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
-    {"candidates": [...]}} from sample_candidates) in one chat request per instruction, at the authors' temperature
-    1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a candidate unless keep_reference is
-    False. Empty responses and exact copies of a better-ranked one are left out of the record (source["ranks"]
-    keeps the teacher's full ranking, source["kept_ranks"] the one trained on)."""
+    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
+    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
+    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the reply
+    unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a better-ranked one
+    are left out of the record (source["ranks"] keeps the teacher's full ranking, source["kept_ranks"] the one
+    trained on); a candidate that hit the student's token limit is listed in source["unfinished"]. A reply cut by
+    max_tokens (finish_reason "length") is a failure: its ranking may be incomplete."""
     url = client.base_url + "/chat/completions"
 
     def one(item):
@@ -434,27 +640,37 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
         if not entry:
             return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
         candidates = entry["candidates"]
+        finished = entry.get("finished") or [True] * len(candidates)
 
         def parse(answer):
-            reply = get_field(answer, "choices.0.message.content", url)
-            ranks, reference = parse_ranking(str(reply), len(candidates))
+            reply = str(get_field(answer, "choices.0.message.content", url))
+            if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so its "
+                                 "ranking may be incomplete", reply)
+            ranks = parse_ranking(reply, len(candidates))
+            reference, problem = reference_answer(reply, len(candidates))
             pool, kept = candidates + [reference if keep_reference else None], []
             for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
                 if pool[i] and pool[i] not in [pool[k] for k in kept]:
                     kept.append(i)
             if len(kept) < 2:
                 raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-            return reply, ranks, reference, kept, pool
+            return reply, ranks, reference, problem, kept, pool
 
         try:
-            (reply, ranks, reference, kept, pool), attempt = ask(
+            (reply, ranks, reference, problem, kept, pool), attempt = ask(
                 lambda **kw: client.chat(ranking_messages(prompt, candidates), temperature=temperature,
                                          max_tokens=max_tokens, **kw), parse, retry_failures)
+        except RunError:
+            raise
         except (ReplyError, TeacherError) as e:
             return "failed", _failure("contextual", item, e, client.model)
         source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
-                  "raw_reply": reply, "reference": reference, "student_candidates": candidates,
-                  "attempt": attempt, **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}}
+                  "raw_reply": reply, "reference": reference, "reference_problem": problem,
+                  "student_candidates": candidates, "attempt": attempt,
+                  "unfinished": [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]],
+                  **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
+                  "student": (entry.get("settings") or {}).get("student")}
         return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
                                          instruction=ex["instruction"], input=ex.get("input", ""), source=source)
 
@@ -707,7 +923,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
-    s.add_argument("--tokenizer", help="tokenizer.model (default: the one in --checkpoint)")
+    s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --checkpoint)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
@@ -741,7 +957,7 @@ def main(argv=None):
                            "scored by the teacher and sorted in (needs /completions echo), or placed first")
         else:
             p.add_argument("--student", required=True, help="student checkpoint folder (SFT or Tuna_p)")
-            p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --student)")
+            p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --student)")
             p.add_argument("--student-cache", help="finished student samples JSONL (default: OUT.student.jsonl)")
             p.add_argument("--student-temperature", type=float, default=0.8)
             p.add_argument("--student-max-tokens", type=int, default=256)
@@ -763,20 +979,27 @@ def main(argv=None):
             return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
                          args.seed)
         examples = data.read_alpaca(args.data)[:args.limit]
-        client = TeacherClient(args.base_url, args.model, args.api_key_env, args.cache or args.out + ".cache.jsonl",
-                               args.timeout, args.max_retries, args.workers, args.rpm)
-        if args.command == "probabilistic":
-            build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
-                                args.temperature, args.chat, args.add_original, args.retry_failures)
-        else:
+        cache = args.cache or args.out + ".cache.jsonl"
+        given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
+        with contextlib.ExitStack() as locks:  # one writer per output, and per cache given apart from it
+            for path in dict.fromkeys([args.out] + given):
+                locks.enter_context(data.lock_output(path))
+            client = TeacherClient(args.base_url, args.model, args.api_key_env, cache, args.timeout,
+                                   args.max_retries, args.workers, args.rpm)
+            if args.command == "probabilistic":
+                build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
+                                    args.temperature, args.chat, args.add_original, args.retry_failures)
+                return 0
+            tok = data.Tokenizer(args.tokenizer or args.student)
             student = load_checkpoint(args.student, args.device, torch.float32 if args.device == "cpu" else None)
-            samples = sample_candidates(student, data.Tokenizer(args.tokenizer or args.student), examples,
-                                        args.student_cache or args.out + ".student.jsonl", args.n,
-                                        args.student_temperature, args.student_max_tokens, args.tries, args.seed)
+            student_cache = args.student_cache or args.out + ".student.jsonl"
+            samples = sample_candidates(student, tok, examples, student_cache, args.n, args.student_temperature,
+                                        args.student_max_tokens, args.tries, args.seed,
+                                        student=producer_identity(args.student, tok.path))
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
-    except (OSError, ValueError, TeacherError) as e:  # DataError is a ValueError; messages name the file or URL
-        parser.exit(1, f"teacher.py {args.command}: error: {e}\n")
+    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL
+        parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
     return 0
 
 

@@ -13,7 +13,6 @@ train_step), and below it the plumbing: run folders and checkpoints, several GPU
 The whole method offline on a CPU, with a results table: python demo.py --out runs/demo
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -249,6 +248,7 @@ class Run:
     world_size: int = 1
     device: torch.device = None
     tokenizer_path: str = ""
+    tokenizer_files: dict = None  # name -> source path, copied into every checkpoint (data.Tokenizer.files)
     pad_id: int = 0
     rows: list = None           # the packed instructions (load_rows)
     micro_batches: int = 1      # forward passes per process per optimizer step
@@ -272,9 +272,11 @@ def setup(args, kind):
     run = Run(args, kind, out, state, settings, process_rank, world_size, device)
     if run.state == "done":
         return run
+    if not os.path.isdir(args.init):
+        raise TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
-    run.tokenizer_path = args.tokenizer or os.path.join(args.init, "tokenizer.model")
-    tok = data.Tokenizer(run.tokenizer_path)
+    tok = data.Tokenizer(args.tokenizer or args.init)  # a folder: its tokenizer.model, else its tokenizer.json
+    run.tokenizer_files, run.tokenizer_path = tok.files, tok.path
     run.pad_id, run.rows = tok.pad_id, load_rows(args.data, tok, kind)
     micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / world_size)
     run.micro_batches = math.ceil(args.batch_size / (world_size * micro_batch_size))
@@ -310,17 +312,25 @@ def setup(args, kind):
 
 def load_rows(path, tok, kind):
     """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or a ranked file
-    (.jsonl: the project's format; .json: the authors' release). A candidate that cannot keep one
-    response token within MAX_LEN is dropped; the rest keep their order."""
+    (.jsonl: the project's format; .json: the authors' release, whose records with an empty output or a
+    non-finite score are skipped and named). A candidate that cannot keep one response token within MAX_LEN
+    is dropped; the rest keep their order. A candidate that a token limit cut when it was generated
+    (source["unfinished"]) is trained without EOS: the model must not learn to stop there."""
     if kind == "sft":
-        items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]])
+        items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]], [])
                  for i, e in enumerate(data.read_alpaca(path))]
+    elif str(path).endswith(".jsonl"):
+        items = [(r.id, r.prompt, r.candidates, r.source.get("unfinished", []))
+                 for r in data.read_ranked_jsonl(path)]
     else:
-        read = data.read_ranked_jsonl if str(path).endswith(".jsonl") else data.read_authors_ranking
-        items = [(r.id, r.prompt, r.candidates) for r in read(path)]
+        bad = []
+        items = [(r.id, r.prompt, r.candidates, []) for r in data.read_authors_ranking(path, skipped=bad)]
+        if bad:
+            log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     rows, dropped, skipped = [], 0, 0
-    for record_id, prompt, candidates in items:
-        pairs = [data.encode_prompt_response(tok, prompt, c, MAX_LEN) for c in candidates]
+    for record_id, prompt, candidates, unfinished in items:
+        pairs = [data.encode_prompt_response(tok, prompt, c, MAX_LEN, finished=k not in unfinished)
+                 for k, c in enumerate(candidates)]
         kept = [p for p in pairs if p is not None]
         dropped += len(pairs) - len(kept)
         if not kept:
@@ -418,12 +428,8 @@ def run_settings(args, kind):
     settings = {key: getattr(args, key) for key in ("lr", "epochs", "max_steps", "batch_size", "seed",
                                                     "precision", "lora_rank", "lora_alpha", "lora_targets",
                                                     "mle_best_only")}
-    digest = hashlib.sha256()
-    with open(args.data, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return dict(kind=kind, init=os.path.abspath(args.init), data=os.path.abspath(args.data),
-                data_sha256=digest.hexdigest(), **settings, margin=MARGIN, mle_weight=MLE_WEIGHT,
+                data_sha256=data.file_sha256(args.data), **settings, margin=MARGIN, mle_weight=MLE_WEIGHT,
                 length_penalty=LENGTH_PENALTY, max_len=MAX_LEN, grad_clip=GRAD_CLIP)
 
 
@@ -508,7 +514,7 @@ def check_fits(net, tok, run):
 
 
 def save_checkpoint(run, step, finished=False):
-    """HF checkpoint (config.json last) + tokenizer.model + training_state.pt (optimizer, step, data position,
+    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt (optimizer, step, data position,
     random states). A step checkpoint goes to checkpoints/step-N.tmp, renamed when whole, and replaces the
     older ones; the final one goes into OUT itself. Every process calls it (FSDP gathers the weights)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -524,7 +530,8 @@ def save_checkpoint(run, step, finished=False):
     if not finished:
         shutil.rmtree(folder, ignore_errors=True)            # a half-written one left by a kill
         os.makedirs(folder)
-    shutil.copyfile(run.tokenizer_path, os.path.join(folder, "tokenizer.model"))
+    for name, source in run.tokenizer_files.items():
+        shutil.copyfile(source, os.path.join(folder, name))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -668,7 +675,9 @@ def run_pipeline(args):
     are ordinary stage outputs; --resume skips a finished stage."""
     out = args.out.rstrip("/")
     contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
-    build_contextual = not args.contextual_data and not (args.resume and os.path.exists(contextual))
+    # built from this Tuna_p on every run (teacher.py's caches make that free when nothing changed), so that
+    # the samples of an older Tuna_p are never trained on after a retraining
+    build_contextual = not args.contextual_data
     if build_contextual and not (args.instructions and args.teacher_base_url and args.teacher_model):
         raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
                             "--teacher-model to build it from Tuna_p's samples with teacher.py")
@@ -699,11 +708,12 @@ def add_training_arguments(p, kind):
     lr, epochs, batch_size = (SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE) if kind == "sft" else \
         (RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE)
     p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
-    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout) when finished")
+    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout, the tokenizer's files "
+                   "beside) when finished")
     if kind != "pipeline":
         p.add_argument("--data", required=True, help="Alpaca JSON (sft); ranked .jsonl or the authors' .json")
         p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --init)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --init)")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="instructions per optimizer step, all "
@@ -759,9 +769,10 @@ def main(argv=None):
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:
-        SUBCOMMANDS[args.command][2](args)
-    except (TrainingError, OSError, ValueError) as e:  # DataError is a ValueError; each names its file
+    try:  # one writer per output folder (under torchrun, the main process holds the lock for all)
+        with data.lock_output(args.out) if os.environ.get("RANK", "0") == "0" else nullcontext():
+            SUBCOMMANDS[args.command][2](args)
+    except (TrainingError, data.OutputLocked, OSError, ValueError) as e:  # DataError is a ValueError
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:

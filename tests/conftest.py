@@ -1,5 +1,7 @@
-"""Shared test fixtures: a tiny LLaMA-style sentencepiece tokenizer trained in the test session."""
+"""Shared test fixtures: tiny tokenizers trained in the test session, a LLaMA-style sentencepiece model and
+byte-level BPE tokenizer.json folders in the styles real checkpoints ship."""
 import io
+import json
 import os
 import sys
 
@@ -69,3 +71,77 @@ def spm_model_path(tmp_path_factory):
         minloglevel=2,
     )
     return str(out / "tokenizer.model")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which transformers release the parity tests compared with (.ci/run runs two)."""
+    try:
+        import transformers
+        terminalreporter.write_line(f"parity reference: transformers {transformers.__version__}")
+    except ImportError:
+        terminalreporter.write_line("parity reference: transformers not installed")
+
+
+# ----------------------------------------------------------------------------- byte-level BPE tokenizers
+# Built with Hugging Face's `tokenizers` (test-only) the way real checkpoints ship them: tokenizer.json plus a
+# tokenizer_config.json naming the special tokens. data.py reads them by hand.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json, Split pre-tokenizer
+BPE_STYLES = {  # pre-tokenizer, ignore_merges, special tokens, BOS template, tokenizer_config.json
+    "gpt2": ("ByteLevel", False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}),
+    "gpt2_prefix_space": ("ByteLevel add_prefix_space", False, ["<|endoftext|>", "<|pad|>"], None,
+                          {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}),
+    "llama3": ("Split(Llama 3 regex) + ByteLevel", True,
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|eot_id|>"],
+               "<|begin_of_text|>", {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}),
+    "smollm2": ("Digits(individual) + ByteLevel", False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+                {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}),
+    "digit_runs": ("Digits + ByteLevel", False, ["<s>", "</s>", "<pad>"], "<s>",
+                   {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}),
+}
+
+
+def build_bpe_tokenizer(folder, style, texts, vocab_size=700):
+    """Train a byte-level BPE tokenizer of the given BPE_STYLES style on texts; write tokenizer.json and
+    tokenizer_config.json into folder (created) and return the folder's path."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    pre_tokenizer, ignore_merges, specials, bos, config = BPE_STYLES[style]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space="add_prefix_space" in pre_tokenizer,
+                                          use_regex="Split" not in pre_tokenizer)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = {
+        "Split(Llama 3 regex) + ByteLevel": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"), byte_level]),
+        "Digits(individual) + ByteLevel": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "Digits + ByteLevel": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(), byte_level]),
+    }.get(pre_tokenizer, lambda: byte_level)()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos:
+        steps.append(processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]))
+    tok.post_processor = processors.Sequence(steps)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    if ignore_merges:  # as Llama 3's file says: a word that is a vocabulary token is not split
+        with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+            spec = json.load(f)
+        spec["model"]["ignore_merges"] = True
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                   "model_max_length": 2048, **config}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A Llama 3-style byte-level BPE tokenizer folder (tokenizer.json + tokenizer_config.json), trained on
+    the corpus the sentencepiece fixture uses."""
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe_tokenizer"), "llama3", CORPUS_LINES * 20, 600)

@@ -53,7 +53,7 @@ def inputs(tmp_path_factory, spm_model_path):
 TRAIN = ["--init", "{root}/init", "--data", "{root}/ranked.jsonl", "--out", "{root}/new_run"]
 SFT = ["--data", "{root}/alpaca.json", "--out", "{root}/new_run"]
 CASES = [  # (script and arguments, what the error line must contain)
-    (["tuna.py", "sft", "--init", "{root}/missing", *SFT], "{root}/missing/tokenizer.model"),
+    (["tuna.py", "sft", "--init", "{root}/missing", *SFT], "--init {root}/missing: no such folder"),
     (["tuna.py", "sft", "--init", "{root}/truncated", *SFT], "{root}/truncated/model.safetensors"),
     (["tuna.py", "sft", "--init", "{root}/init", "--data", "{root}/no_output.json", *SFT[2:]],
      "no_output.json, record 1, field 'output': missing"),

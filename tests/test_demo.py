@@ -133,8 +133,8 @@ def test_demo_rerun_redoes_nothing_and_pays_nothing(demo_run):
     second = run_demo(out)
     assert second.stderr.count("already finished") == 5        # teacher, SFT, Tuna_p, Tuna, Tuna_c: not retrained
     summaries = [line for line in (second.stderr + second.stdout).splitlines() if " failed -> " in line]
-    assert len(summaries) == 2                                  # probabilistic and Tuna_c's data (a finished
-    assert all("; requests 0 (" in line for line in summaries)  # pipeline makes none) ... not one request sent
+    assert len(summaries) == 3                                  # probabilistic, the pipeline's (rebuilt from
+    assert all("; requests 0 (" in line for line in summaries)  # its caches) and Tuna_c's: not one request sent
     assert {p: os.path.getsize(out / p) for p in cache_sizes} == cache_sizes
     after = json.load(open(out / "results.json"))
     # other settings on the same folder: refused, naming the record, before anything is overwritten
@@ -161,7 +161,7 @@ def test_rule_based_judge_answers_over_http_in_the_teachers_format():
             messages = teacher.ranking_messages(data.alpaca_prompt(asked), candidates)
             reply = requests.post(url, json={"model": demo.JUDGE, "messages": messages}, timeout=10)
             return reply if reply.status_code != 200 else teacher.parse_ranking(
-                reply.json()["choices"][0]["message"]["content"], len(candidates))[0]
+                reply.json()["choices"][0]["message"]["content"], len(candidates))
         assert ranks(["d b a", "a b d", "b a d", "a b d"]) == [1, 2, 0]      # right first, duplicate dropped
         assert ranks(["d b a", "b a d", "z"])[:1] == [3]                    # none right: its own answer first
         refused = ranks(["a", "b"], asked="What is the last of the letters x y?")

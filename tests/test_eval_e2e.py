@@ -4,6 +4,9 @@ then a run killed after its first batch resumes without regenerating finished it
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 
@@ -12,6 +15,7 @@ import torch
 
 import eval as E
 import model as M
+from test_data import HOLD_LOCK
 from test_eval import FIXTURES, JudgeHandler
 
 
@@ -127,3 +131,55 @@ def test_killed_run_resumes_without_regenerating(checkpoints, benchmarks, judge_
     calls[:] = []
     again, _ = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
     assert calls == [] and again["models"] == results["models"] and again["vicuna"] == results["vicuna"]
+
+
+def test_answers_know_the_checkpoint_and_settings_that_made_them(checkpoints, spm_model_path, tmp_path, capsys):
+    """A new checkpoint under the same name (retrained in place) or another max_new_tokens generates again; the
+    same checkpoint, or a copy of its folder, reuses the answers."""
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoints["alpaca"], folder)  # a copy keeps the checkpoint's identity
+    items = [{"id": str(i), "prompt": f"### Instruction:\nSay {word}.\n\n### Response:"}
+             for i, word in enumerate(["yes", "no", "maybe"])]
+    loads = []
+
+    def answers(max_new_tokens=5, out=tmp_path / "eval"):
+        get_model = E.model_loader(str(folder), spm_model_path, "cpu", torch.float32)
+        counted = lambda: (loads.append(1), get_model())[1]  # noqa: E731
+        return E.generate_answers("m", "bench", items, counted, str(out), 2, max_new_tokens,
+                                  E.answer_producer(str(folder), spm_model_path))
+
+    first = answers()
+    assert answers() == first and len(loads) == 1  # read back: the model is not even loaded
+    assert E.answer_producer(str(folder), spm_model_path) == E.answer_producer(checkpoints["alpaca"], spm_model_path)
+    M.save_hf_checkpoint(M.load_checkpoint(checkpoints["tuna"]), str(folder))  # another model under the same name
+    second = answers()
+    assert len(loads) == 2 and "3 answer(s) made by another checkpoint" in capsys.readouterr().err
+    assert second == answers(out=tmp_path / "fresh") and second != first  # the new model's own answers
+    longer = answers(max_new_tokens=7)
+    assert len(loads) == 4 and answers(max_new_tokens=7) == longer and len(loads) == 4
+    lines = [json.loads(line) for line in open(tmp_path / "eval" / "generations" / "m" / "bench.jsonl")]
+    assert len(lines) == 9 and len({line["made_by"] for line in lines}) == 9  # old lines stay, ignored
+
+
+def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm_model_path, tmp_path, capsys):
+    out = tmp_path / "eval"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for locked in (out, out / "generations" / "alpaca" / "lmentry.jsonl"):  # the run, or one answer file
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(locked)], cwd=root, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            with pytest.raises(SystemExit) as refused:
+                E.main(["--checkpoints", f"alpaca={checkpoints['alpaca']}", "--tokenizer", spm_model_path,
+                        "--lmentry", os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
+                        "--max-new-tokens", "4", "4", "4"])
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            assert refused.value.code == 1
+            assert f"{locked} is being written by another process (pid {holder.pid}" in error
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    E.main(["--checkpoints", f"alpaca={checkpoints['alpaca']}", "--tokenizer", spm_model_path, "--lmentry",
+            os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
+            "--max-new-tokens", "4", "4", "4"])
+    assert (out / "results.json").exists()  # the killed holders block nothing

@@ -74,6 +74,8 @@ LMENTRY_CASES = [  # (task, metadata, input, prediction, expected score)
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "87 is bigger than 12.", 1),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12 12", 0),
     ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12", 0),
+    ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "12 is smaller than 87", 1),  # mirrored
+    ("bigger_number", dict(n1=12, n2=87, answer=87, distractor=12), "", "87 < 12", 0),  # a later version said 1
     ("smaller_number", dict(n1=12, n2=87, answer=12, distractor=87), "", "The smaller number is 12.", 1),
     ("smaller_number", dict(n1=12, n2=87, answer=12, distractor=87), "", "87", 0),
     ("first_alphabetically", dict(word1="zebra", word2="apple", answer="apple", distractor="zebra"), "", "apple", 1),
@@ -189,3 +191,21 @@ def test_lmentry_bad_files_are_reported(tmp_path):
     assert any("last_word.json" in p and "example 1" in p for p in problems)
     result = lmentry.score_tasks(tasks, {"last_word/2": "logs"}, problems.append)  # metadata without "answer": reported
     assert any("last_word/2" in p and "cannot score" in p for p in problems) and result["items"] == []
+
+
+def test_bigger_number_is_lmentry_v1_the_mirror_of_smaller_number():
+    """LMentry v1 (lmentry/scorers at commit 463763d): smaller_number "was created by simply mirroring
+    BiggerNumberScorer", whose four phrasings it mirrors; a later bigger_number added "<", ">" and more, and
+    mirrored those into "9 < 5" for 9. Both tasks now score every phrasing alike, mirrored."""
+    bigger = dict(n1=5, n2=9, answer=9, distractor=5)
+    smaller = dict(n1=5, n2=9, answer=5, distractor=9)
+    pairs = [("9 is bigger", "5 is smaller"), ("9 is larger than 5", "5 is smaller than 9"),
+             ("9 is the bigger number", "5 is the smaller number"),
+             ("The larger number is 9.", "The smaller number is 5."), ("5 is smaller than 9", "9 is bigger than 5"),
+             ("Of the numbers 5 and 9, 9 is bigger", "Of the numbers 5 and 9, 5 is smaller"),
+             ("9 > 5", "5 < 9"), ("5 < 9", "9 > 5"), ("9 < 5", "5 > 9"), ("The bigger is 9", "The smaller is 5"),
+             ("The number that is bigger than 5 is 9.", "The number that is smaller than 9 is 5.")]
+    scores = [(lmentry.score_prediction("bigger_number", b, example("bigger_number", **bigger))[0],
+               lmentry.score_prediction("smaller_number", s, example("smaller_number", **smaller))[0])
+              for b, s in pairs]
+    assert scores == [(1, 1)] * 6 + [(0, 0)] * 5

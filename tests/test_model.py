@@ -1,15 +1,23 @@
 """model.py against transformers' LlamaForCausalLM (the reference people know) and against itself.
 
-Run with -s to see the parity figures (max abs logit difference per config and checkpoint source)."""
+Runs under transformers 5 (today's release, which writes RoPE settings as rope_parameters) and 4.57.6 (rope_theta and
+rope_scaling at the top level); .ci/run runs it with both. Run with -s to see the parity figures (max abs logit
+difference per config, config layout and checkpoint source)."""
+import copy
 import json
 import os
 
 import pytest
 import safetensors.torch
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import model as M
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)  # Llama 3.1's config.json (and Meta's apply_scaling)
 
 # Tiny random configs covering what the loader must get right. intermediate_size follows Meta's rule
 # (2/3 of 4*dim rounded up to multiple_of) so the same weights can also be written as a Meta params.json.
@@ -23,19 +31,25 @@ HF_CONFIGS = {
                            multiple_of=32, rope_theta=500.0, rms_norm_eps=0.05),  # an eps that shows if ignored
     "head_dim_16": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         intermediate_size=128, multiple_of=32),  # 16 != 48 / 4
+    "llama3.1_rope": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+                          multiple_of=32, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE),
 }
 VOCAB = 128
 
 
 def make_hf_model(name, seed=0):
-    """A random LlamaForCausalLM whose weights are large enough to give varied logits (HF's 0.02 init gives
-    almost uniform ones, against which any bug would look like parity)."""
-    cfg = dict(HF_CONFIGS[name])
+    cfg = copy.deepcopy(HF_CONFIGS[name])  # transformers 5 writes rope_theta into a rope_scaling dict it is given
     cfg.pop("multiple_of")
-    config = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, bos_token_id=1,
-                         eos_token_id=2, attn_implementation="eager", **cfg)
+    return randomize(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64,
+                                                  bos_token_id=1, eos_token_id=2, attn_implementation="eager", **cfg)),
+                     seed)
+
+
+def randomize(hf, seed=0):
+    """Weights large enough to give varied logits (HF's 0.02 init gives almost uniform ones, against which any bug
+    would look like parity)."""
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(config).eval()
+    hf.eval()
     with torch.no_grad():
         for key, p in hf.named_parameters():
             if p.dim() == 1:
@@ -77,6 +91,10 @@ def hf_rows_to_meta(weight, n_heads):
     return out
 
 
+def rope_theta_of(config):
+    return config.rope_parameters["rope_theta"] if TRANSFORMERS_5 else config.rope_theta
+
+
 def write_meta_checkpoint(hf, name, out_dir, shards=1):
     c = hf.config
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -97,7 +115,9 @@ def write_meta_checkpoint(hf, name, out_dir, shards=1):
         meta[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "multiple_of": HF_CONFIGS[name]["multiple_of"],
-              "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "vocab_size": -1}
+              "norm_eps": c.rms_norm_eps, "rope_theta": rope_theta_of(c), "vocab_size": -1}
+    if HF_CONFIGS[name].get("rope_scaling") == LLAMA31_ROPE:
+        params["use_scaled_rope"] = True  # Llama 3.1/3.2's params.json: the parameters are fixed in Meta's code
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "params.json"), "w") as f:
         json.dump(params, f)
@@ -141,7 +161,7 @@ def test_logits_match_transformers_from_hf_checkpoints(name, hf_dirs):
         assert model.output.weight is model.tok_embeddings.weight
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "tied", "theta500_eps0.05"])  # Meta's params.json has no head_dim
+@pytest.mark.parametrize("name", ["mha", "gqa", "tied", "theta500_eps0.05", "llama3.1_rope"])  # no head_dim in Meta's
 def test_logits_match_transformers_from_meta_checkpoint(name, tmp_path):
     hf = make_hf_model(name)
     write_meta_checkpoint(hf, name, tmp_path)
@@ -176,7 +196,7 @@ def test_qk_permutation_matters_and_round_trips(hf_dirs):
     assert max_diff(our_logits(model, tokens), hf_logits(hf, tokens)) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["gqa", "tied", "head_dim_16"])
+@pytest.mark.parametrize("name", ["gqa", "tied", "head_dim_16", "llama3.1_rope"])
 def test_save_hf_checkpoint_round_trip(name, hf_dirs, tmp_path):
     hf, single, _ = hf_dirs[name]
     model = M.load_checkpoint(single)
@@ -198,7 +218,7 @@ def test_save_hf_checkpoint_round_trip(name, hf_dirs, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     # saving a single file over a sharded save removes the shards and the index that would shadow it
     M.save_hf_checkpoint(model, str(tmp_path / "sharded"))
-    assert sorted(os.listdir(tmp_path / "sharded")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "sharded")) == ["checkpoint_identity.json", "config.json", "model.safetensors"]
 
 
 def test_save_bfloat16(hf_dirs, tmp_path):
@@ -406,6 +426,101 @@ def test_corrupted_safetensors_are_refused(tmp_path, header, data, header_len, m
     assert path in str(err.value)
 
 
+# ---- config.json in both layouts: a table of configs, each supported one matches transformers, each other is refused
+# (config class, its arguments, None or the refusal). Each is written by the running transformers release, then
+# rewritten in the other release's RoPE layout, so both layouts meet both the loader and (where it reads them)
+# transformers. Positions reach 40: past llama3_short's original context (32), so all three of its bands matter.
+CONFIG_TABLE = {
+    "default": ("llama", dict(), None),
+    "theta500": ("llama", dict(rope_theta=500.0), None),
+    "linear": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), None),
+    "llama3.1": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA31_ROPE), None),
+    "llama3_short": ("llama", dict(rope_scaling=dict(LLAMA31_ROPE, factor=4.0, original_max_position_embeddings=32)),
+                     None),
+    "mistral": ("mistral", dict(sliding_window=None), None),
+    "mistral_window_past_context": ("mistral", dict(sliding_window=4096), None),  # never reached: same computation
+    "mistral_window": ("mistral", dict(sliding_window=16), r"sliding_window=16 is active"),
+    "yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
+             r"rope_type='yarn' is not supported"),
+    "dynamic": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope_type='dynamic' is not"),
+    "attention_bias": ("llama", dict(attention_bias=True), r"attention_bias=True is not supported"),
+    "mlp_bias": ("llama", dict(mlp_bias=True), r"mlp_bias=True is not supported"),
+    "gelu": ("llama", dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
+    "attention_dropout": ("llama", dict(attention_dropout=0.1), r"attention_dropout=0.1 is not supported"),
+}
+CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+LAYOUTS = ("transformers4", "transformers5")  # rope_theta + rope_scaling at the top level / one rope_parameters
+
+
+def in_layout(cfg, layout):
+    """The same config.json with its RoPE settings in the given release's layout."""
+    cfg = dict(cfg)
+    settings = {**(cfg.pop("rope_scaling", None) or {}), **(cfg.pop("rope_parameters", None) or {})}
+    theta = settings.pop("rope_theta", cfg.pop("rope_theta", 10000.0))
+    settings["rope_type"] = settings.get("rope_type", settings.get("type", "default"))
+    if layout == "transformers4":
+        cfg.update(rope_theta=theta, rope_scaling=None if settings["rope_type"] == "default" else settings)
+    else:
+        cfg["rope_parameters"] = {"rope_theta": theta, **settings}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def table_dirs(tmp_path_factory):
+    """Per config: (the HF model or None, {layout: checkpoint folder}); the native layout is the file as written."""
+    out = {}
+    for name, (kind, arguments, refusal) in CONFIG_TABLE.items():
+        config_class, model_class = CLASSES[kind]
+        config = config_class(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=192, num_hidden_layers=2, max_position_embeddings=64,
+                              bos_token_id=1, eos_token_id=2, **copy.deepcopy(arguments))
+        native = tmp_path_factory.mktemp(name)
+        hf = None
+        if refusal is None:
+            hf = randomize(model_class._from_config(config, attn_implementation="eager"))
+            hf.save_pretrained(native)
+        else:
+            config.save_pretrained(native)
+        written = json.loads((native / "config.json").read_text())
+        assert ("rope_parameters" in written) == TRANSFORMERS_5  # the release writes its own layout
+        folders = {}
+        for layout in LAYOUTS:
+            folders[layout] = native / layout
+            folders[layout].mkdir()
+            for file in os.listdir(native):
+                if file.endswith(".safetensors"):
+                    os.link(native / file, folders[layout] / file)
+            (folders[layout] / "config.json").write_text(json.dumps(in_layout(written, layout), indent=2))
+        out[name] = hf, folders
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(CONFIG_TABLE))
+def test_config_table_supported_match_transformers_unsupported_are_refused(name, layout, table_dirs):
+    hf, folders = table_dirs[name]
+    path = str(folders[layout])
+    refusal = CONFIG_TABLE[name][2]
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal) as err:
+            M.load_checkpoint(path)
+        assert os.path.join(path, "config.json") in str(err.value)
+        return
+    tokens = tokens_for_test(shape=(2, 40))
+    expected = hf_logits(hf, tokens)
+    model = M.load_checkpoint(path)
+    diff = max_diff(our_logits(model, tokens), expected)
+    print(f"\nparity {name:28s} {layout} layout  max abs logit diff {diff:.2e}")
+    assert diff <= 1e-4
+    if TRANSFORMERS_5 or layout == "transformers4":  # transformers 4 does not read rope_parameters
+        reread = type(hf).from_pretrained(path, attn_implementation="eager").eval()
+        assert max_diff(hf_logits(reread, tokens), expected) == 0  # the rewritten layout says the same to transformers
+    if model.args.rope_scaling:  # the scaling is really used: without it the logits move
+        model.args.rope_scaling = None
+        model.reset_rope()
+        assert max_diff(our_logits(model, tokens), expected) > 1e-3
+
+
 def test_configs_from_files(tmp_path, hf_dirs):
     args = M.ModelArgs.from_hf_config(os.path.join(hf_dirs["head_dim_16"][1], "config.json"))
     assert (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim) == (48, 4, 2, 16, 128)
@@ -415,6 +530,57 @@ def test_configs_from_files(tmp_path, hf_dirs):
     assert llama_7b == M.ModelArgs.from_name("llama-7b")
     with pytest.raises(ValueError, match="vocab_size is -1"):
         M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"type": "linear"}}))
-    with pytest.raises(ValueError, match="config.json: not supported by model.py: rope_scaling"):
-        M.ModelArgs.from_hf_config(str(tmp_path / "config.json"))
+    # Llama 3.2 1B's params.json as Meta ships it; a quantized release's extra keys are refused by name
+    llama32 = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
+               "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+    (tmp_path / "params.json").write_text(json.dumps(llama32))
+    args = M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
+    assert args.rope_scaling == LLAMA31_ROPE and args.hidden_dim == 8192 and args.rope_theta == 500000.0
+    (tmp_path / "params.json").write_text(json.dumps(dict(llama32, quantization_args={"group_size": 256})))
+    with pytest.raises(ValueError, match=r"params.json: not supported by model.py: quantization_args="):
+        M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
+    # RoPE objects that say too little, too much, or two different things
+    base = json.loads(open(os.path.join(hf_dirs["head_dim_16"][1], "config.json")).read())
+    for rope, message in (
+            (dict(rope_scaling={"type": "linear"}), r"rope_scaling with rope_type='linear': missing or invalid: "
+                                                    r"factor=None"),
+            (dict(rope_scaling=dict(LLAMA31_ROPE, attention_factor=2.0)), r"not supported by model.py: attention_f"),
+            (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), r"missing or invalid: factor=None, "),
+            (dict(rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}), r"layouts disagree"),
+            (dict(rope_parameters="default"), r"rope_parameters='default' is not an object"),
+            (dict(rope_scaling=dict(LLAMA31_ROPE, low_freq_factor=4.0)), r"low_freq_factor >= high_freq_factor"),
+            (dict(model_type="qwen2"), r"model_type='qwen2' is not supported"),
+            (dict(quantization_config={"quant_method": "gptq"}), r"quantization_config=\{'quant_method': 'gptq'\}")):
+        without_rope = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+        (tmp_path / "config.json").write_text(json.dumps({**without_rope, **rope}))
+        with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+            M.ModelArgs.from_hf_config(str(tmp_path / "config.json"))
+    # both layouts saying the same thing are read once
+    (tmp_path / "config.json").write_text(json.dumps({**base, **in_layout(in_layout(base, "transformers4"),
+                                                                          "transformers5"), "rope_theta": 10000.0}))
+    assert M.ModelArgs.from_hf_config(str(tmp_path / "config.json")).rope_theta == 10000.0
+
+
+def test_checkpoint_identity_follows_the_weights(hf_dirs, tmp_path):
+    """save_hf_checkpoint records a sha256 of config and weights; a copy keeps it, new weights change it, weights
+    changed by another tool (or a folder another tool wrote) fall back to a sampled digest that still tells
+    them apart."""
+    import shutil
+    model = M.load_checkpoint(hf_dirs["mha"][1])
+    M.save_hf_checkpoint(model, str(tmp_path / "a"))
+    saved = M.checkpoint_identity(str(tmp_path / "a"))
+    assert saved.startswith("sha256:") and len(saved) == 7 + 64
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert M.checkpoint_identity(str(tmp_path / "copy")) == saved
+    with torch.no_grad():
+        model.norm.weight.add_(1e-3)  # a small change in a small tensor
+    M.save_hf_checkpoint(model, str(tmp_path / "a"))
+    assert M.checkpoint_identity(str(tmp_path / "a")) not in (saved, None)
+    foreign = M.checkpoint_identity(hf_dirs["mha"][1])  # written by transformers: no record
+    assert foreign.startswith("sampled-sha256:") and M.checkpoint_identity(hf_dirs["mha"][1]) == foreign
+    weights = tmp_path / "copy" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # another tool rewrote the weights in place: the record no longer describes the files
+    weights.write_bytes(bytes(blob))
+    changed = M.checkpoint_identity(str(tmp_path / "copy"))
+    assert changed.startswith("sampled-sha256:") and changed != M.checkpoint_identity(str(tmp_path / "a"))

@@ -42,6 +42,7 @@ class FakeTeacher(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.seen, self.times = collections.Counter(), collections.defaultdict(list)
         self.delivered, self.repeats, self.answered, self.auth, self.fault_of = set(), 0, 0, [], {}
+        self.bodies = []  # every request body, in arrival order
         self.hang_after, self.hanging, self.release = hang_after, threading.Event(), threading.Event()
 
     @property
@@ -61,19 +62,22 @@ class FakeTeacher(ThreadingHTTPServer):
 def fake_answer(path, body, h, fault):
     number = int(h[:8], 16)
     usage = {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
+    # ignore_n: one choice whatever n is (llama.cpp's server); cap_n: at most 2 (a server that caps n)
+    choices_count = {"ignore_n": 1, "cap_n": min(2, body.get("n", 1))}.get(fault, body.get("n", 1))
+    finish = lambda j: "length" if fault == "cut" and j == 1 else "stop"  # choice 1 (a unique text) hit max_tokens
     if path.endswith("/completions") and "messages" not in body:
-        texts = [f"Answer {(number + j) % 3} for {h[:6]}" for j in range(body.get("n", 1))]
+        texts = [f"Answer {(number + j) % 3} for {h[:6]}" for j in range(choices_count)]
         logprobs = lambda j: "oops" if fault == "badlogprobs" else [-((number >> j) % 50) / 10 - 0.1] * 3
-        choices = [{"text": " " + text, "index": j, "finish_reason": "stop",
+        choices = [{"text": " " + text, "index": j, "finish_reason": finish(j),
                     "logprobs": {"tokens": text.split(), "token_logprobs": logprobs(j),
                                  "top_logprobs": None, "text_offset": [0, 7, 9]}} for j, text in enumerate(texts)]
         return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices, "usage": usage}
     user = body["messages"][-1]["content"]
     if body.get("logprobs"):  # probabilistic ranking over chat
-        choices = [{"index": j, "finish_reason": "stop",
+        choices = [{"index": j, "finish_reason": finish(j),
                     "message": {"role": "assistant", "content": f"Chat {j} {h[:6]}"},
                     "logprobs": {"content": [{"token": "x", "logprob": -j - 0.5, "bytes": [120], "top_logprobs": []}]}}
-                   for j in range(body.get("n", 1))]
+                   for j in range(choices_count)]
     else:  # a contextual-ranking reply
         n = len(re.findall(r"^###Response \d+:\n", user, re.M))
         order = sorted(range(n + 1), key=lambda i: hashlib.sha256(f"{h}{i}".encode()).hexdigest())
@@ -81,11 +85,13 @@ def fake_answer(path, body, h, fault):
                 "short": "rank: [2, 4, 0]"}.get(fault, f"rank: {order}")
         if fault == "badrank_once" and "seed" not in body:
             rank = "ranking of the responses: unclear"
-        content = (f"(1) The instruction is open-ended.\n(2) ###Response {n}: The reference answer {h[:6]}.\n"
+        header = "" if fault == "noheader" else f"###Response {n}: "  # noheader: the answer is not marked
+        content = (f"(1) The instruction is open-ended.\n(2) {header}The reference answer {h[:6]}.\n"
                    f"(3) No duplicates.\n(4) Response 0: [11]\n(5) {rank}\nThat is all 42 of it.")
         if fault == "keyecho":
             content += " " + body.get("echo_key", "")
-        choices = [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]
+        choices = [{"index": 0, "finish_reason": "length" if fault == "cutreply" else "stop",
+                    "message": {"role": "assistant", "content": content}}]
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": choices,
             "usage": usage}
 
@@ -110,6 +116,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         h = hashlib.sha256(json.dumps([self.path, body], sort_keys=True).encode()).hexdigest()
         auth = self.headers.get("Authorization", "")
         with server.lock:
+            server.bodies.append(body)
             k = server.seen[h]
             server.seen[h] += 1
             server.repeats += h in server.delivered
@@ -136,6 +143,9 @@ class FakeHandler(BaseHTTPRequestHandler):
             return self.reply(200, fake_answer(self.path, body, h, fault), cut=True)
         if fault == "400":
             return self.reply(400, error("Invalid value for 'max_tokens': too many tokens"))
+        if fault == "noecho" and body.get("echo"):  # OpenAI's answer since gpt-3.5-turbo-instruct
+            return self.reply(400, error("Setting 'echo' and 'logprobs' at the same time is not supported for this "
+                                         "model."))
         if fault == "key":
             return self.reply(401, error(f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"))
         answer = {"id": "cmpl-2", "object": "text_completion"} if fault == "missing" else \
@@ -301,8 +311,9 @@ def test_api_key_never_in_errors_logs_or_cache(tmp_path, monkeypatch, caplog, ca
         assert server.auth[0] == f"Bearer {SECRET}"  # it was sent, in the header only
         assert client.counts["requests"] == 1 + 2 + 1
         samples = {"0": {"candidates": ["a", "b"]}}
-        teacher.build_contextual(client, [example(0, "FAULT:key")], samples, str(tmp_path / "c.jsonl"))
-    texts = [str(info.value), repr(info.value), str(info_500.value), repr(client), caplog.text,
+        with pytest.raises(teacher.RunError, match="every item failed") as all_failed:
+            teacher.build_contextual(client, [example(0, "FAULT:key")], samples, str(tmp_path / "c.jsonl"))
+    texts = [str(info.value), repr(info.value), str(info_500.value), repr(client), caplog.text, str(all_failed.value),
              "".join(capsys.readouterr()), (tmp_path / "cache.jsonl").read_text(),
              (tmp_path / "c.jsonl.failures.jsonl").read_text()]
     assert "Bearer ***" in json.dumps(answer) and SECRET not in json.dumps(answer)
@@ -337,7 +348,10 @@ def test_ranking_prompt_structure():
     assert user["content"].index("### Instruction:\nName a fruit.") < user["content"].index("###Response 0:\nApple.")
     positions = [user["content"].index(f"###Response {i}:") for i in range(4)]
     assert positions == sorted(positions) and "###Response 4" in user["content"]
-    assert all(f"({k})" in user["content"] for k in range(1, 6)) and "rank: [0, 1, 2, 3, 4]" in user["content"]
+    # placeholders, as the authors' prompt: concrete indices in presentation order would suggest an answer
+    assert all(f"({k})" in user["content"] for k in range(1, 6)) and "rank: [i, j, k, l, m]" in user["content"]
+    assert "0, 1, 2, 3, 4" not in user["content"]
+    assert "rank: [i, j, k]" in teacher.ranking_messages("P", ["A.", "B."])[1]["content"]
     assert "open-ended" in user["content"] and "close-ended" in user["content"] and "0 to 15" in user["content"]
 
 
@@ -348,7 +362,7 @@ def test_ranking_prompt_structure():
     ("I rank: carefully.\n(5) rank: [1, 0]", [1, 0]),  # the last "rank:" wins
 ])
 def test_parse_ranking(reply, ranks):
-    assert teacher.parse_ranking(reply, 4)[0] == ranks
+    assert teacher.parse_ranking(reply, 4) == ranks
 
 
 @pytest.mark.parametrize("reply, message", [
@@ -361,11 +375,12 @@ def test_parse_ranking_rejects(reply, message):
     assert info.value.raw == reply
 
 
-def test_reference_answer_extraction():
+def test_reference_answer_extraction():  # the shapes of strong chat models' replies: tests/test_teacher_replies.py
     reply = ("(1) Close-ended.\n(2) ###Response 4: Paris is the capital.\n1. It is in France.\n"
              "(3) Responses 0 and 2 are duplicates.\n(4) Response 0: [12]\n(5) rank: [4, 0, 1]")
-    assert teacher.parse_ranking(reply, 4) == ([4, 0, 1], "Paris is the capital.\n1. It is in France.")
-    assert teacher.parse_ranking("rank: [4, 0]", 4) == ([4, 0], None)
+    assert teacher.parse_ranking(reply, 4) == [4, 0, 1]
+    assert teacher.reference_answer(reply, 4) == ("Paris is the capital.\n1. It is in France.", None)
+    assert teacher.reference_answer("rank: [4, 0]", 4) == (None, "no '###Response 4' in the reply")
 
 
 def test_keep_reference_false_drops_the_teachers_answer(tmp_path):
@@ -409,6 +424,12 @@ def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm
     temperatures.clear()
     rounds[0] = ["one apple", "two bears", "three cars", "four dogs"]
     assert teacher.sample_diverse(model, tok, "Say something.", tries=3)["round"] == 1 and len(temperatures) == 1
+    # ROUGE-L with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True): these two differ only by
+    # inflection (F1 1.0 stemmed, 0.25 not), so the round is sampled again
+    temperatures.clear()
+    rounds[0] = ["cats jumped over walls", "cat jumps over wall", "one apple", "two bears"]
+    rounds[1] = ["one apple", "two bears", "three cars", "four dogs"]
+    assert teacher.sample_diverse(model, tok, "Say something.", tries=3)["round"] == 2 and temperatures == [0.8, 0.9]
 
 
 # ----------------------------------------------------------------------------- the project's server
@@ -582,20 +603,23 @@ def test_contextual_end_to_end_student_and_teachers(tiny, tmp_path, monkeypatch)
     examples = [{"instruction": f"Give tip number {i} for staying healthy.", "input": "", "output": "x"}
                 for i in range(3)]
     student_cache = str(tmp_path / "student.jsonl")
-    samples = teacher.sample_candidates(model, tok, examples, student_cache, n=4, max_new_tokens=8, seed=3)
+    options = dict(n=4, max_new_tokens=8, seed=3, student="tiny-teacher, seed 0")
+    samples = teacher.sample_candidates(model, tok, examples, student_cache, **options)
     assert sorted(samples) == ["0", "1", "2"] and all(len(s["candidates"]) == 4 for s in samples.values())
     # resumable: a re-run reads the cache, a run killed after item 0 samples the rest exactly as in one go
     monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("sampled again"))
-    assert teacher.sample_candidates(model, tok, examples, student_cache, n=4, max_new_tokens=8, seed=3) == samples
+    assert teacher.sample_candidates(model, tok, examples, student_cache, **options) == samples
     monkeypatch.undo()
     partial = str(tmp_path / "partial.jsonl")
-    teacher.sample_candidates(model, tok, examples[:1], partial, n=4, max_new_tokens=8, seed=3)
-    assert teacher.sample_candidates(model, tok, examples, partial, n=4, max_new_tokens=8, seed=3) == samples
-    # the project's server as teacher: a random tiny model cannot rank, so every reply is a recorded failure
+    teacher.sample_candidates(model, tok, examples[:1], partial, **options)
+    assert teacher.sample_candidates(model, tok, examples, partial, **options) == samples
+    # the project's server as teacher: a random tiny model cannot rank (and its 16 tokens are cut), so every reply
+    # is a recorded failure, and a run where every item failed is an error that writes no ranked file
     local = teacher.TeacherClient(url, "tiny-teacher")
-    counts = teacher.build_contextual(local, examples, samples, str(tmp_path / "local.jsonl"), max_tokens=16)
+    with pytest.raises(teacher.RunError, match=r"every item failed \(3 of 3"):
+        teacher.build_contextual(local, examples, samples, str(tmp_path / "local.jsonl"), max_tokens=16)
     failed = read_jsonl(str(tmp_path / "local.jsonl.failures.jsonl"))
-    assert counts["failed"] + counts["done"] == 3 and counts["requests"] == 3
+    assert len(failed) == 3 and local.counts["requests"] == 3 and not (tmp_path / "local.jsonl").exists()
     assert all(isinstance(f["raw_reply"], str) and f["kind"] == "contextual" for f in failed)
     # a teacher that ranks: records hold the student's candidates (non-empty ones) in the teacher's order
     with FakeTeacher() as server:
@@ -656,3 +680,251 @@ def test_cli_help_and_errors_name_the_file(tmp_path, capsys):
         teacher.main(["probabilistic", "--data", missing, "--out", str(tmp_path / "o.jsonl"),
                       "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
     assert failed.value.code == 1 and missing in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- servers with fewer choices than n
+
+def test_servers_that_ignore_or_cap_n_are_topped_up_one_choice_at_a_time(tmp_path):
+    """llama.cpp's server returns one choice whatever n is, others cap n: further requests ask for one choice
+    each, with seeds 1, 2, ..., until n samples; each is cached by its content, so a re-run pays nothing."""
+    examples = [example(0, "FAULT:ignore_n"), example(1, "FAULT:cap_n"), example(2)]
+    out = str(tmp_path / "p.jsonl")
+    with FakeTeacher() as server:
+        counts = teacher.build_probabilistic(client_for(server, tmp_path, max_workers=1), examples, out, n=4)
+        records = {r.id: r for r in data.read_ranked_jsonl(out)}
+        assert counts["done"] == 3 and counts["requests"] == 4 + 3 + 1 == sum(server.seen.values())
+        assert [records[i].source["requests"] for i in "012"] == [4, 3, 1]
+        asked = lambda marker: [(b["n"], b.get("seed")) for b in server.bodies if marker in b["prompt"]]  # noqa
+        assert asked("FAULT:ignore_n") == [(4, None), (1, 1), (1, 2), (1, 3)]
+        assert asked("FAULT:cap_n") == [(4, None), (1, 1), (1, 2)]
+        assert len(records["0"].candidates) == len(records["1"].candidates) == 4  # 4 distinct samples each
+        assert len(set(server.seen)) == sum(server.seen.values())  # no two requests alike
+        again = teacher.build_probabilistic(client_for(server, tmp_path), examples, out, n=4)
+        assert again["requests"] == 0 and again["cache_hits"] == 8 and data.read_ranked_jsonl(out) == list(
+            records.values())
+
+
+def test_a_killed_top_up_resumes_without_paying_twice(tmp_path):
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(0, "FAULT:ignore_n"), example(1, "FAULT:ignore_n")], f)
+    out = tmp_path / "p.jsonl"
+    command = lambda url: [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data",  # noqa
+                           str(tmp_path / "alpaca.json"), "--out", str(out), "--base-url", url, "--model", "m",
+                           "--workers", "1", "--timeout", "60"]
+    with FakeTeacher(hang_after=2) as server:  # item 0: its n=4 request and one top-up answered, the next hangs
+        run = subprocess.Popen(command(server.url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert server.hanging.wait(60), run.communicate()[0]
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        server.hang_after = None
+        server.release.set()
+        resumed = subprocess.run(command(server.url), capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "2 done, 0 failed" in resumed.stdout and "cache hits 2" in resumed.stdout
+        assert sum(server.seen.values()) == 2 + 1 + 2 + 4 and server.repeats == 0 and len(server.delivered) == 8
+    assert [r.source["requests"] for r in data.read_ranked_jsonl(out)] == [4, 4]
+
+
+# ----------------------------------------------------------------------------- cut candidates, cut replies
+
+def eos_prone_student(tok, p_eos=0.3, temperature=0.8):
+    """A real model.py Transformer whose next token, sampled at `temperature`, is EOS with probability p_eos at
+    every step whatever came before: the blocks add nothing to the residual stream, every embedding is the same
+    vector, and only EOS has a non-zero logit. With a small max_new_tokens some samples end in EOS and some run
+    out of tokens."""
+    torch.manual_seed(0)
+    net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=256)).eval()
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        net.tok_embeddings.weight.fill_(1.0)
+        net.output.weight.zero_()
+        logit = torch.tensor(p_eos * (tok.vocab_size - 1) / (1 - p_eos)).log() * temperature
+        net.output.weight[tok.eos_id] = logit / net.args.dim  # the final hidden state is all ones
+    return net
+
+
+def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
+    """A teacher sample with finish_reason "length" and a student sample that hit max_new_tokens without EOS stay
+    candidates, listed in source["unfinished"], and tuna.py trains them without EOS; a ranking reply cut at
+    max_tokens is a failure (its ranking may be incomplete)."""
+    import tuna
+    tok = data.Tokenizer(spm_model_path)
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        teacher.build_probabilistic(client, [example(0, "FAULT:cut"), example(1)], str(tmp_path / "p.jsonl"))
+        answer, = [e["response"] for e in read_jsonl(str(tmp_path / "cache.jsonl"))
+                   if "FAULT:cut" in e["request"]["prompt"]]
+        assert answer["choices"][1]["finish_reason"] == "length"
+        probabilistic = {r.id: r for r in data.read_ranked_jsonl(tmp_path / "p.jsonl")}
+        cut = probabilistic["0"].candidates.index(answer["choices"][1]["text"].strip())
+        assert probabilistic["0"].source["unfinished"] == [cut]
+        assert probabilistic["1"].source["unfinished"] == []
+        # the student: samples that ran out of its 3 new tokens are flagged as generate() produced them
+        student = eos_prone_student(tok)
+        examples = [example(i) for i in range(4)]
+        samples = teacher.sample_candidates(student, tok, examples, str(tmp_path / "s.jsonl"), n=4, max_new_tokens=3,
+                                            tries=1, seed=1, student="eos-prone")
+        for item_id, _, prompt in teacher._items(examples):
+            item_seed = int.from_bytes(hashlib.sha256(f"1:{item_id}".encode()).digest()[:6], "little")
+            outs, _ = M.generate(student, [tok.encode(prompt, bos=True)] * 4, 3, temperature=0.8, eos_id=tok.eos_id,
+                                 generator=torch.Generator().manual_seed(item_seed))
+            assert samples[item_id]["finished"] == [tok.eos_id in out for out in outs]
+        flags = [f for s in samples.values() for f in s["finished"]]
+        assert True in flags and False in flags
+        teacher.build_contextual(client_for(server, tmp_path), examples, samples, str(tmp_path / "c.jsonl"))
+        with pytest.raises(teacher.RunError):
+            teacher.build_contextual(client_for(server, tmp_path), [example(0, "FAULT:cutreply")],
+                                     {"0": {"candidates": ["A.", "B."]}}, str(tmp_path / "cut.jsonl"))
+    cut_reply = read_jsonl(str(tmp_path / "cut.jsonl.failures.jsonl"))[0]
+    assert "cut at max_tokens=2048 (finish_reason 'length')" in cut_reply["error"]
+    assert "rank:" in cut_reply["raw_reply"]
+    contextual = data.read_ranked_jsonl(tmp_path / "c.jsonl")
+    for record in contextual:
+        finished = samples[record.id]["finished"]
+        assert record.source["unfinished"] == [k for k, i in enumerate(record.source["kept_ranks"])
+                                               if i < 4 and not finished[i]]
+    assert any(r.source["unfinished"] for r in contextual)
+    # training: an unfinished candidate's tokens end without EOS, a finished one's with it
+    for path, records in ((tmp_path / "p.jsonl", list(probabilistic.values())), (tmp_path / "c.jsonl", contextual)):
+        rows = {row["id"]: row for row in tuna.load_rows(str(path), tok, "rank")}
+        for record in records:
+            row = rows[record.id]
+            for k in range(record_candidates := len(record.candidates)):
+                targets = [t for t, c in zip(row["target"], row["candidate"]) if c == k]
+                assert (targets[-1] == tok.eos_id) == (k not in record.source["unfinished"]), (record.id, k)
+            assert row["num_candidates"] == record_candidates
+
+
+def test_a_reference_that_cannot_be_cut_out_leaves_the_ranking_and_says_why(tmp_path):
+    samples = {"0": {"candidates": [f"Student {j}." for j in range(4)]}}
+    with FakeTeacher() as server:
+        teacher.build_contextual(client_for(server, tmp_path), [example(0, "FAULT:noheader")], samples,
+                                 str(tmp_path / "c.jsonl"))
+    record = data.read_ranked_jsonl(tmp_path / "c.jsonl")[0]
+    assert record.source["reference"] is None and record.source["reference_problem"] == \
+        "no '###Response 4' in the reply"
+    assert sorted(record.source["ranks"]) == [0, 1, 2, 3, 4] and record.source["kept_ranks"] == [
+        i for i in record.source["ranks"] if i != 4]
+    assert record.candidates == [f"Student {i}." for i in record.source["kept_ranks"]]
+
+
+# ----------------------------------------------------------------------------- runs that cannot work
+
+def teacher_cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_no_request_reaches_the_server_one_line_and_non_zero(tmp_path):
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(i) for i in range(6)], f)
+    with socket_free_port() as port:  # nothing listens there: connection refused
+        refused_url = f"http://127.0.0.1:{port}/v1"
+    with FakeTeacher() as plain_http:
+        tls_url = f"https://127.0.0.1:{plain_http.server_port}/v1"  # a TLS client meets a plain HTTP server
+        for url, reason in ((refused_url, "connection refused"), ("http://no-such-host.invalid/v1", "unknown host"),
+                            (tls_url, "TLS failure")):
+            started = time.monotonic()
+            run = teacher_cli("probabilistic", "--data", tmp_path / "alpaca.json", "--out", tmp_path / "p.jsonl",
+                              "--base-url", url, "--model", "m", "--max-retries", "1")
+            error = run.stderr.strip().splitlines()[-1]
+            assert run.returncode == 1 and error.startswith("teacher.py probabilistic: error: no request reached ")
+            assert reason in error and url in error and "check --base-url" in error, run.stderr
+            assert time.monotonic() - started < 60 and not (tmp_path / "p.jsonl").exists()
+        assert plain_http.answered == 0
+
+
+class socket_free_port:
+    def __enter__(self):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_every_item_failed_exits_non_zero_and_keeps_the_earlier_output(tmp_path):
+    """E.g. every request refused with a 400 because prompt + max_tokens exceed the teacher's context."""
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(i) for i in range(3)], f)
+    out = tmp_path / "p.jsonl"
+    with FakeTeacher() as server:
+        args = ["probabilistic", "--data", tmp_path / "alpaca.json", "--out", out, "--base-url", server.url]
+        assert teacher_cli(*args, "--model", "m").returncode == 0
+        before = out.read_bytes()
+        run = teacher_cli(*args, "--model", "m FAULT:400")
+    assert run.returncode == 1 and out.read_bytes() == before  # nothing already written is lost
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("teacher.py probabilistic: error: every item failed (3 of 3") and "HTTP 400" in error
+    assert str(out) + ".failures.jsonl" in error and len(read_jsonl(str(out) + ".failures.jsonl")) == 3
+
+
+def test_a_server_that_refuses_echo_stops_add_original_scored_and_says_what_to_do(tmp_path, capsys):
+    """OpenAI's current completion models answer echo + logprobs with a 400: scoring the dataset's own answer is
+    impossible there, for every item; the run stops at the first refusal instead of paying for every item."""
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(i, "FAULT:noecho") for i in range(5)], f)
+    with FakeTeacher() as server:
+        with pytest.raises(SystemExit) as stopped:
+            teacher.main(["probabilistic", "--data", str(tmp_path / "alpaca.json"), "--out", str(tmp_path / "p.jsonl"),
+                          "--base-url", server.url, "--model", "m", "--add-original", "scored", "--workers", "1"])
+        assert sum(server.seen.values()) == 2  # item 0's samples and its refused echo request, nothing more
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 1 and "Setting 'echo' and 'logprobs' at the same time is not supported" in error
+    assert "use --add-original first" in error and not (tmp_path / "p.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- one writer per output
+
+def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(tmp_path):
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(i) for i in range(3)], f)
+    out = tmp_path / "p.jsonl"
+    command = [sys.executable, os.path.join(ROOT, "teacher.py"), "probabilistic", "--data",
+               str(tmp_path / "alpaca.json"), "--out", str(out), "--model", "m", "--workers", "1", "--timeout", "60"]
+    with FakeTeacher(hang_after=0) as server:  # the first run waits for its first answer, holding the output
+        first = subprocess.Popen(command + ["--base-url", server.url], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+        assert server.hanging.wait(60), first.communicate()[0]
+        second = teacher_cli(*command[2:], "--base-url", server.url)
+        assert second.returncode == 1 and sum(server.seen.values()) == 1  # it paid for nothing
+        error = second.stderr.strip().splitlines()[-1]
+        assert f"{out} is being written by another process (pid {first.pid}: " in error and "probabilistic" in error
+        first.send_signal(signal.SIGKILL)  # a killed run's lock never blocks the next one
+        first.wait()
+        server.hang_after = None
+        server.release.set()
+        third = teacher_cli(*command[2:], "--base-url", server.url)
+        assert third.returncode == 0 and "3 done, 0 failed" in third.stdout, third.stderr
+        assert server.repeats == 0
+
+
+# ----------------------------------------------------------------------------- caches that know what made them
+
+def test_student_samples_know_the_checkpoint_that_drew_them(tiny, tmp_path):
+    """Retrain (new weights in the same folder), rerun: new samples; the same checkpoint, or a copy of it: none."""
+    model, tok, _ = tiny
+    student, cache = tmp_path / "student", str(tmp_path / "student.jsonl")
+    M.save_hf_checkpoint(model, str(student))
+    examples = [example(i) for i in range(2)]
+
+    def draw():
+        return teacher.sample_candidates(M.load_checkpoint(str(student)), tok, examples, cache, n=2, max_new_tokens=6,
+                                         tries=1, student=teacher.producer_identity(str(student), tok.path))
+
+    first = draw()
+    assert len(read_jsonl(cache)) == 2 and draw() == first and len(read_jsonl(cache)) == 2  # read back, not drawn
+    retrained = M.load_checkpoint(str(student))
+    with torch.no_grad():
+        for weight in retrained.parameters():
+            weight.add_(torch.randn_like(weight) * 0.5)
+    M.save_hf_checkpoint(retrained, str(student))  # "retrained" in place, as `tuna.py pipeline --overwrite` does
+    second = draw()
+    assert len(read_jsonl(cache)) == 4 and second != first  # drawn again from the new weights
+    ids = [entry["settings"]["student"]["checkpoint"] for entry in read_jsonl(cache)]
+    assert ids[0] == ids[1] != ids[2] == ids[3] and all(i.startswith("sha256:") for i in ids)
+    assert draw() == second and len(read_jsonl(cache)) == 4

@@ -14,6 +14,7 @@ import torch
 import data
 import model
 import tuna
+from test_data import HOLD_LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNA = os.path.join(ROOT, "tuna.py")
@@ -240,17 +241,64 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubTeacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "tuna"
+    pipeline = lambda *extra: run(  # noqa: E731
+        "pipeline", "--probabilistic-data", files / "ranked.jsonl", "--init", files / "init", "--out", out,
+        "--batch-size", 4, "--instructions", files / "alpaca.json",
+        "--teacher-base-url", f"http://127.0.0.1:{server.server_port}/v1", "--teacher-model", "stub-gpt-4",
+        "--teacher-args", "--limit 4 --n 2 --tries 1 --student-max-tokens 6 --workers 1", *extra)
+    student_cache = out / "contextual.jsonl.student.jsonl"
     try:
-        out = tmp_path / "tuna"
-        assert run("pipeline", "--probabilistic-data", files / "ranked.jsonl", "--init", files / "init", "--out", out,
-                   "--batch-size", 4, "--instructions", files / "alpaca.json",
-                   "--teacher-base-url", f"http://127.0.0.1:{server.server_port}/v1", "--teacher-model", "stub-gpt-4",
-                   "--teacher-args", "--limit 4 --n 2 --tries 1 --student-max-tokens 6 --workers 1") == 0
+        assert pipeline() == 0
+        assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
+        records = data.read_ranked_jsonl(out / "contextual.jsonl")
+        assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
+        assert records[0].source["student_candidates"]  # sampled from Tuna_p
+        assert records[0].source["student"]["checkpoint"] == model.checkpoint_identity(str(out / "tuna_p"))
+        assert json.load(open(out / "tuna" / "run.json"))["data"] == str(out / "contextual.jsonl")
+        assert len(metrics(out / "tuna")) == 1
+        # the same run again: the contextual data is rebuilt from the caches, nothing sampled or paid again
+        assert pipeline("--resume") == 0 and len(requests_seen) == 4 and len(read_lines(student_cache)) == 4
+        # Tuna_p retrained (another learning rate), then --overwrite: new samples from the new Tuna_p, never the
+        # old Tuna_p's
+        old_identity = records[0].source["student"]["checkpoint"]
+        assert pipeline("--overwrite", "--lr-probabilistic", 1e-3) == 0
     finally:
         server.shutdown()
-    assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
-    records = data.read_ranked_jsonl(out / "contextual.jsonl")
-    assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
-    assert records[0].source["student_candidates"]  # sampled from Tuna_p
-    assert json.load(open(out / "tuna" / "run.json"))["data"] == str(out / "contextual.jsonl")
-    assert len(metrics(out / "tuna")) == 1
+    new_identity = model.checkpoint_identity(str(out / "tuna_p"))
+    entries = read_lines(student_cache)
+    assert new_identity != old_identity and len(entries) == 8
+    assert [e["settings"]["student"]["checkpoint"] for e in entries] == [old_identity] * 4 + [new_identity] * 4
+    retrained = data.read_ranked_jsonl(out / "contextual.jsonl")
+    assert all(r.source["student"]["checkpoint"] == new_identity for r in retrained)
+    assert [r.source["student_candidates"] for r in retrained] == [e["candidates"] for e in entries[4:]]
+    assert len(requests_seen) == 4 + sum(e["candidates"] != old["candidates"] for e, old in zip(entries[4:], entries))
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_second_run_on_the_same_output_refuses_at_once(files, tmp_path, capsys):
+    """One writer per run folder: the other process is named; a lock left by a killed run blocks nothing."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 1
+        assert f"{out} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+        assert not os.path.exists(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 0
+
+
+def test_the_authors_release_with_one_bad_record_trains_on_the_rest(files, tmp_path, capsys):
+    release = json.load(open(files / "authors.json"))
+    release[3]["score"][0] = float("nan")
+    (tmp_path / "release.json").write_text(json.dumps(release))
+    assert run("rank", "--data", tmp_path / "release.json", *common(files, tmp_path / "out", "--max-steps", 1)) == 0
+    err = capsys.readouterr().err
+    assert "1 record(s) skipped, e.g. " in err and "record 3, field 'score[0]'" in err and "15 examples" in err
