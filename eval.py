@@ -7,10 +7,10 @@ LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), o
 
 Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
 (every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run resumes
-without regenerating and another checkpoint under the same name never reuses them; judge replies are cached by
-teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under
-"Skipped". One evaluation at a time writes OUT (OUT.lock).
+as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run
+resumes without regenerating and another checkpoint under the same name never reuses them; judge replies
+are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
+skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
 benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
 """
@@ -43,7 +43,7 @@ def problem(message):
 
 
 def read_jsonl(path):
-    """The JSON objects of a JSONL file; a malformed line (e.g. half-written when a run was killed) is reported."""
+    """The JSON objects of a JSONL file; a malformed line (e.g. cut short by a kill) is reported."""
     return [record for _, record in data.read_jsonl_log(path, problem)]
 
 
@@ -61,9 +61,9 @@ def with_period(text):
 
 def superni_prompt(definition, instance_input):
     """Zero-shot "definition only" (NOTES.md 1.5) inside the Alpaca template: the definition is the
-    instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule. Tk-Instruct
-    writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the template's
-    "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
+    instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule.
+    Tk-Instruct writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the
+    template's "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
     return data.alpaca_prompt(with_period(definition), with_period(instance_input))
 
 
@@ -171,16 +171,16 @@ def score_superni(items, outputs):
 # ----------------------------------------------------------------------------- Vicuna QA
 # FastChat llm_judge "pair-v2" / "pair-math-v1" structure (NOTES.md 3.2), in this project's words.
 JUDGE_SYSTEM = (
-    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to it. "
-    "Decide which assistant follows the user's instructions and answers the question better. {criteria} "
-    "First compare the two answers and explain your comparison briefly. The order in which the answers appear, "
-    "their length and the assistants' names must not sway you; be as objective as you can. After the "
+    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
+    "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "
+    "First compare the two answers and explain your comparison briefly. The order in which the answers "
+    "appear, their length and the assistants' names must not sway you; be as objective as you can. After the "
     'explanation, give your verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if '
     'assistant B is better, "[[C]]" for a tie.')
 JUDGE_CRITERIA = {
     "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
-    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with it, "
-                 "and identify and correct any mistakes in them."}
+    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with "
+                 "it, and identify and correct any mistakes in them."}
 REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}  # FastChat's categories judged with a reference
 
 
@@ -250,13 +250,14 @@ def judge_vicuna(client, questions, references, answers, pairs):
         m1, m2, q, order = job
         first, second = (m1, m2) if order == 0 else (m2, m1)
         reference = references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None
-        messages = judge_messages(q["question"], answers[first].get(q["id"], ""), answers[second].get(q["id"], ""),
-                                  reference)
+        messages = judge_messages(q["question"], answers[first].get(q["id"], ""),
+                                  answers[second].get(q["id"], ""), reference)
         try:
-            reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
+            answer = client.chat(messages, temperature=0, max_tokens=2048)
+            reply = str(answer["choices"][0]["message"]["content"])
         except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
             raise
-        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded as a reply, no verdict
+        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer: a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
@@ -279,7 +280,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
     for counts in results.values():
         total = counts["win"] + counts["lose"] + counts["tie"]
         counts["win_rate"] = round(counts["win"] / total, 4) if total else None
-        counts["adjusted_win_rate"] = round((counts["win"] + 0.5 * counts["tie"]) / total, 4) if total else None
+        adjusted = (counts["win"] + 0.5 * counts["tie"]) / total if total else None
+        counts["adjusted_win_rate"] = None if adjusted is None else round(adjusted, 4)
     return {"pairs": results, "judgments": judgments}
 
 
@@ -291,10 +293,11 @@ def answer_producer(directory, tokenizer_path=None):
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what made
-    it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's prompt): an
-    answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again, never reused (the
-    old line stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what
+    made it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's
+    prompt): an answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again,
+    never reused (the old line stays in the file, ignored). One process at a time writes the file
+    (data.lock_output)."""
     path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
     made_by = lambda item: hashlib.sha256(json.dumps(  # noqa: E731
         [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
@@ -307,12 +310,13 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     """generate_answers' work, while it holds the lock on `path`."""
     kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
             if "id" in r and isinstance(r.get("output"), str)}
-    done = {item["id"]: kept[item["id"], made_by(item)] for item in items if (item["id"], made_by(item)) in kept}
+    done = {item["id"]: kept[item["id"], made_by(item)] for item in items
+            if (item["id"], made_by(item)) in kept}
     todo = [item for item in items if item["id"] not in done]
     other = len({i for i, _ in kept} & {item["id"] for item in todo})
     if other:
-        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or max_new_tokens: "
-              "generating them again", file=sys.stderr)
+        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
+              "max_new_tokens: generating them again", file=sys.stderr)
     if not todo:
         return done
     lm, tok = get_model()
@@ -321,7 +325,8 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     for item in todo:
         ids = tok.encode(item["prompt"], bos=True)
         if len(ids) > limit:  # keep BOS and the end, so the prompt still ends in "### Response:"
-            print(f"eval: {bench} {item['id']}: prompt of {len(ids)} tokens cut to its last {limit}", file=sys.stderr)
+            print(f"eval: {bench} {item['id']}: prompt of {len(ids)} tokens cut to its last {limit}",
+                  file=sys.stderr)
             ids = ids[:1] + ids[len(ids) - limit + 1:]
         encoded.append(ids)
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
@@ -348,14 +353,16 @@ def model_loader(directory, tokenizer_path, device, dtype):
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
-            loaded.append((lm, data.Tokenizer(tokenizer_path or directory)))  # tokenizer.model or tokenizer.json
+            tok = data.Tokenizer(tokenizer_path or directory)  # its tokenizer.model or tokenizer.json
+            loaded.append((lm, tok))
         return loaded[0]
     return get
 
 
-def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None, judge_url=None,
-             judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None, all_pairs=False,
-             batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu", dtype=None):
+def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
+             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
+             all_pairs=False, batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu",
+             dtype=None):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
     PROBLEMS.clear()
     if baseline is not None and baseline not in checkpoints:
@@ -371,19 +378,20 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
-    results = {"models": {name: {"checkpoint": checkpoints[name],
-                                 "producer": answer_producer(checkpoints[name], tokenizer)} for name in names}}
+    results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
+                          for name, directory in checkpoints.items()}}
     answers = {}
     for name in names:
         get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,  # noqa
-                                                       row["producer"])
+        run = lambda bench, items, n: generate_answers(  # noqa: E731
+            name, bench, items, get_model, out_dir, batch_size, n, row["producer"])
         if superni_items is not None:
             row["superni"] = score_superni(superni_items, run("superni", superni_items, max_new_tokens[0]))
         if lmentry_tasks is not None:
             items = [{"id": it["id"], "prompt": data.alpaca_prompt(it["example"]["input"])}
                      for task in lmentry_tasks.values() for it in task["items"]]
-            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, run("lmentry", items, max_new_tokens[1]), problem)
+            outputs = run("lmentry", items, max_new_tokens[1])
+            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs, problem)
         if questions is not None:
             answers[name] = run("vicuna", questions, max_new_tokens[2])
             row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers[name].get(q["id"], "")}
@@ -396,13 +404,15 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
         else:
             for q in questions:
                 if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
-                    problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged without one")
+                    problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
+                            "without one")
             client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
                                            cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
-            results["vicuna"] = dict(judge_vicuna(client, questions, references, answers, pairs), baseline=baseline,
-                                     judge=judge_model)
+            judged = judge_vicuna(client, questions, references, answers, pairs)
+            results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    data.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, ensure_ascii=False))
+    data.write_atomic(os.path.join(out_dir, "results.json"),
+                      json.dumps(results, indent=1, ensure_ascii=False))
     data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
 
@@ -417,7 +427,8 @@ def results_markdown(results):
              f"Vicuna QA vs {vicuna.get('baseline', '—')}: win / lose / tie |", "|---|---|---|---|---|---|"]
     for name, row in results["models"].items():
         superni, lmentry = row.get("superni", {}).get("overall", {}), row.get("lmentry", {})
-        versus = next((c for c in pairs.values() if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
+        versus = next((c for c in pairs.values()
+                       if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
         lines.append(f"| {name} | {dash(superni.get('rougeL'))} | {dash(superni.get('exact_match'))} | "
                      f"{dash(lmentry.get('accuracy'))} | {dash(lmentry.get('lmentry_score'))} | "
                      + (f"{versus['win']} / {versus['lose']} / {versus['tie']} |" if versus else "— |"))
@@ -434,8 +445,9 @@ def results_markdown(results):
                   "| Model | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
         for name, row in results["models"].items():
             per = row.get("superni", {}).get("per_category", {})
-            lines.append(f"| {name} | " + " | ".join(
-                f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—" for c in categories) + " |")
+            cells = [f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—"
+                     for c in categories]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"## Skipped ({len(results['skipped'])})", ""] + [f"- {p}" for p in results["skipped"]]
     return "\n".join(lines) + "\n"
 
@@ -443,14 +455,15 @@ def results_markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's own)")
+    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
     parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
     parser.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
     parser.add_argument("--judge-model", default="gpt-4")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: first)")
+    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: "
+                        "the first)")
     parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -275,7 +275,7 @@ def setup(args, kind):
     if not os.path.isdir(args.init):
         raise TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
-    tok = data.Tokenizer(args.tokenizer or args.init)  # a folder: its tokenizer.model, else its tokenizer.json
+    tok = data.Tokenizer(args.tokenizer or args.init)  # a folder: its tokenizer.model, else tokenizer.json
     run.tokenizer_files, run.tokenizer_path = tok.files, tok.path
     run.pad_id, run.rows = tok.pad_id, load_rows(args.data, tok, kind)
     micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / world_size)
@@ -514,9 +514,9 @@ def check_fits(net, tok, run):
 
 
 def save_checkpoint(run, step, finished=False):
-    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt (optimizer, step, data position,
-    random states). A step checkpoint goes to checkpoints/step-N.tmp, renamed when whole, and replaces the
-    older ones; the final one goes into OUT itself. Every process calls it (FSDP gathers the weights)."""
+    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt (optimizer, step, data
+    position, random states). A step checkpoint goes to checkpoints/step-N.tmp, renamed when whole, and
+    replaces the older ones; the final one goes into OUT itself. Every process calls it (FSDP gathers)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -708,8 +708,8 @@ def add_training_arguments(p, kind):
     lr, epochs, batch_size = (SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE) if kind == "sft" else \
         (RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE)
     p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
-    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout, the tokenizer's files "
-                   "beside) when finished")
+    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout, the tokenizer's "
+                   "files beside) when finished")
     if kind != "pipeline":
         p.add_argument("--data", required=True, help="Alpaca JSON (sft); ranked .jsonl or the authors' .json")
         p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
