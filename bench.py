@@ -2,15 +2,22 @@
 
 A developer tool, not part of the pipeline: the only top-level file that imports transformers, to
 compare with LlamaForCausalLM at the same config, weights and batch. It prints
-  1. train-step tokens/s (forward, cross-entropy, backward, AdamW): model.py vs LlamaForCausalLM
-  2. the ranking step (tuna.py's loss and backward) with prefix sharing vs naive K rows, K = 4,
-     prompt 100 tokens, responses 120-180 (mean 150, like Alpaca's), time and peak memory of each
-  3. greedy generation tokens/s, batch 1 and 8: model.generate (KV cache) vs transformers' generate
+  1. train-step tokens/s (forward, cross-entropy, backward, AdamW): model.py vs LlamaForCausalLM, on the
+     multi-head config and on its grouped-query twin (a quarter of the key/value heads, as Llama 3)
+  2. the ranking step (tuna.py's loss and backward) with prefix sharing vs naive K rows, K = 4 (probabilistic
+     ranking) and K = 5 (contextual: 4 samples + the teacher's answer), prompt 100 tokens, responses 120-180
+     (mean 150, like Alpaca's), time and peak memory of each
+  3. greedy generation tokens/s, batch 1 and 8: model.generate (KV cache), eager and with the compiled decode
+     step, vs transformers' generate
+  4. batched sampling, 32 prompts x 4 samples (contextual ranking's student samples): one model.generate call
+     for all of them vs one prompt (4 rows) at a time, samples/s, each row with its own generator
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows both alike.
 
-    python bench.py                               # CPU, config cpu-small: about two minutes
+    python bench.py                               # CPU, config cpu-small: about ten minutes
     python bench.py --config gpu-1b               # on a GPU, bf16 autocast (fp32 weights and Adam for
                                                   # two models: 7B configs do not fit one GPU)
+    python bench.py --config gpu-7b               # on a GPU: hours of a whole one-GPU reproduction, from
+                                                  # model.py's measured per-token costs at LLaMA-7B's shape
 """
 import argparse
 import json
@@ -31,14 +38,16 @@ BENCH_CONFIGS = {
     "cpu-small": dict(dim=1024, n_layers=4, n_heads=16, vocab_size=8192, multiple_of=64, max_seq_len=1024),
     "gpu-1b": dict(dim=2048, n_layers=16, n_heads=16, vocab_size=32000, max_seq_len=2048),
 }
-PROMPT_LEN, RESPONSE_LENS = 100, [120, 140, 160, 180]  # K = 4 candidates
+PROMPT_LEN = 100
+RESPONSE_LENS = [120, 140, 160, 180]  # K = 4: probabilistic ranking (the teacher's 4 answers)
+RESPONSE_LENS_K5 = [120, 135, 150, 165, 180]  # K = 5: contextual ranking (4 samples + the teacher's answer)
 
 
-def build(config, device, seed=0):
+def build(config, device, seed=0, **overrides):
     torch.manual_seed(seed)
-    args = model.ModelArgs(**BENCH_CONFIGS[config]) if config in BENCH_CONFIGS else model.ModelArgs.from_name(config)
+    fields = BENCH_CONFIGS[config] if config in BENCH_CONFIGS else model.CONFIGS[config]
     with torch.device(device):
-        return model.Transformer(args)
+        return model.Transformer(model.ModelArgs(**{**fields, **overrides}))
 
 
 def hf_twin(net):
@@ -106,14 +115,14 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
 
 # ---------------------------------------------------------------------------- 2. ranking step
 
-def ranking_rows(vocab, instructions, seed=0):
+def ranking_rows(vocab, instructions, response_lens=RESPONSE_LENS, seed=0):
     """Random token ids with the benchmark's lengths: (prefix-shared rows, naive rows)."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
     shared, naive = [], []
     for _ in range(instructions):
         prompt = [1] + ids(PROMPT_LEN - 1)
-        responses = [ids(n - 1) + [2] for n in RESPONSE_LENS]
+        responses = [ids(n - 1) + [2] for n in response_lens]
         shared.append(tuna.pack_example([prompt] * len(responses), responses))
         naive += [tuna.pack_example([prompt], [r]) for r in responses]  # one (prompt, response) per row
     return shared, naive
@@ -125,23 +134,25 @@ def ranking_loss(net, rows, naive, device, instructions):
         token_logprobs = tuna.score_tokens(net, batch)
         if not naive:
             return tuna.tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"])[0]
-        K = len(RESPONSE_LENS)  # row b*K + k holds candidate k of instruction b
+        K = len(rows) // instructions  # row b*K + k holds candidate k of instruction b
         scores = tuna.candidate_scores(token_logprobs, batch["candidate"], 1).view(instructions, K)
         mask = torch.ones(instructions, K, dtype=torch.bool, device=device)
         return tuna.mle_loss(token_logprobs, batch["candidate"]) + tuna.rank_loss(scores, mask)
 
 
-def ranking_step(net, rows, naive, device, instructions):
-    """Loss and gradients, the part prefix sharing changes. The AdamW update is left out: it is the
-    same for both layouts and, over a real batch of 16 instructions, a small part of a step."""
+def ranking_step(net, rows, naive, device, instructions, optimizer=None):
+    """Loss and gradients, the part prefix sharing changes. The AdamW update is left out (optimizer None): it
+    is the same for both layouts and, over a real batch of 16 instructions, a small part of a step."""
     def run():
         ranking_loss(net, rows, naive, device, instructions).backward()
+        if optimizer is not None:
+            optimizer.step()
         net.zero_grad(set_to_none=True)
     return run
 
 
-def bench_ranking(net, device, instructions, repeats):
-    shared, naive = ranking_rows(net.args.vocab_size, instructions)
+def bench_ranking(net, device, instructions, response_lens, repeats):
+    shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
     with torch.no_grad():
         a = ranking_loss(net, shared, False, device, instructions).item()
         b = ranking_loss(net, naive, True, device, instructions).item()
@@ -152,12 +163,12 @@ def bench_ranking(net, device, instructions, repeats):
     return times, tokens, abs(a - b)
 
 
-def peak_memory(config, device, instructions, variant):
+def peak_memory(config, device, instructions, response_lens, variant):
     """Peak memory of loss + backward above the model's weights. CUDA: max_memory_allocated. CPU: a
     fresh process's peak resident set (VmHWM) during two steps minus its resident set before them."""
     if device.type == "cuda":
         net = build(config, device)
-        shared, naive = ranking_rows(net.args.vocab_size, instructions)
+        shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
         step = ranking_step(net, naive if variant == "naive" else shared, variant == "naive", device, instructions)
         step()
         torch.cuda.synchronize()
@@ -170,7 +181,8 @@ def peak_memory(config, device, instructions, variant):
         torch.cuda.empty_cache()
         return peak
     out = subprocess.run([sys.executable, __file__, "--memory-probe", variant, "--config", config,
-                          "--instructions", str(instructions)], capture_output=True, text=True, check=True)
+                          "--instructions", str(instructions), "--candidates", str(len(response_lens))],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -181,9 +193,9 @@ def resident_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def memory_probe(config, instructions, variant):
+def memory_probe(config, instructions, response_lens, variant):
     net = build(config, "cpu")
-    shared, naive = ranking_rows(net.args.vocab_size, instructions)
+    shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
     base = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak (VmHWM) to the current RSS
         f.write("5")
@@ -196,15 +208,23 @@ def memory_probe(config, instructions, variant):
 
 # ---------------------------------------------------------------------------- 3. generation
 
+def random_prompts(vocab, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lengths]
+
+
 def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
-    g = torch.Generator().manual_seed(batch)
-    prompts = [[1] + torch.randint(3, net.args.vocab_size, (prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
+    """tokens/s of greedy generation: model.generate eager and compiled, transformers' generate; the share of
+    rows where all three gave the same tokens; seconds of the compiled step's first call (compilation)."""
+    prompts = random_prompts(net.args.vocab_size, [prompt_len] * batch, seed=batch)
     input_ids = torch.tensor(prompts, device=device)
     results = {}
 
-    def ours():
-        with autocast(device):
-            results["ours"] = model.generate(net, prompts, new_tokens, temperature=0.0, eos_id=-1)[0]  # never stops
+    def ours(compile):
+        def run():
+            with autocast(device):  # eos_id -1: never stops, every row makes new_tokens tokens
+                results[compile] = model.generate(net, prompts, new_tokens, eos_id=-1, compile=compile)[0]
+        return run
 
     def theirs():
         with torch.no_grad(), autocast(device):
@@ -212,29 +232,140 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         results["theirs"] = out[:, prompt_len:].tolist()
 
-    times = race({"model.py": ours, "transformers": theirs}, device, repeats)
-    same = sum(a == b for a, b in zip(results["ours"], results["theirs"])) / batch
-    return {name: batch * new_tokens / t for name, t in times.items()}, same
+    start = time.perf_counter()
+    ours(True)()
+    compile_seconds = time.perf_counter() - start
+    times = race({"eager": ours(False), "compiled": ours(True), "transformers": theirs}, device, repeats)
+    same = sum(a == b == c for a, b, c in zip(results[False], results[True], results["theirs"])) / batch
+    return {name: batch * new_tokens / t for name, t in times.items()}, same, compile_seconds
+
+
+def per_row_generators(device, seed, rows):
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + row) for row in rows]
+
+
+def bench_sampling(net, device, prompts, samples, new_tokens, repeats, temperature=0.8):
+    """samples/s of student sampling: one generate call for all prompts vs one prompt (its rows) at a time,
+    each row drawing from its own generator, so both must give the same samples."""
+    results = {}
+
+    def batched():
+        generators = per_row_generators(device, 0, range(len(prompts) * samples))
+        with autocast(device):
+            results["batched"] = model.generate(net, prompts, new_tokens, temperature=temperature, eos_id=-1,
+                                                num_samples=samples, generator=generators)[0]
+
+    def one_at_a_time():
+        rows = []
+        for i, prompt in enumerate(prompts):
+            generators = per_row_generators(device, 0, range(i * samples, (i + 1) * samples))
+            with autocast(device):
+                rows += model.generate(net, [prompt], new_tokens, temperature=temperature, eos_id=-1,
+                                       num_samples=samples, generator=generators)[0]
+        results["one"] = rows
+
+    times = race({"batched": batched, "one prompt at a time": one_at_a_time}, device, repeats)
+    same = sum(a == b for a, b in zip(results["batched"], results["one"])) / len(results["one"])
+    return {name: len(prompts) * samples / t for name, t in times.items()}, same
+
+
+# ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
+
+# What a one-GPU reproduction processes (METHOD.md's pipeline; token counts as the benchmarks above).
+ALPACA = 52_002  # instructions
+SFT_EPOCHS = 3  # Alpaca's recipe
+SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)
+EVAL_ANSWERS, EVAL_CHECKPOINTS = 12_000, 3  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
+EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, EVAL_BATCH = 200, 128, 32
+LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's one-GPU command
+
+
+def reproduction_hours(args, device, repeats, instructions=16, sample_prompts=32):
+    """Expected hours of each stage of a one-GPU reproduction, from model.py's measured per-token costs at the
+    shape `args` (bf16 weights and autocast; training with LoRA and gradient checkpointing, as README's one-GPU
+    command; 16 instructions per step as the authors). Teacher API time is not included. Generation runs every
+    row to its length (a random model never ends), so its hours are upper bounds for those lengths."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = model.Transformer(args)
+    net = net.to(torch.bfloat16).eval()
+    net.reset_rope(device)  # RoPE tables stay float32
+    mean_response = sum(RESPONSE_LENS_K5) // len(RESPONSE_LENS_K5)
+    prompts = random_prompts(args.vocab_size, [PROMPT_LEN] * sample_prompts, seed=1)
+    eval_prompts = random_prompts(args.vocab_size, [EVAL_PROMPT_LEN] * EVAL_BATCH, seed=2)
+
+    def sample():  # contextual ranking's student samples, batched as in section 4
+        generators = per_row_generators(device, 0, range(len(prompts) * SAMPLES_PER_INSTRUCTION))
+        with autocast(device):
+            model.generate(net, prompts, mean_response, temperature=0.8, eos_id=-1,
+                           num_samples=SAMPLES_PER_INSTRUCTION, generator=generators)
+
+    def answer():
+        with autocast(device):
+            model.generate(net, eval_prompts, EVAL_NEW_TOKENS, eos_id=-1)
+
+    times = race({"sample": sample, "answer": answer}, device, repeats)
+    costs = {"sample": times["sample"] / (len(prompts) * SAMPLES_PER_INSTRUCTION),  # seconds per sample
+             "answer": times["answer"] / EVAL_BATCH}  # seconds per greedy answer
+    tuna.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
+    net.gradient_checkpointing = True
+    net.train()
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+    for name, lens in (("sft", [mean_response]), ("rank", RESPONSE_LENS_K5)):
+        rows, _ = ranking_rows(args.vocab_size, instructions, lens)
+        seconds = race({name: ranking_step(net, rows, False, device, instructions, optimizer)}, device, repeats)[name]
+        costs[name] = seconds / sum(len(r["tokens"]) for r in rows)  # seconds per trained token
+    rank_tokens = ALPACA * (PROMPT_LEN + sum(RESPONSE_LENS_K5))  # one prefix-shared row per instruction
+    stages = [("SFT", f"{ALPACA} x {SFT_EPOCHS} epochs x {PROMPT_LEN + mean_response} tokens",
+               ALPACA * SFT_EPOCHS * (PROMPT_LEN + mean_response) * costs["sft"]),
+              ("Tuna_p", f"{ALPACA} x (prompt + 5 candidates) = {rank_tokens / 1e6:.0f}M tokens",
+               rank_tokens * costs["rank"]),
+              ("student sampling", f"{ALPACA} x {SAMPLES_PER_INSTRUCTION} samples of {mean_response} tokens",
+               ALPACA * SAMPLES_PER_INSTRUCTION * costs["sample"]),
+              ("Tuna_c", f"{ALPACA} x (prompt + 4 samples + the teacher's answer)", rank_tokens * costs["rank"]),
+              ("eval", f"{EVAL_CHECKPOINTS} checkpoints x {EVAL_ANSWERS} greedy answers of <= {EVAL_NEW_TOKENS} "
+                       f"tokens, batch {EVAL_BATCH}", EVAL_CHECKPOINTS * EVAL_ANSWERS * costs["answer"])]
+    return costs, [(name, what, seconds / 3600) for name, what, seconds in stages]
+
+
+def print_reproduction_hours(device, repeats):
+    args = model.ModelArgs.from_name("llama-7b")
+    print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU reproduction at "
+          f"LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}, gradient checkpointing), from measured costs")
+    costs, stages = reproduction_hours(args, device, repeats)
+    print(f"measured: train {1 / costs['sft']:.0f} tok/s (SFT rows), {1 / costs['rank']:.0f} tok/s (K=5 prefix-"
+          f"shared rows); {1 / costs['sample']:.1f} samples/s (32 prompts x 4, batched); "
+          f"{1 / costs['answer']:.1f} greedy answers/s")
+    for name, what, hours in stages:
+        print(f"   {name:17s} {hours:7.1f} h   {what}")
+    print(f"   {'total':17s} {sum(h for _, _, h in stages):7.1f} h   (teacher API calls not included)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help=f"{', '.join(BENCH_CONFIGS)} or a model.py name "
+    parser.add_argument("--config", default=None, help=f"{', '.join(BENCH_CONFIGS)}, gpu-7b or a model.py name "
                         "(default: cpu-small on CPU, gpu-1b on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (default 5 CPU, 10 GPU)")
-    parser.add_argument("--instructions", type=int, default=0, help="ranking batch (default 2 CPU, 16 GPU)")
+    parser.add_argument("--instructions", type=int, default=0, help="ranking batch (default 1 CPU, 16 GPU)")
     parser.add_argument("--memory-probe", choices=["prefix", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--candidates", type=int, default=4, choices=[4, 5], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     config = args.config or ("gpu-1b" if gpu else "cpu-small")
     instructions = args.instructions or (16 if gpu else 1)
     if args.memory_probe:
-        return memory_probe(config, instructions, args.memory_probe)
+        lens = RESPONSE_LENS if args.candidates == 4 else RESPONSE_LENS_K5
+        return memory_probe(config, instructions, lens, args.memory_probe)
     repeats = args.repeats or (10 if gpu else 5)
+    if config == "gpu-7b":
+        if not gpu:
+            sys.exit("bench.py --config gpu-7b needs a CUDA GPU: it measures a 7B model's per-token costs there")
+        return print_reproduction_hours(device, min(repeats, 3))
     train_batch, train_seq = (8, 512) if gpu else (2, 256)
     gen_prompt, gen_new = (128, 128) if gpu else (32, 32)
+    sample_lens, sample_new = ((64, 192), 128) if gpu else ((16, 64), 32)
 
     net = build(config, device)
     hf = hf_twin(net)
@@ -247,33 +378,54 @@ def main():
         gap = (net(probe) - hf(input_ids=probe).logits.float()).abs().max().item()
     print(f"same weights: max |logits difference| model.py vs transformers = {gap:.2e}")
 
-    speed = bench_train_step(net, hf, device, train_batch, train_seq, repeats)
-    ratio = speed["model.py"] / speed["transformers"]
-    print(f"\n1. train step, batch {train_batch} x {train_seq} tokens: model.py {speed['model.py']:.0f} tok/s, "
-          f"transformers {speed['transformers']:.0f} tok/s -> {ratio:.2f}x (target >= 1.0x)")
+    print(f"\n1. train step, batch {train_batch} x {train_seq} tokens (target >= 1.0x):")
+    for label, kv_heads in (("multi-head", a.n_heads), ("grouped-query", a.n_heads // 4)):
+        twin_net = net if kv_heads == a.n_heads else build(config, device, n_kv_heads=kv_heads)
+        twin_hf = hf if kv_heads == a.n_heads else hf_twin(twin_net)
+        speed = bench_train_step(twin_net, twin_hf, device, train_batch, train_seq, repeats)
+        print(f"   {label:13s} ({a.n_heads} query / {kv_heads} key-value heads): model.py {speed['model.py']:.0f} "
+              f"tok/s, transformers {speed['transformers']:.0f} tok/s -> "
+              f"{speed['model.py'] / speed['transformers']:.2f}x")
+        del twin_net, twin_hf
 
     hf.cpu()
     del hf
-    times, tokens, gap = bench_ranking(net, device, instructions, repeats)
-    memory = {v: peak_memory(config, device, instructions, v) for v in ("prefix", "naive")}
     mib = lambda n: f"{n / 2**20:.0f} MiB" if n > 0 else "n/a (below resolution)"  # noqa: E731
-    print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s) x K={len(RESPONSE_LENS)}, prompt "
-          f"{PROMPT_LEN}, responses {RESPONSE_LENS} tokens (same loss: |difference| {gap:.1e})")
-    for v in ("prefix", "naive"):
-        print(f"   {v:6s}: {times[v] * 1000:7.0f} ms/step, {tokens[v]} tokens in the batch, "
-              f"{instructions / times[v]:.2f} instructions/s, peak memory {mib(memory[v])}"
-              f"{' (CUDA max_memory_allocated above the weights)' if gpu else ' (RSS peak above the weights, fresh process)'}")
-    print(f"   prefix sharing: {times['naive'] / times['prefix']:.2f}x faster (target >= 1.4x), "
-          f"{memory['naive'] / max(memory['prefix'], 1):.2f}x less memory")
+    where = " (CUDA max_memory_allocated above the weights)" if gpu else " (RSS peak above the weights, fresh process)"
+    print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s), prompt {PROMPT_LEN} tokens "
+          f"(target >= 1.4x at K=4){where}")
+    for lens in (RESPONSE_LENS, RESPONSE_LENS_K5):
+        times, tokens, gap = bench_ranking(net, device, instructions, lens, repeats)
+        memory = {v: peak_memory(config, device, instructions, lens, v) for v in ("prefix", "naive")}
+        print(f"   K={len(lens)}, responses {lens} tokens (same loss: |difference| {gap:.1e})")
+        for v in ("prefix", "naive"):
+            print(f"      {v:6s}: {times[v] * 1000:7.0f} ms/step, {tokens[v]} tokens in the batch, "
+                  f"{instructions / times[v]:.2f} instructions/s, peak memory {mib(memory[v])}")
+        print(f"      prefix sharing: {times['naive'] / times['prefix']:.2f}x faster, "
+              f"{memory['naive'] / max(memory['prefix'], 1):.2f}x less memory")
 
     hf = hf_twin(net)
     net.eval()
     hf.eval()
-    print(f"\n3. greedy generation, prompt {gen_prompt} tokens, {gen_new} new tokens:")
+    print(f"\n3. greedy generation, prompt {gen_prompt} tokens, {gen_new} new tokens (target >= 2x at batch 1):")
     for batch in (1, 8):
-        speed, same = bench_generation(net, hf, device, batch, gen_prompt, gen_new, repeats)
-        print(f"   batch {batch}: model.py {speed['model.py']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s"
-              f" -> {speed['model.py'] / speed['transformers']:.2f}x (target >= 1.0x); same tokens in {same:.0%} of rows")
+        speed, same, compile_seconds = bench_generation(net, hf, device, batch, gen_prompt, gen_new, repeats)
+        compiled = f"compiled {speed['compiled']:.0f} tok/s ({speed['compiled'] / speed['transformers']:.2f}x; first " \
+                   f"call {compile_seconds:.0f} s)" if "error" not in model._compiled else \
+                   f"compiled: unavailable ({model._compiled['error']})"
+        print(f"   batch {batch}: transformers {speed['transformers']:.0f} tok/s; model.py eager {speed['eager']:.0f} "
+              f"tok/s ({speed['eager'] / speed['transformers']:.2f}x), {compiled}; same tokens in {same:.0%} of rows")
+    hf.cpu()
+    del hf
+
+    prompts = random_prompts(a.vocab_size, torch.randint(*sample_lens, (32,), generator=torch.Generator()
+                                                         .manual_seed(0)).tolist(), seed=3)
+    speed, same = bench_sampling(net, device, prompts, 4, sample_new, max(3, repeats // 2))
+    print(f"\n4. sampling, 32 prompts of {sample_lens[0]}-{sample_lens[1]} tokens x 4 samples of {sample_new} tokens, "
+          f"temperature 0.8, a generator per row (target >= 3x):")
+    print(f"   one model.generate call {speed['batched']:.1f} samples/s, one prompt (4 rows) at a time "
+          f"{speed['one prompt at a time']:.1f} samples/s -> {speed['batched'] / speed['one prompt at a time']:.2f}x; "
+          f"same samples in {same:.0%} of rows")
 
 
 if __name__ == "__main__":

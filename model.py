@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -230,21 +231,49 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 
-class KVCache(nn.Module):
-    """Keys and values of earlier slots for one attention layer, so a decode step costs O(T), not O(T^2).
-    Allocated on first use with the keys' dtype (which autocast may have changed) and device."""
+class KVCache:
+    """Keys and values of one attention layer for `batch` rows and `max_len` slots (gpt-fast's layout), allocated
+    once per generate() call, on the first write, with the keys' dtype (which autocast may have changed) and device;
+    a decode step then writes one slot in place. A plain object, not a module: torch.compile fixes the shapes of a
+    module's tensors, and this cache loses rows as they finish."""
 
     def __init__(self, batch, max_len):
-        super().__init__()
         self.batch, self.max_len, self.k, self.v = batch, max_len, None, None
 
-    def update(self, start, k, v):  # k, v: (B, n_kv_heads, T, head_dim) written to slots [start, start + T)
+    def update(self, start, k, v):  # k, v: (B, n_kv_heads, T, head_dim)
         if self.k is None:
             shape = (self.batch, k.shape[1], self.max_len, k.shape[3])  # (B, n_kv_heads, max_len, head_dim)
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        end = start + k.shape[2]
+        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,), and every slot back (static shapes)
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v  # (B, n_kv_heads, max_len, head_dim)
+        end = start + k.shape[2]  # slots [start, end)
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
+
+    def keep_rows(self, rows):  # rows (B',) long: the new batch, in order (a row may repeat: samples of one prompt)
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
+
+def grouped_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(head_dim) + mask) v where query head h reads key/value head h // (n_heads / n_kv_heads)
+    (Meta's and HF's grouping), without copying keys and values per query head.
+    q (B, n_heads, T, hd); k, v (B, n_kv_heads, S, hd); mask bool (True = may attend) or additive float, broadcast
+    to (B, 1, T, S), None = causal. -> (B, n_heads, T, hd)"""
+    B, n_heads, T, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    if n_kv_heads == n_heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    if T == 1 and mask is not None:  # decode: a group's query heads are the query rows of one plain attention call
+        grouped = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, n_kv_heads, group, hd)
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, n_heads, 1, head_dim)
+    if mask is not None and q.is_cuda:
+        # CUDA's fused kernels that take a mask do not take grouped heads (its math fallback would hold a (T, S)
+        # matrix per head; transformers makes the same choice): repeat keys and values there.
+        k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -265,11 +294,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim): SDPA's layout
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S = cache_start + T, head_dim)
-        repeats = self.n_heads // self.n_kv_heads
-        if repeats > 1:  # GQA: query head h reads kv head h // repeats (Meta's and HF's grouping)
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, n_heads, S, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, n_heads, T, hd)
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S, head_dim): the slots read
+        out = grouped_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_heads * head_dim) -> (B, T, dim)
 
 
@@ -316,13 +342,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
-        row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend, default causal; every
-        query must see at least one key (itself, say), or attention divides by zero and gives NaN.
-        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots.
+        row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend (or additive float, 0 or
+        -inf), default causal; every query must see at least one key (itself, say), or attention gives NaN.
+        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A (1,)
+        tensor (the compiled decode step, with positions and mask given) writes that one slot and reads every slot.
         output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so prompts and padding
         never go through the vocabulary-sized output layer (training scores, the last prompt token in prefill)."""
         B, T = tokens.shape
-        start = cache_start or 0
+        start = cache_start if isinstance(cache_start, int) else 0  # a tensor comes with positions and a mask
         if positions is None:
             if start + T > self.args.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
@@ -669,7 +696,9 @@ def checkpoint_identity(path):
 
 # ---- generation and scoring --------------------------------------------------------------------------------------
 def sample_next(logits, temperature, top_p, generator=None):
-    """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus (top-p) sampling."""
+    """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus (top-p) sampling.
+    generator: None (torch's default), one torch.Generator that the rows draw from in turn, or a list of B
+    generators, one per row, so that a row's draw depends only on its own logits and generator."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
@@ -677,6 +706,8 @@ def sample_next(logits, temperature, top_p, generator=None):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0  # mass before it already suffices
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])  # (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -687,58 +718,150 @@ def prefill(model, tokens, positions, mask):
 
 
 def decode_step(model, tokens, positions, mask, slot):
-    """One token per row (B,) at cache slot `slot`; logits for the next token (B, vocab)."""
-    return model(tokens[:, None], positions[:, None], mask, cache_start=slot)[:, -1]
+    """One token per row, tokens (B,) at positions (B,), into cache slot `slot`; logits for the next token (B, vocab).
+    mask (B, S): the cache slots each row reads, bool or additive float (generate passes a float mask, which SDPA
+    takes as it is). S = slot + 1 for an int slot; every cache slot for a (1,) tensor slot (the compiled step)."""
+    return model(tokens[:, None], positions[:, None], mask[:, None, None], cache_start=slot)[:, -1]
+
+
+def whole_cache_decode_step(model, tokens, positions, pad_mask, slot):
+    """decode_step with the same shapes at every slot, for torch.compile (as gpt-fast): slot is a (1,) tensor and
+    each row reads every cache slot, those after `slot` masked out. pad_mask (B, max_len): 0, or -inf on padding."""
+    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (max_len,)
+    return decode_step(model, tokens, positions, pad_mask.masked_fill(later, float("-inf")), slot)
+
+
+def _eager_decode(model, tokens, positions, pad_mask, slot):
+    return decode_step(model, tokens, positions, pad_mask[:, :slot + 1], slot)  # a view: nothing allocated
+
+
+_compiled = {}  # "step": torch.compile(whole_cache_decode_step), built once; "error": why it cannot run here
+
+
+def _compiled_decode(model, tokens, positions, pad_mask, slot):
+    if "error" not in _compiled:
+        try:
+            if "step" not in _compiled:
+                # dynamic: batch size and cache length are symbols, so one compilation serves every call and
+                # every batch that rows leave (a batch of one row compiles once more)
+                _compiled["step"] = torch.compile(whole_cache_decode_step, dynamic=True)
+            return _compiled["step"](model, tokens, positions, pad_mask, torch.full((1,), slot, device=tokens.device))
+        except Exception as e:  # no C++ compiler, a Python or platform torch.compile does not support, ...
+            _compiled["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly", file=sys.stderr)
+    return _eager_decode(model, tokens, positions, pad_mask, slot)  # the failed call wrote nothing: redo the slot
+
+
+# A finished row leaves the batch once this share of the batch has finished: copying the KV cache of the rows that
+# stay costs about one decode step's attention, so compacting row by row would cost more than it saves.
+COMPACT_AT_FINISHED_SHARE = 1 / 8
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
-    """New tokens per prompt (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and
-    each one's log-prob under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
-    `generator` must live on the model's device."""
+def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_id=None, generator=None,
+             num_samples=1, batch_size=None, compile=False):
+    """num_samples rows per prompt, prompt-major (prompt i's samples are rows i * num_samples ...): each row's new
+    tokens (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and each token's log-prob
+    under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
+
+    Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce EOS leave the batch
+    (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together (memory;
+    one prompt's rows at least): prompts then go in order of length, so a batch pads little; the output keeps the
+    input order. Rows are left-padded and padding is masked out, so a row's logits do not depend on its neighbours.
+    generator: None (torch's default), one torch.Generator shared by the rows (they draw from it in turn, so a
+    row's samples depend on its neighbours), or a list of len(prompts) * num_samples generators, one per row: a
+    row's samples then depend only on its prompt and its own generator, however the rows are batched (e.g. one
+    seeded from (seed, item id) per row, so a resumed run samples what an uninterrupted one would). Generators
+    live on the model's device.
+    compile: decode with a torch.compile'd step (static shapes, as gpt-fast); the first calls compile (about a
+    minute on a CPU), and where torch.compile cannot run one line goes to stderr and decoding stays eager."""
+    n_rows = len(prompts) * num_samples
+    if num_samples < 1 or (isinstance(generator, (list, tuple)) and len(generator) != n_rows):
+        raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must hold "
+                         f"one per row, len(prompts) * num_samples = {n_rows}")
     if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts], [[] for _ in prompts]
+        return [[] for _ in range(n_rows)], [[] for _ in range(n_rows)]
     if min(map(len, prompts)) == 0:
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-    eos_id = model.args.eos_id if eos_id is None else eos_id
-    device = model.tok_embeddings.weight.device
-    B, P = len(prompts), max(map(len, prompts))
-    total = P + max_new_tokens
+    total = max(map(len, prompts)) + max_new_tokens
     if total > model.args.max_seq_len:
         raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len {model.args.max_seq_len}")
+    eos_id = model.args.eos_id if eos_id is None else eos_id
+    order = list(range(len(prompts)))
+    per_batch = len(prompts) if batch_size is None else max(1, batch_size // num_samples)  # prompts per batch
+    if per_batch < len(prompts):
+        order.sort(key=lambda i: len(prompts[i]))
+    out_tokens, out_logprobs = [None] * n_rows, [None] * n_rows
+    for start in range(0, len(order), per_batch):
+        chunk = order[start:start + per_batch]
+        rows = [i * num_samples + s for i in chunk for s in range(num_samples)]
+        generators = [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
+        tokens, logprobs = _generate_batch(model, [prompts[i] for i in chunk], num_samples, max_new_tokens,
+                                           temperature, top_p, eos_id, generators,
+                                           _compiled_decode if compile else _eager_decode)
+        for row, row_tokens, row_logprobs in zip(rows, tokens, logprobs):
+            out_tokens[row], out_logprobs[row] = row_tokens, row_logprobs
+    return out_tokens, out_logprobs
+
+
+def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, eos_id, generator, step):
+    device = model.tok_embeddings.weight.device
+    P = max(map(len, prompts))
+    total = P + max_new_tokens
     # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its own
     # first token and pad slots are masked out, so a row's tokens do not depend on its neighbours in the batch.
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (n_prompts,)
+    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n_prompts, P)
     slots = torch.arange(total, device=device)
-    positions = (slots[None] - pad[:, None]).clamp(min=0)  # (B, total)
-    real = slots[None] >= pad[:, None]  # (B, total): False on pad slots
-    # slot i sees real slots j <= i, and itself (so a pad slot's softmax row is never empty: no NaN)
-    visible = (slots[None, :] <= slots[:, None]) & real[:, None, :] | torch.eye(total, dtype=torch.bool, device=device)
+    positions = (slots[None] - pad[:, None]).clamp(min=0)  # (n_prompts, total)
+    real = slots[None] >= pad[:, None]  # (n_prompts, total): False on pad slots
+    # prompt slot i sees real slots j <= i, and itself (so a pad slot's softmax row is never empty: no NaN)
+    prompt_mask = (slots[None, :P] <= slots[:P, None]) & real[:, None, :P] | torch.eye(P, dtype=torch.bool,
+                                                                                         device=device)
     for layer in model.layers:
-        layer.attention.kv_cache = KVCache(B, total)
-    new_tokens, new_logprobs = [], []
+        layer.attention.kv_cache = KVCache(len(prompts), total)
     try:
-        logits = prefill(model, tokens, positions[:, :P], visible[:, :P, :P])
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_p, generator)  # (B,)
-            new_tokens.append(token)
-            new_logprobs.append(torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0])
-            done |= token == eos_id
-            if step == max_new_tokens - 1 or bool(done.all()):
+        logits = prefill(model, tokens, positions[:, :P], prompt_mask)  # (n_prompts, vocab)
+        # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA would convert a bool one)
+        pad_mask = torch.zeros(real.shape, dtype=model.layers[0].attention.kv_cache.k.dtype, device=device)
+        pad_mask = pad_mask.masked_fill(~real, float("-inf"))  # (n_prompts, total)
+        prompt_of_row = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)  # (B,)
+        if num_samples > 1:  # a prompt's rows share its prefill
+            for layer in model.layers:
+                layer.attention.kv_cache.keep_rows(prompt_of_row)
+        logits, positions, pad_mask = logits[prompt_of_row], positions[prompt_of_row], pad_mask[prompt_of_row]
+        B = len(prompt_of_row)
+        row_of = torch.arange(B, device=device)  # the output row of each batch row
+        new_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        new_logprobs = torch.zeros(B, max_new_tokens, device=device)
+        lengths = torch.full((B,), max_new_tokens, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # produced EOS, still in the batch
+        for step_index in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, generator)  # (b,)
+            new_tokens[row_of, step_index] = token
+            new_logprobs[row_of, step_index] = torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0]
+            ended = (token == eos_id) & ~finished
+            lengths[row_of[ended]] = step_index + 1
+            finished |= ended
+            n_finished = int(finished.sum())  # the one host sync per step
+            if step_index == max_new_tokens - 1 or n_finished == len(finished):
                 break
-            slot = P + step
-            logits = decode_step(model, token, positions[:, slot], visible[:, slot:slot + 1, :slot + 1], slot)
+            if n_finished >= max(1, int(len(finished) * COMPACT_AT_FINISHED_SHARE)):  # finished rows leave
+                keep = (~finished).nonzero()[:, 0]
+                for layer in model.layers:
+                    layer.attention.kv_cache.keep_rows(keep)
+                token, positions, pad_mask, row_of, finished = (t[keep] for t in (token, positions, pad_mask,
+                                                                                  row_of, finished))
+                if isinstance(generator, list):
+                    generator = [generator[i] for i in keep.tolist()]
+            slot = P + step_index
+            logits = step(model, token, positions[:, slot], pad_mask, slot)
     finally:
         for layer in model.layers:
             layer.attention.kv_cache = None
-    out_tokens, out_logprobs = [], []
-    for row_tokens, row_logprobs in zip(torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist()):
-        n = row_tokens.index(eos_id) + 1 if eos_id in row_tokens else len(row_tokens)  # cut after the first EOS
-        out_tokens.append(row_tokens[:n])
-        out_logprobs.append(row_logprobs[:n])
-    return out_tokens, out_logprobs
+    lengths = lengths.tolist()
+    return ([row[:n] for row, n in zip(new_tokens.tolist(), lengths)],
+            [row[:n] for row, n in zip(new_logprobs.tolist(), lengths)])
 
 
 def token_logprobs(logits, targets, ignore_index=-100):

@@ -6,11 +6,16 @@ difference per config, config layout and checkpoint source)."""
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import model as M
@@ -35,6 +40,7 @@ HF_CONFIGS = {
                           multiple_of=32, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE),
 }
 VOCAB = 128
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_hf_model(name, seed=0):
@@ -291,6 +297,68 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):
+    """8 query heads read 2 key/value heads in place (no repeated copies: SDPA's grouped-query support); logits,
+    loss and every gradient equal transformers' eager attention, which repeats the key/value heads."""
+    hf, single, _ = hf_dirs["gqa"]
+    model = M.load_checkpoint(single)
+    tokens = tokens_for_test(shape=(3, 17))
+    ops = set()
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def loss_of(logits):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    try:
+        with RecordOps():
+            ours = model(tokens)
+            loss_of(ours).backward()
+        theirs = hf(tokens).logits
+        loss_of(theirs).backward()
+        assert max_diff(ours, theirs) <= 1e-4
+        gradients = M.meta_to_hf({name: p.grad for name, p in model.named_parameters()}, model.args)
+        for name, p in hf.named_parameters():
+            torch.testing.assert_close(gradients[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        hf.zero_grad(set_to_none=True)
+    assert "repeat_interleave" not in ops and not ops & {"_scaled_dot_product_attention_math"}
+    if not torch.cuda.is_available():  # on a CPU both directions run the fused (flash) kernel
+        assert {"_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_flash_attention_for_cpu_backward"} <= ops
+
+
+def test_masked_grouped_query_attention_gradients_equal_separate_rows():
+    # The packed layout's mask path with 4 query / 2 key-value heads: the shared prompt's gradient sums both
+    # responses' contributions, exactly as two separate rows do.
+    model = tiny_model()
+    prompt, first, second = [1, 5, 9, 14, 3], [40, 41, 42], [50, 51, 52, 53]
+    n_p, n_1 = len(prompt), len(first)
+    T = n_p + n_1 + len(second)
+    positions = torch.tensor([list(range(n_p + n_1)) + list(range(n_p, n_p + len(second)))])
+    segment = torch.tensor([0] * n_p + [1] * n_1 + [2] * len(second))
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool)) & ((segment[:, None] == segment[None, :]) |
+                                                              (segment[None, :] == 0))
+    weights = torch.randn(T, VOCAB, generator=torch.Generator().manual_seed(0))  # a loss that reads every logit
+
+    def gradients(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    packed_loss, packed = gradients(lambda: (model(torch.tensor([prompt + first + second]), positions,
+                                                   mask[None])[0, n_p:] * weights[n_p:]).sum())
+    rows_loss, rows = gradients(lambda: (model(torch.tensor([prompt + first]))[0, n_p:] * weights[n_p:n_p + n_1]).sum()
+                                + (model(torch.tensor([prompt + second]))[0, n_p:] * weights[n_p + n_1:]).sum())
+    assert packed_loss == pytest.approx(rows_loss, abs=1e-3)
+    for a, b in zip(packed, rows):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def gen_model(hf_dirs):
     hf, single, _ = hf_dirs["gqa"]
@@ -367,6 +435,107 @@ def test_eos_stops_each_row(gen_model):
     finally:
         hook.remove()
     assert len(calls) == len(stopped[0])  # one prefill, then one decode step per token before EOS
+
+
+def rows_per_call(model):
+    """A forward hook's record of the batch size of every model call, and the hook to remove."""
+    sizes = []
+    return sizes, model.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+
+
+def test_batched_greedy_gives_the_one_at_a_time_tokens(gen_model):
+    _, model = gen_model
+    free, _ = M.generate(model, PROMPTS, 12, eos_id=-1)
+    eos = free[1][5]  # rows that produce it stop early, at different steps, and leave the batch
+    alone = [M.generate(model, [prompt], 12, eos_id=eos) for prompt in PROMPTS]
+    for settings in ({}, {"num_samples": 3}, {"num_samples": 2, "batch_size": 4}, {"batch_size": 1}):
+        n = settings.get("num_samples", 1)
+        sizes, hook = rows_per_call(model)
+        try:
+            tokens, logprobs = M.generate(model, PROMPTS, 12, eos_id=eos, **settings)
+        finally:
+            hook.remove()
+        assert tokens == [alone[i][0][0] for i in range(len(PROMPTS)) for _ in range(n)]
+        for row, row_logprobs in enumerate(logprobs):
+            assert torch.allclose(torch.tensor(row_logprobs), torch.tensor(alone[row // n][1][0]), atol=1e-5)
+        if not settings:
+            assert sizes[0] == len(PROMPTS) and min(sizes) < len(PROMPTS)  # finished rows left the batch
+        prompts_per_batch = settings.get("batch_size", len(PROMPTS) * n) // n
+        assert sizes[0] == prompts_per_batch and max(sizes) == prompts_per_batch * n  # one prefill per prompt
+    assert len({len(t[0]) for t, _ in alone}) > 1 and any(eos in t[0] for t, _ in alone)
+
+
+def test_batched_sampling_with_a_generator_per_row_gives_each_row_its_samples_alone(gen_model):
+    """Each row draws from its own generator (as one seeded from (seed, item id) per row): its samples do not
+    depend on which rows share its batch, on batch_size, or on when the other rows finish."""
+    _, model = gen_model
+    n, settings = 3, dict(temperature=1.0, top_p=0.95)
+    rows = range(len(PROMPTS) * n)
+
+    def generators(which=rows):
+        return [torch.Generator().manual_seed(1000 + row) for row in which]
+
+    free, _ = M.generate(model, PROMPTS, 10, eos_id=-1, num_samples=n, generator=generators(), **settings)
+    eos = free[0][2]  # rows that sample it stop there, at different steps
+    batched, batched_logprobs = M.generate(model, PROMPTS, 10, eos_id=eos, num_samples=n, generator=generators(),
+                                           **settings)
+    chunked, _ = M.generate(model, PROMPTS, 10, eos_id=eos, num_samples=n, generator=generators(), batch_size=5,
+                            **settings)
+    assert chunked == batched
+    for row in rows:
+        alone, alone_logprobs = M.generate(model, [PROMPTS[row // n]], 10, eos_id=eos, generator=generators([row]),
+                                           **settings)
+        assert batched[row] == alone[0] == free[row][:len(alone[0])]
+        assert torch.allclose(torch.tensor(batched_logprobs[row]), torch.tensor(alone_logprobs[0]), atol=1e-5)
+    assert 1 < len({len(row) for row in batched})  # rows ended at different steps
+    assert len({tuple(row) for row in batched[:n]}) == n  # a prompt's rows differ: each has its own draws
+    with pytest.raises(ValueError, match="one per row, len\\(prompts\\) \\* num_samples = 12"):
+        M.generate(model, PROMPTS, 10, num_samples=n, generator=generators(range(4)), **settings)
+
+
+def test_compiled_decode_step_gives_eager_tokens(gen_model):
+    if not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: torch.compile's CPU backend cannot build kernels here")
+    _, model = gen_model
+    M._compiled.clear()  # compile here, whatever an earlier test left
+    n, settings = 2, dict(temperature=0.9, top_p=0.9)
+    rows = range(len(PROMPTS) * n)
+
+    def generators():
+        return [torch.Generator().manual_seed(7 + row) for row in rows]
+
+    free, _ = M.generate(model, PROMPTS, 10, eos_id=-1, num_samples=n, generator=generators(), **settings)
+    # an EOS that stops some rows but leaves two or more running (a batch of one would compile once more)
+    eos = next(t for t in free[0] if 1 <= sum(t in row for row in free) <= len(free) - 2)
+    for kwargs in (dict(eos_id=-1), dict(eos_id=eos, num_samples=n, **settings)):
+        runs = []
+        for compile in (False, True):
+            extra = {"generator": generators()} if "num_samples" in kwargs else {}
+            runs.append(M.generate(model, PROMPTS, 10, compile=compile, **kwargs, **extra))
+        assert "error" not in M._compiled and "step" in M._compiled
+        (eager, eager_logprobs), (compiled, compiled_logprobs) = runs
+        assert compiled == eager
+        for a, b in zip(eager_logprobs, compiled_logprobs):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    assert len({len(row) for row in compiled}) > 1  # rows left the compiled batch at different steps
+
+
+def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_compile(tmp_path):
+    script = (
+        "import json, torch\n"
+        "import model as M\n"
+        "torch.manual_seed(0)\n"
+        "net = M.Transformer(M.ModelArgs(**{**M.CONFIGS['tiny'], 'vocab_size': 128})).eval()\n"
+        "prompts = [[1, 17, 33, 5], [1, 102]]\n"
+        "eager = M.generate(net, prompts, 6, eos_id=-1)\n"
+        "print(json.dumps([M.generate(net, prompts, 6, eos_id=-1, compile=True) == eager for _ in range(2)]))\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == [True, True]  # eager's tokens, both calls
+    notices = [line for line in out.stderr.splitlines() if line.startswith("model.py: torch.compile cannot run")]
+    assert len(notices) == 1 and "no-such-compiler" in notices[0] and notices[0].endswith("decoding eagerly")
 
 
 def test_token_logprobs_match_transformers_by_hand(gen_model):

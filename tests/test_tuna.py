@@ -166,7 +166,7 @@ def tiny_model():
 
 def naive_loss(net, prompts_per_row, responses_per_row, **options):
     """The K-row computation the packed row must reproduce: each (prompt, response) alone in its own row,
-    scored with model.sequence_logprobs (mean log-prob), losses from the scores and token sums."""
+    scored with the naive sequence_logprobs of conftest (mean log-prob), losses from the scores and token sums."""
     K = max(map(len, responses_per_row))
     flat_prompts = [p for ps in prompts_per_row for p in ps]
     flat_responses = [r for rs in responses_per_row for r in rs]
@@ -252,12 +252,16 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     assert set(merged.state_dict()) == set(tiny_model.state_dict())
 
 
-def test_bench_compares_layouts_that_compute_the_same_loss():
+@pytest.mark.parametrize("candidates", [4, 5])
+def test_bench_compares_layouts_that_compute_the_same_loss(candidates):
     import bench  # its naive K-row baseline must be the same computation, or its speed-up means nothing
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
-    shared, naive = bench.ranking_rows(512, 2)
-    assert sum(len(r["tokens"]) for r in shared) == 2 * (bench.PROMPT_LEN + sum(bench.RESPONSE_LENS))
+    lens = bench.RESPONSE_LENS if candidates == 4 else bench.RESPONSE_LENS_K5
+    assert len(lens) == candidates
+    shared, naive = bench.ranking_rows(512, 2, lens)
+    assert sum(len(r["tokens"]) for r in shared) == 2 * (bench.PROMPT_LEN + sum(lens))
+    assert len(naive) == 2 * candidates
     with torch.no_grad():
         packed = bench.ranking_loss(net, shared, False, torch.device("cpu"), 2)
         rows = bench.ranking_loss(net, naive, True, torch.device("cpu"), 2)
