@@ -588,11 +588,12 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = tok.encode(prompt, bos=True)
-    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer tokens
+    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer
     best = None
     for round_index in range(tries):
         t = round(temperature + 0.1 * round_index, 6)
-        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id, generator=generator)
+        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id,
+                           generator=generator)
         texts = [tok.decode([i for i in out if i != tok.eos_id]).strip() for out in outs]
         pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
         mean = sum(pairs) / len(pairs)
@@ -604,12 +605,12 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
     return best
 
 
-def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3, seed=0,
-                      *, student):
-    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and read
-    back on a re-run with the same prompt, settings and student (its identity, e.g. producer_identity(...)), so a
-    killed run does not sample again and another checkpoint never reuses them. Each item has its own generator
-    seeded from (seed, id): the result does not depend on where a run was killed."""
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
+                      seed=0, *, student):
+    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and
+    read back on a re-run with the same prompt, settings and student (its identity: producer_identity), so a
+    killed run does not sample again and another checkpoint never reuses them. Each item has its own
+    generator seeded from (seed, id): the result does not depend on where a run was killed."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                     student=student)
     done, others = {}, 0
@@ -629,8 +630,8 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
             data.append_jsonl(cache_path, [entry])
         result[item_id] = entry
     if others:
-        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again", cache_path,
-                 others)
+        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
+                 cache_path, others)
     return result
 
 
@@ -1017,11 +1018,12 @@ def main(argv=None):
                                     args.temperature, args.chat, args.add_original, args.retry_failures)
                 return 0
             tok = data.Tokenizer(args.tokenizer or args.student)
-            student = load_checkpoint(args.student, args.device, torch.float32 if args.device == "cpu" else None)
+            dtype = torch.float32 if args.device == "cpu" else None
+            student = load_checkpoint(args.student, args.device, dtype)
             student_cache = args.student_cache or args.out + ".student.jsonl"
-            samples = sample_candidates(student, tok, examples, student_cache, args.n, args.student_temperature,
-                                        args.student_max_tokens, args.tries, args.seed,
-                                        student=producer_identity(args.student, tok.path))
+            samples = sample_candidates(student, tok, examples, student_cache, args.n,
+                                        args.student_temperature, args.student_max_tokens, args.tries,
+                                        args.seed, student=producer_identity(args.student, tok.path))
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL
