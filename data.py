@@ -2,7 +2,14 @@
 
 No model here: the teacher, the evaluation and the training loop all read and write data through
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
-line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside.
+line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside. The
+files a long run appends to and a kill may cut short have their own helpers: one atomic write
+(write_atomic), one tolerant log reader and appender (read_jsonl_log, append_jsonl), one output lock.
+
+    import data
+    tok = data.Tokenizer("llama-2-7b-hf/")                       # tokenizer.model, else tokenizer.json
+    prompt_ids, response_ids = data.encode_prompt_response(tok, data.alpaca_prompt("Name a color."), "Red.")
+    records = data.read_ranked_jsonl("ranked.jsonl")           # DataError: file, line and field of a problem
 """
 import contextlib
 import functools

@@ -8,6 +8,12 @@
 2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
    student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
 3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+
+    python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
+        --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
+    python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
+        --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
+    python teacher.py serve --checkpoint some-llama/ --port 8000                         # a local teacher
 """
 import argparse
 import codecs
