@@ -20,6 +20,7 @@ Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine 
                                                   # model.py's measured per-token costs at LLaMA-7B's shape
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -55,7 +56,8 @@ def hf_twin(net):
     from transformers import LlamaConfig, LlamaForCausalLM
     a = net.args
     config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
-                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                         num_key_value_heads=a.n_kv_heads,
                          head_dim=a.head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
                          max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings,
                          bos_token_id=a.bos_id, eos_token_id=a.eos_id, attn_implementation="sdpa")
@@ -88,7 +90,9 @@ def race(functions, device, repeats, warmup=1):
 
 
 def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 # ---------------------------------------------------------------------------- 1. train step
@@ -108,7 +112,8 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
 
     fused = device.type == "cuda"
     ours = step(lambda t: net(t), torch.optim.AdamW(net.parameters(), lr=1e-6, fused=fused))
-    theirs = step(lambda t: hf(input_ids=t, use_cache=False).logits, torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused))
+    theirs = step(lambda t: hf(input_ids=t, use_cache=False).logits,
+                  torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused))
     times = race({"model.py": ours, "transformers": theirs}, device, repeats)
     return {name: batch * seq / t for name, t in times.items()}
 
@@ -169,7 +174,8 @@ def peak_memory(config, device, instructions, response_lens, variant):
     if device.type == "cuda":
         net = build(config, device)
         shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
-        step = ranking_step(net, naive if variant == "naive" else shared, variant == "naive", device, instructions)
+        rows = naive if variant == "naive" else shared
+        step = ranking_step(net, rows, variant == "naive", device, instructions)
         step()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -277,14 +283,14 @@ SFT_EPOCHS = 3  # Alpaca's recipe
 SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)
 EVAL_ANSWERS, EVAL_CHECKPOINTS = 12_000, 3  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
 EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, EVAL_BATCH = 200, 128, 32
-LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's one-GPU command
+LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's 1-GPU command
 
 
 def reproduction_hours(args, device, repeats, instructions=16, sample_prompts=32):
     """Expected hours of each stage of a one-GPU reproduction, from model.py's measured per-token costs at the
-    shape `args` (bf16 weights and autocast; training with LoRA and gradient checkpointing, as README's one-GPU
-    command; 16 instructions per step as the authors). Teacher API time is not included. Generation runs every
-    row to its length (a random model never ends), so its hours are upper bounds for those lengths."""
+    shape `args` (bf16 weights and autocast; training with LoRA and gradient checkpointing, as README's
+    one-GPU command; 16 instructions per step as the authors). Teacher API time is not included. Generation
+    runs every row to its length (a random model never ends): its hours are upper bounds for those lengths."""
     torch.manual_seed(0)
     with torch.device(device):
         net = model.Transformer(args)
@@ -313,7 +319,8 @@ def reproduction_hours(args, device, repeats, instructions=16, sample_prompts=32
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
     for name, lens in (("sft", [mean_response]), ("rank", RESPONSE_LENS_K5)):
         rows, _ = ranking_rows(args.vocab_size, instructions, lens)
-        seconds = race({name: ranking_step(net, rows, False, device, instructions, optimizer)}, device, repeats)[name]
+        step = ranking_step(net, rows, False, device, instructions, optimizer)
+        seconds = race({name: step}, device, repeats)[name]
         costs[name] = seconds / sum(len(r["tokens"]) for r in rows)  # seconds per trained token
     rank_tokens = ALPACA * (PROMPT_LEN + sum(RESPONSE_LENS_K5))  # one prefix-shared row per instruction
     stages = [("SFT", f"{ALPACA} x {SFT_EPOCHS} epochs x {PROMPT_LEN + mean_response} tokens",
@@ -322,19 +329,22 @@ def reproduction_hours(args, device, repeats, instructions=16, sample_prompts=32
                rank_tokens * costs["rank"]),
               ("student sampling", f"{ALPACA} x {SAMPLES_PER_INSTRUCTION} samples of {mean_response} tokens",
                ALPACA * SAMPLES_PER_INSTRUCTION * costs["sample"]),
-              ("Tuna_c", f"{ALPACA} x (prompt + 4 samples + the teacher's answer)", rank_tokens * costs["rank"]),
-              ("eval", f"{EVAL_CHECKPOINTS} checkpoints x {EVAL_ANSWERS} greedy answers of <= {EVAL_NEW_TOKENS} "
-                       f"tokens, batch {EVAL_BATCH}", EVAL_CHECKPOINTS * EVAL_ANSWERS * costs["answer"])]
+              ("Tuna_c", f"{ALPACA} x (prompt + 4 samples + the teacher's answer)",
+               rank_tokens * costs["rank"]),
+              ("eval", f"{EVAL_CHECKPOINTS} checkpoints x {EVAL_ANSWERS} greedy answers of <= "
+                       f"{EVAL_NEW_TOKENS} tokens, batch {EVAL_BATCH}",
+               EVAL_CHECKPOINTS * EVAL_ANSWERS * costs["answer"])]
     return costs, [(name, what, seconds / 3600) for name, what, seconds in stages]
 
 
 def print_reproduction_hours(device, repeats):
     args = model.ModelArgs.from_name("llama-7b")
-    print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU reproduction at "
-          f"LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}, gradient checkpointing), from measured costs")
+    print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU "
+          f"reproduction at LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}, gradient checkpointing), from "
+          "measured costs")
     costs, stages = reproduction_hours(args, device, repeats)
-    print(f"measured: train {1 / costs['sft']:.0f} tok/s (SFT rows), {1 / costs['rank']:.0f} tok/s (K=5 prefix-"
-          f"shared rows); {1 / costs['sample']:.1f} samples/s (32 prompts x 4, batched); "
+    print(f"measured: train {1 / costs['sft']:.0f} tok/s (SFT rows), {1 / costs['rank']:.0f} tok/s "
+          f"(K=5 prefix-shared rows); {1 / costs['sample']:.1f} samples/s (32 prompts x 4, batched); "
           f"{1 / costs['answer']:.1f} greedy answers/s")
     for name, what, hours in stages:
         print(f"   {name:17s} {hours:7.1f} h   {what}")
@@ -342,11 +352,12 @@ def print_reproduction_hours(device, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help=f"{', '.join(BENCH_CONFIGS)}, gpu-7b or a model.py name "
-                        "(default: cpu-small on CPU, gpu-1b on CUDA)")
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help=f"{', '.join(BENCH_CONFIGS)}, gpu-7b or a model.py "
+                        "name (default: cpu-small on CPU, gpu-1b on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (default 5 CPU, 10 GPU)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (default 5 "
+                        "CPU, 10 GPU)")
     parser.add_argument("--instructions", type=int, default=0, help="ranking batch (default 1 CPU, 16 GPU)")
     parser.add_argument("--memory-probe", choices=["prefix", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--candidates", type=int, default=4, choices=[4, 5], help=argparse.SUPPRESS)
@@ -354,6 +365,11 @@ def main():
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     config = args.config or ("gpu-1b" if gpu else "cpu-small")
+    if config not in (*BENCH_CONFIGS, "gpu-7b", *model.CONFIGS):  # bad input: one line, never a traceback
+        parser.error(f"--config {config}: not one of {', '.join((*BENCH_CONFIGS, 'gpu-7b', *model.CONFIGS))}")
+    if importlib.util.find_spec("transformers") is None:
+        parser.exit(1, "bench.py: error: transformers is not installed (the comparison needs it): pip "
+                       "install -r tests/requirements.txt\n")
     instructions = args.instructions or (16 if gpu else 1)
     if args.memory_probe:
         lens = RESPONSE_LENS if args.candidates == 4 else RESPONSE_LENS_K5
@@ -361,7 +377,8 @@ def main():
     repeats = args.repeats or (10 if gpu else 5)
     if config == "gpu-7b":
         if not gpu:
-            sys.exit("bench.py --config gpu-7b needs a CUDA GPU: it measures a 7B model's per-token costs there")
+            sys.exit("bench.py: error: --config gpu-7b needs a CUDA GPU: it measures a 7B model's per-token "
+                     "costs there")
         return print_reproduction_hours(device, min(repeats, 3))
     train_batch, train_seq = (8, 512) if gpu else (2, 256)
     gen_prompt, gen_new = (128, 128) if gpu else (32, 32)
@@ -370,8 +387,9 @@ def main():
     net = build(config, device)
     hf = hf_twin(net)
     a = net.args
-    print(f"bench.py on {torch.cuda.get_device_name(device) if gpu else 'CPU'} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, config {config}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, "
+    device_name = torch.cuda.get_device_name(device) if gpu else "CPU"
+    print(f"bench.py on {device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"config {config}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, "
           f"vocab {a.vocab_size}; {'bf16 autocast' if gpu else 'float32'}")
     with torch.no_grad():
         probe = torch.randint(3, a.vocab_size, (2, 64), device=device)
@@ -383,17 +401,18 @@ def main():
         twin_net = net if kv_heads == a.n_heads else build(config, device, n_kv_heads=kv_heads)
         twin_hf = hf if kv_heads == a.n_heads else hf_twin(twin_net)
         speed = bench_train_step(twin_net, twin_hf, device, train_batch, train_seq, repeats)
-        print(f"   {label:13s} ({a.n_heads} query / {kv_heads} key-value heads): model.py {speed['model.py']:.0f} "
-              f"tok/s, transformers {speed['transformers']:.0f} tok/s -> "
+        print(f"   {label:13s} ({a.n_heads} query / {kv_heads} key-value heads): model.py "
+              f"{speed['model.py']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s -> "
               f"{speed['model.py'] / speed['transformers']:.2f}x")
         del twin_net, twin_hf
 
     hf.cpu()
     del hf
     mib = lambda n: f"{n / 2**20:.0f} MiB" if n > 0 else "n/a (below resolution)"  # noqa: E731
-    where = " (CUDA max_memory_allocated above the weights)" if gpu else " (RSS peak above the weights, fresh process)"
-    print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s), prompt {PROMPT_LEN} tokens "
-          f"(target >= 1.4x at K=4){where}")
+    where = " (CUDA max_memory_allocated above the weights)" if gpu else \
+        " (RSS peak above the weights, fresh process)"
+    print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s), prompt {PROMPT_LEN} "
+          f"tokens (target >= 1.4x at K=4){where}")
     for lens in (RESPONSE_LENS, RESPONSE_LENS_K5):
         times, tokens, gap = bench_ranking(net, device, instructions, lens, repeats)
         memory = {v: peak_memory(config, device, instructions, lens, v) for v in ("prefix", "naive")}
@@ -407,24 +426,30 @@ def main():
     hf = hf_twin(net)
     net.eval()
     hf.eval()
-    print(f"\n3. greedy generation, prompt {gen_prompt} tokens, {gen_new} new tokens (target >= 2x at batch 1):")
+    print(f"\n3. greedy generation, prompt {gen_prompt} tokens, {gen_new} new tokens (target >= 2x at batch "
+          "1):")
     for batch in (1, 8):
         speed, same, compile_seconds = bench_generation(net, hf, device, batch, gen_prompt, gen_new, repeats)
-        compiled = f"compiled {speed['compiled']:.0f} tok/s ({speed['compiled'] / speed['transformers']:.2f}x; first " \
-                   f"call {compile_seconds:.0f} s)" if "error" not in model._compiled else \
-                   f"compiled: unavailable ({model._compiled['error']})"
-        print(f"   batch {batch}: transformers {speed['transformers']:.0f} tok/s; model.py eager {speed['eager']:.0f} "
-              f"tok/s ({speed['eager'] / speed['transformers']:.2f}x), {compiled}; same tokens in {same:.0%} of rows")
+        if "error" in model._compiled:
+            compiled = f"compiled: unavailable ({model._compiled['error']})"
+        else:
+            ratio = speed['compiled'] / speed['transformers']
+            compiled = (f"compiled {speed['compiled']:.0f} tok/s ({ratio:.2f}x; first call "
+                        f"{compile_seconds:.0f} s)")
+        print(f"   batch {batch}: transformers {speed['transformers']:.0f} tok/s; model.py eager "
+              f"{speed['eager']:.0f} tok/s ({speed['eager'] / speed['transformers']:.2f}x), {compiled}; same "
+              f"tokens in {same:.0%} of rows")
     hf.cpu()
     del hf
 
     prompts = random_prompts(a.vocab_size, torch.randint(*sample_lens, (32,), generator=torch.Generator()
                                                          .manual_seed(0)).tolist(), seed=3)
     speed, same = bench_sampling(net, device, prompts, 4, sample_new, max(3, repeats // 2))
-    print(f"\n4. sampling, 32 prompts of {sample_lens[0]}-{sample_lens[1]} tokens x 4 samples of {sample_new} tokens, "
-          f"temperature 0.8, a generator per row (target >= 3x):")
+    print(f"\n4. sampling, 32 prompts of {sample_lens[0]}-{sample_lens[1]} tokens x 4 samples of "
+          f"{sample_new} tokens, temperature 0.8, a generator per row (target >= 3x):")
     print(f"   one model.generate call {speed['batched']:.1f} samples/s, one prompt (4 rows) at a time "
-          f"{speed['one prompt at a time']:.1f} samples/s -> {speed['batched'] / speed['one prompt at a time']:.2f}x; "
+          f"{speed['one prompt at a time']:.1f} samples/s -> "
+          f"{speed['batched'] / speed['one prompt at a time']:.2f}x; "
           f"same samples in {same:.0%} of rows")
 
 

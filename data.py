@@ -2,7 +2,14 @@
 
 No model here: the teacher, the evaluation and the training loop all read and write data through
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
-line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside.
+line (JSONL) or record index (JSON) and the field, never with a bare traceback from deep inside. The
+files a long run appends to and a kill may cut short have their own helpers: one atomic write
+(write_atomic), one tolerant log reader and appender (read_jsonl_log, append_jsonl), one output lock.
+
+    import data
+    tok = data.Tokenizer("llama-2-7b-hf/")                       # tokenizer.model, else tokenizer.json
+    prompt_ids, response_ids = data.encode_prompt_response(tok, data.alpaca_prompt("Name a color."), "Red.")
+    records = data.read_ranked_jsonl("ranked.jsonl")           # DataError: file, line and field of a problem
 """
 import contextlib
 import functools
@@ -18,10 +25,6 @@ from dataclasses import asdict, dataclass, field
 
 import sentencepiece as spm
 
-# PyTorch's cross_entropy ignores this label by default; being negative it is never a token id.
-IGNORE_INDEX = -100
-
-
 class DataError(ValueError):
     """Bad input data; the message names the file, the line (1-based) or record index (0-based, in a
     JSON list), and the field: "alpaca.json, record 3, field 'output': empty"."""
@@ -30,13 +33,14 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """The checkpoint's tokenizer with LLaMA's conventions: Tokenizer(folder) opens tokenizer.model (sentencepiece:
-    LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level BPE: Llama 3, SmolLM2;
-    see ByteLevelBPE). A file path opens that file.
+    """The checkpoint's tokenizer with LLaMA's conventions: Tokenizer(folder) opens tokenizer.model
+    (sentencepiece: LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level
+    BPE: Llama 3, SmolLM2; see ByteLevelBPE). A file path opens that file.
 
     encode() never produces a control or special token from text: text that looks like "</s>" or
     "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
-    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2 style).
+    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2
+    style).
 
     Padding: LLaMA's model has no pad piece (sentencepiece pad_id() == -1, which no embedding can
     look up). Alpaca and Tuna add a "[PAD]" token and resize the embeddings; we do not, so checkpoints
@@ -45,8 +49,7 @@ class Tokenizer:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
     pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE).
-    Still, build masks from lengths, not by comparing ids with pad_id; labels at padded and prompt
-    positions are IGNORE_INDEX.
+    Still, build masks from lengths, not by comparing ids with pad_id.
     """
 
     def __init__(self, model_path):
@@ -72,7 +75,7 @@ class Tokenizer:
             self.sp.Load(path)
         except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on version
             raise DataError(f"{path}: not a sentencepiece model ({e}){_tiktoken_hint(path)}") from None
-        self.files = {"tokenizer.model": path}  # file name in a checkpoint -> this file: what a saved one copies
+        self.files = {"tokenizer.model": path}  # name in a checkpoint -> this file: what a saved one copies
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -80,7 +83,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.bpe.encode(text) if self.bpe else self.sp.encode(text)
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
+        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []
+        return bos_ids + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
         if self.bpe:
@@ -100,7 +104,7 @@ class Tokenizer:
 
 
 def _tiktoken_hint(path):
-    """Meta's own Llama 3 folders hold a tiktoken file named tokenizer.model: say so instead of "not sentencepiece"."""
+    """Meta's Llama 3 folders hold a tiktoken file named tokenizer.model: say so, not "not sentencepiece"."""
     with open(path, "rb") as f:
         first = f.readline(200).split()
     if len(first) == 2 and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) and first[1].isdigit():
@@ -109,20 +113,21 @@ def _tiktoken_hint(path):
     return ""
 
 
-# ----------------------------------------------------------------------------- byte-level BPE (tokenizer.json)
+# ---------------------------------------------------------------------- byte-level BPE (tokenizer.json)
 #
 # The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging Face's tokenizer.json by
 # hand (the `tokenizers` package is not needed). Encoding a text takes three steps, as in `tokenizers`:
 #   1. pre-tokenize: regexes cut the text into words ("Hello", " world", "!", " 123");
 #   2. byte level: each word's UTF-8 bytes become printable characters, one per byte (GPT-2's table), so any
 #      text is spelled with 256 symbols and nothing is ever unknown;
-#   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has a rank.
+#   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has one.
 # Added (special) tokens are never produced from text. Everything else a tokenizer.json may say (a normalizer,
 # another model type, byte fallback, other pre-tokenizers or split behaviours) is refused by name.
 
 def _byte_to_char():
-    """GPT-2's table: printable bytes stand for themselves, the other 68 for chr(256), chr(257), ... in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's table: printable bytes stand for themselves, the other 68 for chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
 
@@ -137,8 +142,8 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 
 @functools.lru_cache(maxsize=None)
 def _unicode_class(name):
-    r"""The body of a regex character class ("a-zà-ö...") holding every code point in a Unicode general category
-    ("L", "N", "Lu", ...) or, for "White_Space", Oniguruma's \s (\t-\r, U+0085 and the Z categories).
+    r"""The body of a regex character class ("a-zà-ö...") holding every code point in a Unicode general
+    category ("L", "N", "Lu", ...) or, for "White_Space", Oniguruma's \s (\t-\r, U+0085 and the Z categories).
 
     Python's re has no \p{..}, so the sets come from Python's unicodedata. They equal Oniguruma's (which
     `tokenizers` uses) except for characters assigned after Python's Unicode version (14.0 in Python 3.11):
@@ -162,8 +167,9 @@ def _unicode_class(name):
     return "".join(escape(a) if a == b else f"{escape(a)}-{escape(b)}" for a, b in ranges)
 
 
-UNICODE_CATEGORIES = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl", "No", "P", "Pc", "Pd",
-                      "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk", "So", "Z", "Zs", "Zl", "Zp"}
+UNICODE_CATEGORIES = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl", "No", "P",
+                      "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk", "So", "Z", "Zs", "Zl",
+                      "Zp"}
 
 
 def _python_regex(pattern, where):
@@ -188,7 +194,7 @@ def _python_regex(pattern, where):
             elif code in "sS":
                 body, negated = _unicode_class("White_Space"), code == "S"
                 i += 2
-            elif code in "rntfv" or not code.isalnum():  # control characters and escaped punctuation mean the same
+            elif code in "rntfv" or not code.isalnum():  # control characters, escaped punctuation: the same
                 out.append(pattern[i:i + 2])
                 i += 2
                 continue
@@ -261,7 +267,7 @@ def _pre_tokenizer_steps(spec, where):
                 for step in _pre_tokenizer_steps(inner, f"{where}.pretokenizers[{k}]")]
     if kind == "ByteLevel":
         step = _byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True), where)
-        step.add_prefix_space = spec.get("add_prefix_space", True)  # marks the ByteLevel step (see ByteLevelBPE)
+        step.add_prefix_space = spec.get("add_prefix_space", True)  # marks the ByteLevel step (ByteLevelBPE)
         return [step]
     if kind == "Digits":  # tokenizers splits on char::is_numeric, the Unicode categories Nd, Nl and No
         run = "" if spec.get("individual_digits", False) else "+"
@@ -269,14 +275,15 @@ def _pre_tokenizer_steps(spec, where):
     if kind == "Split":
         pattern, behavior, invert = spec.get("pattern") or {}, spec.get("behavior"), spec.get("invert", False)
         if behavior != "Isolated" or invert:
-            raise DataError(f"{where}: Split with behavior={behavior!r}, invert={invert!r} is not implemented "
-                            "(only behavior 'Isolated', invert false)")
+            raise DataError(f"{where}: Split with behavior={behavior!r}, invert={invert!r} is not "
+                            "implemented (only behavior 'Isolated', invert false)")
         if "Regex" in pattern:
             return [_split_isolated(_python_regex(pattern["Regex"], where))]
         if "String" in pattern:
             return [_split_isolated(re.compile(re.escape(pattern["String"])))]
         raise DataError(f"{where}: Split pattern {pattern!r} is neither Regex nor String")
-    raise DataError(f"{where}: pre-tokenizer type {kind!r} is not implemented (ByteLevel, Split, Digits, Sequence)")
+    raise DataError(f"{where}: pre-tokenizer type {kind!r} is not implemented (ByteLevel, Split, Digits, "
+                    "Sequence)")
 
 
 def _special_token_content(value):
@@ -299,10 +306,12 @@ class ByteLevelBPE:
         self.path, self.files = path, {"tokenizer.json": path}  # file name in a checkpoint -> the file read
         for key in ("truncation", "padding"):
             if spec.get(key) is not None:
-                raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode returns)")
+                raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode "
+                                "returns)")
         normalizer = spec.get("normalizer")
         if normalizer is not None and normalizer != {"type": "Sequence", "normalizers": []}:
-            raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not implemented ({normalizer!r})")
+            raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not implemented "
+                            f"({normalizer!r})")
         decoder = spec.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             raise DataError(f"{path}: decoder {decoder.get('type')!r} is not implemented (ByteLevel only)")
@@ -314,9 +323,9 @@ class ByteLevelBPE:
         self.add_prefix_space = byte_level[0]
         self.special_ids = {}  # content -> id of every added token; all are special
         for k, token in enumerate(spec.get("added_tokens") or []):
-            if not token.get("special"):  # tokenizers would match it inside plain text, which encode() never does
-                raise DataError(f"{path}: added_tokens[{k}] {token.get('content')!r} (id {token.get('id')}) is not "
-                                "special: matching added tokens inside text is not implemented")
+            if not token.get("special"):  # tokenizers would match it inside plain text; encode() never does
+                raise DataError(f"{path}: added_tokens[{k}] {token.get('content')!r} (id {token.get('id')}) "
+                                "is not special: matching added tokens inside text is not implemented")
             self.special_ids[token["content"]] = token["id"]
         self._read_model(spec.get("model") or {})
         self.vocab_size = 1 + max([*self.vocab.values(), *self.special_ids.values()])
@@ -344,7 +353,8 @@ class ByteLevelBPE:
             if model.get(key) not in (None, "", False):  # unk_token is never needed: every byte is a token
                 raise DataError(f"{where}.{key}={model[key]!r} is not implemented")
         self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
-        not_bytes = [t for t in self.vocab if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
+        not_bytes = [t for t in self.vocab
+                     if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
         missing = [char for char in CHAR_TO_BYTE if char not in self.vocab]
         if not_bytes or missing:
             raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
@@ -353,7 +363,8 @@ class ByteLevelBPE:
         for rank, merge in enumerate(model.get("merges") or []):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)  # "a b" or ["a", "b"]
             if len(pair) != 2 or any(part not in self.vocab for part in (*pair, "".join(pair))):
-                raise DataError(f"{where}.merges[{rank}] {merge!r}: not two vocabulary tokens merging into one")
+                raise DataError(f"{where}.merges[{rank}] {merge!r}: not two vocabulary tokens merging into "
+                                "one")
             self.merge_ranks.setdefault(pair, rank)
 
     def _read_tokenizer_config(self, folder):
@@ -366,8 +377,8 @@ class ByteLevelBPE:
                 self.files[name] = path
                 for key, value in _read_json_object(path).items():
                     if key in config and _special_token_content(config[key]) != _special_token_content(value):
-                        raise DataError(f"{folder}: special_tokens_map.json and tokenizer_config.json disagree on "
-                                        f"{key}: {config[key]!r} and {value!r}")
+                        raise DataError(f"{folder}: special_tokens_map.json and tokenizer_config.json "
+                                        f"disagree on {key}: {config[key]!r} and {value!r}")
                     config[key] = value
                     if key in ("add_eos_token", "do_lower_case") and value:
                         raise DataError(f"{path}: {key}={value!r} is not implemented")
@@ -392,8 +403,8 @@ class ByteLevelBPE:
                                 f"tokenizer.json's post_processor, which puts {prefix!r} before a text")
             prefix = [self._token_id(bos, f"{folder}: tokenizer_config.json: bos_token")]
         if len(prefix) > 1:
-            raise DataError(f"{self.path}: post_processor puts {prefix!r} before a text: more than one token (BOS) "
-                            "is not implemented")
+            raise DataError(f"{self.path}: post_processor puts {prefix!r} before a text: more than one token "
+                            "(BOS) is not implemented")
         return prefix[0] if prefix else None
 
     def _template_prefix(self, spec, where):
@@ -406,10 +417,12 @@ class ByteLevelBPE:
             return [i for k, inner in enumerate(spec.get("processors") or [])
                     for i in self._template_prefix(inner, f"{where}.processors[{k}]")]
         if spec.get("type") != "TemplateProcessing":
-            raise DataError(f"{where}: type {spec.get('type')!r} is not implemented (ByteLevel, TemplateProcessing)")
+            raise DataError(f"{where}: type {spec.get('type')!r} is not implemented (ByteLevel, "
+                            "TemplateProcessing)")
         items, named = spec.get("single") or [], spec.get("special_tokens") or {}
         if [k for k, item in enumerate(items) if "Sequence" in item] != [len(items) - 1]:
-            raise DataError(f"{where}: single template {items!r} is not implemented (special tokens, then $A)")
+            raise DataError(f"{where}: single template {items!r} is not implemented (special tokens, then "
+                            "$A)")
         names = [item.get("SpecialToken", {}).get("id") for item in items[:-1]]
         ids = [i for name in names for i in named.get(name, {}).get("ids") or []]
         if any(name not in named for name in names) or any(i not in self.special_ids.values() for i in ids):
@@ -438,8 +451,9 @@ class ByteLevelBPE:
         return [i for piece in pieces for i in self._merge(piece)]
 
     def _merge(self, word):
-        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its occurrences left to right,
-        until no adjacent pair has a rank (for merge lists learned in order, the same as `tokenizers`' queue)."""
+        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its occurrences left to
+        right, until no adjacent pair has a rank (for merge lists learned in order, the same as `tokenizers`'
+        queue)."""
         if word in self.cache:
             return self.cache[word]
         if self.ignore_merges and word in self.vocab:  # Llama 3: a word that is a token stays whole
@@ -464,7 +478,7 @@ class ByteLevelBPE:
         return ids
 
     def piece_bytes(self, token_id):
-        return self.token_bytes.get(int(token_id), b"")  # special tokens (and ids without a token) cover no text
+        return self.token_bytes.get(int(token_id), b"")  # special tokens (and unused ids) cover no text
 
     def decode(self, ids):
         return b"".join(self.piece_bytes(i) for i in ids).decode("utf-8", "replace")
@@ -511,7 +525,7 @@ def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_
         total += len(tok.piece_bytes(token_id))
         ends.append(total)
     text_bytes = len(full_text.encode("utf-8"))
-    if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA, BPE), +1 for a dummy prefix "▁"
+    if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA, BPE), +1: a dummy prefix "▁"
         boundary = len(prompt.encode("utf-8")) + (total - text_bytes)
         return sum(1 for end in ends if end <= boundary)
     # Another normalization (e.g. NFKC) or an unknown piece changed the length: fall back to the
@@ -532,24 +546,12 @@ def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: 
     """
     full_ids = tok.encode(prompt + response)
     n_prompt = _count_prompt_tokens(tok, full_ids, prompt, prompt + response)
-    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]  # BOS where the checkpoint's tokenizer has one
+    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]  # BOS where the checkpoint's tokenizer has it
     response_ids = full_ids[n_prompt:] + ([tok.eos_id] if finished else [])
     room = max_len - len(prompt_ids)
     if room < 1 or not response_ids:
         return None
     return prompt_ids, response_ids[:room]
-
-
-def build_sft_example(tok: Tokenizer, prompt: str, response: str, max_len: int = 512):
-    """(input_ids, labels) for cross-entropy on the response only, or None (see above).
-
-    labels are aligned with input_ids (not shifted: the loss shifts), IGNORE_INDEX over the prompt.
-    """
-    pair = encode_prompt_response(tok, prompt, response, max_len)
-    if pair is None:
-        return None
-    prompt_ids, response_ids = pair
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
 # ----------------------------------------------------------------------------- records and files
@@ -764,26 +766,35 @@ def read_ranked_jsonl(path) -> list[RankedRecord]:
 
 
 def write_ranked_jsonl(path, records) -> None:
-    """Write records as ranked JSONL, atomically: into a temporary file in the same folder, then
-    os.replace, so a crash or a bad record never leaves a half-written or clobbered file."""
+    """Write records as ranked JSONL atomically (write_atomic): a bad record leaves the old file as it was."""
+    def lines():
+        seen = {}
+        for i, record in enumerate(records):
+            where = f"record {i}"
+            if not isinstance(record, RankedRecord):
+                raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
+            obj = asdict(record)
+            _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
+            try:
+                yield json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+            except (TypeError, ValueError) as e:
+                raise _fail(path, where, "source", f"not JSON-serialisable ({e})") from None
+    write_atomic(path, lines())
+
+
+# ----------------------------------------------------------------------------- files a kill may interrupt
+
+def write_atomic(path, text):
+    """Write text (a string, or an iterable of strings written one by one) to path as UTF-8, through a
+    temporary file in the same folder and a rename: a kill or an error leaves the old file or the new
+    one, never half of one. The project's one way to replace a file."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); a data file is meant to be shared
-            seen = {}
-            for i, record in enumerate(records):
-                where = f"record {i}"
-                if not isinstance(record, RankedRecord):
-                    raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
-                obj = asdict(record)
-                _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
-                try:
-                    line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    raise _fail(path, where, "source", f"not JSON-serialisable ({e})") from None
-                f.write(line + "\n")
+            f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -791,6 +802,41 @@ def write_ranked_jsonl(path, records) -> None:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+
+
+def read_jsonl_log(path, skipped=None):
+    """(byte offset, record) for each line of an append-only JSONL log (a cache, metrics, finished
+    answers) that a kill may have cut short: a line that is not a whole JSON object is passed to
+    skipped(message) and left out, never an error. A missing file holds no records. The project's one
+    way to read such a file (data files are read strictly, with iter_jsonl)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line_no, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line.decode("utf-8")) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = False
+            if isinstance(record, dict):
+                yield offset, record
+            elif record is not None and skipped:
+                skipped(f"{path}, line {line_no}: malformed JSON line (one cut short by a kill?), skipped")
+            offset += len(line)
+
+
+def append_jsonl(path, records):
+    """Append records to a JSONL log, one line each, and close the file, so each line survives a kill of
+    this process. A last line cut short by an earlier kill is ended first, so the new line stands on
+    its own. Returns the byte offset where the first new line starts."""
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                end += f.write(b"\n")
+        f.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records))
+    return end
 
 
 # ----------------------------------------------------------------------------- files shared by processes

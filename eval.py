@@ -1,5 +1,5 @@
 """The paper's evaluation (METHOD.md, "Evaluation in the paper"): Super-NaturalInstructions (ROUGE-L),
-LMentry (its own scorers) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
+LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
         --superni BENCH/superni --lmentry BENCH/lmentry/data --vicuna BENCH/vicuna \
@@ -7,23 +7,33 @@ LMentry (its own scorers) and Vicuna QA (a pairwise LLM judge), one table with a
 
 Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
 (every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run resumes
-without regenerating and another checkpoint under the same name never reuses them; judge replies are cached by
-teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item, skipped, and listed under
-"Skipped". One evaluation at a time writes OUT (OUT.lock).
+as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run
+resumes without regenerating and another checkpoint under the same name never reuses them; judge replies
+are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
+skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
 benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
 """
-import argparse, hashlib, json, os, re, string, sys
-from itertools import combinations, product
+import argparse
+import hashlib
+import json
+import os
+import string
+import sys
+from itertools import combinations
 
 import torch
 
 import data
+import lmentry
 import model
 import teacher
 
 # ----------------------------------------------------------------------------- files and problems
+class EvalError(ValueError):
+    """Input the evaluation cannot start with (a missing folder or file); the message names it."""
+
+
 PROBLEMS = []  # every skipped file / item / reply, in words; ends up in results.md and results.json
 
 
@@ -33,16 +43,8 @@ def problem(message):
 
 
 def read_jsonl(path):
-    """Records of a JSONL file; a malformed line (e.g. half-written when a run was killed) is reported."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    problem(f"{path}:{line_no}: malformed JSON line ({e.msg})")
-    return records
+    """The JSON objects of a JSONL file; a malformed line (e.g. cut short by a kill) is reported."""
+    return [record for _, record in data.read_jsonl_log(path, problem)]
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
@@ -59,9 +61,9 @@ def with_period(text):
 
 def superni_prompt(definition, instance_input):
     """Zero-shot "definition only" (NOTES.md 1.5) inside the Alpaca template: the definition is the
-    instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule. Tk-Instruct
-    writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the template's
-    "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
+    instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule.
+    Tk-Instruct writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the
+    template's "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
     return data.alpaca_prompt(with_period(definition), with_period(instance_input))
 
 
@@ -71,6 +73,9 @@ def read_superni(superni_dir, max_instances=100):
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
         split = os.path.join(superni_dir, "splits", "default", "test_tasks.txt")
+    if not os.path.isfile(split):
+        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt nor splits/default/test_tasks.txt "
+                        "found there")
     with open(split, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     items, missing = [], []
@@ -163,523 +168,19 @@ def score_superni(items, outputs):
             "items": rows}
 
 
-# ----------------------------------------------------------------------------- LMentry
-LMENTRY_CORE = ["sentence_containing", "sentence_not_containing", "word_containing", "word_not_containing",
-                "most_associated_word", "least_associated_word", "any_words_from_category",
-                "all_words_from_category", "first_alphabetically", "more_letters", "less_letters",
-                "bigger_number", "smaller_number", "rhyming_word", "homophones", "word_after", "word_before",
-                "starts_with_word", "ends_with_word", "starts_with_letter", "ends_with_letter", "first_word",
-                "last_word", "first_letter", "last_letter"]
-LMENTRY_SUBSETS = {"first_alphabetically": ["far_first_letter", "different_first_letter",
-                                            "consecutive_first_letter", "same_first_letter"],
-                   "all_words_from_category": ["0_distractors", "1_distractors", "2_distractors"],
-                   "any_words_from_category": ["5_distractors", "4_distractors", "3_distractors"],
-                   "rhyming_word": ["orthographically_similar", "orthographically_different"],
-                   "more_letters": ["length_diff_3plus", "length_diff_1"],
-                   "less_letters": ["length_diff_3plus", "length_diff_1"]}
-LMENTRY_ARGUMENT_ORDER = ["more_letters", "less_letters", "first_alphabetically", "rhyming_word", "homophones",
-                          "bigger_number", "smaller_number"]
-LMENTRY_ADJACENT = [("bigger_number", "smaller_number"), ("more_letters", "less_letters"),
-                    ("word_after", "word_before"), ("most_associated_word", "least_associated_word"),
-                    ("any_words_from_category", "all_words_from_category"),
-                    ("sentence_containing", "sentence_not_containing"), ("word_containing", "word_not_containing"),
-                    ("starts_with_word", "starts_with_letter"), ("ends_with_word", "ends_with_letter"),
-                    ("sentence_containing", "word_containing"), ("sentence_not_containing", "word_not_containing"),
-                    ("first_word", "first_letter"), ("last_word", "last_letter"),
-                    ("starts_with_word", "ends_with_word"), ("starts_with_letter", "ends_with_letter"),
-                    ("first_word", "last_word"), ("first_letter", "last_letter")]
-QUOTES = r"[\"'\.,]*"
-NOT_WORD = "[^a-z0-9_]"  # the authors' [^a-zA-Z0-9_], which survives lowercasing (see lm_patterns)
-
-
-def lm_norm(text):
-    return re.sub(r" +", " ", text.strip().lower())
-
-
-def the_(x, lead="word"):  # "word X": optional "The word ", quotes/periods/commas around, word boundaries
-    return rf"(the {lead} )?{QUOTES}\b{x}\b{QUOTES}"
-
-
-def the_sentence(x):
-    return rf"((the sentence )?{QUOTES}{x}{QUOTES}|the sentence)"
-
-
-def number_words(n):
-    """English words for 0 <= n < 10**6 as num2words writes them ("one hundred and five",
-    "two thousand, three hundred and forty-one"); LMentry's numbers are far smaller."""
-    ones = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-            "sixteen seventeen eighteen nineteen").split()
-    tens = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-    if n < 0:
-        return "minus " + number_words(-n)
-    if n < 20:
-        return ones[n]
-    if n < 100:
-        return tens[n // 10] + ("-" + ones[n % 10] if n % 10 else "")
-    if n < 1000:
-        return ones[n // 100] + " hundred" + (" and " + number_words(n % 100) if n % 100 else "")
-    rest = n % 1000
-    joint = "" if not rest else (", " if rest >= 100 else " and ") + number_words(rest)
-    return number_words(n // 1000) + " thousand" + joint
-
-
-def the_number(n):
-    words = number_words(int(n))
-    return the_(rf"(\b{n}\b|{words}|{words.replace('-', ' ')})", "number")
-
-
-def shared(target):  # answer phrasings every task accepts (NOTES.md 2.3)
-    return [f"{target} is the answer", f"the answer is {target}", f"the correct answer is {target}",
-            f"answer: {target}"]
-
-
-def lm_simple(prediction, answer, repeat=True):
-    """The simple scorer: the whole prediction is the answer (optional final period), or every
-    [a-z0-9]+ word of it is (e.g. "cat, cat"), and there is at least one such word (the authors' check
-    passes on none, so e.g. "Ωé" scored 1). True means score 1, certain."""
-    if re.match(answer + r"\.?$", prediction, flags=re.IGNORECASE):
-        return True
-    words = re.findall(r"\b[a-z\d]+\b", prediction)
-    return repeat and bool(words) and all(re.match(answer + "$", w) for w in words)
-
-
-def lm_patterns(prediction, bases, prefixes=("",), suffixes=("",)):
-    """The pattern scorer: prefix + base + suffix, lowercased like the authors' (so a \\W they wrote
-    becomes \\w); a whole-prediction match is 1 certain, a match anywhere 1 uncertain, else 0 uncertain."""
-    found = 0
-    for prefix, suffix in product(prefixes, suffixes):
-        for base in bases:
-            pattern = lm_norm(prefix + base + suffix)
-            if re.match(pattern + r"\.?$", prediction):
-                return 1, 1
-            found = found or int(bool(re.search(pattern, prediction)))
-    return found, 0
-
-
-def absent(prediction, word):
-    return not re.search(rf"\b{word}\b", prediction)
-
-
-def fill(templates, words=None, **fields):
-    """Regexes from templates: each MARKER in `words` replaced by its regex, then {fields} filled in."""
-    out = []
-    for t in templates:
-        for marker, regex in (words or {}).items():
-            t = t.replace(marker, regex)
-        out.append(t.format(**fields))
-    return out
-
-
-def lm_letter_words(p, m, ex, task):  # starts_with_letter, ends_with_letter, word_containing
-    letter, L = m["letter"], the_(m["letter"], "letter")
-    if task == "word_containing":
-        word = the_(rf"\w*{letter}\w*" if letter in "ai"
-                    else rf"((\w+{letter}\w*)|(\w*{letter}\w+)|({letter}-\w+))")
-        bases = [rf"{word} (is a word (that|which) )?(contains|uses|has) {L}"]
-        return (1, 1) if lm_simple(p, word) else lm_patterns(p, bases + shared(word))
-    starts, more = task == "starts_with_letter", (r"\w*" if letter in "ai" else r"\w+")
-    if all((w[0] if starts else w[-1]) != letter for w in re.findall(r"\b[a-z]+\b", p)):
-        return 0, 1
-    word = the_(rf"{letter}-?{more}" if starts else rf"{more}{letter}")  # "-": e-mail, x-ray
-    if lm_simple(p, word):
-        return 1, 1
-    T = ["_A_ possible( such)? (word|answer) is {w}", "{w} is _A_ possible( such)? (word|answer)",
-         "{w} _STARTS_ with {l}", "{w} is _A_ word that _STARTS_ with {l}", "{w} is _A_ word _STARTING_ with {l}",
-         "a word _STARTING1_ with {l} is {w}"]
-    if starts:
-        T += ["{w} is _A_ word whose first letter is {l}", "{l} is for {w}", "how about {w}"]
-        words = {"_STARTS_": "(starts|begins)", "_STARTING_": "(starting|beginning)", "_STARTING1_": "starting"}
-    else:  # the authors' missing comma glues these two patterns into one; kept for parity of scores
-        T += ["{w} is _A_ word whose last letter is {l}how about {w}"]
-        words = {"_STARTS_": "ends", "_STARTING_": "ending", "_STARTING1_": "ending"}
-    T += ["may i suggest {w}"]
-    return lm_patterns(p, fill(T, {"_A_": "(a|one)", **words}, w=word, l=L) + shared(word))
-
-
-def lm_word_not_containing(p, m, ex, task):
-    letter = m["letter"]
-    prompt = re.escape(lm_norm(ex["input"])).replace(f'"{letter}"', r'"\w"')  # the prompt, any letter
-    if re.match(prompt + "$", p) or (not re.search(r"\W", p) and letter in p):
-        return 0, 1
-    allowed = "".join(c for c in string.ascii_lowercase if c != letter)
-    word = rf"(\b[{allowed}]{{2,}}\b)" + ("|(a)" if letter != "a" else "") + ("|(i)" if letter != "i" else "")
-    word, L = the_(f"({word})"), the_(letter, "letter")
-    if lm_simple(p, word, repeat=False):  # a sentence of such words does not count here
-        return 1, 1
-    doesnt, contain = "((does not)|(doesn't))", "(contain|use|have)"
-    return lm_patterns(p, [f"{word} (is a word (that|which) )?{doesnt} {contain} {L}",
-                           f"a word (that|which) {doesnt} {contain} {L} is {word}",
-                           f"a word not (containing|using|having) {L} is {word}", f"{word} is a word without {L}"])
-
-
-def lm_sentence_containing(p, m, ex, task):
-    word = re.escape(m["word"].lower())
-    if task == "sentence_containing":  # the word plus at least one more character; always certain
-        return int(bool(re.search(the_sentence(rf"((.*\b{word}\b.+)|(.+\b{word}\b.*))"), p))), 1
-    words = re.findall(r"\b[a-z]+\b", p)
-    if not absent(p, word) or not words:
-        return 0, 1
-    if len(words) == 1:
-        return 0, 0  # one word is no sentence
-    return 1, int(m["word"].lower() not in p)  # uncertain when the word hides in another (cat -> cats)
-
-
-def lm_sentence_with_word(p, m, ex, task):  # starts_with_word, ends_with_word
-    word = re.escape(m["word"].lower())
-    if absent(p, word):
-        return 0, 1
-    word, valid, a = the_(word), r"(a|i|\w\w+)", "(a|one)"  # and at least one more valid word
-    if task == "starts_with_word":
-        sentence = rf"{NOT_WORD}*{word}{NOT_WORD}+{valid}.*"
-        prefixes = ["the sentence( is)?"] + [f"{a} sentence {s} {word}( is)?"
-                                             for s in ("that starts with", "starting with", "whose first word is")]
-        suffixes = [f"{s} {word}" for s in ("starts with", "is a sentence that starts with",
-                                             "is a sentence starting with", "is a sentence whose first word is")]
-    else:
-        sentence = rf".*{valid}{NOT_WORD}+{word}{NOT_WORD}*"
-        prefixes = ["the sentence( is)?", f"{a} sentence that ends with {word} ( is)?",
-                    f"{a} sentence ending with {word}( is)?", f"{a} sentence whose (last|final) word is {word}( is)?"]
-        suffixes = ["$"]
-    if lm_simple(p, sentence):
-        return 1, 1
-    return lm_patterns(p, [sentence] + shared(sentence), prefixes, suffixes)
-
-
-def lm_position(p, m, ex, task):  # first_/last_word, first_/last_letter, word_after, word_before
-    answer = re.escape(m["answer"].lower())
-    if absent(p, answer):
-        return 0, 1
-    if task in ("word_after", "word_before") and re.sub(r"[^\w ]+", "", p) == m["sentence"].lower():
-        return 0, 1  # the prediction only repeats the sentence
-    A = the_(answer, "letter" if task.endswith("letter") else "word")
-    if lm_simple(p, A):
-        return 1, 1
-    if task.endswith("letter"):
-        first = task == "first_letter"
-        T = ["the _POS_ letter is {a}", "the _POS_ letter (of|in) {w} is {a}", "{a} is the _POS_ letter (of|in) {w}",
-             "{w} _STARTS_ with {a}", "the letter that {w} _STARTS_ with is {a}",
-             "{a} is the _START_ letter (of|in) {w}",
-             "{w}: {a}", "_POS_ letter: {a}"]
-        words = {"_POS_": "first" if first else "last", "_STARTS_": "(starts|begins)" if first else "ends",
-                 "_START_": "starting" if first else "final"}
-        return lm_patterns(p, fill(T, words, a=A, w=the_(re.escape(m["word"]))) + shared(A))
-    S = the_sentence(re.escape(m["sentence"].lower()))
-    xfixes = dict(prefixes=("", f"in {S} "), suffixes=("", f" (of|in) {S}"))
-    if task in ("first_word", "last_word"):
-        pos = task.split("_")[0]
-        bases = [f"the {pos} word is {A}", f"the {pos} word (of|in) {S} is {A}", f"{A} is the {pos} word",
-                 f"{S} {'begins' if pos == 'first' else 'ends'} with {A}",
-                 r"First word\W+" + A]  # both tasks say "First word" (the authors' copy); \W lowercases to \w
-        return lm_patterns(p, bases + shared(A), **xfixes)
-    Q = the_(re.escape(m["query"].lower()))
-    words = {"_AFTER_": "(immediately |right )?after", "_BEFORE_": "(immediately |right )?before",
-             "_SUCC_": "(immediately )?succeeds", "_PREC_": "(immediately )?precedes",
-             "_FOLL_": "(immediately )?follows"}
-    if task == "word_after":
-        T = ["{a} comes _AFTER_ {q}", "{a} is the word that comes _AFTER_ {q}", "{a} _SUCC_ {q}",
-             "{a} is the word that _SUCC_ {q}", "{a} _FOLL_ {q}", "the word that comes _AFTER_ {q} is {a}",
-             "the word that comes _AFTER_ {q} in {s} is {a}", "the word that _SUCC_ {q} is {a}",
-             "the word that _FOLL_ {q} is {a}", "{q} is succeeded by {a}", "{q} is followed by {a}"]
-        marker, other = "_AFTER_", "_BEFORE_"
-    else:
-        T = ["{a} comes _BEFORE_ {q}", "{a} is the word that comes _BEFORE_ {q}", "{a} _PREC_ {q}",
-             "{a} is the word that _PREC_ {q}", "{a} is followed by {q}", "the word that comes _BEFORE_ {q} is {a}",
-             "the word that comes _BEFORE_ {q} in {s} is {a}", "the word that _PREC_ {q} is {a}",
-             "the word that _FOLL_ {a} is {q}", "{a} is succeeded by {q}", "{q} _FOLL_ {a}"]
-        marker, other = "_BEFORE_", "_AFTER_"
-    # mirrored: "Q comes before A" for "A comes after Q" (the authors' swap of answer and query)
-    bases = fill(T, words, a=A, q=Q, s=S) + fill([t for t in T if marker in t], {**words, marker: words[other]},
-                                                 a=Q, q=A, s=S)
-    return lm_patterns(p, bases + shared(A), **xfixes)
-
-
-LETTERS_TEMPLATES = ["{a} has _CMP_ letters", "{a} has _CMP_ letters than {b}", "{a} has {n} _CMP_ letter(s)?",
-                     "{a} has {n} _CMP_ letter(s)? than {b}", "the word that has _CMP_ letters is {a}",
-                     "{a} is the word that has _CMP_ letters", "{a} is _LONG_", "{a} is _LONG_ than {b}",
-                     "{a} is _LONG_ than {b} by {n} letter(s)?", "the _LONG_ word is {a}",
-                     "the word that is _LONG_ is {a}", "{a} is the word that is _LONG_"]
-
-
-def lm_letters(p, m, ex, task):  # more_letters, less_letters
-    more = task == "more_letters"
-    diff = (len(m["answer"]) - len(m["distractor"])) * (1 if more else -1)
-    A, D = the_(re.escape(m["answer"])), the_(re.escape(m["distractor"]))
-    N = rf"(\b{diff}\b|{number_words(diff)}|{number_words(diff).replace('-', ' ')})"
-    words = {"_CMP_": "more", "_LONG_": "longer"} if more else {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
-    others = {"_CMP_": "(less|fewer)", "_LONG_": "shorter"} if more else {"_CMP_": "more", "_LONG_": "longer"}
-    negatives = [D] + fill(LETTERS_TEMPLATES + ["{a} is _LONG_ by {n} letter(s)?"], words, a=D, b=A, n=N)
-    if any(re.match(lm_norm(t) + r"\.?$", p) for t in negatives):
-        return 0, 1  # names the distractor
-    said = r"(?P<number>\d+|one|two|three|four|five|six|seven|eight|nine|ten|zero|a single)"
-    stated = ["{a} has {s} _CMP_ letter(s)?", "{a} has {s} _CMP_ letter(s)? than {b}",
-              "{a} is _LONG_ by {s} letter(s)?", "{a} is _LONG_ than {b} by {s} letter(s)?"]
-    for t in fill(stated, words, a=A, b=D, s=said):
-        found = re.match(t, p)
-        if found and not re.match(N, found.group("number")):
-            return 0, 1  # the right word, the wrong difference
-    if lm_simple(p, A):
-        return 1, 1
-    bases = fill(LETTERS_TEMPLATES, words, a=A, b=D, n=N)
-    for marker in ("_CMP_", "_LONG_"):  # mirrored: "D has fewer letters", "D is shorter"
-        bases += fill([t for t in LETTERS_TEMPLATES if marker in t], {marker: others[marker]}, a=D, b=A, n=N)
-    W1, W2 = the_(re.escape(m["word1"])), the_(re.escape(m["word2"]))
-    return lm_patterns(p, bases + shared(A), ("", f"of the words {W1} and {W2}, ", f"from the words {W1} and {W2}, "))
-
-
-def lm_numbers(p, m, ex, task):  # bigger_number, smaller_number
-    tokens = re.findall(r"\b[a-z\d]+\b", p)
-    if len(set(tokens)) == 1 and tokens[0] != str(m["answer"]):
-        return 0, 1  # one repeated token that is not the answer
-    A, D = the_number(m["answer"]), the_number(m["distractor"])
-    if lm_simple(p, A):
-        return 1, 1
-    # LMentry v1 (lmentry/scorers at commit 463763d): the same four phrasings for both tasks, each mirrored
-    # ("D is smaller than A" for "A is bigger than D"). A later bigger_number added "<" / ">" patterns and
-    # mirrored them too, so "9 < 5" scored as the answer 9; smaller_number never had them.
-    T = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
-    big = "(bigger|larger)"
-    X, mirrored = (big, "smaller") if task == "bigger_number" else ("smaller", big)
-    bases = fill(T, {"_X_": X}, a=A, b=D) + fill(T, {"_X_": mirrored}, a=D, b=A)
-    prefixes = ("",) + tuple(f"{w} the numbers {m['n1']} and {m['n2']}, " for w in ("of", "from", "between"))
-    return lm_patterns(p, bases + shared(A), prefixes)
-
-
-def lm_first_alphabetically(p, m, ex, task):
-    words = re.findall(r"\b[a-z]+\b", p)
-    if len(words) == 1 and words[0] != m["answer"]:
-        return 0, 1
-    A, D = the_(re.escape(m["answer"])), the_(re.escape(m["distractor"]))
-    if lm_simple(p, A) or lm_simple(p, f"{A} does"):
-        return 1, 1
-    W1, W2 = the_(re.escape(m["word1"])), the_(re.escape(m["word2"]))
-    bases = fill(["{a} _C_ first", "{d} _C_ second", "{d} _C_ after", "{a} _C_ before {d}", "{d} _C_ after {a}"],
-                 {"_C_": "(comes|is)"}, a=A, d=D)
-    prefixes = ("", "alphabetically, ", "in an alphabetical order, ", "in alphabetical order, ",
-                f"of the words {W1} and {W2}, ")
-    suffixes = ("", " alphabetically", " in an alphabetical order", " in alphabetical order", " in the dictionary")
-    return lm_patterns(p, bases + shared(A), prefixes, suffixes)
-
-
-RHYME_TEMPLATES = ["{q} rhymes with {a}( and not with {d})?", "{q} is _A_ rhyme of {a}( and not of {d})?",
-                   "{q} and {a} rhyme", "{q} and {a} are rhymes", "{q} and {a} are words that rhyme",
-                   "_A_ rhyme of {q} is {a}( and not {d})?", "_A_ word rhyming with {q} is {a}",
-                   "_A_ word that rhymes with {q} is {a}",
-                   "{q} and {a}( both)? rhyme( with each other)?, _WHILE_ {d} _DOESNT_ rhyme with either( word)?"]
-RHYME_EXTRA = [r"{d} _DOESNT_ rhyme with {q}(\s+{a} (rhymes|does rhyme) with {q})?",
-               r"{q} _DOESNT_ rhyme with {d}(\s+{q} (rhymes|does rhyme) with {a})?",
-               r"{a} rhymes with {q}\s+{d} _DOESNT_ rhyme with {q}"]
-HOMOPHONE_TEMPLATES = ["{q} sounds _LIKE_ {a}", "{q} sounds _LIKE_ {a}_BUT_ not _LIKE_ {d}",
-                       "{q} sounds _LIKE_ {a}_BUT_ {d} does not", "{q} and {a} sound alike",
-                       "{q} sounds more _LIKE_ {a}", "{q} sounds more _LIKE_ {a} than( like)? {d}( does)?",
-                       "{q} sounds most _LIKE_ {a}", "{q} is a homophone of {a}",
-                       "{q} and {a} are homophones( of each other)?", "the homophone of {q} is {a}"]
-
-
-def lm_sound(p, m, ex, task):  # rhyming_word, homophones: whole-prediction phrasings only
-    words = re.findall(r"\b[a-z]+\b", p)
-    if task == "rhyming_word" and len(words) == 1 and words[0] != m["answer"]:
-        return 0, 1
-    if task == "homophones" and absent(p, re.escape(m["answer"])):
-        return 0, 1
-    A, Q, D = (the_(re.escape(m[k])) for k in ("answer", "query", "distractor"))
-    if task == "rhyming_word":
-        marks = {"_A_": "(a|the)", "_WHILE_": "(while|but|and)", "_DOESNT_": "(does not|doesn't)"}
-        exact = (fill(RHYME_TEMPLATES, marks, a=A, q=Q, d=D) + fill(RHYME_TEMPLATES, marks, a=Q, q=A, d=D)
-                 + fill(RHYME_EXTRA, marks, a=A, q=Q, d=D))
-    else:
-        marks = {"_LIKE_": "(like|similar to)", "_BUT_": r"(\.,)? (but|and)"}
-        exact = fill(HOMOPHONE_TEMPLATES, marks, a=A, q=Q, d=D) + fill(HOMOPHONE_TEMPLATES, marks, a=Q, q=A, d=D)
-    return (1, 1) if any(lm_simple(p, pattern) for pattern in [A] + exact) else (0, 0)
-
-
-def lm_associated(p, m, ex, task):  # most_associated_word, least_associated_word
-    if absent(p, re.escape(m["answer"])):
-        return 0, 1
-    A, C = the_(re.escape(m["answer"])), the_(re.escape(m["category"]))
-    if lm_simple(p, A) or (task == "most_associated_word" and lm_simple(p, f"{C} - {A}")):
-        return 1, 1
-    i = m["answer_index"]
-    listed = m["distractors"][:i] + [m["answer"]] + m["distractors"][i:]
-    words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == len(listed) - 2
-                                                                       else "") for k, w in enumerate(listed))
-    words += f"{NOT_WORD}*"  # the listed words in order, "and" allowed before the last
-    given, options = "(above|given|listed|following)", "(words|options)"
-    W = f"(of|from) ((the words )?{words}|the {options} {given}|the {given} {options})"
-    T = ["the word _ASSOC_ _TO_ {c} is {a}", "the word _ASSOC_ _TO_ {c} {w} is {a}", "{c} _IS_ _ASSOC_ _TO_ {a}",
-         "{a} _IS_ the _ASSOC_ _TO_ {c}", "{a} _IS_ the word _ASSOC_ _TO_ {c}",
-         "the word that relates to {c} the _MOST_ is {a}", "{a} relates to {c} the _MOST_"]
-    most = "most" if task == "most_associated_word" else "least"
-    marks = {"_ASSOC_": f"{most}( commonly)? (associated|related)", "_TO_": "(to|with)", "_IS_": "(is|are)",
-             "_MOST_": most}
-    bases = fill(T, marks, a=A, c=C, w=W) + fill(T, marks, a=C, c=A, w=W)  # answer and category swapped too
-    return lm_patterns(p, bases + shared(A), ("", f"{W}{NOT_WORD}*"), ("", f"{NOT_WORD}*{W}"))
-
-
-def lm_category(p, m, ex, task):  # any_words_from_category, all_words_from_category: yes / no
-    if task == "any_words_from_category":
-        answer = "yes" if m["num_words"] > m["num_distractors"] else "no"
-    else:
-        answer = "yes" if m["num_distractors"] == 0 else "no"
-    if re.match(("no" if answer == "yes" else "yes") + r"\.?$", p):
-        return 0, 1
-    if lm_simple(p, answer):
-        return 1, 1
-    bases = [rf"^{answer}\b"]
-    if task == "all_words_from_category":
-        c = re.escape(m["category"])
-        c = {"items of clothing": f"({c}|clothes|clothing)", "furniture": f"({c}|pieces of furniture)",
-             "fruit": f"({c}|fruits)"}.get(m["category"], c)
-        bases = [f"{answer}, the list contains only {c}",
-                 f"{answer}, (all of these words|all of those words|all of the words|they all)( (listed|in the list))?"
-                 f" (represent|are types of|refer to types of) {c}"] + bases
-    return lm_patterns(p, bases + shared(answer))
-
-
-LMENTRY_SCORERS = {
-    "starts_with_letter": lm_letter_words, "ends_with_letter": lm_letter_words, "word_containing": lm_letter_words,
-    "word_not_containing": lm_word_not_containing, "sentence_containing": lm_sentence_containing,
-    "sentence_not_containing": lm_sentence_containing, "starts_with_word": lm_sentence_with_word,
-    "ends_with_word": lm_sentence_with_word, "first_word": lm_position, "last_word": lm_position,
-    "first_letter": lm_position, "last_letter": lm_position, "word_after": lm_position, "word_before": lm_position,
-    "more_letters": lm_letters, "less_letters": lm_letters, "bigger_number": lm_numbers,
-    "smaller_number": lm_numbers, "first_alphabetically": lm_first_alphabetically, "rhyming_word": lm_sound,
-    "homophones": lm_sound, "most_associated_word": lm_associated, "least_associated_word": lm_associated,
-    "any_words_from_category": lm_category, "all_words_from_category": lm_category}
-
-
-def lmentry_score_prediction(task, prediction, example):
-    """(score, certainty) of one LMentry prediction, both 0/1; accuracy counts score 1, certain or not.
-
-    Covers all 25 core tasks; the 16 analysis files use their base task's scorer. Re-implemented from the
-    authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" -> " "),
-    each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and suffixes,
-    lowercased like theirs. Differences:
-    - metadata words are regex-escaped (the authors insert them raw; the same for plain words);
-    - num2words is replaced by a small English speller (the same words for -999999..999999);
-    - a prediction with no alphanumeric character is 0 at once (theirs reaches 0 later, in some tasks with
-      certainty 0);
-    - the simple scorer's repetition rule needs at least one [a-z0-9] word (theirs passes vacuously on
-      predictions like "Ωé", scoring such garbage as correct);
-    - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
-      models here are instruction-tuned);
-    - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
-    - bigger_number as in LMentry v1, the phrasings smaller_number mirrors (a later version added "<" / ">"
-      patterns, mirrored into nonsense such as "9 < 5" for 9).
-    Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern and
-    "first word" in last_word."""
-    p = lm_norm(prediction).replace("_", " ")
-    if not re.search(r"[^\W_]", p):
-        return 0, 1
-    base = next((t for t in LMENTRY_SCORERS if task == t or task.startswith(t + "_")), None)
-    return LMENTRY_SCORERS[base](p, example["metadata"], example, base)
-
-
-def read_lmentry(lmentry_dir):
-    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples, NOTES.md 2.2)."""
-    known = LMENTRY_CORE + [f"{t}_{s}" for t, subsets in LMENTRY_SUBSETS.items() for s in subsets]
-    tasks = {}
-    for name in known:
-        path = os.path.join(lmentry_dir, name + ".json")
-        if not os.path.exists(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = json.load(f)
-            settings, examples = content["settings"], content["examples"]
-            if not isinstance(settings["num_examples_per_template"], int) or not settings["input_templates"]:
-                raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
-        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            problem(f"{path}: not an LMentry task file ({type(e).__name__}: {e})")
-            continue
-        items = []
-        for key, example in examples.items():
-            if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not isinstance(
-                    example.get("metadata"), dict) or example["metadata"].get("template_id") not in range(
-                    len(settings["input_templates"])):
-                problem(f"{path}: example {key}: needs 'input' and 'metadata' with a valid 'template_id'")
-                continue
-            items.append({"id": f"{name}/{key}", "task": name, "example": example})
-        tasks[name] = {"settings": settings, "items": items}
-    missing = [t for t in LMENTRY_CORE if t not in tasks]
-    if missing:
-        problem(f"{lmentry_dir}: {len(missing)} of the 25 core LMentry tasks have no file (first: {missing[0]}.json)")
-    return tasks
-
-
-def score_lmentry(tasks, outputs):
-    """Per-item score/certainty and per-task accuracy as the authors count it: correct / (examples per
-    template x templates) x 100, rounded to 2 (missing predictions count as wrong); per-template to 1."""
-    per_task, rows = {}, []
-    for name, task in tasks.items():
-        per_template = task["settings"]["num_examples_per_template"]
-        templates = len(task["settings"]["input_templates"])
-        correct, by_template, by_index, count_index = 0, [0] * templates, [0, 0], [0, 0]
-        for item in task["items"]:
-            prediction = outputs.get(item["id"], "")
-            try:
-                score, certainty = lmentry_score_prediction(name, prediction, item["example"])
-            except (KeyError, IndexError, TypeError, ValueError, re.error) as e:
-                problem(f"LMentry {name}.json: example {item['id']}: cannot score ({type(e).__name__}: {e})")
-                continue
-            meta = item["example"]["metadata"]
-            rows.append({"id": item["id"], "task": name, "prediction": prediction, "score": score,
-                         "certainty": certainty})
-            correct += score
-            by_template[meta["template_id"]] += score
-            if meta.get("answer_index") in (0, 1):
-                count_index[meta["answer_index"]] += 1
-                by_index[meta["answer_index"]] += score
-        metrics = {"accuracy": round(100 * correct / (per_template * templates), 2),
-                   "per_template": [round(100 * c / per_template, 1) for c in by_template]}
-        if sum(count_index):
-            metrics["accuracy_by_answer_index"] = [round(100 * c / n, 2) if c else 0
-                                                   for c, n in zip(by_index, count_index)]
-        per_task[name] = metrics
-    core = [per_task[t]["accuracy"] for t in LMENTRY_CORE if t in per_task]
-    result = {"accuracy": round(sum(core) / len(core), 2) if core else None, "tasks_scored": len(core),
-              "per_task": per_task, "items": rows}
-    result.update(lmentry_score(per_task))
-    return result
-
-
-def robustness(accuracies):  # the authors': 100 minus the largest pairwise difference
-    return 100 - max((abs(a - b) for a, b in combinations(accuracies, 2)), default=0)
-
-
-def lmentry_score(per_task):
-    """LMentry score = accuracy x robustness / 100 (NOTES.md 2.4), where every file it needs is present:
-    the 25 core tasks and the 16 argument-content files; else {"lmentry_score": None} and what is missing."""
-    subsets = [f"{t}_{s}" for t, names in LMENTRY_SUBSETS.items() for s in names]
-    missing = [t for t in LMENTRY_CORE + subsets if t not in per_task]
-    if missing:
-        return {"lmentry_score": None, "robustness": None, "robustness_missing": missing}
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    aspects = {
-        "argument_order": mean([robustness(per_task[t].get("accuracy_by_answer_index", [0, 0]))
-                                for t in LMENTRY_ARGUMENT_ORDER]),
-        "argument_content": mean([robustness([per_task[f"{t}_{s}"]["accuracy"] for s in names])
-                                  for t, names in LMENTRY_SUBSETS.items()]),
-        "template": mean([robustness(per_task[t]["per_template"]) for t in LMENTRY_CORE]),
-        "adjacent_tasks": mean([robustness([per_task[a]["accuracy"], per_task[b]["accuracy"]])
-                                for a, b in LMENTRY_ADJACENT])}
-    accuracy = mean([per_task[t]["accuracy"] for t in LMENTRY_CORE])
-    value = round(mean(list(aspects.values())), 1)
-    return {"lmentry_score": round(accuracy * value / 100, 1), "robustness": value, "robustness_aspects": aspects}
-
-
 # ----------------------------------------------------------------------------- Vicuna QA
 # FastChat llm_judge "pair-v2" / "pair-math-v1" structure (NOTES.md 3.2), in this project's words.
 JUDGE_SYSTEM = (
-    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to it. "
-    "Decide which assistant follows the user's instructions and answers the question better. {criteria} "
-    "First compare the two answers and explain your comparison briefly. The order in which the answers appear, "
-    "their length and the assistants' names must not sway you; be as objective as you can. After the "
+    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
+    "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "
+    "First compare the two answers and explain your comparison briefly. The order in which the answers "
+    "appear, their length and the assistants' names must not sway you; be as objective as you can. After the "
     'explanation, give your verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if '
     'assistant B is better, "[[C]]" for a tie.')
 JUDGE_CRITERIA = {
     "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
-    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with it, "
-                 "and identify and correct any mistakes in them."}
+    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with "
+                 "it, and identify and correct any mistakes in them."}
 REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}  # FastChat's categories judged with a reference
 
 
@@ -718,6 +219,8 @@ def read_vicuna(vicuna_dir):
     """Questions (question.jsonl: question_id, category, turns; the old `text` field too) and the GPT-4
     reference answers by question id (reference_answer_gpt-4.jsonl or reference_answer/gpt-4.jsonl)."""
     path = os.path.join(vicuna_dir, "question.jsonl")
+    if not os.path.isfile(path):
+        raise EvalError(f"--vicuna {vicuna_dir}: no question.jsonl there")
     questions = []
     for i, record in enumerate(read_jsonl(path), 1):
         record = record if isinstance(record, dict) else {}
@@ -747,13 +250,14 @@ def judge_vicuna(client, questions, references, answers, pairs):
         m1, m2, q, order = job
         first, second = (m1, m2) if order == 0 else (m2, m1)
         reference = references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None
-        messages = judge_messages(q["question"], answers[first].get(q["id"], ""), answers[second].get(q["id"], ""),
-                                  reference)
+        messages = judge_messages(q["question"], answers[first].get(q["id"], ""),
+                                  answers[second].get(q["id"], ""), reference)
         try:
-            reply = str(client.chat(messages, temperature=0, max_tokens=2048)["choices"][0]["message"]["content"])
+            answer = client.chat(messages, temperature=0, max_tokens=2048)
+            reply = str(answer["choices"][0]["message"]["content"])
         except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
             raise
-        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer is recorded as a reply, no verdict
+        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer: a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
@@ -776,7 +280,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
     for counts in results.values():
         total = counts["win"] + counts["lose"] + counts["tie"]
         counts["win_rate"] = round(counts["win"] / total, 4) if total else None
-        counts["adjusted_win_rate"] = round((counts["win"] + 0.5 * counts["tie"]) / total, 4) if total else None
+        adjusted = (counts["win"] + 0.5 * counts["tie"]) / total if total else None
+        counts["adjusted_win_rate"] = None if adjusted is None else round(adjusted, 4)
     return {"pairs": results, "judgments": judgments}
 
 
@@ -788,10 +293,11 @@ def answer_producer(directory, tokenizer_path=None):
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what made
-    it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's prompt): an
-    answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again, never reused (the
-    old line stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what
+    made it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's
+    prompt): an answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again,
+    never reused (the old line stays in the file, ignored). One process at a time writes the file
+    (data.lock_output)."""
     path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
     made_by = lambda item: hashlib.sha256(json.dumps(  # noqa: E731
         [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
@@ -802,14 +308,15 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
 
 def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by):
     """generate_answers' work, while it holds the lock on `path`."""
-    kept = {(r["id"], r.get("made_by")): r["output"] for r in (read_jsonl(path) if os.path.exists(path) else [])
-            if isinstance(r, dict) and "id" in r and isinstance(r.get("output"), str)}
-    done = {item["id"]: kept[item["id"], made_by(item)] for item in items if (item["id"], made_by(item)) in kept}
+    kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
+            if "id" in r and isinstance(r.get("output"), str)}
+    done = {item["id"]: kept[item["id"], made_by(item)] for item in items
+            if (item["id"], made_by(item)) in kept}
     todo = [item for item in items if item["id"] not in done]
     other = len({i for i, _ in kept} & {item["id"] for item in todo})
     if other:
-        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or max_new_tokens: "
-              "generating them again", file=sys.stderr)
+        print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
+              "max_new_tokens: generating them again", file=sys.stderr)
     if not todo:
         return done
     lm, tok = get_model()
@@ -818,28 +325,22 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     for item in todo:
         ids = tok.encode(item["prompt"], bos=True)
         if len(ids) > limit:  # keep BOS and the end, so the prompt still ends in "### Response:"
-            print(f"eval: {bench} {item['id']}: prompt of {len(ids)} tokens cut to its last {limit}", file=sys.stderr)
+            print(f"eval: {bench} {item['id']}: prompt of {len(ids)} tokens cut to its last {limit}",
+                  file=sys.stderr)
             ids = ids[:1] + ids[len(ids) - limit + 1:]
         encoded.append(ids)
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut_short = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if os.path.getsize(path) and cut_short:
-            f.write("\n")  # a line cut short by a kill stays on its own line (reported, then ignored)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
-                                                         temperature=0.0, eos_id=tok.eos_id)
-            for i, tokens in zip(batch, new_tokens):
-                text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
-                done[todo[i]["id"]] = text
-                f.write(json.dumps({"id": todo[i]["id"], "output": text, "made_by": made_by(todo[i])},
-                                   ensure_ascii=False) + "\n")
-            f.flush()
-            print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
+                                       temperature=0.0, eos_id=tok.eos_id)
+        finished = []
+        for i, tokens in zip(batch, new_tokens):
+            text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
+            done[todo[i]["id"]] = text
+            finished.append({"id": todo[i]["id"], "output": text, "made_by": made_by(todo[i])})
+        data.append_jsonl(path, finished)
+        print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
     return done
 
 
@@ -852,36 +353,45 @@ def model_loader(directory, tokenizer_path, device, dtype):
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
-            loaded.append((lm, data.Tokenizer(tokenizer_path or directory)))  # tokenizer.model or tokenizer.json
+            tok = data.Tokenizer(tokenizer_path or directory)  # its tokenizer.model or tokenizer.json
+            loaded.append((lm, tok))
         return loaded[0]
     return get
 
 
-def evaluate(checkpoints, out_dir, tokenizer=None, superni=None, lmentry=None, vicuna=None, judge_url=None,
-             judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None, all_pairs=False,
-             batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu", dtype=None):
+def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
+             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
+             all_pairs=False, batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu",
+             dtype=None):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
     PROBLEMS.clear()
     if baseline is not None and baseline not in checkpoints:
-        raise ValueError(f"baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+        raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name, directory in checkpoints.items():  # before any work: a typo should not cost an hour of answers
+        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
+            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
+                            "params.json there)")
+    if lmentry_dir and not os.path.isdir(lmentry_dir):
+        raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
     os.makedirs(out_dir, exist_ok=True)
     names = list(checkpoints)
-    superni_items = read_superni(superni, max_instances) if superni else None
-    lmentry_tasks = read_lmentry(lmentry) if lmentry else None
-    questions, references = read_vicuna(vicuna) if vicuna else (None, None)
-    results = {"models": {name: {"checkpoint": checkpoints[name],
-                                 "producer": answer_producer(checkpoints[name], tokenizer)} for name in names}}
+    superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
+    lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
+    questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
+    results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
+                          for name, directory in checkpoints.items()}}
     answers = {}
     for name in names:
         get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        run = lambda bench, items, n: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,  # noqa
-                                                       row["producer"])
+        run = lambda bench, items, n: generate_answers(  # noqa: E731
+            name, bench, items, get_model, out_dir, batch_size, n, row["producer"])
         if superni_items is not None:
             row["superni"] = score_superni(superni_items, run("superni", superni_items, max_new_tokens[0]))
         if lmentry_tasks is not None:
             items = [{"id": it["id"], "prompt": data.alpaca_prompt(it["example"]["input"])}
                      for task in lmentry_tasks.values() for it in task["items"]]
-            row["lmentry"] = score_lmentry(lmentry_tasks, run("lmentry", items, max_new_tokens[1]))
+            outputs = run("lmentry", items, max_new_tokens[1])
+            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs, problem)
         if questions is not None:
             answers[name] = run("vicuna", questions, max_new_tokens[2])
             row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers[name].get(q["id"], "")}
@@ -894,16 +404,16 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni=None, lmentry=None, v
         else:
             for q in questions:
                 if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
-                    problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged without one")
+                    problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
+                            "without one")
             client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
                                            cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
-            results["vicuna"] = dict(judge_vicuna(client, questions, references, answers, pairs), baseline=baseline,
-                                     judge=judge_model)
+            judged = judge_vicuna(client, questions, references, answers, pairs)
+            results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_markdown(results))
+    data.write_atomic(os.path.join(out_dir, "results.json"),
+                      json.dumps(results, indent=1, ensure_ascii=False))
+    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
 
 
@@ -917,7 +427,8 @@ def results_markdown(results):
              f"Vicuna QA vs {vicuna.get('baseline', '—')}: win / lose / tie |", "|---|---|---|---|---|---|"]
     for name, row in results["models"].items():
         superni, lmentry = row.get("superni", {}).get("overall", {}), row.get("lmentry", {})
-        versus = next((c for c in pairs.values() if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
+        versus = next((c for c in pairs.values()
+                       if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
         lines.append(f"| {name} | {dash(superni.get('rougeL'))} | {dash(superni.get('exact_match'))} | "
                      f"{dash(lmentry.get('accuracy'))} | {dash(lmentry.get('lmentry_score'))} | "
                      + (f"{versus['win']} / {versus['lose']} / {versus['tie']} |" if versus else "— |"))
@@ -934,23 +445,25 @@ def results_markdown(results):
                   "| Model | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
         for name, row in results["models"].items():
             per = row.get("superni", {}).get("per_category", {})
-            lines.append(f"| {name} | " + " | ".join(
-                f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—" for c in categories) + " |")
+            cells = [f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—"
+                     for c in categories]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"## Skipped ({len(results['skipped'])})", ""] + [f"- {p}" for p in results["skipped"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's own)")
+    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
     parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
     parser.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
     parser.add_argument("--judge-model", default="gpt-4")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: first)")
+    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: "
+                        "the first)")
     parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -968,8 +481,8 @@ def main(argv=None):
         checkpoints[name] = directory
     try:
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
-            results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni=args.superni,
-                               lmentry=args.lmentry, vicuna=args.vicuna, judge_url=args.judge_url,
+            results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
+                               lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url,
                                judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
                                baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
                                max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),

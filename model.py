@@ -1,9 +1,14 @@
-"""LLaMA in plain PyTorch: the model, its checkpoints (Hugging Face safetensors, Meta .pth), generation, scoring.
+"""LLaMA in plain PyTorch: the model, its checkpoints (HF safetensors, Meta .pth), generation, scoring.
 
-Self-contained (torch, numpy, the standard library), so it can be copied into another project alone. Module names follow
-Meta's first LLaMA release, so Meta checkpoints load with strict=True; Hugging Face checkpoints go through
-hf_to_meta (key names plus the q/k row permutation). Tuna needs three things from it (METHOD.md): logits for the
-SFT and ranking losses, sampling of candidates for contextual ranking, and per-response log-prob sums for scores.
+Self-contained (torch, numpy, the standard library), so it can be copied into another project alone. Module
+names follow Meta's first LLaMA release, so Meta checkpoints load with strict=True; Hugging Face checkpoints
+go through hf_to_meta (key names plus the q/k row permutation). Tuna needs three things from it (METHOD.md):
+logits for the SFT and ranking losses, sampling of candidates for contextual ranking, and per-response
+log-prob sums for scores:
+
+    import model
+    net = model.load_checkpoint("llama-2-7b-hf/", device="cuda", dtype=torch.bfloat16)  # or a Meta folder
+    tokens, logprobs = model.generate(net, [prompt_ids], max_new_tokens=128, temperature=0.7, top_p=0.9)
 """
 import glob
 import hashlib
@@ -28,7 +33,7 @@ class ModelArgs:
     n_heads: int = 32
     n_kv_heads: int | None = None  # None -> n_heads (MHA); fewer -> grouped-query attention
     vocab_size: int = 32000
-    hidden_dim: int | None = None  # FFN inner size; None -> LLaMA's rule from multiple_of / ffn_dim_multiplier
+    hidden_dim: int | None = None  # FFN inner size; None: LLaMA's rule from multiple_of / ffn_dim_multiplier
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
@@ -60,9 +65,9 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, path):
-        """A Hugging Face config.json of a LLaMA (or Mistral) model, as transformers 4 or 5 writes it. Every field
-        that changes the computation is implemented or refused with its value; fields transformers itself does not
-        read for these models (e.g. SmolLM2's rope_interleaved) are ignored, as transformers ignores them."""
+        """A Hugging Face config.json of a LLaMA (or Mistral) model, as transformers 4 or 5 writes it. Every
+        field that changes the computation is implemented or refused with its value; fields transformers
+        itself does not read for these models (e.g. SmolLM2's rope_interleaved) are ignored, as there."""
         cfg = _read_json(path)
         if cfg.get("model_type", "llama") not in HF_MODEL_TYPES:
             raise ValueError(f"{path}: model_type={cfg['model_type']!r} is not supported by model.py "
@@ -78,10 +83,11 @@ class ModelArgs:
                              f"{max_positions}); model.py attends to every earlier token")
         rope_theta, rope_scaling = _hf_rope_settings(cfg, path)
         bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) else eos  # several EOS ids (Llama 3): generation stops at the first
+        eos = eos[0] if isinstance(eos, list) else eos  # several EOS ids (Llama 3): it stops at the first
         try:
-            return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                       n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+            return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                       n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
+                       vocab_size=cfg["vocab_size"],
                        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                        rope_theta=rope_theta, rope_scaling=rope_scaling, head_dim=cfg.get("head_dim"),
                        max_seq_len=max_positions, tie_embeddings=cfg.get("tie_word_embeddings", False),
@@ -91,8 +97,9 @@ class ModelArgs:
 
     @classmethod
     def from_meta_params(cls, path, vocab_size=None):
-        """Meta's params.json (LLaMA 1/2, Code Llama, Llama 3.x). Keys Meta's reference code reads and model.py does
-        not implement (vision, quantization, LoRA adapters) are refused by name, as is any other unknown key."""
+        """Meta's params.json (LLaMA 1/2, Code Llama, Llama 3.x). Keys Meta's reference code reads and
+        model.py does not implement (vision, quantization, LoRA adapters) are refused by name, as is any
+        other unknown key."""
         params = _read_json(path)
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
         if missing:
@@ -103,7 +110,7 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"{path}: not supported by model.py: "
                              f"{', '.join(f'{key}={params[key]!r}' for key in unknown)}")
-        vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or the weights
+        vocab = params.get("vocab_size", -1)  # Meta writes -1: the size comes from the tokenizer or weights
         vocab = vocab if vocab > 0 else vocab_size
         if not vocab:
             raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')} and no vocab_size was given")
@@ -118,44 +125,48 @@ CONFIGS = {
     "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
-    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
-                       max_seq_len=4096),
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       multiple_of=4096, max_seq_len=4096),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                 max_seq_len=256),
 }
 
 
-# config.json fields that change the computation, with the one value model.py implements (an absent field means
-# transformers' default, which is that value). Sliding windows and RoPE settings are checked on their own.
-HF_IMPLEMENTED_VALUES = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-                         "partial_rotary_factor": 1.0, "quantization_config": None}
-# Mistral's model is LLaMA's plus a sliding window. pretraining_tp (LLaMA 2) splits matrix products into slices
-# in transformers, the same products: it is not read here.
+# config.json fields that change the computation, with the one value model.py implements (an absent field
+# means transformers' default, which is that value). Sliding windows and RoPE settings are checked apart.
+HF_IMPLEMENTED_VALUES = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                         "attention_dropout": 0.0, "partial_rotary_factor": 1.0, "quantization_config": None}
+# Mistral's model is LLaMA's plus a sliding window. pretraining_tp (LLaMA 2) splits matrix products into
+# slices in transformers, the same products: it is not read here.
 HF_MODEL_TYPES = ("llama", "mistral")
 # RoPE frequency schemes (transformers' rope_type names) and the parameters each needs; see rope_frequencies.
 ROPE_SCALINGS = {"default": (), "linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
 META_SCALED_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192}
 
 
 def _hf_rope_settings(cfg, path):
-    """(rope_theta, rope_scaling or None) from either layout: transformers 4 writes rope_theta and rope_scaling at the
-    top level, transformers 5 one rope_parameters object ({"rope_theta", "rope_type", parameters}). A file holding
-    both must say the same in both."""
+    """(rope_theta, rope_scaling or None) from either layout: transformers 4 writes rope_theta and
+    rope_scaling at the top level, transformers 5 one rope_parameters object ({"rope_theta", "rope_type",
+    parameters}). A file holding both must say the same in both."""
     layouts = {}
     if "rope_theta" in cfg or cfg.get("rope_scaling"):
-        layouts["rope_scaling"] = {"rope_theta": cfg.get("rope_theta", 10000.0), **(cfg.get("rope_scaling") or {})}
+        layouts["rope_scaling"] = {"rope_theta": cfg.get("rope_theta", 10000.0),
+                                   **(cfg.get("rope_scaling") or {})}
     if cfg.get("rope_parameters") is not None:
         layouts["rope_parameters"] = cfg["rope_parameters"]
     read = {where: _rope_settings(settings, path, where) for where, settings in layouts.items()}
     if len({repr(settings) for settings in read.values()}) > 1:
         raise ValueError(f"{path}: the two RoPE layouts disagree: rope_theta={cfg.get('rope_theta')!r}, "
-                         f"rope_scaling={cfg.get('rope_scaling')!r}, rope_parameters={cfg['rope_parameters']!r}")
+                         f"rope_scaling={cfg.get('rope_scaling')!r}, "
+                         f"rope_parameters={cfg['rope_parameters']!r}")
     return next(iter(read.values()), (10000.0, None))  # 10000: LlamaConfig's and MistralConfig's default
 
 
 def _rope_settings(settings, path, where):
-    """One layout's RoPE object -> (rope_theta, rope_scaling or None); unknown types and parameters are refused."""
+    """One layout's RoPE object -> (rope_theta, rope_scaling or None); unknown types, parameters: refused."""
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: {where}={settings!r} is not an object")
     kind = settings.get("rope_type", settings.get("type", "default"))  # "type": transformers' older name
@@ -165,11 +176,13 @@ def _rope_settings(settings, path, where):
         raise ValueError(f"{path}: {where}.rope_type={kind!r} is not supported by model.py "
                          f"(supported: {', '.join(ROPE_SCALINGS)})")
     needed = ROPE_SCALINGS[kind]
-    extra = {key: value for key, value in settings.items() if key not in {"rope_theta", "rope_type", "type", *needed}}
+    known = {"rope_theta", "rope_type", "type", *needed}
+    extra = {key: value for key, value in settings.items() if key not in known}
     if extra:
         raise ValueError(f"{path}: {where} with rope_type={kind!r}: not supported by model.py: "
                          f"{', '.join(f'{key}={value!r}' for key, value in extra.items())}")
-    numbers = {"rope_theta": settings.get("rope_theta", 10000.0), **{key: settings.get(key) for key in needed}}
+    numbers = {"rope_theta": settings.get("rope_theta", 10000.0),
+               **{key: settings.get(key) for key in needed}}
     bad = [f"{key}={value!r}" for key, value in numbers.items()
            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0]
     if kind == "llama3" and not bad and not numbers["low_freq_factor"] < numbers["high_freq_factor"]:
@@ -187,17 +200,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 (a bf16 mean of squares loses digits), cast back before the gain, as Meta and HF do
+        # normalise in float32 (a bf16 mean of squares loses digits), cast back before the gain (Meta, HF)
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
 def rope_frequencies(args, device=None):
-    """theta^(-2i/head_dim) for i < head_dim/2 (float32, as Meta and HF compute it), rescaled for long contexts:
-    "linear" divides every frequency by factor (position interpolation, Chen et al. 2023); "llama3" (Llama 3.1)
-    divides only the low ones, those whose wavelength exceeds original_max_position_embeddings / low_freq_factor,
-    keeps the high ones (wavelength below original / high_freq_factor) and blends the two in between."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    """theta^(-2i/head_dim) for i < head_dim/2 (float32, as Meta and HF compute it), rescaled for long
+    contexts: "linear" divides every frequency by factor (position interpolation, Chen et al. 2023); "llama3"
+    (Llama 3.1) divides only the low ones, those whose wavelength exceeds original_max_position_embeddings /
+    low_freq_factor, keeps the high ones (wavelength below original / high_freq_factor) and blends the
+    two in between."""
+    exponents = torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim  # 2i / head_dim
+    inv_freq = 1.0 / args.rope_theta ** exponents
     scaling = args.rope_scaling or {"rope_type": "default"}
     kind = scaling.get("rope_type")
     if kind == "default":
@@ -205,20 +220,21 @@ def rope_frequencies(args, device=None):
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind != "llama3":
-        raise ValueError(f"ModelArgs.rope_scaling: rope_type {kind!r} is not implemented ({', '.join(ROPE_SCALINGS)})")
+        raise ValueError(f"ModelArgs.rope_scaling: rope_type {kind!r} is not implemented "
+                         f"({', '.join(ROPE_SCALINGS)})")
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     original = scaling["original_max_position_embeddings"]
     wavelength = 2 * math.pi / inv_freq
-    smooth = (original / wavelength - low) / (high - low)  # 0 at the long-wavelength end of the band, 1 at the short
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the long-wavelength end, 1 at the other
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return torch.where(wavelength > original / low, inv_freq / factor,
                        torch.where(wavelength < original / high, inv_freq, blended))
 
 
 def rope_tables(args, device=None):
-    """cos and sin of position * frequency (rope_frequencies), each (max_seq_len, head_dim/2), float32 as in Meta and
-    HF."""
-    angles = torch.outer(torch.arange(args.max_seq_len, device=device).float(), rope_frequencies(args, device))
+    """cos and sin of position * frequency (rope_frequencies), each (max_seq_len, head_dim/2), float32."""
+    positions = torch.arange(args.max_seq_len, device=device).float()
+    angles = torch.outer(positions, rope_frequencies(args, device))  # (max_seq_len, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -227,15 +243,15 @@ def apply_rope(x, cos, sin):
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, head_dim/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, head_dim/2): same angle for every head
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, T, heads, head_dim/2, 2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, T, heads, hd/2, 2)
     return rotated.flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 
 class KVCache:
-    """Keys and values of one attention layer for `batch` rows and `max_len` slots (gpt-fast's layout), allocated
-    once per generate() call, on the first write, with the keys' dtype (which autocast may have changed) and device;
-    a decode step then writes one slot in place. A plain object, not a module: torch.compile fixes the shapes of a
-    module's tensors, and this cache loses rows as they finish."""
+    """Keys and values of one attention layer for `batch` rows and `max_len` slots (gpt-fast's layout),
+    allocated once per generate() call, on the first write, with the keys' dtype (which autocast may have
+    changed) and device; a decode step then writes one slot in place. A plain object, not a module:
+    torch.compile fixes the shapes of a module's tensors, and this cache loses rows as they finish."""
 
     def __init__(self, batch, max_len):
         self.batch, self.max_len, self.k, self.v = batch, max_len, None, None
@@ -244,7 +260,7 @@ class KVCache:
         if self.k is None:
             shape = (self.batch, k.shape[1], self.max_len, k.shape[3])  # (B, n_kv_heads, max_len, head_dim)
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,), and every slot back (static shapes)
+        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,), all slots back (static)
             self.k.index_copy_(2, start, k)
             self.v.index_copy_(2, start, v)
             return self.k, self.v  # (B, n_kv_heads, max_len, head_dim)
@@ -252,25 +268,25 @@ class KVCache:
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
 
-    def keep_rows(self, rows):  # rows (B',) long: the new batch, in order (a row may repeat: samples of one prompt)
+    def keep_rows(self, rows):  # rows (B',): the new batch, in order (a row may repeat: a prompt's samples)
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
 
 
 def grouped_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(head_dim) + mask) v where query head h reads key/value head h // (n_heads / n_kv_heads)
-    (Meta's and HF's grouping), without copying keys and values per query head.
-    q (B, n_heads, T, hd); k, v (B, n_kv_heads, S, hd); mask bool (True = may attend) or additive float, broadcast
-    to (B, 1, T, S), None = causal. -> (B, n_heads, T, hd)"""
+    """softmax(q k^T / sqrt(head_dim) + mask) v where query head h reads key/value head h // (n_heads /
+    n_kv_heads) (Meta's and HF's grouping), without copying keys and values per query head.
+    q (B, n_heads, T, hd); k, v (B, n_kv_heads, S, hd); mask bool (True = may attend) or additive float,
+    broadcast to (B, 1, T, S), None = causal. -> (B, n_heads, T, hd)"""
     B, n_heads, T, head_dim = q.shape
     n_kv_heads = k.shape[1]
     if n_kv_heads == n_heads:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    if T == 1 and mask is not None:  # decode: a group's query heads are the query rows of one plain attention call
+    if T == 1 and mask is not None:  # decode: a group's query heads are the query rows of one attention call
         grouped = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, n_kv_heads, group, hd)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, n_heads, 1, head_dim)
     if mask is not None and q.is_cuda:
-        # CUDA's fused kernels that take a mask do not take grouped heads (its math fallback would hold a (T, S)
-        # matrix per head; transformers makes the same choice): repeat keys and values there.
+        # CUDA's fused kernels that take a mask do not take grouped heads (its math fallback would hold a
+        # (T, S) matrix per head; transformers makes the same choice): repeat keys and values there.
         k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -292,7 +308,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim): SDPA's layout
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) for SDPA
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S, head_dim): the slots read
         out = grouped_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
@@ -314,7 +330,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.attention, self.feed_forward = Attention(args), FeedForward(args.dim, args.hidden_dim)
-        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache_start):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_start)
@@ -331,7 +348,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.gradient_checkpointing = False  # True: keep only each block's input, recompute the rest in backward
+        self.gradient_checkpointing = False  # True: keep each block's input, recompute the rest in backward
         self.reset_rope()
 
     def reset_rope(self, device=None):
@@ -344,15 +361,17 @@ class Transformer(nn.Module):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
         row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend (or additive float, 0 or
         -inf), default causal; every query must see at least one key (itself, say), or attention gives NaN.
-        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A (1,)
-        tensor (the compiled decode step, with positions and mask given) writes that one slot and reads every slot.
-        output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so prompts and padding
-        never go through the vocabulary-sized output layer (training scores, the last prompt token in prefill)."""
+        cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A
+        (1,) tensor (the compiled decode step, with positions and mask given) writes that one slot and reads
+        every slot. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so
+        prompts and padding never go through the vocabulary-sized output layer (training scores, the last
+        prompt token in prefill)."""
         B, T = tokens.shape
         start = cache_start if isinstance(cache_start, int) else 0  # a tensor comes with positions and a mask
         if positions is None:
             if start + T > self.args.max_seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
+                                 f"{self.args.max_seq_len}")
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)  # (B, T)
         if mask is None and cache_start is not None:  # slot start + i sees slots 0 .. start + i
             slots = torch.arange(start + T, device=tokens.device)
@@ -363,7 +382,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # METHOD.md: the authors trained with gradient checkpointing; activations are rebuilt in backward
+                # METHOD.md: the authors trained with gradient checkpointing; backward rebuilds activations
                 h = checkpoint(layer, h, cos, sin, mask, cache_start, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache_start)
@@ -372,18 +391,21 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()  # (B, T or N, vocab)
 
 
-# ---- checkpoints: Hugging Face <-> Meta names -------------------------------------------------------------------
+# ---- checkpoints: Hugging Face <-> Meta names --------------------------------------------------------------
+# Meta -> Hugging Face module names, per layer and at the top
 LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-               "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}  # Meta -> HF, per layer
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
 TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
 def _meta_to_hf_names(args):
     names = {f"{meta}.weight": f"{hf}.weight" for meta, hf in TOP_NAMES.items()}
     for i in range(args.n_layers):
-        names.update({f"layers.{i}.{meta}.weight": f"model.layers.{i}.{hf}.weight" for meta, hf in LAYER_NAMES.items()})
+        names.update({f"layers.{i}.{meta}.weight": f"model.layers.{i}.{hf}.weight"
+                      for meta, hf in LAYER_NAMES.items()})
     return names
 
 
@@ -418,15 +440,16 @@ def hf_to_meta(state_dict, args):
     return _convert(state_dict, args, to_hf=False)
 
 
-# ---- safetensors: 8-byte little-endian header size, JSON header, raw little-endian bytes --------------------------
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# ---- safetensors: 8-byte little-endian header size, JSON header, raw little-endian bytes -------------------
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 
 def read_safetensors(path):
-    """All tensors of one .safetensors file, memory-mapped copy-on-write: pages are read when first touched."""
+    """All tensors of one .safetensors file, memory-mapped copy-on-write: a page is read when first used."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -445,9 +468,11 @@ def read_safetensors(path):
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         info = info if isinstance(info, dict) else {}
-        dtype, shape, offsets = SAFETENSORS_DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        shape, offsets = info.get("shape"), info.get("data_offsets")
         if dtype is None:
-            raise ValueError(f"{where}: unknown dtype {info.get('dtype')!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+            raise ValueError(f"{where}: unknown dtype {info.get('dtype')!r} (known: "
+                             f"{', '.join(SAFETENSORS_DTYPES)})")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ValueError(f"{where}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
@@ -463,7 +488,8 @@ def read_safetensors(path):
             continue
         spans.append((begin, end, name))
         tensor = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
-        tensors[name] = tensor.clone() if (data_start + begin) % dtype.itemsize else tensor  # keep loads aligned
+        aligned = (data_start + begin) % dtype.itemsize == 0
+        tensors[name] = tensor if aligned else tensor.clone()  # keep loads aligned
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
@@ -481,9 +507,11 @@ def write_safetensors(path, tensors, metadata=None):
     for name in order:
         tensor = tensors[name]
         if tensor.dtype not in codes:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot "
+                             "store")
         end = offset + tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, end]}
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # trailing spaces are allowed and keep the data 8-byte aligned
@@ -498,7 +526,7 @@ def write_safetensors(path, tensors, metadata=None):
     os.replace(tmp, path)
 
 
-# ---- loading and saving whole checkpoints ------------------------------------------------------------------------
+# ---- loading and saving whole checkpoints ------------------------------------------------------------------
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -530,12 +558,14 @@ def _read_hf_weights(path):
         return state
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return read_safetensors(os.path.join(path, "model.safetensors"))
-    raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor model.safetensors.index.json")
+    raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor "
+                            "model.safetensors.index.json")
 
 
 # Meta's model-parallel shards (LLaMA 1/2, fairscale): column-parallel weights split rows, row-parallel ones
 # columns, the embedding its feature dimension; norms are replicated.
-MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
+                      "tok_embeddings": 1}
 
 
 def _read_meta_weights(path):
@@ -552,7 +582,8 @@ def _read_meta_weights(path):
         return shards[0]
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(shards[0]):
-            raise ValueError(f"{file}: keys differ from {files[0]}: {sorted(set(shard) ^ set(shards[0]))[:10]}")
+            differing = sorted(set(shard) ^ set(shards[0]))[:10]
+            raise ValueError(f"{file}: keys differ from {files[0]}: {differing}")
     merged = {}
     for key in shards[0]:
         dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2]) if key.count(".") else None
@@ -561,9 +592,10 @@ def _read_meta_weights(path):
 
 
 def load_checkpoint(path, device="cpu", dtype=None):
-    """A Transformer (in eval mode) from a directory: Hugging Face (config.json + model.safetensors, or shards with
-    model.safetensors.index.json) or Meta (params.json + consolidated.*.pth). The model is built on the meta device
-    and takes over the memory-mapped tensors (assign=True), so the weights are never held twice in RAM."""
+    """A Transformer (in eval mode) from a directory: Hugging Face (config.json + model.safetensors, or shards
+    with model.safetensors.index.json) or Meta (params.json + consolidated.*.pth). The model is built on the
+    meta device and takes over the memory-mapped tensors (assign=True), so the weights are never held
+    twice in RAM."""
     if os.path.isfile(os.path.join(path, "config.json")):
         args = ModelArgs.from_hf_config(os.path.join(path, "config.json"))
         state = hf_to_meta(_read_hf_weights(path), args)
@@ -576,7 +608,7 @@ def load_checkpoint(path, device="cpu", dtype=None):
     else:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
     if args.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]  # one matrix; HF files store only the embedding
+        state["output.weight"] = state["tok_embeddings.weight"]  # one matrix; HF stores only the embedding
     with torch.device("meta"):
         model = Transformer(args)
     expected = set(model.state_dict())
@@ -597,8 +629,9 @@ def load_checkpoint(path, device="cpu", dtype=None):
 
 
 def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
-    """config.json + safetensors in Hugging Face's LlamaForCausalLM layout, sharded with model.safetensors.index.json
-    above max_shard_bytes. Every file is written to a temporary name and renamed."""
+    """config.json + safetensors in Hugging Face's LlamaForCausalLM layout, sharded with
+    model.safetensors.index.json above max_shard_bytes. Each file is written to a temporary name, then
+    renamed; config.json comes after the weights."""
     args = model.args
     dtype = dtype or model.tok_embeddings.weight.dtype
     state = model.state_dict()
@@ -625,28 +658,32 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
         _write_atomic(os.path.join(out_dir, names[-1]), json.dumps(index, indent=2))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+              "head_dim": args.head_dim,
               "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "rope_scaling": args.rope_scaling,  # transformers 4's layout, which transformers 5 reads as well
+              "rope_scaling": args.rope_scaling,  # transformers 4's layout, which transformers 5 reads too
               "attention_bias": False, "mlp_bias": False, "vocab_size": args.vocab_size,
               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
-              "bos_token_id": args.bos_id, "eos_token_id": args.eos_id, "torch_dtype": str(dtype).split(".")[-1],
+              "bos_token_id": args.bos_id, "eos_token_id": args.eos_id,
+              "torch_dtype": str(dtype).split(".")[-1],
               "use_cache": True}
     _write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
-    for stale in os.listdir(out_dir):  # weights of an earlier save that the index or loader could still pick up
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
+    for stale in os.listdir(out_dir):  # weights of an earlier save that the index or loader could pick up
+        weights = re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale)
+        if weights and stale not in names:
             os.remove(os.path.join(out_dir, stale))
     write_checkpoint_identity(out_dir)
 
 
-# ---- what a checkpoint is, for the caches of what it produced (student samples, eval answers) --------------------
+# ---- what a checkpoint is, for the caches of what it produced (student samples, eval answers) --------------
 IDENTITY_FILE = "checkpoint_identity.json"
 
 
 def _checkpoint_files(path):
     """{name: (size, mtime_ns)} of the files that make a checkpoint: its config and weights."""
-    names = [name for name in sorted(os.listdir(path)) if name in ("config.json", "params.json") or re.fullmatch(
-        r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|consolidated\.\d+\.pth", name)]
+    weights = r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|consolidated\.\d+\.pth"
+    names = [name for name in sorted(os.listdir(path))
+             if name in ("config.json", "params.json") or re.fullmatch(weights, name)]
     stats = {name: os.stat(os.path.join(path, name)) for name in names}
     return {name: (stat.st_size, stat.st_mtime_ns) for name, stat in stats.items()}
 
@@ -672,7 +709,8 @@ def write_checkpoint_identity(path):
     """Record the sha256 of a checkpoint folder's config and weights (and their sizes and modification times,
     so that a later change by another tool is noticed) in IDENTITY_FILE; save_hf_checkpoint calls it."""
     files = _checkpoint_files(path)
-    record = {"sha256": _files_digest(path, files), "files": {name: list(stat) for name, stat in files.items()}}
+    record = {"sha256": _files_digest(path, files),
+              "files": {name: list(stat) for name, stat in files.items()}}
     _write_atomic(os.path.join(path, IDENTITY_FILE), json.dumps(record, indent=1))
 
 
@@ -694,7 +732,7 @@ def checkpoint_identity(path):
     return "sampled-sha256:" + _files_digest(path, files, blocks=64)
 
 
-# ---- generation and scoring --------------------------------------------------------------------------------------
+# ---- generation and scoring --------------------------------------------------------------------------------
 def sample_next(logits, temperature, top_p, generator=None):
     """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus (top-p) sampling.
     generator: None (torch's default), one torch.Generator that the rows draw from in turn, or a list of B
@@ -704,7 +742,7 @@ def sample_next(logits, temperature, top_p, generator=None):
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0  # mass before it already suffices
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0  # the mass before it suffices
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])  # (B,)
@@ -718,15 +756,17 @@ def prefill(model, tokens, positions, mask):
 
 
 def decode_step(model, tokens, positions, mask, slot):
-    """One token per row, tokens (B,) at positions (B,), into cache slot `slot`; logits for the next token (B, vocab).
-    mask (B, S): the cache slots each row reads, bool or additive float (generate passes a float mask, which SDPA
-    takes as it is). S = slot + 1 for an int slot; every cache slot for a (1,) tensor slot (the compiled step)."""
+    """One token per row, tokens (B,) at positions (B,), into cache slot `slot`; logits for the next token (B,
+    vocab). mask (B, S): the cache slots each row reads, bool or additive float (generate passes a float mask,
+    which SDPA takes as it is). S = slot + 1 for an int slot; every cache slot for a (1,) tensor slot
+    (the compiled step)."""
     return model(tokens[:, None], positions[:, None], mask[:, None, None], cache_start=slot)[:, -1]
 
 
 def whole_cache_decode_step(model, tokens, positions, pad_mask, slot):
-    """decode_step with the same shapes at every slot, for torch.compile (as gpt-fast): slot is a (1,) tensor and
-    each row reads every cache slot, those after `slot` masked out. pad_mask (B, max_len): 0, or -inf on padding."""
+    """decode_step with the same shapes at every slot, for torch.compile (as gpt-fast): slot is a (1,) tensor
+    and each row reads every cache slot, those after `slot` masked out. pad_mask (B, max_len): 0, or -inf
+    on padding."""
     later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (max_len,)
     return decode_step(model, tokens, positions, pad_mask.masked_fill(later, float("-inf")), slot)
 
@@ -745,47 +785,50 @@ def _compiled_decode(model, tokens, positions, pad_mask, slot):
                 # dynamic: batch size and cache length are symbols, so one compilation serves every call and
                 # every batch that rows leave (a batch of one row compiles once more)
                 _compiled["step"] = torch.compile(whole_cache_decode_step, dynamic=True)
-            return _compiled["step"](model, tokens, positions, pad_mask, torch.full((1,), slot, device=tokens.device))
+            slot_tensor = torch.full((1,), slot, device=tokens.device)
+            return _compiled["step"](model, tokens, positions, pad_mask, slot_tensor)
         except Exception as e:  # no C++ compiler, a Python or platform torch.compile does not support, ...
             _compiled["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-            print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly", file=sys.stderr)
-    return _eager_decode(model, tokens, positions, pad_mask, slot)  # the failed call wrote nothing: redo the slot
+            print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly",
+                  file=sys.stderr)
+    return _eager_decode(model, tokens, positions, pad_mask, slot)  # the failed call wrote nothing: redo it
 
 
-# A finished row leaves the batch once this share of the batch has finished: copying the KV cache of the rows that
-# stay costs about one decode step's attention, so compacting row by row would cost more than it saves.
+# A finished row leaves the batch once this share of the batch has finished: copying the KV cache of the rows
+# that stay costs about one decode step's attention, so compacting row by row would cost more than it saves.
 COMPACT_AT_FINISHED_SHARE = 1 / 8
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_id=None, generator=None,
              num_samples=1, batch_size=None, compile=False):
-    """num_samples rows per prompt, prompt-major (prompt i's samples are rows i * num_samples ...): each row's new
-    tokens (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and each token's log-prob
-    under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
+    """num_samples rows per prompt, prompt-major (prompt i's samples are rows i * num_samples ...): each row's
+    new tokens (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and each token's
+    log-prob under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
 
-    Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce EOS leave the batch
-    (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together (memory;
-    one prompt's rows at least): prompts then go in order of length, so a batch pads little; the output keeps the
-    input order. Rows are left-padded and padding is masked out, so a row's logits do not depend on its neighbours.
-    generator: None (torch's default), one torch.Generator shared by the rows (they draw from it in turn, so a
-    row's samples depend on its neighbours), or a list of len(prompts) * num_samples generators, one per row: a
-    row's samples then depend only on its prompt and its own generator, however the rows are batched (e.g. one
-    seeded from (seed, item id) per row, so a resumed run samples what an uninterrupted one would). Generators
-    live on the model's device.
+    Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce EOS leave the
+    batch (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together
+    (memory; one prompt's rows at least): prompts then go in order of length, so a batch pads little; the
+    output keeps the input order. Rows are left-padded and padding is masked out, so a row's logits do not
+    depend on its neighbours. generator: None (torch's default), one torch.Generator shared by the rows (they
+    draw from it in turn, so a row's samples depend on its neighbours), or a list of len(prompts) *
+    num_samples generators, one per row: a row's samples then depend only on its prompt and its own generator,
+    however the rows are batched (e.g. one seeded from (seed, item id) per row, so a resumed run samples what
+    an uninterrupted one would). Generators live on the model's device.
     compile: decode with a torch.compile'd step (static shapes, as gpt-fast); the first calls compile (about a
     minute on a CPU), and where torch.compile cannot run one line goes to stderr and decoding stays eager."""
     n_rows = len(prompts) * num_samples
     if num_samples < 1 or (isinstance(generator, (list, tuple)) and len(generator) != n_rows):
-        raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must hold "
-                         f"one per row, len(prompts) * num_samples = {n_rows}")
+        raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must "
+                         f"hold one per row, len(prompts) * num_samples = {n_rows}")
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in range(n_rows)], [[] for _ in range(n_rows)]
     if min(map(len, prompts)) == 0:
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
     total = max(map(len, prompts)) + max_new_tokens
     if total > model.args.max_seq_len:
-        raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len {model.args.max_seq_len}")
+        raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len "
+                         f"{model.args.max_seq_len}")
     eos_id = model.args.eos_id if eos_id is None else eos_id
     order = list(range(len(prompts)))
     per_batch = len(prompts) if batch_size is None else max(1, batch_size // num_samples)  # prompts per batch
@@ -808,8 +851,8 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
     device = model.tok_embeddings.weight.device
     P = max(map(len, prompts))
     total = P + max_new_tokens
-    # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its own
-    # first token and pad slots are masked out, so a row's tokens do not depend on its neighbours in the batch.
+    # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its
+    # own first token and pad slots are masked out, so a row's tokens do not depend on its neighbours.
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (n_prompts,)
     tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n_prompts, P)
     slots = torch.arange(total, device=device)
@@ -822,7 +865,7 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
         layer.attention.kv_cache = KVCache(len(prompts), total)
     try:
         logits = prefill(model, tokens, positions[:, :P], prompt_mask)  # (n_prompts, vocab)
-        # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA would convert a bool one)
+        # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA converts bool ones)
         pad_mask = torch.zeros(real.shape, dtype=model.layers[0].attention.kv_cache.k.dtype, device=device)
         pad_mask = pad_mask.masked_fill(~real, float("-inf"))  # (n_prompts, total)
         prompt_of_row = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)  # (B,)
@@ -839,7 +882,8 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
         for step_index in range(max_new_tokens):
             token = sample_next(logits, temperature, top_p, generator)  # (b,)
             new_tokens[row_of, step_index] = token
-            new_logprobs[row_of, step_index] = torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0]
+            logprobs = torch.log_softmax(logits.float(), -1)  # (B, vocab)
+            new_logprobs[row_of, step_index] = logprobs.gather(-1, token[:, None])[:, 0]
             ended = (token == eos_id) & ~finished
             lengths[row_of[ended]] = step_index + 1
             finished |= ended
@@ -865,22 +909,9 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
 
 
 def token_logprobs(logits, targets, ignore_index=-100):
-    """log p(targets[b, t]) under logits[b, t] (B, T, vocab) -> (B, T) float32, 0 where target == ignore_index."""
-    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="none")
-    return -flat.view(targets.shape)  # (B, T)
-
-
-def sequence_logprobs(model, prompts, responses):
-    """(sum of log p(response token | prompt, earlier response tokens) [B], number of response tokens [B]).
-    Rows are right-padded; causal attention keeps the padding out of every scored position. Gradients flow."""
-    if len(prompts) != len(responses) or min(map(len, prompts), default=1) == 0:
-        raise ValueError("sequence_logprobs: one non-empty prompt (e.g. BOS) per response")
-    device = model.tok_embeddings.weight.device
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    tokens = torch.tensor([list(p) + list(r) + [0] * (T - len(p) - len(r)) for p, r in zip(prompts, responses)],
-                          device=device)  # (B, T)
-    # the logits at position t predict token t + 1: response tokens are the targets of positions len(p)-1 onwards
-    targets = torch.tensor([[-100] * (len(p) - 1) + list(r) + [-100] * (T - len(p) - len(r) + 1)
-                            for p, r in zip(prompts, responses)], device=device)  # (B, T)
-    logprobs = token_logprobs(model(tokens), targets)  # (B, T)
-    return logprobs.sum(-1), (targets != -100).sum(-1)
+    """log p(targets[..., t]) under logits[..., t, :] -> float32 of targets' shape, 0 where target ==
+    ignore_index. The project's one token log-prob: the training loss (tuna.score_tokens) and the teacher
+    server's scores (teacher.LocalTeacher) go through it: what the teacher reports, training optimises."""
+    flat = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction="none")
+    return -flat.view(targets.shape)

@@ -1,13 +1,19 @@
-"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server (METHOD.md, Pipeline 2-3).
+"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server (METHOD.md, 2-3).
 
 1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
-   `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended to
-   a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts again
-   where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that no
-   request reaches stops the run at once (RunError), as does a run where every item failed.
+   `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended
+   to a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts
+   again where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that
+   no request reaches stops the run at once (RunError), as does a run where every item failed.
 2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
    student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
 3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+
+    python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
+        --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
+    python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
+        --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
+    python teacher.py serve --checkpoint some-llama/ --port 8000                         # a local teacher
 """
 import argparse
 import codecs
@@ -22,7 +28,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -33,7 +38,7 @@ import requests
 import torch
 
 import data
-from model import checkpoint_identity, generate, load_checkpoint
+from model import checkpoint_identity, generate, load_checkpoint, token_logprobs
 
 log = logging.getLogger("teacher")
 
@@ -48,12 +53,12 @@ class TeacherError(RuntimeError):
 
 
 class RunError(TeacherError):
-    """A problem of the whole run, not of one item (no request reaches the server, every item failed, the server
-    refuses a feature the run needs): the command stops, says so in one line and exits non-zero."""
+    """A problem of the whole run, not of one item (no request reaches the server, every item failed, the
+    server refuses a feature the run needs): the command stops, says so in one line and exits non-zero."""
 
 
 class ReplyError(ValueError):
-    """An answer that cannot become a training record (e.g. an unparseable ranking); `raw` is the teacher's text."""
+    """An answer that cannot become a training record (an unparseable ranking, say); `raw`: the reply."""
 
     def __init__(self, message, raw=None):
         super().__init__(message)
@@ -72,26 +77,19 @@ class TeacherClient:
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
-        self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops every thread
-        self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0, completion_tokens=0)
-        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in RAM),
-        # or -> the answer itself when there is no cache file
+        self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
+        self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
+                           completion_tokens=0)
+        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in
+        # RAM), or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
-        if cache_path and os.path.exists(cache_path):
-            with open(cache_path, "rb+") as f:
-                offset, line = 0, b"\n"
-                for line_no, line in enumerate(iter(f.readline, b""), 1):
-                    try:
-                        self._cache[json.loads(line)["key"]] = offset
-                    except (ValueError, KeyError, TypeError):  # the last line of a killed run may be cut short
-                        log.warning("%s line %d: unreadable cache entry skipped (its request is sent again)",
-                                    cache_path, line_no)
-                    offset += len(line)
-                if not line.endswith(b"\n"):
-                    f.write(b"\n")  # so the next entry does not glue onto a cut-short one
+        if cache_path:  # the last line of a killed run may be cut short: its request is sent again
+            for offset, entry in data.read_jsonl_log(cache_path, log.warning):
+                self._cache[entry.get("key")] = offset
 
     def chat(self, messages, cache_only=False, **params):
-        return self.post("/chat/completions", {"model": self.model, "messages": messages, **params}, cache_only)
+        body = {"model": self.model, "messages": messages, **params}
+        return self.post("/chat/completions", body, cache_only)
 
     def complete(self, prompt, cache_only=False, **params):
         return self.post("/completions", {"model": self.model, "prompt": prompt, **params}, cache_only)
@@ -115,18 +113,15 @@ class TeacherClient:
             return None
         answer = self._send(url, body)
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        line = json.dumps({"key": key, "path": path, "request": body, "response": answer}, ensure_ascii=False)
+        entry = {"key": key, "path": path, "request": body, "response": answer}
+        line = json.dumps(entry, ensure_ascii=False)
         if self._redact(line) != line:  # the server put the key into its answer: keep it out of every file
-            line = self._redact(line)
-            answer = json.loads(line)["response"]
+            entry = json.loads(self._redact(line))
+            answer = entry["response"]
         with self._lock:
             for name in ("prompt_tokens", "completion_tokens"):
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            self._cache[key] = answer
-            if self.cache_path:  # append + close: the line survives a SIGKILL of this process
-                with open(self.cache_path, "ab") as f:
-                    self._cache[key] = f.seek(0, os.SEEK_END)
-                    f.write(line.encode("utf-8") + b"\n")
+            self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
         return answer
 
     def _send(self, url, body):
@@ -140,10 +135,11 @@ class TeacherClient:
             retry_after, unreached = None, None
             try:
                 reply = requests.post(url, json=body, headers=headers, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+            except (requests.Timeout, requests.ConnectionError,
+                    requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 unreached = _unreached(e) if not self._reached else None
-                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no use asking again
+                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no retry helps
                     break
             else:
                 self._reached = True
@@ -168,16 +164,18 @@ class TeacherClient:
                 min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
             with self._lock:
                 self.counts["retries"] += 1
-            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in {delay:.1f}s"))
+            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in "
+                                     f"{delay:.1f}s"))
             time.sleep(delay)
         self._count_failure()
         if unreached and not self._reached:
-            raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url and "
-                                                  "that the server is running")))
-        raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: {problem}"))
+            raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url "
+                                                  "and that the server is running")))
+        raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: "
+                                        f"{problem}"))
 
     def stop(self, error):
-        """Make every later request of every thread raise `error` (a RunError), which the caller raises too."""
+        """Make every later request of every thread raise `error` (a RunError), as the caller does."""
         with self._lock:
             self._stopped = self._stopped or error
         return self._stopped
@@ -213,8 +211,9 @@ class TeacherClient:
 
     def report(self):
         c = self.counts
-        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache hits "
-                f"{c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion")
+        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache "
+                f"hits {c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} "
+                "completion")
 
 
 def _unreached(error):
@@ -228,7 +227,9 @@ def _unreached(error):
         host = urllib.parse.urlparse(error.request.url).hostname if error.request else None
         return f"unknown host {host!r}"
     if type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError"):
-        return "connection refused" if "refused" in str(reason) else f"connection failed ({_one_line(reason)})"
+        if "refused" in str(reason):
+            return "connection refused"
+        return f"connection failed ({_one_line(reason)})"
     return None
 
 
@@ -257,7 +258,7 @@ def _retry_after_seconds(value):
 
 
 def get_field(answer, dotted, url):
-    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError naming the URL and field."""
+    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError naming URL and field."""
     value = answer
     for key in dotted.split("."):
         try:
@@ -276,9 +277,9 @@ def _items(examples):
 
 
 def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt has
-    its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures pays for
-    one new one. Raises the last ReplyError/TeacherError when none parses."""
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
+    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
+    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
     fresh_left, error = retry_failures, None
     for attempt in itertools.count():
         params = {"seed": attempt} if attempt else {}
@@ -296,16 +297,8 @@ def ask(send, parse, retry_failures):
 def _failure(kind, item, error, teacher):
     item_id, ex, prompt = item
     return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None), "teacher": teacher}
-
-
-def write_jsonl_atomic(path, rows):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
+            "teacher": teacher}
 
 
 def _finish(kind, client, results, out_path, failures_path):
@@ -313,35 +306,36 @@ def _finish(kind, client, results, out_path, failures_path):
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
     failures_path = failures_path or out_path + ".failures.jsonl"
-    write_jsonl_atomic(failures_path, failures)
+    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
     if failures and not records:
         print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
         first = failures[0]
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), e.g. "
-                       f"item {first['id']}: {_one_line(first['error'])}; all are listed in {failures_path}")
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
+                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
+                       f"{failures_path}")
     data.write_ranked_jsonl(out_path, records)
     counts = dict(done=len(records), failed=len(failures), **client.counts)
     print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
     return counts
 
 
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for one
-# choice each, with seeds 1, 2, ... (each its own cache entry), up to this many requests per wanted sample in all.
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
+# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
 REQUESTS_PER_SAMPLE = 2
 
 ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
-                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server that "
-                "scores prompts (vLLM, teacher.py serve)")
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
+                "that scores prompts (vLLM, teacher.py serve)")
 
 
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its mean
-    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each other),
-    and are not replaced by asking again (that would favour the teacher's less likely answers). A sample cut by
-    max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained without EOS.
-    add_original: None; "scored" = the dataset's response scored by the same teacher (echo, /completions only)
-    and sorted in with the samples; "first" = placed best (gold), its score unknown (scores then null)."""
+    """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its
+    mean token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against
+    each other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
+    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
+    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
+    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
     if add_original not in (None, "scored", "first"):
         raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
     if add_original == "scored" and chat:
@@ -349,7 +343,7 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     url = client.base_url + ("/chat/completions" if chat else "/completions")
     distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
 
-    def request(item, k, cache_only):  # request 0 asks for n choices as the authors did; request k > 0 for one
+    def request(item, k, cache_only):  # request 0 asks for n choices as the authors did; k > 0 for one
         _, ex, prompt = item
         params = dict(n=n) if k == 0 else dict(n=1, seed=k)
         if chat:  # a chat teacher gets the instruction itself, not our template
@@ -381,8 +375,8 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
 
     def samples(item):
         """The item's usable choices and the number of requests they took. Past the bound (or with n samples
-        but too few distinct ones) only cached answers are read, and with retry_failures one new request is paid
-        for an item that would fail: a re-run replays exactly the requests of the runs before it."""
+        but too few distinct ones) only cached answers are read, and with retry_failures one new request is
+        paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
         found, k, fresh = [], 0, retry_failures
         while True:
             distinct = len({text for text, _, _ in found})
@@ -425,8 +419,8 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
                 scored.setdefault(text, score)
                 finished[text] = finished.get(text, False) or done
             if len(scored) < distinct_needed:
-                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs from "
-                                 f"{requests_made} request(s)")
+                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs "
+                                 f"from {requests_made} request(s)")
             ranked = sorted(scored.items(), key=lambda pair: -pair[1])
             original = ex.get("output", "").strip()
             if add_original and not original:
@@ -434,19 +428,22 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
             if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
                 finished[original] = True
             if add_original == "scored" and original not in scored:
-                ranked = sorted(ranked + [(original, original_score(prompt, ex["output"]))], key=lambda p: -p[1])
+                scored_original = (original, original_score(prompt, ex["output"]))
+                ranked = sorted(ranked + [scored_original], key=lambda pair: -pair[1])
             elif add_original == "first":
                 ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
             if len(ranked) < 2:
                 raise ReplyError(f"{url}: fewer than 2 distinct candidates")
             texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat, "requests": requests_made,
+            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat,
+                      "requests": requests_made,
                       "original_index": texts.index(original) if add_original and original in texts else None,
                       "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
             if add_original == "first":
                 source["teacher_scores"], scores = scores[1:], None
             return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+                                             instruction=ex["instruction"], input=ex.get("input", ""),
+                                             source=source)
         except RunError:
             raise
         except (ReplyError, TeacherError) as e:
@@ -470,13 +467,15 @@ def ranking_messages(prompt, candidates):
     user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
             f"Follow these steps:\n"
             f"(1) Say whether the instruction is open-ended or close-ended.\n"
-            f"(2) Write one high-quality reference answer to the instruction, starting with \"###Response {n}:\".\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with "
+            f"\"###Response {n}:\".\n"
             f"(3) Find the responses that duplicate each other and keep only one of each.\n"
-            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: relevance, "
-            f"level of details/justification and accuracy, each 0-5. Close-ended instruction: accuracy, level of "
-            f"details/justification and clarity, each 0-5. Write each as \"Response k: [sum]\".\n"
-            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of score, as "
-            f"\"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
+            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
+            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
+            f"[sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
+            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
     return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -520,19 +519,20 @@ _HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplica
 
 
 def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up to
-    where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
-    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past the
-    ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the answer is
-    an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot be told
-    unambiguously, there is no reference (the ranking is still usable without it)."""
-    masked = re.sub(r"```.*?(?:```|\Z)", lambda m: re.sub(r"[^\n]", " ", m.group()), reply, flags=re.S)  # code
+    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
+    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
+    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
+    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
+    be told unambiguously, there is no reference (the ranking is still usable without it)."""
+    blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
+    masked = re.sub(r"```.*?(?:```|\Z)", blank, reply, flags=re.S)  # code blocks hold no step markers
     head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
     if not head:
         return None, f"no '###Response {n}' in the reply"
     begin, lowered = head.end(), masked.lower()
     key = "rank:" if "rank:" in lowered else "ranking:"
-    end = lowered.rfind(key)  # the ranking's line is no part of the answer (nor the ranking on the answer's line)
+    end = lowered.rfind(key)  # the ranking's line is not the answer's (nor a ranking on the answer's line)
     line_start = masked.rfind("\n", 0, end) + 1
     end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
     cut, problem = _step_after_reference(masked, head.start(), begin, end)
@@ -545,19 +545,20 @@ def reference_answer(reply, n):
 def _step_after_reference(masked, head_at, begin, end):
     """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
     line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
-    best = None  # (position of the step-2 marker, markers after the answer) of the style whose marker is nearest
+    best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
     for marker in STEP_MARKERS.values():
-        found = sorted((m.start(), k) for k in range(1, 6) for m in re.finditer(marker(k), masked, re.I | re.M))
+        found = sorted((m.start(), k) for k in range(1, 6)
+                       for m in re.finditer(marker(k), masked, re.I | re.M))
         before = [(at, k) for at, k in found if at < head_at]
         after = [(at, k) for at, k in found if begin <= at < end]
         if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
                 best is None or before[-1][0] > best[0]):
             best = (before[-1][0], after)
-    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them; the
-        # first one after the answer, at its heading's level or above, that names a later step's topic
+    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
+        # the first one after the answer, at its heading's level or above, that names a later step's topic
         headings = [m for m in re.finditer(_HEADING, masked, re.M)
                     if not re.search(r"response\s*\d", m.group(), re.I)]
-        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731 (bold: 7)
+        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731
         before = [m for m in headings if m.start() < head_at]
         after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
         topics = "|".join(STEP_TOPICS.values())
@@ -579,8 +580,8 @@ def _step_after_reference(masked, head_at, begin, end):
         chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
         if len(chosen) == 1:
             return chosen[0], None
-        return None, f"cannot tell where the reference answer ends: {len(places)} place(s) could begin step " \
-                     f"{step}"
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) could begin "
+                      f"step {step}")
     return end, None
 
 
@@ -593,11 +594,12 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = tok.encode(prompt, bos=True)
-    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer tokens
+    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer
     best = None
     for round_index in range(tries):
         t = round(temperature + 0.1 * round_index, 6)
-        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id, generator=generator)
+        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id,
+                           generator=generator)
         texts = [tok.decode([i for i in out if i != tok.eos_id]).strip() for out in outs]
         pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
         mean = sum(pairs) / len(pairs)
@@ -609,22 +611,18 @@ def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256,
     return best
 
 
-def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3, seed=0,
-                      *, student):
-    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and read
-    back on a re-run with the same prompt, settings and student (its identity, e.g. producer_identity(...)), so a
-    killed run does not sample again and another checkpoint never reuses them. Each item has its own generator
-    seeded from (seed, id): the result does not depend on where a run was killed."""
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
+                      seed=0, *, student):
+    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and
+    read back on a re-run with the same prompt, settings and student (its identity: producer_identity), so a
+    killed run does not sample again and another checkpoint never reuses them. Each item has its own
+    generator seeded from (seed, id): the result does not depend on where a run was killed."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                     student=student)
     done, others = {}, 0
-    if os.path.exists(cache_path):
-        for line in open(cache_path, encoding="utf-8"):
-            try:
-                entry = json.loads(line)
-                done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: unreadable student entry skipped (sampled again)", cache_path)
+    for _, entry in data.read_jsonl_log(cache_path, log.warning):
+        if "id" in entry and isinstance(entry.get("settings"), dict):
+            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
     device = model.tok_embeddings.weight.device
     result, key = {}, json.dumps(settings, sort_keys=True)
     for item_id, _, prompt in _items(examples):
@@ -635,17 +633,16 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
             generator = torch.Generator(device=device).manual_seed(item_seed)
             entry = dict(id=item_id, prompt=prompt, settings=settings, **sample_diverse(
                 model, tok, prompt, n, temperature, max_new_tokens, tries, generator=generator))
-            with open(cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            data.append_jsonl(cache_path, [entry])
         result[item_id] = entry
     if others:
-        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again", cache_path,
-                 others)
+        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
+                 cache_path, others)
     return result
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer file's sha256."""
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
@@ -654,11 +651,12 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
     """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
     {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
     request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
-    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the reply
-    unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a better-ranked one
-    are left out of the record (source["ranks"] keeps the teacher's full ranking, source["kept_ranks"] the one
-    trained on); a candidate that hit the student's token limit is listed in source["unfinished"]. A reply cut by
-    max_tokens (finish_reason "length") is a failure: its ranking may be incomplete."""
+    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
+    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
+    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
+    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
+    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
+    be incomplete."""
     url = client.base_url + "/chat/completions"
 
     def one(item):
@@ -672,8 +670,8 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
         def parse(answer):
             reply = str(get_field(answer, "choices.0.message.content", url))
             if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so its "
-                                 "ranking may be incomplete", reply)
+                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so "
+                                 "its ranking may be incomplete", reply)
             ranks = parse_ranking(reply, len(candidates))
             reference, problem = reference_answer(reply, len(candidates))
             pool, kept = candidates + [reference if keep_reference else None], []
@@ -699,7 +697,8 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
                   **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
                   "student": (entry.get("settings") or {}).get("student")}
         return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
-                                         instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+                                         instruction=ex["instruction"], input=ex.get("input", ""),
+                                         source=source)
 
     return _finish("contextual", client, client.map(one, _items(examples)), out_path, failures_path)
 
@@ -707,9 +706,9 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
 # ----------------------------------------------------------------------------- 3. the server
 
 def chat_prompt(messages):
-    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns as
-    "### Instruction:", assistant turns as "### Response:", ending in "### Response:". One user message and no
-    system message give exactly data.alpaca_prompt(content), the SFT model's own format."""
+    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns
+    as "### Instruction:", assistant turns as "### Response:", ending in "### Response:". One user message and
+    no system message give exactly data.alpaca_prompt(content), the SFT model's own format."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
     parts += [f"### Instruction:\n{m['content']}" if m["role"] == "user" else f"### Response:{m['content']}"
@@ -733,8 +732,8 @@ def _option(body, name, kinds, default, valid=lambda value: True):
 
 
 def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end (OpenAI counts from the
-    prompt's start). Counted from the end, because sentencepiece drops the leading space of a text's first piece."""
+    """Character offset of each token (bytes) in a text that ends with them at text_end (OpenAI counts from
+    the prompt's start). Counted from the end: sentencepiece drops the leading space of a first piece."""
     decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
     for piece in pieces:
         starts.append(chars)
@@ -744,7 +743,7 @@ def _offsets(pieces, text_end):
 
 
 class LocalTeacher:
-    """The model behind the server; one model call at a time (a lock), the HTTP threads only parse and format."""
+    """The model behind the server: one model call at a time (a lock); the HTTP threads parse and format."""
 
     def __init__(self, model, tokenizer, name, seed=None):
         self.model, self.tok, self.name, self.seed = model, tokenizer, name, seed
@@ -755,14 +754,14 @@ class LocalTeacher:
         return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
 
     def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (log_softmax of the raw logits, as the OpenAI API reports them,
-        hence equal to model.py's sequence_logprobs) and the top_k (log-prob, id) pairs at each position."""
+        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as the OpenAI API
+        reports them, and as training scores responses) and the top_k (log-prob, id) pairs per position."""
         with torch.no_grad():
-            logp = torch.log_softmax(self.model(torch.tensor([ids], device=self.device))[0, :-1].float(), -1)
-        chosen = logp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0].tolist()
+            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]  # (T - 1, vocab)
+        chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
         if not top_k:
             return chosen, [[] for _ in chosen]
-        values, indices = logp.topk(top_k, -1)
+        values, indices = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
         return chosen, [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
 
     def _run(self, prompt, n, temperature, top_p, max_tokens, seed, stop, top_k):
@@ -770,8 +769,8 @@ class LocalTeacher:
         limit = self.model.args.max_seq_len
         max_tokens = limit - len(ids) if max_tokens is None else max_tokens
         if len(ids) + max(max_tokens, 0) > limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
-                             f"tokens and max_tokens is {max_tokens}", "max_tokens")
+            raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
+                             f"{len(ids)} tokens and max_tokens is {max_tokens}", "max_tokens")
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         eos = self.tok.eos_id
         with self.lock:
@@ -787,7 +786,8 @@ class LocalTeacher:
             cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
             if cut >= 0:  # the text ends before the stop sequence, and so do the tokens
                 keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
-                new, logprobs, tops, text, finish = new[:keep], logprobs[:keep], tops[:keep], text[:cut], "stop"
+                new, logprobs, tops = new[:keep], logprobs[:keep], tops[:keep]
+                text, finish = text[:cut], "stop"
             choices.append((new, logprobs, tops, text, finish))
         return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
 
@@ -837,7 +837,8 @@ class LocalTeacher:
                     new, text = ids[1:] + new, prompt + text
                     logprobs, tops = [None] + prompt_logprobs[1:] + logprobs, [None] + prompt_tops[1:] + tops
                 info = None if top_k is None else {
-                    "tokens": [self._text(t) for t in new], "token_logprobs": logprobs,  # equal texts: the best
+                    "tokens": [self._text(t) for t in new],
+                    "token_logprobs": logprobs,  # tokens with equal texts: the best one's log-prob
                     "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)}
                                      for top in tops],
                     "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], end)}
@@ -861,7 +862,8 @@ class LocalTeacher:
         choices, usage = [], dict(prompt_tokens=len(ids), completion_tokens=0)
         for j, (new, logprobs, tops, text, finish) in enumerate(outs):
             usage["completion_tokens"] += len(new)
-            token = lambda t, lp: {"token": self._text(t), "logprob": lp, "bytes": list(self.tok.piece_bytes(t))}
+            token = lambda t, lp: {"token": self._text(t), "logprob": lp,  # noqa: E731
+                                   "bytes": list(self.tok.piece_bytes(t))}
             content = [dict(token(t, lp), top_logprobs=[token(i, v) for v, i in top])
                        for t, lp, top in zip(new, logprobs, tops)]
             choices.append({"index": j, "message": {"role": "assistant", "content": text, "refusal": None},
@@ -929,7 +931,8 @@ def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-loc
     return backend_server(LocalTeacher(model, tokenizer, model_name, seed), host, port)
 
 
-def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu", seed=None):
+def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
+          seed=None):
     model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed)
@@ -945,8 +948,8 @@ def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_nam
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM over "
-                                     "an OpenAI-compatible API, and a local teacher server (METHOD.md).")
+    parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
+                                     "over an OpenAI-compatible API, and a local teacher server (METHOD.md).")
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
@@ -955,7 +958,8 @@ def main(argv=None):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the request)")
+    s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the "
+                   "request)")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -964,10 +968,11 @@ def main(argv=None):
         p.add_argument("--out", required=True, help="ranked JSONL to write (atomically)")
         p.add_argument("--failures", help="failures JSONL (default: OUT.failures.jsonl)")
         p.add_argument("--cache", help="append-only request cache JSONL (default: OUT.cache.jsonl)")
-        p.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+        p.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or "
+                       "http://127.0.0.1:8000/v1")
         p.add_argument("--model", required=True, help="teacher model name")
-        p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key "
-                       "(may be unset for a local server)")
+        p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API "
+                       "key (may be unset for a local server)")
         p.add_argument("--n", type=int, default=4, help="candidates per instruction")
         p.add_argument("--limit", type=int, help="only the first LIMIT examples")
         p.add_argument("--workers", type=int, default=4, help="concurrent requests")
@@ -975,7 +980,7 @@ def main(argv=None):
         p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
         p.add_argument("--max-retries", type=int, default=6)
         p.add_argument("--retry-failures", action="store_true",
-                       help="items whose cached answers were unusable get one new request each (with a new seed)")
+                       help="items whose cached answers were unusable get one new request each (a new seed)")
         if name == "probabilistic":
             p.add_argument("--chat", action="store_true", help="use /chat/completions (default /completions)")
             p.add_argument("--max-tokens", type=int, default=256)
@@ -984,8 +989,9 @@ def main(argv=None):
                            "scored by the teacher and sorted in (needs /completions echo), or placed first")
         else:
             p.add_argument("--student", required=True, help="student checkpoint folder (SFT or Tuna_p)")
-            p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --student)")
-            p.add_argument("--student-cache", help="finished student samples JSONL (default: OUT.student.jsonl)")
+            p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: --student's)")
+            p.add_argument("--student-cache", help="finished student samples JSONL (default: "
+                           "OUT.student.jsonl)")
             p.add_argument("--student-temperature", type=float, default=0.8)
             p.add_argument("--student-max-tokens", type=int, default=256)
             p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
@@ -993,7 +999,7 @@ def main(argv=None):
             p.add_argument("--device", default="cpu")
             p.add_argument("--teacher-temperature", type=float, default=1.0)
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
-            p.add_argument("--drop-reference", action="store_true", help="do not keep the teacher's own answer")
+            p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
     if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
         handler = logging.StreamHandler()
@@ -1018,11 +1024,12 @@ def main(argv=None):
                                     args.temperature, args.chat, args.add_original, args.retry_failures)
                 return 0
             tok = data.Tokenizer(args.tokenizer or args.student)
-            student = load_checkpoint(args.student, args.device, torch.float32 if args.device == "cpu" else None)
+            dtype = torch.float32 if args.device == "cpu" else None
+            student = load_checkpoint(args.student, args.device, dtype)
             student_cache = args.student_cache or args.out + ".student.jsonl"
-            samples = sample_candidates(student, tok, examples, student_cache, args.n, args.student_temperature,
-                                        args.student_max_tokens, args.tries, args.seed,
-                                        student=producer_identity(args.student, tok.path))
+            samples = sample_candidates(student, tok, examples, student_cache, args.n,
+                                        args.student_temperature, args.student_max_tokens, args.tries,
+                                        args.seed, student=producer_identity(args.student, tok.path))
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL

@@ -1,45 +1,57 @@
-"""Tuna: instruction tuning with ranking feedback from LLMs (METHOD.md), as one explicit training loop.
+"""Tuna: instruction tuning with ranking feedback from LLMs (Li et al., EMNLP 2023), as one explicit loop.
 
-Read from the top: the objective (scores, ranking loss, MLE term, how they combine), then prefix
-sharing (one prompt + K responses in one row), then the plumbing (data, LoRA, optimizer, checkpoints,
-distributed) and the CLI:
+    python tuna.py sft      --init LLAMA_DIR --data alpaca_data.json --out runs/alpaca  # Alpaca baseline
+    python tuna.py rank     --init runs/alpaca --data ranked.jsonl --out runs/tuna_p     # Tuna_p, lr 1e-5
+    python tuna.py pipeline --init runs/alpaca --probabilistic-data p.jsonl \
+                            --contextual-data c.jsonl --out runs/tuna                     # Tuna_p, then Tuna
+    torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]                                 # several GPUs
+    python tuna.py rank ... --resume                                                      # after a kill
 
-    python tuna.py sft      --init LLAMA_DIR --data alpaca_data.json --out runs/alpaca
-    python tuna.py rank     --init runs/alpaca --data ranked.jsonl --out runs/tuna_p        # lr 1e-5
-    python tuna.py pipeline --init runs/alpaca --probabilistic-data p.jsonl --contextual-data c.jsonl --out runs/tuna
-    torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]                                     # many GPUs
-    python tuna.py demo     --out runs/demo        # all of it offline on a CPU, on a built-in suite (section 9)
+Read from the top: the method's fixed values, the objective (scores, ranking loss, MLE term), prefix
+sharing (an instruction's prompt and its K responses in one row), the training loop (setup, then one
+train_step), and below it the plumbing: run folders and checkpoints, several GPUs, LoRA, the command line.
+The whole method offline on a CPU, with a results table: python demo.py --out runs/demo
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
-import requests
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import eval as evaluation  # eval.py (renamed here so Python's eval() stays visible)
 import model as llama
-import teacher
+
+# ============================================================================ the method's fixed values
+# METHOD.md ("The training objective", "Hyperparameters of the authors' runs"): the same for both rankings.
+MARGIN = 0.1                    # m: the ranking margin, grown linearly with the rank distance d
+MLE_WEIGHT = 1.0                # w_mle in L = w_mle * L_MLE + L_rank
+LENGTH_PENALTY = 1.0            # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
+MAX_LEN = 512                   # tokens of prompt + one response; longer ones are cut on the right
+RANK_LR = {"probabilistic": 1e-5, "contextual": 1e-6}  # Tuna_p from SFT, then Tuna_c from Tuna_p
+RANK_BATCH_SIZE = 16            # instructions per step (the authors': per GPU; their GPU count is not stated)
+RANK_EPOCHS = 1
+RANK_WARMUP_STEPS = 2           # linear warm-up, then cosine decay
+ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
+# The SFT baseline Tuna starts from: Stanford Alpaca's recipe (its train.py and README).
+SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE, SFT_WARMUP_RATIO = 2e-5, 3, 128, 0.03
+# Not in METHOD.md: the Hugging Face Trainer default that the authors' runs and Alpaca's inherit.
+GRAD_CLIP = 1.0
 
 # ============================================================================ 1. the objective
 
-def candidate_scores(token_logprobs, token_candidate, num_candidates, length_penalty=1.0):
+def candidate_scores(token_logprobs, token_candidate, num_candidates, length_penalty=LENGTH_PENALTY):
     """s_k = (sum of log p over candidate k's response tokens) / (its token count) ** length_penalty.
 
     token_logprobs, token_candidate: (B, N), each scored token's log-prob and its candidate (-1 =
@@ -51,7 +63,7 @@ def candidate_scores(token_logprobs, token_candidate, num_candidates, length_pen
     return sums / lengths.clamp(min=1) ** length_penalty
 
 
-def rank_loss(scores, candidate_mask, margin=0.1, pair_counts=None):
+def rank_loss(scores, candidate_mask, margin=MARGIN, pair_counts=None):
     """L_rank = sum over d = 1..K-1 of mean over j of max(0, s_{j+d} - s_j + m*d) (METHOD.md).
 
     scores, candidate_mask: (B, K), candidates best first, masked ones (dropped duplicates, padding)
@@ -59,7 +71,7 @@ def rank_loss(scores, candidate_mask, margin=0.1, pair_counts=None):
     across instructions: the authors' code flattens the (B, K-d) pairs of each d into one
     nn.MarginRankingLoss (mean); with unequal candidate counts we average over the pairs that exist.
     pair_counts[d-1], when given, is the pair count of the whole optimizer step (all micro-batches,
-    all GPUs), so that splitting a batch never changes its loss or gradient."""
+    all processes), so that splitting a batch never changes its loss or gradient."""
     loss = scores.new_zeros(())
     for d in range(1, scores.shape[1]):                      # rank distance d; each term is (B, K-d)
         better, worse = scores[:, :-d], scores[:, d:]
@@ -79,8 +91,8 @@ def mle_loss(token_logprobs, token_candidate, best_only=False, token_count=None)
     return -(token_logprobs * used).sum() / count
 
 
-def tuna_loss(token_logprobs, token_candidate, candidate_mask, margin=0.1, mle_weight=1.0,
-              length_penalty=1.0, mle_best_only=False, token_count=None, pair_counts=None):
+def tuna_loss(token_logprobs, token_candidate, candidate_mask, margin=MARGIN, mle_weight=MLE_WEIGHT,
+              length_penalty=LENGTH_PENALTY, mle_best_only=False, token_count=None, pair_counts=None):
     """L = w_mle * L_MLE + L_rank -> (L, L_MLE, L_rank). SFT is the case K = 1: no pairs, L = L_MLE."""
     scores = candidate_scores(token_logprobs, token_candidate, candidate_mask.shape[1], length_penalty)
     mle = mle_loss(token_logprobs, token_candidate, mle_best_only, token_count)
@@ -138,7 +150,8 @@ def collate(rows, pad_id, device="cpu"):
     for b, r in enumerate(rows):
         for key in ("tokens", "positions", "segment", "source", "target", "candidate"):
             batch[key][b, :len(r[key])] = torch.tensor(r[key], dtype=torch.long)
-    batch["candidate_mask"] = torch.arange(K)[None, :] < torch.tensor([r["num_candidates"] for r in rows])[:, None]
+    counts = torch.tensor([r["num_candidates"] for r in rows])
+    batch["candidate_mask"] = torch.arange(K)[None, :] < counts[:, None]                # (B, K)
     batch = {key: value.to(device) for key, value in batch.items()}
     batch["mask"] = None
     if K > 1:
@@ -155,19 +168,154 @@ def score_tokens(model, batch):
     """log p(target | all it may see) of every scored token: (B, N), 0 at padding. Only the positions
     that predict a scored token go through the vocabulary-sized output layer (output_positions), which
     skips prompts and padding and never holds (B, T, vocab) logits."""
-    logits = model(batch["tokens"], batch["positions"], batch["mask"], output_positions=batch["source"])  # (B, N, V)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
-    return -nll.view(batch["target"].shape) * (batch["candidate"] >= 0)
+    logits = model(batch["tokens"], batch["positions"], batch["mask"], output_positions=batch["source"])
+    return llama.token_logprobs(logits, batch["target"]) * (batch["candidate"] >= 0)         # (B, N)
 
 
-# ============================================================================ 3. data: files -> packed rows
+# ============================================================================ 3. the training loop
 
-def load_rows(path, tok, max_len, kind):
+def train_step(run, step, batch_rows):
+    """One optimizer step on one batch of instructions -> the step's loss terms, gradient norm and lr."""
+    # the whole step's token and pair counts: micro-batches and processes then never change the loss
+    token_count, pair_counts = step_normalizers(batch_rows, run.args.mle_best_only)
+    mine = batch_rows[run.process_rank::run.world_size]
+    parts = torch.zeros(3, device=run.device)                  # loss, MLE, ranking term of the whole step
+    for i in range(run.micro_batches):
+        batch = collate(mine[i * len(mine) // run.micro_batches:(i + 1) * len(mine) // run.micro_batches],
+                        run.pad_id, run.device)
+        with gradient_sync(run.wrapped, i == run.micro_batches - 1):
+            with autocast(run):
+                # forward: the log-prob of every response token; an instruction's candidates share one row
+                token_logprobs = score_tokens(run.wrapped, batch)
+                # both loss terms: L = w_mle * L_MLE + L_rank
+                loss, mle, rank = tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"],
+                                            mle_best_only=run.args.mle_best_only, token_count=token_count,
+                                            pair_counts=pair_counts)
+            # backward: DDP and FSDP average gradients over processes, but the step's loss is their sum
+            (loss * run.world_size).backward()
+        parts += torch.stack([loss, mle, rank]).detach()
+    if run.world_size > 1:
+        dist.all_reduce(parts)
+    # clip; a non-finite loss or gradient stops the run before it reaches the weights
+    grad_norm = clip_gradients(run.net, GRAD_CLIP)
+    refuse_non_finite(run, step, batch_rows, parts[0].item(), grad_norm)
+    # step, at the scheduled learning rate
+    lr = learning_rate(step, run.total_steps, run.args.lr, run.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, mle, rank = parts.tolist()
+    return dict(loss=loss, mle=mle, rank=rank, grad_norm=grad_norm, lr=lr)
+
+
+def train(args, kind):
+    """One stage, checkpoint folder args.init -> checkpoint folder args.out (kind "sft" or "rank")."""
+    run = setup(args, kind)
+    if run.state == "done":
+        log(f"{run.out}: already finished")
+        if is_main():
+            shutil.rmtree(os.path.join(run.out, "checkpoints"), ignore_errors=True)  # left by a kill
+        return run.out
+    if is_main():
+        open_run_folder(run)                 # only now: a run that failed in setup() left nothing behind
+    log(f"tuna.py {kind}: {len(run.rows)} examples, {run.total_steps} steps of {args.batch_size} "
+        f"({run.world_size} process(es) x {run.micro_batches} micro-batch(es)), from step {run.start_step}, "
+        f"in {run.out}")
+    began = time.time()
+    for step in range(run.start_step, run.total_steps):
+        batch_rows = step_rows(run, step)
+        values = train_step(run, step, batch_rows)
+        record_step(run, step, batch_rows, began, values)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps:
+            save_checkpoint(run, step + 1)
+    save_checkpoint(run, run.total_steps, finished=True)
+    log(f"saved {run.out}")
+    if dist.is_initialized():
+        dist.barrier()
+    return run.out
+
+
+@dataclass
+class Run:
+    """One stage's training, as setup() builds it: what train_step and the loop need."""
+    args: argparse.Namespace
+    kind: str                   # "sft" or "rank"
+    out: str                    # the run folder (becomes the checkpoint folder when finished)
+    state: str                  # "new", "resume" or "done" (see run_folder_state)
+    settings: dict              # what makes two runs the same run (run.json)
+    process_rank: int = 0       # this process among world_size (torchrun)
+    world_size: int = 1
+    device: torch.device = None
+    tokenizer_path: str = ""
+    tokenizer_files: dict = None  # name -> source path, copied into every checkpoint (data.Tokenizer.files)
+    pad_id: int = 0
+    rows: list = None           # the packed instructions (load_rows)
+    micro_batches: int = 1      # forward passes per process per optimizer step
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    start_step: int = 0         # > 0 when resumed from a checkpoint
+    net: nn.Module = None       # the model (with LoRA adapters, if any)
+    wrapped: nn.Module = None   # the same model under DDP or FSDP2: what the forward pass calls
+    optimizer: torch.optim.Optimizer = None
+    autocast_dtype: torch.dtype = None
+    tokens_seen: int = 0        # since this process started (for tokens per second)
+
+
+def setup(args, kind):
+    """Data, model, optimizer and, with --resume, the last checkpoint's state. Writes nothing: a run that
+    fails here (bad data, a missing or corrupt checkpoint) leaves no trace behind."""
+    process_rank, world_size, device = start_processes(args.device)
+    out, settings = args.out.rstrip("/"), run_settings(args, kind)
+    state = broadcast_outcome(lambda: run_folder_state(out, settings, args))  # main decides, all follow
+    run = Run(args, kind, out, state, settings, process_rank, world_size, device)
+    if run.state == "done":
+        return run
+    if not os.path.isdir(args.init):
+        raise TrainingError(f"--init {args.init}: no such folder")
+    # data: every process packs all rows, then takes its share of each batch (train_step)
+    tok = data.Tokenizer(args.tokenizer or args.init)  # a folder: its tokenizer.model, else tokenizer.json
+    run.tokenizer_files, run.tokenizer_path = tok.files, tok.path
+    run.pad_id, run.rows = tok.pad_id, load_rows(args.data, tok, kind)
+    micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / world_size)
+    run.micro_batches = math.ceil(args.batch_size / (world_size * micro_batch_size))
+    full_batches, rest = divmod(len(run.rows), args.batch_size)
+    run.steps_per_epoch = full_batches + (rest >= world_size * run.micro_batches)  # else the rest is dropped
+    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    if run.total_steps == 0:
+        raise TrainingError(f"{args.data}: {len(run.rows)} usable example(s), fewer than one batch of "
+                            f"{min(args.batch_size, world_size * run.micro_batches)}")
+    run.warmup_steps = RANK_WARMUP_STEPS if kind == "rank" else round(SFT_WARMUP_RATIO * run.total_steps)
+    # model: from the last checkpoint when resumed (LoRA: the base model, then the adapters' state)
+    checkpoint = latest_checkpoint(out) if run.state == "resume" else None
+    state = read_training_state(checkpoint) if checkpoint else None
+    weights_dtype, run.autocast_dtype = PRECISIONS[args.precision]
+    start_from = checkpoint if checkpoint and not args.lora_rank else args.init
+    net = llama.load_checkpoint(start_from, device, weights_dtype)
+    check_fits(net, tok, run)
+    if args.lora_rank:
+        add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        if state:
+            net.load_state_dict(state["lora"], strict=False)
+    net.train()
+    net.gradient_checkpointing = args.gradient_checkpointing
+    run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
+    # optimizer: AdamW (METHOD.md); fused kernel on CUDA
+    params = [p for p in net.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                      weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+    if state:
+        restore_training_state(run, state)
+    return run
+
+
+def load_rows(path, tok, kind):
     """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or a ranked file
     (.jsonl: the project's format; .json: the authors' release, whose records with an empty output or a
-    non-finite score are skipped and named). A candidate that cannot keep one response token within max_len
-    (prompt + response, METHOD.md) is dropped; the rest keep their order. A candidate that a token limit cut
-    when it was generated (source["unfinished"]) is trained without EOS: the model must not learn to stop there."""
+    non-finite score are skipped and named). A candidate that cannot keep one response token within MAX_LEN
+    is dropped; the rest keep their order. A candidate that a token limit cut when it was generated
+    (source["unfinished"]) is trained without EOS: the model must not learn to stop there."""
     if kind == "sft":
         items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]], [])
                  for i, e in enumerate(data.read_alpaca(path))]
@@ -181,7 +329,7 @@ def load_rows(path, tok, max_len, kind):
             log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     rows, dropped, skipped = [], 0, 0
     for record_id, prompt, candidates, unfinished in items:
-        pairs = [data.encode_prompt_response(tok, prompt, c, max_len, finished=k not in unfinished)
+        pairs = [data.encode_prompt_response(tok, prompt, c, MAX_LEN, finished=k not in unfinished)
                  for k, c in enumerate(candidates)]
         kept = [p for p in pairs if p is not None]
         dropped += len(pairs) - len(kept)
@@ -192,13 +340,282 @@ def load_rows(path, tok, max_len, kind):
         row["id"] = record_id
         rows.append(row)
     if dropped:
-        log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: prompt longer than max_len {max_len}")
+        log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: prompt longer than "
+            f"{MAX_LEN} tokens")
     if not rows:
         raise data.DataError(f"{path}: no usable record")
     return rows
 
 
-# ============================================================================ 4. LoRA (Hu et al. 2021)
+def step_rows(run, step):
+    """The instructions of one optimizer step: each epoch a shuffle that depends on the seed and the epoch
+    only, so a resumed run sees exactly the batches an uninterrupted one would have seen."""
+    epoch, index = divmod(step, run.steps_per_epoch)
+    order = torch.randperm(len(run.rows), generator=torch.Generator().manual_seed(run.args.seed + epoch))
+    batch_size = run.args.batch_size
+    return [run.rows[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+
+
+def learning_rate(step, total_steps, peak_lr, warmup_steps):
+    """Linear warm-up, then cosine decay towards 0 (the authors' Hugging Face cosine schedule; step is
+    0-based). HF's first step has lr 0; ours has peak/warmup, so no step is spent without moving."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(net, max_norm):
+    """The total gradient norm (over every process's shard under FSDP), after clipping it to max_norm."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1} (records "
+            f"{[r['id'] for r in batch_rows][:8]}...); stopped before the update; last good checkpoint: "
+            f"{latest_checkpoint(run.out) or run.args.init}")
+
+
+PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype on CUDA)
+    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (a CPU: fp32)
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
+    "fp16": (torch.float16, None),
+}
+
+
+def autocast(run):
+    """bfloat16 matrix products on CUDA for --precision bf16-mixed; weights and optimizer stay float32."""
+    if run.device.type != "cuda" or run.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast("cuda", dtype=run.autocast_dtype)
+
+
+def record_step(run, step, batch_rows, began, values):
+    """Every step's loss terms go to OUT/metrics.jsonl; every --log-every steps a line to the console."""
+    if not is_main():
+        return
+    tokens = sum(len(r["tokens"]) for r in batch_rows)
+    run.tokens_seen += tokens
+    elapsed = time.time() - began
+    data.append_jsonl(os.path.join(run.out, "metrics.jsonl"), [dict(
+        step=step + 1, epoch=step // run.steps_per_epoch, **values, tokens=tokens,
+        tokens_per_s=run.tokens_seen / elapsed, elapsed_s=elapsed)])
+    if (step + 1) % run.args.log_every == 0 or step + 1 == run.total_steps:
+        eta = elapsed / (step + 1 - run.start_step) * (run.total_steps - step - 1)
+        log(f"step {step + 1}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, rank "
+            f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {run.tokens_seen / elapsed:.0f} tok/s | ETA "
+            f"{time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+# ============================================================================ 4. run folders and checkpoints
+# OUT is the run folder from the first step on: run.json (the settings), metrics.jsonl, and the newest
+# checkpoints/step-N (each written to step-N.tmp and renamed: whole or absent). When the run ends, the
+# final weights are written into OUT itself, config.json last, so OUT/config.json marks a finished run.
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says which file, step or setting."""
+
+
+def run_settings(args, kind):
+    """What makes two runs the same run, recorded in OUT/run.json: the settings that change the math (the
+    micro-batch size and the process count do not, see rank_loss), the method's constants, and the data
+    file's SHA-256, so that --resume never continues a run on other data."""
+    settings = {key: getattr(args, key) for key in ("lr", "epochs", "max_steps", "batch_size", "seed",
+                                                    "precision", "lora_rank", "lora_alpha", "lora_targets",
+                                                    "mle_best_only")}
+    return dict(kind=kind, init=os.path.abspath(args.init), data=os.path.abspath(args.data),
+                data_sha256=data.file_sha256(args.data), **settings, margin=MARGIN, mle_weight=MLE_WEIGHT,
+                length_penalty=LENGTH_PENALTY, max_len=MAX_LEN, grad_clip=GRAD_CLIP)
+
+
+def run_folder_state(out, settings, args):
+    """What to do with OUT, without changing it: "new" (absent, or --overwrite), "resume" (--resume on an
+    unfinished run with the same settings) or "done" (--resume on a finished one). Anything else is refused:
+    an existing run is never replaced silently."""
+    if not os.path.exists(out) or args.overwrite:
+        return "new"
+    if not args.resume:
+        raise TrainingError(f"{out} already exists: pass --resume to continue its run or --overwrite to "
+                            "start over")
+    stored = os.path.join(out, "run.json")
+    if not os.path.isfile(stored):
+        raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): pass --overwrite to "
+                            "replace it, or choose another --out")
+    try:
+        with open(stored, encoding="utf-8") as f:
+            previous = json.load(f)
+    except ValueError as e:
+        raise TrainingError(f"{stored}: not readable JSON ({e}); use --overwrite to start over") from None
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if changed:
+        raise TrainingError(f"{stored}: this run was started with other settings ({', '.join(changed)}); "
+                            "use --overwrite to start over")
+    return "done" if os.path.isfile(os.path.join(out, "config.json")) else "resume"
+
+
+def open_run_folder(run):
+    """A new run: OUT (an --overwrite'n one removed first) with run.json. A resumed one: its metrics
+    from after the checkpoint are forgotten, as the steps that made them are trained again."""
+    metrics = os.path.join(run.out, "metrics.jsonl")
+    if run.state == "new":
+        if os.path.isdir(run.out):
+            shutil.rmtree(run.out)
+        elif os.path.exists(run.out):
+            os.remove(run.out)
+        os.makedirs(os.path.join(run.out, "checkpoints"))
+        data.write_atomic(os.path.join(run.out, "run.json"), json.dumps(run.settings, indent=2))
+    else:
+        kept = [r for _, r in data.read_jsonl_log(metrics) if r.get("step", 0) <= run.start_step]
+        data.write_atomic(metrics, (json.dumps(r) + "\n" for r in kept))
+
+
+def latest_checkpoint(out):
+    folder = os.path.join(out, "checkpoints")
+    steps = sorted(n for n in os.listdir(folder) if n.startswith("step-") and not n.endswith(".tmp")) \
+        if os.path.isdir(folder) else []
+    return os.path.join(folder, steps[-1]) if steps else None
+
+
+def read_training_state(checkpoint):
+    path = os.path.join(checkpoint, "training_state.pt")
+    try:
+        return torch.load(path, weights_only=True, mmap=True)
+    except Exception as e:  # torch's messages do not name the file
+        raise TrainingError(f"{path}: cannot read the training state ({type(e).__name__}: {e}); remove "
+                            f"{checkpoint} to resume from the checkpoint before it") from None
+
+
+def restore_training_state(run, state):
+    """Optimizer moments, random states and the step: the run goes on exactly where the checkpoint was."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.start_step = state["step"]
+
+
+def check_fits(net, tok, run):
+    """The tokenizer's ids and the longest packed row must fit the model (an error, never an index error)."""
+    if tok.vocab_size > net.args.vocab_size:
+        raise TrainingError(f"{run.tokenizer_path}: {tok.vocab_size} tokens, but {run.args.init} has "
+                            f"{net.args.vocab_size} embeddings")
+    longest = max(run.rows, key=lambda r: max(r["positions"]))
+    if max(longest["positions"]) >= net.args.max_seq_len:
+        raise TrainingError(f"{run.args.data}: record {longest['id']!r} needs {max(longest['positions']) + 1}"
+                            f" positions, more than {run.args.init}'s max_seq_len {net.args.max_seq_len}")
+
+
+def save_checkpoint(run, step, finished=False):
+    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt (optimizer, step, data
+    position, random states). A step checkpoint goes to checkpoints/step-N.tmp, renamed when whole, and
+    replaces the older ones; the final one goes into OUT itself. Every process calls it (FSDP gathers)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(run.wrapped, options=options)
+    optimizer_state = None if finished else \
+        get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
+    if not is_main():
+        return
+    checkpoints = os.path.join(run.out, "checkpoints")
+    folder = run.out if finished else os.path.join(checkpoints, f"step-{step:08d}.tmp")
+    if not finished:
+        shutil.rmtree(folder, ignore_errors=True)            # a half-written one left by a kill
+        os.makedirs(folder)
+    for name, source in run.tokenizer_files.items():
+        shutil.copyfile(source, os.path.join(folder, name))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    epoch, batches_done = divmod(step, run.steps_per_epoch)
+    torch.save({"step": step, "finished": finished, "optimizer": optimizer_state, "rng": rng,
+                "data_position": dict(epoch=epoch, batches_done_in_epoch=batches_done, seed=run.args.seed),
+                "lora": {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}},
+               os.path.join(folder, "training_state.pt"))
+    llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)  # weights, then config.json
+    if finished:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return
+    os.rename(folder, folder[:-len(".tmp")])
+    for name in os.listdir(checkpoints):                      # keep only the newest
+        if name != f"step-{step:08d}":
+            shutil.rmtree(os.path.join(checkpoints, name))
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message):
+    if is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+# ============================================================================ 5. several processes (torchrun)
+
+def start_processes(device_name=None):
+    """-> (process rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs,
+    gloo on CPUs."""
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    gpu_index = int(os.environ.get("LOCAL_RANK", 0))         # this process's GPU on its machine
+    device = torch.device(device_name or (f"cuda:{gpu_index}" if cuda else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        return 0, 1, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def broadcast_outcome(decide):
+    """decide() on the main process, its result (or its error) on every process."""
+    try:
+        outcome = ("ok", decide()) if is_main() else None
+    except (TrainingError, OSError, ValueError) as e:
+        outcome = ("error", str(e))
+    if dist.is_initialized():
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[0] == "error":
+        raise TrainingError(outcome[1])
+    return outcome[1]
+
+
+def wrap_model(net, world_size, device, fsdp):
+    """DDP replicates the model on every GPU; FSDP2 (fully_shard, one unit per block) shards weights,
+    gradients and optimizer state over the GPUs, for models that do not fit one."""
+    if world_size == 1:
+        return net
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world_size,))
+        for block in net.layers:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
+    return nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+def gradient_sync(wrapped, enabled):
+    """Gradient accumulation: reduce gradients over processes only at the last micro-batch of a step."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return nullcontext() if enabled else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):        # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+# ============================================================================ 6. LoRA (Hu et al. 2021)
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen, A (r, in) random, B (out, r) zero: training starts
@@ -235,10 +652,11 @@ def plain_model(net, state):
         if key.endswith((".lora_a", ".lora_b")):
             continue
         if key.endswith(".base.weight"):
-            lora = net.get_submodule(key[: -len(".base.weight")])
-            a, b = state[key[: -len("base.weight")] + "lora_a"], state[key[: -len("base.weight")] + "lora_b"]
+            prefix = key[: -len("base.weight")]
+            lora = net.get_submodule(prefix[:-1])
+            a, b = state[prefix + "lora_a"], state[prefix + "lora_b"]
             tensor = (tensor.float() + lora.scale * b.float() @ a.float()).to(tensor.dtype)
-            key = key[: -len(".base.weight")] + ".weight"
+            key = prefix + "weight"
         merged[key] = tensor
     with torch.device("meta"):
         plain = llama.Transformer(net.args)
@@ -249,674 +667,112 @@ def plain_model(net, state):
     return plain
 
 
-# ============================================================================ 5. optimizer and schedule
-
-def make_optimizer(net, lr, weight_decay, betas, eps, device):
-    """AdamW (METHOD.md: 0.9, 0.999, eps 1e-8, weight decay 0); decay, if any, on matrices only
-    (not norms), as nanoGPT. Fused kernel on CUDA."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
-
-
-def learning_rate(step, total_steps, peak_lr, warmup_steps):
-    """Linear warm-up, then cosine decay towards 0 (the authors' Hugging Face cosine schedule; step is
-    0-based). HF's first step has lr 0; ours has peak/warmup, so no step is spent without moving."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ============================================================================ 6. run folders and checkpoints
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message says which file, step or setting."""
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(message):
-    if is_main():
-        print(message, file=sys.stderr, flush=True)
-
-
-def run_identity(args, kind):
-    """What makes two runs the same run: settings that change the math, and the data file's hash.
-    (Micro-batch size and GPU count are not among them: they do not change the loss, see rank_loss.)"""
-    keys = ("init", "lr", "epochs", "max_steps", "batch_size", "max_len", "warmup_steps", "weight_decay",
-            "adam_betas", "adam_eps", "grad_clip", "seed", "margin", "mle_weight", "length_penalty",
-            "mle_best_only", "lora_rank", "lora_alpha", "lora_targets", "dtype")
-    identity = {key: getattr(args, key, None) for key in keys}
-    identity["init"] = os.path.abspath(args.init)
-    digest = hashlib.sha256()
-    with open(args.data, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    identity.update(kind=kind, data=os.path.abspath(args.data), data_sha256=digest.hexdigest())
-    return json.loads(json.dumps(identity))                  # tuples -> lists, as read back from run.json
-
-
-def prepare_output(args, identity):
-    """-> ("done", out) when --resume finds the run finished, else ("train", out + ".partial").
-
-    A run trains in OUT.partial and is renamed to OUT when complete, so OUT is either absent or a
-    whole checkpoint. An existing run is never replaced silently: --resume continues the same run
-    (same run.json), --overwrite starts over."""
-    out, partial = args.out.rstrip("/"), args.out.rstrip("/") + ".partial"
-    for folder in (out, partial):
-        stored = os.path.join(folder, "run.json")
-        if not os.path.exists(folder) or args.overwrite:
-            continue
-        if not args.resume:
-            raise TrainingError(f"{folder} already exists ({'a finished' if folder == out else 'an unfinished'} run): "
-                                f"pass --resume to continue it or --overwrite to start over")
-        previous = json.load(open(stored)) if os.path.isfile(stored) else {}
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-        if changed:
-            raise TrainingError(f"{stored}: this run was started with other settings ({', '.join(changed)}); "
-                                f"use --overwrite to start over")
-        if folder == out:
-            return "done", out
-        return "train", partial
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
-    os.makedirs(os.path.join(partial, "checkpoints"))
-    with open(os.path.join(partial, "run.json"), "w") as f:
-        json.dump(identity, f, indent=2)
-    return "train", partial
-
-
-def latest_checkpoint(run_dir):
-    folder = os.path.join(run_dir, "checkpoints")
-    steps = sorted(n for n in os.listdir(folder) if n.startswith("step-") and not n.endswith(".tmp")) \
-        if os.path.isdir(folder) else []
-    return os.path.join(folder, steps[-1]) if steps else None
-
-
-def gather_state(wrapped, optimizer):
-    """Full (unsharded) model and optimizer state on the CPU, from a plain, DDP or FSDP2 model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(wrapped, options=options)
-    return model_state, (get_optimizer_state_dict(wrapped, optimizer, options=options) if optimizer else None)
-
-
-def save_checkpoint(folder, net, wrapped, optimizer, step, tokenizer_files, data_position, finished=False):
-    """HF checkpoint + the tokenizer's files (data.Tokenizer.files: tokenizer.model, or tokenizer.json and
-    the files beside it) + training_state.pt, written to folder.tmp and renamed: a checkpoint folder
-    either is complete or does not exist. Every rank calls it (FSDP gathers)."""
-    model_state, optimizer_state = gather_state(wrapped, None if finished else optimizer)
-    if not is_main():
-        return
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    llama.save_hf_checkpoint(plain_model(net, model_state), tmp)
-    for name, source in tokenizer_files.items():
-        shutil.copyfile(source, os.path.join(tmp, name))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "finished": finished, "data_position": data_position, "optimizer": optimizer_state, "rng": rng,
-                "lora": {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}},
-               os.path.join(tmp, "training_state.pt"))
-    os.rename(tmp, folder)
-
-
-def finish_run(run_dir, out, final_checkpoint):
-    """Move the final checkpoint's files up into the run folder, drop the step checkpoints, and
-    rename OUT.partial -> OUT (an --overwrite'n old OUT is moved aside first, then deleted)."""
-    for name in os.listdir(final_checkpoint):
-        os.replace(os.path.join(final_checkpoint, name), os.path.join(run_dir, name))
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
-    old = out + ".old"
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(run_dir, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ============================================================================ 7. several GPUs (torchrun)
-
-def setup_distributed(device_name=None):
-    """-> (rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
-    cuda = torch.cuda.is_available() and device_name != "cpu"
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_name or (f"cuda:{local_rank}" if cuda else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        return 0, 1, device
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def wrap_model(net, world, device, fsdp):
-    """DDP replicates the model on every GPU; FSDP2 (fully_shard, one unit per block) shards weights,
-    gradients and optimizer state over the GPUs, for models that do not fit one."""
-    if world == 1:
-        return net
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        for block in net.layers:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(net, mesh=mesh)
-    return nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-
-
-def gradient_sync(wrapped, enabled):
-    """Gradient accumulation: reduce gradients over GPUs only at the last micro-batch of a step."""
-    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
-        return nullcontext() if enabled else wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):        # FSDP2
-        wrapped.set_requires_gradient_sync(enabled)
-    return nullcontext()
-
-
-def broadcast(value):
-    if dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-# ============================================================================ 8. the training loop
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def train(args, kind):
-    """One stage (kind "sft" or "rank"), checkpoint folder args.init -> checkpoint folder args.out."""
-    rank, world, device = setup_distributed(args.device)
-    tokenizer_path = args.tokenizer or args.init  # a folder: its tokenizer.model, else its tokenizer.json
-    try:
-        decision = prepare_output(args, run_identity(args, kind)) if is_main() else None
-    except (TrainingError, OSError) as e:
-        decision = ("error", str(e))
-    what, run_dir = broadcast(decision)
-    if what == "error":
-        raise TrainingError(run_dir)
-    if what == "done":
-        log(f"{run_dir}: already finished")
-        return run_dir
-    tok = data.Tokenizer(tokenizer_path)
-    rows = load_rows(args.data, tok, args.max_len, kind)
-    micro = args.micro_batch_size or math.ceil(args.batch_size / world)
-    accum = math.ceil(args.batch_size / (world * micro))    # micro-batches per GPU per optimizer step
-    full_batches, rest = divmod(len(rows), args.batch_size)
-    steps_per_epoch = full_batches + (rest >= world * accum)  # a last batch too small to split is dropped
-    total = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(0.03 * total)  # Alpaca: 3% warm-up
-    if total == 0:
-        raise TrainingError(f"{args.data}: {len(rows)} usable example(s), fewer than one batch of "
-                            f"{min(args.batch_size, world * accum)} can be made of")
-
-    checkpoint = latest_checkpoint(run_dir)
-    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True, mmap=True) if checkpoint else None
-    if state and state["finished"]:
-        if is_main():
-            finish_run(run_dir, args.out.rstrip("/"), checkpoint)
-        return args.out
-    net = llama.load_checkpoint(checkpoint if checkpoint and not args.lora_rank else args.init, device, DTYPES[args.dtype])
-    if tok.vocab_size > net.args.vocab_size:
-        raise TrainingError(f"{tokenizer_path}: {tok.vocab_size} tokens, but {args.init} has {net.args.vocab_size} embeddings")
-    if args.lora_rank:
-        add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-        if state:
-            net.load_state_dict(state["lora"], strict=False)
-    net.train()
-    net.gradient_checkpointing = args.gradient_checkpointing
-    wrapped = wrap_model(net, world, device, args.fsdp)
-    optimizer = make_optimizer(net, args.lr, args.weight_decay, tuple(args.adam_betas), args.adam_eps, device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    start = 0
-    if state:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start = state["step"]
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if is_main():                   # forget steps logged after the checkpoint (and a line cut by a kill)
-        kept = [line for line in open(metrics_path) if line.endswith("\n")] if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(line for line in kept if json.loads(line)["step"] <= start)
-    log(f"tuna.py {kind}: {len(rows)} examples, {total} steps of {args.batch_size} "
-        f"({world} process(es) x {accum} micro-batch(es)), from step {start}, in {run_dir}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 else nullcontext()
-    loss_options = dict(margin=getattr(args, "margin", 0.1), mle_weight=getattr(args, "mle_weight", 1.0),
-                        length_penalty=getattr(args, "length_penalty", 1.0), mle_best_only=getattr(args, "mle_best_only", False))
-    began, tokens_seen, order, order_epoch = time.time(), 0, None, None
-    for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:                             # data order: a function of seed and epoch only
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-            order_epoch = epoch
-        batch_rows = [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
-        token_count, pair_counts = step_normalizers(batch_rows, loss_options["mle_best_only"])
-        mine = batch_rows[rank::world]
-        parts = torch.zeros(3, device=device)                # loss, mle, rank of the whole step
-        for i in range(accum):
-            batch = collate(mine[i * len(mine) // accum:(i + 1) * len(mine) // accum], tok.pad_id, device)
-            with gradient_sync(wrapped, i == accum - 1):
-                with autocast:
-                    token_logprobs = score_tokens(wrapped, batch)
-                    loss, mle, rank_part = tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"],
-                                                     token_count=token_count, pair_counts=pair_counts, **loss_options)
-                (loss * world).backward()                    # DDP/FSDP average over GPUs; the loss is a sum
-            parts += torch.stack([loss, mle, rank_part]).detach()
-        if world > 1:
-            dist.all_reduce(parts)
-        loss_value, mle_value, rank_value = parts.tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise TrainingError(
-                f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}, "
-                f"batch {index}, records {[r['id'] for r in batch_rows][:8]}...); stopped before the update; "
-                f"last good checkpoint: {latest_checkpoint(run_dir) or args.init}")
-        lr = learning_rate(step, total, args.lr, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_tokens = sum(len(r["tokens"]) for r in batch_rows)
-        tokens_seen += step_tokens
-        elapsed = time.time() - began
-        if is_main() and ((step + 1) % args.log_every == 0 or step + 1 == total):
-            eta = elapsed / (step + 1 - start) * (total - step - 1)
-            log(f"step {step + 1}/{total} | loss {loss_value:.4f} (mle {mle_value:.4f}, rank {rank_value:.4f}) | "
-                f"lr {lr:.2e} | {tokens_seen / elapsed:.0f} tok/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "mle": mle_value,
-                                    "rank": rank_value, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}) + "\n")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step + 1:08d}"), net, wrapped, optimizer,
-                            step + 1, tok.files, dict(epoch=epoch, batches_done_in_epoch=index + 1, seed=args.seed))
-            if is_main():                                    # keep only the newest
-                for name in os.listdir(os.path.join(run_dir, "checkpoints")):
-                    if name != f"step-{step + 1:08d}":
-                        shutil.rmtree(os.path.join(run_dir, "checkpoints", name))
-    final = os.path.join(run_dir, "checkpoints", f"step-{total:08d}-final")
-    save_checkpoint(final, net, wrapped, None, total, tok.files, dict(epochs=args.epochs), finished=True)
-    if is_main():
-        finish_run(run_dir, args.out.rstrip("/"), final)
-        log(f"saved {args.out}")
-    if dist.is_initialized():
-        dist.barrier()
-    return args.out
-
-
-# ============================================================================ 9. the offline demo
-
-# The demo's instruction suite: short tasks whose answers can be checked, so the final table can say
-# whether ranking helped. Every answer is a function of what the instruction shows (no world knowledge),
-# so held-out instructions are new instances of the same tasks. Each task also has one plausible wrong
-# answer: the SFT data uses it for a share of the instructions, as Alpaca's distilled answers are
-# sometimes wrong.
-DEMO_TASKS = {  # name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
-    "first": lambda ls, ds: (f"What is the first of the letters {' '.join(ls)}?", ls[0], ls[-1]),
-    "last": lambda ls, ds: (f"What is the last of the letters {' '.join(ls)}?", ls[-1], ls[0]),
-    "count": lambda ls, ds: (f"How many letters are in {' '.join(ls)}?", str(len(ls)), str(len(ls) + 1)),
-    "largest": lambda ls, ds: (f"Which is the largest of the digits {' '.join(ds)}?", max(ds), ds[0]),
-    "smallest": lambda ls, ds: (f"Which is the smallest of the digits {' '.join(ds)}?", min(ds), max(ds)),
-    "sort": lambda ls, ds: (f"Sort the letters {' '.join(ls)} alphabetically.", " ".join(sorted(ls)), " ".join(ls)),
-}
-
-DEMO_JUDGE = "rule-based-judge-checking-known-answers"  # its name in every data file it touches
-
-# name -> settings; "full" is what the README's command runs, "ci" the test-sized variant.
-DEMO_SIZES = {
-    "full": dict(train=4000, heldout=300, ranked=2000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
-                 sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
-    "ci": dict(train=2000, heldout=300, ranked=1000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
-               sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
-}
-
-
-def demo_suite(size, noise, seed):
-    """(SFT examples with a share `noise` of wrong answers, the same instructions answered right for the
-    teacher, held-out examples). Held-out instructions never appear in training."""
-    rng, seen, suites = random.Random(seed), set(), {"heldout": [], "train": []}
-    for split, count in (("heldout", size["heldout"]), ("train", size["train"])):
-        while len(suites[split]) < count:
-            task = list(DEMO_TASKS)[len(suites[split]) % len(DEMO_TASKS)]
-            letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 5))
-            instruction, right, wrong = DEMO_TASKS[task](letters, rng.sample("0123456789", rng.randint(3, 5)))
-            if instruction not in seen:
-                seen.add(instruction)
-                suites[split].append({"instruction": instruction, "input": "", "output": right,
-                                      "wrong": wrong, "task": task})
-    student = [dict(e, output=e["wrong"] if rng.random() < noise else e["output"]) for e in suites["train"]]
-    return student, suites["train"], suites["heldout"]
-
-
-def demo_tokenizer(examples, path):
-    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, split digits) trained on the suite."""
-    import sentencepiece as spm
-    text = [data.alpaca_prompt(e["instruction"]) + e["output"] for e in examples]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=path[: -len(".model")], model_type="bpe", vocab_size=400,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
-
-
-def rule_judge_reply(messages, solutions):
-    """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks each candidate
-    against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
-    the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
-    user = messages[-1]["content"]
-    found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
-    if not found or found.group(1).strip() not in solutions:
-        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction", "messages")
-    candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user, re.DOTALL)
-    solution = solutions[found.group(1).strip()]
-    pool = [c.strip() for c in candidates] + [solution]
-    kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
-    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution)) for i in kept}
-    ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
-    return ("(1) The instruction is close-ended.\n"
-            f"(2) ###Response {len(candidates)}:\n{solution}\n"
-            f"(3) Kept one of each duplicate: responses {kept}.\n"
-            "(4) " + "\n".join(f"Response {i}: [{score[i]}]" for i in kept) + "\n"
-            f"(5) rank: [{', '.join(map(str, ranks))}]")
-
-
-class RuleJudge:
-    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions only."""
-    name = DEMO_JUDGE
-
-    def __init__(self, solutions):
-        self.solutions = solutions
-
-    def chat(self, body):
-        reply = rule_judge_reply(body["messages"], self.solutions)
-        return {"object": "chat.completion", "model": self.name, "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
-
-    def completions(self, body):
-        raise teacher.BadRequest("the rule-based judge answers /v1/chat/completions only")
-
-
-def start_rule_judge(solutions):
-    """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as `teacher.py serve`."""
-    server = teacher.backend_server(RuleJudge(solutions))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def start_teacher_server(checkpoint):
-    """`python teacher.py serve` on a free port of 127.0.0.1, as a user would start it -> (process, base URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = os.path.dirname(os.path.abspath(__file__))
-    process = subprocess.Popen([sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint",
-                                checkpoint, "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"],
-                               stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/models", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise TrainingError(f"demo: teacher.py serve did not answer at {url}")
-
-
-def run_demo(args):
-    """SFT, Tuna_p, Tuna_c and Tuna on a built-in suite, offline, on a CPU; every artefact in --out."""
-    size, out, began = DEMO_SIZES[args.size], args.out.rstrip("/"), time.time()
-    os.makedirs(out, exist_ok=True)
-    path = lambda *names: os.path.join(out, *names)
-
-    def stage(title, run, argv):          # each stage is the command a user would type; --resume: re-runs skip it
-        log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
-        try:
-            status = run(argv[1:])
-        except SystemExit as e:                                  # argparse and teacher.py exit this way
-            status = e.code
-        if status != 0:
-            raise TrainingError(f"demo: stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
-
-    def write_once(name, value):                                   # atomically: a kill never leaves half a file
-        if not os.path.exists(path(name)):
-            with open(path(name) + ".tmp", "w") as f:
-                json.dump(value, f, indent=1)
-            os.replace(path(name) + ".tmp", path(name))
-
-    # A folder holds one demo: its settings are recorded, and a rerun with others is refused rather than
-    # overwriting the data under checkpoints that were trained on it.
-    settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
-    if os.path.exists(path("demo.json")):
-        with open(path("demo.json")) as f:
-            recorded = json.load(f)
-        if recorded != settings:
-            raise TrainingError(f"{path('demo.json')}: this folder holds a demo run with {recorded}, not {settings}; "
-                                "use another --out or the same settings")
-    write_once("demo.json", settings)
-    student, teacher_data, heldout = demo_suite(size, args.noise, args.seed)
-    for name, rows in (("sft_data.json", student), ("teacher_data.json", teacher_data), ("heldout.json", heldout)):
-        write_once(name, rows)
-    if not os.path.exists(path("tokenizer.model")):
-        demo_tokenizer(teacher_data, path("tokenizer.model"))
-    tok = data.Tokenizer(path("tokenizer.model"))
-    for name, dim, layers in (("init_student", size["dim"], size["layers"]),
-                              ("init_teacher", size["teacher_dim"], size["teacher_layers"])):
-        if not os.path.exists(path(name, "config.json")):
-            torch.manual_seed(args.seed)
-            llama.save_hf_checkpoint(llama.Transformer(llama.ModelArgs(
-                dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=3 * dim, max_seq_len=256,
-                bos_id=tok.bos_id, eos_id=tok.eos_id)), path(name))
-            shutil.copyfile(path("tokenizer.model"), path(name, "tokenizer.model"))
-    common = ["--resume", "--seed", str(args.seed), "--save-every", "0", "--log-every", "25"]
-    sft = ["--lr", str(size["sft_lr"]), "--epochs", str(size["sft_epochs"]), "--warmup-steps", "20", "--batch-size", "32"]
-    stage("the teacher: SFT on correct answers (it stands for text-davinci-003)", main,
-          ["tuna.py", "sft", "--init", path("init_teacher"), "--data", path("teacher_data.json"),
-           "--out", path("teacher"), *common, *sft])
-    stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)", main,
-          ["tuna.py", "sft", "--init", path("init_student"), "--data", path("sft_data.json"),
-           "--out", path("sft"), *common, *sft])
-    rank = [*common, "--batch-size", "16", "--epochs", "1"]
-    limit = ["--limit", str(size["ranked"]), "--workers", "2"]
-    process, teacher_url = start_teacher_server(path("teacher"))
-    try:
-        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token log-prob",
-              teacher.main, ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
-                             path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
-                             "--max-tokens", "16", "--add-original", "scored", *limit])
-    finally:
-        process.kill()
-    judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
-    judge_args = ["--base-url", f"http://127.0.0.1:{judge.server_port}/v1", "--model", DEMO_JUDGE,
-                  "--student-max-tokens", "16", *limit]
-    try:
-        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on Tuna_p's "
-              "own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", main,
-              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data", path("probabilistic.jsonl"),
-               "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual", str(size["rank_lr"] / 10),
-               "--instructions", path("sft_data.json"), "--teacher-base-url", judge_args[1], "--teacher-model",
-               DEMO_JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out", path("tuna"), *rank])
-        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge ranks "
-              "them", teacher.main, ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student",
-                                     path("sft"), "--out", path("contextual_sft.jsonl"), *judge_args])
-    finally:
-        judge.shutdown()
-    stage("Tuna_c: ranking training from SFT on the contextual data", main,
-          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out", path("tuna_c"),
-           "--lr", str(size["rank_lr"]), *rank])
-
-    log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new instructions")
-    models = {"SFT (Alpaca)": path("sft"), "Tuna_p": path("tuna", "tuna_p"), "Tuna_c": path("tuna_c"),
-              "Tuna": path("tuna", "tuna"), "teacher (for reference)": path("teacher")}
-    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(heldout)]
-    results = {}
-    for name, checkpoint in models.items():
-        answers = evaluation.generate_answers(                # eval.py's batched greedy path; kept, resumable
-            os.path.basename(checkpoint), "demo", items, evaluation.model_loader(checkpoint, None, "cpu", torch.float32),
-            out, 64, 16, evaluation.answer_producer(checkpoint))
-        answers = [answers[item["id"]] for item in items]
-        em = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
-        rl = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
-        by_task = {t: 100 * sum(x for x, e in zip(em, heldout) if e["task"] == t) /
-                   sum(e["task"] == t for e in heldout) for t in DEMO_TASKS}
-        results[name] = {"checkpoint": checkpoint, "items": len(heldout), "exact_match": 100 * sum(em) / len(em),
-                         "rouge_l": 100 * sum(rl) / len(rl), "exact_match_by_task": by_task,
-                         "answers": [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
-                                     for a, e in zip(answers, heldout)]}
-    table = ["| model | exact match | ROUGE-L | " + " | ".join(DEMO_TASKS) + " | items |",
-             "|---|---|---|" + "---|" * len(DEMO_TASKS) + "---|"]
-    for name, r in results.items():
-        table.append(f"| {name} | {r['exact_match']:.1f} | {r['rouge_l']:.1f} | "
-                     + " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in DEMO_TASKS) + f" | {r['items']} |")
-    table += ["", f"Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them (x100), then "
-              f"exact match per task. SFT data: {args.noise:.0%} wrong answers. Contextual ranking was judged by a "
-              f"rule-based judge that checks the known answers (a stand-in for GPT-4). Wall time "
-              f"{time.time() - began:.0f} s."]
-    with open(path("results.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    with open(path("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print("\n".join(table))
-    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, generations/, results.md, results.json)")
-    return results
-
-
-def add_demo_arguments(p):
-    p.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo); "
-                   "running the demo again continues what is there")
-    p.add_argument("--size", choices=sorted(DEMO_SIZES), default="full", help="ci: the test-sized variant")
-    p.add_argument("--noise", type=float, default=0.35, help="share of wrong answers in the student's SFT data")
-    p.add_argument("--seed", type=int, default=0)
-
-
-# ============================================================================ 10. command line
-
-def add_training_arguments(p, lr, epochs, batch_size, warmup_steps, with_data=True):
-    p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (HF layout, the tokenizer's files beside)")
-    if with_data:
-        p.add_argument("--data", required=True)
-        p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --init)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="instructions per optimizer step, all GPUs")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="instructions per forward pass (0: whole batch)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens of prompt + one response (METHOD.md)")
-    p.add_argument("--warmup-steps", type=int, default=warmup_steps, help="-1: 3%% of the steps (Alpaca)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
-    p.add_argument("--adam-eps", type=float, default=1e-8)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (HF's default; 0: none)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights as loaded and trained")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT.partial")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT / OUT.partial")
-
-
-def add_loss_arguments(p):
-    p.add_argument("--margin", type=float, default=0.1)
-    p.add_argument("--mle-weight", type=float, default=1.0)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--mle-best-only", action="store_true", help="MLE on the best candidate only (default: all)")
-
-
-def add_sft_arguments(p):
-    add_training_arguments(p, lr=2e-5, epochs=3, batch_size=128, warmup_steps=-1)  # Stanford Alpaca's recipe
-
-
-def add_rank_arguments(p):
-    add_training_arguments(p, lr=1e-5, epochs=1, batch_size=16, warmup_steps=2)    # METHOD.md, Tuna_p
-    add_loss_arguments(p)
-
-
-def add_pipeline_arguments(p):
-    add_training_arguments(p, lr=None, epochs=1, batch_size=16, warmup_steps=2, with_data=False)
-    add_loss_arguments(p)
-    p.add_argument("--probabilistic-data", required=True, help="ranked file for Tuna_p")
-    p.add_argument("--lr-probabilistic", type=float, default=1e-5)
-    p.add_argument("--lr-contextual", type=float, default=1e-6)
-    p.add_argument("--contextual-data", help="ranked file for Tuna_c; if absent, built from OUT/tuna_p's samples "
-                   "by `teacher.py contextual` with the --teacher-* options")
-    p.add_argument("--instructions", help="Alpaca JSON whose instructions Tuna_p answers for contextual ranking")
-    p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
-    p.add_argument("--teacher-model", help="teacher model name")
-    p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options, e.g. '--limit 1000'")
-
+# ============================================================================ 7. pipeline and command line
 
 def run_pipeline(args):
     """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking (lr 1e-6)
     from Tuna_p on candidates sampled from Tuna_p (METHOD.md, Pipeline 4). OUT/tuna_p and OUT/tuna
     are ordinary stage outputs; --resume skips a finished stage."""
     out = args.out.rstrip("/")
-    stage = argparse.Namespace(**vars(args))
-    stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data, lr=args.lr_probabilistic)
-    tuna_p = train(stage, "rank")
     contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
     # built from this Tuna_p on every run (teacher.py's caches make that free when nothing changed), so that
     # the samples of an older Tuna_p are never trained on after a retraining
-    if not args.contextual_data:
-        if not (args.instructions and args.teacher_base_url and args.teacher_model):
-            raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
-                                "--teacher-model to build it from Tuna_p's samples with teacher.py")
-        if dist.is_initialized():                            # hours of sampling would time out the other ranks
-            raise TrainingError("pipeline: under torchrun, build the contextual data first and pass --contextual-data")
+    build_contextual = not args.contextual_data
+    if build_contextual and not (args.instructions and args.teacher_base_url and args.teacher_model):
+        raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
+                            "--teacher-model to build it from Tuna_p's samples with teacher.py")
+    if build_contextual and "RANK" in os.environ:  # hours of sampling would time out the other processes
+        raise TrainingError("pipeline: under torchrun, build the contextual data first and pass "
+                            "--contextual-data")
+    stage = argparse.Namespace(**vars(args))
+    stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data,
+                          lr=args.lr_probabilistic)
+    tuna_p = train(stage, "rank")
+    if build_contextual:
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
                    "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
                    args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
                    *shlex.split(args.teacher_args)]
         log("pipeline: " + " ".join(shlex.quote(c) for c in command))
         if subprocess.run(command).returncode != 0:
-            raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun with --resume")
+            raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun "
+                                "with --resume")
     stage.__dict__.update(init=tuna_p, out=os.path.join(out, "tuna"), data=contextual, lr=args.lr_contextual,
                           tokenizer=None)
     return train(stage, "rank")
 
 
-# name -> (help, add arguments, run): one line per subcommand
-SUBCOMMANDS = {
-    "sft": ("supervised fine-tuning on Alpaca JSON (the Alpaca baseline)", add_sft_arguments,
-            lambda args: train(args, "sft")),
-    "rank": ("ranking training on a ranked file (.jsonl ours, .json the authors')", add_rank_arguments,
-             lambda args: train(args, "rank")),
-    "pipeline": ("Tuna: Tuna_p (lr 1e-5) then Tuna_c (lr 1e-6) in one command", add_pipeline_arguments, run_pipeline),
-    "demo": ("the whole method offline on a CPU: SFT, Tuna_p, Tuna_c, Tuna on a built-in suite", add_demo_arguments,
-             run_demo),
+def add_training_arguments(p, kind):
+    """The flags a user changes: paths, length of training, batch, LoRA, precision, run folder, logging,
+    processes. The method's fixed values are the constants at the top of this file."""
+    lr, epochs, batch_size = (SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE) if kind == "sft" else \
+        (RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE)
+    p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
+    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout, the tokenizer's "
+                   "files beside) when finished")
+    if kind != "pipeline":
+        p.add_argument("--data", required=True, help="Alpaca JSON (sft); ranked .jsonl or the authors' .json")
+        p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --init)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="instructions per optimizer step, all "
+                   f"processes (default {batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="instructions per forward pass (0: whole "
+                   "batch); changes memory, not the loss")
+    p.add_argument("--seed", type=int, default=42, help="data order and LoRA initialisation")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed",
+                   help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA (float32 on a CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (or skip it if finished)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--save-every", type=int, default=500, help="a checkpoint every N steps (0: none)")
+    p.add_argument("--log-every", type=int, default=1, help="a console line every N steps")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
+    if kind != "sft":   # a README faithfulness note: the authors' code puts MLE on every candidate
+        p.add_argument("--mle-best-only", action="store_true", help="MLE on the best candidate only "
+                       "(a paper reading; default: all candidates, as the authors' code)")
+    else:
+        p.set_defaults(mle_best_only=False)
+
+
+def add_pipeline_arguments(p):
+    add_training_arguments(p, "pipeline")
+    p.add_argument("--probabilistic-data", required=True, help="ranked file for Tuna_p")
+    p.add_argument("--lr-probabilistic", type=float, default=RANK_LR["probabilistic"])
+    p.add_argument("--lr-contextual", type=float, default=RANK_LR["contextual"])
+    p.add_argument("--contextual-data", help="ranked file for Tuna_c; if absent, built from OUT/tuna_p's "
+                   "samples by `teacher.py contextual` with the --teacher-* options")
+    p.add_argument("--instructions", help="Alpaca JSON: what Tuna_p answers for contextual ranking")
+    p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
+    p.add_argument("--teacher-model", help="teacher model name")
+    p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
+
+
+SUBCOMMANDS = {  # name -> (help, add arguments, run)
+    "sft": ("supervised fine-tuning on Alpaca JSON (the Alpaca baseline)",
+            lambda p: add_training_arguments(p, "sft"), lambda args: train(args, "sft")),
+    "rank": ("ranking training on a ranked file (.jsonl ours, .json the authors')",
+             lambda p: add_training_arguments(p, "rank"), lambda args: train(args, "rank")),
+    "pipeline": ("Tuna: Tuna_p (lr 1e-5) then Tuna_c (lr 1e-6) in one command", add_pipeline_arguments,
+                 run_pipeline),
 }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tuna.py", description="Tuna: instruction tuning with ranking feedback")
+    parser = argparse.ArgumentParser(prog="tuna.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+    for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:  # one writer per output folder (under torchrun rank 0 holds the lock for all ranks)
+    try:  # one writer per output folder (under torchrun, the main process holds the lock for all)
         with data.lock_output(args.out) if os.environ.get("RANK", "0") == "0" else nullcontext():
             SUBCOMMANDS[args.command][2](args)
-    except (TrainingError, data.DataError, data.OutputLocked, FileNotFoundError) as e:
+    except (TrainingError, data.OutputLocked, OSError, ValueError) as e:  # DataError is a ValueError
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -6,10 +6,22 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def sequence_logprobs(net, prompts, responses):
+    """The naive reference the packed and served scores must equal: each (prompt, response) alone in its own
+    row through model.py -> (sum of the response tokens' log-probs, their count) per pair. Gradients flow."""
+    import model
+    sums = []
+    for prompt, response in zip(prompts, responses):
+        logits = net(torch.tensor([list(prompt) + list(response)]))[0, len(prompt) - 1:-1]  # predict the response
+        sums.append(model.token_logprobs(logits, torch.tensor(response, dtype=torch.long)).sum())
+    return torch.stack(sums), torch.tensor([len(r) for r in responses])
 
 
 def pytest_configure(config):

@@ -269,8 +269,7 @@ def test_sft_example_on_a_bpe_tokenizer_masks_the_prompt_and_ends_with_eos(folde
     for style in ("llama3", "smollm2"):
         tok = data.Tokenizer(folders[style])
         prompt, response = data.alpaca_prompt("Name the capital of France."), "Paris, 2 million people."
-        input_ids, labels = data.build_sft_example(tok, prompt, response)
-        n_prompt = labels.count(data.IGNORE_INDEX)
-        assert input_ids[:n_prompt] == tok.encode(prompt, bos=True) and input_ids[-1] == labels[-1] == tok.eos_id
-        assert labels[n_prompt:] == input_ids[n_prompt:] and tok.decode(input_ids[n_prompt:-1]) == response
-        assert (input_ids[0] == tok.bos_id) == (style == "llama3")
+        prompt_ids, response_ids = data.encode_prompt_response(tok, prompt, response)
+        assert prompt_ids == tok.encode(prompt, bos=True) and response_ids[-1] == tok.eos_id
+        assert tok.decode(response_ids[:-1]) == response
+        assert (prompt_ids[0] == tok.bos_id) == (style == "llama3")

@@ -12,6 +12,7 @@ import requests
 import torch
 
 import data
+import demo
 import eval as E
 import model
 import tuna
@@ -43,8 +44,8 @@ def sft(tmp_path_factory, bpe_tokenizer_dir):
                for i, e in enumerate(examples)]
     data.write_ranked_jsonl(root / "ranked.jsonl", records)
     assert tuna.main(["sft", "--init", str(root / "init"), "--data", str(root / "alpaca.json"), "--out",
-                      str(root / "sft"), "--max-len", "96", "--batch-size", "4", "--lr", "1e-2", "--epochs", "20",
-                      "--warmup-steps", "0", "--log-every", "100"]) == 0
+                      str(root / "sft"), "--batch-size", "4", "--lr", "1e-2", "--epochs", "20",
+                      "--log-every", "100"]) == 0
     return root, tok, examples
 
 
@@ -53,7 +54,7 @@ def test_sft_rows_mask_the_prompt_end_in_eos_and_the_model_learns_to_stop(sft):
     for name in tok.files:  # the checkpoint carries its tokenizer: tokenizer.json and tokenizer_config.json
         assert (root / "sft" / name).read_bytes() == (root / "init" / name).read_bytes()
     assert data.Tokenizer(root / "sft").bpe is not None
-    for row, example in zip(tuna.load_rows(str(root / "alpaca.json"), tok, 96, "sft"), examples):
+    for row, example in zip(tuna.load_rows(str(root / "alpaca.json"), tok, "sft"), examples):
         prompt = tok.encode(data.alpaca_prompt(example["instruction"]), bos=True)
         assert row["tokens"][:len(prompt)] == prompt and prompt[0] == tok.bos_id
         assert row["target"][-1] == tok.eos_id and tok.decode(row["target"][:-1]) == example["output"]
@@ -69,7 +70,7 @@ def test_teacher_serve_answers_with_text_decoded_as_tokenizers_does(sft):
     root, tok, examples = sft
     reference = tokenizers.Tokenizer.from_file(str(root / "sft" / "tokenizer.json"))
     net = model.load_checkpoint(str(root / "sft"))
-    process, url = tuna.start_teacher_server(str(root / "sft"))  # `python teacher.py serve`, as a user starts it
+    process, url = demo.start_teacher_server(str(root / "sft"))  # `python teacher.py serve`, as a user starts it
     finished = []
     try:
         for example in examples[:4]:
@@ -91,13 +92,13 @@ def test_teacher_serve_answers_with_text_decoded_as_tokenizers_does(sft):
 
 def test_pipeline_with_contextual_sampling_and_a_judge_over_http(sft, tmp_path):
     root, tok, examples = sft
-    judge = tuna.start_rule_judge({e["instruction"]: e["output"] for e in examples})
+    judge = demo.start_rule_judge({e["instruction"]: e["output"] for e in examples})
     try:
         out = tmp_path / "tuna"
         assert tuna.main(["pipeline", "--init", str(root / "sft"), "--probabilistic-data", str(root / "ranked.jsonl"),
-                          "--instructions", str(root / "alpaca.json"), "--out", str(out), "--max-len", "96",
+                          "--instructions", str(root / "alpaca.json"), "--out", str(out),
                           "--batch-size", "4", "--teacher-base-url", f"http://127.0.0.1:{judge.server_port}/v1",
-                          "--teacher-model", tuna.DEMO_JUDGE, "--teacher-args",
+                          "--teacher-model", demo.JUDGE, "--teacher-args",
                           "--limit 4 --n 2 --tries 1 --student-max-tokens 24 --workers 1"]) == 0
     finally:
         judge.shutdown()

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from data import (IGNORE_INDEX, DataError, OutputLocked, RankedRecord, Tokenizer, alpaca_prompt, build_sft_example,
+from data import (DataError, OutputLocked, RankedRecord, Tokenizer, alpaca_prompt, append_jsonl,
                   encode_prompt_response, iter_jsonl, lock_output, read_alpaca, read_authors_ranking,
-                  read_ranked_jsonl, write_ranked_jsonl)
+                  read_jsonl_log, read_ranked_jsonl, write_atomic, write_ranked_jsonl)
 
 # The two Stanford Alpaca prompts, written out in full (PROMPT_DICT in tatsu-lab/stanford_alpaca train.py).
 ALPACA_NO_INPUT = (
@@ -123,14 +123,10 @@ def test_alpaca_prompt_exact_text():
 
 def test_sft_example_masks_exactly_the_prompt(tok):
     prompt, response = alpaca_prompt("Give three tips for staying healthy."), "Eat well, exercise, sleep."
-    input_ids, labels = build_sft_example(tok, prompt, response)
-    assert input_ids == tok.encode(prompt + response, bos=True, eos=True)  # one tokenization
-    n_prompt = len(tok.encode(prompt, bos=True))  # here the prompt's tokens are a prefix (Alpaca's rule)
-    assert input_ids[:n_prompt] == tok.encode(prompt, bos=True)
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == input_ids[n_prompt:] and IGNORE_INDEX not in labels[n_prompt:]
-    assert input_ids[-1] == labels[-1] == tok.eos_id
-    assert tok.decode(input_ids[n_prompt:]) == response
+    prompt_ids, response_ids = encode_prompt_response(tok, prompt, response)
+    assert prompt_ids + response_ids == tok.encode(prompt + response, bos=True, eos=True)  # one tokenization
+    assert prompt_ids == tok.encode(prompt, bos=True)  # here the prompt's tokens are a prefix (Alpaca's rule)
+    assert response_ids[-1] == tok.eos_id and tok.decode(response_ids) == response
 
 
 def test_split_where_the_prompt_tokens_are_not_a_prefix(tok):
@@ -163,18 +159,16 @@ def test_truncation_cuts_the_response_and_never_empties_it(tok):
     prompt = alpaca_prompt("Sort the numbers.")
     n_prompt = len(tok.encode(prompt, bos=True))
     long_response = " ".join(["3, 7, 19, 42"] * 200)
-    input_ids, labels = build_sft_example(tok, prompt, long_response, max_len=128)
-    assert len(input_ids) == len(labels) == 128
-    assert input_ids == tok.encode(prompt + long_response, bos=True)[:128]  # cut on the right, like Alpaca
-    assert input_ids[-1] != tok.eos_id  # a cut response does not teach stopping
-    assert labels.count(IGNORE_INDEX) == n_prompt
+    prompt_ids, response_ids = encode_prompt_response(tok, prompt, long_response, max_len=128)
+    assert len(prompt_ids) == n_prompt and len(prompt_ids + response_ids) == 128
+    assert prompt_ids + response_ids == tok.encode(prompt + long_response, bos=True)[:128]  # cut on the right
+    assert response_ids[-1] != tok.eos_id  # a cut response does not teach stopping
 
     short = "3, 7."
     exact = n_prompt + len(tok.encode(prompt + short)) - len(tok.encode(prompt)) + 1
-    assert build_sft_example(tok, prompt, short, max_len=exact)[0][-1] == tok.eos_id  # fits: EOS kept
-    one_left = build_sft_example(tok, prompt, long_response, max_len=n_prompt + 1)
-    assert [x for x in one_left[1] if x != IGNORE_INDEX] == one_left[0][-1:]  # one response token
-    assert build_sft_example(tok, prompt, long_response, max_len=n_prompt) is None  # no room: reported
+    assert encode_prompt_response(tok, prompt, short, max_len=exact)[1][-1] == tok.eos_id  # fits: EOS kept
+    assert len(encode_prompt_response(tok, prompt, long_response, max_len=n_prompt + 1)[1]) == 1
+    assert encode_prompt_response(tok, prompt, long_response, max_len=n_prompt) is None  # no room: reported
     assert encode_prompt_response(tok, prompt, short, max_len=5) is None
 
 
@@ -366,6 +360,42 @@ def test_write_is_atomic_and_validates(tmp_path, bad, message):
         write_ranked_jsonl(path, [sample_records()[0], bad])
     assert path.read_bytes() == before  # the old file is untouched
     assert os.listdir(tmp_path) == ["ranked.jsonl"]  # and no temporary file is left behind
+
+
+# ----------------------------------------------------------------------------- logs a kill may cut short
+
+def test_jsonl_log_survives_a_cut_line_and_appends_after_it(tmp_path):
+    path = tmp_path / "log.jsonl"
+    assert list(read_jsonl_log(path)) == []  # no file yet: no records
+    assert append_jsonl(path, [{"a": 1}, {"b": "é"}]) == 0
+    second = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(b'{"c": [1, 2')  # a kill in the middle of a line
+    assert append_jsonl(path, [{"d": 4}]) == second + len(b'{"c": [1, 2') + 1  # ends the cut line first
+    with open(path, "ab") as f:
+        f.write(b'[1, 2]\n\n"text"\n\xff\n')  # not objects, a blank line, not UTF-8
+    skipped = []
+    records = list(read_jsonl_log(path, skipped.append))
+    assert [r for _, r in records] == [{"a": 1}, {"b": "é"}, {"d": 4}]
+    for offset, record in records:  # each offset is where its line starts
+        with open(path, "rb") as f:
+            f.seek(offset)
+            assert json.loads(f.readline()) == record
+    assert [m.split(": ")[0] for m in skipped] == [f"{path}, line {n}" for n in (3, 5, 7, 8)]
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out.txt"
+    write_atomic(path, "old")
+
+    def lines():
+        yield "new line 1\n"
+        raise RuntimeError("killed while writing")
+    with pytest.raises(RuntimeError):
+        write_atomic(path, lines())
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+    write_atomic(path, (f"{i}\n" for i in range(3)))
+    assert path.read_text() == "0\n1\n2\n" and oct(os.stat(path).st_mode & 0o777) == "0o644"
 
 
 # ----------------------------------------------------------------------------- one writer per output

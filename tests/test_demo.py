@@ -1,45 +1,47 @@
-"""`python tuna.py demo --size ci`: the whole method end to end, offline, through the real commands.
+"""`python demo.py --size ci`: the whole method end to end, offline, through the real commands.
 
 One run (about 2 minutes on 2 cores) is shared by the tests below; a second run on the same folder must
-redo nothing and pay for no teacher request."""
+redo nothing and pay for no teacher request. results.svg is read back as XML: one panel per stage whose
+curves are the stage's metrics.jsonl, and the held-out scores of results.json."""
 import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 
 import data
+import demo
 import model
-import tuna
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna", "teacher (for reference)"]
 
 
 def run_demo(out):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tuna.py"), "demo", "--size", "ci", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--size", "ci", "--out", str(out)],
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     first = run_demo(out)
     return out, first
 
 
 @pytest.mark.slow
-def test_demo_table_covers_every_stage_and_ranking_does_not_hurt(demo):
-    out, first = demo
+def test_demo_table_covers_every_stage_and_ranking_does_not_hurt(demo_run):
+    out, first = demo_run
     results = json.load(open(out / "results.json"))
     assert list(results) == MODELS
     heldout = json.load(open(out / "heldout.json"))
     for name in MODELS:
         r = results[name]
-        assert r["items"] == len(heldout) == len(r["answers"]) == tuna.DEMO_SIZES["ci"]["heldout"]
+        assert r["items"] == len(heldout) == len(r["answers"]) == demo.SIZES["ci"]["heldout"]
         assert 0 <= r["exact_match"] <= 100 and 0 <= r["rouge_l"] <= 100
         # the table's figure is the mean of the per-item answers it keeps
         em = [a["answer"].strip().lower() == a["reference"].lower() for a in r["answers"]]
@@ -48,12 +50,13 @@ def test_demo_table_covers_every_stage_and_ranking_does_not_hurt(demo):
     assert results["Tuna"]["exact_match"] >= results["SFT (Alpaca)"]["exact_match"]
     table = open(out / "results.md").read()
     assert all(f"| {name} |" in table for name in MODELS) and "rule-based judge" in table
+    assert "](results.svg)" in table                            # the picture is linked from the table
     assert table.splitlines()[2] in first.stdout               # the table is printed too
 
 
 @pytest.mark.slow
-def test_demo_artefacts_are_well_formed(demo):
-    out, _ = demo
+def test_demo_artefacts_are_well_formed(demo_run):
+    out, _ = demo_run
     train = json.load(open(out / "sft_data.json"))
     clean = json.load(open(out / "teacher_data.json"))
     heldout = json.load(open(out / "heldout.json"))
@@ -71,7 +74,7 @@ def test_demo_artefacts_are_well_formed(demo):
         assert len(contextual) >= 100
         solutions = {e["instruction"]: e["output"] for e in clean}
         for record in contextual:
-            assert record.source["kind"] == "contextual" and record.source["teacher"] == tuna.DEMO_JUDGE
+            assert record.source["kind"] == "contextual" and record.source["teacher"] == demo.JUDGE
             assert "rank:" in record.source["raw_reply"]
             # the rule-based judge puts a correct answer first whenever there is one
             assert record.candidates[0] == solutions[record.instruction]
@@ -86,8 +89,43 @@ def test_demo_artefacts_are_well_formed(demo):
 
 
 @pytest.mark.slow
-def test_demo_rerun_redoes_nothing_and_pays_nothing(demo):
-    out, _ = demo
+def test_demo_picture_draws_each_stage_from_its_metrics(demo_run):
+    out, _ = demo_run
+    root = ElementTree.parse(out / "results.svg").getroot()   # well-formed, self-contained XML
+    svg = "{http://www.w3.org/2000/svg}"
+    assert root.tag == svg + "svg" and int(root.get("width")) == 960
+    assert not [e for e in root.iter() if e.tag in (svg + "image", svg + "script", svg + "use")]
+    panels = {g.get("data-stage"): g for g in root.iter(svg + "g") if g.get("class") == "stage"}
+    assert list(panels) == ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna"]   # one panel per stage
+    for stage, panel in panels.items():
+        metrics = [json.loads(line) for line in open(out / demo.MODELS[stage] / "metrics.jsonl")]
+        assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))  # every step is logged
+        lines = {p.get("class"): [tuple(map(float, xy.split(","))) for xy in p.get("points").split()]
+                 for p in panel.iter(svg + "polyline")}
+        assert set(lines) == {"loss", "mle", "rank"}
+        xs = [x for x, _ in lines["loss"]]
+        assert len(xs) == len(metrics) and xs == sorted(xs) and len(set(xs)) == len(xs)  # one point per step
+        # every point's height is the same affine function of its value, for the three curves of a panel
+        pairs = [(m[key], y) for key in lines for m, (_, y) in zip(metrics, lines[key])]
+        (v0, y0), (v1, y1) = min(pairs), max(pairs)
+        assert y1 < y0                                         # larger values are drawn higher
+        for value, y in pairs:
+            assert y == pytest.approx(y0 + (y1 - y0) * (value - v0) / (v1 - v0), abs=0.02)
+        if stage == "SFT (Alpaca)":
+            assert all(m["rank"] == 0 for m in metrics)        # one candidate: no ranking term
+    results = json.load(open(out / "results.json"))
+    bars = {r.get("data-model"): float(r.get("width")) for r in root.iter(svg + "rect")
+            if r.get("class") == "exact_match"}
+    assert list(bars) == MODELS
+    for name, width in bars.items():
+        assert width == pytest.approx(6.4 * results[name]["exact_match"], abs=0.06)
+    texts = " ".join(t.text or "" for t in root.iter(svg + "text"))
+    assert all(f"{results[name]['exact_match']:.1f} / {results[name]['rouge_l']:.1f}" in texts for name in MODELS)
+
+
+@pytest.mark.slow
+def test_demo_rerun_redoes_nothing_and_pays_nothing(demo_run):
+    out, _ = demo_run
     before = json.load(open(out / "results.json"))
     cache_sizes = {p: os.path.getsize(out / p) for p in ("probabilistic.jsonl.cache.jsonl",
                                                          "contextual_sft.jsonl.cache.jsonl",
@@ -101,9 +139,10 @@ def test_demo_rerun_redoes_nothing_and_pays_nothing(demo):
     after = json.load(open(out / "results.json"))
     # other settings on the same folder: refused, naming the record, before anything is overwritten
     data_before = (out / "sft_data.json").read_bytes()
-    other = subprocess.run([sys.executable, os.path.join(ROOT, "tuna.py"), "demo", "--size", "ci", "--noise", "0.2",
+    other = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--size", "ci", "--noise", "0.2",
                             "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert other.returncode != 0 and str(out / "demo.json") in other.stderr and "'noise': 0.35" in other.stderr
+    assert other.returncode == 1 and other.stderr.startswith(f"demo.py: error: {out / 'demo.json'}: ")
+    assert "'noise': 0.35" in other.stderr and "Traceback" not in other.stderr
     assert (out / "sft_data.json").read_bytes() == data_before
     assert {k: v["exact_match"] for k, v in after.items()} == {k: v["exact_match"] for k, v in before.items()}
 
@@ -115,12 +154,12 @@ def test_rule_based_judge_answers_over_http_in_the_teachers_format():
     import requests
     import teacher
     instruction = "Sort the letters d b a alphabetically."
-    server = tuna.start_rule_judge({instruction: "a b d"})
+    server = demo.start_rule_judge({instruction: "a b d"})
     url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
     try:
         def ranks(candidates, asked=instruction):
             messages = teacher.ranking_messages(data.alpaca_prompt(asked), candidates)
-            reply = requests.post(url, json={"model": tuna.DEMO_JUDGE, "messages": messages}, timeout=10)
+            reply = requests.post(url, json={"model": demo.JUDGE, "messages": messages}, timeout=10)
             return reply if reply.status_code != 200 else teacher.parse_ranking(
                 reply.json()["choices"][0]["message"]["content"], len(candidates))
         assert ranks(["d b a", "a b d", "b a d", "a b d"]) == [1, 2, 0]      # right first, duplicate dropped

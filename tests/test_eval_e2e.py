@@ -95,7 +95,7 @@ def test_cli_writes_results_table_and_json(checkpoints, benchmarks, judge_url, s
     assert len(judged) == 4 and all(j["g1_judgment"] and j["g2_judgment"] for j in judged)
     skipped = "\n".join(results["skipped"])
     assert "task_no_instances.json" in skipped and "1 of 4 tasks have no file" in skipped
-    assert "homophones.json" in skipped and "question.jsonl:3" in skipped and "22 of the 25 core" in skipped
+    assert "homophones.json" in skipped and "question.jsonl, line 3" in skipped and "22 of the 25 core" in skipped
     assert f"## Skipped ({len(results['skipped'])})" in markdown and "task_no_instances.json" in markdown
     assert "| Model 1 vs model 2 |" in markdown and "coreference_resolution" in markdown
     assert "| tuna |" in capsys.readouterr().out

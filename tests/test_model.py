@@ -538,16 +538,14 @@ def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_compile(tmp_p
     assert len(notices) == 1 and "no-such-compiler" in notices[0] and notices[0].endswith("decoding eagerly")
 
 
-def test_sequence_logprobs_match_transformers_by_hand(gen_model):
+def test_token_logprobs_match_transformers_by_hand(gen_model):
     hf, model = gen_model
-    prompts = [[1, 5, 6, 7], [1, 9], [1, 30, 31], [1, 4]]
-    responses = [[8, 9, 2], [10, 11, 12, 13, 14, 2], [], [2]]
-    total, count = M.sequence_logprobs(model, prompts, responses)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        logits = hf_logits(hf, torch.tensor([prompt + response]))[0]
-        expected = sum(logits[len(prompt) - 1 + j].log_softmax(-1)[token].item() for j, token in enumerate(response))
-        assert count[i].item() == len(response)
-        assert abs(total[i].item() - expected) < 1e-4
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 2], [1, 9, 10, 11, 12, 13, 14]])
+    targets = torch.cat([tokens[:, 1:], torch.tensor([[-100], [-100]])], 1)  # position t predicts token t + 1
+    with torch.no_grad():
+        got = M.token_logprobs(model(tokens), targets)
+    expected = hf_logits(hf, tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(got[:, :-1], expected, atol=1e-4) and (got[:, -1] == 0).all()
     logits = torch.randn(2, 3, 7)
     targets = torch.tensor([[1, -100, 6], [-100, 0, 2]])
     got = M.token_logprobs(logits, targets)

@@ -24,6 +24,7 @@ import torch
 import data
 import model as M
 import teacher
+from conftest import sequence_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-TUNA-test-secret-0123456789abcdef"
@@ -463,7 +464,7 @@ def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
         assert choice.finish_reason == ("stop" if tok.eos_id in row else "length")
         assert lp.tokens == [tok.piece_bytes(t).decode("utf-8", "replace") for t in body]
         assert lp.token_logprobs == pytest.approx(row_logprobs[:len(body)], abs=1e-4)  # generate's incremental pass
-        total, count = M.sequence_logprobs(model, [ids], [body])
+        total, count = sequence_logprobs(model, [ids], [body])
         assert sum(lp.token_logprobs) == pytest.approx(total.item(), abs=1e-3) and count.item() == len(body)
         with torch.no_grad():  # the top-3 at each position (tokens with the same text share one key)
             logp = torch.log_softmax(model(torch.tensor([ids + body]))[0, len(ids) - 1:-1].float(), -1)
@@ -479,7 +480,7 @@ def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
     lp = echo.choices[0].logprobs
     assert echo.choices[0].text == "Paris is the capital of France." and lp.token_logprobs[0] is None
     assert len(lp.tokens) == len(ids) - 1 and lp.text_offset[0] == 0
-    total, _ = M.sequence_logprobs(model, [ids[:2]], [ids[2:]])
+    total, _ = sequence_logprobs(model, [ids[:2]], [ids[2:]])
     assert sum(lp.token_logprobs[1:]) == pytest.approx(total.item(), abs=1e-3)
     # chat: the Alpaca template, logprobs as content[{token, logprob, bytes, top_logprobs}]
     chat = client.chat.completions.create(model="tiny-teacher", messages=[{"role": "user", "content": "Count to 3."}],
@@ -490,7 +491,7 @@ def test_openai_client_reads_logprobs_equal_to_model_scoring(tiny):
     body = [t for t in greedy[0] if t != tok.eos_id]
     assert [c.bytes for c in content] == [list(tok.piece_bytes(t)) for t in body]
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy = top-1
-    total, _ = M.sequence_logprobs(model, [ids], [body])
+    total, _ = sequence_logprobs(model, [ids], [body])
     assert sum(c.logprob for c in content) == pytest.approx(total.item(), abs=1e-3)
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert [m.id for m in client.models.list().data] == ["tiny-teacher"]
@@ -585,7 +586,7 @@ def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
         assert record.candidates[record.source["original_index"]] == original
         # the original's score is its mean token log-prob as model.py scores it (the training-side split)
         prompt_ids, response_ids = data.encode_prompt_response(tok, record.prompt, original)
-        total, count = M.sequence_logprobs(model, [prompt_ids], [response_ids[:-1]])  # the API has no EOS
+        total, count = sequence_logprobs(model, [prompt_ids], [response_ids[:-1]])  # the API has no EOS
         assert record.scores[record.source["original_index"]] == pytest.approx(total.item() / count.item(), abs=1e-4)
         assert record.prompt == data.alpaca_prompt(record.instruction, record.input)
     assert counts["requests"] == 6 and counts["completion_tokens"] > 0
@@ -787,7 +788,7 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
     assert any(r.source["unfinished"] for r in contextual)
     # training: an unfinished candidate's tokens end without EOS, a finished one's with it
     for path, records in ((tmp_path / "p.jsonl", list(probabilistic.values())), (tmp_path / "c.jsonl", contextual)):
-        rows = {row["id"]: row for row in tuna.load_rows(str(path), tok, 512, "rank")}
+        rows = {row["id"]: row for row in tuna.load_rows(str(path), tok, "rank")}
         for record in records:
             row = rows[record.id]
             for k in range(record_candidates := len(record.candidates)):

@@ -8,6 +8,7 @@ import torch.nn as nn
 import data
 import model
 import tuna
+from conftest import sequence_logprobs
 
 
 def scores_of(rows):
@@ -165,11 +166,11 @@ def tiny_model():
 
 def naive_loss(net, prompts_per_row, responses_per_row, **options):
     """The K-row computation the packed row must reproduce: each (prompt, response) alone in its own row,
-    scored with model.sequence_logprobs (mean log-prob), losses from the scores and token sums."""
+    scored with the naive sequence_logprobs of conftest (mean log-prob), losses from the scores and token sums."""
     K = max(map(len, responses_per_row))
     flat_prompts = [p for ps in prompts_per_row for p in ps]
     flat_responses = [r for rs in responses_per_row for r in rs]
-    sums, counts = model.sequence_logprobs(net, flat_prompts, flat_responses)
+    sums, counts = sequence_logprobs(net, flat_prompts, flat_responses)
     scores = torch.zeros(len(prompts_per_row), K)
     mask = torch.zeros(len(prompts_per_row), K, dtype=torch.bool)
     i = 0
@@ -221,7 +222,7 @@ def test_packing_a_seam_mismatch_still_equals_naive_rows(tiny_model):
     batch = tuna.collate([tuna.pack_example(prompts, responses)], pad_id=0)
     with torch.no_grad():
         lp = tuna.score_tokens(tiny_model, batch)
-        sums, counts = model.sequence_logprobs(tiny_model, prompts, responses)
+        sums, counts = sequence_logprobs(tiny_model, prompts, responses)
     torch.testing.assert_close(tuna.candidate_scores(lp, batch["candidate"], 2)[0], sums / counts, atol=1e-5, rtol=1e-5)
 
 

@@ -50,7 +50,7 @@ def run(*argv):
 
 
 def common(files, out, *extra):
-    return ["--init", files / "init", "--out", out, "--max-len", 96, "--batch-size", 4, *extra]
+    return ["--init", files / "init", "--out", out, "--batch-size", 4, *extra]
 
 
 def metrics(folder):
@@ -72,13 +72,14 @@ def assert_same_weights(a, b, atol=1e-6):
 def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path, capsys):
     out = tmp_path / "tuna_p"
     assert run("rank", "--data", files / "ranked.jsonl", *common(files, out)) == 0
-    assert not os.path.exists(f"{out}.partial")
+    assert not os.path.exists(out / "checkpoints")  # step checkpoints go when the run is finished
     loaded = model.load_checkpoint(str(out))
     assert loaded.args.vocab_size == 512
     assert (out / "tokenizer.model").read_bytes() == (files / "init" / "tokenizer.model").read_bytes()
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert {"loss", "mle", "rank", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert json.load(open(out / "run.json"))["data"] == str(files / "ranked.jsonl")
     assert all(m["loss"] == pytest.approx(m["mle"] + m["rank"]) and m["rank"] >= 0 for m in lines)
     assert lines[1]["lr"] == pytest.approx(1e-5)  # METHOD.md: Tuna_p lr 1e-5, 2 warm-up steps
     state = torch.load(out / "training_state.pt", weights_only=True)
@@ -90,8 +91,7 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
 
 def test_training_lowers_the_loss_on_data_it_sees_again(files, tmp_path):
     out = tmp_path / "overfit"
-    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 3e-3, "--epochs", 6,
-                                                                  "--warmup-steps", 0)) == 0
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 3e-3, "--epochs", 6)) == 0
     losses = [m["loss"] for m in metrics(out)]
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
 
@@ -101,12 +101,11 @@ def test_sft_authors_json_and_the_two_stage_pipeline(files, tmp_path):
     assert run("sft", "--data", files / "alpaca.json", *common(files, sft, "--max-steps", 2)) == 0
     assert all(m["rank"] == 0 for m in metrics(sft))  # one candidate: the loss is the cross-entropy alone
     authors = tmp_path / "authors"
-    assert run("rank", "--data", files / "authors.json", "--init", sft, "--out", authors, "--max-len", 96,
-               "--batch-size", 8) == 0
+    assert run("rank", "--data", files / "authors.json", "--init", sft, "--out", authors, "--batch-size", 8) == 0
     assert len(metrics(authors)) == 2
     tuna_dir = tmp_path / "tuna"
     assert run("pipeline", "--probabilistic-data", files / "ranked.jsonl", "--contextual-data", files / "authors.json",
-               "--init", sft, "--out", tuna_dir, "--max-len", 96, "--batch-size", 8) == 0
+               "--init", sft, "--out", tuna_dir, "--batch-size", 8) == 0
     assert max(m["lr"] for m in metrics(tuna_dir / "tuna_p")) == pytest.approx(1e-5)
     assert max(m["lr"] for m in metrics(tuna_dir / "tuna")) == pytest.approx(1e-6)
     assert json.load(open(tuna_dir / "tuna" / "run.json"))["init"] == str(tuna_dir / "tuna_p")
@@ -129,16 +128,28 @@ def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
     assert metrics(out)[0]["lr"] == pytest.approx(0.5e-3)
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    lines = (files / "ranked.jsonl").read_text().splitlines()
+    (tmp_path / "cut.jsonl").write_text(lines[0] + "\n" + lines[1][:40] + "\n")
+    assert run("rank", "--data", tmp_path / "cut.jsonl", *common(files, out)) == 1
+    assert "cut.jsonl, line 2: malformed JSON" in capsys.readouterr().err and not os.path.exists(out)
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 0  # no --overwrite
+    before = weights(out)
+    # --overwrite replaces a run only when the new one takes its first step: bad data keeps the old run whole
+    assert run("rank", "--data", tmp_path / "cut.jsonl", *common(files, out, "--overwrite")) == 1
+    assert all(torch.equal(before[k], weights(out)[k]) for k in before) and len(metrics(out)) == 1
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(files, tmp_path, capsys):
     out = tmp_path / "nan"
     # lr 1e30: the first update pushes every weight to ~1e30, so the second forward overflows to inf/nan
-    code = run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 1e30, "--warmup-steps", 0,
-                                                                   "--save-every", 1))
+    code = run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 1e30, "--save-every", 1))
     err = capsys.readouterr().err
     assert code == 1 and "non-finite loss" in err and "at step 2 " in err and "records [" in err
-    assert not os.path.exists(out)
-    assert os.listdir(f"{out}.partial/checkpoints") == ["step-00000001"]
-    model.load_checkpoint(f"{out}.partial/checkpoints/step-00000001")
+    assert not os.path.exists(out / "config.json")  # not a finished checkpoint
+    assert os.listdir(out / "checkpoints") == ["step-00000001"]
+    model.load_checkpoint(str(out / "checkpoints" / "step-00000001"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
@@ -174,7 +185,7 @@ def test_resume_after_sigkill_continues_exactly(files, tmp_path, capsys):
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not os.path.exists(killed) and os.path.isdir(f"{killed}.partial")
+    assert not os.path.exists(killed / "config.json") and os.path.isdir(killed / "checkpoints")  # unfinished
     capsys.readouterr()
     assert run(*args, *common(files, killed, "--batch-size", 2, "--resume")) == 0
     resumed_from = int(re.search(r"from step (\d+)", capsys.readouterr().err).group(1))
@@ -233,7 +244,7 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
     out = tmp_path / "tuna"
     pipeline = lambda *extra: run(  # noqa: E731
         "pipeline", "--probabilistic-data", files / "ranked.jsonl", "--init", files / "init", "--out", out,
-        "--max-len", 96, "--batch-size", 4, "--instructions", files / "alpaca.json",
+        "--batch-size", 4, "--instructions", files / "alpaca.json",
         "--teacher-base-url", f"http://127.0.0.1:{server.server_port}/v1", "--teacher-model", "stub-gpt-4",
         "--teacher-args", "--limit 4 --n 2 --tries 1 --student-max-tokens 6 --workers 1", *extra)
     student_cache = out / "contextual.jsonl.student.jsonl"
@@ -277,7 +288,7 @@ def test_a_second_run_on_the_same_output_refuses_at_once(files, tmp_path, capsys
         assert holder.stdout.readline() == "held\n"
         assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)) == 1
         assert f"{out} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
-        assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+        assert not os.path.exists(out)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -1,0 +1,408 @@
+"""The whole Tuna method offline on a CPU: SFT, Tuna_p, Tuna_c and Tuna on a built-in instruction suite.
+
+    python demo.py --out runs/demo              # about 5 minutes on 2 CPU cores
+    python demo.py --out runs/demo --size ci    # the test-sized run, about 2 minutes
+
+Every stage runs the command a user would type (tuna.py sft / rank / pipeline, teacher.py probabilistic /
+contextual), with the teacher served over HTTP by `teacher.py serve`. What stands in for what: a built-in
+suite of short tasks with checkable answers; a tiny "teacher" LLaMA trained on the correct answers (for
+text-davinci-003); a tiny "student" trained on answers that are sometimes wrong (the Alpaca baseline); and,
+for GPT-4 in contextual ranking, a RULE-BASED JUDGE that checks the known answers, named so in every file it
+touches. Everything stays in --out: data files, checkpoints with metrics.jsonl, greedy answers, results.md
+(the table), results.json and results.svg (each stage's training curves and the held-out scores). Running it
+again on the same folder continues where it stopped and redoes nothing.
+"""
+import argparse
+import html
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+import torch
+
+import data
+import eval as evaluation  # eval.py (renamed here so Python's eval() stays visible)
+import model as llama
+import teacher
+import tuna
+
+# The suite: short tasks whose answers can be checked, so the final table can say whether ranking helped.
+# Every answer is a function of what the instruction shows (no world knowledge), so held-out instructions
+# are new instances of the same tasks. Each task also has one plausible wrong answer: the SFT data uses it
+# for a share of the instructions, as Alpaca's distilled answers are sometimes wrong.
+TASKS = {  # name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
+    "first": lambda ls, ds: (f"What is the first of the letters {' '.join(ls)}?", ls[0], ls[-1]),
+    "last": lambda ls, ds: (f"What is the last of the letters {' '.join(ls)}?", ls[-1], ls[0]),
+    "count": lambda ls, ds: (f"How many letters are in {' '.join(ls)}?", str(len(ls)), str(len(ls) + 1)),
+    "largest": lambda ls, ds: (f"Which is the largest of the digits {' '.join(ds)}?", max(ds), ds[0]),
+    "smallest": lambda ls, ds: (f"Which is the smallest of the digits {' '.join(ds)}?", min(ds), max(ds)),
+    "sort": lambda ls, ds: (f"Sort the letters {' '.join(ls)} alphabetically.", " ".join(sorted(ls)),
+                            " ".join(ls)),
+}
+
+JUDGE = "rule-based-judge-checking-known-answers"  # its name in every data file it touches
+
+# name -> settings; "full" is what the README's command runs, "ci" the test-sized variant.
+SIZES = {
+    "full": dict(train=4000, heldout=300, ranked=2000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+                 sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
+    "ci": dict(train=2000, heldout=300, ranked=1000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+               sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
+}
+
+# The models of the table (name -> folder in --out); the first four are the stages drawn in results.svg.
+MODELS = {"SFT (Alpaca)": "sft", "Tuna_p": os.path.join("tuna", "tuna_p"), "Tuna_c": "tuna_c",
+          "Tuna": os.path.join("tuna", "tuna"), "teacher (for reference)": "teacher"}
+STAGE_NOTES = {"SFT (Alpaca)": "one candidate, so loss = MLE term",
+               "Tuna_p": "probabilistic ranking, from SFT", "Tuna_c": "contextual ranking, from SFT",
+               "Tuna": "contextual ranking, from Tuna_p (lr / 10)"}
+
+
+class DemoError(RuntimeError):
+    """A demo that cannot start or go on; the message names the file, stage or URL."""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo); "
+                        "running the demo again continues what is there")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="ci: the test-sized variant")
+    parser.add_argument("--noise", type=float, default=0.35, help="share of wrong answers in the SFT data")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        run_demo(args)
+    except (DemoError, OSError, ValueError) as e:  # DataError is a ValueError; each names its file
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo(args):
+    """SFT, Tuna_p, Tuna_c and Tuna on the suite, then the held-out table and picture; all in --out."""
+    size, out, began = SIZES[args.size], args.out.rstrip("/"), time.time()
+    path = lambda *names: os.path.join(out, *names)  # noqa: E731
+
+    def stage(title, run, argv):  # each stage is the command a user would type; --resume: a rerun skips it
+        log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
+        try:
+            status = run(argv[1:])
+        except SystemExit as e:  # argparse and teacher.py exit this way
+            status = e.code
+        if status != 0:
+            raise DemoError(f"stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
+
+    student, teacher_data, heldout = prepare(args, size, out)
+    common = ["--resume", "--seed", str(args.seed), "--save-every", "0", "--log-every", "25"]
+    sft = ["--lr", str(size["sft_lr"]), "--epochs", str(size["sft_epochs"]), "--batch-size", "32"]
+    stage("the teacher: SFT on correct answers (it stands for text-davinci-003)", tuna.main,
+          ["tuna.py", "sft", "--init", path("init_teacher"), "--data", path("teacher_data.json"),
+           "--out", path("teacher"), *common, *sft])
+    stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)", tuna.main,
+          ["tuna.py", "sft", "--init", path("init_student"), "--data", path("sft_data.json"),
+           "--out", path("sft"), *common, *sft])
+    rank = [*common, "--batch-size", "16", "--epochs", "1"]
+    limit = ["--limit", str(size["ranked"]), "--workers", "2"]
+    process, teacher_url = start_teacher_server(path("teacher"))
+    try:
+        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token "
+              "log-prob", teacher.main,
+              ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
+               path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
+               "--max-tokens", "16", "--add-original", "scored", *limit])
+    finally:
+        process.kill()
+    judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
+    judge_url = f"http://127.0.0.1:{judge.server_port}/v1"
+    judge_args = ["--base-url", judge_url, "--model", JUDGE, "--student-max-tokens", "16", *limit]
+    try:
+        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on "
+              "Tuna_p's own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", tuna.main,
+              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data",
+               path("probabilistic.jsonl"), "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual",
+               str(size["rank_lr"] / 10), "--instructions", path("sft_data.json"), "--teacher-base-url",
+               judge_url, "--teacher-model", JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out",
+               path("tuna"), *rank])
+        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge "
+              "ranks them", teacher.main,
+              ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student", path("sft"), "--out",
+               path("contextual_sft.jsonl"), *judge_args])
+    finally:
+        judge.shutdown()
+    stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main,
+          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out",
+           path("tuna_c"), "--lr", str(size["rank_lr"]), *rank])
+
+    log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new "
+        "instructions")
+    results = evaluate_heldout(out, heldout)
+    table = results_table(results, args.noise, time.time() - began)
+    data.write_atomic(path("results.md"), table)
+    data.write_atomic(path("results.json"), json.dumps(results, indent=1))
+    curves = {name: read_metrics(path(MODELS[name], "metrics.jsonl")) for name in STAGE_NOTES}
+    data.write_atomic(path("results.svg"), results_svg(curves, results, f"size {args.size}, {args.noise:.0%} "
+                                                       f"wrong SFT answers, seed {args.seed}"))
+    print(table, end="")
+    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, generations/, results.md, "
+        "results.json, results.svg)")
+    return results
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the suite and the models
+
+def prepare(args, size, out):
+    """The folder's settings (demo.json), the suite's data files, the tokenizer and the two untrained
+    models; each written once, atomically, and kept on a rerun."""
+    settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
+    recorded_path = os.path.join(out, "demo.json")
+    if os.path.exists(recorded_path):  # one demo per folder: never new data under checkpoints trained on old
+        with open(recorded_path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if recorded != settings:
+            raise DemoError(f"{recorded_path}: this folder holds a demo run with {recorded}, not {settings}; "
+                            "use another --out or the same settings")
+    os.makedirs(out, exist_ok=True)
+    student, teacher_data, heldout = suite(size, args.noise, args.seed)
+    files = {"demo.json": settings, "sft_data.json": student, "teacher_data.json": teacher_data,
+             "heldout.json": heldout}
+    for name, value in files.items():
+        if not os.path.exists(os.path.join(out, name)):
+            data.write_atomic(os.path.join(out, name), json.dumps(value, indent=1))
+    tokenizer_path = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(tokenizer_path):
+        train_tokenizer(teacher_data, tokenizer_path)
+    tok = data.Tokenizer(tokenizer_path)
+    for name, dim, layers in (("init_student", size["dim"], size["layers"]),
+                              ("init_teacher", size["teacher_dim"], size["teacher_layers"])):
+        if not os.path.exists(os.path.join(out, name, "config.json")):
+            torch.manual_seed(args.seed)
+            llama.save_hf_checkpoint(llama.Transformer(llama.ModelArgs(
+                dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=3 * dim,
+                max_seq_len=256, bos_id=tok.bos_id, eos_id=tok.eos_id)), os.path.join(out, name))
+            shutil.copyfile(tokenizer_path, os.path.join(out, name, "tokenizer.model"))
+    return student, teacher_data, heldout
+
+
+def suite(size, noise, seed):
+    """(SFT examples with a share `noise` of wrong answers, the same instructions answered right for the
+    teacher, held-out examples). Held-out instructions never appear in training."""
+    rng, seen, suites = random.Random(seed), set(), {"heldout": [], "train": []}
+    for split, count in (("heldout", size["heldout"]), ("train", size["train"])):
+        while len(suites[split]) < count:
+            task = list(TASKS)[len(suites[split]) % len(TASKS)]
+            letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 5))
+            instruction, right, wrong = TASKS[task](letters, rng.sample("0123456789", rng.randint(3, 5)))
+            if instruction not in seen:
+                seen.add(instruction)
+                suites[split].append({"instruction": instruction, "input": "", "output": right,
+                                      "wrong": wrong, "task": task})
+    student = [dict(e, output=e["wrong"] if rng.random() < noise else e["output"]) for e in suites["train"]]
+    return student, suites["train"], suites["heldout"]
+
+
+def train_tokenizer(examples, path):
+    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, split digits) trained on the suite."""
+    import sentencepiece as spm
+    text = [data.alpaca_prompt(e["instruction"]) + e["output"] for e in examples]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=path[: -len(".model")], model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+
+
+# ----------------------------------------------------------------------------- the teacher and the judge
+
+def start_teacher_server(checkpoint):
+    """`python teacher.py serve` on a free port of 127.0.0.1, as a user starts it -> (process, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint", checkpoint,
+               "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(300):
+        try:
+            if requests.get(url + "/models", timeout=1).ok:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    raise DemoError(f"teacher.py serve did not answer at {url}")
+
+
+def rule_judge_reply(messages, solutions):
+    """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks each candidate
+    against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
+    the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
+    user = messages[-1]["content"]
+    found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
+    if not found or found.group(1).strip() not in solutions:
+        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction",
+                                 "messages")
+    candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user,
+                            re.DOTALL)
+    solution = solutions[found.group(1).strip()]
+    pool = [c.strip() for c in candidates] + [solution]
+    kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
+    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution))
+             for i in kept}
+    ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
+    return ("(1) The instruction is close-ended.\n"
+            f"(2) ###Response {len(candidates)}:\n{solution}\n"
+            f"(3) Kept one of each duplicate: responses {kept}.\n"
+            "(4) " + "\n".join(f"Response {i}: [{score[i]}]" for i in kept) + "\n"
+            f"(5) rank: [{', '.join(map(str, ranks))}]")
+
+
+class RuleJudge:
+    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions only."""
+    name = JUDGE
+
+    def __init__(self, solutions):
+        self.solutions = solutions
+
+    def chat(self, body):
+        reply = rule_judge_reply(body["messages"], self.solutions)
+        return {"object": "chat.completion", "model": self.name, "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+    def completions(self, body):
+        raise teacher.BadRequest("the rule-based judge answers /v1/chat/completions only")
+
+
+def start_rule_judge(solutions):
+    """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as `teacher.py serve`."""
+    server = teacher.backend_server(RuleJudge(solutions))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# ----------------------------------------------------------------------------- results: table and picture
+
+def evaluate_heldout(out, heldout):
+    """Greedy answers of every model to the held-out instructions (eval.py's batched path: kept in
+    generations/, so a rerun generates nothing), exact match and ROUGE-L as Super-NI scores them."""
+    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(heldout)]
+    results = {}
+    for name, folder in MODELS.items():
+        checkpoint = os.path.join(out, folder)
+        loader = evaluation.model_loader(checkpoint, None, "cpu", torch.float32)
+        answers = evaluation.generate_answers(os.path.basename(checkpoint), "demo", items, loader, out, 64,
+                                              16, evaluation.answer_producer(checkpoint))
+        answers = [answers[item["id"]] for item in items]
+        exact = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
+        rouge = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
+        by_task = {t: 100 * sum(x for x, e in zip(exact, heldout) if e["task"] == t) /
+                   sum(e["task"] == t for e in heldout) for t in TASKS}
+        results[name] = {"checkpoint": checkpoint, "items": len(heldout),
+                         "exact_match": 100 * sum(exact) / len(exact),
+                         "rouge_l": 100 * sum(rouge) / len(rouge), "exact_match_by_task": by_task,
+                         "answers": [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
+                                     for a, e in zip(answers, heldout)]}
+    return results
+
+
+def results_table(results, noise, wall_time):
+    lines = ["| model | exact match | ROUGE-L | " + " | ".join(TASKS) + " | items |",
+             "|---|---|---|" + "---|" * len(TASKS) + "---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['exact_match']:.1f} | {r['rouge_l']:.1f} | "
+                     + " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in TASKS) + f" | {r['items']} |")
+    lines += ["", "Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them "
+              f"(x100), then exact match per task. SFT data: {noise:.0%} wrong answers. Contextual ranking "
+              "was judged by a rule-based judge that checks the known answers (a stand-in for GPT-4). Wall "
+              f"time {wall_time:.0f} s.",
+              "", "![Each stage's training curves and the held-out scores](results.svg)"]
+    return "\n".join(lines) + "\n"
+
+
+def read_metrics(path):
+    return [record for _, record in data.read_jsonl_log(path)]
+
+
+SERIES = {"loss": ("loss", "#222222"), "mle": ("MLE term", "#1f77b4"), "rank": ("ranking term", "#d62728")}
+WIDTH, PANEL_W, PANEL_H, MARGIN_L, MARGIN_B = 960, 440, 190, 56, 28
+
+
+def results_svg(curves, results, subtitle):
+    """A self-contained SVG (no plotting package): a panel per stage with its loss, MLE term and ranking term
+    at every step (metrics.jsonl), each panel on its own axes, then the held-out scores per model."""
+    score_top = 90 + 2 * (PANEL_H + 50)
+    height = score_top + 40 + 30 * len(results)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+             f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
+             text(20, 28, "Tuna demo: each stage's training curves and the held-out scores", size=17,
+                  weight="bold"),
+             text(20, 48, f"{subtitle}; per step, loss = MLE term + ranking term (tuna.py); "
+                          "axes differ between panels")]
+    for i, (key, (label, color)) in enumerate(SERIES.items()):
+        x = 20 + 150 * i
+        parts += [f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" stroke="{color}" stroke-width="2"/>',
+                  text(x + 30, 70, label)]
+    for i, (stage, metrics) in enumerate(curves.items()):
+        left, top = 20 + (i % 2) * (PANEL_W + 40), 90 + (i // 2) * (PANEL_H + 50)
+        parts.append(stage_panel(stage, metrics, left, top))
+    parts.append(score_bars(results, score_top))
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def text(x, y, content, size=12, weight="normal", anchor="start", color="#222222"):
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" font-weight="{weight}" text-anchor="{anchor}" '
+            f'fill="{color}">{html.escape(str(content))}</text>')
+
+
+def stage_panel(stage, metrics, left, top):
+    """One stage: its curves on axes from step 1 to its last step and from 0 to its largest value."""
+    steps = [m["step"] for m in metrics] or [1]
+    high = max([m[key] for m in metrics for key in SERIES] + [1e-9]) * 1.05
+    x0, x1 = left + MARGIN_L, left + PANEL_W
+    y0, y1 = top + PANEL_H - MARGIN_B, top + 24                # y0: the value 0; y1: the value `high`
+    x_of = lambda step: x0 + (x1 - x0) * (step - steps[0]) / max(steps[-1] - steps[0], 1)  # noqa: E731
+    y_of = lambda value: y0 - (y0 - y1) * value / high                                     # noqa: E731
+    parts = [f'<g class="stage" data-stage="{html.escape(stage)}" data-steps="{len(metrics)}">',
+             text(left, top + 12, f"{stage}: {STAGE_NOTES[stage]}", size=13, weight="bold"),
+             f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#bbbbbb"/>',
+             text(x0 - 6, y0 + 4, "0", anchor="end"), text(x0 - 6, y1 + 4, f"{high:.3g}", anchor="end"),
+             text(x0, y0 + 16, f"step {steps[0]}"), text(x1, y0 + 16, f"step {steps[-1]}", anchor="end")]
+    for key, (label, color) in SERIES.items():
+        points = " ".join(f"{x_of(m['step']):.2f},{y_of(m[key]):.2f}" for m in metrics)
+        parts.append(f'<polyline class="{key}" points="{points}" fill="none" stroke="{color}" '
+                     f'stroke-width="1.3"><title>{label}</title></polyline>')
+    return "\n".join(parts + ["</g>"])
+
+
+def score_bars(results, top):
+    """Held-out exact match (dark) and ROUGE-L (light) per model, on one 0-100 scale."""
+    x0, scale = 200, 6.4                                       # 100 points = 640 pixels
+    parts = ['<g class="scores">', text(20, top + 14, "Held-out instructions, greedy answers: exact match "
+                                       "(dark) and ROUGE-L (light), x100", size=13, weight="bold")]
+    for i, (name, r) in enumerate(results.items()):
+        y = top + 30 + 30 * i
+        parts += [text(x0 - 10, y + 14, name, anchor="end"),
+                  f'<rect class="rouge_l" data-model="{html.escape(name)}" x="{x0}" y="{y}" '
+                  f'width="{scale * r["rouge_l"]:.1f}" height="20" fill="#c6dbef"/>',
+                  f'<rect class="exact_match" data-model="{html.escape(name)}" x="{x0}" y="{y + 4}" '
+                  f'width="{scale * r["exact_match"]:.1f}" height="12" fill="#08519c"/>',
+                  text(x0 + scale * max(r["rouge_l"], r["exact_match"]) + 8, y + 14,
+                       f"{r['exact_match']:.1f} / {r['rouge_l']:.1f}")]
+    return "\n".join(parts + ["</g>"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
