@@ -585,60 +585,94 @@ def _step_after_reference(masked, head_at, begin, end):
     return end, None
 
 
-def sample_diverse(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
-                   generator=None):
-    """n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair has ROUGE-L F1 >=
-    threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with the lowest mean
-    pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True).
-    "finished" says which responses ended in EOS (the others hit max_new_tokens)."""
+def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                   generators=None, batch_size=64, on_done=None):
+    """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
+    has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
+    the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
+    use_stemmer=True). Each result: candidates, finished (which ended in EOS; the others hit max_new_tokens),
+    temperature, round, mean_rouge_l.
+
+    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n per
+    prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows as
+    for 128. A prompt that must be sampled again waits until a full batch of prompts needs the same round (or
+    no new prompt is left), so retries fill batches too. generators: None (torch's default), or per prompt a
+    list of n torch.Generators, one per row: a row's draws then depend only on its own generator, so a
+    prompt's result does not depend on which prompts share its batch. on_done(i, result) is called as soon as
+    prompt i's result is final (sample_candidates caches it there); returns the results in prompt order."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    ids = tok.encode(prompt, bos=True)
-    max_new_tokens = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))  # a long prompt: fewer
-    best = None
-    for round_index in range(tries):
-        t = round(temperature + 0.1 * round_index, 6)
-        outs, _ = generate(model, [ids] * n, max_new_tokens, temperature=t, eos_id=tok.eos_id,
-                           generator=generator)
-        texts = [tok.decode([i for i in out if i != tok.eos_id]).strip() for out in outs]
-        pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
-        mean = sum(pairs) / len(pairs)
-        if best is None or mean < best["mean_rouge_l"]:
-            best = {"candidates": texts, "finished": [tok.eos_id in out for out in outs], "temperature": t,
-                    "round": round_index + 1, "mean_rouge_l": mean}
-        if max(pairs) < threshold:
-            break
+    ids = [tok.encode(prompt, bos=True) for prompt in prompts]
+    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
+    best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
+    per_batch = max(1, batch_size // n)
+    while fresh or any(waiting):
+        due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
+        r = max(due, default=0)  # the latest round first: its prompts are the nearest to done
+        queue = waiting[r] if r else fresh
+        group, queue[:] = queue[:per_batch], queue[per_batch:]
+        t = round(temperature + 0.1 * r, 6)
+        for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
+            batch = [i for i in group if budget[i] == tokens]
+            rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
+            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=tok.eos_id,
+                               generator=rows, num_samples=n, batch_size=len(batch) * n)
+            for k, i in enumerate(batch):
+                mine = outs[k * n:(k + 1) * n]
+                texts = [tok.decode([token for token in out if token != tok.eos_id]).strip() for out in mine]
+                pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)]
+                mean = sum(pairs or [0.0]) / max(1, len(pairs))
+                if best[i] is None or mean < best[i]["mean_rouge_l"]:
+                    best[i] = {"candidates": texts, "finished": [tok.eos_id in out for out in mine],
+                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
+                if max(pairs or [0.0]) < threshold or r + 1 == tries:
+                    if on_done:
+                        on_done(i, best[i])
+                else:
+                    waiting[r + 1].append(i)
     return best
 
 
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
-                      seed=0, *, student):
-    """{id: sample_diverse(...)} for every example. Each finished item is appended to cache_path (JSONL) and
-    read back on a re-run with the same prompt, settings and student (its identity: producer_identity), so a
-    killed run does not sample again and another checkpoint never reuses them. Each item has its own
-    generator seeded from (seed, id): the result does not depend on where a run was killed."""
+                      seed=0, *, student, batch_size=64):
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
+    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
+    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
+    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
+    not depend on where a run was killed nor on batch_size."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                    student=student)
+                    student=student, row_seeds="sha256(seed:id:row)")
     done, others = {}, 0
     for _, entry in data.read_jsonl_log(cache_path, log.warning):
         if "id" in entry and isinstance(entry.get("settings"), dict):
             done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
     device = model.tok_embeddings.weight.device
-    result, key = {}, json.dumps(settings, sort_keys=True)
+    result, key, todo = {}, json.dumps(settings, sort_keys=True), []
     for item_id, _, prompt in _items(examples):
         entry = done.get((item_id, key))
-        if not entry or entry.get("prompt") != prompt:
+        if entry and entry.get("prompt") == prompt:
+            result[item_id] = entry
+        else:
             others += any(i == item_id for i, _ in done)
-            item_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:6], "little")
-            generator = torch.Generator(device=device).manual_seed(item_seed)
-            entry = dict(id=item_id, prompt=prompt, settings=settings, **sample_diverse(
-                model, tok, prompt, n, temperature, max_new_tokens, tries, generator=generator))
-            data.append_jsonl(cache_path, [entry])
-        result[item_id] = entry
+            todo.append((item_id, prompt))
+
+    def row_generator(item_id, row):
+        row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
+        return torch.Generator(device=device).manual_seed(row_seed)
+
+    def keep(i, best):
+        item_id, prompt = todo[i]
+        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
+        data.append_jsonl(cache_path, [result[item_id]])
+
+    generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
+    sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
+                   generators=generators, batch_size=batch_size, on_done=keep)
     if others:
         log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
                  cache_path, others)
-    return result
+    return {item_id: result[item_id] for item_id, _, _ in _items(examples)}
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
@@ -994,6 +1028,8 @@ def main(argv=None):
                            "OUT.student.jsonl)")
             p.add_argument("--student-temperature", type=float, default=0.8)
             p.add_argument("--student-max-tokens", type=int, default=256)
+            p.add_argument("--student-batch-size", type=int, default=64, help="rows sampled together (N per "
+                           "instruction); more is faster on a GPU while the KV cache fits (default 64)")
             p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--device", default="cpu")
@@ -1029,7 +1065,8 @@ def main(argv=None):
             student_cache = args.student_cache or args.out + ".student.jsonl"
             samples = sample_candidates(student, tok, examples, student_cache, args.n,
                                         args.student_temperature, args.student_max_tokens, args.tries,
-                                        args.seed, student=producer_identity(args.student, tok.path))
+                                        args.seed, student=producer_identity(args.student, tok.path),
+                                        batch_size=args.student_batch_size)
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL

@@ -418,21 +418,47 @@ def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
     model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024))  # fake_generate does the work
-    best = teacher.sample_diverse(model, tok, "Say something.", n=4, temperature=0.7, tries=3)
+    best = teacher.sample_diverse(model, tok, ["Say something."], n=4, temperature=0.7, tries=3)[0]
     assert temperatures == [0.7, 0.8, 0.9]
     assert best["candidates"] == rounds[1] and best["round"] == 2 and best["temperature"] == 0.8
     temperatures.clear()
     rounds[0] = ["one apple", "two bears", "three cars", "four dogs"]
-    assert teacher.sample_diverse(model, tok, "Say something.", tries=3)["round"] == 1 and len(temperatures) == 1
+    assert teacher.sample_diverse(model, tok, ["Say something."], tries=3)[0]["round"] == 1 and len(temperatures) == 1
     # ROUGE-L with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True): these two differ only by
     # inflection (F1 1.0 stemmed, 0.25 not), so the round is sampled again
     temperatures.clear()
     rounds[0] = ["cats jumped over walls", "cat jumps over wall", "one apple", "two bears"]
     rounds[1] = ["one apple", "two bears", "three cars", "four dogs"]
-    assert teacher.sample_diverse(model, tok, "Say something.", tries=3)["round"] == 2 and temperatures == [0.8, 0.9]
+    assert teacher.sample_diverse(model, tok, ["Say something."], tries=3)[0]["round"] == 2 and temperatures == [0.8, 0.9]
 
 
 # ----------------------------------------------------------------------------- the project's server
+
+
+def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_model_path):
+    """Many prompts at once: one generate call per round for the prompts in it (shortest first, n rows each), a
+    prompt that must be sampled again waits for a full batch of the same round or for the fresh prompts to run
+    out, and each result is handed over (on_done) as soon as it is final."""
+    tok = data.Tokenizer(spm_model_path)
+    prompts = ["Say something.", "Say something else, please.", "Say one more thing, if you would, now."]
+    replies = {(0, 1): ["the cat sat"] * 4, (1, 1): ["one apple", "two bears", "three cars", "four dogs"],
+               (2, 1): ["a b", "a b", "c d", "e f"], (0, 2): ["red", "green", "blue", "black"],
+               (2, 2): ["up", "down", "left", "right"]}
+    calls, done = [], []
+
+    def fake_generate(model, batch, max_new_tokens, *, temperature, num_samples, **kw):
+        which = [[i for i, p in enumerate(prompts) if tok.encode(p, bos=True) == ids][0] for ids in batch]
+        calls.append((which, temperature, num_samples))
+        round_index = 1 if temperature == 0.8 else 2
+        return [tok.encode(t) + [tok.eos_id] for i in which for t in replies[i, round_index]], None
+
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024))
+    results = teacher.sample_diverse(model, tok, prompts, n=4, tries=2, batch_size=8,
+                                     on_done=lambda i, best: done.append((i, best["round"])))
+    assert calls == [([0, 1], 0.8, 4), ([2], 0.8, 4), ([0, 2], 0.9, 4)]
+    assert done == [(1, 1), (0, 2), (2, 2)]
+    assert [r["candidates"] for r in results] == [replies[0, 2], replies[1, 1], replies[2, 2]]
 
 @pytest.fixture(scope="module")
 def tiny(spm_model_path):
@@ -631,6 +657,94 @@ def test_contextual_end_to_end_student_and_teachers(tiny, tmp_path, monkeypatch)
     assert counts["done"] + counts["failed"] == 3
 
 
+def row_generators(seed, item_id, n):
+    """Row s of an item draws from a generator seeded from sha256("seed:id:s") (teacher.sample_candidates)."""
+    digests = [hashlib.sha256(f"{seed}:{item_id}:{s}".encode()).digest() for s in range(n)]
+    return [torch.Generator().manual_seed(int.from_bytes(digest[:6], "little")) for digest in digests]
+
+
+def prompts_of_many_lengths(tok, max_seq_len, new_tokens):
+    """Instructions from a few tokens to one whose prompt leaves fewer than new_tokens tokens for the answer."""
+    examples = [{"instruction": "Name a fruit " + "and a colour " * (5 * i), "input": "", "output": "x"}
+                for i in range(9)]
+
+    def length(words):
+        return len(tok.encode(data.alpaca_prompt("Count: " + "one " * words, ""), bos=True))
+
+    words = 1
+    while length(words + 1) < max_seq_len - 2:
+        words += 1
+    assert max_seq_len - new_tokens < length(words) < max_seq_len
+    long = {"instruction": "Count: " + "one " * words, "input": "", "output": "x"}
+    return examples[:4] + [long] + examples[4:]
+
+
+def test_batched_sampling_gives_each_instruction_what_it_gets_alone(tiny, tmp_path):
+    """Rows = instructions x n decoding together (shortest prompts first, rows leaving as they end, a long prompt
+    with a smaller token budget among them): each item's samples equal those drawn one instruction at a time, and
+    each row's tokens are what model.generate draws from that row's own generator seeded from (seed, id, row)."""
+    model, tok, _ = tiny
+    for name, student in (("random", model), ("eos-prone", eos_prone_student(tok, p_eos=0.1))):
+        examples = prompts_of_many_lengths(tok, student.args.max_seq_len, 12)
+        options = dict(n=4, max_new_tokens=12, tries=2, seed=7, student="s")
+        one_at_a_time = teacher.sample_candidates(student, tok, examples, str(tmp_path / f"{name}-a.jsonl"),
+                                                  batch_size=4, **options)
+        batched = teacher.sample_candidates(student, tok, examples, str(tmp_path / f"{name}-b.jsonl"),
+                                            batch_size=64, **options)
+        assert batched == one_at_a_time and len(batched) == 10
+        for item_id, _, prompt in list(teacher._items(examples))[3:6]:
+            ids = tok.encode(prompt, bos=True)
+            outs, _ = M.generate(student, [ids] * 4, min(12, student.args.max_seq_len - len(ids)), temperature=0.8,
+                                 eos_id=tok.eos_id, generator=row_generators(7, item_id, 4))
+            texts = [tok.decode([t for t in out if t != tok.eos_id]).strip() for out in outs]
+            assert batched[item_id]["round"] == 2 or batched[item_id]["candidates"] == texts
+        flags = [f for s in batched.values() for f in s["finished"]]
+        assert name == "random" or (True in flags and False in flags)
+
+
+KILLED_SAMPLER = """
+import json, os, signal, sys
+sys.path.insert(0, {root!r})
+import data, model, teacher
+appended = 0
+append_jsonl = data.append_jsonl
+def append_then_die(path, entries):  # SIGKILL right after the third finished item is written
+    global appended
+    append_jsonl(path, entries)
+    appended += 1
+    if appended == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+data.append_jsonl = append_then_die
+examples = json.load(open({examples!r}))
+teacher.sample_candidates(model.load_checkpoint({student!r}), data.Tokenizer({tokenizer!r}), examples, {cache!r},
+                          n=4, max_new_tokens=10, tries=2, seed=5, student="s", batch_size=8)
+"""
+
+
+def test_batched_sampling_killed_and_resumed_writes_what_an_uninterrupted_run_writes(tiny, tmp_path):
+    """A run killed (SIGKILL) after 3 items' samples were cached, the batch in flight lost, then resumed: the cache
+    holds each item once, and the same samples as a run in one go with another batch size."""
+    model, tok, _ = tiny
+    student = tmp_path / "student"
+    M.save_hf_checkpoint(model, str(student))
+    examples = prompts_of_many_lengths(tok, model.args.max_seq_len, 10)
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump(examples, f)
+    cache = str(tmp_path / "killed.jsonl")
+    script = KILLED_SAMPLER.format(root=ROOT, examples=str(tmp_path / "alpaca.json"), student=str(student),
+                                   tokenizer=tok.path, cache=cache)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(read_jsonl(cache)) == 3
+    options = dict(n=4, max_new_tokens=10, tries=2, seed=5, student="s")
+    resumed = teacher.sample_candidates(M.load_checkpoint(str(student)), tok, examples, cache, batch_size=8, **options)
+    entries = read_jsonl(cache)
+    assert len(entries) == len(examples) and len({e["id"] for e in entries}) == len(examples)
+    whole = teacher.sample_candidates(model, tok, examples, str(tmp_path / "whole.jsonl"), batch_size=128, **options)
+    assert resumed == whole
+    assert {e["id"]: e for e in entries} == {e["id"]: e for e in read_jsonl(str(tmp_path / "whole.jsonl"))}
+
 @pytest.mark.slow
 def test_contextual_cli_kill_and_resume(tiny, tmp_path):
     """teacher.py contextual in a subprocess: killed after 2 teacher answers, restarted, equal to a run in one go;
@@ -767,9 +881,8 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
         samples = teacher.sample_candidates(student, tok, examples, str(tmp_path / "s.jsonl"), n=4, max_new_tokens=3,
                                             tries=1, seed=1, student="eos-prone")
         for item_id, _, prompt in teacher._items(examples):
-            item_seed = int.from_bytes(hashlib.sha256(f"1:{item_id}".encode()).digest()[:6], "little")
             outs, _ = M.generate(student, [tok.encode(prompt, bos=True)] * 4, 3, temperature=0.8, eos_id=tok.eos_id,
-                                 generator=torch.Generator().manual_seed(item_seed))
+                                 generator=row_generators(1, item_id, 4))
             assert samples[item_id]["finished"] == [tok.eos_id in out for out in outs]
         flags = [f for s in samples.values() for f in s["finished"]]
         assert True in flags and False in flags
