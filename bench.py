@@ -243,7 +243,12 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
     compile_seconds = time.perf_counter() - start
     times = race({"eager": ours(False), "compiled": ours(True), "transformers": theirs}, device, repeats)
     same = sum(a == b == c for a, b, c in zip(results[False], results[True], results["theirs"])) / batch
-    return {name: batch * new_tokens / t for name, t in times.items()}, same, compile_seconds
+    # in bf16 a random model's near-tied logits part ways after a few tokens: where the rows first differ
+    first_difference = statistics.median(
+        next((i for i, tokens in enumerate(zip(a, b, c)) if len(set(tokens)) > 1), new_tokens)
+        for a, b, c in zip(results[False], results[True], results["theirs"]))
+    speed = {name: batch * new_tokens / t for name, t in times.items()}
+    return speed, (same, first_difference), compile_seconds
 
 
 def per_row_generators(device, seed, rows):
@@ -251,9 +256,9 @@ def per_row_generators(device, seed, rows):
 
 
 class IdsAsText:
-    """The three things teacher.sample_diverse asks of a tokenizer, over random token ids: prompt i is the text
-    "i", a response's text is its ids, and EOS is -1, so a random model never ends and every row makes all its
-    tokens in both arms."""
+    """What teacher.sample_diverse asks of a tokenizer, over random token ids: prompt i is the text "i", a
+    response's text is its ids, and EOS is -1, so a random model never ends and every row makes all its tokens
+    in both arms."""
     eos_id = -1
 
     def __init__(self, prompts):
@@ -278,15 +283,16 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
             generators = [per_row_generators(device, 0, range(i * samples, (i + 1) * samples))
                           for i in range(len(prompts))]
             with autocast(device):
-                results[name] = teacher.sample_diverse(net, tok, [str(i) for i in range(len(prompts))], samples,
-                                                       temperature, new_tokens, generators=generators,
-                                                       batch_size=rows)
+                results[name] = teacher.sample_diverse(net, tok, list(map(str, range(len(prompts)))),
+                                                       samples, temperature, new_tokens,
+                                                       generators=generators, batch_size=rows)
         return run
 
     times = race({"batched": arm("batched", batch_size), "one instruction at a time": arm("one", samples)},
                  device, repeats)
     same = sum(a["candidates"] == b["candidates"] for a, b in zip(results["batched"], results["one"]))
-    return {name: len(prompts) * samples / t for name, t in times.items()}, same / len(prompts)
+    rounds = statistics.mean(result["round"] for result in results["batched"])
+    return {name: len(prompts) * samples / t for name, t in times.items()}, same / len(prompts), rounds
 
 
 # ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
@@ -443,7 +449,8 @@ def main():
     print(f"\n3. greedy generation, prompt {gen_prompt} tokens, {gen_new} new tokens (target >= 2x at batch "
           "1):")
     for batch in (1, 8):
-        speed, same, compile_seconds = bench_generation(net, hf, device, batch, gen_prompt, gen_new, repeats)
+        speed, (same, first), compile_seconds = bench_generation(net, hf, device, batch, gen_prompt, gen_new,
+                                                                 repeats)
         if "error" in model._compiled:
             compiled = f"compiled: unavailable ({model._compiled['error']})"
         else:
@@ -452,20 +459,22 @@ def main():
                         f"{compile_seconds:.0f} s)")
         print(f"   batch {batch}: transformers {speed['transformers']:.0f} tok/s; model.py eager "
               f"{speed['eager']:.0f} tok/s ({speed['eager'] / speed['transformers']:.2f}x), {compiled}; same "
-              f"tokens in {same:.0%} of rows")
+              f"tokens in {same:.0%} of rows" + ("" if same == 1 else f" (rows part at token {first:.0f}, "
+                                                    "median)"))
     hf.cpu()
     del hf
 
     prompts = random_prompts(a.vocab_size, torch.randint(*sample_lens, (32,), generator=torch.Generator()
                                                          .manual_seed(0)).tolist(), seed=3)
-    speed, same = bench_sampling(net, device, prompts, 4, sample_new, max(3, repeats // 2))
+    speed, same, rounds = bench_sampling(net, device, prompts, 4, sample_new, max(3, repeats // 2))
     print(f"\n4. student sampling (teacher.sample_diverse), 32 instructions of {sample_lens[0]}-"
           f"{sample_lens[1]} tokens x 4 samples of {sample_new} tokens, temperature 0.8, a generator per row "
           "(target >= 3x):")
     print(f"   batched (128 rows) {speed['batched']:.1f} samples/s, one instruction (4 rows) at a time "
           f"{speed['one instruction at a time']:.1f} samples/s -> "
           f"{speed['batched'] / speed['one instruction at a time']:.2f}x; "
-          f"same samples for {same:.0%} of instructions")
+          f"same samples for {same:.0%} of instructions; diversity rule: {rounds:.1f} rounds per instruction "
+          "(mean; samples/s counts the kept 4)")
 
 
 if __name__ == "__main__":

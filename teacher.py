@@ -593,11 +593,11 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     use_stemmer=True). Each result: candidates, finished (which ended in EOS; the others hit max_new_tokens),
     temperature, round, mean_rouge_l.
 
-    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n per
-    prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows as
-    for 128. A prompt that must be sampled again waits until a full batch of prompts needs the same round (or
-    no new prompt is left), so retries fill batches too. generators: None (torch's default), or per prompt a
-    list of n torch.Generators, one per row: a row's draws then depend only on its own generator, so a
+    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
+    per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
+    as for 128. A prompt that must be sampled again waits until a full batch of prompts needs the same round
+    (or no new prompt is left), so retries fill batches too. generators: None (torch's default), or per prompt
+    a list of n torch.Generators, one per row: a row's draws then depend only on its own generator, so a
     prompt's result does not depend on which prompts share its batch. on_done(i, result) is called as soon as
     prompt i's result is final (sample_candidates caches it there); returns the results in prompt order."""
     from rouge_score import rouge_scorer
