@@ -8,7 +8,7 @@ compare with LlamaForCausalLM at the same config, weights and batch. It prints
      ranking) and K = 5 (contextual: 4 samples + the teacher's answer), prompt 100 tokens, responses 120-180
      (mean 150, like Alpaca's), time and peak memory of each
   3. greedy generation tokens/s, batch 1 and 8: model.generate (KV cache), eager and with the compiled decode
-     step, vs transformers' generate
+     step, vs transformers' generate, and the ceiling that memory bandwidth puts on batch 1
   4. contextual ranking's student sampling (teacher.sample_diverse), 32 instructions x 4 samples: 128 rows
      decoding together vs one instruction (4 rows) at a time, samples/s, each row with its own generator
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows both alike.
@@ -73,8 +73,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def race(functions, device, repeats, warmup=1):
-    """{name: median seconds}, the functions called in turn so that machine noise hits all alike."""
+def race(functions, device, repeats, warmup=1, every_round=False):
+    """{name: median seconds} ({name: [seconds of each round]} if every_round), the functions called in turn
+    so that machine noise hits all alike."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
@@ -86,7 +87,7 @@ def race(functions, device, repeats, warmup=1):
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times if every_round else {name: statistics.median(t) for name, t in times.items()}
 
 
 def autocast(device):
@@ -114,8 +115,11 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
     ours = step(lambda t: net(t), torch.optim.AdamW(net.parameters(), lr=1e-6, fused=fused))
     theirs = step(lambda t: hf(input_ids=t, use_cache=False).logits,
                   torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused))
-    times = race({"model.py": ours, "transformers": theirs}, device, repeats)
-    return {name: batch * seq / t for name, t in times.items()}
+    times = race({"model.py": ours, "transformers": theirs}, device, repeats, every_round=True)
+    # the ratio within each round (the two steps ran back to back), so that drift between rounds cancels
+    ratios = sorted(b / a for a, b in zip(times["model.py"], times["transformers"]))
+    speed = {name: batch * seq / statistics.median(t) for name, t in times.items()}
+    return speed, statistics.median(ratios), (ratios[0], ratios[-1])
 
 
 # ---------------------------------------------------------------------------- 2. ranking step
@@ -249,6 +253,19 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
         for a, b, c in zip(results[False], results[True], results["theirs"]))
     speed = {name: batch * new_tokens / t for name, t in times.items()}
     return speed, (same, first_difference), compile_seconds
+
+
+def weight_read_ceiling(net, device, repeats):
+    """(tokens/s, bytes): what batch-1 decoding cannot exceed on this machine. Each new token reads every
+    weight matrix once (of the embedding table, one row), so one pass over them bounds a decode step."""
+    weights = [w for w in net.parameters() if w is not net.tok_embeddings.weight or net.args.tie_embeddings]
+
+    def read_all():
+        for w in weights:
+            w.sum()
+
+    seconds = race({"read": read_all}, device, repeats)["read"]
+    return 1 / seconds, sum(w.numel() * w.element_size() for w in weights)
 
 
 def per_row_generators(device, seed, rows):
@@ -420,10 +437,11 @@ def main():
     for label, kv_heads in (("multi-head", a.n_heads), ("grouped-query", a.n_heads // 4)):
         twin_net = net if kv_heads == a.n_heads else build(config, device, n_kv_heads=kv_heads)
         twin_hf = hf if kv_heads == a.n_heads else hf_twin(twin_net)
-        speed = bench_train_step(twin_net, twin_hf, device, train_batch, train_seq, repeats)
+        speed, ratio, (low, high) = bench_train_step(twin_net, twin_hf, device, train_batch, train_seq,
+                                                     max(repeats, 9))
         print(f"   {label:13s} ({a.n_heads} query / {kv_heads} key-value heads): model.py "
               f"{speed['model.py']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s -> "
-              f"{speed['model.py'] / speed['transformers']:.2f}x")
+              f"{ratio:.2f}x (median of {max(repeats, 9)} paired rounds, {low:.2f}-{high:.2f})")
         del twin_net, twin_hf
 
     hf.cpu()
@@ -461,6 +479,9 @@ def main():
               f"{speed['eager']:.0f} tok/s ({speed['eager'] / speed['transformers']:.2f}x), {compiled}; same "
               f"tokens in {same:.0%} of rows" + ("" if same == 1 else f" (rows part at token {first:.0f}, "
                                                     "median)"))
+    ceiling, weight_bytes = weight_read_ceiling(net, device, repeats)
+    print(f"   batch 1 cannot beat {ceiling:.0f} tok/s here: each token reads all {weight_bytes / 2**20:.0f} "
+          "MiB of weights, and one pass over them takes that long")
     hf.cpu()
     del hf
 
