@@ -1,6 +1,6 @@
 """The whole Tuna method offline on a CPU: SFT, Tuna_p, Tuna_c and Tuna on a built-in instruction suite.
 
-    python demo.py --out runs/demo              # about 5 minutes on 2 CPU cores
+    python demo.py --out runs/demo              # about 4 minutes on 2 CPU cores
     python demo.py --out runs/demo --size ci    # the test-sized run, about 2 minutes
 
 Every stage runs the command a user would type (tuna.py sft / rank / pipeline, teacher.py probabilistic /

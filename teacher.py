@@ -1037,6 +1037,9 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
+    if getattr(args, "student_batch_size", 1) < 1:
+        parser.exit(2, f"teacher.py {args.command}: error: --student-batch-size {args.student_batch_size}: "
+                       "must be at least 1\n")
     if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
