@@ -246,13 +246,13 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
     ours(True)()
     compile_seconds = time.perf_counter() - start
     times = race({"eager": ours(False), "compiled": ours(True), "transformers": theirs}, device, repeats)
-    same = sum(a == b == c for a, b, c in zip(results[False], results[True], results["theirs"])) / batch
-    # in bf16 a random model's near-tied logits part ways after a few tokens: where the rows first differ
-    first_difference = statistics.median(
-        next((i for i, tokens in enumerate(zip(a, b, c)) if len(set(tokens)) > 1), new_tokens)
-        for a, b, c in zip(results[False], results[True], results["theirs"]))
+    # where each row's three outputs first differ (new_tokens: nowhere; every row makes new_tokens tokens): in
+    # bf16 a random model's near-tied logits part ways after a few tokens
+    first_difference = [next((i for i, tokens in enumerate(zip(a, b, c)) if len(set(tokens)) > 1), new_tokens)
+                        for a, b, c in zip(results[False], results[True], results["theirs"])]
+    same = sum(at == new_tokens for at in first_difference) / batch
     speed = {name: batch * new_tokens / t for name, t in times.items()}
-    return speed, (same, first_difference), compile_seconds
+    return speed, (same, statistics.median(first_difference)), compile_seconds
 
 
 def weight_read_ceiling(net, device, repeats):

@@ -310,8 +310,8 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     """generate_answers' work, while it holds the lock on `path`."""
     kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
             if "id" in r and isinstance(r.get("output"), str)}
-    done = {item["id"]: kept[item["id"], made_by(item)] for item in items
-            if (item["id"], made_by(item)) in kept}
+    made = {item["id"]: made_by(item) for item in items}  # each answer's key, computed once
+    done = {item_id: kept[item_id, key] for item_id, key in made.items() if (item_id, key) in kept}
     todo = [item for item in items if item["id"] not in done]
     other = len({i for i, _ in kept} & {item["id"] for item in todo})
     if other:
@@ -338,7 +338,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         for i, tokens in zip(batch, new_tokens):
             text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
             done[todo[i]["id"]] = text
-            finished.append({"id": todo[i]["id"], "output": text, "made_by": made_by(todo[i])})
+            finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
         data.append_jsonl(path, finished)
         print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
     return done

@@ -621,12 +621,13 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
             for k, i in enumerate(batch):
                 mine = outs[k * n:(k + 1) * n]
                 texts = [tok.decode([token for token in out if token != tok.eos_id]).strip() for out in mine]
-                pairs = [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)]
-                mean = sum(pairs or [0.0]) / max(1, len(pairs))
+                pairs = [scorer.score(a, b)["rougeL"].fmeasure
+                         for a, b in itertools.combinations(texts, 2)] or [0.0]
+                mean = sum(pairs) / len(pairs)
                 if best[i] is None or mean < best[i]["mean_rouge_l"]:
                     best[i] = {"candidates": texts, "finished": [tok.eos_id in out for out in mine],
                                "temperature": t, "round": r + 1, "mean_rouge_l": mean}
-                if max(pairs or [0.0]) < threshold or r + 1 == tries:
+                if max(pairs) < threshold or r + 1 == tries:
                     if on_done:
                         on_done(i, best[i])
                 else:
@@ -643,18 +644,20 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     not depend on where a run was killed nor on batch_size."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                     student=student, row_seeds="sha256(seed:id:row)")
-    done, others = {}, 0
+    done = {}
     for _, entry in data.read_jsonl_log(cache_path, log.warning):
         if "id" in entry and isinstance(entry.get("settings"), dict):
             done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
+    cached_ids = {item_id for item_id, _ in done}
     device = model.tok_embeddings.weight.device
-    result, key, todo = {}, json.dumps(settings, sort_keys=True), []
+    result, key, todo, others = {}, json.dumps(settings, sort_keys=True), [], 0
     for item_id, _, prompt in _items(examples):
         entry = done.get((item_id, key))
         if entry and entry.get("prompt") == prompt:
             result[item_id] = entry
-        else:
-            others += any(i == item_id for i, _ in done)
+        else:  # sampled below; its place is kept, so the result follows the examples' order
+            result[item_id] = None
+            others += item_id in cached_ids
             todo.append((item_id, prompt))
 
     def row_generator(item_id, row):
@@ -672,7 +675,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     if others:
         log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
                  cache_path, others)
-    return {item_id: result[item_id] for item_id, _, _ in _items(examples)}
+    return result
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
