@@ -90,15 +90,15 @@ def race(functions, device, repeats, warmup=1, every_round=False):
     return times if every_round else {name: statistics.median(t) for name, t in times.items()}
 
 
-def autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device, enabled=None):
+    """bfloat16 autocast, by default on CUDA only (a CPU measures float32); enabled=True: on a CPU too."""
+    enabled = tuna.on_cuda_unless_told(enabled, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ---------------------------------------------------------------------------- 1. train step
 
-def bench_train_step(net, hf, device, batch, seq, repeats):
+def bench_train_step(net, hf, device, batch, seq, repeats, fused=None):
     tokens = torch.randint(3, net.args.vocab_size, (batch, seq), device=device)
 
     def step(forward, optimizer):
@@ -111,7 +111,7 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
             optimizer.zero_grad(set_to_none=True)
         return run
 
-    fused = device.type == "cuda"
+    fused = tuna.on_cuda_unless_told(fused, device)  # as tuna.py's optimizer
     ours = step(lambda t: net(t), torch.optim.AdamW(net.parameters(), lr=1e-6, fused=fused))
     theirs = step(lambda t: hf(input_ids=t, use_cache=False).logits,
                   torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused))
@@ -137,9 +137,9 @@ def ranking_rows(vocab, instructions, response_lens=RESPONSE_LENS, seed=0):
     return shared, naive
 
 
-def ranking_loss(net, rows, naive, device, instructions):
+def ranking_loss(net, rows, naive, device, instructions, use_autocast=None):
     batch = tuna.collate(rows, pad_id=0, device=device)
-    with autocast(device):
+    with autocast(device, use_autocast):
         token_logprobs = tuna.score_tokens(net, batch)
         if not naive:
             return tuna.tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"])[0]

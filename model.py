@@ -272,11 +272,13 @@ class KVCache:
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, repeat_kv=None):
     """softmax(q k^T / sqrt(head_dim) + mask) v where query head h reads key/value head h // (n_heads /
     n_kv_heads) (Meta's and HF's grouping), without copying keys and values per query head.
     q (B, n_heads, T, hd); k, v (B, n_kv_heads, S, hd); mask bool (True = may attend) or additive float,
-    broadcast to (B, 1, T, S), None = causal. -> (B, n_heads, T, hd)"""
+    broadcast to (B, 1, T, S), None = causal. -> (B, n_heads, T, hd)
+    repeat_kv: with a mask (T > 1), copy keys and values per query head; None = on CUDA only (below). True
+    runs CUDA's path on any device, so that a CPU test checks it."""
     B, n_heads, T, head_dim = q.shape
     n_kv_heads = k.shape[1]
     if n_kv_heads == n_heads:
@@ -284,7 +286,7 @@ def grouped_attention(q, k, v, mask):
     if T == 1 and mask is not None:  # decode: a group's query heads are the query rows of one attention call
         grouped = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, n_kv_heads, group, hd)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, n_heads, 1, head_dim)
-    if mask is not None and q.is_cuda:
+    if mask is not None and (q.is_cuda if repeat_kv is None else repeat_kv):
         # CUDA's fused kernels that take a mask do not take grouped heads (its math fallback would hold a
         # (T, S) matrix per head; transformers makes the same choice): repeat keys and values there.
         k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)

@@ -259,7 +259,7 @@ class Run:
     net: nn.Module = None       # the model (with LoRA adapters, if any)
     wrapped: nn.Module = None   # the same model under DDP or FSDP2: what the forward pass calls
     optimizer: torch.optim.Optimizer = None
-    autocast_dtype: torch.dtype = None
+    autocast_dtype: torch.dtype = None  # matrix products in this dtype; None: in the weights' dtype
     tokens_seen: int = 0        # since this process started (for tokens per second)
 
 
@@ -290,7 +290,11 @@ def setup(args, kind):
     # model: from the last checkpoint when resumed (LoRA: the base model, then the adapters' state)
     checkpoint = latest_checkpoint(out) if run.state == "resume" else None
     state = read_training_state(checkpoint) if checkpoint else None
-    weights_dtype, run.autocast_dtype = PRECISIONS[args.precision]
+    weights_dtype, autocast_dtype = PRECISIONS[args.precision]
+    if args.autocast and autocast_dtype is None:
+        raise TrainingError(f"--autocast needs --precision bf16-mixed (not {args.precision})")
+    # bf16-mixed autocasts on CUDA; --autocast / --no-autocast choose on any device (a CPU then runs CUDA's)
+    run.autocast_dtype = autocast_dtype if on_cuda_unless_told(args.autocast, device) else None
     start_from = checkpoint if checkpoint and not args.lora_rank else args.init
     net = llama.load_checkpoint(start_from, device, weights_dtype)
     check_fits(net, tok, run)
@@ -301,10 +305,11 @@ def setup(args, kind):
     net.train()
     net.gradient_checkpointing = args.gradient_checkpointing
     run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
-    # optimizer: AdamW (METHOD.md); fused kernel on CUDA
+    # optimizer: AdamW (METHOD.md); the fused kernel on CUDA, or where --fused-adam / --no-fused-adam say
     params = [p for p in net.parameters() if p.requires_grad]
+    fused = on_cuda_unless_told(args.fused_adam, device)
     run.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                      weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+                                      weight_decay=WEIGHT_DECAY, fused=fused)
     if state:
         restore_training_state(run, state)
     return run
@@ -380,19 +385,25 @@ def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
             f"{latest_checkpoint(run.out) or run.args.init}")
 
 
-PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype on CUDA)
-    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (a CPU: fp32)
+PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype)
+    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (CUDA only,
+                                                     # unless --autocast: a CPU computes in float32)
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
     "fp16": (torch.float16, None),
 }
 
 
+def on_cuda_unless_told(flag, device):
+    """A device-dependent choice (autocast, the fused AdamW kernel): the flag if given, else on CUDA only."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def autocast(run):
-    """bfloat16 matrix products on CUDA for --precision bf16-mixed; weights and optimizer stay float32."""
-    if run.device.type != "cuda" or run.autocast_dtype is None:
+    """Matrix products in run.autocast_dtype (bfloat16 for bf16-mixed); weights and optimizer keep theirs."""
+    if run.autocast_dtype is None:
         return nullcontext()
-    return torch.autocast("cuda", dtype=run.autocast_dtype)
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
 def record_step(run, step, batch_rows, began, values):
@@ -723,6 +734,10 @@ def add_training_arguments(p, kind):
     p.add_argument("--seed", type=int, default=42, help="data order and LoRA initialisation")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed",
                    help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA (float32 on a CPU)")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, help="bf16-mixed's bfloat16 autocast "
+                   "(default: on CUDA only)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, help="AdamW's fused kernel "
+                   "(default: on CUDA only)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
     p.add_argument("--lora-alpha", type=float, default=16.0)

@@ -3,6 +3,7 @@
 Runs under transformers 5 (today's release, which writes RoPE settings as rope_parameters) and 4.57.6 (rope_theta and
 rope_scaling at the top level); .ci/run runs it with both. Run with -s to see the parity figures (max abs logit
 difference per config, config layout and checkpoint source)."""
+import collections
 import copy
 import json
 import os
@@ -297,24 +298,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+class RecordOps(TorchDispatchMode):
+    """The names of the aten operations that run inside it (ops), and the shapes of each one's tensor arguments
+    (shapes: name -> list of calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.shapes = set(), collections.defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        self.shapes[func.overloadpacket.__name__].append([tuple(a.shape) for a in args if torch.is_tensor(a)])
+        return func(*args, **(kwargs or {}))
+
+
 def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):
     """8 query heads read 2 key/value heads in place (no repeated copies: SDPA's grouped-query support); logits,
     loss and every gradient equal transformers' eager attention, which repeats the key/value heads."""
     hf, single, _ = hf_dirs["gqa"]
     model = M.load_checkpoint(single)
     tokens = tokens_for_test(shape=(3, 17))
-    ops = set()
-
-    class RecordOps(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    recorded = RecordOps()
 
     def loss_of(logits):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
     try:
-        with RecordOps():
+        with recorded:
             ours = model(tokens)
             loss_of(ours).backward()
         theirs = hf(tokens).logits
@@ -325,6 +335,7 @@ def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_d
             torch.testing.assert_close(gradients[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
         hf.zero_grad(set_to_none=True)
+    ops = recorded.ops
     assert "repeat_interleave" not in ops and not ops & {"_scaled_dot_product_attention_math"}
     if not torch.cuda.is_available():  # on a CPU both directions run the fused (flash) kernel
         assert {"_scaled_dot_product_flash_attention_for_cpu",
@@ -357,6 +368,56 @@ def test_masked_grouped_query_attention_gradients_equal_separate_rows():
     assert packed_loss == pytest.approx(rows_loss, abs=1e-3)
     for a, b in zip(packed, rows):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def packed_ranking_mask(rows, T):
+    """tuna.collate's mask for rows given as segment lengths [prompt, candidate 1, ...], padded to T: causal, a
+    token sees the shared prompt and its own segment. -> bool (B, 1, T, T)"""
+    segments = torch.full((len(rows), T), -1)
+    for b, lengths in enumerate(rows):
+        segments[b, :sum(lengths)] = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])
+    visible = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    return (torch.ones(T, T, dtype=torch.bool).tril() & visible)[:, None]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_masked_grouped_attention_paths_equal_per_head_attention(n_kv_heads):
+    """Both paths of grouped-query attention with a mask, run on the CPU: grouped heads (the CPU's default) and
+    keys/values repeated per query head (CUDA's default): the same output and gradients as attention computed
+    head by head, query head h reading key/value head h // (n_heads / n_kv_heads), on packed ranking rows."""
+    B, n_heads, T, head_dim = 2, 8, 16, 16
+    mask = packed_ranking_mask([[4, 3, 2, 4], [5, 2, 3]], T)  # row 1: two candidates, then padding
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, n_heads, T, head_dim, generator=g)
+    k, v = (torch.randn(B, n_kv_heads, T, head_dim, generator=g) for _ in range(2))
+
+    def by_hand(group_of):
+        heads = []
+        for h in range(n_heads):
+            scores = q[:, h] @ k[:, group_of(h)].transpose(-1, -2) / head_dim ** 0.5  # (B, T, T)
+            weights = scores.masked_fill(~mask[:, 0], float("-inf")).softmax(-1)
+            heads.append(weights @ v[:, group_of(h)])  # (B, T, head_dim)
+        return torch.stack(heads, 1)  # (B, n_heads, T, head_dim)
+
+    group = n_heads // n_kv_heads
+    expected = by_hand(lambda h: h // group)
+    outputs, grads = {}, {}
+    for repeat_kv in (None, False, True):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        with RecordOps() as recorded:
+            outputs[repeat_kv] = M.grouped_attention(*inputs, mask, repeat_kv=repeat_kv)
+        attention_calls = [shapes for name, calls in recorded.shapes.items() if "scaled_dot_product" in name
+                           for shapes in calls]
+        key_heads = n_heads if repeat_kv else n_kv_heads  # the path asked for ran: keys repeated, or not
+        assert [shapes[1] for shapes in attention_calls] == [(B, key_heads, T, head_dim)]
+        (outputs[repeat_kv] * expected).sum().backward()
+        grads[repeat_kv] = [t.grad for t in inputs]
+        torch.testing.assert_close(outputs[repeat_kv], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outputs[None], outputs[False])  # the CPU's default is the grouped path
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if n_kv_heads not in (1, n_heads):  # another grouping (head h reads h % n_kv_heads) is told apart
+        assert max_diff(by_hand(lambda h: h % n_kv_heads), expected) > 0.1
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +476,29 @@ def test_sampled_logprobs_equal_a_fresh_forward_pass_and_respect_top_p(gen_model
     other, _ = M.generate(model, PROMPTS, 10, temperature=temperature, top_p=top_p, eos_id=-1,
                           generator=torch.Generator().manual_seed(4))
     assert again == tokens and other != tokens
+
+
+@pytest.mark.parametrize("probs, top_p, nucleus", [
+    ([0.9, 0.1], 0.8, [1.0, 0.0]),                     # the first token alone reaches 0.8
+    ([0.4, 0.3, 0.2, 0.1], 0.6, [4 / 7, 3 / 7, 0, 0]),  # 0.4 < 0.6: the second token is needed; 0.7 reaches it
+    ([0.4, 0.3, 0.2, 0.1], 0.75, [4 / 9, 3 / 9, 2 / 9, 0]),
+    ([0.1, 0.6, 0.3], 0.5, [0, 1.0, 0]),               # sorted by probability, not by id
+    ([0.25, 0.25, 0.5], 0.95, [0.25, 0.25, 0.5]),      # 0.5 + 0.25 = 0.75 < 0.95: all three
+    ([0.9, 0.1], 1.0, [0.9, 0.1]),                     # top_p 1: no cut
+])
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_top_p(probs, top_p, nucleus):
+    """Nucleus sampling (Holtzman et al. 2020) on hand-made distributions: the most likely tokens up to and
+    including the one whose cumulative mass reaches top_p, renormalised. Frequencies of 20000 draws, through a
+    shared generator and through one generator per row."""
+    draws = 20000
+    logits = torch.tensor(probs).log().expand(draws, -1)  # softmax(log p) = p
+    shared = M.sample_next(logits, 1.0, top_p, torch.Generator().manual_seed(0))
+    per_row = M.sample_next(logits[:500], 1.0, top_p, [torch.Generator().manual_seed(i) for i in range(500)])
+    frequencies = torch.bincount(shared, minlength=len(probs)) / draws
+    assert frequencies.tolist() == pytest.approx(nucleus, abs=0.015)  # 3 standard deviations at p = 0.5: 0.011
+    outside = [token for token, p in enumerate(nucleus) if p == 0]
+    assert not any(token in outside for token in per_row.tolist())
+    assert set(per_row.tolist()) == {token for token, p in enumerate(nucleus) if p > 0}
 
 
 def test_eos_stops_each_row(gen_model):
