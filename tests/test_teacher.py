@@ -295,6 +295,39 @@ def test_cut_short_cache_line_is_skipped_and_resent(tmp_path):
         assert third.complete("World", n=2, logprobs=1) == second and third.counts["requests"] == 0
 
 
+SAMPLING_CHANGES = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 32, "seed": 2, "n": 2, "logprobs": 2}
+
+
+@pytest.mark.parametrize("endpoint", ["complete", "chat"])
+def test_requests_that_differ_in_one_setting_reach_the_server_and_are_cached_apart(tmp_path, endpoint):
+    """A rerun at another temperature (top_p, max_tokens, seed, n, logprobs) pays for new answers and never gets
+    the old ones back; a client started from the cache file then answers every one of them without a request."""
+    def ask(client, **settings):
+        if endpoint == "complete":
+            return client.complete("Name a colour.", **settings)
+        return client.chat([{"role": "user", "content": "Name a colour."}], **settings)
+
+    base = dict(temperature=0.0, top_p=1.0, max_tokens=16, seed=1, n=1, logprobs=1)
+    if endpoint == "chat":  # chat's logprobs is a boolean, top_logprobs the count
+        base, changes = dict(base, logprobs=True, top_logprobs=1), dict(SAMPLING_CHANGES, top_logprobs=2)
+        del changes["logprobs"]
+    else:
+        changes = SAMPLING_CHANGES
+    with FakeTeacher() as server:
+        client = client_for(server, tmp_path)
+        first = ask(client, **base)
+        answers = {name: ask(client, **dict(base, **{name: value})) for name, value in changes.items()}
+        assert len(server.bodies) == 1 + len(changes) and client.counts["cache_hits"] == 0  # every one was sent
+        assert [body[name] for body, name in zip(server.bodies[1:], changes)] == list(changes.values())
+        assert len({json.dumps(a, sort_keys=True) for a in [first, *answers.values()]}) == 1 + len(changes)
+        again = client_for(server, tmp_path)
+        assert ask(again, **base) == first
+        assert {name: ask(again, **dict(base, **{name: value})) for name, value in changes.items()} == answers
+        assert len(server.bodies) == 1 + len(changes) and again.counts["cache_hits"] == 1 + len(changes)
+    keys = [entry["key"] for entry in read_jsonl(tmp_path / "cache.jsonl")]
+    assert len(keys) == len(set(keys)) == 1 + len(changes)
+
+
 # ----------------------------------------------------------------------------- the API key, 4xx, rate limit
 
 def test_api_key_never_in_errors_logs_or_cache(tmp_path, monkeypatch, caplog, capsys):
