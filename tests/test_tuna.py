@@ -252,6 +252,41 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     assert set(merged.state_dict()) == set(tiny_model.state_dict())
 
 
+@pytest.mark.parametrize("rank, alpha, lora_a, lora_b, expected", [
+    # W = I, x = (1, 2): A x = (1, 2), B swaps it: B A x = (2, 1); scale 8 / 2 = 4: y = (1, 2) + 4 (2, 1) = (9, 6)
+    (2, 8.0, [[1, 0], [0, 1]], [[0, 1], [1, 0]], [9.0, 6.0]),
+    # A x = (1, 2, 1, 2), B A x = (1, 2); scale 2 / 4 = 0.5: y = (1, 2) + 0.5 (1, 2) = (1.5, 3)
+    (4, 2.0, [[1, 0], [0, 1], [1, 0], [0, 1]], [[1, 0, 0, 0], [0, 0, 0, 1]], [1.5, 3.0]),
+])
+def test_lora_adds_alpha_over_rank_times_b_a_x(rank, alpha, lora_a, lora_b, expected):
+    """y = W x + (alpha / r) B A x (Hu et al. 2021, section 4.1), with a non-zero B, worked out by hand."""
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2))
+    layer = tuna.LoRALinear(base, rank, alpha)
+    with torch.no_grad():
+        layer.lora_a.copy_(torch.tensor(lora_a, dtype=torch.float32))
+        layer.lora_b.copy_(torch.tensor(lora_b, dtype=torch.float32))
+        assert layer(torch.tensor([[1.0, 2.0]]))[0].tolist() == expected
+
+
+def test_lora_merge_is_the_base_weight_plus_alpha_over_rank_times_b_a(tiny_model):
+    """The saved (merged) weight of a LoRA layer is W + (alpha / r) B A; rank 4, alpha 16: 4 B A."""
+    net = model.Transformer(model.ModelArgs.from_name("tiny"))
+    net.load_state_dict(tiny_model.state_dict())
+    tuna.add_lora(net, rank=4, alpha=16, targets=["wq"])
+    layer = net.layers[0].attention.wq
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=g))
+        layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g))
+        x = torch.randn(3, net.args.dim, generator=g)
+        W, A, B = layer.base.weight, layer.lora_a, layer.lora_b
+        torch.testing.assert_close(layer(x), x @ W.T + 4 * (x @ A.T) @ B.T)
+        merged = tuna.plain_model(net, net.state_dict())
+    torch.testing.assert_close(merged.layers[0].attention.wq.weight, W + 4 * B @ A)
+
+
 @pytest.mark.parametrize("candidates", [4, 5])
 def test_bench_compares_layouts_that_compute_the_same_loss(candidates):
     import bench  # its naive K-row baseline must be the same computation, or its speed-up means nothing

@@ -14,6 +14,7 @@ import torch
 import data
 import model
 import tuna
+from conftest import sequence_logprobs
 from test_data import HOLD_LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,49 @@ def test_sft_authors_json_and_the_two_stage_pipeline(files, tmp_path):
     model.load_checkpoint(str(tuna_dir / "tuna"))
 
 
+def first_step_mle_by_hand(files, best_only):
+    """L_MLE of a step over all 16 records, from the init model with each (prompt, candidate) alone in its own
+    row: -(sum of the used response tokens' log-probs) / their count; best_only: candidate 0's tokens only."""
+    tok, net = data.Tokenizer(str(files / "init")), model.load_checkpoint(str(files / "init"))
+    pairs = [data.encode_prompt_response(tok, r.prompt, c, tuna.MAX_LEN)
+             for r in data.read_ranked_jsonl(files / "ranked.jsonl") for c in r.candidates[:1 if best_only else None]]
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(net, [p for p, _ in pairs], [r for _, r in pairs])
+    return -sums.sum().item() / counts.sum().item()
+
+
+def test_mle_best_only_puts_the_mle_term_on_the_best_candidate_alone(files, tmp_path):
+    runs = {}
+    for best_only in (False, True):
+        out = tmp_path / f"best_only_{best_only}"
+        flag = ["--mle-best-only"] if best_only else []
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--batch-size", 16, "--max-steps",
+                                                                      1, *flag)) == 0
+        runs[best_only] = metrics(out)[0]
+        assert runs[best_only]["mle"] == pytest.approx(first_step_mle_by_hand(files, best_only), rel=1e-5)
+    assert runs[True]["mle"] != pytest.approx(runs[False]["mle"], rel=1e-3)  # the two readings differ here
+    assert runs[True]["rank"] == pytest.approx(runs[False]["rank"], rel=1e-6)  # the ranking term does not move
+    assert runs[True]["loss"] == pytest.approx(runs[True]["mle"] + runs[True]["rank"], rel=1e-6)
+
+
+def test_a_partial_last_batch_is_a_step_of_its_own(files, tmp_path):
+    """16 records, batches of 5: steps of 5, 5, 5 and 1 record in each epoch, so every record is trained once
+    per epoch (4 steps, not 3). Split into micro-batches of 2 (3 per step), a last batch of 1 record cannot give
+    each micro-batch one: it is left out (3 steps)."""
+    tok = data.Tokenizer(str(files / "init"))
+    tokens_per_epoch = sum(len(row["tokens"]) for row in tuna.load_rows(files / "ranked.jsonl", tok, "rank"))
+    for extra, steps_per_epoch in (([], 4), (["--micro-batch-size", 2], 3)):
+        out = tmp_path / f"partial{len(extra)}"
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--batch-size", 5, "--epochs", 2,
+                                                                      *extra)) == 0
+        lines = metrics(out)
+        assert [m["step"] for m in lines] == list(range(1, 2 * steps_per_epoch + 1))
+        assert [m["epoch"] for m in lines] == [0] * steps_per_epoch + [1] * steps_per_epoch
+        for epoch in range(2):
+            trained = sum(m["tokens"] for m in lines if m["epoch"] == epoch)
+            assert trained == tokens_per_epoch if steps_per_epoch == 4 else trained < tokens_per_epoch
+
+
 def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1)]
@@ -126,6 +170,49 @@ def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
     assert all(torch.equal(before[k], weights(out)[k]) for k in before)
     assert run(*args, "--overwrite", "--lr", "1e-3") == 0
     assert metrics(out)[0]["lr"] == pytest.approx(0.5e-3)
+
+
+RUN_JSON_CHANGES = {  # each run.json key -> (command, flags, a method constant set otherwise) that change it alone
+    "kind": ("sft", [], None), "init": ("rank", ["--init", "init copy"], None),
+    "data": ("rank", ["--data", "copy.jsonl"], None), "data_sha256": ("rank", [], None),  # data.jsonl edited
+    "lr": ("rank", ["--lr", 2e-5], None), "epochs": ("rank", ["--epochs", 2], None),
+    "max_steps": ("rank", ["--max-steps", 2], None), "batch_size": ("rank", ["--batch-size", 8], None),
+    "seed": ("rank", ["--seed", 7], None), "precision": ("rank", ["--precision", "fp32"], None),
+    "lora_rank": ("rank", ["--lora-rank", 4], None), "lora_alpha": ("rank", ["--lora-alpha", 8], None),
+    "lora_targets": ("rank", ["--lora-targets", "wq"], None), "mle_best_only": ("rank", ["--mle-best-only"], None),
+    "margin": ("rank", [], ("MARGIN", 0.2)), "mle_weight": ("rank", [], ("MLE_WEIGHT", 0.5)),
+    "length_penalty": ("rank", [], ("LENGTH_PENALTY", 0.5)), "max_len": ("rank", [], ("MAX_LEN", 256)),
+    "grad_clip": ("rank", [], ("GRAD_CLIP", 0.5)),
+}
+
+
+def test_resume_refuses_a_change_of_any_setting_in_run_json(files, tmp_path, capsys, monkeypatch):
+    """--resume continues only the run that run.json describes: a change of any one of its keys (another --seed
+    would mix two data orders) is refused, naming that key, and the run is left as it was."""
+    shutil.copytree(files / "init", tmp_path / "init copy")
+    for name in ("copy.jsonl", "data.jsonl"):
+        shutil.copyfile(files / "ranked.jsonl", tmp_path / name)
+    out = tmp_path / "run"
+    same = ["--data", tmp_path / "data.jsonl", "--init", files / "init", "--out", out, "--lr", 1e-5, "--epochs", 1,
+            "--batch-size", 4, "--max-steps", 1, "--seed", 42]
+    assert run("rank", *same) == 0
+    settings, before = json.load(open(out / "run.json")), weights(out)
+    assert set(settings) == set(RUN_JSON_CHANGES)  # a new key in run.json needs its line here
+    capsys.readouterr()
+    for key, (command, flags, constant) in RUN_JSON_CHANGES.items():
+        with monkeypatch.context() as patch:
+            if constant:
+                patch.setattr(tuna, *constant)
+            flags = [tmp_path / f if f in ("init copy", "copy.jsonl") else f for f in flags]
+            ranked = (tmp_path / "data.jsonl").read_text()
+            if key == "data_sha256":  # the same path, one record less
+                (tmp_path / "data.jsonl").write_text(ranked[:ranked.rindex("\n", 0, -1) + 1])
+            assert run(command, *same, *flags, "--resume") == 1, key
+            (tmp_path / "data.jsonl").write_text(ranked)
+        assert f"this run was started with other settings ({key});" in capsys.readouterr().err
+    assert run("rank", *same, "--resume") == 0 and "already finished" in capsys.readouterr().err
+    assert json.load(open(out / "run.json")) == settings and len(metrics(out)) == 1
+    assert all(torch.equal(before[k], weights(out)[k]) for k in before)
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(files, tmp_path, capsys):
