@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny tokenizers trained in the test session, a LLaMA-style sentencepiece model and
 byte-level BPE tokenizer.json folders in the styles real checkpoints ship."""
+import collections
 import io
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -22,6 +24,20 @@ def sequence_logprobs(net, prompts, responses):
         logits = net(torch.tensor([list(prompt) + list(response)]))[0, len(prompt) - 1:-1]  # predict the response
         sums.append(model.token_logprobs(logits, torch.tensor(response, dtype=torch.long)).sum())
     return torch.stack(sums), torch.tensor([len(r) for r in responses])
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the aten operations that run inside it (ops), and the shapes of each one's tensor arguments
+    (shapes: name -> list of calls): which kernel a path really ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.shapes = set(), collections.defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        self.shapes[func.overloadpacket.__name__].append([tuple(a.shape) for a in args if torch.is_tensor(a)])
+        return func(*args, **(kwargs or {}))
 
 
 def pytest_configure(config):

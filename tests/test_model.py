@@ -3,7 +3,6 @@
 Runs under transformers 5 (today's release, which writes RoPE settings as rope_parameters) and 4.57.6 (rope_theta and
 rope_scaling at the top level); .ci/run runs it with both. Run with -s to see the parity figures (max abs logit
 difference per config, config layout and checkpoint source)."""
-import collections
 import copy
 import json
 import os
@@ -16,10 +15,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import model as M
+from conftest import RecordOps
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -296,20 +295,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(tokens).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-
-
-class RecordOps(TorchDispatchMode):
-    """The names of the aten operations that run inside it (ops), and the shapes of each one's tensor arguments
-    (shapes: name -> list of calls)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.shapes = set(), collections.defaultdict(list)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        self.shapes[func.overloadpacket.__name__].append([tuple(a.shape) for a in args if torch.is_tensor(a)])
-        return func(*args, **(kwargs or {}))
 
 
 def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):

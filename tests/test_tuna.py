@@ -301,3 +301,18 @@ def test_bench_compares_layouts_that_compute_the_same_loss(candidates):
         packed = bench.ranking_loss(net, shared, False, torch.device("cpu"), 2)
         rows = bench.ranking_loss(net, naive, True, torch.device("cpu"), 2)
     assert packed.item() == pytest.approx(rows.item(), abs=1e-5)
+
+
+def test_bench_bf16_autocast_path_on_a_cpu_is_float32_within_bfloat16_precision():
+    """bench.py's GPU arm (bfloat16 autocast), chosen on the CPU: the ranking loss of both layouts is the
+    float32 loss within bfloat16's relative step (2 ** -8), and not the float32 loss itself."""
+    import bench
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
+    shared, naive = bench.ranking_rows(512, 2, bench.RESPONSE_LENS)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        float32 = bench.ranking_loss(net, shared, False, cpu, 2).item()
+        for rows, is_naive in ((shared, False), (naive, True)):
+            bf16 = bench.ranking_loss(net, rows, is_naive, cpu, 2, use_autocast=True).item()
+            assert bf16 == pytest.approx(float32, rel=2 ** -8) and bf16 != float32

@@ -14,7 +14,7 @@ import torch
 import data
 import model
 import tuna
-from conftest import sequence_logprobs
+from conftest import RecordOps, sequence_logprobs
 from test_data import HOLD_LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,6 +257,28 @@ def test_lora_run_saves_merged_weights_and_leaves_the_rest(files, tmp_path):
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.endswith(("q_proj.weight", "v_proj.weight"))}
+
+
+def test_cuda_paths_chosen_on_a_cpu_fused_adam_and_bf16_autocast(files, tmp_path, capsys):
+    """What a GPU run does by default, run on the CPU by flag and compared with the CPU's default (foreach
+    AdamW, float32): the fused AdamW kernel gives the same losses and weights; bfloat16 autocast the same
+    losses within bfloat16's precision (8 bits of mantissa), and not the float32 ones."""
+    args = ["rank", "--data", files / "ranked.jsonl", "--lr", 1e-3, "--device", "cpu"]
+    runs = {}
+    for name, flags in (("default", []), ("fused", ["--fused-adam"]), ("autocast", ["--autocast"])):
+        with RecordOps() as recorded:
+            assert run(*args, *common(files, tmp_path / name, *flags)) == 0
+        runs[name] = metrics(tmp_path / name), recorded.ops
+    (default, default_ops), (fused, fused_ops), (autocast, _) = runs.values()
+    assert "_fused_adamw_" in fused_ops and "_fused_adamw_" not in default_ops  # the kernel each flag asked for
+    for a, b in zip(default, fused):
+        assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-6)
+    assert_same_weights(tmp_path / "default", tmp_path / "fused", atol=1e-6)
+    for a, b in zip(default, autocast):  # bfloat16 keeps 8 bits: a relative step of 2 ** -8 = 0.004
+        assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=4e-3)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(default, autocast)) > 1e-5
+    assert run(*args, *common(files, tmp_path / "fp32", "--precision", "fp32", "--autocast")) == 1
+    assert "--autocast needs --precision bf16-mixed (not fp32)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
