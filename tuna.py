@@ -733,7 +733,8 @@ def add_training_arguments(p, kind):
                    "batch); changes memory, not the loss")
     p.add_argument("--seed", type=int, default=42, help="data order and LoRA initialisation")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed",
-                   help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA (float32 on a CPU)")
+                   help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA (float32 on a CPU, unless "
+                   "--autocast)")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, help="bf16-mixed's bfloat16 autocast "
                    "(default: on CUDA only)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, help="AdamW's fused kernel "

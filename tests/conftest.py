@@ -27,8 +27,8 @@ def sequence_logprobs(net, prompts, responses):
 
 
 class RecordOps(TorchDispatchMode):
-    """The names of the aten operations that run inside it (ops), and the shapes of each one's tensor arguments
-    (shapes: name -> list of calls): which kernel a path really ran."""
+    """The names of the aten operations that run inside it (ops), and the shapes of each one's tensor
+    arguments (shapes: name -> list of calls): which kernel a path really ran."""
 
     def __init__(self):
         super().__init__()

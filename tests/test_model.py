@@ -356,8 +356,8 @@ def test_masked_grouped_query_attention_gradients_equal_separate_rows():
 
 
 def packed_ranking_mask(rows, T):
-    """tuna.collate's mask for rows given as segment lengths [prompt, candidate 1, ...], padded to T: causal, a
-    token sees the shared prompt and its own segment. -> bool (B, 1, T, T)"""
+    """tuna.collate's mask for rows given as segment lengths [prompt, candidate 1, ...], padded to T: causal,
+    a token sees the shared prompt and its own segment. -> bool (B, 1, T, T)"""
     segments = torch.full((len(rows), T), -1)
     for b, lengths in enumerate(rows):
         segments[b, :sum(lengths)] = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])
@@ -367,9 +367,10 @@ def packed_ranking_mask(rows, T):
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_masked_grouped_attention_paths_equal_per_head_attention(n_kv_heads):
-    """Both paths of grouped-query attention with a mask, run on the CPU: grouped heads (the CPU's default) and
-    keys/values repeated per query head (CUDA's default): the same output and gradients as attention computed
-    head by head, query head h reading key/value head h // (n_heads / n_kv_heads), on packed ranking rows."""
+    """Both paths of grouped-query attention with a mask, run on the CPU: grouped heads (the CPU's default)
+    and keys/values repeated per query head (CUDA's default): the same output and gradients as attention
+    computed head by head, query head h reading key/value head h // (n_heads / n_kv_heads), on packed
+    ranking rows."""
     B, n_heads, T, head_dim = 2, 8, 16, 16
     mask = packed_ranking_mask([[4, 3, 2, 4], [5, 2, 3]], T)  # row 1: two candidates, then padding
     g = torch.Generator().manual_seed(0)
@@ -465,7 +466,7 @@ def test_sampled_logprobs_equal_a_fresh_forward_pass_and_respect_top_p(gen_model
 
 @pytest.mark.parametrize("probs, top_p, nucleus", [
     ([0.9, 0.1], 0.8, [1.0, 0.0]),                     # the first token alone reaches 0.8
-    ([0.4, 0.3, 0.2, 0.1], 0.6, [4 / 7, 3 / 7, 0, 0]),  # 0.4 < 0.6: the second token is needed; 0.7 reaches it
+    ([0.4, 0.3, 0.2, 0.1], 0.6, [4 / 7, 3 / 7, 0, 0]),  # 0.4 < 0.6: the second is needed; 0.7 reaches it
     ([0.4, 0.3, 0.2, 0.1], 0.75, [4 / 9, 3 / 9, 2 / 9, 0]),
     ([0.1, 0.6, 0.3], 0.5, [0, 1.0, 0]),               # sorted by probability, not by id
     ([0.25, 0.25, 0.5], 0.95, [0.25, 0.25, 0.5]),      # 0.5 + 0.25 = 0.75 < 0.95: all three
@@ -480,7 +481,7 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_top_p(probs, top_p, nuc
     shared = M.sample_next(logits, 1.0, top_p, torch.Generator().manual_seed(0))
     per_row = M.sample_next(logits[:500], 1.0, top_p, [torch.Generator().manual_seed(i) for i in range(500)])
     frequencies = torch.bincount(shared, minlength=len(probs)) / draws
-    assert frequencies.tolist() == pytest.approx(nucleus, abs=0.015)  # 3 standard deviations at p = 0.5: 0.011
+    assert frequencies.tolist() == pytest.approx(nucleus, abs=0.015)  # 3 standard deviations at p 0.5: 0.011
     outside = [token for token, p in enumerate(nucleus) if p == 0]
     assert not any(token in outside for token in per_row.tolist())
     assert set(per_row.tolist()) == {token for token, p in enumerate(nucleus) if p > 0}

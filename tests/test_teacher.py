@@ -300,8 +300,8 @@ SAMPLING_CHANGES = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 32, "seed": 
 
 @pytest.mark.parametrize("endpoint", ["complete", "chat"])
 def test_requests_that_differ_in_one_setting_reach_the_server_and_are_cached_apart(tmp_path, endpoint):
-    """A rerun at another temperature (top_p, max_tokens, seed, n, logprobs) pays for new answers and never gets
-    the old ones back; a client started from the cache file then answers every one of them without a request."""
+    """A rerun at another temperature (top_p, max_tokens, seed, n, logprobs) pays for new answers and never
+    gets the old ones back; a client started from the cache file then answers every one without a request."""
     def ask(client, **settings):
         if endpoint == "complete":
             return client.complete("Name a colour.", **settings)
@@ -317,7 +317,7 @@ def test_requests_that_differ_in_one_setting_reach_the_server_and_are_cached_apa
         client = client_for(server, tmp_path)
         first = ask(client, **base)
         answers = {name: ask(client, **dict(base, **{name: value})) for name, value in changes.items()}
-        assert len(server.bodies) == 1 + len(changes) and client.counts["cache_hits"] == 0  # every one was sent
+        assert len(server.bodies) == 1 + len(changes) and client.counts["cache_hits"] == 0  # each one sent
         assert [body[name] for body, name in zip(server.bodies[1:], changes)] == list(changes.values())
         assert len({json.dumps(a, sort_keys=True) for a in [first, *answers.values()]}) == 1 + len(changes)
         again = client_for(server, tmp_path)

@@ -253,7 +253,7 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
 
 
 @pytest.mark.parametrize("rank, alpha, lora_a, lora_b, expected", [
-    # W = I, x = (1, 2): A x = (1, 2), B swaps it: B A x = (2, 1); scale 8 / 2 = 4: y = (1, 2) + 4 (2, 1) = (9, 6)
+    # W = I, x = (1, 2): A x = (1, 2), B swaps it: B A x = (2, 1); scale 8 / 2 = 4: y = x + 4 (2, 1) = (9, 6)
     (2, 8.0, [[1, 0], [0, 1]], [[0, 1], [1, 0]], [9.0, 6.0]),
     # A x = (1, 2, 1, 2), B A x = (1, 2); scale 2 / 4 = 0.5: y = (1, 2) + 0.5 (1, 2) = (1.5, 3)
     (4, 2.0, [[1, 0], [0, 1], [1, 0], [0, 1]], [[1, 0, 0, 0], [0, 0, 0, 1]], [1.5, 3.0]),

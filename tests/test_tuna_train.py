@@ -117,8 +117,9 @@ def first_step_mle_by_hand(files, best_only):
     """L_MLE of a step over all 16 records, from the init model with each (prompt, candidate) alone in its own
     row: -(sum of the used response tokens' log-probs) / their count; best_only: candidate 0's tokens only."""
     tok, net = data.Tokenizer(str(files / "init")), model.load_checkpoint(str(files / "init"))
+    records = data.read_ranked_jsonl(files / "ranked.jsonl")
     pairs = [data.encode_prompt_response(tok, r.prompt, c, tuna.MAX_LEN)
-             for r in data.read_ranked_jsonl(files / "ranked.jsonl") for c in r.candidates[:1 if best_only else None]]
+             for r in records for c in r.candidates[:1 if best_only else None]]
     with torch.no_grad():
         sums, counts = sequence_logprobs(net, [p for p, _ in pairs], [r for _, r in pairs])
     return -sums.sum().item() / counts.sum().item()
@@ -129,25 +130,25 @@ def test_mle_best_only_puts_the_mle_term_on_the_best_candidate_alone(files, tmp_
     for best_only in (False, True):
         out = tmp_path / f"best_only_{best_only}"
         flag = ["--mle-best-only"] if best_only else []
-        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--batch-size", 16, "--max-steps",
-                                                                      1, *flag)) == 0
+        one_step_of_all = common(files, out, "--batch-size", 16, "--max-steps", 1, *flag)
+        assert run("rank", "--data", files / "ranked.jsonl", *one_step_of_all) == 0
         runs[best_only] = metrics(out)[0]
         assert runs[best_only]["mle"] == pytest.approx(first_step_mle_by_hand(files, best_only), rel=1e-5)
     assert runs[True]["mle"] != pytest.approx(runs[False]["mle"], rel=1e-3)  # the two readings differ here
-    assert runs[True]["rank"] == pytest.approx(runs[False]["rank"], rel=1e-6)  # the ranking term does not move
+    assert runs[True]["rank"] == pytest.approx(runs[False]["rank"], rel=1e-6)  # the ranking term stays
     assert runs[True]["loss"] == pytest.approx(runs[True]["mle"] + runs[True]["rank"], rel=1e-6)
 
 
 def test_a_partial_last_batch_is_a_step_of_its_own(files, tmp_path):
-    """16 records, batches of 5: steps of 5, 5, 5 and 1 record in each epoch, so every record is trained once
-    per epoch (4 steps, not 3). Split into micro-batches of 2 (3 per step), a last batch of 1 record cannot give
-    each micro-batch one: it is left out (3 steps)."""
+    """16 records, batches of 5: steps of 5, 5, 5 and 1 record in each epoch, so every record is trained
+    once per epoch (4 steps, not 3). Split into micro-batches of 2 (3 per step), a last batch of 1 record
+    cannot give each micro-batch one: it is left out (3 steps)."""
     tok = data.Tokenizer(str(files / "init"))
     tokens_per_epoch = sum(len(row["tokens"]) for row in tuna.load_rows(files / "ranked.jsonl", tok, "rank"))
     for extra, steps_per_epoch in (([], 4), (["--micro-batch-size", 2], 3)):
         out = tmp_path / f"partial{len(extra)}"
-        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--batch-size", 5, "--epochs", 2,
-                                                                      *extra)) == 0
+        two_epochs = common(files, out, "--batch-size", 5, "--epochs", 2, *extra)
+        assert run("rank", "--data", files / "ranked.jsonl", *two_epochs) == 0
         lines = metrics(out)
         assert [m["step"] for m in lines] == list(range(1, 2 * steps_per_epoch + 1))
         assert [m["epoch"] for m in lines] == [0] * steps_per_epoch + [1] * steps_per_epoch
@@ -172,14 +173,16 @@ def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
     assert metrics(out)[0]["lr"] == pytest.approx(0.5e-3)
 
 
-RUN_JSON_CHANGES = {  # each run.json key -> (command, flags, a method constant set otherwise) that change it alone
+# each run.json key -> (command, flags, a method constant set otherwise) that change it alone
+RUN_JSON_CHANGES = {
     "kind": ("sft", [], None), "init": ("rank", ["--init", "init copy"], None),
     "data": ("rank", ["--data", "copy.jsonl"], None), "data_sha256": ("rank", [], None),  # data.jsonl edited
     "lr": ("rank", ["--lr", 2e-5], None), "epochs": ("rank", ["--epochs", 2], None),
     "max_steps": ("rank", ["--max-steps", 2], None), "batch_size": ("rank", ["--batch-size", 8], None),
     "seed": ("rank", ["--seed", 7], None), "precision": ("rank", ["--precision", "fp32"], None),
     "lora_rank": ("rank", ["--lora-rank", 4], None), "lora_alpha": ("rank", ["--lora-alpha", 8], None),
-    "lora_targets": ("rank", ["--lora-targets", "wq"], None), "mle_best_only": ("rank", ["--mle-best-only"], None),
+    "lora_targets": ("rank", ["--lora-targets", "wq"], None),
+    "mle_best_only": ("rank", ["--mle-best-only"], None),
     "margin": ("rank", [], ("MARGIN", 0.2)), "mle_weight": ("rank", [], ("MLE_WEIGHT", 0.5)),
     "length_penalty": ("rank", [], ("LENGTH_PENALTY", 0.5)), "max_len": ("rank", [], ("MAX_LEN", 256)),
     "grad_clip": ("rank", [], ("GRAD_CLIP", 0.5)),
@@ -187,14 +190,14 @@ RUN_JSON_CHANGES = {  # each run.json key -> (command, flags, a method constant 
 
 
 def test_resume_refuses_a_change_of_any_setting_in_run_json(files, tmp_path, capsys, monkeypatch):
-    """--resume continues only the run that run.json describes: a change of any one of its keys (another --seed
-    would mix two data orders) is refused, naming that key, and the run is left as it was."""
+    """--resume continues only the run that run.json describes: a change of any one of its keys (another
+    --seed would mix two data orders) is refused, naming that key, and the run is left as it was."""
     shutil.copytree(files / "init", tmp_path / "init copy")
     for name in ("copy.jsonl", "data.jsonl"):
         shutil.copyfile(files / "ranked.jsonl", tmp_path / name)
     out = tmp_path / "run"
-    same = ["--data", tmp_path / "data.jsonl", "--init", files / "init", "--out", out, "--lr", 1e-5, "--epochs", 1,
-            "--batch-size", 4, "--max-steps", 1, "--seed", 42]
+    same = ["--data", tmp_path / "data.jsonl", "--init", files / "init", "--out", out, "--lr", 1e-5,
+            "--epochs", 1, "--batch-size", 4, "--max-steps", 1, "--seed", 42]
     assert run("rank", *same) == 0
     settings, before = json.load(open(out / "run.json")), weights(out)
     assert set(settings) == set(RUN_JSON_CHANGES)  # a new key in run.json needs its line here
@@ -270,7 +273,7 @@ def test_cuda_paths_chosen_on_a_cpu_fused_adam_and_bf16_autocast(files, tmp_path
             assert run(*args, *common(files, tmp_path / name, *flags)) == 0
         runs[name] = metrics(tmp_path / name), recorded.ops
     (default, default_ops), (fused, fused_ops), (autocast, _) = runs.values()
-    assert "_fused_adamw_" in fused_ops and "_fused_adamw_" not in default_ops  # the kernel each flag asked for
+    assert "_fused_adamw_" in fused_ops and "_fused_adamw_" not in default_ops  # the kernel asked for ran
     for a, b in zip(default, fused):
         assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-6)
     assert_same_weights(tmp_path / "default", tmp_path / "fused", atol=1e-6)
