@@ -386,8 +386,8 @@ def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
 
 
 PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype)
-    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (CUDA only,
-                                                     # unless --autocast: a CPU computes in float32)
+    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (by default
+                                                     # on CUDA only: a CPU computes in float32, see --autocast)
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
     "fp16": (torch.float16, None),
