@@ -409,7 +409,7 @@ def record_step(run, step, batch_rows, began, values):
         eta = elapsed / (step + 1 - run.start_step) * (run.total_steps - step - 1)
         log(f"step {step + 1}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, rank "
             f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {run.tokens_seen / elapsed:.0f} tok/s | ETA "
-            f"{time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            f"{data.duration_text(eta)}")
 
 
 # ============================================================================ 4. run folders and checkpoints
