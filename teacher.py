@@ -1252,7 +1252,7 @@ def dry_run(args, client, examples):
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
     samples = {}  # what the student has sampled already, if the student exists yet (pipeline: not before Tuna_p)
-    if os.path.isdir(args.student):
+    if any(os.path.isfile(os.path.join(args.student, name)) for name in ("config.json", "params.json")):
         tok_path = data.Tokenizer(args.tokenizer or args.student).path
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
                                    args.seed, producer_identity(args.student, tok_path))
