@@ -911,6 +911,7 @@ class Progress:
             elapsed = max(time.monotonic() - self.began, 1e-9)
             rate = self.done / elapsed
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed | "
-                    f"ETA {duration_text(eta) if eta != float('inf') else '?'}")
+            eta_text = duration_text(eta) if eta != float("inf") else "?"
+            line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed "
+                    f"| ETA {eta_text}")
             self.write(line + (f" | {self.detail()}" if self.detail else ""))

@@ -428,8 +428,8 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     answers = {}
     for name in names:
         get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n, row["producer"])
-                   for bench, items, n in benches}
+        outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,
+                                           row["producer"]) for bench, items, n in benches}
         if superni_items is not None:
             row["superni"] = score_superni(superni_items, outputs["superni"])
         if lmentry_tasks is not None:
@@ -458,7 +458,7 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
 def dry_run_report(models, out_dir, benches, questions, references, pairs, client, count_tokenizer, prices):
     """What a run would do, with nothing generated or sent: the answers still to generate (the others are in
     OUT/generations), and the judge's requests (teacher.DryRun): exact where both answers of a judgment are
-    generated already, else an upper bound that counts a missing answer at its max_new_tokens."""
+    generated already, else estimated, a missing answer counted at its max_new_tokens."""
     lines = ["eval.py: dry run, nothing generated, nothing sent"]
     known = {}
     for name, row in models.items():
@@ -479,8 +479,9 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
         unknown += missing > 0
         messages = judge_messages(q["question"], first or "", second or "", reference)
         dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=missing * vicuna_tokens)
-    prompt_note = (f"upper bound: {unknown:,} judgment(s) with an answer not generated yet, counted at "
-                   f"--max-new-tokens VICUNA {vicuna_tokens}" if unknown else "every answer is generated")
+    prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, counted at "
+                   f"--max-new-tokens VICUNA {vicuna_tokens}, the most an answer holds in its model's tokens"
+                   if unknown else "every answer is generated")
     report = dry.report("eval.py judge", prompt_note, f"{JUDGE_MAX_TOKENS} a judgment", *prices)
     return "\n".join(lines + report.splitlines()[1:])
 
@@ -545,7 +546,8 @@ def main(argv=None):
     parser.add_argument("--count-tokenizer", help="--dry-run: count the judge's prompt tokens with this "
                         "tokenizer (default: estimated at 4 characters a token)")
     parser.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
-    parser.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion tokens")
+    parser.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
+                        "tokens")
     args = parser.parse_args(argv)
     checkpoints = {}
     for spec in args.checkpoints:
@@ -561,8 +563,10 @@ def main(argv=None):
                    dtype=getattr(torch, args.dtype) if args.dtype else None)
     try:
         if args.dry_run:  # writes nothing, so takes no lock
-            return print(evaluate(checkpoints, args.out, **options, dry_run=True, count_tokenizer=args.count_tokenizer,
-                                  prices=(args.price_per_1m_input, args.price_per_1m_output)))
+            prices = (args.price_per_1m_input, args.price_per_1m_output)
+            print(evaluate(checkpoints, args.out, **options, dry_run=True,
+                           count_tokenizer=args.count_tokenizer, prices=prices))
+            return
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
             results = evaluate(checkpoints, args.out, **options)
     except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:  # each names its file or URL

@@ -146,7 +146,8 @@ class TeacherClient:
         An unreachable server, a refused key, an unknown model or option, or an answer without the fields
         the run reads stop the run (RunError naming the URL and the model)."""
         path = "/chat/completions" if chat else "/completions"
-        asked = {"messages": [{"role": "user", "content": PREFLIGHT_TEXT}]} if chat else {"prompt": PREFLIGHT_TEXT}
+        message = {"role": "user", "content": PREFLIGHT_TEXT}
+        asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
         body = {"model": self.model, **asked, "max_tokens": 1, **options}
         fields = ["choices.0.message.content" if chat else "choices.0.text"]
         if options.get("logprobs"):
@@ -155,7 +156,7 @@ class TeacherClient:
             fields.append("choices.0.logprobs.text_offset")
         where = f"pre-flight check of model '{self.model}'"  # the error names the URL
         try:
-            answer = self._send(self.base_url + path, body)
+            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))  # a check, not a wait
             for field in fields:
                 get_field(answer, field, self.base_url + path)
         except TeacherError as e:
@@ -168,9 +169,10 @@ class TeacherClient:
             raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
         log.info("%s at %s: answered", where, self.base_url + path)
 
-    def _send(self, url, body):
+    def _send(self, url, body, max_retries=None):
+        max_retries = self.max_retries if max_retries is None else max_retries
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             if self._stopped:  # another thread found that no request can reach the server
                 raise self._stopped
             self._wait_for_rate_limit()
@@ -202,20 +204,20 @@ class TeacherClient:
                     self._count_failure()
                     message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
                     raise TeacherError(self._redact(message), reply.status_code)
-            if attempt == self.max_retries:
+            if attempt == max_retries:
                 break
             delay = retry_after if retry_after is not None else \
                 min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
             with self._lock:
                 self.counts["retries"] += 1
-            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in "
+            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
                                      f"{delay:.1f}s"))
             time.sleep(delay)
         self._count_failure()
         if unreached and not self._reached:
             raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url "
                                                   "and that the server is running")))
-        raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: "
+        raise TeacherError(self._redact(f"POST {url}: gave up after {max_retries + 1} attempts: "
                                         f"{problem}"))
 
     def stop(self, error):
@@ -376,10 +378,12 @@ def probabilistic_request(item, k, n, max_tokens, temperature, chat):
     """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
     authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
     _, ex, prompt = item
-    options = dict(max_tokens=max_tokens, temperature=temperature, **(dict(n=n) if k == 0 else dict(n=1, seed=k)))
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
     if chat:  # a chat teacher gets the instruction itself, not our template
         user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        return "/chat/completions", dict(messages=[{"role": "user", "content": user}], logprobs=True, **options)
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
     return "/completions", dict(prompt=prompt, logprobs=1, **options)
 
 
@@ -802,8 +806,8 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
         try:
             path, params = ranking_request(prompt, candidates, temperature, max_tokens)
             (reply, ranks, reference, problem, kept, pool), attempt = ask(
-                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only), parse,
-                retry_failures)
+                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
+                parse, retry_failures)
         except RunError:
             raise
         except (ReplyError, TeacherError) as e:
@@ -822,12 +826,12 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
     return _finish("contextual", client, results, out_path, failures_path)
 
 
-# ----------------------------------------------------------------------------- what a run will send (--dry-run)
+# ----------------------------------------------------------------------------- --dry-run: what a run sends
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as teacher.py
-    serve counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule of thumb for
-    English text), and said so."""
+    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as
+    teacher.py serve counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule
+    of thumb for English text), and said so."""
     if tokenizer_path:
         tok = data.Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
@@ -860,19 +864,21 @@ class DryRun:
         """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
         notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
         lines = [f"{title}: dry run, nothing sent",
-                 f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache (paid before)",
+                 f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
+                 "(paid before)",
                  f"  prompt tokens:     {self.prompt_tokens:,} to send ({notes})",
                  f"  completion tokens: at most {self.completion_tokens:,}" +
                  (f" ({completion_note})" if completion_note else "")]
         if price_input is not None and price_output is not None:
             paid_in = self.prompt_tokens / 1e6 * price_input
             paid_out = self.completion_tokens / 1e6 * price_output
+            prices = f"at ${price_input:g} / ${price_output:g} per 1M tokens"
             lines.append(f"  cost:              at most ${paid_in:,.2f} input + ${paid_out:,.2f} output = "
-                         f"${paid_in + paid_out:,.2f} (at ${price_input:g} / ${price_output:g} per 1M tokens)")
+                         f"${paid_in + paid_out:,.2f} ({prices})")
         else:
             lines.append("  cost:              give --price-per-1m-input and --price-per-1m-output")
-        lines.append(f"  before the run:    1 pre-flight request ({self.count(PREFLIGHT_TEXT)} prompt tokens, "
-                     "1 completion token)")
+        lines.append(f"  before the run:    1 pre-flight request ({self.count(PREFLIGHT_TEXT)} prompt "
+                     "tokens, 1 completion token)")
         return "\n".join(lines)
 
 
@@ -889,28 +895,30 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
     prompt_note = f"{len(items):,} instructions" + (
         ", each with the request that scores its original answer (skipped where a sample equals it)"
         if add_original == "scored" else "")
-    completion_note = (f"{n} choices x --max-tokens {max_tokens} a request; a server that returns fewer usable "
-                       f"choices than --n gets up to {REQUESTS_PER_SAMPLE * n - 1} more requests an item, "
-                       "1 choice each, not counted here")
+    completion_note = (f"{n} choices x --max-tokens {max_tokens} a request; a server that returns fewer "
+                       f"usable choices than --n gets up to {REQUESTS_PER_SAMPLE * n - 1} more requests an "
+                       "item, 1 choice each, not counted here")
     return dry.report("teacher.py probabilistic", prompt_note, completion_note, *prices)
 
 
 def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
                        max_tokens=2048, tokenizer_path=None, prices=(None, None)):
     """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
-    student cache (samples), an upper bound for the others (each of the n candidates counted at
-    student_max_tokens tokens)."""
+    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
+    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
     dry, unknown = DryRun(client, tokenizer_path), 0
     for item_id, _, prompt in _items(examples):
         if item_id in samples:
-            dry.add(*ranking_request(prompt, samples[item_id]["candidates"], temperature, max_tokens), max_tokens)
+            candidates = samples[item_id]["candidates"]
+            dry.add(*ranking_request(prompt, candidates, temperature, max_tokens), max_tokens)
         else:
             unknown += 1
             dry.add(*ranking_request(prompt, [""] * n, temperature, max_tokens), max_tokens,
                     unknown_prompt_tokens=n * student_max_tokens)
-    prompt_note = (f"upper bound: {unknown:,} of {len(examples):,} instructions not sampled yet by the student, "
-                   f"each of their {n} candidates counted as --student-max-tokens {student_max_tokens}"
-                   if unknown else f"all {len(examples):,} instructions' student samples are in the cache")
+    prompt_note = (f"estimated: {unknown:,} of {len(examples):,} instructions not sampled yet by the "
+                   f"student, each of their {n} candidates counted at --student-max-tokens "
+                   f"{student_max_tokens}, the most a sample holds in the student's tokens" if unknown else
+                   f"all {len(examples):,} instructions' student samples are in the cache")
     completion_note = f"--teacher-max-tokens {max_tokens} a request"
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
@@ -1157,8 +1165,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise BadRequest("The request body must be a JSON object.")
             if body.get("model") not in (None, teacher.name):  # no model: the served one, as vLLM
-                return self._send(404, _error(f"The model `{body['model']}` does not exist or you do not have "
-                                              "access to it.", code="model_not_found"))
+                unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
+                return self._send(404, _error(unknown, code="model_not_found"))
             self._send(200, route(body))
         except BadRequest as e:
             self._send(400, _error(str(e), param=e.param))
@@ -1188,7 +1196,8 @@ def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_byt
 def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
                 max_body_bytes=MAX_BODY_BYTES):
     """backend_server over a model.py model: /v1/completions, /v1/chat/completions and /v1/models."""
-    return backend_server(LocalTeacher(model, tokenizer, model_name, seed), host, port, api_key, max_body_bytes)
+    backend = LocalTeacher(model, tokenizer, model_name, seed)
+    return backend_server(backend, host, port, api_key, max_body_bytes)
 
 
 class Stopped(Exception):
@@ -1208,7 +1217,8 @@ def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_nam
         raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
     if api_key is None and not _is_loopback(host):
         raise ValueError(f"--host {host} serves anyone who can reach the port: give an API key with "
-                         "--api-key-env NAME (the key in the environment variable NAME), or serve on 127.0.0.1")
+                         "--api-key-env NAME (the key in the environment variable NAME), or serve on "
+                         "127.0.0.1")
     model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
@@ -1251,7 +1261,7 @@ def dry_run(args, client, examples):
     if args.command == "probabilistic":
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
-    samples = {}  # what the student has sampled already, if the student exists yet (pipeline: not before Tuna_p)
+    samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
     if any(os.path.isfile(os.path.join(args.student, name)) for name in ("config.json", "params.json")):
         tok_path = data.Tokenizer(args.tokenizer or args.student).path
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
@@ -1276,8 +1286,8 @@ def main(argv=None):
                    "request)")
     s.add_argument("--api-key-env", help="environment variable holding the API key that requests must bring "
                    "(Authorization: Bearer KEY); needed for a --host other than loopback")
-    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get HTTP "
-                   f"413 (default {MAX_BODY_BYTES})")
+    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get "
+                   f"HTTP 413 (default {MAX_BODY_BYTES})")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -1301,10 +1311,11 @@ def main(argv=None):
                        help="items whose cached answers were unusable get one new request each (a new seed)")
         p.add_argument("--dry-run", action="store_true", help="read the data, build every request, print how "
                        "many requests and tokens the run would send and what they cost; send nothing")
-        p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer (a folder "
-                       "or file data.Tokenizer reads; default: estimated at 4 characters a token)")
+        p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer (a "
+                       "folder or file data.Tokenizer reads; default: estimated at 4 characters a token)")
         p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
-        p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion tokens")
+        p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
+                       "tokens")
         p.add_argument("--preflight-only", action="store_true", help="only check the server with one cheap "
                        "request (reachable, key, model, endpoint and options), then exit")
         if name == "probabilistic":
@@ -1346,8 +1357,8 @@ def main(argv=None):
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
         client_for = lambda cache_path: TeacherClient(  # noqa: E731
-            args.base_url, args.model, args.api_key_env, cache_path, args.timeout, args.max_retries, args.workers,
-            args.rpm)
+            args.base_url, args.model, args.api_key_env, cache_path, args.timeout, args.max_retries,
+            args.workers, args.rpm)
         if args.dry_run:
             print(dry_run(args, client_for(cache), examples))
             return 0

@@ -765,8 +765,8 @@ def add_pipeline_arguments(p):
     p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
     p.add_argument("--teacher-model", help="teacher model name")
     p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
-    p.add_argument("--dry-run", action="store_true", help="print the contextual teacher's requests, tokens and "
-                   "cost (teacher.py contextual --dry-run); train nothing, send nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the contextual teacher's requests, tokens "
+                   "and cost (teacher.py contextual --dry-run); train nothing, send nothing")
     p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer")
     p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
     p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion tokens")
