@@ -85,7 +85,7 @@ class TeacherClient:
         self._lock = threading.Lock()
         self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
-                           completion_tokens=0)
+                           completion_tokens=0, preflight_requests=0)
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in
         # RAM), or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
@@ -155,6 +155,7 @@ class TeacherClient:
         if options.get("echo"):
             fields.append("choices.0.logprobs.text_offset")
         where = f"pre-flight check of model '{self.model}'"  # the error names the URL
+        sent_before = self.counts["requests"]
         try:
             answer = self._send(self.base_url + path, body, min(self.max_retries, 2))  # a check, not a wait
             for field in fields:
@@ -167,6 +168,9 @@ class TeacherClient:
             if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
                 hint = f": {ECHO_REFUSED}"
             raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
+        finally:  # counted apart from the run's requests
+            self.counts["preflight_requests"] += self.counts["requests"] - sent_before
+            self.counts["requests"] = sent_before
         log.info("%s at %s: answered", where, self.base_url + path)
 
     def _send(self, url, body, max_retries=None):
@@ -259,7 +263,7 @@ class TeacherClient:
         c = self.counts
         return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache "
                 f"hits {c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} "
-                "completion")
+                "completion" + (f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""))
 
 
 def _unreached(error):
@@ -762,6 +766,11 @@ def cached_samples(examples, cache_path, settings):
     return found, others
 
 
+def is_checkpoint(folder):
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
+
+
 def producer_identity(checkpoint_dir, tokenizer_path):
     """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
@@ -1262,7 +1271,7 @@ def dry_run(args, client, examples):
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
     samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
-    if any(os.path.isfile(os.path.join(args.student, name)) for name in ("config.json", "params.json")):
+    if is_checkpoint(args.student):
         tok_path = data.Tokenizer(args.tokenizer or args.student).path
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
                                    args.seed, producer_identity(args.student, tok_path))
@@ -1369,12 +1378,16 @@ def main(argv=None):
             for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
             client = client_for(cache)
+            if args.command == "contextual":  # the student's files first: a typo is named before any request
+                tok = data.Tokenizer(args.tokenizer or args.student)
+                if not is_checkpoint(args.student):
+                    raise ValueError(f"--student {args.student}: not a checkpoint folder (no config.json or "
+                                     "params.json there)")
             preflight(args, client)  # before any sampling or paid request
             if args.command == "probabilistic":
                 build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
                                     args.temperature, args.chat, args.add_original, args.retry_failures)
                 return 0
-            tok = data.Tokenizer(args.tokenizer or args.student)
             dtype = torch.float32 if args.device == "cpu" else None
             student = load_checkpoint(args.student, args.device, dtype)
             student_cache = args.student_cache or args.out + ".student.jsonl"

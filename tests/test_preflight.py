@@ -348,7 +348,7 @@ def test_serve_wants_its_key_and_the_projects_client_brings_it(tiny, monkeypatch
         client = teacher.TeacherClient(served.url, "tiny-teacher", api_key_env=KEY_ENV)
         client.check(chat=False, logprobs=1, echo=True)
         assert client.complete("Hi", max_tokens=1)["choices"][0]["text"] is not None
-        assert len(served.backend.seen) == 2
+        assert len(served.backend.seen) == 2 and client.counts["requests"] == client.counts["preflight_requests"] == 1
         unknown = requests.post(served.url + "/completions", json=dict(body, model="gpt-17"),
                                 headers={"Authorization": f"Bearer {KEY}"})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
