@@ -295,6 +295,43 @@ def test_eval_stops_before_generating_answers(broken_teacher, tiny, tmp_path, ca
     assert not (out / "generations").exists() and not (out / "results.json").exists()  # no answer
 
 
+class WithoutField:
+    """A server that ignores an option: its completions lack `logprobs` (or only their text offsets, which
+    scoring the original answer with echo reads)."""
+    name = "m"
+
+    def __init__(self, missing):
+        self.missing, self.bodies = missing, []
+
+    def completions(self, body):
+        self.bodies.append(body)
+        logprobs = {"tokens": ["OK"], "token_logprobs": [-0.1], "top_logprobs": None, "text_offset": [0]}
+        logprobs.pop(self.missing)
+        return {"choices": [{"text": "OK", "index": 0, "logprobs": logprobs, "finish_reason": "length"}]}
+
+    def chat(self, body):
+        raise teacher.BadRequest("completions only")
+
+
+@pytest.mark.parametrize("missing, options", [("token_logprobs", []), ("text_offset", ["--add-original", "scored"])])
+def test_preflight_refuses_a_server_without_a_field_the_run_reads(missing, options, tmp_path, capsys):
+    backend = WithoutField(missing)
+    server = teacher.backend_server(backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    out = tmp_path / "p.jsonl"
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            teacher.main(["probabilistic", "--data", alpaca_file(tmp_path / "a.json", 5), "--out", str(out),
+                          "--base-url", url, "--model", "m", *options])
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = one_line_error(capsys.readouterr().err, "teacher.py probabilistic: error: ", url, "m")
+    assert stopped.value.code == 1 and f"the answer has no field 'choices.0.logprobs.{missing}'" in line
+    assert len(backend.bodies) == 1 and not out.exists()  # the check only, nothing paid for the data
+
+
 # ----------------------------------------------------------------------------- teacher.py serve's plumbing
 
 def test_serve_answers_128_concurrent_connections(tiny):
