@@ -72,6 +72,7 @@ class ReplyError(ValueError):
 
 PREFLIGHT_TEXT = "This is a connection check. Reply with OK."  # the pre-flight request's whole prompt
 
+
 class TeacherClient:
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
                  max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
