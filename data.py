@@ -20,6 +20,8 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
@@ -877,3 +879,39 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- progress of long work
+
+def duration_text(seconds):
+    """H:MM:SS (hours beyond 24 kept), the form of every ETA the project prints."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One line every `every` (a fraction) of a long phase, and at its end, in training's form:
+    "teacher requests 2600/52002 | 3.12 items/s | 4 failed | ETA 4:37:40 | <detail()>". Made when the
+    work begins (the rate's clock starts then); write: where lines go (default stderr); detail: more to say
+    at the end of each line. Thread-safe: workers may call advance() at once."""
+
+    def __init__(self, what, total, write=None, every=0.05, unit="items", detail=None):
+        self.what, self.total, self.unit, self.detail = what, total, unit, detail
+        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.step = max(1, math.ceil(total * every))
+        self.done, self.failed = 0, 0
+        self.began, self.lock = time.monotonic(), threading.Lock()
+
+    def advance(self, count=1, failed=0):
+        with self.lock:
+            before, self.done, self.failed = self.done, self.done + count, self.failed + failed
+            crossed = self.done // self.step > before // self.step or self.done >= self.total > before
+            if not crossed:
+                return
+            elapsed = max(time.monotonic() - self.began, 1e-9)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta_text = duration_text(eta) if eta != float("inf") else "?"
+            line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed "
+                    f"| ETA {eta_text}")
+            self.write(line + (f" | {self.detail()}" if self.detail else ""))

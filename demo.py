@@ -276,7 +276,11 @@ class RuleJudge:
         self.solutions = solutions
 
     def chat(self, body):
-        reply = rule_judge_reply(body["messages"], self.solutions)
+        if "###Response 0:" not in body["messages"][-1]["content"]:  # not a ranking request: the pre-flight
+            return self._answer("OK")
+        return self._answer(rule_judge_reply(body["messages"], self.solutions))
+
+    def _answer(self, reply):
         return {"object": "chat.completion", "model": self.name, "choices": [
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}

@@ -241,19 +241,33 @@ def read_vicuna(vicuna_dir):
     return questions, references
 
 
+JUDGE_MAX_TOKENS = 2048  # FastChat's judge
+
+
+def judge_request(messages):
+    """(path, params) of one judgment: greedy, as FastChat's judge (the run and its dry run)."""
+    return "/chat/completions", dict(messages=messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+
+
+def judge_jobs(questions, references, pairs):
+    """(model 1, model 2, question, order, reference or None) of every judgment: both orders of every question
+    for each pair."""
+    return [(m1, m2, q, order, references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None)
+            for m1, m2 in pairs for q in questions for order in (0, 1)]
+
+
 def judge_vicuna(client, questions, references, answers, pairs):
     """Both orders of every question for each (model_1, model_2) pair; per-pair win/lose/tie from model 1's
     side, win rates, and every judgment kept (prompts, replies, verdicts)."""
-    jobs = [(m1, m2, q, order) for m1, m2 in pairs for q in questions for order in (0, 1)]
+    jobs = judge_jobs(questions, references, pairs)
 
     def one(job):
-        m1, m2, q, order = job
+        m1, m2, q, order, reference = job
         first, second = (m1, m2) if order == 0 else (m2, m1)
-        reference = references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None
         messages = judge_messages(q["question"], answers[first].get(q["id"], ""),
                                   answers[second].get(q["id"], ""), reference)
         try:
-            answer = client.chat(messages, temperature=0, max_tokens=2048)
+            answer = client.request(*judge_request(messages))
             reply = str(answer["choices"][0]["message"]["content"])
         except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
             raise
@@ -261,10 +275,10 @@ def judge_vicuna(client, questions, references, answers, pairs):
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
-    replies = client.map(one, jobs)
+    replies = client.map(one, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
     results, judgments = {}, []
     for k in range(0, len(jobs), 2):
-        m1, m2, q, _ = jobs[k]
+        m1, m2, q, _, _ = jobs[k]
         (reply1, game1), (reply2, game2) = replies[k], replies[k + 1]
         outcome = combine_games(game1, game2)
         judgments.append({"question_id": q["id"], "category": q["category"], "model_1": m1, "model_2": m2,
@@ -298,22 +312,32 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
     prompt): an answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again,
     never reused (the old line stays in the file, ignored). One process at a time writes the file
     (data.lock_output)."""
-    path = os.path.join(out_dir, "generations", name, bench + ".jsonl")
-    made_by = lambda item: hashlib.sha256(json.dumps(  # noqa: E731
-        [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
-        sort_keys=True).encode()).hexdigest()[:24]
+    path = answers_path(out_dir, name, bench)
     with data.lock_output(path):
-        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by)
+        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer)
 
 
-def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, made_by):
-    """generate_answers' work, while it holds the lock on `path`."""
+def answers_path(out_dir, name, bench):
+    return os.path.join(out_dir, "generations", name, bench + ".jsonl")
+
+
+def kept_answers(path, items, max_new_tokens, producer):
+    """({item id: answer} of the items whose answer the file holds, made as these would be; {item id: its
+    key "made_by"}; the ids the file holds answers of made otherwise)."""
+    made = {item["id"]: hashlib.sha256(json.dumps(  # each answer's key, computed once
+        [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
+        sort_keys=True).encode()).hexdigest()[:24] for item in items}
     kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
             if "id" in r and isinstance(r.get("output"), str)}
-    made = {item["id"]: made_by(item) for item in items}  # each answer's key, computed once
     done = {item_id: kept[item_id, key] for item_id, key in made.items() if (item_id, key) in kept}
+    return done, made, {i for i, _ in kept} - set(done)
+
+
+def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer):
+    """generate_answers' work, while it holds the lock on `path`."""
+    done, made, made_otherwise = kept_answers(path, items, max_new_tokens, producer)
     todo = [item for item in items if item["id"] not in done]
-    other = len({i for i, _ in kept} & {item["id"] for item in todo})
+    other = len(made_otherwise & {item["id"] for item in todo})
     if other:
         print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
               "max_new_tokens: generating them again", file=sys.stderr)
@@ -330,6 +354,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
             ids = ids[:1] + ids[len(ids) - limit + 1:]
         encoded.append(ids)
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
+    progress = data.Progress(f"eval answers {name} {bench}", len(todo))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
@@ -340,7 +365,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
             done[todo[i]["id"]] = text
             finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
         data.append_jsonl(path, finished)
-        print(f"eval: {name} {bench}: {len(done)}/{len(items)}", file=sys.stderr)
+        progress.advance(len(batch))
     return done
 
 
@@ -362,8 +387,10 @@ def model_loader(directory, tokenizer_path, device, dtype):
 def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
              judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
              all_pairs=False, batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu",
-             dtype=None):
-    """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
+             dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
+    """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir. The judge
+    is checked (one pre-flight request) before any answer is generated. dry_run: only the report of what
+    would be generated and sent to the judge (a string); nothing generated, sent or written."""
     PROBLEMS.clear()
     if baseline is not None and baseline not in checkpoints:
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
@@ -373,32 +400,45 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
                             "params.json there)")
     if lmentry_dir and not os.path.isdir(lmentry_dir):
         raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
-    os.makedirs(out_dir, exist_ok=True)
     names = list(checkpoints)
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
+    lmentry_items = None if lmentry_tasks is None else [
+        {"id": it["id"], "prompt": data.alpaca_prompt(it["example"]["input"])}
+        for task in lmentry_tasks.values() for it in task["items"]]
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
+    benches = [(bench, items, n) for bench, items, n in zip(
+        ("superni", "lmentry", "vicuna"), (superni_items, lmentry_items, questions), max_new_tokens)
+        if items is not None]
     results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
                           for name, directory in checkpoints.items()}}
-    answers = {}
-    for name in names:
-        get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
-        run = lambda bench, items, n: generate_answers(  # noqa: E731
-            name, bench, items, get_model, out_dir, batch_size, n, row["producer"])
-        if superni_items is not None:
-            row["superni"] = score_superni(superni_items, run("superni", superni_items, max_new_tokens[0]))
-        if lmentry_tasks is not None:
-            items = [{"id": it["id"], "prompt": data.alpaca_prompt(it["example"]["input"])}
-                     for task in lmentry_tasks.values() for it in task["items"]]
-            outputs = run("lmentry", items, max_new_tokens[1])
-            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs, problem)
-        if questions is not None:
-            answers[name] = run("vicuna", questions, max_new_tokens[2])
-            row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers[name].get(q["id"], "")}
-                                     for q in questions]
+    pairs, client = None, None
     if questions is not None and len(names) > 1:
         baseline = baseline or names[0]
         pairs = list(combinations(names, 2)) if all_pairs else [(n, baseline) for n in names if n != baseline]
+    if pairs and judge_url:
+        client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
+                                       cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
+    if dry_run:
+        return dry_run_report(results["models"], out_dir, benches, questions, references, pairs, client,
+                              count_tokenizer, prices)
+    if client:  # before hours of answers: the judge is reachable, takes the key, knows the model
+        client.check(chat=True, temperature=0)
+    os.makedirs(out_dir, exist_ok=True)
+    answers = {}
+    for name in names:
+        get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
+        outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,
+                                           row["producer"]) for bench, items, n in benches}
+        if superni_items is not None:
+            row["superni"] = score_superni(superni_items, outputs["superni"])
+        if lmentry_tasks is not None:
+            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs["lmentry"], problem)
+        if questions is not None:
+            answers[name] = outputs["vicuna"]
+            row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers[name].get(q["id"], "")}
+                                     for q in questions]
+    if pairs:
         if not judge_url:
             problem("Vicuna QA: no --judge-url, so no model pair was judged")
         else:
@@ -406,8 +446,6 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
                 if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
                     problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
                             "without one")
-            client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
-                                           cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
             judged = judge_vicuna(client, questions, references, answers, pairs)
             results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
@@ -415,6 +453,37 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
                       json.dumps(results, indent=1, ensure_ascii=False))
     data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
+
+
+def dry_run_report(models, out_dir, benches, questions, references, pairs, client, count_tokenizer, prices):
+    """What a run would do, with nothing generated or sent: the answers still to generate (the others are in
+    OUT/generations), and the judge's requests (teacher.DryRun): exact where both answers of a judgment are
+    generated already, else estimated, a missing answer counted at its max_new_tokens."""
+    lines = ["eval.py: dry run, nothing generated, nothing sent"]
+    known = {}
+    for name, row in models.items():
+        counts = []
+        for bench, items, n in benches:
+            done, _, _ = kept_answers(answers_path(out_dir, name, bench), items, n, row["producer"])
+            counts.append(f"{bench} {len(items) - len(done):,} of {len(items):,}")
+            known[name, bench] = done
+        lines.append(f"  answers to generate, {name}: " + ", ".join(counts))
+    if not pairs or client is None:
+        return "\n".join(lines + ["  judge: no model pair to judge" + ("" if pairs else " (--vicuna and 2+ "
+                                                                     "checkpoints judge pairs)")])
+    vicuna_tokens = {bench: n for bench, _, n in benches}["vicuna"]
+    dry, unknown = teacher.DryRun(client, count_tokenizer), 0
+    for m1, m2, q, order, reference in judge_jobs(questions, references, pairs):
+        first, second = (known[m, "vicuna"].get(q["id"]) for m in ((m1, m2) if order == 0 else (m2, m1)))
+        missing = (first is None) + (second is None)
+        unknown += missing > 0
+        messages = judge_messages(q["question"], first or "", second or "", reference)
+        dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=missing * vicuna_tokens)
+    prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, counted at "
+                   f"--max-new-tokens VICUNA {vicuna_tokens}, the most an answer holds in its model's tokens"
+                   if unknown else "every answer is generated")
+    report = dry.report("eval.py judge", prompt_note, f"{JUDGE_MAX_TOKENS} a judgment", *prices)
+    return "\n".join(lines + report.splitlines()[1:])
 
 
 def results_markdown(results):
@@ -472,6 +541,13 @@ def main(argv=None):
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dry-run", action="store_true", help="print the answers still to generate and the "
+                        "judge's requests, tokens and cost; generate, send and write nothing")
+    parser.add_argument("--count-tokenizer", help="--dry-run: count the judge's prompt tokens with this "
+                        "tokenizer (default: estimated at 4 characters a token)")
+    parser.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
+    parser.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
+                        "tokens")
     args = parser.parse_args(argv)
     checkpoints = {}
     for spec in args.checkpoints:
@@ -479,14 +555,20 @@ def main(argv=None):
         if not sep or not name or not directory or name in checkpoints:
             parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
         checkpoints[name] = directory
+    options = dict(tokenizer=args.tokenizer, superni_dir=args.superni, lmentry_dir=args.lmentry,
+                   vicuna_dir=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
+                   judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
+                   batch_size=args.batch_size, max_instances=args.max_instances,
+                   max_new_tokens=tuple(args.max_new_tokens), device=args.device,
+                   dtype=getattr(torch, args.dtype) if args.dtype else None)
     try:
+        if args.dry_run:  # writes nothing, so takes no lock
+            prices = (args.price_per_1m_input, args.price_per_1m_output)
+            print(evaluate(checkpoints, args.out, **options, dry_run=True,
+                           count_tokenizer=args.count_tokenizer, prices=prices))
+            return
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
-            results = evaluate(checkpoints, args.out, tokenizer=args.tokenizer, superni_dir=args.superni,
-                               lmentry_dir=args.lmentry, vicuna_dir=args.vicuna, judge_url=args.judge_url,
-                               judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
-                               baseline=args.baseline, all_pairs=args.all_pairs, batch_size=args.batch_size,
-                               max_instances=args.max_instances, max_new_tokens=tuple(args.max_new_tokens),
-                               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+            results = evaluate(checkpoints, args.out, **options)
     except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:  # each names its file or URL
         parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
     print(results_markdown(results))

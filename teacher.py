@@ -21,12 +21,15 @@ import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -67,10 +70,14 @@ class ReplyError(ValueError):
 
 # ----------------------------------------------------------------------------- 1. the client
 
+PREFLIGHT_TEXT = "This is a connection check. Reply with OK."  # the pre-flight request's whole prompt
+
+
 class TeacherClient:
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
                  max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
         self.base_url, self.model = base_url.rstrip("/"), model
+        self.api_key_env = api_key_env
         self._api_key = os.environ.get(api_key_env) or None  # no key is fine for a local server
         self.timeout, self.max_retries, self.max_workers = timeout, max_retries, max_workers
         self.backoff, self.max_backoff = backoff, max_backoff
@@ -79,7 +86,7 @@ class TeacherClient:
         self._lock = threading.Lock()
         self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
-                           completion_tokens=0)
+                           completion_tokens=0, preflight_requests=0)
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in
         # RAM), or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
@@ -88,18 +95,19 @@ class TeacherClient:
                 self._cache[entry.get("key")] = offset
 
     def chat(self, messages, cache_only=False, **params):
-        body = {"model": self.model, "messages": messages, **params}
-        return self.post("/chat/completions", body, cache_only)
+        return self.request("/chat/completions", {"messages": messages, **params}, cache_only)
 
     def complete(self, prompt, cache_only=False, **params):
-        return self.post("/completions", {"model": self.model, "prompt": prompt, **params}, cache_only)
+        return self.request("/completions", {"prompt": prompt, **params}, cache_only)
+
+    def request(self, path, params, cache_only=False):
+        """post() with this client's model in the body."""
+        return self.post(path, {"model": self.model, **params}, cache_only)
 
     def post(self, path, body, cache_only=False):
         """The answer (a dict) to POST base_url + path with a JSON body: from the cache, else from the server
         (None if cache_only and not cached)."""
-        url = self.base_url + path
-        request = json.dumps([urllib.parse.urlparse(url).path, body], sort_keys=True, ensure_ascii=False)
-        key = hashlib.sha256(request.encode("utf-8")).hexdigest()
+        url, key = self.base_url + path, self._key(path, body)
         with self._lock:
             where = self._cache.get(key)
             self.counts["cache_hits"] += where is not None
@@ -124,9 +132,52 @@ class TeacherClient:
             self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
         return answer
 
-    def _send(self, url, body):
+    def _key(self, path, body):  # the request's content: the URL's path and the body, never the key
+        request = [urllib.parse.urlparse(self.base_url + path).path, body]
+        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def is_cached(self, path, params):
+        """Whether the answer to request(path, params) is in the cache (paid for already); sends nothing."""
+        with self._lock:
+            return self._key(path, {"model": self.model, **params}) in self._cache
+
+    def check(self, chat, **options):
+        """The pre-flight request: one answer of 1 token from the endpoint the run needs (chat or
+        completions), with the options it needs (logprobs, echo), before any long or paid work. Not cached.
+        An unreachable server, a refused key, an unknown model or option, or an answer without the fields
+        the run reads stop the run (RunError naming the URL and the model)."""
+        path = "/chat/completions" if chat else "/completions"
+        message = {"role": "user", "content": PREFLIGHT_TEXT}
+        asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
+        body = {"model": self.model, **asked, "max_tokens": 1, **options}
+        fields = ["choices.0.message.content" if chat else "choices.0.text"]
+        if options.get("logprobs"):
+            fields.append("choices.0.logprobs.content" if chat else "choices.0.logprobs.token_logprobs")
+        if options.get("echo"):
+            fields.append("choices.0.logprobs.text_offset")
+        where = f"pre-flight check of model '{self.model}'"  # the error names the URL
+        sent_before = self.counts["requests"]
+        try:
+            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))  # a check, not a wait
+            for field in fields:
+                get_field(answer, field, self.base_url + path)
+        except TeacherError as e:
+            hint = {401: f"; check the key in ${self.api_key_env}" + ("" if self._api_key else " (not set)"),
+                    403: f"; check the key in ${self.api_key_env}",
+                    404: f"; check --base-url, and the model's name (GET {self.base_url}/models lists them)"}
+            hint = hint.get(e.status, "")
+            if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
+                hint = f": {ECHO_REFUSED}"
+            raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
+        finally:  # counted apart from the run's requests
+            self.counts["preflight_requests"] += self.counts["requests"] - sent_before
+            self.counts["requests"] = sent_before
+        log.info("%s at %s: answered", where, self.base_url + path)
+
+    def _send(self, url, body, max_retries=None):
+        max_retries = self.max_retries if max_retries is None else max_retries
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             if self._stopped:  # another thread found that no request can reach the server
                 raise self._stopped
             self._wait_for_rate_limit()
@@ -158,20 +209,20 @@ class TeacherClient:
                     self._count_failure()
                     message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
                     raise TeacherError(self._redact(message), reply.status_code)
-            if attempt == self.max_retries:
+            if attempt == max_retries:
                 break
             delay = retry_after if retry_after is not None else \
                 min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
             with self._lock:
                 self.counts["retries"] += 1
-            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{self.max_retries} in "
+            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
                                      f"{delay:.1f}s"))
             time.sleep(delay)
         self._count_failure()
         if unreached and not self._reached:
             raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url "
                                                   "and that the server is running")))
-        raise TeacherError(self._redact(f"POST {url}: gave up after {self.max_retries + 1} attempts: "
+        raise TeacherError(self._redact(f"POST {url}: gave up after {max_retries + 1} attempts: "
                                         f"{problem}"))
 
     def stop(self, error):
@@ -196,15 +247,15 @@ class TeacherClient:
     def _redact(self, text):  # servers echo keys back in error messages ("Incorrect API key provided: ...")
         return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
 
-    def map(self, fn, items):
-        """fn over items on a bounded thread pool, results in order, progress logged every 5%."""
-        results, step = [], max(1, len(items) // 20)
+    def map(self, fn, items, what="teacher requests", failed=lambda result: False):
+        """fn over items on a bounded thread pool, results in order; a progress line every 5% (data.Progress:
+        done/total, rate, failed(result) so far, ETA) with the requests, cache hits and tokens so far."""
+        results, progress = [], data.Progress(what, len(items), log.info, detail=self.report)
         pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
         try:
-            for done, result in enumerate(pool.map(fn, items), 1):
+            for result in pool.map(fn, items):
                 results.append(result)
-                if done % step == 0:
-                    log.info("%d/%d items; %s", done, len(items), self.report())
+                progress.advance(failed=int(bool(failed(result))))
         finally:  # on Ctrl-C, drop the queued items instead of waiting for all of them
             pool.shutdown(wait=False, cancel_futures=True)
         return results
@@ -213,7 +264,7 @@ class TeacherClient:
         c = self.counts
         return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache "
                 f"hits {c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} "
-                "completion")
+                "completion" + (f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""))
 
 
 def _unreached(error):
@@ -328,6 +379,25 @@ ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs),
                 "that scores prompts (vLLM, teacher.py serve)")
 
 
+def probabilistic_request(item, k, n, max_tokens, temperature, chat):
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
+    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
+    _, ex, prompt = item
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
+    if chat:  # a chat teacher gets the instruction itself, not our template
+        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
+    return "/completions", dict(prompt=prompt, logprobs=1, **options)
+
+
+def original_request(prompt, output):
+    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
+    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
+    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
+
+
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
     """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its
@@ -343,15 +413,9 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     url = client.base_url + ("/chat/completions" if chat else "/completions")
     distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
 
-    def request(item, k, cache_only):  # request 0 asks for n choices as the authors did; k > 0 for one
-        _, ex, prompt = item
-        params = dict(n=n) if k == 0 else dict(n=1, seed=k)
-        if chat:  # a chat teacher gets the instruction itself, not our template
-            user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-            return client.chat([{"role": "user", "content": user}], cache_only, max_tokens=max_tokens,
-                               temperature=temperature, logprobs=True, **params)
-        return client.complete(prompt, cache_only, max_tokens=max_tokens, temperature=temperature, logprobs=1,
-                               **params)
+    def request(item, k, cache_only):
+        path, params = probabilistic_request(item, k, n, max_tokens, temperature, chat)
+        return client.request(path, params, cache_only)
 
     def usable_choices(answer):
         """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
@@ -393,7 +457,7 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     def original_score(prompt, output):
         full = prompt + output  # as the training text (data.encode_prompt_response): no separator
         try:
-            answer = client.complete(full, echo=True, max_tokens=0, logprobs=1)
+            answer = client.request(*original_request(prompt, output))
         except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
             if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
                 raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
@@ -449,7 +513,8 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
         except (ReplyError, TeacherError) as e:
             return "failed", _failure("probabilistic", item, e, client.model)
 
-    return _finish("probabilistic", client, client.map(one, _items(examples)), out_path, failures_path)
+    results = client.map(one, _items(examples), "probabilistic ranking", failed=lambda r: r[0] == "failed")
+    return _finish("probabilistic", client, results, out_path, failures_path)
 
 
 RANKING_SYSTEM = "You are a professional, experienced data annotator."
@@ -477,6 +542,12 @@ def ranking_messages(prompt, candidates):
             f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
             f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
     return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
+    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
+    return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
+                                     max_tokens=max_tokens)
 
 
 def parse_ranking(reply, n):
@@ -642,32 +713,26 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
     them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
     not depend on where a run was killed nor on batch_size."""
-    settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                    student=student, row_seeds="sha256(seed:id:row)")
-    done = {}
-    for _, entry in data.read_jsonl_log(cache_path, log.warning):
-        if "id" in entry and isinstance(entry.get("settings"), dict):
-            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
-    cached_ids = {item_id for item_id, _ in done}
+    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student)
+    cached, others = cached_samples(examples, cache_path, settings)
     device = model.tok_embeddings.weight.device
-    result, key, todo, others = {}, json.dumps(settings, sort_keys=True), [], 0
-    for item_id, _, prompt in _items(examples):
-        entry = done.get((item_id, key))
-        if entry and entry.get("prompt") == prompt:
-            result[item_id] = entry
-        else:  # sampled below; its place is kept, so the result follows the examples' order
-            result[item_id] = None
-            others += item_id in cached_ids
+    result, todo = {}, []
+    for item_id, _, prompt in _items(examples):  # the result follows the examples' order
+        result[item_id] = cached.get(item_id)
+        if item_id not in cached:
             todo.append((item_id, prompt))
 
     def row_generator(item_id, row):
         row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
         return torch.Generator(device=device).manual_seed(row_seed)
 
+    progress = data.Progress("student sampling", len(todo), log.info)
+
     def keep(i, best):
         item_id, prompt = todo[i]
         result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
         data.append_jsonl(cache_path, [result[item_id]])
+        progress.advance()
 
     generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
     sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
@@ -676,6 +741,35 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
         log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
                  cache_path, others)
     return result
+
+
+def sample_settings(n, temperature, max_new_tokens, tries, seed, student):
+    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
+    return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
+                student=student, row_seeds="sha256(seed:id:row)")
+
+
+def cached_samples(examples, cache_path, settings):
+    """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
+    the number of the other examples it holds samples of, for another student, prompt or settings)."""
+    done = {}
+    for _, entry in data.read_jsonl_log(cache_path, log.warning):
+        if "id" in entry and isinstance(entry.get("settings"), dict):
+            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
+    cached_ids = {item_id for item_id, _ in done}
+    found, others, key = {}, 0, json.dumps(settings, sort_keys=True)
+    for item_id, _, prompt in _items(examples):
+        entry = done.get((item_id, key))
+        if entry and entry.get("prompt") == prompt:
+            found[item_id] = entry
+        else:
+            others += item_id in cached_ids
+    return found, others
+
+
+def is_checkpoint(folder):
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
@@ -720,9 +814,10 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
             return reply, ranks, reference, problem, kept, pool
 
         try:
+            path, params = ranking_request(prompt, candidates, temperature, max_tokens)
             (reply, ranks, reference, problem, kept, pool), attempt = ask(
-                lambda **kw: client.chat(ranking_messages(prompt, candidates), temperature=temperature,
-                                         max_tokens=max_tokens, **kw), parse, retry_failures)
+                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
+                parse, retry_failures)
         except RunError:
             raise
         except (ReplyError, TeacherError) as e:
@@ -737,7 +832,105 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
                                          instruction=ex["instruction"], input=ex.get("input", ""),
                                          source=source)
 
-    return _finish("contextual", client, client.map(one, _items(examples)), out_path, failures_path)
+    results = client.map(one, _items(examples), "contextual ranking", failed=lambda r: r[0] == "failed")
+    return _finish("contextual", client, results, out_path, failures_path)
+
+
+# ----------------------------------------------------------------------------- --dry-run: what a run sends
+
+def token_counter(tokenizer_path=None):
+    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as
+    teacher.py serve counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule
+    of thumb for English text), and said so."""
+    if tokenizer_path:
+        tok = data.Tokenizer(tokenizer_path)
+        return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
+    return (lambda text: -(-len(text) // 4)), "estimated at 4 characters a token (no --count-tokenizer)"
+
+
+class DryRun:
+    """The requests a run would send, added one by one as the run would build them, and never sent: how
+    many, which of them the cache holds (paid before), their prompt tokens (chat messages laid out as
+    teacher.py serve lays them out: an API's own chat template adds a few tokens a request) and the most
+    completion tokens they may cost."""
+
+    def __init__(self, client, tokenizer_path=None):
+        self.client = client
+        self.count, self.counted_by = token_counter(tokenizer_path)
+        self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, path, params, max_completion_tokens, unknown_prompt_tokens=0):
+        """One request; unknown_prompt_tokens: what its prompt will hold beyond params' text (candidates
+        not sampled yet, as an upper bound)."""
+        if self.client.is_cached(path, params):
+            self.cached += 1
+            return
+        text = chat_prompt(params["messages"]) if "messages" in params else params["prompt"]
+        self.requests += 1
+        self.prompt_tokens += self.count(text) + unknown_prompt_tokens
+        self.completion_tokens += max_completion_tokens
+
+    def report(self, title, prompt_note="", completion_note="", price_input=None, price_output=None):
+        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
+        notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
+        lines = [f"{title}: dry run, nothing sent",
+                 f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
+                 "(paid before)",
+                 f"  prompt tokens:     {self.prompt_tokens:,} to send ({notes})",
+                 f"  completion tokens: at most {self.completion_tokens:,}" +
+                 (f" ({completion_note})" if completion_note else "")]
+        if price_input is not None and price_output is not None:
+            paid_in = self.prompt_tokens / 1e6 * price_input
+            paid_out = self.completion_tokens / 1e6 * price_output
+            prices = f"at ${price_input:g} / ${price_output:g} per 1M tokens"
+            lines.append(f"  cost:              at most ${paid_in:,.2f} input + ${paid_out:,.2f} output = "
+                         f"${paid_in + paid_out:,.2f} ({prices})")
+        else:
+            lines.append("  cost:              give --price-per-1m-input and --price-per-1m-output")
+        lines.append(f"  before the run:    1 pre-flight request ({self.count(PREFLIGHT_TEXT)} prompt "
+                     "tokens, 1 completion token)")
+        return "\n".join(lines)
+
+
+def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0, chat=False,
+                          add_original=None, tokenizer_path=None, prices=(None, None)):
+    """build_probabilistic's requests, counted and not sent (the first request of each item; top-ups and
+    the original answer's scoring as notes, since they depend on the answers)."""
+    dry = DryRun(client, tokenizer_path)
+    items = _items(examples)
+    for item in items:
+        dry.add(*probabilistic_request(item, 0, n, max_tokens, temperature, chat), n * max_tokens)
+        if add_original == "scored":  # sent unless a sample equals the original: an upper bound
+            dry.add(*original_request(item[2], item[1]["output"]), 0)
+    prompt_note = f"{len(items):,} instructions" + (
+        ", each with the request that scores its original answer (skipped where a sample equals it)"
+        if add_original == "scored" else "")
+    completion_note = (f"{n} choices x --max-tokens {max_tokens} a request; a server that returns fewer "
+                       f"usable choices than --n gets up to {REQUESTS_PER_SAMPLE * n - 1} more requests an "
+                       "item, 1 choice each, not counted here")
+    return dry.report("teacher.py probabilistic", prompt_note, completion_note, *prices)
+
+
+def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
+                       max_tokens=2048, tokenizer_path=None, prices=(None, None)):
+    """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
+    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
+    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
+    dry, unknown = DryRun(client, tokenizer_path), 0
+    for item_id, _, prompt in _items(examples):
+        if item_id in samples:
+            candidates = samples[item_id]["candidates"]
+            dry.add(*ranking_request(prompt, candidates, temperature, max_tokens), max_tokens)
+        else:
+            unknown += 1
+            dry.add(*ranking_request(prompt, [""] * n, temperature, max_tokens), max_tokens,
+                    unknown_prompt_tokens=n * student_max_tokens)
+    prompt_note = (f"estimated: {unknown:,} of {len(examples):,} instructions not sampled yet by the "
+                   f"student, each of their {n} candidates counted at --student-max-tokens "
+                   f"{student_max_tokens}, the most a sample holds in the student's tokens" if unknown else
+                   f"all {len(examples):,} instructions' student samples are in the cache")
+    completion_note = f"--teacher-max-tokens {max_tokens} a request"
+    return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
 # ----------------------------------------------------------------------------- 3. the server
@@ -913,17 +1106,43 @@ def _error(message, kind="invalid_request_error", param=None, code=None):  # Ope
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or wrong key, 404
+# model_not_found, 400 invalid_request_error, 413 for a body over the limit), a listen backlog that takes
+# a client's whole thread pool at once, and an API key compared in constant time.
+LISTEN_BACKLOG = 1024           # pending connections the kernel keeps (Python's default of 5 resets the rest)
+MAX_BODY_BYTES = 8 * 2 ** 20    # a ranking request is ~10 KB; a bigger body is refused before it is read
+NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
+          "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+
+
 class _Handler(BaseHTTPRequestHandler):
     def _send(self, status, answer):
         payload = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
 
+    def _refused(self):
+        """An error answer (status, body) when the request lacks the server's API key, else None."""
+        key = self.server.api_key
+        if key is None:
+            return None
+        given = self.headers.get("Authorization", "")
+        if not given.startswith("Bearer "):
+            return 401, _error(NO_KEY)
+        if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
+            return 401, _error("Incorrect API key provided.", code="invalid_api_key")  # never echo the key
+        return None
+
     def do_GET(self):
-        if self.path.rstrip("/") == "/v1/models":
+        refused = self._refused()
+        if refused:
+            self._send(*refused)
+        elif self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.server.teacher.name, "object": "model",
                                                          "created": 0, "owned_by": "tuna"}]})
         else:
@@ -933,7 +1152,20 @@ class _Handler(BaseHTTPRequestHandler):
         teacher = self.server.teacher
         route = {"/v1/completions": teacher.completions, "/v1/chat/completions": teacher.chat}.get(self.path)
         try:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            size = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            size = -1
+        if size < 0 or size > self.server.max_body_bytes:  # answered unread: the connection closes after it
+            self.close_connection = True
+            status, message = (413, f"Request body of {size} bytes is over this server's limit of "
+                                    f"{self.server.max_body_bytes} bytes.") if size > 0 else \
+                (400, "The Content-Length header is not a number of bytes.")
+            return self._send(status, _error(message, code="request_too_large" if size > 0 else None))
+        try:
+            raw = self.rfile.read(size)
+            refused = self._refused()
+            if refused:
+                return self._send(*refused)
             if route is None:
                 return self._send(404, _error(f"Unknown URL: POST {self.path}", code="unknown_url"))
             try:
@@ -942,6 +1174,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest("We could not parse the JSON body of your request.") from None
             if not isinstance(body, dict):
                 raise BadRequest("The request body must be a JSON object.")
+            if body.get("model") not in (None, teacher.name):  # no model: the served one, as vLLM
+                unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
+                return self._send(404, _error(unknown, code="model_not_found"))
             self._send(200, route(body))
         except BadRequest as e:
             self._send(400, _error(str(e), param=e.param))
@@ -953,36 +1188,98 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def backend_server(backend, host="127.0.0.1", port=0):
+class _Server(ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG  # socket.listen()'s backlog
+    daemon_threads = True
+
+
+def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_bytes=MAX_BODY_BYTES):
     """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies, answered by `backend`: an
     object with .name, .completions(body) and .chat(body) -> answer dict (BadRequest -> 400). Port 0 picks a
-    free port (server.server_port). Run it with serve_forever(), e.g. in a thread."""
-    server = ThreadingHTTPServer((host, port), _Handler)
-    server.daemon_threads = True
-    server.teacher = backend
+    free port (server.server_port). api_key: requests must bring it as "Authorization: Bearer KEY" (else 401).
+    Run it with serve_forever(), e.g. in a thread."""
+    server = _Server((host, port), _Handler)
+    server.teacher, server.api_key, server.max_body_bytes = backend, api_key, max_body_bytes
     return server
 
 
-def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None):
+def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
+                max_body_bytes=MAX_BODY_BYTES):
     """backend_server over a model.py model: /v1/completions, /v1/chat/completions and /v1/models."""
-    return backend_server(LocalTeacher(model, tokenizer, model_name, seed), host, port)
+    backend = LocalTeacher(model, tokenizer, model_name, seed)
+    return backend_server(backend, host, port, api_key, max_body_bytes)
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: serve() stops serving and exits cleanly."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
-          seed=None):
+          seed=None, api_key_env=None, max_body_bytes=MAX_BODY_BYTES):
+    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM. A host other than
+    loopback needs an API key (the variable api_key_env names), as anyone who reaches the port may use it."""
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
+    if api_key is None and not _is_loopback(host):
+        raise ValueError(f"--host {host} serves anyone who can reach the port: give an API key with "
+                         "--api-key-env NAME (the key in the environment variable NAME), or serve on "
+                         "127.0.0.1")
     model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed)
-    print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1", flush=True)
+    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
+                         max_body_bytes)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+    print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1"
+          + (f" (API key from ${api_key_env})" if api_key else ""), flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    except Stopped as e:
+        print(f"teacher.py serve: stopped ({e})", flush=True)
     finally:
         server.server_close()
+    return 0
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
 
 
 # ----------------------------------------------------------------------------- command line
+
+def preflight(args, client):
+    """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
+    if args.command == "contextual":
+        return client.check(chat=True, temperature=args.teacher_temperature)
+    if args.chat:
+        return client.check(chat=True, temperature=args.temperature, logprobs=True)
+    echo = dict(echo=True) if args.add_original == "scored" else {}
+    return client.check(chat=False, temperature=args.temperature, logprobs=1, **echo)
+
+
+def dry_run(args, client, examples):
+    """The dry run's report of a probabilistic or contextual command line."""
+    prices = (args.price_per_1m_input, args.price_per_1m_output)
+    if args.command == "probabilistic":
+        return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
+                                     args.add_original, args.count_tokenizer, prices)
+    samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
+    if is_checkpoint(args.student):
+        tok_path = data.Tokenizer(args.tokenizer or args.student).path
+        settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
+                                   args.seed, producer_identity(args.student, tok_path))
+        samples, _ = cached_samples(examples, args.student_cache or args.out + ".student.jsonl", settings)
+    return dry_run_contextual(client, examples, samples, args.n, args.student_max_tokens,
+                              args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
@@ -997,6 +1294,10 @@ def main(argv=None):
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the "
                    "request)")
+    s.add_argument("--api-key-env", help="environment variable holding the API key that requests must bring "
+                   "(Authorization: Bearer KEY); needed for a --host other than loopback")
+    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get "
+                   f"HTTP 413 (default {MAX_BODY_BYTES})")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -1018,6 +1319,15 @@ def main(argv=None):
         p.add_argument("--max-retries", type=int, default=6)
         p.add_argument("--retry-failures", action="store_true",
                        help="items whose cached answers were unusable get one new request each (a new seed)")
+        p.add_argument("--dry-run", action="store_true", help="read the data, build every request, print how "
+                       "many requests and tokens the run would send and what they cost; send nothing")
+        p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer (a "
+                       "folder or file data.Tokenizer reads; default: estimated at 4 characters a token)")
+        p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
+        p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
+                       "tokens")
+        p.add_argument("--preflight-only", action="store_true", help="only check the server with one cheap "
+                       "request (reachable, key, model, endpoint and options), then exit")
         if name == "probabilistic":
             p.add_argument("--chat", action="store_true", help="use /chat/completions (default /completions)")
             p.add_argument("--max-tokens", type=int, default=256)
@@ -1052,20 +1362,33 @@ def main(argv=None):
     try:
         if args.command == "serve":
             return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
-                         args.seed)
+                         args.seed, args.api_key_env, args.max_body_bytes)
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
+        client_for = lambda cache_path: TeacherClient(  # noqa: E731
+            args.base_url, args.model, args.api_key_env, cache_path, args.timeout, args.max_retries,
+            args.workers, args.rpm)
+        if args.dry_run:
+            print(dry_run(args, client_for(cache), examples))
+            return 0
+        if args.preflight_only:  # writes nothing, so takes no lock
+            preflight(args, client_for(None))
+            return 0
         with contextlib.ExitStack() as locks:  # one writer per output, and per cache given apart from it
             for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
-            client = TeacherClient(args.base_url, args.model, args.api_key_env, cache, args.timeout,
-                                   args.max_retries, args.workers, args.rpm)
+            client = client_for(cache)
+            if args.command == "contextual":  # the student's files first: a typo is named before any request
+                tok = data.Tokenizer(args.tokenizer or args.student)
+                if not is_checkpoint(args.student):
+                    raise ValueError(f"--student {args.student}: not a checkpoint folder (no config.json or "
+                                     "params.json there)")
+            preflight(args, client)  # before any sampling or paid request
             if args.command == "probabilistic":
                 build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
                                     args.temperature, args.chat, args.add_original, args.retry_failures)
                 return 0
-            tok = data.Tokenizer(args.tokenizer or args.student)
             dtype = torch.float32 if args.device == "cpu" else None
             student = load_checkpoint(args.student, args.device, dtype)
             student_cache = args.student_cache or args.out + ".student.jsonl"

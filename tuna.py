@@ -420,7 +420,7 @@ def record_step(run, step, batch_rows, began, values):
         eta = elapsed / (step + 1 - run.start_step) * (run.total_steps - step - 1)
         log(f"step {step + 1}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, rank "
             f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {run.tokens_seen / elapsed:.0f} tok/s | ETA "
-            f"{time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            f"{data.duration_text(eta)}")
 
 
 # ============================================================================ 4. run folders and checkpoints
@@ -695,15 +695,29 @@ def run_pipeline(args):
     if build_contextual and "RANK" in os.environ:  # hours of sampling would time out the other processes
         raise TrainingError("pipeline: under torchrun, build the contextual data first and pass "
                             "--contextual-data")
+    tuna_p = os.path.join(out, "tuna_p")
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
+               "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
+               args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
+               *shlex.split(args.teacher_args)] if build_contextual else None
+    if args.dry_run:  # what the contextual teacher will be sent and cost; nothing trained, nothing sent
+        if not build_contextual:
+            log("pipeline --dry-run: --contextual-data is given, so no teacher request would be sent")
+            return None
+        log("pipeline --dry-run: Tuna_p and Tuna are not trained; the contextual teacher's requests:")
+        prices = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
+                  ("count_tokenizer", "price_per_1m_input", "price_per_1m_output") if getattr(args, name)]
+        if subprocess.run(command + ["--dry-run", *prices]).returncode != 0:
+            raise TrainingError("pipeline --dry-run: teacher.py contextual --dry-run failed (above)")
+        return None
+    # the teacher is asked only after hours of training: check it first (reachable, key, model, chat)
+    if build_contextual and subprocess.run(command + ["--preflight-only"]).returncode != 0:
+        raise TrainingError("pipeline: the contextual teacher failed its pre-flight check (above); nothing "
+                            "was trained")
     stage = argparse.Namespace(**vars(args))
-    stage.__dict__.update(out=os.path.join(out, "tuna_p"), data=args.probabilistic_data,
-                          lr=args.lr_probabilistic)
+    stage.__dict__.update(out=tuna_p, data=args.probabilistic_data, lr=args.lr_probabilistic)
     tuna_p = train(stage, "rank")
     if build_contextual:
-        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
-                   "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
-                   args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
-                   *shlex.split(args.teacher_args)]
         log("pipeline: " + " ".join(shlex.quote(c) for c in command))
         if subprocess.run(command).returncode != 0:
             raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun "
@@ -767,6 +781,11 @@ def add_pipeline_arguments(p):
     p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
     p.add_argument("--teacher-model", help="teacher model name")
     p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
+    p.add_argument("--dry-run", action="store_true", help="print the contextual teacher's requests, tokens "
+                   "and cost (teacher.py contextual --dry-run); train nothing, send nothing")
+    p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer")
+    p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
+    p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion tokens")
 
 
 SUBCOMMANDS = {  # name -> (help, add arguments, run)
@@ -786,7 +805,8 @@ def main(argv=None):
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     try:  # one writer per output folder (under torchrun, the main process holds the lock for all)
-        with data.lock_output(args.out) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        writes = os.environ.get("RANK", "0") == "0" and not getattr(args, "dry_run", False)
+        with data.lock_output(args.out) if writes else nullcontext():
             SUBCOMMANDS[args.command][2](args)
     except (TrainingError, data.OutputLocked, OSError, ValueError) as e:  # DataError is a ValueError
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)

@@ -197,8 +197,11 @@ class JudgeHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         JudgeHandler.requests_seen.append(body)
         user = body["messages"][-1]["content"]
-        a, b = re.findall(r"\[The Start of Assistant [AB]'s Answer\]\n(.*?)\n\[The End", user, flags=re.S)
-        if "NO_VERDICT" in user:
+        answers = re.findall(r"\[The Start of Assistant [AB]'s Answer\]\n(.*?)\n\[The End", user, flags=re.S)
+        a, b = answers if len(answers) == 2 else ("", "")
+        if len(answers) != 2:  # not a judgment: the pre-flight request
+            text = "OK"
+        elif "NO_VERDICT" in user:
             text = "Both answers have merits; I cannot decide."
         elif "ALWAYS_A" in user:
             text = "Assistant A. [[A]]"

@@ -13,6 +13,7 @@ import torch
 
 import data
 import model
+import teacher
 import tuna
 from conftest import RecordOps, sequence_logprobs
 from test_data import HOLD_LOCK
@@ -333,12 +334,13 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
     import threading
 
     reply = "(1) close-ended\n(2) ###Response 2: Paris is the capital.\n(3) no duplicates\n(5) rank: [2, 0, 1]"
-    requests_seen = []
+    requests_seen, preflights = [], []  # the pre-flight checks apart: the run's requests are counted below
 
     class StubTeacher(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests_seen.append(body)
+            is_preflight = body["messages"][-1]["content"] == teacher.PREFLIGHT_TEXT
+            (preflights if is_preflight else requests_seen).append(body)
             answer = json.dumps({"object": "chat.completion", "model": body["model"],
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                               "finish_reason": "stop"}]}).encode()
@@ -363,6 +365,7 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
     try:
         assert pipeline() == 0
         assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
+        assert len(preflights) == 2  # the pipeline's, before Tuna_p, and teacher.py contextual's own
         records = data.read_ranked_jsonl(out / "contextual.jsonl")
         assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
         assert records[0].source["student_candidates"]  # sampled from Tuna_p
