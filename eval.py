@@ -332,9 +332,10 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     prefix, encoded = teacher.prefix_ids(tok), []
     for item in todo:
         text_ids = tok.encode(item["prompt"])
-        if len(prefix) + len(text_ids) > limit:
-            print(f"eval: {bench} {item['id']}: prompt of {len(prefix) + len(text_ids)} tokens cut to {limit} "
-                  "(its start and its end)", file=sys.stderr)
+        length = len(prefix) + len(text_ids)
+        if length > limit:
+            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} (its start and end)",
+                  file=sys.stderr)
         encoded.append(cut_prompt(prefix, text_ids, limit))
     stops = teacher.stop_ids(tok)
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
