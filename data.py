@@ -48,8 +48,9 @@ class Tokenizer:
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE).
-    Still, build masks from lengths, not by comparing ids with pad_id.
+    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
+    EOS where it has no other (GPT-2, StarCoder): safe here, as every mask the project builds comes from
+    lengths, never from comparing ids with pad_id.
     """
 
     def __init__(self, model_path):
@@ -299,7 +300,7 @@ class ByteLevelBPE:
     neither (GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
     folders), else generation_config.json's eos_token_id (the first of a list). The pad id is a special token
     (never produced from text) other than EOS: tokenizer_config.json's pad_token if it is one, else the first
-    special token that is neither BOS nor EOS, else BOS."""
+    special token that is neither BOS nor EOS, else BOS, else EOS itself (GPT-2: see Tokenizer)."""
 
     def __init__(self, path):
         spec = _read_json_object(path)
@@ -340,25 +341,29 @@ class ByteLevelBPE:
         pad_content = _special_token_content(config.get("pad_token"))
         preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
         candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
-        self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), None)
-        if self.pad_id is None:
-            raise DataError(f"{path}: no special token other than EOS to pad with (added_tokens: "
-                            f"{sorted(self.special_ids)})")
+        # GPT-2 and StarCoder have no special token but EOS: padding with it is safe, as the project builds
+        # every mask from lengths and never compares ids with pad_id (README, Models)
+        self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), self.eos_id)
 
     def _read_model(self, model):
         where = f"{self.path}: model"
         if model.get("type") != "BPE":
             raise DataError(f"{where}.type={model.get('type')!r} is not implemented (BPE only)")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-            if model.get(key) not in (None, "", False):  # unk_token is never needed: every byte is a token
-                raise DataError(f"{where}.{key}={model[key]!r} is not implemented")
+            if model.get(key) not in (None, "", False):
+                hint = " (a sentencepiece-style BPE: open the folder's tokenizer.model)" * (key == "byte_fallback")
+                raise DataError(f"{where}.{key}={model[key]!r} is not implemented{hint}")
         self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
         not_bytes = [t for t in self.vocab
                      if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
-        missing = [char for char in CHAR_TO_BYTE if char not in self.vocab]
-        if not_bytes or missing:
+        if not_bytes:
             raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
-                            f"{not_bytes[:5]}, byte symbols missing {missing[:5]}")
+                            f"{not_bytes[:5]}")
+        # A byte whose symbol the vocabulary lacks (SmolLM2 lacks 21 of 256) becomes unk_token, or is dropped
+        # when there is none, before any merge, as `tokenizers`' BPE.merge_word does.
+        self.unk_token, self.fuse_unk = model.get("unk_token"), bool(model.get("fuse_unk"))
+        if self.unk_token is not None and self.unk_token not in self.vocab:
+            raise DataError(f"{where}.unk_token={self.unk_token!r} is not a token of the vocabulary")
         self.merge_ranks = {}  # (left, right) -> rank: the earlier a merge was learned, the sooner it applies
         for rank, merge in enumerate(model.get("merges") or []):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)  # "a b" or ["a", "b"]
@@ -458,7 +463,7 @@ class ByteLevelBPE:
             return self.cache[word]
         if self.ignore_merges and word in self.vocab:  # Llama 3: a word that is a token stays whole
             return [self.vocab[word]]
-        parts = list(word)
+        parts = self._symbols(word)
         while len(parts) > 1:
             rank, pair = min((self.merge_ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
             if rank == math.inf:
@@ -476,6 +481,17 @@ class ByteLevelBPE:
             self.cache.clear()
         ids = self.cache[word] = [self.vocab[part] for part in parts]
         return ids
+
+    def _symbols(self, word):
+        """The word's byte symbols before any merge. One the vocabulary lacks is dropped, or becomes
+        unk_token (one for a run of them with fuse_unk), as `tokenizers`' BPE.merge_word."""
+        symbols = []
+        for char in word:
+            if char in self.vocab:
+                symbols.append(char)
+            elif self.unk_token is not None and not (self.fuse_unk and symbols and symbols[-1] is None):
+                symbols.append(None)  # an unknown run, fused or not; None marks it until the run ends
+        return [self.unk_token if symbol is None else symbol for symbol in symbols]
 
     def piece_bytes(self, token_id):
         return self.token_bytes.get(int(token_id), b"")  # special tokens (and unused ids) cover no text

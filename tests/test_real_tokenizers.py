@@ -1,0 +1,156 @@
+"""data.py's tokenizer on the real tokenizer files their publishers shipped (tests/fetch_real_files.py), against
+Hugging Face's `tokenizers` and transformers' AutoTokenizer on the same files.
+
+Texts: the benchmark texts the tests hold (Super-NI, LMentry, Vicuna under tests/fixtures/eval), the project's
+own source code, the hand-written texts and random strings of tests/test_bpe.py, and texts made for the edges:
+every control character, CJK and emoji, rare Unicode planes (unassigned and private use), long digit runs and
+random code points (fixed seed). Run with -s to see the counts per file. Each big file loads once per module."""
+import glob
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+import data
+from test_bpe import PARITY_TEXTS, random_texts
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1"]  # real files data.py opens
+
+
+def benchmark_texts():
+    """Instructions, inputs and answers of the benchmark files the tests hold, and Alpaca prompts of them."""
+    texts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests/fixtures/eval/superni/tasks/*.json"))):
+        task = json.load(open(path, encoding="utf-8"))
+        texts += task["Definition"]
+        for instance in task["Instances"]:
+            texts += [instance["input"], *instance["output"]]
+            texts.append(data.alpaca_prompt(task["Definition"][0], instance["input"]) + instance["output"][0])
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests/fixtures/eval/lmentry/*.json"))):
+        texts += [example["input"] for example in json.load(open(path, encoding="utf-8"))["examples"].values()]
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests/fixtures/eval/vicuna/*.jsonl"))):
+        for line in open(path, encoding="utf-8"):
+            record = json.loads(line)
+            texts += record.get("turns") or [turn for choice in record.get("choices", [])
+                                             for turn in choice.get("turns", [])]
+    return texts
+
+
+def code_texts():
+    """The project's own Python files, 25 lines at a time."""
+    texts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        lines = open(path, encoding="utf-8").read().splitlines(keepends=True)
+        texts += ["".join(lines[k:k + 25]) for k in range(0, len(lines), 25)]
+    return texts
+
+
+def edge_texts(seed=0):
+    """Control characters, CJK, emoji, rare planes, long digit runs and random code points."""
+    rng = random.Random(seed)
+    controls = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
+    texts = [f"a{c}b" for c in controls] + [c * 3 for c in controls] + [f" {c} x{c}" for c in controls]
+    texts += ["".join(controls), "tab\there\x0bvt\x0cff\rcr\x1cfs\x1dgs\x1ers\x1fus\x85nel"]
+    cjk = [(0x4E00, 0x9FFF), (0x3040, 0x30FF), (0xAC00, 0xD7A3), (0x20000, 0x2A6DF)]
+    emoji = [(0x1F300, 0x1FAFF), (0x2600, 0x27BF)]
+    planes = [(0x10000, 0x1FFFF), (0x20000, 0x3FFFF), (0x40000, 0x7FFFF), (0xE0000, 0xE01EF),
+              (0xF0000, 0x10FFFF)]  # SMP, CJK extensions, unassigned planes 4-7, tags, private use
+    for ranges in (cjk, emoji, planes):
+        for _ in range(150):
+            texts.append("".join(chr(rng.randint(*rng.choice(ranges))) if rng.random() < 0.7
+                                 else rng.choice(" a1.\n") for _ in range(rng.randint(1, 20))))
+    texts += ["1" * n for n in range(1, 41)] + ["9" * 100, "0" * 257, "3.14159265358979323846264338327950288"]
+    texts += ["".join(rng.choice("0123456789 ,.") for _ in range(rng.randint(20, 200))) for _ in range(50)]
+    texts += ["٠١٢٣٤٥٦٧٨٩ ०१२३ ①②③ ¹²³ Ⅻ 𝟘𝟙𝟚 ১২৩", "東京タワー 한국 中文，标点。「引号」", "👨‍👩‍👧‍👦🏳️‍🌈🇺🇳 1️⃣ ✊🏿"]
+    code_points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    texts += ["".join(chr(rng.choice(code_points)) for _ in range(rng.randint(1, 30))) for _ in range(500)]
+    return texts
+
+
+TEXTS = PARITY_TEXTS + random_texts() + benchmark_texts() + code_texts() + edge_texts()
+
+
+@pytest.fixture(scope="module")
+def loaded(real_files):
+    """name -> (data.Tokenizer, tokenizers.Tokenizer, transformers' AutoTokenizer), each file read once."""
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            folder = real_files(name)
+            reference = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+            reference.encode_special_tokens = True  # data.py never makes a special token from text
+            cache[name] = data.Tokenizer(folder), reference, transformers.AutoTokenizer.from_pretrained(folder)
+        return cache[name]
+    return load
+
+
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_ids_equal_tokenizers_and_transformers_on_every_text(name, loaded):
+    ours, reference, auto = loaded(name)
+    theirs = reference.encode_batch(TEXTS, add_special_tokens=False)
+    auto_ids = auto(TEXTS, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    same = differ = 0
+    for text, expected, from_auto in zip(TEXTS, theirs, auto_ids):
+        ids = ours.encode(text)
+        agree = ids == expected.ids == from_auto and ours.decode(ids) == reference.decode(ids)
+        same += agree
+        if not agree and differ < 5:
+            differ += 1
+            print(f"\n{name}: differs on {text[:60]!r}: {ids[:12]} vs {expected.ids[:12]}")
+    print(f"\n{name}: ids = tokenizers = transformers {transformers.__version__} on {same} of {len(TEXTS)} texts")
+    assert same == len(TEXTS)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_bos_and_eos_are_the_files(name, loaded):
+    ours, reference, auto = loaded(name)
+    text = "Name a color."
+    assert ours.encode(text, bos=True) == reference.encode(text).ids == auto(text)["input_ids"]
+    assert ours.eos_id == auto.eos_token_id
+
+
+def test_smollm2_drops_the_bytes_its_vocabulary_lacks(loaded):
+    ours, reference, _ = loaded("smollm2-135m-instruct")
+    lacking = [byte for byte, char in data.BYTE_TO_CHAR.items() if char not in ours.bpe.vocab]
+    assert len(lacking) == 21 and 0x04 in lacking and 0xC0 in lacking  # the real file lacks 21 of 256
+    assert ours.encode("a\x04b") == ours.encode("a b")[:1] + ours.encode("b")
+    assert ours.encode("\x04\x06") == [] == reference.encode("\x04\x06").ids
+    # U+40000 (plane 4) is F1 80 80 80 in UTF-8: F1 has no symbol and goes, the three 80s stay
+    assert ours.encode("\U00040000") == reference.encode("\U00040000").ids == [ours.bpe.vocab[data.BYTE_TO_CHAR[0x80]]] * 3
+
+
+def test_eos_only_tokenizer_pads_with_eos(loaded, tmp_path):
+    # GPT-2 and StarCoder style: no special token but EOS; SmolLM2's file reduced to that shape
+    ours, _, _ = loaded("smollm2-135m-instruct")
+    folder = tmp_path / "eos_only"
+    folder.mkdir()
+    spec = json.load(open(ours.path, encoding="utf-8"))
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] == "<|endoftext|>"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    eos_only = data.Tokenizer(folder)
+    assert eos_only.eos_id == eos_only.pad_id == 0 and eos_only.bos_id is None
+    assert eos_only.encode("Hi <|endoftext|>", eos=True)[-1] == 0 and eos_only.encode("Hi <|endoftext|>").count(0) == 0
+
+
+def test_unk_token_stands_for_bytes_without_a_symbol(loaded, tmp_path):
+    # a BPE with unk_token: a byte without a symbol becomes it (one per run with fuse_unk), as in `tokenizers`
+    ours, _, _ = loaded("smollm2-135m-instruct")
+    texts = [t for t in TEXTS if any(c in t for c in "\x04\x06\x13\x14\x16\x1d")] + edge_texts()[-500:]
+    for fuse_unk in (False, True):
+        folder = tmp_path / f"unk_{fuse_unk}"
+        shutil.copytree(os.path.dirname(ours.path), folder)
+        spec = json.load(open(folder / "tokenizer.json", encoding="utf-8"))
+        spec["model"].update(unk_token="<|endoftext|>", fuse_unk=fuse_unk)
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        with_unk, reference = data.Tokenizer(folder), tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        reference.encode_special_tokens = True
+        assert all(with_unk.encode(t) == reference.encode(t).ids for t in texts)
+        assert with_unk.encode("\x04\x06") == [0] * (1 if fuse_unk else 2)
