@@ -37,6 +37,10 @@ class Tokenizer:
     (sentencepiece: LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level
     BPE: Llama 3, SmolLM2; see ByteLevelBPE). A file path opens that file.
 
+    eos_id ends every training response; stop_ids are all the ids generation stops at: eos_id, then
+    generation_config.json's eos_token_id beside the file (Llama 3.x Instruct lists 128001, 128008, 128009:
+    end of text, end of a tool call's message, end of a turn).
+
     encode() never produces a control or special token from text: text that looks like "</s>" or
     "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
     with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2
@@ -70,7 +74,11 @@ class Tokenizer:
             self.bpe = ByteLevelBPE(path)
             self.vocab_size, self.bos_id, self.eos_id = self.bpe.vocab_size, self.bpe.bos_id, self.bpe.eos_id
             self.pad_id, self.files = self.bpe.pad_id, self.bpe.files
-            return
+        else:
+            self._open_sentencepiece(path)
+        self.stop_ids = _stop_ids(self.eos_id, os.path.dirname(os.path.abspath(path)), self.vocab_size, self.files)
+
+    def _open_sentencepiece(self, path):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
@@ -102,6 +110,21 @@ class Tokenizer:
         if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
             return b""
         return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
+
+
+def _stop_ids(eos_id, folder, vocab_size, files):
+    """[eos_id] + generation_config.json's eos_token_id (one id or a list) not already in it; the file joins
+    files (what a saved checkpoint copies) so that the checkpoint stops where this one does."""
+    path = os.path.join(folder, "generation_config.json")
+    listed = _read_json_object(path).get("eos_token_id") if os.path.isfile(path) else None
+    if listed is None:
+        return [eos_id]
+    listed = listed if isinstance(listed, list) else [listed]
+    for value in listed:
+        if type(value) is not int or not 0 <= value < vocab_size:
+            raise DataError(f"{path}: eos_token_id {value!r} is not a token id (vocabulary size {vocab_size})")
+    files["generation_config.json"] = path
+    return list(dict.fromkeys([eos_id, *listed]))
 
 
 def _tiktoken_hint(path):

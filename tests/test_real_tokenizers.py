@@ -154,3 +154,40 @@ def test_unk_token_stands_for_bytes_without_a_symbol(loaded, tmp_path):
         reference.encode_special_tokens = True
         assert all(with_unk.encode(t) == reference.encode(t).ids for t in texts)
         assert with_unk.encode("\x04\x06") == [0] * (1 if fuse_unk else 2)
+
+
+# generation_config.json exactly as Meta ships it with Llama 3.1 8B Instruct
+LLAMA31_INSTRUCT_GENERATION_CONFIG = """{
+  "bos_token_id": 128000,
+  "do_sample": true,
+  "eos_token_id": [
+    128001,
+    128008,
+    128009
+  ],
+  "temperature": 0.6,
+  "top_p": 0.9,
+  "transformers_version": "4.42.3"
+}
+"""
+
+
+def test_llama31_instruct_stop_ids_are_its_generation_config(real_files, tmp_path, spm_model_path):
+    folder = tmp_path / "llama3_1"
+    shutil.copytree(real_files("llama3_1"), folder)
+    assert data.Tokenizer(folder).stop_ids == [128009]  # tokenizer_config.json's eos_token alone
+    (folder / "generation_config.json").write_text(LLAMA31_INSTRUCT_GENERATION_CONFIG)
+    tok = data.Tokenizer(folder)
+    content = {i: token for token, i in tok.bpe.special_ids.items()}
+    assert tok.eos_id == 128009 and tok.stop_ids == [128009, 128001, 128008]  # EOS first: what training ends with
+    # this file names 128008 <|reserved_special_token_4|> (Meta's 3.1 release: <|eom_id|>)
+    assert [content[i] for i in tok.stop_ids[:2]] == ["<|eot_id|>", "<|end_of_text|>"] and 128008 in content
+    assert tok.files["generation_config.json"] == str(folder / "generation_config.json")  # saved checkpoints copy it
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128256]}))
+    with pytest.raises(data.DataError, match=r"generation_config.json: eos_token_id 128256 is not a token id"):
+        data.Tokenizer(folder)
+    sentencepiece = tmp_path / "sentencepiece"  # the same for a sentencepiece folder
+    sentencepiece.mkdir()
+    shutil.copyfile(spm_model_path, sentencepiece / "tokenizer.model")
+    (sentencepiece / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert data.Tokenizer(sentencepiece).stop_ids == [2, 7]
