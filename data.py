@@ -140,12 +140,14 @@ def _tiktoken_hint(path):
 # ---------------------------------------------------------------------- byte-level BPE (tokenizer.json)
 #
 # The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging Face's tokenizer.json by
-# hand (the `tokenizers` package is not needed). Encoding a text takes three steps, as in `tokenizers`:
+# hand (the `tokenizers` package is not needed). Encoding a text takes these steps, as in `tokenizers`:
+#   0. added tokens that are not special (DeepSeek's "<｜User｜>", Qwen's "<think>") are cut out of the text
+#      first, and the rest is normalized (NFC for Qwen; most files have no normalizer);
 #   1. pre-tokenize: regexes cut the text into words ("Hello", " world", "!", " 123");
 #   2. byte level: each word's UTF-8 bytes become printable characters, one per byte (GPT-2's table), so any
-#      text is spelled with 256 symbols and nothing is ever unknown;
+#      text is spelled with 256 symbols (a vocabulary lacking a symbol drops that byte, as `tokenizers` does);
 #   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has one.
-# Added (special) tokens are never produced from text. Everything else a tokenizer.json may say (a normalizer,
+# Special tokens are never produced from text. Everything else a tokenizer.json may say (another normalizer,
 # another model type, byte fallback, other pre-tokenizers or split behaviours) is refused by name.
 
 def _byte_to_char():
@@ -164,6 +166,11 @@ CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
+def _white_space(char):
+    r"""Unicode's White_Space property: Oniguruma's \s and Rust's char::is_whitespace (not Python's isspace)."""
+    return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
+
+
 @functools.lru_cache(maxsize=None)
 def _unicode_class(name):
     r"""The body of a regex character class ("a-zà-ö...") holding every code point in a Unicode general
@@ -173,9 +180,7 @@ def _unicode_class(name):
     `tokenizers` uses) except for characters assigned after Python's Unicode version (14.0 in Python 3.11):
     those are unassigned here, so not letters or numbers; tests/test_bpe.py lists and counts them."""
     def member(char):
-        if name == "White_Space":
-            return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
-        return unicodedata.category(char).startswith(name)
+        return _white_space(char) if name == "White_Space" else unicodedata.category(char).startswith(name)
 
     def escape(code):  # the characters with a meaning inside [...]
         return "\\" + chr(code) if chr(code) in "\\]^-[" else chr(code)
@@ -310,6 +315,75 @@ def _pre_tokenizer_steps(spec, where):
                     "Sequence)")
 
 
+def _normalizer(spec, where):
+    """tokenizer.json's normalizer -> a function text -> text: none, NFC (Qwen, OLMo) or a Sequence of them."""
+    kind = spec.get("type") if isinstance(spec, dict) else spec
+    if spec is None:
+        return lambda text: text
+    if kind == "NFC":
+        return functools.partial(unicodedata.normalize, "NFC")
+    if kind == "Sequence":
+        steps = [_normalizer(inner, f"{where}.normalizers[{k}]")
+                 for k, inner in enumerate(spec.get("normalizers") or [])]
+        return functools.partial(functools.reduce, lambda text, step: step(text), steps)
+    raise DataError(f"{where} {kind!r} is not implemented (NFC, Sequence) ({spec!r})")
+
+
+def _check_added_token(token, where):
+    if not isinstance(token, dict) or not isinstance(token.get("content"), str) or not token["content"] \
+            or type(token.get("id")) is not int:
+        raise DataError(f"{where}: {token!r} is not an added token (content, id)")
+    for flag in ("special", "single_word", "lstrip", "rstrip", "normalized"):
+        if not isinstance(token.get(flag, False), bool):
+            raise DataError(f"{where}: {flag}={token[flag]!r} is not true or false")
+
+
+def _word_char(char):
+    r"""Rust regex's \w, which single_word tests next to a match: Unicode Alphabetic (taken as the letters, the
+    letter numbers and the circled and squared Latin letters), marks, decimal digits, connector punctuation and
+    the joiners."""
+    if not char:
+        return False
+    category, code = unicodedata.category(char), ord(char)
+    return (category[0] in "LM" or category in ("Nd", "Nl", "Pc") or char in "\u200c\u200d"
+            or 0x24B6 <= code <= 0x24E9 or 0x1F130 <= code <= 0x1F149 or 0x1F150 <= code <= 0x1F169
+            or 0x1F170 <= code <= 0x1F189)
+
+
+def _added_token_finder(tokens, normalize):
+    """A function text -> [(piece, added token or None)] covering the text, as `tokenizers`' AddedVocabulary
+    finds its tokens: at the leftmost place where any matches, the longest (its content normalized when the
+    token says normalized=true); single_word drops a match inside a word, lstrip / rstrip take the whitespace
+    before / after a match into it. A special token found is left as text (encode never makes one), and no
+    other token is looked for inside it: `tokenizers` with encode_special_tokens=True does the same."""
+    by_pattern = {}
+    for token in sorted(tokens, key=lambda token: not token.get("special")):  # tokenizers: special ones first
+        by_pattern.setdefault(normalize(token["content"]), token)
+    if not by_pattern:
+        return lambda text: [(text, None)]
+    # longest first: Python's re takes the first alternative that matches at the leftmost place
+    regex = re.compile("|".join(map(re.escape, sorted(by_pattern, key=len, reverse=True))))
+
+    def find(text):
+        pieces, done = [], 0
+        for match in regex.finditer(text):
+            token, start, stop = by_pattern[match.group()], match.start(), match.end()
+            if token.get("special"):
+                continue
+            if token.get("single_word") and (_word_char(text[start - 1:start]) or _word_char(text[stop:stop + 1])):
+                continue
+            while token.get("lstrip") and start > done and _white_space(text[start - 1]):
+                start -= 1
+            while token.get("rstrip") and stop < len(text) and _white_space(text[stop]):
+                stop += 1
+            if done < start:
+                pieces.append((text[done:start], None))
+            pieces.append((text[start:stop], token))
+            done = stop
+        return pieces + [(text[done:], None)] * (done < len(text))
+    return find
+
+
 def _special_token_content(value):
     """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
     return value.get("content") if isinstance(value, dict) else value
@@ -332,10 +406,15 @@ class ByteLevelBPE:
             if spec.get(key) is not None:
                 raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode "
                                 "returns)")
-        normalizer = spec.get("normalizer")
-        if normalizer is not None and normalizer != {"type": "Sequence", "normalizers": []}:
-            raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not implemented "
-                            f"({normalizer!r})")
+        self.special_ids, self.added = {}, {}  # content -> id: special added tokens; content -> the others
+        for k, token in enumerate(spec.get("added_tokens") or []):
+            _check_added_token(token, f"{path}: added_tokens[{k}]")
+            if token["special"]:
+                self.special_ids[token["content"]] = token["id"]
+            else:
+                self.added[token["content"]] = token
+        self._read_model(spec.get("model") or {})  # first: it says best what kind of tokenizer this is
+        self.normalize = _normalizer(spec.get("normalizer"), f"{path}: normalizer")
         decoder = spec.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             raise DataError(f"{path}: decoder {decoder.get('type')!r} is not implemented (ByteLevel only)")
@@ -345,16 +424,17 @@ class ByteLevelBPE:
             raise DataError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step (or "
                             "several): not a byte-level BPE tokenizer")
         self.add_prefix_space = byte_level[0]
-        self.special_ids = {}  # content -> id of every added token; all are special
-        for k, token in enumerate(spec.get("added_tokens") or []):
-            if not token.get("special"):  # tokenizers would match it inside plain text; encode() never does
-                raise DataError(f"{path}: added_tokens[{k}] {token.get('content')!r} (id {token.get('id')}) "
-                                "is not special: matching added tokens inside text is not implemented")
-            self.special_ids[token["content"]] = token["id"]
-        self._read_model(spec.get("model") or {})
-        self.vocab_size = 1 + max([*self.vocab.values(), *self.special_ids.values()])
+        # added tokens are found in the text before anything else, in two passes: those with normalized=false
+        # in the text as given, the others in the normalized text (special ones too, then skipped: see encode)
+        added_tokens = spec.get("added_tokens") or []
+        self.find_raw = _added_token_finder([t for t in added_tokens if not t.get("normalized", True)], str)
+        self.find_normalized = _added_token_finder([t for t in added_tokens if t.get("normalized", True)],
+                                                   self.normalize)
+        added_ids = [token["id"] for token in added_tokens]
+        self.vocab_size = 1 + max([*self.vocab.values(), *added_ids])
         self.token_bytes = {i: bytes(CHAR_TO_BYTE[c] for c in token) for token, i in self.vocab.items()
-                            if token not in self.special_ids}
+                            if i not in added_ids}
+        self.token_bytes.update({token["id"]: content.encode("utf-8") for content, token in self.added.items()})
         self.cache = {}  # word -> ids: text repeats its words
         folder = os.path.dirname(os.path.abspath(path))
         config = self._read_tokenizer_config(folder)
@@ -377,8 +457,8 @@ class ByteLevelBPE:
                 hint = " (a sentencepiece-style BPE: open the folder's tokenizer.model)" * (key == "byte_fallback")
                 raise DataError(f"{where}.{key}={model[key]!r} is not implemented{hint}")
         self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
-        not_bytes = [t for t in self.vocab
-                     if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
+        not_bytes = [t for t in self.vocab if t not in self.special_ids and t not in self.added
+                     and any(c not in CHAR_TO_BYTE for c in t)]
         if not_bytes:
             raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
                             f"{not_bytes[:5]}")
@@ -473,6 +553,17 @@ class ByteLevelBPE:
         return eos
 
     def encode(self, text):
+        """Added tokens first (those matched as written, then, in the normalized rest, the others), then the
+        pre-tokenizer and BPE on each piece between them, as `tokenizers`' AddedVocabulary.extract_and_normalize
+        followed by the pipeline."""
+        ids = []
+        for raw, raw_token in self.find_raw(text):
+            found = [(raw, raw_token)] if raw_token else self.find_normalized(self.normalize(raw))
+            for piece, token in found:
+                ids += [token["id"]] if token else self._encode_text(piece)
+        return ids
+
+    def _encode_text(self, text):
         pieces = [text] if text else []
         for step in self.steps:
             pieces = [part for piece in pieces for part in step(piece)]
