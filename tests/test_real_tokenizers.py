@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3"]  # real files data.py opens
+IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3", "gpt2"]  # real files data.py opens
 
 
 def benchmark_texts():
@@ -173,18 +173,28 @@ def test_smollm2_drops_the_bytes_its_vocabulary_lacks(loaded):
     assert ours.encode("\U00040000") == reference.encode("\U00040000").ids == [ours.bpe.vocab[data.BYTE_TO_CHAR[0x80]]] * 3
 
 
-def test_eos_only_tokenizer_pads_with_eos(loaded, tmp_path):
-    # GPT-2 and StarCoder style: no special token but EOS; SmolLM2's file reduced to that shape
-    ours, _, _ = loaded("smollm2-135m-instruct")
-    folder = tmp_path / "eos_only"
-    folder.mkdir()
-    spec = json.load(open(ours.path, encoding="utf-8"))
-    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] == "<|endoftext|>"]
-    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    eos_only = data.Tokenizer(folder)
-    assert eos_only.eos_id == eos_only.pad_id == 0 and eos_only.bos_id is None
-    assert eos_only.encode("Hi <|endoftext|>", eos=True)[-1] == 0 and eos_only.encode("Hi <|endoftext|>").count(0) == 0
+def test_gpt2_has_no_special_token_but_eos_and_pads_with_it_safely(loaded):
+    import torch
+
+    import model
+    import tuna
+    gpt2, _, auto = loaded("gpt2")
+    assert list(gpt2.bpe.special_ids) == ["<|endoftext|>"] and gpt2.bos_id is None
+    assert gpt2.eos_id == gpt2.pad_id == auto.eos_token_id == 50256
+    # safe because every mask comes from lengths: rows padded with EOS score as rows padded with another id,
+    # and the responses' own EOS stays a scored target
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": gpt2.vocab_size}))
+    prompt = data.alpaca_prompt("Name a color.")
+    pairs = [data.encode_prompt_response(gpt2, prompt, answer) for answer in ("Red.", "A deep, warm red.", "Blue")]
+    rows = [tuna.pack_example([p for p, _ in pairs[:2]], [r for _, r in pairs[:2]]),
+            tuna.pack_example([pairs[2][0]], [pairs[2][1]])]
+    with torch.no_grad():
+        scores = {pad: tuna.score_tokens(net, tuna.collate(rows, pad)) for pad in (gpt2.pad_id, 0)}
+    batch = tuna.collate(rows, gpt2.pad_id)
+    assert (batch["tokens"] == gpt2.eos_id).sum() > 3  # padding is there, and it is EOS
+    assert torch.equal(scores[gpt2.pad_id], scores[0])
+    assert ((batch["target"] == gpt2.eos_id) & (batch["candidate"] >= 0)).sum() == 3  # each response's EOS
 
 
 def test_unk_token_stands_for_bytes_without_a_symbol(loaded, tmp_path):
