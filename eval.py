@@ -289,7 +289,7 @@ def judge_vicuna(client, questions, references, answers, pairs):
 def answer_producer(directory, tokenizer_path=None):
     """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
     tok = data.Tokenizer(tokenizer_path or directory)
-    return {**teacher.producer_identity(directory, tok.path), "stop_ids": teacher.stop_ids(tok)}
+    return {**teacher.producer_identity(directory, tok.path), "stop_ids": tok.stop_ids}
 
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
@@ -337,7 +337,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
             print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} (its start and end)",
                   file=sys.stderr)
         encoded.append(cut_prompt(prefix, text_ids, limit))
-    stops = teacher.stop_ids(tok)
+    stops = tok.stop_ids
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]

@@ -591,15 +591,10 @@ def prefix_ids(tok):
     return tok.encode("", bos=True)
 
 
-def stop_ids(tok):
-    """The ids that end an answer: the tokenizer's EOS and any other its checkpoint lists (Llama 3.x
-    Instruct's generation_config.json: <|end_of_text|>, <|eom_id|>, <|eot_id|>). An answer ended by any of
-    them is finished, and is trained with the tokenizer's EOS (data.encode_prompt_response)."""
-    return sorted(set(getattr(tok, "stop_ids", None) or [tok.eos_id]))
-
-
 def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did): generate stops at the first
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
+    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
+    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
     one, so it can only be the last token."""
     finished = bool(tokens) and tokens[-1] in stops
     return (tokens[:-1] if finished else tokens), finished
@@ -610,9 +605,8 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
     has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
     the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
-    use_stemmer=True). Each result: candidates, finished (which ended in a stop id, stop_ids; the others hit
-    max_new_tokens),
-    temperature, round, mean_rouge_l.
+    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
+    max_new_tokens), temperature, round, mean_rouge_l.
 
     The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
     per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
@@ -624,7 +618,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
-    stops = stop_ids(tok)
+    stops = tok.stop_ids
     budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
     best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
@@ -665,7 +659,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
     not depend on where a run was killed nor on batch_size."""
     settings = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                    student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids(tok))
+                    student=student, row_seeds="sha256(seed:id:row)", stop_ids=tok.stop_ids)
     done = {}
     for _, entry in data.read_jsonl_log(cache_path, log.warning):
         if "id" in entry and isinstance(entry.get("settings"), dict):
@@ -831,7 +825,7 @@ class LocalTeacher:
             raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
                              f"{len(ids)} tokens and max_tokens is {max_tokens}", "max_tokens")
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        stops = stop_ids(self.tok)
+        stops = self.tok.stop_ids
         with self.lock:
             outs, _ = generate(self.model, [ids] * n, max_tokens, temperature=temperature, top_p=top_p,
                                eos_id=stops, generator=generator)

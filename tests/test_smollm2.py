@@ -48,7 +48,7 @@ def test_logits_and_greedy_text_equal_transformers(smollm2):
                        for row in ids]
     print(f"\nSmolLM2-135M-Instruct: max |logits difference| model.py vs transformers = {max(differences):.2e}")
     assert max(differences) < 1e-4
-    stops = teacher.stop_ids(tok)
+    stops = tok.stop_ids
     ours, _ = model.generate(net, ids, 24, eos_id=stops)  # greedy, the two prompts in one batch
     for row, answer in zip(ids, ours):
         with torch.no_grad():

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1049,9 +1050,13 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
     server and eval's answers stop there, call the answer finished, and training gives it the tokenizer's EOS."""
     import eval as E
     import tuna
-    tok = data.Tokenizer(spm_model_path)
-    eot = tok.encode("Paris")[-1]
-    tok.stop_ids = [tok.eos_id, eot]
+    eot = data.Tokenizer(spm_model_path).encode("Paris")[-1]
+    folder = tmp_path / "student"
+    folder.mkdir()
+    shutil.copy(spm_model_path, folder / "tokenizer.model")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, eot]}))  # as Llama 3.x's
+    tok = data.Tokenizer(folder)
+    assert tok.stop_ids == [tok.eos_id, eot]
     student = eos_prone_student(tok, stop_id=eot)
     examples = [example(i) for i in range(4)]
     samples = teacher.sample_candidates(student, tok, examples, str(tmp_path / "s.jsonl"), n=4, max_new_tokens=3,
@@ -1095,6 +1100,6 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
     items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(examples)]
     answers = E.generate_answers("eot", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eot-prone")
     assert answers == {item["id"]: "" for item in items}
-    tok.stop_ids = [tok.eos_id]  # without the second stop id the same student says "Paris" three times
+    tok = data.Tokenizer(spm_model_path)  # without the second stop id the same student says "Paris" three times
     assert E.generate_answers("eos", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eos-only") == \
         {item["id"]: tok.decode([eot] * 3).strip() for item in items}
