@@ -49,10 +49,10 @@ def test_logits_and_greedy_text_equal_transformers(smollm2):
     print(f"\nSmolLM2-135M-Instruct: max |logits difference| model.py vs transformers = {max(differences):.2e}")
     assert max(differences) < 1e-4
     stops = tok.stop_ids
-    ours, _ = model.generate(net, ids, 24, eos_id=stops)  # greedy, the two prompts in one batch
+    ours, _ = model.generate(net, ids, 16, eos_id=stops)  # greedy, the two prompts in one batch
     for row, answer in zip(ids, ours):
         with torch.no_grad():
-            theirs = hf.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False, eos_token_id=stops,
+            theirs = hf.generate(torch.tensor([row]), max_new_tokens=16, do_sample=False, eos_token_id=stops,
                                  pad_token_id=tok.pad_id)[0, len(row):].tolist()
         assert answer == theirs
         text = tok.decode(teacher.without_stop(answer, stops)[0])
@@ -136,12 +136,12 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     assert len(steps) == 1 and steps[0]["lr"] < 1e-6  # the contextual stage's lr (1e-6, warming up), not 1e-5
     assert weights_differ(tuna_p_net, model.load_checkpoint(str(tmp_path / "tuna" / "tuna")))
 
-    # 6. eval.py on the real Super-NI task files (2 instances of each of 3 tasks): the table, ROUGE-L above zero
+    # 6. eval.py on the real Super-NI task files (an instance of each of 3 tasks): the table, ROUGE-L above zero
     E.main(["--checkpoints", f"tuna={tmp_path / 'tuna' / 'tuna'}", "--superni", SUPERNI, "--out",
-            str(tmp_path / "eval"), "--max-instances", "2", "--batch-size", "2", "--max-new-tokens", "16", "8", "8",
+            str(tmp_path / "eval"), "--max-instances", "1", "--batch-size", "2", "--max-new-tokens", "12", "8", "8",
             "--device", "cpu", "--dtype", "float32"])  # batches of 2: the prompts pair by length, little padding
     superni = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["tuna"]["superni"]
-    assert len(superni["items"]) == 6 and all(item["prediction"] for item in superni["items"])
+    assert len(superni["items"]) == 3 and all(item["prediction"] for item in superni["items"])
     assert superni["overall"]["rougeL"] > 0
     assert f"| tuna | {superni['overall']['rougeL']} |" in (tmp_path / "eval" / "results.md").read_text()
     with capsys.disabled():
