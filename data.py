@@ -53,7 +53,7 @@ class Tokenizer:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
     pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
-    EOS where it has no other (GPT-2, StarCoder): safe here, as every mask the project builds comes from
+    EOS where it has no other (GPT-2): safe here, as every mask the project builds comes from
     lengths, never from comparing ids with pad_id.
     """
 
@@ -448,7 +448,7 @@ class ByteLevelBPE:
         pad_content = _special_token_content(config.get("pad_token"))
         preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
         candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
-        # GPT-2 and StarCoder have no special token but EOS: padding with it is safe, as the project builds
+        # GPT-2 has no special token but EOS: padding with it is safe, as the project builds
         # every mask from lengths and never compares ids with pad_id (README, Models)
         self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), self.eos_id)
 

@@ -289,6 +289,7 @@ def test_added_token_flags_match_as_tokenizers_matches_them(loaded, tmp_path):
     last = max(token["id"] for token in spec["added_tokens"])
     contents = [f"<re\u0301sume\u0301{k}>" for k in range(len(FLAGS))]
     contents += ["<thi", "<tool"]  # prefixes of others: the longest match wins
+    contents += ["im_start"]  # inside a special token, which stays text: not looked for there either
     spec["added_tokens"] += [dict(spec["added_tokens"][-1], id=last + 1 + k, content=content)
                              for k, content in enumerate(contents)]
     not_special = [token for token in spec["added_tokens"] if not token["special"]]
@@ -304,6 +305,7 @@ def test_added_token_flags_match_as_tokenizers_matches_them(loaded, tmp_path):
     reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     reference.encode_special_tokens = True
     texts = added_token_texts(spec, seed=1) + [f"a <résumé{k}>b" for k in range(len(FLAGS))]
+    texts += ["<|im_start|>user im_start"]
     differ = [t for t in texts if flagged.encode(t) != reference.encode(t, add_special_tokens=False).ids]
     made = {i for text in texts for i in flagged.encode(text)}
     assert not differ, differ[:3]
