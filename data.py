@@ -53,7 +53,7 @@ class Tokenizer:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
     pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
-    EOS where it has no other (GPT-2, StarCoder): safe here, as every mask the project builds comes from
+    EOS where it has no other (GPT-2): safe here, as every mask the project builds comes from
     lengths, never from comparing ids with pad_id.
     """
 
@@ -76,7 +76,8 @@ class Tokenizer:
             self.pad_id, self.files = self.bpe.pad_id, self.bpe.files
         else:
             self._open_sentencepiece(path)
-        self.stop_ids = _stop_ids(self.eos_id, os.path.dirname(os.path.abspath(path)), self.vocab_size, self.files)
+        folder = os.path.dirname(os.path.abspath(path))
+        self.stop_ids = _stop_ids(self.eos_id, folder, self.vocab_size, self.files)
 
     def _open_sentencepiece(self, path):
         self.sp = spm.SentencePieceProcessor()
@@ -122,7 +123,8 @@ def _stop_ids(eos_id, folder, vocab_size, files):
     listed = listed if isinstance(listed, list) else [listed]
     for value in listed:
         if type(value) is not int or not 0 <= value < vocab_size:
-            raise DataError(f"{path}: eos_token_id {value!r} is not a token id (vocabulary size {vocab_size})")
+            raise DataError(f"{path}: eos_token_id {value!r} is not a token id (vocabulary size "
+                            f"{vocab_size})")
     files["generation_config.json"] = path
     return list(dict.fromkeys([eos_id, *listed]))
 
@@ -167,7 +169,7 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 
 
 def _white_space(char):
-    r"""Unicode's White_Space property: Oniguruma's \s and Rust's char::is_whitespace (not Python's isspace)."""
+    r"""Unicode's White_Space: Oniguruma's \s and Rust's char::is_whitespace (not Python's isspace)."""
     return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
 
 
@@ -316,7 +318,7 @@ def _pre_tokenizer_steps(spec, where):
 
 
 def _normalizer(spec, where):
-    """tokenizer.json's normalizer -> a function text -> text: none, NFC (Qwen, OLMo) or a Sequence of them."""
+    """tokenizer.json's normalizer -> a function text -> text: none, NFC (Qwen, OLMo) or a Sequence."""
     kind = spec.get("type") if isinstance(spec, dict) else spec
     if spec is None:
         return lambda text: text
@@ -339,9 +341,9 @@ def _check_added_token(token, where):
 
 
 def _word_char(char):
-    r"""Rust regex's \w, which single_word tests next to a match: Unicode Alphabetic (taken as the letters, the
-    letter numbers and the circled and squared Latin letters), marks, decimal digits, connector punctuation and
-    the joiners."""
+    r"""Rust regex's \w, which single_word tests next to a match: Unicode Alphabetic (taken as the letters,
+    the letter numbers and the circled and squared Latin letters), marks, decimal digits, connector
+    punctuation and the joiners."""
     if not char:
         return False
     category, code = unicodedata.category(char), ord(char)
@@ -370,7 +372,8 @@ def _added_token_finder(tokens, normalize):
             token, start, stop = by_pattern[match.group()], match.start(), match.end()
             if token.get("special"):
                 continue
-            if token.get("single_word") and (_word_char(text[start - 1:start]) or _word_char(text[stop:stop + 1])):
+            inside_a_word = _word_char(text[start - 1:start]) or _word_char(text[stop:stop + 1])
+            if token.get("single_word") and inside_a_word:
                 continue
             while token.get("lstrip") and start > done and _white_space(text[start - 1]):
                 start -= 1
@@ -434,7 +437,8 @@ class ByteLevelBPE:
         self.vocab_size = 1 + max([*self.vocab.values(), *added_ids])
         self.token_bytes = {i: bytes(CHAR_TO_BYTE[c] for c in token) for token, i in self.vocab.items()
                             if i not in added_ids}
-        self.token_bytes.update({token["id"]: content.encode("utf-8") for content, token in self.added.items()})
+        for content, token in self.added.items():  # decoded as their text, as `tokenizers` decodes them
+            self.token_bytes[token["id"]] = content.encode("utf-8")
         self.cache = {}  # word -> ids: text repeats its words
         folder = os.path.dirname(os.path.abspath(path))
         config = self._read_tokenizer_config(folder)
@@ -444,7 +448,7 @@ class ByteLevelBPE:
         pad_content = _special_token_content(config.get("pad_token"))
         preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
         candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
-        # GPT-2 and StarCoder have no special token but EOS: padding with it is safe, as the project builds
+        # GPT-2 has no special token but EOS: padding with it is safe, as the project builds
         # every mask from lengths and never compares ids with pad_id (README, Models)
         self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), self.eos_id)
 
@@ -454,7 +458,8 @@ class ByteLevelBPE:
             raise DataError(f"{where}.type={model.get('type')!r} is not implemented (BPE only)")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
             if model.get(key) not in (None, "", False):
-                hint = " (a sentencepiece-style BPE: open the folder's tokenizer.model)" * (key == "byte_fallback")
+                sentencepiece_style = key == "byte_fallback"
+                hint = " (a sentencepiece-style BPE: open the folder's tokenizer.model)" * sentencepiece_style
                 raise DataError(f"{where}.{key}={model[key]!r} is not implemented{hint}")
         self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
         not_bytes = [t for t in self.vocab if t not in self.special_ids and t not in self.added
@@ -554,8 +559,8 @@ class ByteLevelBPE:
 
     def encode(self, text):
         """Added tokens first (those matched as written, then, in the normalized rest, the others), then the
-        pre-tokenizer and BPE on each piece between them, as `tokenizers`' AddedVocabulary.extract_and_normalize
-        followed by the pipeline."""
+        pre-tokenizer and BPE on each piece between them, as `tokenizers`'
+        AddedVocabulary.extract_and_normalize followed by the pipeline."""
         ids = []
         for raw, raw_token in self.find_raw(text):
             found = [(raw, raw_token)] if raw_token else self.find_normalized(self.normalize(raw))

