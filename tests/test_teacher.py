@@ -1103,3 +1103,30 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
     tok = data.Tokenizer(spm_model_path)  # without the second stop id the same student says "Paris" three times
     assert E.generate_answers("eos", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eos-only") == \
         {item["id"]: tok.decode([eot] * 3).strip() for item in items}
+
+
+def test_echo_returns_every_prompt_token_whatever_the_tokenizer_puts_first(tmp_path, spm_model_path):
+    """echo (how --add-original scored has a text scored) lists the prompt's tokens after what the tokenizer puts
+    first: after BOS for LLaMA's, from the first token for one that puts nothing (SmolLM2, GPT-2). The first has
+    no context, so no log-prob, as OpenAI's; the others are model.py's scores."""
+    from conftest import CORPUS_LINES, build_bpe_tokenizer
+    no_bos = data.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
+    text = "Paris is the capital of France."
+    for tok in (data.Tokenizer(spm_model_path), no_bos):
+        torch.manual_seed(0)
+        net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), vocab_size=tok.vocab_size)).eval()
+        server = teacher.make_server(net, tok, "127.0.0.1", 0, "tiny")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            reply = requests.post(f"http://127.0.0.1:{server.server_port}/v1/completions", json={
+                "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}).json()["choices"][0]
+        finally:
+            server.shutdown()
+            server.server_close()
+        lp, start, ids = reply["logprobs"], tok.encode("", bos=True), tok.encode(text)
+        assert "".join(lp["tokens"]).lstrip() == reply["text"] == text  # (sentencepiece: a space before the first)
+        assert len(lp["tokens"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["text_offset"][0] == 0
+        total, _ = sequence_logprobs(net, [start + ids[:1]], [ids[1:]])
+        assert sum(lp["token_logprobs"][1:]) == pytest.approx(total.item(), abs=1e-3)
+    assert no_bos.bos_id is None
