@@ -39,6 +39,10 @@ class Tokenizer:
     (sentencepiece: LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level
     BPE: Llama 3, SmolLM2; see ByteLevelBPE). A file path opens that file.
 
+    eos_id ends every training response; stop_ids are all the ids generation stops at: eos_id, then
+    generation_config.json's eos_token_id beside the file (Llama 3.x Instruct lists 128001, 128008, 128009:
+    end of text, end of a tool call's message, end of a turn).
+
     encode() never produces a control or special token from text: text that looks like "</s>" or
     "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
     with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2
@@ -50,8 +54,9 @@ class Tokenizer:
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
     real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE).
-    Still, build masks from lengths, not by comparing ids with pad_id.
+    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
+    EOS where it has no other (GPT-2): safe here, as every mask the project builds comes from
+    lengths, never from comparing ids with pad_id.
     """
 
     def __init__(self, model_path):
@@ -71,7 +76,12 @@ class Tokenizer:
             self.bpe = ByteLevelBPE(path)
             self.vocab_size, self.bos_id, self.eos_id = self.bpe.vocab_size, self.bpe.bos_id, self.bpe.eos_id
             self.pad_id, self.files = self.bpe.pad_id, self.bpe.files
-            return
+        else:
+            self._open_sentencepiece(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        self.stop_ids = _stop_ids(self.eos_id, folder, self.vocab_size, self.files)
+
+    def _open_sentencepiece(self, path):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
@@ -105,6 +115,22 @@ class Tokenizer:
         return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
 
 
+def _stop_ids(eos_id, folder, vocab_size, files):
+    """[eos_id] + generation_config.json's eos_token_id (one id or a list) not already in it; the file joins
+    files (what a saved checkpoint copies) so that the checkpoint stops where this one does."""
+    path = os.path.join(folder, "generation_config.json")
+    listed = _read_json_object(path).get("eos_token_id") if os.path.isfile(path) else None
+    if listed is None:
+        return [eos_id]
+    listed = listed if isinstance(listed, list) else [listed]
+    for value in listed:
+        if type(value) is not int or not 0 <= value < vocab_size:
+            raise DataError(f"{path}: eos_token_id {value!r} is not a token id (vocabulary size "
+                            f"{vocab_size})")
+    files["generation_config.json"] = path
+    return list(dict.fromkeys([eos_id, *listed]))
+
+
 def _tiktoken_hint(path):
     """Meta's Llama 3 folders hold a tiktoken file named tokenizer.model: say so, not "not sentencepiece"."""
     with open(path, "rb") as f:
@@ -118,12 +144,14 @@ def _tiktoken_hint(path):
 # ---------------------------------------------------------------------- byte-level BPE (tokenizer.json)
 #
 # The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging Face's tokenizer.json by
-# hand (the `tokenizers` package is not needed). Encoding a text takes three steps, as in `tokenizers`:
+# hand (the `tokenizers` package is not needed). Encoding a text takes these steps, as in `tokenizers`:
+#   0. added tokens that are not special (DeepSeek's "<｜User｜>", Qwen's "<think>") are cut out of the text
+#      first, and the rest is normalized (NFC for Qwen; most files have no normalizer);
 #   1. pre-tokenize: regexes cut the text into words ("Hello", " world", "!", " 123");
 #   2. byte level: each word's UTF-8 bytes become printable characters, one per byte (GPT-2's table), so any
-#      text is spelled with 256 symbols and nothing is ever unknown;
+#      text is spelled with 256 symbols (a vocabulary lacking a symbol drops that byte, as `tokenizers` does);
 #   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has one.
-# Added (special) tokens are never produced from text. Everything else a tokenizer.json may say (a normalizer,
+# Special tokens are never produced from text. Everything else a tokenizer.json may say (another normalizer,
 # another model type, byte fallback, other pre-tokenizers or split behaviours) is refused by name.
 
 def _byte_to_char():
@@ -142,6 +170,11 @@ CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
+def _white_space(char):
+    r"""Unicode's White_Space: Oniguruma's \s and Rust's char::is_whitespace (not Python's isspace)."""
+    return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
+
+
 @functools.lru_cache(maxsize=None)
 def _unicode_class(name):
     r"""The body of a regex character class ("a-zà-ö...") holding every code point in a Unicode general
@@ -151,9 +184,7 @@ def _unicode_class(name):
     `tokenizers` uses) except for characters assigned after Python's Unicode version (14.0 in Python 3.11):
     those are unassigned here, so not letters or numbers; tests/test_bpe.py lists and counts them."""
     def member(char):
-        if name == "White_Space":
-            return char in "\t\n\x0b\x0c\r\x85" or unicodedata.category(char) in ("Zs", "Zl", "Zp")
-        return unicodedata.category(char).startswith(name)
+        return _white_space(char) if name == "White_Space" else unicodedata.category(char).startswith(name)
 
     def escape(code):  # the characters with a meaning inside [...]
         return "\\" + chr(code) if chr(code) in "\\]^-[" else chr(code)
@@ -288,6 +319,76 @@ def _pre_tokenizer_steps(spec, where):
                     "Sequence)")
 
 
+def _normalizer(spec, where):
+    """tokenizer.json's normalizer -> a function text -> text: none, NFC (Qwen, OLMo) or a Sequence."""
+    kind = spec.get("type") if isinstance(spec, dict) else spec
+    if spec is None:
+        return lambda text: text
+    if kind == "NFC":
+        return functools.partial(unicodedata.normalize, "NFC")
+    if kind == "Sequence":
+        steps = [_normalizer(inner, f"{where}.normalizers[{k}]")
+                 for k, inner in enumerate(spec.get("normalizers") or [])]
+        return functools.partial(functools.reduce, lambda text, step: step(text), steps)
+    raise DataError(f"{where} {kind!r} is not implemented (NFC, Sequence) ({spec!r})")
+
+
+def _check_added_token(token, where):
+    if not isinstance(token, dict) or not isinstance(token.get("content"), str) or not token["content"] \
+            or type(token.get("id")) is not int:
+        raise DataError(f"{where}: {token!r} is not an added token (content, id)")
+    for flag in ("special", "single_word", "lstrip", "rstrip", "normalized"):
+        if not isinstance(token.get(flag, False), bool):
+            raise DataError(f"{where}: {flag}={token[flag]!r} is not true or false")
+
+
+def _word_char(char):
+    r"""Rust regex's \w, which single_word tests next to a match: Unicode Alphabetic (taken as the letters,
+    the letter numbers and the circled and squared Latin letters), marks, decimal digits, connector
+    punctuation and the joiners."""
+    if not char:
+        return False
+    category, code = unicodedata.category(char), ord(char)
+    return (category[0] in "LM" or category in ("Nd", "Nl", "Pc") or char in "\u200c\u200d"
+            or 0x24B6 <= code <= 0x24E9 or 0x1F130 <= code <= 0x1F149 or 0x1F150 <= code <= 0x1F169
+            or 0x1F170 <= code <= 0x1F189)
+
+
+def _added_token_finder(tokens, normalize):
+    """A function text -> [(piece, added token or None)] covering the text, as `tokenizers`' AddedVocabulary
+    finds its tokens: at the leftmost place where any matches, the longest (its content normalized when the
+    token says normalized=true); single_word drops a match inside a word, lstrip / rstrip take the whitespace
+    before / after a match into it. A special token found is left as text (encode never makes one), and no
+    other token is looked for inside it: `tokenizers` with encode_special_tokens=True does the same."""
+    by_pattern = {}
+    for token in sorted(tokens, key=lambda token: not token.get("special")):  # tokenizers: special ones first
+        by_pattern.setdefault(normalize(token["content"]), token)
+    if not by_pattern:
+        return lambda text: [(text, None)]
+    # longest first: Python's re takes the first alternative that matches at the leftmost place
+    regex = re.compile("|".join(map(re.escape, sorted(by_pattern, key=len, reverse=True))))
+
+    def find(text):
+        pieces, done = [], 0
+        for match in regex.finditer(text):
+            token, start, stop = by_pattern[match.group()], match.start(), match.end()
+            if token.get("special"):
+                continue
+            inside_a_word = _word_char(text[start - 1:start]) or _word_char(text[stop:stop + 1])
+            if token.get("single_word") and inside_a_word:
+                continue
+            while token.get("lstrip") and start > done and _white_space(text[start - 1]):
+                start -= 1
+            while token.get("rstrip") and stop < len(text) and _white_space(text[stop]):
+                stop += 1
+            if done < start:
+                pieces.append((text[done:start], None))
+            pieces.append((text[start:stop], token))
+            done = stop
+        return pieces + [(text[done:], None)] * (done < len(text))
+    return find
+
+
 def _special_token_content(value):
     """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
     return value.get("content") if isinstance(value, dict) else value
@@ -301,7 +402,7 @@ class ByteLevelBPE:
     neither (GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
     folders), else generation_config.json's eos_token_id (the first of a list). The pad id is a special token
     (never produced from text) other than EOS: tokenizer_config.json's pad_token if it is one, else the first
-    special token that is neither BOS nor EOS, else BOS."""
+    special token that is neither BOS nor EOS, else BOS, else EOS itself (GPT-2: see Tokenizer)."""
 
     def __init__(self, path):
         spec = _read_json_object(path)
@@ -310,10 +411,15 @@ class ByteLevelBPE:
             if spec.get(key) is not None:
                 raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode "
                                 "returns)")
-        normalizer = spec.get("normalizer")
-        if normalizer is not None and normalizer != {"type": "Sequence", "normalizers": []}:
-            raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not implemented "
-                            f"({normalizer!r})")
+        self.special_ids, self.added = {}, {}  # content -> id: special added tokens; content -> the others
+        for k, token in enumerate(spec.get("added_tokens") or []):
+            _check_added_token(token, f"{path}: added_tokens[{k}]")
+            if token["special"]:
+                self.special_ids[token["content"]] = token["id"]
+            else:
+                self.added[token["content"]] = token
+        self._read_model(spec.get("model") or {})  # first: it says best what kind of tokenizer this is
+        self.normalize = _normalizer(spec.get("normalizer"), f"{path}: normalizer")
         decoder = spec.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             raise DataError(f"{path}: decoder {decoder.get('type')!r} is not implemented (ByteLevel only)")
@@ -323,16 +429,18 @@ class ByteLevelBPE:
             raise DataError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step (or "
                             "several): not a byte-level BPE tokenizer")
         self.add_prefix_space = byte_level[0]
-        self.special_ids = {}  # content -> id of every added token; all are special
-        for k, token in enumerate(spec.get("added_tokens") or []):
-            if not token.get("special"):  # tokenizers would match it inside plain text; encode() never does
-                raise DataError(f"{path}: added_tokens[{k}] {token.get('content')!r} (id {token.get('id')}) "
-                                "is not special: matching added tokens inside text is not implemented")
-            self.special_ids[token["content"]] = token["id"]
-        self._read_model(spec.get("model") or {})
-        self.vocab_size = 1 + max([*self.vocab.values(), *self.special_ids.values()])
+        # added tokens are found in the text before anything else, in two passes: those with normalized=false
+        # in the text as given, the others in the normalized text (special ones too, then skipped: see encode)
+        added_tokens = spec.get("added_tokens") or []
+        self.find_raw = _added_token_finder([t for t in added_tokens if not t.get("normalized", True)], str)
+        self.find_normalized = _added_token_finder([t for t in added_tokens if t.get("normalized", True)],
+                                                   self.normalize)
+        added_ids = [token["id"] for token in added_tokens]
+        self.vocab_size = 1 + max([*self.vocab.values(), *added_ids])
         self.token_bytes = {i: bytes(CHAR_TO_BYTE[c] for c in token) for token, i in self.vocab.items()
-                            if token not in self.special_ids}
+                            if i not in added_ids}
+        for content, token in self.added.items():  # decoded as their text, as `tokenizers` decodes them
+            self.token_bytes[token["id"]] = content.encode("utf-8")
         self.cache = {}  # word -> ids: text repeats its words
         folder = os.path.dirname(os.path.abspath(path))
         config = self._read_tokenizer_config(folder)
@@ -342,25 +450,30 @@ class ByteLevelBPE:
         pad_content = _special_token_content(config.get("pad_token"))
         preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
         candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
-        self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), None)
-        if self.pad_id is None:
-            raise DataError(f"{path}: no special token other than EOS to pad with (added_tokens: "
-                            f"{sorted(self.special_ids)})")
+        # GPT-2 has no special token but EOS: padding with it is safe, as the project builds
+        # every mask from lengths and never compares ids with pad_id (README, Models)
+        self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), self.eos_id)
 
     def _read_model(self, model):
         where = f"{self.path}: model"
         if model.get("type") != "BPE":
             raise DataError(f"{where}.type={model.get('type')!r} is not implemented (BPE only)")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-            if model.get(key) not in (None, "", False):  # unk_token is never needed: every byte is a token
-                raise DataError(f"{where}.{key}={model[key]!r} is not implemented")
+            if model.get(key) not in (None, "", False):
+                sentencepiece_style = key == "byte_fallback"
+                hint = " (a sentencepiece-style BPE: open the folder's tokenizer.model)" * sentencepiece_style
+                raise DataError(f"{where}.{key}={model[key]!r} is not implemented{hint}")
         self.vocab, self.ignore_merges = model.get("vocab") or {}, bool(model.get("ignore_merges"))
-        not_bytes = [t for t in self.vocab
-                     if t not in self.special_ids and any(c not in CHAR_TO_BYTE for c in t)]
-        missing = [char for char in CHAR_TO_BYTE if char not in self.vocab]
-        if not_bytes or missing:
+        not_bytes = [t for t in self.vocab if t not in self.special_ids and t not in self.added
+                     and any(c not in CHAR_TO_BYTE for c in t)]
+        if not_bytes:
             raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
-                            f"{not_bytes[:5]}, byte symbols missing {missing[:5]}")
+                            f"{not_bytes[:5]}")
+        # A byte whose symbol the vocabulary lacks (SmolLM2 lacks 21 of 256) becomes unk_token, or is dropped
+        # when there is none, before any merge, as `tokenizers`' BPE.merge_word does.
+        self.unk_token, self.fuse_unk = model.get("unk_token"), bool(model.get("fuse_unk"))
+        if self.unk_token is not None and self.unk_token not in self.vocab:
+            raise DataError(f"{where}.unk_token={self.unk_token!r} is not a token of the vocabulary")
         self.merge_ranks = {}  # (left, right) -> rank: the earlier a merge was learned, the sooner it applies
         for rank, merge in enumerate(model.get("merges") or []):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)  # "a b" or ["a", "b"]
@@ -447,6 +560,17 @@ class ByteLevelBPE:
         return eos
 
     def encode(self, text):
+        """Added tokens first (those matched as written, then, in the normalized rest, the others), then the
+        pre-tokenizer and BPE on each piece between them, as `tokenizers`'
+        AddedVocabulary.extract_and_normalize followed by the pipeline."""
+        ids = []
+        for raw, raw_token in self.find_raw(text):
+            found = [(raw, raw_token)] if raw_token else self.find_normalized(self.normalize(raw))
+            for piece, token in found:
+                ids += [token["id"]] if token else self._encode_text(piece)
+        return ids
+
+    def _encode_text(self, text):
         pieces = [text] if text else []
         for step in self.steps:
             pieces = [part for piece in pieces for part in step(piece)]
@@ -460,7 +584,7 @@ class ByteLevelBPE:
             return self.cache[word]
         if self.ignore_merges and word in self.vocab:  # Llama 3: a word that is a token stays whole
             return [self.vocab[word]]
-        parts = list(word)
+        parts = self._symbols(word)
         while len(parts) > 1:
             rank, pair = min((self.merge_ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
             if rank == math.inf:
@@ -478,6 +602,17 @@ class ByteLevelBPE:
             self.cache.clear()
         ids = self.cache[word] = [self.vocab[part] for part in parts]
         return ids
+
+    def _symbols(self, word):
+        """The word's byte symbols before any merge. One the vocabulary lacks is dropped, or becomes
+        unk_token (one for a run of them with fuse_unk), as `tokenizers`' BPE.merge_word."""
+        symbols = []
+        for char in word:
+            if char in self.vocab:
+                symbols.append(char)
+            elif self.unk_token is not None and not (self.fuse_unk and symbols and symbols[-1] is None):
+                symbols.append(None)  # an unknown run, fused or not; None marks it until the run ends
+        return [self.unk_token if symbol is None else symbol for symbol in symbols]
 
     def piece_bytes(self, token_id):
         return self.token_bytes.get(int(token_id), b"")  # special tokens (and unused ids) cover no text

@@ -302,7 +302,8 @@ def judge_vicuna(client, questions, references, answers, pairs):
 # ----------------------------------------------------------------------------- generation, resumable
 def answer_producer(directory, tokenizer_path=None):
     """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
-    return teacher.producer_identity(directory, data.Tokenizer(tokenizer_path or directory).path)
+    tok = data.Tokenizer(tokenizer_path or directory)
+    return {**teacher.producer_identity(directory, tok.path), "stop_ids": tok.stop_ids}
 
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
@@ -315,6 +316,13 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
     path = answers_path(out_dir, name, bench)
     with data.lock_output(path):
         return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer)
+
+
+def cut_prompt(prefix, text_ids, limit):
+    """A prompt's ids, at most `limit` of them: the ids the tokenizer puts before a text (teacher.prefix_ids:
+    BOS, or nothing) whole, then the text's last tokens, so a long prompt still ends in "### Response:"."""
+    kept = max(0, limit - len(prefix))
+    return prefix + text_ids[max(0, len(text_ids) - kept):]
 
 
 def answers_path(out_dir, name, bench):
@@ -345,23 +353,24 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         return done
     lm, tok = get_model()
     limit = lm.args.max_seq_len - max_new_tokens
-    encoded = []
+    prefix, encoded = teacher.prefix_ids(tok), []
     for item in todo:
-        ids = tok.encode(item["prompt"], bos=True)
-        if len(ids) > limit:  # keep BOS and the end, so the prompt still ends in "### Response:"
-            print(f"eval: {bench} {item['id']}: prompt of {len(ids)} tokens cut to its last {limit}",
+        text_ids = tok.encode(item["prompt"])
+        length = len(prefix) + len(text_ids)
+        if length > limit:
+            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} (its start and end)",
                   file=sys.stderr)
-            ids = ids[:1] + ids[len(ids) - limit + 1:]
-        encoded.append(ids)
+        encoded.append(cut_prompt(prefix, text_ids, limit))
+    stops = tok.stop_ids
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
     progress = data.Progress(f"eval answers {name} {bench}", len(todo))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
-                                       temperature=0.0, eos_id=tok.eos_id)
+                                       temperature=0.0, eos_id=stops)
         finished = []
         for i, tokens in zip(batch, new_tokens):
-            text = tok.decode([t for t in tokens if t != tok.eos_id]).strip()
+            text = tok.decode(teacher.without_stop(tokens, stops)[0]).strip()
             done[todo[i]["id"]] = text
             finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
         data.append_jsonl(path, finished)

@@ -43,7 +43,7 @@ class ModelArgs:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     bos_id: int = 1
-    eos_id: int = 2
+    eos_id: int | list[int] = 2  # a list: any of them ends generation (Llama 3.x Instruct's config.json)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -82,8 +82,7 @@ class ModelArgs:
             raise ValueError(f"{path}: sliding_window={window!r} is active (below max_position_embeddings="
                              f"{max_positions}); model.py attends to every earlier token")
         rope_theta, rope_scaling = _hf_rope_settings(cfg, path)
-        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) else eos  # several EOS ids (Llama 3): it stops at the first
+        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")  # eos: an id, or a list (Llama 3.x)
         try:
             return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                        n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
@@ -805,13 +804,15 @@ COMPACT_AT_FINISHED_SHARE = 1 / 8
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_id=None, generator=None,
              num_samples=1, batch_size=None, compile=False):
     """num_samples rows per prompt, prompt-major (prompt i's samples are rows i * num_samples ...): each row's
-    new tokens (EOS included if produced, nothing after it; eos_id None -> model.args.eos_id) and each token's
-    log-prob under the raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs.
+    new tokens (the stop token included if produced, nothing after it) and each token's log-prob under the
+    raw distribution (log_softmax at temperature 1, no top-p), as OpenAI's logprobs. eos_id: the id that ends
+    a row, or a list of ids any of which ends it, as transformers' eos_token_id (Llama 3.x Instruct ends a
+    turn with <|eot_id|> or <|eom_id|>, not only <|end_of_text|>); None -> model.args.eos_id.
 
-    Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce EOS leave the
-    batch (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding together
-    (memory; one prompt's rows at least): prompts then go in order of length, so a batch pads little; the
-    output keeps the input order. Rows are left-padded and padding is masked out, so a row's logits do not
+    Work: each prompt is prefilled once and its KV cache copied to its rows; rows that produce a stop id leave
+    the batch (COMPACT_AT_FINISHED_SHARE), so they stop costing work. batch_size caps the rows decoding
+    together (memory; one prompt's rows at least): prompts then go in order of length, so a batch pads little;
+    the output keeps the input order. Rows are left-padded and padding is masked out, so a row's logits do not
     depend on its neighbours. generator: None (torch's default), one torch.Generator shared by the rows (they
     draw from it in turn, so a row's samples depend on its neighbours), or a list of len(prompts) *
     num_samples generators, one per row: a row's samples then depend only on its prompt and its own generator,
@@ -832,6 +833,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
         raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len "
                          f"{model.args.max_seq_len}")
     eos_id = model.args.eos_id if eos_id is None else eos_id
+    stop_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     order = list(range(len(prompts)))
     per_batch = len(prompts) if batch_size is None else max(1, batch_size // num_samples)  # prompts per batch
     if per_batch < len(prompts):
@@ -842,15 +844,17 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
         rows = [i * num_samples + s for i in chunk for s in range(num_samples)]
         generators = [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
         tokens, logprobs = _generate_batch(model, [prompts[i] for i in chunk], num_samples, max_new_tokens,
-                                           temperature, top_p, eos_id, generators,
+                                           temperature, top_p, stop_ids, generators,
                                            _compiled_decode if compile else _eager_decode)
         for row, row_tokens, row_logprobs in zip(rows, tokens, logprobs):
             out_tokens[row], out_logprobs[row] = row_tokens, row_logprobs
     return out_tokens, out_logprobs
 
 
-def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, eos_id, generator, step):
+def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, generator,
+                    step):
     device = model.tok_embeddings.weight.device
+    stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)  # (n_stop,)
     P = max(map(len, prompts))
     total = P + max_new_tokens
     # Left-pad so every row's next token lands in the same cache slot. Each row's positions start at 0 at its
@@ -880,13 +884,13 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
         new_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         new_logprobs = torch.zeros(B, max_new_tokens, device=device)
         lengths = torch.full((B,), max_new_tokens, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)  # produced EOS, still in the batch
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # produced a stop id, still in the batch
         for step_index in range(max_new_tokens):
             token = sample_next(logits, temperature, top_p, generator)  # (b,)
             new_tokens[row_of, step_index] = token
             logprobs = torch.log_softmax(logits.float(), -1)  # (B, vocab)
             new_logprobs[row_of, step_index] = logprobs.gather(-1, token[:, None])[:, 0]
-            ended = (token == eos_id) & ~finished
+            ended = torch.isin(token, stop_ids) & ~finished
             lengths[row_of[ended]] = step_index + 1
             finished |= ended
             n_finished = int(finished.sum())  # the one host sync per step

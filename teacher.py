@@ -656,13 +656,28 @@ def _step_after_reference(masked, head_at, begin, end):
     return end, None
 
 
+def prefix_ids(tok):
+    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's tokenizer adds
+    nothing (SmolLM2, GPT-2)."""
+    return tok.encode("", bos=True)
+
+
+def without_stop(tokens, stops):
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
+    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
+    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
+    one, so it can only be the last token."""
+    finished = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if finished else tokens), finished
+
+
 def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
                    generators=None, batch_size=64, on_done=None):
     """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
     has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
     the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
-    use_stemmer=True). Each result: candidates, finished (which ended in EOS; the others hit max_new_tokens),
-    temperature, round, mean_rouge_l.
+    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
+    max_new_tokens), temperature, round, mean_rouge_l.
 
     The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
     per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
@@ -674,6 +689,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
+    stops = tok.stop_ids
     budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
     best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
@@ -687,16 +703,16 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
         for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
             batch = [i for i in group if budget[i] == tokens]
             rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
-            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=tok.eos_id,
+            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
                                generator=rows, num_samples=n, batch_size=len(batch) * n)
             for k, i in enumerate(batch):
-                mine = outs[k * n:(k + 1) * n]
-                texts = [tok.decode([token for token in out if token != tok.eos_id]).strip() for out in mine]
+                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
+                texts = [tok.decode(answer).strip() for answer, _ in mine]
                 pairs = [scorer.score(a, b)["rougeL"].fmeasure
                          for a, b in itertools.combinations(texts, 2)] or [0.0]
                 mean = sum(pairs) / len(pairs)
                 if best[i] is None or mean < best[i]["mean_rouge_l"]:
-                    best[i] = {"candidates": texts, "finished": [tok.eos_id in out for out in mine],
+                    best[i] = {"candidates": texts, "finished": [finished for _, finished in mine],
                                "temperature": t, "round": r + 1, "mean_rouge_l": mean}
                 if max(pairs) < threshold or r + 1 == tries:
                     if on_done:
@@ -713,7 +729,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
     them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
     not depend on where a run was killed nor on batch_size."""
-    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student)
+    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
     cached, others = cached_samples(examples, cache_path, settings)
     device = model.tok_embeddings.weight.device
     result, todo = {}, []
@@ -743,10 +759,10 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     return result
 
 
-def sample_settings(n, temperature, max_new_tokens, tries, seed, student):
+def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
     """What makes a student's samples what they are: a cached sample is used only under the same settings."""
     return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                student=student, row_seeds="sha256(seed:id:row)")
+                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
 
 
 def cached_samples(examples, cache_path, settings):
@@ -1002,14 +1018,15 @@ class LocalTeacher:
             raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
                              f"{len(ids)} tokens and max_tokens is {max_tokens}", "max_tokens")
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        eos = self.tok.eos_id
+        stops = self.tok.stop_ids
         with self.lock:
             outs, _ = generate(self.model, [ids] * n, max_tokens, temperature=temperature, top_p=top_p,
-                               eos_id=eos, generator=generator)
-            scored = [self._score(ids + [t for t in out if t != eos], top_k) for out in outs]
+                               eos_id=stops, generator=generator)
+            outs = [without_stop(out, stops) for out in outs]
+            scored = [self._score(ids + new, top_k) for new, _ in outs]
         choices = []
-        for out, (logprobs, tops) in zip(outs, scored):
-            new, finish = [t for t in out if t != eos], "stop" if eos in out else "length"
+        for (new, stopped), (logprobs, tops) in zip(outs, scored):
+            finish = "stop" if stopped else "length"
             logprobs, tops = logprobs[len(ids) - 1:], tops[len(ids) - 1:]
             pieces = [self.tok.piece_bytes(t) for t in new]
             text = b"".join(pieces).decode("utf-8", "replace")
@@ -1064,8 +1081,10 @@ class LocalTeacher:
                 usage["completion_tokens"] += len(new)
                 end = len(prompt) + len(text)  # OpenAI counts text offsets from the prompt's start
                 if echo:  # the prompt's tokens first (BOS is no text); the first has no context: None
-                    new, text = ids[1:] + new, prompt + text
-                    logprobs, tops = [None] + prompt_logprobs[1:] + logprobs, [None] + prompt_tops[1:] + tops
+                    start = len(prefix_ids(self.tok))  # BOS, or nothing (SmolLM2, GPT-2)
+                    new, text = ids[start:] + new, prompt + text
+                    logprobs = [None] + prompt_logprobs[start:] + logprobs
+                    tops = [None] + prompt_tops[start:] + tops
                 info = None if top_k is None else {
                     "tokens": [self._text(t) for t in new],
                     "token_logprobs": logprobs,  # tokens with equal texts: the best one's log-prob
@@ -1273,9 +1292,9 @@ def dry_run(args, client, examples):
                                      args.add_original, args.count_tokenizer, prices)
     samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
     if is_checkpoint(args.student):
-        tok_path = data.Tokenizer(args.tokenizer or args.student).path
+        tok = data.Tokenizer(args.tokenizer or args.student)
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
-                                   args.seed, producer_identity(args.student, tok_path))
+                                   args.seed, producer_identity(args.student, tok.path), tok.stop_ids)
         samples, _ = cached_samples(examples, args.student_cache or args.out + ".student.jsonl", settings)
     return dry_run_contextual(client, examples, samples, args.n, args.student_max_tokens,
                               args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)

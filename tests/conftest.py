@@ -40,6 +40,24 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture(scope="session")
+def real_files():
+    """real_files(name) -> the folder of a real file its publisher shipped, fetched by
+    tests/fetch_real_files.py. Under CI=true a missing one fails the test; elsewhere it skips."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fetch_real_files
+
+    def folder(name):
+        path = fetch_real_files.real_file_dir(name)
+        if path:
+            return path
+        message = f"real file '{name}' not fetched: run python tests/fetch_real_files.py"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (still run in CI)")
 

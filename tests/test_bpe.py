@@ -205,7 +205,10 @@ def test_regex_translation_keeps_meaning(folders):
 
 GOOD = "llama3"
 REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
-    ("normalizer", {"type": "NFC"}, r"normalizer 'NFC' is not implemented"),
+    ("normalizer", {"type": "NFKC"}, r"normalizer 'NFKC' is not implemented"),
+    ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]},
+     r"normalizer.normalizers\[1\] 'Lowercase' is not implemented"),
+    ("model.unk_token", "<no such token>", r"model.unk_token='<no such token>' is not a token of the"),
     ("model.type", "WordPiece", r"model.type='WordPiece' is not implemented"),
     ("model.byte_fallback", True, r"model.byte_fallback=True is not implemented"),
     ("model.dropout", 0.1, r"model.dropout=0.1 is not implemented"),
@@ -217,7 +220,8 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"\w+|\s+", r"the escape \\w is not implemented"),
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"\p{Letter}+", r"the Unicode property"),
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"[\p{L}&&[a-z]]", r"nested or intersected"),
-    ("added_tokens.1.special", False, r"added_tokens\[1\] '<\|end_of_text\|>' .* is not special"),
+    ("added_tokens.1.special", "no", r"added_tokens\[1\]: special='no' is not true or false"),
+    ("added_tokens.1.content", "", r"added_tokens\[1\]: .* is not an added token"),
     ("truncation", {"max_length": 8}, r"truncation=.* is not implemented"),
     ("decoder", {"type": "Metaspace"}, r"decoder 'Metaspace' is not implemented"),
     ("post_processor.processors.1.single", [{"Sequence": {"id": "A", "type_id": 0}},

@@ -13,6 +13,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 
+import data
 import eval as E
 import model as M
 from test_data import HOLD_LOCK
@@ -183,3 +184,34 @@ def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm
             os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
             "--max-new-tokens", "4", "4", "4"])
     assert (out / "results.json").exists()  # the killed holders block nothing
+
+
+class TwoTokenStart(data.Tokenizer):
+    """A tokenizer whose template puts two special tokens before every text (a chat-style start), not one BOS."""
+
+    def encode(self, text, bos=False, eos=False):
+        ids = super().encode(text, bos=False, eos=eos)
+        return ([self.bos_id, self.pad_id] if bos else []) + ids
+
+
+def test_a_long_prompt_keeps_the_tokenizers_start_whole_and_its_end(spm_model_path, tmp_path, monkeypatch):
+    """A prompt longer than the context keeps what the tokenizer puts first (one BOS, nothing, or several tokens)
+    and its last tokens, so it still ends in "### Response:"; the text's first token is never kept as if BOS."""
+    from conftest import CORPUS_LINES, build_bpe_tokenizer
+    no_bos = data.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
+    prompt = data.alpaca_prompt(" ".join(CORPUS_LINES))
+    real_generate, seen = M.generate, []
+    monkeypatch.setattr(E.model, "generate", lambda lm, prompts, *a, **k: (seen.extend(prompts),
+                                                                           real_generate(lm, prompts, *a, **k))[1])
+    for name, tok, start in (("bos", data.Tokenizer(spm_model_path), 1), ("none", no_bos, 0),
+                             ("two", TwoTokenStart(spm_model_path), 2)):
+        assert no_bos.bos_id is None and len(tok.encode(prompt)) > 60
+        torch.manual_seed(0)
+        net = M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.vocab_size, multiple_of=32,
+                                        max_seq_len=64)).eval()
+        seen.clear()
+        E.generate_answers(name, "bench", [{"id": "0", "prompt": prompt}], lambda: (net, tok), str(tmp_path), 1, 4,
+                           name)
+        text_ids, full = tok.encode(prompt), tok.encode(prompt, bos=True)
+        assert seen == [full[:start] + text_ids[len(text_ids) - (60 - start):]]  # 64 - 4 new tokens
+        assert tok.decode(seen[0][start:]).endswith("### Response:")

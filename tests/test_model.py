@@ -507,6 +507,28 @@ def test_eos_stops_each_row(gen_model):
     assert len(calls) == len(stopped[0])  # one prefill, then one decode step per token before EOS
 
 
+def test_any_of_several_stop_ids_ends_a_row_as_transformers_does(gen_model):
+    """Llama 3.x Instruct lists several EOS ids (generation_config.json: <|end_of_text|>, <|eom_id|>, <|eot_id|>):
+    a row ends at the first token that is any of them, and transformers' generate given the same list agrees."""
+    hf, model = gen_model
+    free, free_logprobs = M.generate(model, PROMPTS, 12, eos_id=-1)
+    primary = next(t for t in range(VOCAB) if all(t not in row for row in free))  # an EOS no row produces
+    stops = [primary, free[0][3], free[1][5]]  # and two more, produced by rows 0 and 1 (and maybe others)
+    stopped, stopped_logprobs = M.generate(model, PROMPTS, 12, eos_id=stops)
+    for row, row_logprobs, full, full_logprobs in zip(stopped, stopped_logprobs, free, free_logprobs):
+        end = min([full.index(t) for t in stops if t in full], default=len(full) - 1)
+        assert row == full[:end + 1] and row_logprobs == pytest.approx(full_logprobs[:end + 1], abs=1e-5)
+    assert len(stopped[0]) <= 4 and len(stopped[1]) <= 6
+    assert {row[-1] for row in stopped if len(row) < 12} - {primary}  # rows ended at the non-primary ids
+    assert M.generate(model, PROMPTS, 12, eos_id=primary)[0] == free  # the first id alone stops no row
+    assert M.generate(model, PROMPTS, 12, eos_id=set(stops))[0] == stopped
+    for prompt, row in zip(PROMPTS, stopped):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                              pad_token_id=0)
+        assert out[0, len(prompt):].tolist() == row
+
+
 def rows_per_call(model):
     """A forward hook's record of the batch size of every model call, and the hook to remove."""
     sizes = []

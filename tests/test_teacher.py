@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -879,11 +880,11 @@ def test_a_killed_top_up_resumes_without_paying_twice(tmp_path):
 
 # ----------------------------------------------------------------------------- cut candidates, cut replies
 
-def eos_prone_student(tok, p_eos=0.3, temperature=0.8):
-    """A real model.py Transformer whose next token, sampled at `temperature`, is EOS with probability p_eos at
-    every step whatever came before: the blocks add nothing to the residual stream, every embedding is the same
-    vector, and only EOS has a non-zero logit. With a small max_new_tokens some samples end in EOS and some run
-    out of tokens."""
+def eos_prone_student(tok, p_eos=0.3, temperature=0.8, stop_id=None):
+    """A real model.py Transformer whose next token, sampled at `temperature`, is EOS (or stop_id) with probability
+    p_eos at every step whatever came before: the blocks add nothing to the residual stream, every embedding is the
+    same vector, and only EOS has a non-zero logit. With a small max_new_tokens some samples end in EOS and some
+    run out of tokens; greedy decoding ends at once."""
     torch.manual_seed(0)
     net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=256)).eval()
     with torch.no_grad():
@@ -893,7 +894,7 @@ def eos_prone_student(tok, p_eos=0.3, temperature=0.8):
         net.tok_embeddings.weight.fill_(1.0)
         net.output.weight.zero_()
         logit = torch.tensor(p_eos * (tok.vocab_size - 1) / (1 - p_eos)).log() * temperature
-        net.output.weight[tok.eos_id] = logit / net.args.dim  # the final hidden state is all ones
+        net.output.weight[tok.eos_id if stop_id is None else stop_id] = logit / net.args.dim  # hidden: all ones
     return net
 
 
@@ -1080,3 +1081,91 @@ def test_student_samples_know_the_checkpoint_that_drew_them(tiny, tmp_path):
     ids = [entry["settings"]["student"]["checkpoint"] for entry in read_jsonl(cache)]
     assert ids[0] == ids[1] != ids[2] == ids[3] and all(i.startswith("sha256:") for i in ids)
     assert draw() == second and len(read_jsonl(cache)) == 4
+
+
+def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path, spm_model_path):
+    """A student that ends its answers with a stop id other than EOS (Llama 3.x Instruct's <|eot_id|>; here a
+    text piece stands in, so that a stop id left in an answer would show in its text): student sampling, the
+    server and eval's answers stop there, call the answer finished, and training gives it the tokenizer's EOS."""
+    import eval as E
+    import tuna
+    eot = data.Tokenizer(spm_model_path).encode("Paris")[-1]
+    folder = tmp_path / "student"
+    folder.mkdir()
+    shutil.copy(spm_model_path, folder / "tokenizer.model")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, eot]}))  # as Llama 3.x's
+    tok = data.Tokenizer(folder)
+    assert tok.stop_ids == [tok.eos_id, eot]
+    student = eos_prone_student(tok, stop_id=eot)
+    examples = [example(i) for i in range(4)]
+    samples = teacher.sample_candidates(student, tok, examples, str(tmp_path / "s.jsonl"), n=4, max_new_tokens=3,
+                                        tries=1, seed=1, student="eot-prone")
+    for item_id, _, prompt in teacher._items(examples):
+        outs, _ = M.generate(student, [tok.encode(prompt, bos=True)] * 4, 3, temperature=0.8,
+                             eos_id=[tok.eos_id, eot], generator=row_generators(1, item_id, 4))
+        assert samples[item_id]["finished"] == [out[-1] == eot for out in outs]
+        assert samples[item_id]["candidates"] == [tok.decode(out[:-1] if out[-1] == eot else out).strip()
+                                                  for out in outs]
+    flags = [f for s in samples.values() for f in s["finished"]]
+    assert True in flags and False in flags
+    with FakeTeacher() as server:
+        teacher.build_contextual(client_for(server, tmp_path), examples, samples, str(tmp_path / "c.jsonl"))
+    contextual = data.read_ranked_jsonl(tmp_path / "c.jsonl")
+    rows = {row["id"]: row for row in tuna.load_rows(str(tmp_path / "c.jsonl"), tok, "rank")}
+    trained = []
+    for record in contextual:
+        for k, text in enumerate(record.candidates):
+            targets = [t for t, c in zip(rows[record.id]["target"], rows[record.id]["candidate"]) if c == k]
+            assert (targets[-1] == tok.eos_id) == (k not in record.source["unfinished"])
+            trained.append(k not in record.source["unfinished"] and text in samples[record.id]["candidates"])
+    assert any(trained)  # some finished student samples were trained, each ending in EOS
+    # the server: finish_reason "stop" at the stop id, which is neither in the text nor among the tokens
+    server = teacher.make_server(student, tok, "127.0.0.1", 0, "eot-prone")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reply = requests.post(f"http://127.0.0.1:{server.server_port}/v1/completions", json={
+            "prompt": "Hello", "max_tokens": 3, "temperature": 0.8, "n": 16, "seed": 3, "logprobs": 0}).json()
+    finally:
+        server.shutdown()
+        server.server_close()
+    outs, _ = M.generate(student, [tok.encode("Hello", bos=True)] * 16, 3, temperature=0.8, eos_id=[tok.eos_id, eot],
+                         generator=torch.Generator().manual_seed(3))
+    for choice, out in zip(reply["choices"], outs):
+        body = out[:-1] if out[-1] == eot else out
+        assert choice["finish_reason"] == ("stop" if out[-1] == eot else "length")
+        assert choice["text"] == tok.decode(body) and len(choice["logprobs"]["tokens"]) == len(body)
+    assert {c["finish_reason"] for c in reply["choices"]} == {"stop", "length"}
+    # eval's greedy answers: the stop id is the student's first choice, so every answer is empty
+    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(examples)]
+    answers = E.generate_answers("eot", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eot-prone")
+    assert answers == {item["id"]: "" for item in items}
+    tok = data.Tokenizer(spm_model_path)  # without the second stop id the same student says "Paris" three times
+    assert E.generate_answers("eos", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eos-only") == \
+        {item["id"]: tok.decode([eot] * 3).strip() for item in items}
+
+
+def test_echo_returns_every_prompt_token_whatever_the_tokenizer_puts_first(tmp_path, spm_model_path):
+    """echo (how --add-original scored has a text scored) lists the prompt's tokens after what the tokenizer puts
+    first: after BOS for LLaMA's, from the first token for one that puts nothing (SmolLM2, GPT-2). The first has
+    no context, so no log-prob, as OpenAI's; the others are model.py's scores."""
+    from conftest import CORPUS_LINES, build_bpe_tokenizer
+    no_bos = data.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
+    text = "Paris is the capital of France."
+    for tok in (data.Tokenizer(spm_model_path), no_bos):
+        torch.manual_seed(0)
+        net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), vocab_size=tok.vocab_size)).eval()
+        server = teacher.make_server(net, tok, "127.0.0.1", 0, "tiny")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            reply = requests.post(f"http://127.0.0.1:{server.server_port}/v1/completions", json={
+                "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}).json()["choices"][0]
+        finally:
+            server.shutdown()
+            server.server_close()
+        lp, start, ids = reply["logprobs"], tok.encode("", bos=True), tok.encode(text)
+        assert "".join(lp["tokens"]).lstrip() == reply["text"] == text  # (sentencepiece: a space before the first)
+        assert len(lp["tokens"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["text_offset"][0] == 0
+        total, _ = sequence_logprobs(net, [start + ids[:1]], [ids[1:]])
+        assert sum(lp["token_logprobs"][1:]) == pytest.approx(total.item(), abs=1e-3)
+    assert no_bos.bos_id is None
