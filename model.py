@@ -248,28 +248,34 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of one attention layer for `batch` rows and `max_len` slots (gpt-fast's layout),
-    allocated once per generate() call, on the first write, with the keys' dtype (which autocast may have
-    changed) and device; a decode step then writes one slot in place. A plain object, not a module:
-    torch.compile fixes the shapes of a module's tensors, and this cache loses rows as they finish."""
+    """Keys and values of one attention layer for up to `rows` rows and `max_len` slots (gpt-fast's layout):
+    a static cache, allocated once per generate() batch, on the first write, with the keys' dtype (which
+    autocast may have changed) and device, and never again. The batch is its first B rows: a decode step
+    writes one slot of them in place; rows that finish are compacted into the front (keep_rows), in place.
+    One address for the whole batch, so CUDA graphs (torch.compile mode "reduce-overhead") write into it
+    (mark_static_address); a plain object, not a module, so each call sizes its own."""
 
-    def __init__(self, batch, max_len):
-        self.batch, self.max_len, self.k, self.v = batch, max_len, None, None
+    def __init__(self, rows, max_len):
+        self.rows, self.max_len, self.k, self.v = rows, max_len, None, None
 
-    def update(self, start, k, v):  # k, v: (B, n_kv_heads, T, head_dim)
+    def update(self, start, k, v, read_len):  # k, v: (B, n_kv_heads, T, head_dim); read_len: slots read back
         if self.k is None:
-            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])  # (B, n_kv_heads, max_len, head_dim)
+            shape = (self.rows, k.shape[1], self.max_len, k.shape[3])  # (rows, n_kv_heads, max_len, head_dim)
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,), all slots back (static)
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
-            return self.k, self.v  # (B, n_kv_heads, max_len, head_dim)
-        end = start + k.shape[2]  # slots [start, end)
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
+            if self.k.is_cuda:  # CUDA graphs may write here; a new batch's cache re-records them (no recompile)
+                torch._dynamo.mark_static_address(self.k)
+                torch._dynamo.mark_static_address(self.v)
+        keys, values = self.k[:k.shape[0]], self.v[:k.shape[0]]  # (B, n_kv_heads, max_len, head_dim): views
+        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,)
+            keys.index_copy_(2, start, k)
+            values.index_copy_(2, start, v)
+        else:  # slots [start, start + T)
+            keys[:, :, start:start + k.shape[2]], values[:, :, start:start + k.shape[2]] = k, v
+        return keys[:, :, :read_len], values[:, :, :read_len]  # (B, n_kv_heads, read_len, head_dim)
 
     def keep_rows(self, rows):  # rows (B',): the new batch, in order (a row may repeat: a prompt's samples)
-        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        # index_select copies first (one layer's rows at a time), so rows may move forward or repeat
+        self.k[:len(rows)], self.v[:len(rows)] = self.k.index_select(0, rows), self.v.index_select(0, rows)
 
 
 def grouped_attention(q, k, v, mask):
@@ -310,7 +316,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) for SDPA
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S, head_dim): the slots read
+            k, v = self.kv_cache.update(cache_start, k, v, mask.shape[-1])  # (B, n_kv_heads, S, head_dim)
         out = grouped_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_heads * head_dim) -> (B, T, dim)
 
@@ -363,7 +369,7 @@ class Transformer(nn.Module):
         -inf), default causal; every query must see at least one key (itself, say), or attention gives NaN.
         cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A
         (1,) tensor (the compiled decode step, with positions and mask given) writes that one slot and reads
-        every slot. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so
+        the mask's S slots. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so
         prompts and padding never go through the vocabulary-sized output layer (training scores, the last
         prompt token in prefill)."""
         B, T = tokens.shape
@@ -758,35 +764,49 @@ def prefill(model, tokens, positions, mask):
 def decode_step(model, tokens, positions, mask, slot):
     """One token per row, tokens (B,) at positions (B,), into cache slot `slot`; logits for the next token (B,
     vocab). mask (B, S): the cache slots each row reads, bool or additive float (generate passes a float mask,
-    which SDPA takes as it is). S = slot + 1 for an int slot; every cache slot for a (1,) tensor slot
-    (the compiled step)."""
+    which SDPA takes as it is). S = slot + 1 for an int slot; a bucket of slots (bucketed_decode_step) for a
+    (1,) tensor slot (the compiled step)."""
     return model(tokens[:, None], positions[:, None], mask[:, None, None], cache_start=slot)[:, -1]
 
 
-def whole_cache_decode_step(model, tokens, positions, pad_mask, slot):
-    """decode_step with the same shapes at every slot, for torch.compile (as gpt-fast): slot is a (1,) tensor
-    and each row reads every cache slot, those after `slot` masked out. pad_mask (B, max_len): 0, or -inf
-    on padding."""
-    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (max_len,)
+def bucketed_decode_step(model, tokens, positions, pad_mask, slot):
+    """decode_step with few distinct shapes, for torch.compile (as gpt-fast): slot is a (1,) tensor and each
+    row reads the S cache slots of pad_mask (B, S), those after `slot` masked out. pad_mask: 0, or -inf on
+    padding; S is slot + 1 rounded up to a power of two (decode_bucket)."""
+    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (S,)
     return decode_step(model, tokens, positions, pad_mask.masked_fill(later, float("-inf")), slot)
+
+
+def decode_bucket(slot, max_len):
+    """The cache slots a compiled step at `slot` reads: slot + 1 rounded up to a power of two (at most
+    max_len). Attention then reads at most twice the filled part of the cache, never the whole of it, and a
+    generate() call meets about log2(max_len) shapes: one CUDA graph each."""
+    return min(max_len, 1 << slot.bit_length())  # the power of two above slot, i.e. >= slot + 1
 
 
 def _eager_decode(model, tokens, positions, pad_mask, slot):
     return decode_step(model, tokens, positions, pad_mask[:, :slot + 1], slot)  # a view: nothing allocated
 
 
-_compiled = {}  # "step": torch.compile(whole_cache_decode_step), built once; "error": why it cannot run here
+# device type ("cpu", "cuda") -> torch.compile(bucketed_decode_step), built once; "error": why it cannot run here
+_compiled = {}
 
 
 def _compiled_decode(model, tokens, positions, pad_mask, slot):
+    device = tokens.device.type
     if "error" not in _compiled:
         try:
-            if "step" not in _compiled:
+            if device not in _compiled:
                 # dynamic: batch size and cache length are symbols, so one compilation serves every call and
-                # every batch that rows leave (a batch of one row compiles once more)
-                _compiled["step"] = torch.compile(whole_cache_decode_step, dynamic=True)
+                # every batch that rows leave (a batch of one row compiles once more). CUDA: "reduce-overhead"
+                # records the step as a CUDA graph per shape, one launch instead of hundreds of kernels
+                mode = "reduce-overhead" if device == "cuda" else None
+                _compiled[device] = torch.compile(bucketed_decode_step, dynamic=True, mode=mode)
             slot_tensor = torch.full((1,), slot, device=tokens.device)
-            return _compiled["step"](model, tokens, positions, pad_mask, slot_tensor)
+            read = decode_bucket(slot, pad_mask.shape[1])
+            if device == "cuda":  # a new decode step: the last step's graph outputs were read already
+                torch.compiler.cudagraph_mark_step_begin()
+            return _compiled[device](model, tokens, positions, pad_mask[:, :read], slot_tensor)
         except Exception as e:  # no C++ compiler, a Python or platform torch.compile does not support, ...
             _compiled["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly",
@@ -862,7 +882,7 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
     prompt_mask = (slots[None, :P] <= slots[:P, None]) & real[:, None, :P] | torch.eye(P, dtype=torch.bool,
                                                                                          device=device)
     for layer in model.layers:
-        layer.attention.kv_cache = KVCache(len(prompts), total)
+        layer.attention.kv_cache = KVCache(len(prompts) * num_samples, total)
     try:
         logits = prefill(model, tokens, positions[:, :P], prompt_mask)  # (n_prompts, vocab)
         # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA converts bool ones)

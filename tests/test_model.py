@@ -512,12 +512,55 @@ def test_compiled_decode_step_gives_eager_tokens(gen_model):
         for compile in (False, True):
             extra = {"generator": generators()} if "num_samples" in kwargs else {}
             runs.append(M.generate(model, PROMPTS, 10, compile=compile, **kwargs, **extra))
-        assert "error" not in M._compiled and "step" in M._compiled
+        assert "error" not in M._compiled and "cpu" in M._compiled
         (eager, eager_logprobs), (compiled, compiled_logprobs) = runs
         assert compiled == eager
         for a, b in zip(eager_logprobs, compiled_logprobs):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     assert len({len(row) for row in compiled}) > 1  # rows left the compiled batch at different steps
+
+
+def test_decode_bucket_is_the_power_of_two_above_the_slot():
+    # slot s reads slots 0..s: s + 1 of them, rounded up to a power of two, never past the cache's end
+    assert [M.decode_bucket(s, 100) for s in (0, 1, 2, 3, 7, 8, 63, 64, 99)] == [1, 2, 4, 4, 8, 16, 64, 100, 100]
+    assert M.decode_bucket(8, 12) == 12 and M.decode_bucket(5, 12) == 8
+
+
+def test_static_cache_is_written_in_place_and_bucketed_steps_give_the_eager_logits(gen_model):
+    """One cache allocation per generate() batch (rows that finish are compacted into its front, a prompt's
+    samples copied into their rows, in place); the compiled path's bucketed step, run eagerly here, reads a
+    power-of-two bucket of slots and gives the logits of the step that reads exactly the filled slots."""
+    _, model = gen_model
+    addresses, steps = set(), []
+
+    def record(module, args, out):
+        addresses.add(module.kv_cache.k.data_ptr())
+    eager_step = M._eager_decode
+
+    def both_steps(model, tokens, positions, pad_mask, slot):
+        bucket = M.decode_bucket(slot, pad_mask.shape[1])
+        state = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+        bucketed = M.bucketed_decode_step(model, tokens, positions, pad_mask[:, :bucket], torch.full((1,), slot))
+        for layer, (k, v) in zip(model.layers, state):  # undo its cache write: the eager step writes it again
+            layer.attention.kv_cache.k.copy_(k)
+            layer.attention.kv_cache.v.copy_(v)
+        eager = eager_step(model, tokens, positions, pad_mask, slot)
+        steps.append((bucket, slot + 1, (bucketed - eager).abs().max().item()))
+        return eager
+    free, _ = M.generate(model, PROMPTS, 12, eos_id=-1)
+    eos = free[1][5]
+    hooks = [layer.attention.register_forward_hook(record) for layer in model.layers[:1]]
+    try:
+        M._eager_decode = both_steps
+        tokens, _ = M.generate(model, PROMPTS, 12, eos_id=eos, num_samples=2)
+    finally:
+        M._eager_decode = eager_step
+        for hook in hooks:
+            hook.remove()
+    assert len(addresses) == 1  # prefill, the samples' copies, compaction and decode steps: one storage
+    assert min(len(row) for row in tokens) < 12  # rows finished and left the batch
+    assert any(bucket > filled for bucket, filled, _ in steps)  # masked slots were read, and did not count
+    assert max(gap for _, _, gap in steps) < 1e-5
 
 
 def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_compile(tmp_path):
