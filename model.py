@@ -928,6 +928,53 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
             [row[:n] for row, n in zip(new_logprobs.tolist(), lengths)])
 
 
+# ---- how many rows decode together: from free device memory --------------------------------------------
+# Share of free memory the rows may take: the rest is headroom for the allocator's fragmentation and for the
+# small tensors of each step (masks, tokens, positions).
+GENERATION_MEMORY_SHARE = 0.9
+
+
+def kv_cache_bytes_per_row(args, max_len, dtype_bytes):
+    """One row's static KV cache: layers x (keys, values) x kv_heads x head_dim x max_len slots x bytes."""
+    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * max_len * dtype_bytes
+
+
+def generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes):
+    """What one row holds while generate() runs: its KV cache; its decode step's vocabulary-sized float32
+    tensors (logits, log_softmax, softmax, top-p's sorted probabilities, their cumulative sum and the scatter
+    back: 6 x 4 bytes, and the sort's int64 order: 8 bytes); and, counted per row though a prompt's samples
+    share it, its prompt's prefill in one layer (hidden state, q, k, v, attention output: 4 x dim + 2 x
+    kv_dim; the feed-forward's three hidden-sized tensors) plus a float32 score per head and key, the math
+    attention's (the worst case: fused kernels keep none)."""
+    cache = kv_cache_bytes_per_row(args, max_len, dtype_bytes)
+    vocabulary = args.vocab_size * (6 * 4 + 8)
+    kv_dim = args.n_kv_heads * args.head_dim
+    prefill = prompt_len * ((4 * args.dim + 2 * kv_dim + 3 * args.hidden_dim) * dtype_bytes
+                            + args.n_heads * prompt_len * 4)
+    return cache + vocabulary + prefill
+
+
+def rows_that_fit(args, free_bytes, max_len, prompt_len, dtype_bytes, weight_bytes=0):
+    """Rows that may decode together in free_bytes of device memory (at least 1): what is left of
+    GENERATION_MEMORY_SHARE of it after weight_bytes (0 when the model is loaded already, so that its weights
+    are out of free_bytes), divided by generation_bytes_per_row."""
+    usable = free_bytes * GENERATION_MEMORY_SHARE - weight_bytes
+    return max(1, int(usable // generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes)))
+
+
+def auto_batch_rows(model, max_len, prompt_len, fallback):
+    """Rows per generate() call for a loaded model: on CUDA, rows_that_fit the device's free memory (what
+    the driver reports free plus what torch's allocator holds unused), with the cache in the weights' dtype;
+    on other devices `fallback`: a CPU's RAM is shared with the rest of the machine, and a CPU's decode step
+    costs in proportion to its rows, so the gain of a big batch is a GPU's."""
+    weight = model.tok_embeddings.weight
+    if weight.device.type != "cuda":
+        return fallback
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    free += torch.cuda.memory_reserved(weight.device) - torch.cuda.memory_allocated(weight.device)
+    return rows_that_fit(model.args, free, max_len, prompt_len, weight.element_size())
+
+
 def token_logprobs(logits, targets, ignore_index=-100):
     """log p(targets[..., t]) under logits[..., t, :] -> float32 of targets' shape, 0 where target ==
     ignore_index. The project's one token log-prob: the training loss (tuna.score_tokens) and the teacher

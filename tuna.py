@@ -692,7 +692,7 @@ def run_pipeline(args):
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
                    "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
                    args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
-                   *shlex.split(args.teacher_args)]
+                   "--student-batch-size", str(args.student_batch_size), *shlex.split(args.teacher_args)]
         log("pipeline: " + " ".join(shlex.quote(c) for c in command))
         if subprocess.run(command).returncode != 0:
             raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun "
@@ -750,6 +750,8 @@ def add_pipeline_arguments(p):
     p.add_argument("--instructions", help="Alpaca JSON: what Tuna_p answers for contextual ranking")
     p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
     p.add_argument("--teacher-model", help="teacher model name")
+    p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows of Tuna_p's "
+                   "samples decoding together; auto (default): as many as fit in free GPU memory")
     p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
 
 

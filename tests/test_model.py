@@ -563,6 +563,30 @@ def test_static_cache_is_written_in_place_and_bucketed_steps_give_the_eager_logi
     assert max(gap for _, _, gap in steps) < 1e-5
 
 
+def test_rows_that_fit_by_hand_and_the_cache_generate_allocates(gen_model):
+    seven_b = M.ModelArgs.from_name("llama-7b")  # 32 layers, 32 kv heads of 128, dim 4096, hidden 11008
+    # KV cache, bf16, 356 slots: 32 layers x 2 x 32 heads x 128 x 356 x 2 bytes
+    assert M.kv_cache_bytes_per_row(seven_b, 356, 2) == 186_646_528
+    # + vocabulary: 32000 x (6 x 4 + 8) = 1_024_000; + prefill of 100 prompt tokens: 100 x ((4 x 4096 + 2 x 4096
+    # + 3 x 11008) x 2 + 32 heads x 100 keys x 4) = 100 x 128_000 = 12_800_000
+    assert M.generation_bytes_per_row(seven_b, 356, 100, 2) == 186_646_528 + 1_024_000 + 12_800_000
+    # 141e9 free x 0.9 - 13.5e9 of weights = 113.4e9 -> 565.67 rows of 200_470_528 bytes
+    assert M.rows_that_fit(seven_b, 141e9, 356, 100, 2, weight_bytes=13.5e9) == 565
+    assert M.rows_that_fit(seven_b, 1e9, 356, 100, 2) == 4 and M.rows_that_fit(seven_b, 1e6, 356, 100, 2) == 1
+    _, model = gen_model
+    assert M.auto_batch_rows(model, 64, 8, fallback=37) == 37  # not CUDA: the caller's fixed default
+    sizes = []
+    hook = model.layers[0].attention.register_forward_hook(
+        lambda module, args, out: sizes.append(module.kv_cache.k.numel() * module.kv_cache.k.element_size()))
+    try:
+        M.generate(model, PROMPTS, 5, eos_id=-1, num_samples=3)
+    finally:
+        hook.remove()
+    rows, slots = len(PROMPTS) * 3, max(map(len, PROMPTS)) + 5
+    # what one layer's keys take is what the arithmetic gives a row, per layer and per keys-or-values
+    assert set(sizes) == {rows * M.kv_cache_bytes_per_row(model.args, slots, 4) // (2 * model.args.n_layers)}
+
+
 def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_compile(tmp_path):
     script = (
         "import json, torch\n"

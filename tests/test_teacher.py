@@ -460,6 +460,23 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
     assert done == [(1, 1), (0, 2), (2, 2)]
     assert [r["candidates"] for r in results] == [replies[0, 2], replies[1, 1], replies[2, 2]]
 
+def test_student_batch_size_auto_is_the_fixed_default_on_a_cpu(monkeypatch, spm_model_path):
+    """batch_size "auto" sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
+    CPU reports none, so 20 prompts x 4 samples go as STUDENT_BATCH_ROWS = 64 rows (16 prompts), then 4."""
+    tok = data.Tokenizer(spm_model_path)
+    prompts = [f"Say thing number {i}." for i in range(20)]
+    calls = []
+
+    def fake_generate(model, batch, max_new_tokens, *, num_samples, batch_size, **kw):
+        calls.append((len(batch), batch_size))
+        return [tok.encode(word) + [tok.eos_id] for _ in batch for word in ("red", "green", "blue", "black")], None
+
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    model = M.Transformer(M.ModelArgs.from_name("tiny"))
+    teacher.sample_diverse(model, tok, prompts, n=4, tries=1, max_new_tokens=8, batch_size="auto")
+    assert calls == [(16, 64), (4, 16)]
+
+
 @pytest.fixture(scope="module")
 def tiny(spm_model_path):
     torch.manual_seed(0)
