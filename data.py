@@ -882,7 +882,7 @@ def file_sha256(path) -> str:
 
 # ----------------------------------------------------------------------------- command-line values
 def rows_option(text):
-    """An argparse type for a rows-per-batch option: "auto" (sized from free device memory) or a number >= 1."""
+    """argparse type of a rows-per-batch option: "auto" (sized from free device memory) or a number >= 1."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:

@@ -370,8 +370,8 @@ def model_loader(directory, tokenizer_path, device, dtype):
 
 def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
              judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
-             all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512), device="cpu",
-             dtype=None):
+             all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
+             device="cpu", dtype=None):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir."""
     PROBLEMS.clear()
     if baseline is not None and baseline not in checkpoints:
@@ -476,7 +476,8 @@ def main(argv=None):
     parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=data.rows_option, default="auto", help="answers generated "
-                        f"together; auto (default): as many as fit in free GPU memory, {EVAL_BATCH_ROWS} on a CPU")
+                        "together; auto (default): as many as fit in free GPU memory, "
+                        f"{EVAL_BATCH_ROWS} on a CPU")
     parser.add_argument("--max-instances", type=int, default=100, help="Super-NI instances per task")
     parser.add_argument("--max-new-tokens", type=int, nargs=3, default=[128, 50, 512],
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))

@@ -262,7 +262,7 @@ class KVCache:
         if self.k is None:
             shape = (self.rows, k.shape[1], self.max_len, k.shape[3])  # (rows, n_kv_heads, max_len, head_dim)
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-            if self.k.is_cuda:  # CUDA graphs may write here; a new batch's cache re-records them (no recompile)
+            if self.k.is_cuda:  # CUDA graphs write here; a new batch's cache re-records them, no recompile
                 torch._dynamo.mark_static_address(self.k)
                 torch._dynamo.mark_static_address(self.v)
         keys, values = self.k[:k.shape[0]], self.v[:k.shape[0]]  # (B, n_kv_heads, max_len, head_dim): views
@@ -363,15 +363,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None):
+    def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None,
+                targets=None):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
         row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend (or additive float, 0 or
         -inf), default causal; every query must see at least one key (itself, say), or attention gives NaN.
         cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A
         (1,) tensor (the compiled decode step, with positions and mask given) writes that one slot and reads
-        the mask's S slots. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so
-        prompts and padding never go through the vocabulary-sized output layer (training scores, the last
-        prompt token in prefill)."""
+        the mask's S slots. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab),
+        so prompts and padding never go through the vocabulary-sized output layer (training scores, the last
+        prompt token in prefill). targets (B, T or N) long: instead of logits, log p(target) of each position
+        -> (B, T or N) float32, computed a chunk at a time (chunked_token_logprobs): the training loss never
+        holds the vocabulary-sized logits whole."""
         B, T = tokens.shape
         start = cache_start if isinstance(cache_start, int) else 0  # a tensor comes with positions and a mask
         if positions is None:
@@ -394,6 +397,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, cache_start)
         if output_positions is not None:
             h = h[torch.arange(B, device=h.device)[:, None], output_positions]  # (B, N, dim)
+        if targets is not None:
+            return chunked_token_logprobs(self.output, self.norm(h), targets)  # (B, T or N)
         return self.output(self.norm(h)).float()  # (B, T or N, vocab)
 
 
@@ -788,7 +793,7 @@ def _eager_decode(model, tokens, positions, pad_mask, slot):
     return decode_step(model, tokens, positions, pad_mask[:, :slot + 1], slot)  # a view: nothing allocated
 
 
-# device type ("cpu", "cuda") -> torch.compile(bucketed_decode_step), built once; "error": why it cannot run here
+# device type ("cpu", "cuda") -> torch.compile(bucketed_decode_step), built once; "error": why it cannot run
 _compiled = {}
 
 
@@ -973,6 +978,34 @@ def auto_batch_rows(model, max_len, prompt_len, fallback):
     free, _ = torch.cuda.mem_get_info(weight.device)
     free += torch.cuda.memory_reserved(weight.device) - torch.cuda.memory_allocated(weight.device)
     return rows_that_fit(model.args, free, max_len, prompt_len, weight.element_size())
+
+
+# Tokens whose vocabulary-sized logits exist at once in chunked_token_logprobs: 2048 x 32000 float32 logits
+# are 262 MB (and their bf16 original, softmax and gradient as much again), against 13.6k x 32000 (1.7 GB a
+# copy) for a 16-instruction ranking batch held whole.
+LOGPROB_CHUNK_TOKENS = 2048
+
+
+def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
+    """token_logprobs(output(hidden), targets) for hidden (..., dim), targets (...) -> float32 (...), with the
+    logits of chunk_tokens tokens at a time. Under autograd each chunk is checkpointed: backward recomputes
+    its logits (one more pass through the output layer) instead of keeping them, so training holds one chunk's
+    logits, never all (the idea of fused linear cross-entropy, e.g. Liger-Kernel's, in plain PyTorch). Same
+    values and gradients as the whole computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
+    chunk_tokens = chunk_tokens or LOGPROB_CHUNK_TOKENS
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()  # (n, dim), (n,)
+    pieces = []
+    for start in range(0, len(flat_targets), chunk_tokens):
+        chunk = (output, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_output_logprobs, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_output_logprobs(*chunk))
+    return torch.cat(pieces).view(targets.shape)
+
+
+def _output_logprobs(output, hidden, targets):
+    return token_logprobs(output(hidden).float(), targets)  # (n,)
 
 
 def token_logprobs(logits, targets, ignore_index=-100):

@@ -602,10 +602,11 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
     as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
     CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
-    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's default), or per prompt
-    a list of n torch.Generators, one per row: a row's draws then depend only on its own generator, so a
-    prompt's result does not depend on which prompts share its batch. on_done(i, result) is called as soon as
-    prompt i's result is final (sample_candidates caches it there); returns the results in prompt order."""
+    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
+    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
+    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
+    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
+    in prompt order."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
@@ -1044,7 +1045,8 @@ def main(argv=None):
             p.add_argument("--student-max-tokens", type=int, default=256)
             p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows sampled "
                            "together (N per instruction); more is faster on a GPU while the KV cache fits. "
-                           f"auto (default): as many as fit in free GPU memory; {STUDENT_BATCH_ROWS} on a CPU")
+                           f"auto (default): as many as fit in free GPU memory; {STUDENT_BATCH_ROWS} on a "
+                           "CPU")
             p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--device", default="cpu")

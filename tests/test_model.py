@@ -297,6 +297,68 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_chunked_logprobs_give_the_whole_computations_values_and_gradients():
+    """forward(targets=...) computes log p(target) a chunk of tokens at a time (LOGPROB_CHUNK_TOKENS, 5 here, which
+    divides none of the shapes): in float64 its values and every weight's gradient are the whole computation's."""
+    model = tiny_model().double().train()
+    tokens = tokens_for_test(shape=(3, 11))
+    source = torch.tensor([[2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8, 9, 9]])  # (B, N)
+    targets = tokens.gather(1, source + 1).masked_fill(source == 9, -100)  # the last row's end: ignored
+    weights = torch.randn(source.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 5
+            try:
+                logprobs = model(tokens, output_positions=source, targets=targets)
+            finally:
+                M.LOGPROB_CHUNK_TOKENS = chunk
+        else:
+            logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+        (logprobs * weights).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert chunked.dtype == whole.dtype == torch.float32 and torch.equal(chunked[2, -1], torch.tensor(0.0))
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)  # token_logprobs answers in float32
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(chunked_grads, whole_grads))
+    assert any(g.abs().max() > 0 for g in chunked_grads)
+
+
+def test_chunked_logprobs_never_keep_the_vocabulary_sized_logits_for_backward():
+    """What autograd keeps for backward (saved_tensors_hooks): the whole computation keeps its (B, N, vocab)
+    logits; the chunked one keeps no vocabulary-sized tensor (each chunk is recomputed in backward: the output
+    layer runs once per chunk in forward and once more in backward)."""
+    model = tiny_model().train()
+    tokens = tokens_for_test(shape=(2, 13))
+    source = torch.arange(12).expand(2, 12)
+    targets = tokens[:, 1:]
+    calls = []
+    hook = model.output.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    kept = {}
+    for chunked in (False, True):
+        kept[chunked] = 0
+
+        def keep(tensor, chunked=chunked):
+            kept[chunked] += tensor.numel() if tensor.shape[-1:] == (VOCAB,) else 0
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            if chunked:
+                chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 7
+                try:
+                    logprobs = model(tokens, output_positions=source, targets=targets)
+                finally:
+                    M.LOGPROB_CHUNK_TOKENS = chunk
+            else:
+                logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+        calls_before_backward = len(calls)
+        logprobs.sum().backward()
+    hook.remove()
+    assert kept[False] >= 2 * 12 * VOCAB and kept[True] == 0
+    # the chunked pass: 24 tokens in chunks of 7 (7, 7, 7, 3) in forward, and again (last first) in backward
+    assert calls[1:calls_before_backward] == [7, 7, 7, 3] and calls[calls_before_backward:] == [3, 7, 7, 7]
+
+
 def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):
     """8 query heads read 2 key/value heads in place (no repeated copies: SDPA's grouped-query support); logits,
     loss and every gradient equal transformers' eager attention, which repeats the key/value heads."""

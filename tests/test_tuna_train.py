@@ -89,6 +89,27 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
     assert "step 4/4 | loss" in err and "tok/s" in err and "ETA" in err
 
 
+def test_log_reports_mfu_and_gradient_checkpointing_auto_is_off_where_memory_suffices(files, tmp_path, capsys):
+    """Each step's FLOPs (tuna.step_flops, tested by hand in test_tuna.py) and, with --peak-tflops, the MFU: the
+    FLOPs so far over the elapsed time at that peak. auto: a tiny model's activations fit this machine's free
+    memory (/proc/meminfo's MemAvailable), so no recomputation; the bare flag still means on."""
+    hfu = {}
+    for flag in (["--gradient-checkpointing", "auto"], ["--gradient-checkpointing"]):
+        out = tmp_path / flag[-1].strip("-")
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 2, "--peak-tflops",
+                                                                    0.5, *flag)) == 0
+        lines, err = metrics(out), capsys.readouterr().err
+        flops = sum(m["model_flops_per_token"] * m["tokens"] for m in lines)
+        assert lines[-1]["mfu"] == pytest.approx(flops / (lines[-1]["elapsed_s"] * 0.5e12))
+        assert re.search(r"step 2/2 \| .* tok/s x [\d.]+ GFLOP/token, MFU [\d.]+% \(with recomputation", err)
+        # tiny: 6 x 98_304 per token in its blocks' full fine-tuning, at least
+        assert all(m["model_flops_per_token"] > 6 * 98_304 for m in lines)
+        hfu[flag[-1]] = lines[-1]["hardware_flops_per_token"] / lines[-1]["model_flops_per_token"]
+        if flag[-1] == "auto":
+            assert "gradient checkpointing off (auto)" in err and "GiB free on cpu" in err
+    assert hfu["--gradient-checkpointing"] > hfu["auto"] > 1  # recomputed blocks; the output layer always
+
+
 def test_training_lowers_the_loss_on_data_it_sees_again(files, tmp_path):
     out = tmp_path / "overfit"
     assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 3e-3, "--epochs", 6)) == 0
