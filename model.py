@@ -967,17 +967,28 @@ def rows_that_fit(args, free_bytes, max_len, prompt_len, dtype_bytes, weight_byt
     return max(1, int(usable // generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes)))
 
 
+def free_memory(device):
+    """Bytes this process may still allocate. CUDA: what the driver reports free plus what torch's allocator
+    holds unused, within the cap of torch.cuda.set_per_process_memory_fraction if one is set. A CPU (Linux):
+    MemAvailable from /proc/meminfo, RAM shared with the rest of the machine."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        free += torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+        return min(free, int(fraction * total) - allocated)
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
 def auto_batch_rows(model, max_len, prompt_len, fallback):
-    """Rows per generate() call for a loaded model: on CUDA, rows_that_fit the device's free memory (what
-    the driver reports free plus what torch's allocator holds unused), with the cache in the weights' dtype;
-    on other devices `fallback`: a CPU's RAM is shared with the rest of the machine, and a CPU's decode step
-    costs in proportion to its rows, so the gain of a big batch is a GPU's."""
+    """Rows per generate() call for a loaded model: on CUDA, rows_that_fit its free_memory, with the cache
+    in the weights' dtype; on other devices `fallback`: a CPU's RAM is shared with the rest of the machine,
+    and a CPU's decode step costs in proportion to its rows, so the gain of a big batch is a GPU's."""
     weight = model.tok_embeddings.weight
     if weight.device.type != "cuda":
         return fallback
-    free, _ = torch.cuda.mem_get_info(weight.device)
-    free += torch.cuda.memory_reserved(weight.device) - torch.cuda.memory_allocated(weight.device)
-    return rows_that_fit(model.args, free, max_len, prompt_len, weight.element_size())
+    return rows_that_fit(model.args, free_memory(weight.device), max_len, prompt_len, weight.element_size())
 
 
 # Tokens whose vocabulary-sized logits exist at once in chunked_token_logprobs: 2048 x 32000 float32 logits

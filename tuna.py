@@ -402,7 +402,7 @@ def choose_checkpointing(run, net, micro_batch_size):
     autocast_bf16 = run.device.type == "cuda" and run.autocast_dtype is not None
     dtype_bytes = 2 if autocast_bf16 else net.tok_embeddings.weight.element_size()
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    free = free_memory(run.device)
+    free = llama.free_memory(run.device)
     on = needs_checkpointing(net.args, tokens, free, trainable, dtype_bytes)
     kept = activation_bytes(net.args, tokens, False, dtype_bytes)
     log(f"gradient checkpointing {'on' if on else 'off'} (auto): {tokens} tokens per micro-batch keep about "
@@ -510,16 +510,6 @@ def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_d
     parameters' float32 gradients and Adam's two moments (12 bytes each) are allocated."""
     budget = free_bytes * TRAINING_MEMORY_SHARE - trainable_params * 12
     return activation_bytes(args, tokens, False, activation_dtype_bytes) > budget
-
-
-def free_memory(device):
-    """Bytes free for the step: on CUDA what the driver reports free plus what torch's allocator holds
-    unused; on a CPU (Linux) MemAvailable from /proc/meminfo, RAM shared with the rest of the machine."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
 # ============================================================================ 4. run folders and checkpoints

@@ -91,6 +91,7 @@ CASES = [  # (script and arguments, what the error line must contain)
      "{root}/truncated/model.safetensors"),
     (["demo.py", "--out", "{root}/a_file"], "{root}/a_file"),
     (["bench.py", "--config", "no-such-config"], "--config no-such-config: not one of cpu-small"),
+    (["bench.py", "--device", "cpu", "--memory-cap", "24"], "--memory-cap needs a CUDA GPU"),
     (["demo.py", "--out", "{root}/other_demo", "--size", "ci"],
      "{root}/other_demo/demo.json: this folder holds"),
 ]
