@@ -236,7 +236,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(files, tmp_path, eng
 
 
 @pytest.mark.slow
-def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_path):
+def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_path, capfd):
     """No --contextual-data: Tuna_p samples candidates and a (stub) ranking teacher orders them via teacher.py."""
     import http.server
     import threading
@@ -272,6 +272,10 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
     try:
         assert pipeline() == 0
         assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
+        # --student-batch-size auto (the default) reaches teacher.py, which samples 64 rows together on a CPU
+        err = capfd.readouterr().err
+        command = next(line for line in err.splitlines() if line.startswith("pipeline: "))
+        assert "--student-batch-size auto" in command and "student: 64 rows sample together" in err
         records = data.read_ranked_jsonl(out / "contextual.jsonl")
         assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
         assert records[0].source["student_candidates"]  # sampled from Tuna_p
