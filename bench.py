@@ -23,6 +23,7 @@ Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine 
     python bench.py --config gpu-7b --memory-cap 24   # the same within 24 GiB: what fits a smaller card
 """
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -329,21 +330,21 @@ ALPACA = 52_002  # instructions
 SFT_EPOCHS = 3  # Alpaca's recipe
 SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)
 EVAL_ANSWERS, EVAL_CHECKPOINTS = 12_000, 3  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
-EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, EVAL_BATCH = 200, 128, 32
+EVAL_PROMPT_LEN, EVAL_NEW_TOKENS = 200, 128
 LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's 1-GPU command
 
 
-def stage_peak_memory(device, run):
-    """run()'s result and the peak of CUDA memory allocated while it ran (weights included: what must fit),
-    or (None, None) where it ran out of memory (under --memory-cap: the stage does not fit that card)."""
+def measure_stage(device, fn, repeats):
+    """fn's median seconds (race) and the peak of CUDA memory allocated meanwhile (weights included: what
+    must fit), or (None, None) where it ran out of memory (under --memory-cap: the stage does not fit)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        result = run()
+        seconds = race({"stage": fn}, device, repeats)["stage"]
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None
-    return result, torch.cuda.max_memory_allocated(device)
+    return seconds, torch.cuda.max_memory_allocated(device)
 
 
 def reproduction_hours(args, device, repeats, instructions=16, peak=None):
@@ -359,24 +360,24 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     net = net.to(torch.bfloat16).eval()
     net.reset_rope(device)  # RoPE tables stay float32
     mean_response = sum(RESPONSE_LENS_K5) // len(RESPONSE_LENS_K5)
-    sample_rows = model.auto_batch_rows(net, PROMPT_LEN + mean_response, PROMPT_LEN, 128)
-    sample_prompts = max(1, sample_rows // SAMPLES_PER_INSTRUCTION)
-    prompts = random_prompts(args.vocab_size, [PROMPT_LEN] * sample_prompts, seed=1)
-    eval_rows = model.auto_batch_rows(net, EVAL_PROMPT_LEN + EVAL_NEW_TOKENS, EVAL_PROMPT_LEN, EVAL_BATCH)
-    eval_prompts = random_prompts(args.vocab_size, [EVAL_PROMPT_LEN] * eval_rows, seed=2)
 
-    def sample():  # contextual ranking's student samples, batched as in section 4
+    def sample(prompts):  # contextual ranking's student samples, batched as in section 4
         generators = per_row_generators(device, 0, range(len(prompts) * SAMPLES_PER_INSTRUCTION))
         model.generate(net, prompts, mean_response, temperature=0.8, eos_id=-1,
                        num_samples=SAMPLES_PER_INSTRUCTION, generator=generators, compile=True)
 
-    def answer():
-        model.generate(net, eval_prompts, EVAL_NEW_TOKENS, eos_id=-1, compile=True)
+    def answer(prompts):
+        model.generate(net, prompts, EVAL_NEW_TOKENS, eos_id=-1, compile=True)
 
     costs, memory, settings, mfu = {}, {}, {}, {}
-    for name, fn, items in (("sample", sample, len(prompts) * SAMPLES_PER_INSTRUCTION),
-                            ("answer", answer, len(eval_prompts))):
-        seconds, memory[name] = stage_peak_memory(device, lambda: race({name: fn}, device, repeats)[name])
+    for name, fn, prompt_len, new_tokens, per_prompt, seed in (
+            ("sample", sample, PROMPT_LEN, mean_response, SAMPLES_PER_INSTRUCTION, 1),
+            ("answer", answer, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, 1, 2)):
+        # rows from the memory free now (the last stage's CUDA graphs may hold some); 128 if none reported
+        rows = model.auto_batch_rows(net, prompt_len + new_tokens, prompt_len, 128)
+        prompts = random_prompts(args.vocab_size, [prompt_len] * max(1, rows // per_prompt), seed=seed)
+        seconds, memory[name] = measure_stage(device, functools.partial(fn, prompts), repeats)
+        items = len(prompts) * per_prompt
         costs[name] = seconds / items if seconds else None  # seconds per sample, per greedy answer
         settings[name] = f"{items} rows (auto), compiled decode step"
     tuna.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
@@ -389,7 +390,7 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
         free = model.free_memory(device)
         net.gradient_checkpointing = tuna.needs_checkpointing(args, tokens, free, trainable, 2)
         step = ranking_step(net, rows, False, device, instructions, optimizer)
-        seconds, memory[name] = stage_peak_memory(device, lambda: race({name: step}, device, repeats)[name])
+        seconds, memory[name] = measure_stage(device, step, repeats)
         costs[name] = seconds / tokens if seconds else None  # seconds per trained token
         flops = tuna.step_flops(net, rows, net.gradient_checkpointing)
         mfu[name] = tuple(f / seconds / (peak * 1e12) for f in flops) if seconds and peak else None

@@ -840,8 +840,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     num_samples generators, one per row: a row's samples then depend only on its prompt and its own generator,
     however the rows are batched (e.g. one seeded from (seed, item id) per row, so a resumed run samples what
     an uninterrupted one would). Generators live on the model's device.
-    compile: decode with a torch.compile'd step (static shapes, as gpt-fast); the first calls compile (about a
-    minute on a CPU), and where torch.compile cannot run one line goes to stderr and decoding stays eager."""
+    compile: decode with a torch.compile'd step (few shapes: the cache read in power-of-two buckets, as
+    decode_bucket; on CUDA replayed as CUDA graphs); the first calls compile (about a minute on a CPU), and
+    where torch.compile cannot run one line goes to stderr and decoding stays eager, the reference."""
     n_rows = len(prompts) * num_samples
     if num_samples < 1 or (isinstance(generator, (list, tuple)) and len(generator) != n_rows):
         raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must "
