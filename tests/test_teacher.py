@@ -417,7 +417,8 @@ def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm
         return [tok.encode(t) + [tok.eos_id] for t in rounds[len(temperatures) - 1]], None
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
-    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024))  # fake_generate does the work
+    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024),  # fake_generate does the work;
+                                  tok_embeddings=torch.nn.Embedding(1, 1))  # on the CPU: batch_size "auto" -> 64 rows
     best = teacher.sample_diverse(model, tok, ["Say something."], n=4, temperature=0.7, tries=3)[0]
     assert temperatures == [0.7, 0.8, 0.9]
     assert best["candidates"] == rounds[1] and best["round"] == 2 and best["temperature"] == 0.8
