@@ -475,10 +475,10 @@ def step_flops(net, rows, recompute):
     (`recompute`) and the output layer's (model.chunked_token_logprobs recomputes it in backward)."""
     frozen = trainable = 0  # multiply-adds per token in the blocks' linear layers
     for module in net.layers.modules():
-        if isinstance(module, nn.Linear):
-            macs = module.in_features * module.out_features
-            frozen, trainable = (frozen, trainable + macs) if module.weight.requires_grad else \
-                (frozen + macs, trainable)
+        if isinstance(module, nn.Linear) and module.weight.requires_grad:
+            trainable += module.in_features * module.out_features
+        elif isinstance(module, nn.Linear):
+            frozen += module.in_features * module.out_features
         elif isinstance(module, LoRALinear):
             trainable += module.lora_a.numel() + module.lora_b.numel()
     a = net.args
