@@ -1000,16 +1000,16 @@ LOGPROB_CHUNK_TOKENS = 2048
 
 def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
     """token_logprobs(output(hidden), targets) for hidden (..., dim), targets (...) -> float32 (...), with the
-    logits of chunk_tokens tokens at a time. Under autograd each chunk is checkpointed: backward recomputes
-    its logits (one more pass through the output layer) instead of keeping them, so training holds one chunk's
-    logits, never all (the idea of fused linear cross-entropy, e.g. Liger-Kernel's, in plain PyTorch). Same
-    values and gradients as the whole computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
+    logits of chunk_tokens tokens at a time. Under autograd each chunk (of two or more) is checkpointed:
+    backward recomputes its logits (one more pass through the output layer) instead of keeping them, so
+    training holds one chunk's logits, never all (the idea of fused linear cross-entropy, e.g. Liger-Kernel's,
+    in plain PyTorch). Same values and gradients as the whole computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
     chunk_tokens = chunk_tokens or LOGPROB_CHUNK_TOKENS
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()  # (n, dim), (n,)
     pieces = []
     for start in range(0, len(flat_targets), chunk_tokens):
         chunk = (output, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and len(flat_targets) > chunk_tokens:  # one chunk: nothing to save
             pieces.append(checkpoint(_output_logprobs, *chunk, use_reentrant=False))
         else:
             pieces.append(_output_logprobs(*chunk))

@@ -472,7 +472,8 @@ def step_flops(net, rows, recompute):
     weights' gradients of trainable layers only (a frozen base under LoRA has none). Full fine-tuning is so
     PaLM's 6N + attention (Chowdhery et al. 2022, appendix B); LoRA's frozen base 4N. Model FLOPs give the
     MFU; hardware FLOPs add what is computed again: the blocks' forward under gradient checkpointing
-    (`recompute`) and the output layer's (model.chunked_token_logprobs recomputes it in backward)."""
+    (`recompute`) and, where the step scores more tokens than one chunk (model.LOGPROB_CHUNK_TOKENS), the
+    output layer's (model.chunked_token_logprobs recomputes its chunks in backward)."""
     frozen = trainable = 0  # multiply-adds per token in the blocks' linear layers
     for module in net.layers.modules():
         if isinstance(module, nn.Linear) and module.weight.requires_grad:
@@ -484,10 +485,12 @@ def step_flops(net, rows, recompute):
     a = net.args
     tokens = sum(len(r["tokens"]) for r in rows)
     attention = 2 * a.n_layers * a.n_heads * a.head_dim * sum(p + 1 for r in rows for p in r["positions"])
-    output = net.output.in_features * net.output.out_features * sum(len(r["target"]) for r in rows)
+    scored = sum(len(r["target"]) for r in rows)
+    output = net.output.in_features * net.output.out_features * scored
     forward = (frozen + trainable) * tokens + attention + output
     backward = forward + attention + trainable * tokens + output * net.output.weight.requires_grad
-    again = ((frozen + trainable) * tokens + attention if recompute else 0) + output
+    again = ((frozen + trainable) * tokens + attention if recompute else 0) + \
+        (output if scored > llama.LOGPROB_CHUNK_TOKENS else 0)
     return 2 * (forward + backward), 2 * (forward + backward + again)
 
 

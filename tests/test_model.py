@@ -357,6 +357,12 @@ def test_chunked_logprobs_never_keep_the_vocabulary_sized_logits_for_backward():
     assert kept[False] >= 2 * 12 * VOCAB and kept[True] == 0
     # the chunked pass: 24 tokens in chunks of 7 (7, 7, 7, 3) in forward, and again (last first) in backward
     assert calls[1:calls_before_backward] == [7, 7, 7, 3] and calls[calls_before_backward:] == [3, 7, 7, 7]
+    # one chunk holds all 24 tokens (the default 2048): kept whole, as without chunking, and not recomputed
+    calls.clear()
+    hook = model.output.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    model(tokens, output_positions=source, targets=targets).sum().backward()
+    hook.remove()
+    assert calls == [24]
 
 
 def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):

@@ -275,14 +275,17 @@ def flops_row():
     return tuna.pack_example([[1, 5, 6]] * 2, [[7, 8, 2], [9, 2]])
 
 
-def test_step_flops_by_hand_full_fine_tuning_and_lora():
+def test_step_flops_by_hand_full_fine_tuning_and_lora(monkeypatch):
     net = model.Transformer(model.ModelArgs.from_name("tiny"))  # dim 64, 2 layers, 4 heads of 16, 2 kv, ffn 192
     # multiply-adds per token and layer: wq, wo 64 x 64; wk, wv 64 x 32; w1, w2, w3 64 x 192 -> 49_152; 2 layers
     # attention: 2 layers x 2 (q k^T, weights x v) x 4 heads x 16 x 30 keys = 7_680; output: 64 x 512 x 5 = 163_840
     # full: forward 98_304 x 8 + 7_680 + 163_840 = 957_952; backward: again + attention + weights' gradients
     # (98_304 x 8 + 163_840) = 1_915_904; x 2 FLOPs -> 5_747_712 = 6N per token + 6 x attention (PaLM's count)
-    assert tuna.step_flops(net, [flops_row()], recompute=False) == (5_747_712, 5_747_712 + 2 * 163_840)
-    # recomputation: the blocks' forward (98_304 x 8 + 7_680) and the output layer's (163_840) once more
+    assert tuna.step_flops(net, [flops_row()], recompute=False) == (5_747_712, 5_747_712)
+    # recomputation: the blocks' forward (98_304 x 8 + 7_680) once more
+    assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * 794_112
+    # and the output layer's (163_840) where the 5 scored tokens take more than one chunk of log-probs
+    monkeypatch.setattr(model, "LOGPROB_CHUNK_TOKENS", 4)
     assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * (794_112 + 163_840)
     # LoRA rank 4 on all seven: 4 x (in + out) per layer = 512 + 384 + 384 + 512 + 3 x 1_024 = 4_864, 2 layers;
     # forward (98_304 + 9_728) x 8 + 7_680 + 163_840 = 1_035_776; backward: again + 7_680 + 9_728 x 8 (the
