@@ -3,7 +3,8 @@
 A developer tool, not part of the pipeline: the only top-level file that imports transformers, to
 compare with LlamaForCausalLM at the same config, weights and batch. It prints
   1. train-step tokens/s (forward, cross-entropy, backward, AdamW): model.py vs LlamaForCausalLM, on the
-     multi-head config and on its grouped-query twin (a quarter of the key/value heads, as Llama 3)
+     multi-head config and on its grouped-query twin (a quarter of the key/value heads, as Llama 3); the
+     FLOPs per token it assumes (tuna.step_flops), the FLOP/s reached, and the MFU where the peak is known
   2. the ranking step (tuna.py's loss and backward) with prefix sharing vs naive K rows, K = 4 (probabilistic
      ranking) and K = 5 (contextual: 4 samples + the teacher's answer), prompt 100 tokens, responses 120-180
      (mean 150, like Alpaca's), time and peak memory of each
@@ -17,9 +18,12 @@ Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine 
     python bench.py --config gpu-1b               # on a GPU, bf16 autocast (fp32 weights and Adam for
                                                   # two models: 7B configs do not fit one GPU)
     python bench.py --config gpu-7b               # on a GPU: hours of a whole one-GPU reproduction, from
-                                                  # model.py's measured per-token costs at LLaMA-7B's shape
+                                                  # model.py's measured per-token costs at LLaMA-7B's shape,
+                                                  # each stage's peak memory, and the training MFU
+    python bench.py --config gpu-7b --memory-cap 24   # the same within 24 GiB: what fits a smaller card
 """
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -97,6 +101,13 @@ def autocast(device, enabled=None):
 
 
 # ---------------------------------------------------------------------------- 1. train step
+
+def train_step_flops_per_token(net, seq):
+    """tuna.step_flops of section 1's step per token: a row of seq tokens at positions 0..seq-1 (causal),
+    every position through the output layer, every weight trained (6N + attention, PaLM's count)."""
+    row = {"tokens": [0] * seq, "positions": list(range(seq)), "target": [0] * seq}
+    return tuna.step_flops(net, [row], recompute=False)[0] / seq
+
 
 def bench_train_step(net, hf, device, batch, seq, repeats, fused=None):
     tokens = torch.randint(3, net.args.vocab_size, (batch, seq), device=device)
@@ -319,73 +330,107 @@ ALPACA = 52_002  # instructions
 SFT_EPOCHS = 3  # Alpaca's recipe
 SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)
 EVAL_ANSWERS, EVAL_CHECKPOINTS = 12_000, 3  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
-EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, EVAL_BATCH = 200, 128, 32
+EVAL_PROMPT_LEN, EVAL_NEW_TOKENS = 200, 128
 LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's 1-GPU command
 
 
-def reproduction_hours(args, device, repeats, instructions=16, sample_prompts=32):
+def measure_stage(device, fn, repeats):
+    """fn's median seconds (race) and the peak of CUDA memory allocated meanwhile (weights included: what
+    must fit), or (None, None) where it ran out of memory (under --memory-cap: the stage does not fit)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        seconds = race({"stage": fn}, device, repeats)["stage"]
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+    return seconds, torch.cuda.max_memory_allocated(device)
+
+
+def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     """Expected hours of each stage of a one-GPU reproduction, from model.py's measured per-token costs at the
-    shape `args` (bf16 weights and autocast; training with LoRA and gradient checkpointing, as README's
-    one-GPU command; 16 instructions per step as the authors). Teacher API time is not included. Generation
-    runs every row to its length (a random model never ends): its hours are upper bounds for those lengths."""
+    shape `args` (bf16 weights; training with LoRA, as README's one-GPU command, gradient checkpointing where
+    tuna.needs_checkpointing says memory needs it; 16 instructions per step as the authors), with each stage's
+    peak memory and the settings it ran with. Generation: the compiled decode step (CUDA graphs), as many rows
+    as fit (model.auto_batch_rows). Teacher API time is not included. Generation runs every row to its length
+    (a random model never ends): its hours are upper bounds for those lengths. peak: TFLOP/s, for MFU."""
     torch.manual_seed(0)
     with torch.device(device):
         net = model.Transformer(args)
     net = net.to(torch.bfloat16).eval()
     net.reset_rope(device)  # RoPE tables stay float32
     mean_response = sum(RESPONSE_LENS_K5) // len(RESPONSE_LENS_K5)
-    prompts = random_prompts(args.vocab_size, [PROMPT_LEN] * sample_prompts, seed=1)
-    eval_prompts = random_prompts(args.vocab_size, [EVAL_PROMPT_LEN] * EVAL_BATCH, seed=2)
 
-    def sample():  # contextual ranking's student samples, batched as in section 4
+    def sample(prompts):  # contextual ranking's student samples, batched as in section 4
         generators = per_row_generators(device, 0, range(len(prompts) * SAMPLES_PER_INSTRUCTION))
-        with autocast(device):
-            model.generate(net, prompts, mean_response, temperature=0.8, eos_id=-1,
-                           num_samples=SAMPLES_PER_INSTRUCTION, generator=generators)
+        model.generate(net, prompts, mean_response, temperature=0.8, eos_id=-1,
+                       num_samples=SAMPLES_PER_INSTRUCTION, generator=generators, compile=True)
 
-    def answer():
-        with autocast(device):
-            model.generate(net, eval_prompts, EVAL_NEW_TOKENS, eos_id=-1)
+    def answer(prompts):
+        model.generate(net, prompts, EVAL_NEW_TOKENS, eos_id=-1, compile=True)
 
-    times = race({"sample": sample, "answer": answer}, device, repeats)
-    costs = {"sample": times["sample"] / (len(prompts) * SAMPLES_PER_INSTRUCTION),  # seconds per sample
-             "answer": times["answer"] / EVAL_BATCH}  # seconds per greedy answer
+    costs, memory, settings, mfu = {}, {}, {}, {}
+    for name, fn, prompt_len, new_tokens, per_prompt, seed in (
+            ("sample", sample, PROMPT_LEN, mean_response, SAMPLES_PER_INSTRUCTION, 1),
+            ("answer", answer, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, 1, 2)):
+        # rows from the memory free now (the last stage's CUDA graphs may hold some); 128 if none reported
+        rows = model.auto_batch_rows(net, prompt_len + new_tokens, prompt_len, 128)
+        prompts = random_prompts(args.vocab_size, [prompt_len] * max(1, rows // per_prompt), seed=seed)
+        seconds, memory[name] = measure_stage(device, functools.partial(fn, prompts), repeats)
+        items = len(prompts) * per_prompt
+        costs[name] = seconds / items if seconds else None  # seconds per sample, per greedy answer
+        settings[name] = f"{items} rows (auto), compiled decode step"
     tuna.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
-    net.gradient_checkpointing = True
     net.train()
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     for name, lens in (("sft", [mean_response]), ("rank", RESPONSE_LENS_K5)):
         rows, _ = ranking_rows(args.vocab_size, instructions, lens)
+        tokens = sum(len(r["tokens"]) for r in rows)
+        free = model.free_memory(device)
+        net.gradient_checkpointing = tuna.needs_checkpointing(args, tokens, free, trainable, 2)
         step = ranking_step(net, rows, False, device, instructions, optimizer)
-        seconds = race({name: step}, device, repeats)[name]
-        costs[name] = seconds / sum(len(r["tokens"]) for r in rows)  # seconds per trained token
+        seconds, memory[name] = measure_stage(device, step, repeats)
+        costs[name] = seconds / tokens if seconds else None  # seconds per trained token
+        flops = tuna.step_flops(net, rows, net.gradient_checkpointing)
+        mfu[name] = tuple(f / seconds / (peak * 1e12) for f in flops) if seconds and peak else None
+        settings[name] = (f"LoRA rank {LORA['rank']}, {instructions} instructions per step, gradient "
+                          f"checkpointing {'on' if net.gradient_checkpointing else 'off'} (auto)")
     rank_tokens = ALPACA * (PROMPT_LEN + sum(RESPONSE_LENS_K5))  # one prefix-shared row per instruction
-    stages = [("SFT", f"{ALPACA} x {SFT_EPOCHS} epochs x {PROMPT_LEN + mean_response} tokens",
-               ALPACA * SFT_EPOCHS * (PROMPT_LEN + mean_response) * costs["sft"]),
-              ("Tuna_p", f"{ALPACA} x (prompt + 5 candidates) = {rank_tokens / 1e6:.0f}M tokens",
-               rank_tokens * costs["rank"]),
-              ("student sampling", f"{ALPACA} x {SAMPLES_PER_INSTRUCTION} samples of {mean_response} tokens",
-               ALPACA * SAMPLES_PER_INSTRUCTION * costs["sample"]),
-              ("Tuna_c", f"{ALPACA} x (prompt + 4 samples + the teacher's answer)",
-               rank_tokens * costs["rank"]),
-              ("eval", f"{EVAL_CHECKPOINTS} checkpoints x {EVAL_ANSWERS} greedy answers of <= "
-                       f"{EVAL_NEW_TOKENS} tokens, batch {EVAL_BATCH}",
-               EVAL_CHECKPOINTS * EVAL_ANSWERS * costs["answer"])]
-    return costs, [(name, what, seconds / 3600) for name, what, seconds in stages]
+    stages = [("SFT", "sft", ALPACA * SFT_EPOCHS * (PROMPT_LEN + mean_response),
+               f"{ALPACA} x {SFT_EPOCHS} epochs x {PROMPT_LEN + mean_response} tokens"),
+              ("Tuna_p", "rank", rank_tokens,
+               f"{ALPACA} x (prompt + 5 candidates) = {rank_tokens / 1e6:.0f}M tokens"),
+              ("student sampling", "sample", ALPACA * SAMPLES_PER_INSTRUCTION,
+               f"{ALPACA} x {SAMPLES_PER_INSTRUCTION} samples of {mean_response} tokens"),
+              ("Tuna_c", "rank", rank_tokens, f"{ALPACA} x (prompt + 4 samples + the teacher's answer)"),
+              ("eval", "answer", EVAL_CHECKPOINTS * EVAL_ANSWERS, f"{EVAL_CHECKPOINTS} checkpoints x "
+               f"{EVAL_ANSWERS} greedy answers of <= {EVAL_NEW_TOKENS} tokens")]
+    hours = [(name, what, count * costs[key] / 3600 if costs[key] else None, key)
+             for name, key, count, what in stages]
+    return costs, hours, memory, settings, mfu
 
 
-def print_reproduction_hours(device, repeats):
+def print_reproduction_hours(device, repeats, peak, memory_cap):
     args = model.ModelArgs.from_name("llama-7b")
+    cap = f", memory capped at {memory_cap:g} GiB" if memory_cap else ""
     print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU "
-          f"reproduction at LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}, gradient checkpointing), from "
-          "measured costs")
-    costs, stages = reproduction_hours(args, device, repeats)
-    print(f"measured: train {1 / costs['sft']:.0f} tok/s (SFT rows), {1 / costs['rank']:.0f} tok/s "
-          f"(K=5 prefix-shared rows); {1 / costs['sample']:.1f} samples/s (32 prompts x 4, batched); "
-          f"{1 / costs['answer']:.1f} greedy answers/s")
-    for name, what, hours in stages:
-        print(f"   {name:17s} {hours:7.1f} h   {what}")
-    print(f"   {'total':17s} {sum(h for _, _, h in stages):7.1f} h   (teacher API calls not included)")
+          f"reproduction at LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}){cap}, from measured costs")
+    costs, stages, memory, settings, mfu = reproduction_hours(args, device, repeats, peak=peak)
+    rate = lambda cost, unit: f"{1 / cost:.1f} {unit}" if cost else "does not fit"  # noqa: E731
+    print(f"measured: train {rate(costs['sft'], 'tok/s')} (SFT rows), {rate(costs['rank'], 'tok/s')} (K=5 "
+          f"prefix-shared rows); {rate(costs['sample'], 'samples/s')}; "
+          f"{rate(costs['answer'], 'greedy answers/s')}")
+    for key, what in (("sft", "SFT"), ("rank", "ranking")):
+        if mfu.get(key):
+            print(f"   {what} training: MFU {mfu[key][0]:.1%}, with recomputation {mfu[key][1]:.1%} of "
+                  f"{peak:g} TFLOP/s (tuna.step_flops)")
+    for name, what, hours, key in stages:
+        used = f"{memory[key] / 2**30:5.1f} GiB peak" if memory[key] else "does not fit"
+        spent = f"{hours:7.1f} h" if hours is not None else "      - h"
+        print(f"   {name:17s} {spent}   {used}   {what}; {settings[key]}")
+    if all(hours is not None for _, _, hours, _ in stages):
+        print(f"   {'total':17s} {sum(h for _, _, h, _ in stages):7.1f} h   (teacher API calls not included)")
 
 
 def main():
@@ -396,6 +441,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (default 5 "
                         "CPU, 10 GPU)")
     parser.add_argument("--instructions", type=int, default=0, help="ranking batch (default 1 CPU, 16 GPU)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, for MFU (default: "
+                        "tuna.PEAK_TFLOPS by GPU name; none on a CPU)")
+    parser.add_argument("--memory-cap", type=float, metavar="GB", help="CUDA: use at most this many GiB "
+                        "(torch.cuda.set_per_process_memory_fraction), to measure what fits a smaller card")
     parser.add_argument("--memory-probe", choices=["prefix", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--candidates", type=int, default=4, choices=[4, 5], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -412,11 +461,17 @@ def main():
         lens = RESPONSE_LENS if args.candidates == 4 else RESPONSE_LENS_K5
         return memory_probe(config, instructions, lens, args.memory_probe)
     repeats = args.repeats or (10 if gpu else 5)
+    if args.memory_cap:
+        if not gpu:
+            parser.error("--memory-cap needs a CUDA GPU (torch.cuda.set_per_process_memory_fraction)")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total), device)
+    peak = tuna.peak_tflops(device, args.peak_tflops)
     if config == "gpu-7b":
         if not gpu:
             sys.exit("bench.py: error: --config gpu-7b needs a CUDA GPU: it measures a 7B model's per-token "
                      "costs there")
-        return print_reproduction_hours(device, min(repeats, 3))
+        return print_reproduction_hours(device, min(repeats, 3), peak, args.memory_cap)
     train_batch, train_seq = (8, 512) if gpu else (2, 256)
     gen_prompt, gen_new = (128, 128) if gpu else (32, 32)
     sample_lens, sample_new = ((64, 192), 128) if gpu else ((16, 64), 32)
@@ -439,9 +494,13 @@ def main():
         twin_hf = hf if kv_heads == a.n_heads else hf_twin(twin_net)
         speed, ratio, (low, high) = bench_train_step(twin_net, twin_hf, device, train_batch, train_seq,
                                                      max(repeats, 9))
+        flops = train_step_flops_per_token(twin_net, train_seq)
+        achieved = speed["model.py"] * flops / 1e12  # TFLOP/s
+        utilisation = f", MFU {achieved / peak:.1%} of {peak:g}" if peak else ""
         print(f"   {label:13s} ({a.n_heads} query / {kv_heads} key-value heads): model.py "
               f"{speed['model.py']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s -> "
-              f"{ratio:.2f}x (median of {max(repeats, 9)} paired rounds, {low:.2f}-{high:.2f})")
+              f"{ratio:.2f}x (median of {max(repeats, 9)} paired rounds, {low:.2f}-{high:.2f}); model.py "
+              f"{flops / 1e9:.3f} GFLOP/token -> {achieved * 1000:.1f} GFLOP/s{utilisation}")
         del twin_net, twin_hf
 
     hf.cpu()

@@ -11,6 +11,7 @@ files a long run appends to and a kill may cut short have their own helpers: one
     prompt_ids, response_ids = data.encode_prompt_response(tok, data.alpaca_prompt("Name a color."), "Red.")
     records = data.read_ranked_jsonl("ranked.jsonl")           # DataError: file, line and field of a problem
 """
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -1050,3 +1051,11 @@ class Progress:
             line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed "
                     f"| ETA {eta_text}")
             self.write(line + (f" | {self.detail()}" if self.detail else ""))
+# ----------------------------------------------------------------------------- command-line values
+def rows_option(text):
+    """argparse type of a rows-per-batch option: "auto" (sized from free device memory) or a number >= 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a whole number of at least 1")
+    return int(text)

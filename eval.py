@@ -306,6 +306,10 @@ def answer_producer(directory, tokenizer_path=None):
     return {**teacher.producer_identity(directory, tok.path), "stop_ids": tok.stop_ids}
 
 
+# Answers generated together where --batch-size is "auto" and the device reports no free memory (a CPU)
+EVAL_BATCH_ROWS = 8
+
+
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
     OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what
@@ -363,6 +367,11 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         encoded.append(cut_prompt(prefix, text_ids, limit))
     stops = tok.stop_ids
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
+    if batch_size == "auto":  # as many rows as fit in free GPU memory (model.auto_batch_rows)
+        longest = max(map(len, encoded))
+        batch_size = model.auto_batch_rows(lm, longest + max_new_tokens, longest, EVAL_BATCH_ROWS)
+        print(f"eval: {name} {bench}: {batch_size} answers generate together (--batch-size auto)",
+              file=sys.stderr)
     progress = data.Progress(f"eval answers {name} {bench}", len(todo))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -395,8 +404,8 @@ def model_loader(directory, tokenizer_path, device, dtype):
 
 def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
              judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
-             all_pairs=False, batch_size=8, max_instances=100, max_new_tokens=(128, 50, 512), device="cpu",
-             dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
+             all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
+             device="cpu", dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir. The judge
     is checked (one pre-flight request) before any answer is generated. dry_run: only the report of what
     would be generated and sent to the judge (a string); nothing generated, sent or written."""
@@ -544,7 +553,9 @@ def main(argv=None):
                         "the first)")
     parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=data.rows_option, default="auto", help="answers generated "
+                        "together; auto (default): as many as fit in free GPU memory, "
+                        f"{EVAL_BATCH_ROWS} on a CPU")
     parser.add_argument("--max-instances", type=int, default=100, help="Super-NI instances per task")
     parser.add_argument("--max-new-tokens", type=int, nargs=3, default=[128, 50, 512],
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))

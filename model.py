@@ -247,28 +247,34 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of one attention layer for `batch` rows and `max_len` slots (gpt-fast's layout),
-    allocated once per generate() call, on the first write, with the keys' dtype (which autocast may have
-    changed) and device; a decode step then writes one slot in place. A plain object, not a module:
-    torch.compile fixes the shapes of a module's tensors, and this cache loses rows as they finish."""
+    """Keys and values of one attention layer for up to `rows` rows and `max_len` slots (gpt-fast's layout):
+    a static cache, allocated once per generate() batch, on the first write, with the keys' dtype (which
+    autocast may have changed) and device, and never again. The batch is its first B rows: a decode step
+    writes one slot of them in place; rows that finish are compacted into the front (keep_rows), in place.
+    One address for the whole batch, so CUDA graphs (torch.compile mode "reduce-overhead") write into it
+    (mark_static_address); a plain object, not a module, so each call sizes its own."""
 
-    def __init__(self, batch, max_len):
-        self.batch, self.max_len, self.k, self.v = batch, max_len, None, None
+    def __init__(self, rows, max_len):
+        self.rows, self.max_len, self.k, self.v = rows, max_len, None, None
 
-    def update(self, start, k, v):  # k, v: (B, n_kv_heads, T, head_dim)
+    def update(self, start, k, v, read_len):  # k, v: (B, n_kv_heads, T, head_dim); read_len: slots read back
         if self.k is None:
-            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])  # (B, n_kv_heads, max_len, head_dim)
+            shape = (self.rows, k.shape[1], self.max_len, k.shape[3])  # (rows, n_kv_heads, max_len, head_dim)
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,), all slots back (static)
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
-            return self.k, self.v  # (B, n_kv_heads, max_len, head_dim)
-        end = start + k.shape[2]  # slots [start, end)
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
+            if self.k.is_cuda:  # CUDA graphs write here; a new batch's cache re-records them, no recompile
+                torch._dynamo.mark_static_address(self.k)
+                torch._dynamo.mark_static_address(self.v)
+        keys, values = self.k[:k.shape[0]], self.v[:k.shape[0]]  # (B, n_kv_heads, max_len, head_dim): views
+        if torch.is_tensor(start):  # the compiled decode step: slot `start` (1,)
+            keys.index_copy_(2, start, k)
+            values.index_copy_(2, start, v)
+        else:  # slots [start, start + T)
+            keys[:, :, start:start + k.shape[2]], values[:, :, start:start + k.shape[2]] = k, v
+        return keys[:, :, :read_len], values[:, :, :read_len]  # (B, n_kv_heads, read_len, head_dim)
 
     def keep_rows(self, rows):  # rows (B',): the new batch, in order (a row may repeat: a prompt's samples)
-        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        # index_select copies first (one layer's rows at a time), so rows may move forward or repeat
+        self.k[:len(rows)], self.v[:len(rows)] = self.k.index_select(0, rows), self.v.index_select(0, rows)
 
 
 def grouped_attention(q, k, v, mask, repeat_kv=None):
@@ -311,7 +317,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) for SDPA
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv_heads, S, head_dim): the slots read
+            k, v = self.kv_cache.update(cache_start, k, v, mask.shape[-1])  # (B, n_kv_heads, S, head_dim)
         out = grouped_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_heads * head_dim) -> (B, T, dim)
 
@@ -358,15 +364,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None):
+    def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None,
+                targets=None):
         """tokens (B, T) long -> logits (B, T, vocab) float32. positions (B, T) long, default 0..T-1 (a packed
         row may restart them); mask bool (B, T, S) or (B, 1, T, S), True = may attend (or additive float, 0 or
         -inf), default causal; every query must see at least one key (itself, say), or attention gives NaN.
         cache_start: write keys/values to KV-cache slots from there (generation only); keys span S slots. A
         (1,) tensor (the compiled decode step, with positions and mask given) writes that one slot and reads
-        every slot. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab), so
-        prompts and padding never go through the vocabulary-sized output layer (training scores, the last
-        prompt token in prefill)."""
+        the mask's S slots. output_positions (B, N) long: logits only at these row indices -> (B, N, vocab),
+        so prompts and padding never go through the vocabulary-sized output layer (training scores, the last
+        prompt token in prefill). targets (B, T or N) long: instead of logits, log p(target) of each position
+        -> (B, T or N) float32, computed a chunk at a time (chunked_token_logprobs): the training loss never
+        holds the vocabulary-sized logits whole."""
         B, T = tokens.shape
         start = cache_start if isinstance(cache_start, int) else 0  # a tensor comes with positions and a mask
         if positions is None:
@@ -389,6 +398,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, cache_start)
         if output_positions is not None:
             h = h[torch.arange(B, device=h.device)[:, None], output_positions]  # (B, N, dim)
+        if targets is not None:
+            return chunked_token_logprobs(self.output, self.norm(h), targets)  # (B, T or N)
         return self.output(self.norm(h)).float()  # (B, T or N, vocab)
 
 
@@ -759,35 +770,49 @@ def prefill(model, tokens, positions, mask):
 def decode_step(model, tokens, positions, mask, slot):
     """One token per row, tokens (B,) at positions (B,), into cache slot `slot`; logits for the next token (B,
     vocab). mask (B, S): the cache slots each row reads, bool or additive float (generate passes a float mask,
-    which SDPA takes as it is). S = slot + 1 for an int slot; every cache slot for a (1,) tensor slot
-    (the compiled step)."""
+    which SDPA takes as it is). S = slot + 1 for an int slot; a bucket of slots (bucketed_decode_step) for a
+    (1,) tensor slot (the compiled step)."""
     return model(tokens[:, None], positions[:, None], mask[:, None, None], cache_start=slot)[:, -1]
 
 
-def whole_cache_decode_step(model, tokens, positions, pad_mask, slot):
-    """decode_step with the same shapes at every slot, for torch.compile (as gpt-fast): slot is a (1,) tensor
-    and each row reads every cache slot, those after `slot` masked out. pad_mask (B, max_len): 0, or -inf
-    on padding."""
-    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (max_len,)
+def bucketed_decode_step(model, tokens, positions, pad_mask, slot):
+    """decode_step with few distinct shapes, for torch.compile (as gpt-fast): slot is a (1,) tensor and each
+    row reads the S cache slots of pad_mask (B, S), those after `slot` masked out. pad_mask: 0, or -inf on
+    padding; S is slot + 1 rounded up to a power of two (decode_bucket)."""
+    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (S,)
     return decode_step(model, tokens, positions, pad_mask.masked_fill(later, float("-inf")), slot)
+
+
+def decode_bucket(slot, max_len):
+    """The cache slots a compiled step at `slot` reads: slot + 1 rounded up to a power of two (at most
+    max_len). Attention then reads at most twice the filled part of the cache, never the whole of it, and a
+    generate() call meets about log2(max_len) shapes: one CUDA graph each."""
+    return min(max_len, 1 << slot.bit_length())  # the power of two above slot, i.e. >= slot + 1
 
 
 def _eager_decode(model, tokens, positions, pad_mask, slot):
     return decode_step(model, tokens, positions, pad_mask[:, :slot + 1], slot)  # a view: nothing allocated
 
 
-_compiled = {}  # "step": torch.compile(whole_cache_decode_step), built once; "error": why it cannot run here
+# device type ("cpu", "cuda") -> torch.compile(bucketed_decode_step), built once; "error": why it cannot run
+_compiled = {}
 
 
 def _compiled_decode(model, tokens, positions, pad_mask, slot):
+    device = tokens.device.type
     if "error" not in _compiled:
         try:
-            if "step" not in _compiled:
+            if device not in _compiled:
                 # dynamic: batch size and cache length are symbols, so one compilation serves every call and
-                # every batch that rows leave (a batch of one row compiles once more)
-                _compiled["step"] = torch.compile(whole_cache_decode_step, dynamic=True)
+                # every batch that rows leave (a batch of one row compiles once more). CUDA: "reduce-overhead"
+                # records the step as a CUDA graph per shape, one launch instead of hundreds of kernels
+                mode = "reduce-overhead" if device == "cuda" else None
+                _compiled[device] = torch.compile(bucketed_decode_step, dynamic=True, mode=mode)
             slot_tensor = torch.full((1,), slot, device=tokens.device)
-            return _compiled["step"](model, tokens, positions, pad_mask, slot_tensor)
+            read = decode_bucket(slot, pad_mask.shape[1])
+            if device == "cuda":  # a new decode step: the last step's graph outputs were read already
+                torch.compiler.cudagraph_mark_step_begin()
+            return _compiled[device](model, tokens, positions, pad_mask[:, :read], slot_tensor)
         except Exception as e:  # no C++ compiler, a Python or platform torch.compile does not support, ...
             _compiled["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly",
@@ -818,8 +843,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     num_samples generators, one per row: a row's samples then depend only on its prompt and its own generator,
     however the rows are batched (e.g. one seeded from (seed, item id) per row, so a resumed run samples what
     an uninterrupted one would). Generators live on the model's device.
-    compile: decode with a torch.compile'd step (static shapes, as gpt-fast); the first calls compile (about a
-    minute on a CPU), and where torch.compile cannot run one line goes to stderr and decoding stays eager."""
+    compile: decode with a torch.compile'd step (few shapes: the cache read in power-of-two buckets, as
+    decode_bucket; on CUDA replayed as CUDA graphs); the first calls compile (about a minute on a CPU), and
+    where torch.compile cannot run one line goes to stderr and decoding stays eager, the reference."""
     n_rows = len(prompts) * num_samples
     if num_samples < 1 or (isinstance(generator, (list, tuple)) and len(generator) != n_rows):
         raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must "
@@ -868,7 +894,7 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
     prompt_mask = (slots[None, :P] <= slots[:P, None]) & real[:, None, :P] | torch.eye(P, dtype=torch.bool,
                                                                                          device=device)
     for layer in model.layers:
-        layer.attention.kv_cache = KVCache(len(prompts), total)
+        layer.attention.kv_cache = KVCache(len(prompts) * num_samples, total)
     try:
         logits = prefill(model, tokens, positions[:, :P], prompt_mask)  # (n_prompts, vocab)
         # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA converts bool ones)
@@ -912,6 +938,92 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
     lengths = lengths.tolist()
     return ([row[:n] for row, n in zip(new_tokens.tolist(), lengths)],
             [row[:n] for row, n in zip(new_logprobs.tolist(), lengths)])
+
+
+# ---- how many rows decode together: from free device memory --------------------------------------------
+# Share of free memory the rows may take: the rest is headroom for the allocator's fragmentation and for the
+# small tensors of each step (masks, tokens, positions).
+GENERATION_MEMORY_SHARE = 0.9
+
+
+def kv_cache_bytes_per_row(args, max_len, dtype_bytes):
+    """One row's static KV cache: layers x (keys, values) x kv_heads x head_dim x max_len slots x bytes."""
+    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * max_len * dtype_bytes
+
+
+def generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes):
+    """What one row holds while generate() runs: its KV cache; its decode step's vocabulary-sized float32
+    tensors (logits, log_softmax, softmax, top-p's sorted probabilities, their cumulative sum and the scatter
+    back: 6 x 4 bytes, and the sort's int64 order: 8 bytes); and, counted per row though a prompt's samples
+    share it, its prompt's prefill in one layer (hidden state, q, k, v, attention output: 4 x dim + 2 x
+    kv_dim; the feed-forward's three hidden-sized tensors) plus a float32 score per head and key, the math
+    attention's (the worst case: fused kernels keep none)."""
+    cache = kv_cache_bytes_per_row(args, max_len, dtype_bytes)
+    vocabulary = args.vocab_size * (6 * 4 + 8)
+    kv_dim = args.n_kv_heads * args.head_dim
+    prefill = prompt_len * ((4 * args.dim + 2 * kv_dim + 3 * args.hidden_dim) * dtype_bytes
+                            + args.n_heads * prompt_len * 4)
+    return cache + vocabulary + prefill
+
+
+def rows_that_fit(args, free_bytes, max_len, prompt_len, dtype_bytes, weight_bytes=0):
+    """Rows that may decode together in free_bytes of device memory (at least 1): what is left of
+    GENERATION_MEMORY_SHARE of it after weight_bytes (0 when the model is loaded already, so that its weights
+    are out of free_bytes), divided by generation_bytes_per_row."""
+    usable = free_bytes * GENERATION_MEMORY_SHARE - weight_bytes
+    return max(1, int(usable // generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes)))
+
+
+def free_memory(device):
+    """Bytes this process may still allocate. CUDA: what the driver reports free plus what torch's allocator
+    holds unused, within the cap of torch.cuda.set_per_process_memory_fraction if one is set. A CPU (Linux):
+    MemAvailable from /proc/meminfo, RAM shared with the rest of the machine."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        free += torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+        return min(free, int(fraction * total) - allocated)
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def auto_batch_rows(model, max_len, prompt_len, fallback):
+    """Rows per generate() call for a loaded model: on CUDA, rows_that_fit its free_memory, with the cache
+    in the weights' dtype; on other devices `fallback`: a CPU's RAM is shared with the rest of the machine,
+    and a CPU's decode step costs in proportion to its rows, so the gain of a big batch is a GPU's."""
+    weight = model.tok_embeddings.weight
+    if weight.device.type != "cuda":
+        return fallback
+    return rows_that_fit(model.args, free_memory(weight.device), max_len, prompt_len, weight.element_size())
+
+
+# Tokens whose vocabulary-sized logits exist at once in chunked_token_logprobs: 2048 x 32000 float32 logits
+# are 262 MB (and their bf16 original, softmax and gradient as much again), against 13.6k x 32000 (1.7 GB a
+# copy) for a 16-instruction ranking batch held whole.
+LOGPROB_CHUNK_TOKENS = 2048
+
+
+def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
+    """token_logprobs(output(hidden), targets) for hidden (..., dim), targets (...) -> float32 (...), with the
+    logits of chunk_tokens tokens at a time. Under autograd each chunk (of two or more) is checkpointed:
+    backward recomputes its logits (one more pass through the output layer) instead of keeping them, so
+    training holds one chunk's logits, never all (the idea of fused linear cross-entropy, e.g. Liger-Kernel's,
+    in plain PyTorch). Same values and gradients as the whole computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
+    chunk_tokens = chunk_tokens or LOGPROB_CHUNK_TOKENS
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()  # (n, dim), (n,)
+    pieces = []
+    for start in range(0, len(flat_targets), chunk_tokens):
+        chunk = (output, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens])
+        if torch.is_grad_enabled() and len(flat_targets) > chunk_tokens:  # one chunk: nothing to save
+            pieces.append(checkpoint(_output_logprobs, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_output_logprobs(*chunk))
+    return torch.cat(pieces).view(targets.shape)
+
+
+def _output_logprobs(output, hidden, targets):
+    return token_logprobs(output(hidden).float(), targets)  # (n,)
 
 
 def token_logprobs(logits, targets, ignore_index=-100):

@@ -41,7 +41,7 @@ import requests
 import torch
 
 import data
-from model import checkpoint_identity, generate, load_checkpoint, token_logprobs
+from model import auto_batch_rows, checkpoint_identity, generate, load_checkpoint, token_logprobs
 
 log = logging.getLogger("teacher")
 
@@ -669,10 +669,13 @@ def without_stop(tokens, stops):
     one, so it can only be the last token."""
     finished = bool(tokens) and tokens[-1] in stops
     return (tokens[:-1] if finished else tokens), finished
+# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
+# decode step costs in proportion to its rows, so more buys little there.
+STUDENT_BATCH_ROWS = 64
 
 
 def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
-                   generators=None, batch_size=64, on_done=None):
+                   generators=None, batch_size="auto", on_done=None):
     """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
     has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
     the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
@@ -681,11 +684,13 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
 
     The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
     per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
-    as for 128. A prompt that must be sampled again waits until a full batch of prompts needs the same round
-    (or no new prompt is left), so retries fill batches too. generators: None (torch's default), or per prompt
-    a list of n torch.Generators, one per row: a row's draws then depend only on its own generator, so a
-    prompt's result does not depend on which prompts share its batch. on_done(i, result) is called as soon as
-    prompt i's result is final (sample_candidates caches it there); returns the results in prompt order."""
+    as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
+    CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
+    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
+    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
+    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
+    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
+    in prompt order."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
@@ -693,6 +698,11 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
     best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
+    if batch_size == "auto":
+        longest = max(map(len, ids), default=1)
+        slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
+        batch_size = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
+        log.info("student: %d rows sample together (--student-batch-size auto)", batch_size)
     per_batch = max(1, batch_size // n)
     while fresh or any(waiting):
         due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
@@ -723,7 +733,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
 
 
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
-                      seed=0, *, student, batch_size=64):
+                      seed=0, *, student, batch_size="auto"):
     """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
     appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
     identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
@@ -1360,8 +1370,10 @@ def main(argv=None):
                            "OUT.student.jsonl)")
             p.add_argument("--student-temperature", type=float, default=0.8)
             p.add_argument("--student-max-tokens", type=int, default=256)
-            p.add_argument("--student-batch-size", type=int, default=64, help="rows sampled together (N per "
-                           "instruction); more is faster on a GPU while the KV cache fits (default 64)")
+            p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows sampled "
+                           "together (N per instruction); more is faster on a GPU while the KV cache fits. "
+                           f"auto (default): as many as fit in free GPU memory; {STUDENT_BATCH_ROWS} on a "
+                           "CPU")
             p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--device", default="cpu")
@@ -1369,9 +1381,6 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
-    if getattr(args, "student_batch_size", 1) < 1:
-        parser.exit(2, f"teacher.py {args.command}: error: --student-batch-size {args.student_batch_size}: "
-                       "must be at least 1\n")
     if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))

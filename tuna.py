@@ -167,9 +167,10 @@ def collate(rows, pad_id, device="cpu"):
 def score_tokens(model, batch):
     """log p(target | all it may see) of every scored token: (B, N), 0 at padding. Only the positions
     that predict a scored token go through the vocabulary-sized output layer (output_positions), which
-    skips prompts and padding and never holds (B, T, vocab) logits."""
-    logits = model(batch["tokens"], batch["positions"], batch["mask"], output_positions=batch["source"])
-    return llama.token_logprobs(logits, batch["target"]) * (batch["candidate"] >= 0)         # (B, N)
+    skips prompts and padding, and only a chunk of them at a time (model.chunked_token_logprobs)."""
+    token_logprobs = model(batch["tokens"], batch["positions"], batch["mask"],  # chunk by chunk: never
+                           output_positions=batch["source"], targets=batch["target"])  # (B, N, vocab) whole
+    return token_logprobs * (batch["candidate"] >= 0)                                       # (B, N)
 
 
 # ============================================================================ 3. the training loop
@@ -261,6 +262,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     autocast_dtype: torch.dtype = None  # matrix products in this dtype; None: in the weights' dtype
     tokens_seen: int = 0        # since this process started (for tokens per second)
+    flops_seen: tuple = (0, 0)  # model and hardware FLOPs since then (step_flops), for MFU
+    peak_tflops: float = None   # of one device (peak_tflops); None: MFU not reported
 
 
 def setup(args, kind):
@@ -303,7 +306,8 @@ def setup(args, kind):
         if state:
             net.load_state_dict(state["lora"], strict=False)
     net.train()
-    net.gradient_checkpointing = args.gradient_checkpointing
+    run.peak_tflops = peak_tflops(device, args.peak_tflops)
+    net.gradient_checkpointing = broadcast_outcome(lambda: choose_checkpointing(run, net, micro_batch_size))
     run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
     # optimizer: AdamW (METHOD.md); the fused kernel on CUDA, or where --fused-adam / --no-fused-adam say
     params = [p for p in net.parameters() if p.requires_grad]
@@ -397,6 +401,22 @@ PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype
 def on_cuda_unless_told(flag, device):
     """A device-dependent choice (autocast, the fused AdamW kernel): the flag if given, else on CUDA only."""
     return device.type == "cuda" if flag is None else flag
+def choose_checkpointing(run, net, micro_batch_size):
+    """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest micro-batch this run
+    can meet (micro_batch_size rows, each padded to the longest row), logged with its figures."""
+    choice = run.args.gradient_checkpointing
+    if choice != "auto":
+        return choice == "on"
+    tokens = micro_batch_size * max(len(r["tokens"]) for r in run.rows)
+    autocast_bf16 = run.device.type == "cuda" and run.autocast_dtype is not None
+    dtype_bytes = 2 if autocast_bf16 else net.tok_embeddings.weight.element_size()
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    free = llama.free_memory(run.device)
+    on = needs_checkpointing(net.args, tokens, free, trainable, dtype_bytes)
+    kept = activation_bytes(net.args, tokens, False, dtype_bytes)
+    log(f"gradient checkpointing {'on' if on else 'off'} (auto): {tokens} tokens per micro-batch keep about "
+        f"{kept / 2**30:.1f} GiB of activations without it; {free / 2**30:.1f} GiB free on {run.device.type}")
+    return on
 
 
 def autocast(run):
@@ -411,16 +431,96 @@ def record_step(run, step, batch_rows, began, values):
     if not is_main():
         return
     tokens = sum(len(r["tokens"]) for r in batch_rows)
+    model_flops, hardware_flops = step_flops(run.net, batch_rows, run.net.gradient_checkpointing)
     run.tokens_seen += tokens
+    run.flops_seen = (run.flops_seen[0] + model_flops, run.flops_seen[1] + hardware_flops)
     elapsed = time.time() - began
+    speed = dict(tokens_per_s=run.tokens_seen / elapsed, model_flops_per_token=model_flops / tokens,
+                 hardware_flops_per_token=hardware_flops / tokens)
+    if run.peak_tflops:  # the step's FLOPs over the time of all processes' devices
+        peak = run.peak_tflops * 1e12 * run.world_size * elapsed
+        speed.update(mfu=run.flops_seen[0] / peak, hfu=run.flops_seen[1] / peak)
     data.append_jsonl(os.path.join(run.out, "metrics.jsonl"), [dict(
-        step=step + 1, epoch=step // run.steps_per_epoch, **values, tokens=tokens,
-        tokens_per_s=run.tokens_seen / elapsed, elapsed_s=elapsed)])
+        step=step + 1, epoch=step // run.steps_per_epoch, **values, tokens=tokens, **speed,
+        elapsed_s=elapsed)])
     if (step + 1) % run.args.log_every == 0 or step + 1 == run.total_steps:
         eta = elapsed / (step + 1 - run.start_step) * (run.total_steps - step - 1)
+        mfu = f", MFU {speed['mfu']:.1%} (with recomputation {speed['hfu']:.1%})" if run.peak_tflops else ""
         log(f"step {step + 1}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, rank "
-            f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {run.tokens_seen / elapsed:.0f} tok/s | ETA "
-            f"{data.duration_text(eta)}")
+            f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {speed['tokens_per_s']:.0f} tok/s x "
+            f"{model_flops / tokens / 1e9:.3g} GFLOP/token{mfu} | ETA {data.duration_text(eta)}")
+
+
+# ---------------------------------------------------------------------------- speed (MFU) and memory
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, matched in this order
+# against torch.cuda.get_device_name (H100 PCIe before H100, L40S and L40 before L4); --peak-tflops
+# supplies or overrides it.
+PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+               ("L40", 181.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX A6000", 154.8))
+# Share of free memory the training step may take (the rest: the allocator's fragmentation, small tensors)
+TRAINING_MEMORY_SHARE = 0.9
+
+
+def peak_tflops(device, override=None):
+    """The device's peak bf16 TFLOP/s: override if given, else PEAK_TFLOPS; None where unknown (a CPU)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for known, tflops in PEAK_TFLOPS if known in name), None)
+
+
+def step_flops(net, rows, recompute):
+    """(model FLOPs, hardware FLOPs) of a training step on packed rows: 2 per multiply-add of the matrix
+    products (norms, RoPE, softmax and the optimizer left out). Per token, forward: every linear layer of the
+    blocks (LoRA's A and B included) and attention (q k^T and the weighted sum of v over the keys the token
+    sees: its position + 1, exact under prefix sharing's mask); the output layer only for scored tokens.
+    Backward: the gradient of every activation (the forward's work again; attention's twice), plus the
+    weights' gradients of trainable layers only (a frozen base under LoRA has none). Full fine-tuning is so
+    PaLM's 6N + attention (Chowdhery et al. 2022, appendix B); LoRA's frozen base 4N. Model FLOPs give the
+    MFU; hardware FLOPs add what is computed again: the blocks' forward under gradient checkpointing
+    (`recompute`) and, where the step scores more tokens than one chunk (model.LOGPROB_CHUNK_TOKENS), the
+    output layer's (model.chunked_token_logprobs recomputes its chunks in backward)."""
+    frozen = trainable = 0  # multiply-adds per token in the blocks' linear layers
+    for module in net.layers.modules():
+        if isinstance(module, nn.Linear) and module.weight.requires_grad:
+            trainable += module.in_features * module.out_features
+        elif isinstance(module, nn.Linear):
+            frozen += module.in_features * module.out_features
+        elif isinstance(module, LoRALinear):
+            trainable += module.lora_a.numel() + module.lora_b.numel()
+    a = net.args
+    tokens = sum(len(r["tokens"]) for r in rows)
+    attention = 2 * a.n_layers * a.n_heads * a.head_dim * sum(p + 1 for r in rows for p in r["positions"])
+    scored = sum(len(r["target"]) for r in rows)
+    output = net.output.in_features * net.output.out_features * scored
+    forward = (frozen + trainable) * tokens + attention + output
+    backward = forward + attention + trainable * tokens + output * net.output.weight.requires_grad
+    again = ((frozen + trainable) * tokens + attention if recompute else 0) + \
+        (output if scored > llama.LOGPROB_CHUNK_TOKENS else 0)
+    return 2 * (forward + backward), 2 * (forward + backward + again)
+
+
+def activation_bytes(args, tokens, checkpointing, activation_dtype_bytes):
+    """What autograd keeps for backward in a step of `tokens` tokens (an estimate). Per token and block:
+    Korthikanti et al. 2022 (section 4.1) count 34 x dim bytes at 16-bit activations for a GPT block with
+    fused attention (no attention scores kept); with its 4 x dim GeLU terms (16 x dim) replaced by SwiGLU's
+    four hidden-sized tensors (gate, its SiLU, up, product) that is (9 x dim + 4 x hidden_dim) activations,
+    plus the two RMSNorms' float32 inputs (model.py normalises in float32). Gradient checkpointing keeps
+    each block's float32 input instead, and one block's whole set while it is recomputed."""
+    per_block = (9 * args.dim + 4 * args.hidden_dim) * activation_dtype_bytes + 2 * 4 * args.dim
+    if checkpointing:
+        return tokens * (args.n_layers * 4 * args.dim + per_block)
+    return tokens * args.n_layers * per_block
+
+
+def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_dtype_bytes):
+    """--gradient-checkpointing auto: on when the activations of `tokens` tokens without it exceed what is
+    left of TRAINING_MEMORY_SHARE of free memory (measured with the weights loaded) once the trainable
+    parameters' float32 gradients and Adam's two moments (12 bytes each) are allocated."""
+    budget = free_bytes * TRAINING_MEMORY_SHARE - trainable_params * 12
+    return activation_bytes(args, tokens, False, activation_dtype_bytes) > budget
 
 
 # ============================================================================ 4. run folders and checkpoints
@@ -699,7 +799,8 @@ def run_pipeline(args):
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
                "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
                args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
-               *shlex.split(args.teacher_args)] if build_contextual else None
+               "--student-batch-size", str(args.student_batch_size), *shlex.split(args.teacher_args)
+               ] if build_contextual else None
     if args.dry_run:  # what the contextual teacher will be sent and cost; nothing trained, nothing sent
         if not build_contextual:
             log("pipeline --dry-run: --contextual-data is given, so no teacher request would be sent")
@@ -753,7 +854,12 @@ def add_training_arguments(p, kind):
                    "(default: on CUDA only)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, help="AdamW's fused kernel "
                    "(default: on CUDA only)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="auto",
+                   choices=["auto", "on", "off"], help="recompute activations in backward: on, off, or "
+                   "auto (default): on when the activations of the largest micro-batch would not fit in free "
+                   "memory (tuna.needs_checkpointing)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, for the MFU in the log "
+                   "(default: tuna.PEAK_TFLOPS by GPU name; none on a CPU)")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3")
@@ -780,6 +886,8 @@ def add_pipeline_arguments(p):
     p.add_argument("--instructions", help="Alpaca JSON: what Tuna_p answers for contextual ranking")
     p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
     p.add_argument("--teacher-model", help="teacher model name")
+    p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows of Tuna_p's "
+                   "samples decoding together; auto (default): as many as fit in free GPU memory")
     p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
     p.add_argument("--dry-run", action="store_true", help="print the contextual teacher's requests, tokens "
                    "and cost (teacher.py contextual --dry-run); train nothing, send nothing")

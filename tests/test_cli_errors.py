@@ -86,11 +86,12 @@ CASES = [  # (script and arguments, what the error line must contain)
       "http://127.0.0.1:9/v1", "--model", "m", "--student", "{root}/missing"], "{root}/missing"),
     (["teacher.py", "contextual", "--data", "{root}/alpaca.json", "--out", "{root}/c.jsonl", "--base-url",
       "http://127.0.0.1:9/v1", "--model", "m", "--student", "{root}/init", "--student-batch-size", "0"],
-     "--student-batch-size 0: must be at least 1"),
+     "argument --student-batch-size: '0' is neither 'auto' nor a whole number of at least 1"),
     (["teacher.py", "serve", "--checkpoint", "{root}/truncated", "--port", "0"],
      "{root}/truncated/model.safetensors"),
     (["demo.py", "--out", "{root}/a_file"], "{root}/a_file"),
     (["bench.py", "--config", "no-such-config"], "--config no-such-config: not one of cpu-small"),
+    (["bench.py", "--device", "cpu", "--memory-cap", "24"], "--memory-cap needs a CUDA GPU"),
     (["demo.py", "--out", "{root}/other_demo", "--size", "ci"],
      "{root}/other_demo/demo.json: this folder holds"),
 ]

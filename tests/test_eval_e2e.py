@@ -162,6 +162,20 @@ def test_answers_know_the_checkpoint_and_settings_that_made_them(checkpoints, sp
     assert len(lines) == 9 and len({line["made_by"] for line in lines}) == 9  # old lines stay, ignored
 
 
+def test_batch_size_auto_is_the_fixed_default_on_a_cpu(checkpoints, spm_model_path, tmp_path, monkeypatch):
+    """--batch-size auto sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
+    CPU reports none: 10 answers go as EVAL_BATCH_ROWS = 8, then 2, and are those of a fixed batch size."""
+    items = [{"id": str(i), "prompt": f"### Instruction:\nSay {i}.\n\n### Response:"} for i in range(10)]
+    get_model = E.model_loader(checkpoints["alpaca"], spm_model_path, "cpu", torch.float32)
+    producer = E.answer_producer(checkpoints["alpaca"], spm_model_path)
+    sizes, generate = [], M.generate
+    monkeypatch.setattr(E.model, "generate", lambda lm, prompts, *a, **k: (sizes.append(len(prompts)),
+                                                                          generate(lm, prompts, *a, **k))[1])
+    auto = E.generate_answers("m", "bench", items, get_model, str(tmp_path / "auto"), "auto", 4, producer)
+    assert sizes == [8, 2]
+    assert auto == E.generate_answers("m", "bench", items, get_model, str(tmp_path / "three"), 3, 4, producer)
+
+
 def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm_model_path, tmp_path, capsys):
     out = tmp_path / "eval"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

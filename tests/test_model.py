@@ -297,6 +297,74 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_chunked_logprobs_give_the_whole_computations_values_and_gradients():
+    """forward(targets=...) computes log p(target) a chunk of tokens at a time (LOGPROB_CHUNK_TOKENS, 5 here, which
+    divides none of the shapes): in float64 its values and every weight's gradient are the whole computation's."""
+    model = tiny_model().double().train()
+    tokens = tokens_for_test(shape=(3, 11))
+    source = torch.tensor([[2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8, 9, 9]])  # (B, N)
+    targets = tokens.gather(1, source + 1).masked_fill(source == 9, -100)  # the last row's end: ignored
+    weights = torch.randn(source.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 5
+            try:
+                logprobs = model(tokens, output_positions=source, targets=targets)
+            finally:
+                M.LOGPROB_CHUNK_TOKENS = chunk
+        else:
+            logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+        (logprobs * weights).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert chunked.dtype == whole.dtype == torch.float32 and torch.equal(chunked[2, -1], torch.tensor(0.0))
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)  # token_logprobs answers in float32
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(chunked_grads, whole_grads))
+    assert any(g.abs().max() > 0 for g in chunked_grads)
+
+
+def test_chunked_logprobs_never_keep_the_vocabulary_sized_logits_for_backward():
+    """What autograd keeps for backward (saved_tensors_hooks): the whole computation keeps its (B, N, vocab)
+    logits; the chunked one keeps no vocabulary-sized tensor (each chunk is recomputed in backward: the output
+    layer runs once per chunk in forward and once more in backward)."""
+    model = tiny_model().train()
+    tokens = tokens_for_test(shape=(2, 13))
+    source = torch.arange(12).expand(2, 12)
+    targets = tokens[:, 1:]
+    calls = []
+    hook = model.output.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    kept = {}
+    for chunked in (False, True):
+        kept[chunked] = 0
+
+        def keep(tensor, chunked=chunked):
+            kept[chunked] += tensor.numel() if tensor.shape[-1:] == (VOCAB,) else 0
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            if chunked:
+                chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 7
+                try:
+                    logprobs = model(tokens, output_positions=source, targets=targets)
+                finally:
+                    M.LOGPROB_CHUNK_TOKENS = chunk
+            else:
+                logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+        calls_before_backward = len(calls)
+        logprobs.sum().backward()
+    hook.remove()
+    assert kept[False] >= 2 * 12 * VOCAB and kept[True] == 0
+    # the chunked pass: 24 tokens in chunks of 7 (7, 7, 7, 3) in forward, and again (last first) in backward
+    assert calls[1:calls_before_backward] == [7, 7, 7, 3] and calls[calls_before_backward:] == [3, 7, 7, 7]
+    # one chunk holds all 24 tokens (the default 2048): kept whole, as without chunking, and not recomputed
+    calls.clear()
+    hook = model.output.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    model(tokens, output_positions=source, targets=targets).sum().backward()
+    hook.remove()
+    assert calls == [24]
+
+
 def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_dirs):
     """8 query heads read 2 key/value heads in place (no repeated copies: SDPA's grouped-query support); logits,
     loss and every gradient equal transformers' eager attention, which repeats the key/value heads."""
@@ -604,12 +672,79 @@ def test_compiled_decode_step_gives_eager_tokens(gen_model):
         for compile in (False, True):
             extra = {"generator": generators()} if "num_samples" in kwargs else {}
             runs.append(M.generate(model, PROMPTS, 10, compile=compile, **kwargs, **extra))
-        assert "error" not in M._compiled and "step" in M._compiled
+        assert "error" not in M._compiled and "cpu" in M._compiled
         (eager, eager_logprobs), (compiled, compiled_logprobs) = runs
         assert compiled == eager
         for a, b in zip(eager_logprobs, compiled_logprobs):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     assert len({len(row) for row in compiled}) > 1  # rows left the compiled batch at different steps
+
+
+def test_decode_bucket_is_the_power_of_two_above_the_slot():
+    # slot s reads slots 0..s: s + 1 of them, rounded up to a power of two, never past the cache's end
+    assert [M.decode_bucket(s, 100) for s in (0, 1, 2, 3, 7, 8, 63, 64, 99)] == [1, 2, 4, 4, 8, 16, 64, 100, 100]
+    assert M.decode_bucket(8, 12) == 12 and M.decode_bucket(5, 12) == 8
+
+
+def test_static_cache_is_written_in_place_and_bucketed_steps_give_the_eager_logits(gen_model):
+    """One cache allocation per generate() batch (rows that finish are compacted into its front, a prompt's
+    samples copied into their rows, in place); the compiled path's bucketed step, run eagerly here, reads a
+    power-of-two bucket of slots and gives the logits of the step that reads exactly the filled slots."""
+    _, model = gen_model
+    addresses, steps = set(), []
+
+    def record(module, args, out):
+        addresses.add(module.kv_cache.k.data_ptr())
+    eager_step = M._eager_decode
+
+    def both_steps(model, tokens, positions, pad_mask, slot):
+        bucket = M.decode_bucket(slot, pad_mask.shape[1])
+        state = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+        bucketed = M.bucketed_decode_step(model, tokens, positions, pad_mask[:, :bucket], torch.full((1,), slot))
+        for layer, (k, v) in zip(model.layers, state):  # undo its cache write: the eager step writes it again
+            layer.attention.kv_cache.k.copy_(k)
+            layer.attention.kv_cache.v.copy_(v)
+        eager = eager_step(model, tokens, positions, pad_mask, slot)
+        steps.append((bucket, slot + 1, (bucketed - eager).abs().max().item()))
+        return eager
+    free, _ = M.generate(model, PROMPTS, 12, eos_id=-1)
+    eos = free[1][5]
+    hooks = [layer.attention.register_forward_hook(record) for layer in model.layers[:1]]
+    try:
+        M._eager_decode = both_steps
+        tokens, _ = M.generate(model, PROMPTS, 12, eos_id=eos, num_samples=2)
+    finally:
+        M._eager_decode = eager_step
+        for hook in hooks:
+            hook.remove()
+    assert len(addresses) == 1  # prefill, the samples' copies, compaction and decode steps: one storage
+    assert min(len(row) for row in tokens) < 12  # rows finished and left the batch
+    assert any(bucket > filled for bucket, filled, _ in steps)  # masked slots were read, and did not count
+    assert max(gap for _, _, gap in steps) < 1e-5
+
+
+def test_rows_that_fit_by_hand_and_the_cache_generate_allocates(gen_model):
+    seven_b = M.ModelArgs.from_name("llama-7b")  # 32 layers, 32 kv heads of 128, dim 4096, hidden 11008
+    # KV cache, bf16, 356 slots: 32 layers x 2 x 32 heads x 128 x 356 x 2 bytes
+    assert M.kv_cache_bytes_per_row(seven_b, 356, 2) == 186_646_528
+    # + vocabulary: 32000 x (6 x 4 + 8) = 1_024_000; + prefill of 100 prompt tokens: 100 x ((4 x 4096 + 2 x 4096
+    # + 3 x 11008) x 2 + 32 heads x 100 keys x 4) = 100 x 128_000 = 12_800_000
+    assert M.generation_bytes_per_row(seven_b, 356, 100, 2) == 186_646_528 + 1_024_000 + 12_800_000
+    # 141e9 free x 0.9 - 13.5e9 of weights = 113.4e9 -> 565.67 rows of 200_470_528 bytes
+    assert M.rows_that_fit(seven_b, 141e9, 356, 100, 2, weight_bytes=13.5e9) == 565
+    assert M.rows_that_fit(seven_b, 1e9, 356, 100, 2) == 4 and M.rows_that_fit(seven_b, 1e6, 356, 100, 2) == 1
+    _, model = gen_model
+    assert M.auto_batch_rows(model, 64, 8, fallback=37) == 37  # not CUDA: the caller's fixed default
+    sizes = []
+    hook = model.layers[0].attention.register_forward_hook(
+        lambda module, args, out: sizes.append(module.kv_cache.k.numel() * module.kv_cache.k.element_size()))
+    try:
+        M.generate(model, PROMPTS, 5, eos_id=-1, num_samples=3)
+    finally:
+        hook.remove()
+    rows, slots = len(PROMPTS) * 3, max(map(len, PROMPTS)) + 5
+    # what one layer's keys take is what the arithmetic gives a row, per layer and per keys-or-values
+    assert set(sizes) == {rows * M.kv_cache_bytes_per_row(model.args, slots, 4) // (2 * model.args.n_layers)}
 
 
 def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_compile(tmp_path):

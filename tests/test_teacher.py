@@ -456,7 +456,8 @@ def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm
         return [tok.encode(t) + [tok.eos_id] for t in rounds[len(temperatures) - 1]], None
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
-    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024))  # fake_generate does the work
+    model = types.SimpleNamespace(args=types.SimpleNamespace(max_seq_len=1024),  # fake_generate does the work;
+                                  tok_embeddings=torch.nn.Embedding(1, 1))  # on the CPU: batch_size "auto" -> 64 rows
     best = teacher.sample_diverse(model, tok, ["Say something."], n=4, temperature=0.7, tries=3)[0]
     assert temperatures == [0.7, 0.8, 0.9]
     assert best["candidates"] == rounds[1] and best["round"] == 2 and best["temperature"] == 0.8
@@ -498,6 +499,23 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
     assert calls == [([0, 1], 0.8, 4), ([2], 0.8, 4), ([0, 2], 0.9, 4)]
     assert done == [(1, 1), (0, 2), (2, 2)]
     assert [r["candidates"] for r in results] == [replies[0, 2], replies[1, 1], replies[2, 2]]
+
+def test_student_batch_size_auto_is_the_fixed_default_on_a_cpu(monkeypatch, spm_model_path):
+    """batch_size "auto" sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
+    CPU reports none, so 20 prompts x 4 samples go as STUDENT_BATCH_ROWS = 64 rows (16 prompts), then 4."""
+    tok = data.Tokenizer(spm_model_path)
+    prompts = [f"Say thing number {i}." for i in range(20)]
+    calls = []
+
+    def fake_generate(model, batch, max_new_tokens, *, num_samples, batch_size, **kw):
+        calls.append((len(batch), batch_size))
+        return [tok.encode(word) + [tok.eos_id] for _ in batch for word in ("red", "green", "blue", "black")], None
+
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    model = M.Transformer(M.ModelArgs.from_name("tiny"))
+    teacher.sample_diverse(model, tok, prompts, n=4, tries=1, max_new_tokens=8, batch_size="auto")
+    assert calls == [(16, 64), (4, 16)]
+
 
 @pytest.fixture(scope="module")
 def tiny(spm_model_path):

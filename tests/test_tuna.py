@@ -316,3 +316,53 @@ def test_bench_bf16_autocast_path_on_a_cpu_is_float32_within_bfloat16_precision(
         for rows, is_naive in ((shared, False), (naive, True)):
             bf16 = bench.ranking_loss(net, rows, is_naive, cpu, 2, use_autocast=True).item()
             assert bf16 == pytest.approx(float32, rel=2 ** -8) and bf16 != float32
+
+
+# ----------------------------------------------------------------------------- speed (MFU) and memory
+def flops_row():
+    # prompt [1, 5, 6] (shared), responses [7, 8, 2] and [9, 2]: 8 tokens at positions 0 1 2 | 3 4 5 | 3 4
+    # (keys seen: 1 + 2 + 3 + 4 + 5 + 6 + 4 + 5 = 30), 5 scored tokens
+    return tuna.pack_example([[1, 5, 6]] * 2, [[7, 8, 2], [9, 2]])
+
+
+def test_step_flops_by_hand_full_fine_tuning_and_lora(monkeypatch):
+    net = model.Transformer(model.ModelArgs.from_name("tiny"))  # dim 64, 2 layers, 4 heads of 16, 2 kv, ffn 192
+    # multiply-adds per token and layer: wq, wo 64 x 64; wk, wv 64 x 32; w1, w2, w3 64 x 192 -> 49_152; 2 layers
+    # attention: 2 layers x 2 (q k^T, weights x v) x 4 heads x 16 x 30 keys = 7_680; output: 64 x 512 x 5 = 163_840
+    # full: forward 98_304 x 8 + 7_680 + 163_840 = 957_952; backward: again + attention + weights' gradients
+    # (98_304 x 8 + 163_840) = 1_915_904; x 2 FLOPs -> 5_747_712 = 6N per token + 6 x attention (PaLM's count)
+    assert tuna.step_flops(net, [flops_row()], recompute=False) == (5_747_712, 5_747_712)
+    # recomputation: the blocks' forward (98_304 x 8 + 7_680) once more
+    assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * 794_112
+    # and the output layer's (163_840) where the 5 scored tokens take more than one chunk of log-probs
+    monkeypatch.setattr(model, "LOGPROB_CHUNK_TOKENS", 4)
+    assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * (794_112 + 163_840)
+    # LoRA rank 4 on all seven: 4 x (in + out) per layer = 512 + 384 + 384 + 512 + 3 x 1_024 = 4_864, 2 layers;
+    # forward (98_304 + 9_728) x 8 + 7_680 + 163_840 = 1_035_776; backward: again + 7_680 + 9_728 x 8 (the
+    # adapters' gradients; the frozen base and output layer have none) = 1_121_280
+    tuna.add_lora(net, 4, 16.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    assert tuna.step_flops(net, [flops_row()], recompute=False) == (4_314_112, 4_314_112 + 2 * 163_840)
+
+
+def test_peak_tflops_by_device_name_and_override():
+    assert tuna.peak_tflops(torch.device("cpu")) is None and tuna.peak_tflops(torch.device("cpu"), 2.5) == 2.5
+    names = dict(tuna.PEAK_TFLOPS)
+    first = lambda name: next(t for known, t in tuna.PEAK_TFLOPS if known in name)  # noqa: E731 (its matching)
+    assert first("NVIDIA H100 PCIe") == names["H100 PCIe"] == 756.0 and first("NVIDIA H100 80GB HBM3") == 989.0
+    assert first("NVIDIA L40S") == 362.0 and first("NVIDIA L4") == 121.0 and first("NVIDIA H200") == 989.0
+
+
+def test_checkpointing_rule_by_hand_at_llama_7b():
+    seven_b = model.ModelArgs.from_name("llama-7b")  # dim 4096, hidden 11008, 32 layers
+    # per token and block: (9 x 4096 + 4 x 11008) x 2 bytes + 2 x 4 x 4096 = 161_792 + 32_768 = 194_560
+    tokens = 16 * 850  # 16 instructions of a prompt and 5 candidates, ~850 tokens each
+    assert tuna.activation_bytes(seven_b, tokens, False, 2) == tokens * 32 * 194_560 == 84_672_512_000
+    assert tuna.activation_bytes(seven_b, tokens, True, 2) == tokens * (32 * 4 * 4096 + 194_560)
+    lora = 32 * (4 * 64 * 8192 + 3 * 64 * (4096 + 11008))  # rank 64 on all seven: 159_907_840 parameters
+    # an H200 (141e9 - 13.5e9 of bf16 weights free): 0.9 x 127.5e9 - 12 x lora = 112.8e9 > 84.7e9: off
+    assert not tuna.needs_checkpointing(seven_b, tokens, 127.5e9, lora, 2)
+    # an 80 GB card: 0.9 x 66.5e9 - 1.9e9 = 57.9e9 < 84.7e9: on; at 8 instructions (42.3e9) off again
+    assert tuna.needs_checkpointing(seven_b, tokens, 66.5e9, lora, 2)
+    assert not tuna.needs_checkpointing(seven_b, tokens // 2, 66.5e9, lora, 2)
+    # 95e9 free: 85.5e9 would hold the activations, but not once the adapters' gradients and Adam take 1.9e9
+    assert tuna.needs_checkpointing(seven_b, tokens, 95e9, lora, 2)

@@ -91,6 +91,27 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
     assert "step 4/4 | loss" in err and "tok/s" in err and "ETA" in err
 
 
+def test_log_reports_mfu_and_gradient_checkpointing_auto_is_off_where_memory_suffices(files, tmp_path, capsys):
+    """Each step's FLOPs (tuna.step_flops, tested by hand in test_tuna.py) and, with --peak-tflops, the MFU: the
+    FLOPs so far over the elapsed time at that peak. auto: a tiny model's activations fit this machine's free
+    memory (/proc/meminfo's MemAvailable), so no recomputation; the bare flag still means on."""
+    hfu = {}
+    for flag in (["--gradient-checkpointing", "auto"], ["--gradient-checkpointing"]):
+        out = tmp_path / flag[-1].strip("-")
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 2, "--peak-tflops",
+                                                                    0.5, *flag)) == 0
+        lines, err = metrics(out), capsys.readouterr().err
+        flops = sum(m["model_flops_per_token"] * m["tokens"] for m in lines)
+        assert lines[-1]["mfu"] == pytest.approx(flops / (lines[-1]["elapsed_s"] * 0.5e12))
+        assert re.search(r"step 2/2 \| .* tok/s x [\d.]+ GFLOP/token, MFU [\d.]+% \(with recomputation", err)
+        # tiny: 6 x 98_304 per token in its blocks' full fine-tuning, at least
+        assert all(m["model_flops_per_token"] > 6 * 98_304 for m in lines)
+        hfu[flag[-1]] = lines[-1]["hardware_flops_per_token"] / lines[-1]["model_flops_per_token"]
+        if flag[-1] == "auto":
+            assert "gradient checkpointing off (auto)" in err and "GiB free on cpu" in err
+    assert hfu["--gradient-checkpointing"] > hfu["auto"] == 1  # recomputed blocks (logits: one chunk a step)
+
+
 def test_training_lowers_the_loss_on_data_it_sees_again(files, tmp_path):
     out = tmp_path / "overfit"
     assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--lr", 3e-3, "--epochs", 6)) == 0
@@ -328,7 +349,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(files, tmp_path, eng
 
 
 @pytest.mark.slow
-def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_path):
+def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_path, capfd):
     """No --contextual-data: Tuna_p samples candidates and a (stub) ranking teacher orders them via teacher.py."""
     import http.server
     import threading
@@ -366,6 +387,10 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
         assert pipeline() == 0
         assert len(requests_seen) == 4 and requests_seen[0]["model"] == "stub-gpt-4"
         assert len(preflights) == 2  # the pipeline's, before Tuna_p, and teacher.py contextual's own
+        # --student-batch-size auto (the default) reaches teacher.py, which samples 64 rows together on a CPU
+        err = capfd.readouterr().err
+        command = next(line for line in err.splitlines() if line.startswith("pipeline: "))
+        assert "--student-batch-size auto" in command and "student: 64 rows sample together" in err
         records = data.read_ranked_jsonl(out / "contextual.jsonl")
         assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
         assert records[0].source["student_candidates"]  # sampled from Tuna_p
