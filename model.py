@@ -118,12 +118,11 @@ ROPE_SCALINGS = {"default": (), "linear": ("factor",),
 
 def rope_frequencies(args, device=None):
     """theta^(-2i/head_dim) for i < head_dim/2 (float32, as Meta and HF compute it),
-    rescaled for long
-    contexts: "linear" divides every frequency by factor (position interpolation,
-    Chen et al. 2023); "llama3" (Llama 3.1) divides only the low ones, those whose
-    wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps the
-    high ones (wavelength below original / high_freq_factor) and blends the two in
-    between."""
+    rescaled for long contexts: "linear" divides every frequency by factor (position
+    interpolation, Chen et al. 2023); "llama3" (Llama 3.1) divides only the low ones,
+    those whose wavelength exceeds original_max_position_embeddings /
+    low_freq_factor, keeps the high ones (wavelength below original /
+    high_freq_factor) and blends the two in between."""
     # 2i / head_dim
     exponents = torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim
     inv_freq = 1.0 / args.rope_theta ** exponents
@@ -519,48 +518,62 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     return out_tokens, out_logprobs
 
 
-def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, generator,
-                    step):
-    device = model.tok_embeddings.weight.device
-    # (n_stop,)
-    stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+def _left_pad(prompts, total, device):
+    """Left-pad so every row's next token lands in the same cache slot. Each row's
+    positions start at 0 at its own first token and pad slots are masked out, so a
+    row's tokens do not depend on its neighbours. -> tokens (n_prompts, P), positions
+    and real (n_prompts, total), prompt_mask (n_prompts, P, P)."""
     P = max(map(len, prompts))
-    total = P + max_new_tokens
-    # Left-pad so every row's next token lands in the same cache slot. Each row's
-    # positions start at 0 at its own first token and pad slots are masked out, so a
-    # row's tokens do not depend on its neighbours.
-    # (n_prompts,)
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)
-    # (n_prompts, P)
-    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (n_prompts,)
+    padded = [[0] * (P - len(p)) + list(p) for p in prompts]
+    tokens = torch.tensor(padded, device=device)  # (n_prompts, P)
     slots = torch.arange(total, device=device)
     positions = (slots[None] - pad[:, None]).clamp(min=0)  # (n_prompts, total)
     real = slots[None] >= pad[:, None]  # (n_prompts, total): False on pad slots
-    # prompt slot i sees real slots j <= i, and itself (so a pad slot's softmax row is
-    # never empty: no NaN)
+    # prompt slot i sees real slots j <= i, and itself (so a pad slot's softmax row
+    # is never empty: no NaN)
     causal = slots[None, :P] <= slots[:P, None]  # (P, P)
     causal_real = causal & real[:, None, :P]  # (n_prompts, P, P)
     itself = torch.eye(P, dtype=torch.bool, device=device)  # (P, P)
     prompt_mask = causal_real | itself  # (n_prompts, P, P)
+    return tokens, positions, real, prompt_mask
+
+
+def _prefill_rows(model, tokens, positions, real, prompt_mask, num_samples):
+    """Prefill each prompt once, then give each of its num_samples rows a copy of its
+    KV cache, next-token logits, positions and pad mask (rows prompt-major)."""
+    n_prompts, P = tokens.shape
+    logits = prefill(model, tokens, positions[:, :P], prompt_mask)  # (n_prompts, vocab)
+    # Decode steps read an additive mask in the cache's dtype, sliced per step
+    # (SDPA converts bool ones)
+    cache_dtype = model.layers[0].attention.kv_cache.k.dtype
+    pad_mask = torch.zeros(real.shape, dtype=cache_dtype, device=tokens.device)
+    pad_mask = pad_mask.masked_fill(~real, float("-inf"))  # (n_prompts, total)
+    prompt_ids = torch.arange(n_prompts, device=tokens.device)
+    prompt_of_row = prompt_ids.repeat_interleave(num_samples)  # (B,)
+    if num_samples > 1:  # a prompt's rows share its prefill
+        for layer in model.layers:
+            layer.attention.kv_cache.keep_rows(prompt_of_row)
+    logits = logits[prompt_of_row]
+    positions = positions[prompt_of_row]
+    pad_mask = pad_mask[prompt_of_row]
+    return logits, positions, pad_mask
+
+
+def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, generator,
+                    step):
+    device = model.tok_embeddings.weight.device
+    stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)  # (n_stop,)
+    P = max(map(len, prompts))
+    total = P + max_new_tokens
+    tokens, positions, real, prompt_mask = _left_pad(prompts, total, device)
     for layer in model.layers:
         layer.attention.kv_cache = KVCache(len(prompts) * num_samples, total)
     try:
-        # (n_prompts, vocab)
-        logits = prefill(model, tokens, positions[:, :P], prompt_mask)
-        # Decode steps read an additive mask in the cache's dtype, sliced per step (SDPA
-        # converts bool ones)
-        pad_mask = torch.zeros(real.shape, dtype=model.layers[0].attention.kv_cache.k.dtype, device=device)
-        # (n_prompts, total)
-        pad_mask = pad_mask.masked_fill(~real, float("-inf"))
-        # (B,)
-        prompt_of_row = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
-        if num_samples > 1:  # a prompt's rows share its prefill
-            for layer in model.layers:
-                layer.attention.kv_cache.keep_rows(prompt_of_row)
-        logits, positions, pad_mask = logits[prompt_of_row], positions[prompt_of_row], pad_mask[prompt_of_row]
-        B = len(prompt_of_row)
-        # the output row of each batch row
-        row_of = torch.arange(B, device=device)
+        logits, positions, pad_mask = _prefill_rows(
+            model, tokens, positions, real, prompt_mask, num_samples)
+        B = len(logits)
+        row_of = torch.arange(B, device=device)  # the output row of each batch row
         new_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         new_logprobs = torch.zeros(B, max_new_tokens, device=device)
         lengths = torch.full((B,), max_new_tokens, device=device)
@@ -577,13 +590,14 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
             n_finished = int(finished.sum())  # the one host sync per step
             if step_index == max_new_tokens - 1 or n_finished == len(finished):
                 break
-            if n_finished >= max(1, int(len(finished) * COMPACT_AT_FINISHED_SHARE)):
-                # finished rows leave
+            compact_at = max(1, int(len(finished) * COMPACT_AT_FINISHED_SHARE))
+            if n_finished >= compact_at:  # finished rows leave
                 keep = (~finished).nonzero()[:, 0]
                 for layer in model.layers:
                     layer.attention.kv_cache.keep_rows(keep)
-                token, positions, pad_mask, row_of, finished = (t[keep] for t in (token, positions, pad_mask,
-                                                                                  row_of, finished))
+                token, positions = token[keep], positions[keep]
+                pad_mask, row_of = pad_mask[keep], row_of[keep]
+                finished = finished[keep]
                 if isinstance(generator, list):
                     generator = [generator[i] for i in keep.tolist()]
             slot = P + step_index
@@ -611,12 +625,12 @@ def kv_cache_bytes_per_row(args, max_len, dtype_bytes):
 def generation_bytes_per_row(args, max_len, prompt_len, dtype_bytes):
     """What one row holds while generate() runs: its KV cache; its decode step's
     vocabulary-sized float32 tensors (logits, log_softmax, softmax, top-p's sorted
-    probabilities, their cumulative sum and the scatter
-    back: 6 x 4 bytes, and the sort's int64 order: 8 bytes); and, counted per row
-    though a prompt's samples share it, its prompt's prefill in one layer (hidden
-    state, q, k, v, attention output: 4 x dim + 2 x kv_dim; the feed-forward's three
-    hidden-sized tensors) plus a float32 score per head and key, the math attention's
-    (the worst case: fused kernels keep none)."""
+    probabilities, their cumulative sum and the scatter back: 6 x 4 bytes, and the
+    sort's int64 order: 8 bytes); and, counted per row though a prompt's samples
+    share it, its prompt's prefill in one layer (hidden state, q, k, v, attention
+    output: 4 x dim + 2 x kv_dim; the feed-forward's three hidden-sized tensors) plus
+    a float32 score per head and key, the math attention's (the worst case: fused
+    kernels keep none)."""
     cache = kv_cache_bytes_per_row(args, max_len, dtype_bytes)
     vocabulary = args.vocab_size * (6 * 4 + 8)
     kv_dim = args.n_kv_heads * args.head_dim
