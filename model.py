@@ -60,7 +60,8 @@ class ModelArgs:
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
-            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+            step = self.multiple_of
+            self.hidden_dim = step * ((hidden + step - 1) // step)  # up to a multiple
         if self.n_heads % self.n_kv_heads or self.head_dim % 2:
             raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads}) and head_dim ({self.head_dim}) even")
@@ -106,7 +107,8 @@ class RMSNorm(nn.Module):
         # normalise in float32 (a bf16 mean of squares loses digits), cast back before
         # the gain (Meta, HF)
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inverse_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (x32 * inverse_rms).type_as(x)
 
 
 # RoPE frequency schemes (transformers' rope_type names) and the parameters each needs;
@@ -183,12 +185,15 @@ def grouped_attention(q, k, v, mask, repeat_kv=None):
         # decode: a group's query heads are the query rows of one attention call
         # (B, n_kv_heads, group, hd)
         grouped = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)
-        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, n_heads, 1, head_dim)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+        return out.view(B, n_heads, 1, head_dim)
     if mask is not None and (q.is_cuda if repeat_kv is None else repeat_kv):
         # CUDA's fused kernels that take a mask do not take grouped heads (its math
         # fallback would hold a (T, S) matrix per head; transformers makes the same
         # choice): repeat keys and values there.
-        k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
+        group = n_heads // n_kv_heads
+        k = k.repeat_interleave(group, 1)  # (B, n_heads, S, hd)
+        v = v.repeat_interleave(group, 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
@@ -196,7 +201,9 @@ def grouped_attention(q, k, v, mask, repeat_kv=None):
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -210,15 +217,17 @@ class Attention(nn.Module):
         # (B, T, n_kv_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # (B, heads, T, head_dim) for SDPA
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = q.transpose(1, 2)  # (B, n_heads, T, head_dim) for SDPA
+        k = k.transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.transpose(1, 2)
         if self.kv_cache is not None:
             # (B, n_kv_heads, S, head_dim)
             k, v = self.kv_cache.update(cache_start, k, v, mask.shape[-1])
         out = grouped_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
-        # (B, T, n_heads * head_dim) -> (B, T, dim)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
+        return self.wo(out)  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -298,8 +307,8 @@ class Transformer(nn.Module):
             mask = slots[None, :] <= slots[start:, None]  # (T, S)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): one pattern for every head
-        # (B, T, head_dim/2)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos = self.rope_cos[positions]  # (B, T, head_dim/2)
+        sin = self.rope_sin[positions]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -330,7 +339,10 @@ class KVCache:
     module, so each call sizes its own."""
 
     def __init__(self, rows, max_len):
-        self.rows, self.max_len, self.k, self.v = rows, max_len, None, None
+        self.rows = rows
+        self.max_len = max_len
+        self.k = None  # (rows, n_kv_heads, max_len, head_dim) after the first write
+        self.v = None
 
     def update(self, start, k, v, read_len):
         # k, v: (B, n_kv_heads, T, head_dim); read_len: slots read back
@@ -350,7 +362,9 @@ class KVCache:
             keys.index_copy_(2, start, k)
             values.index_copy_(2, start, v)
         else:  # slots [start, start + T)
-            keys[:, :, start:start + k.shape[2]], values[:, :, start:start + k.shape[2]] = k, v
+            written = slice(start, start + k.shape[2])
+            keys[:, :, written] = k
+            values[:, :, written] = v
         # (B, n_kv_heads, read_len, head_dim)
         return keys[:, :, :read_len], values[:, :, :read_len]
 
@@ -358,7 +372,10 @@ class KVCache:
         # rows (B',): the new batch, in order (a row may repeat: a prompt's samples)
         # index_select copies first (one layer's rows at a time), so rows may move
         # forward or repeat
-        self.k[:len(rows)], self.v[:len(rows)] = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        kept_keys = self.k.index_select(0, rows)
+        kept_values = self.v.index_select(0, rows)
+        self.k[:len(rows)] = kept_keys
+        self.v[:len(rows)] = kept_values
 
 
 def sample_next(logits, temperature, top_p, generator=None):
@@ -378,7 +395,8 @@ def sample_next(logits, temperature, top_p, generator=None):
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if isinstance(generator, (list, tuple)):
         # (B,)
-        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+        draws = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)]
+        return torch.cat(draws)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -446,7 +464,8 @@ def _compiled_decode(model, tokens, positions, pad_mask, slot):
             return _compiled[device](model, tokens, positions, pad_mask[:, :read], slot_tensor)
         except Exception as e:
             # no C++ compiler, a Python or platform torch.compile does not support, ...
-            _compiled["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            _compiled["error"] = f"{type(e).__name__}: {first_line}"
             print(f"model.py: torch.compile cannot run here ({_compiled['error']}); decoding eagerly",
                   file=sys.stderr)
     # the failed call wrote nothing: redo it
@@ -492,29 +511,31 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
                          f"hold one per row, len(prompts) * num_samples = {n_rows}")
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in range(n_rows)], [[] for _ in range(n_rows)]
-    if min(map(len, prompts)) == 0:
-        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-    total = max(map(len, prompts)) + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len "
-                         f"{model.args.max_seq_len}")
+    _check_prompt_lengths(model, prompts, max_new_tokens)
     eos_id = model.args.eos_id if eos_id is None else eos_id
     stop_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     order = list(range(len(prompts)))
-    # prompts per batch
-    per_batch = len(prompts) if batch_size is None else max(1, batch_size // num_samples)
+    if batch_size is None:
+        per_batch = len(prompts)  # prompts per batch
+    else:
+        per_batch = max(1, batch_size // num_samples)
     if per_batch < len(prompts):
         order.sort(key=lambda i: len(prompts[i]))
-    out_tokens, out_logprobs = [None] * n_rows, [None] * n_rows
+    out_tokens = [None] * n_rows
+    out_logprobs = [None] * n_rows
+    per_row_generators = isinstance(generator, (list, tuple))
+    step = _compiled_decode if compile else _eager_decode
     for start in range(0, len(order), per_batch):
         chunk = order[start:start + per_batch]
         rows = [i * num_samples + s for i in chunk for s in range(num_samples)]
-        generators = [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
-        tokens, logprobs = _generate_batch(model, [prompts[i] for i in chunk], num_samples, max_new_tokens,
-                                           temperature, top_p, stop_ids, generators,
-                                           _compiled_decode if compile else _eager_decode)
+        generators = [generator[r] for r in rows] if per_row_generators else generator
+        batch_prompts = [prompts[i] for i in chunk]
+        tokens, logprobs = _generate_batch(
+            model, batch_prompts, num_samples, max_new_tokens,
+            temperature, top_p, stop_ids, generators, step)
         for row, row_tokens, row_logprobs in zip(rows, tokens, logprobs):
-            out_tokens[row], out_logprobs[row] = row_tokens, row_logprobs
+            out_tokens[row] = row_tokens
+            out_logprobs[row] = row_logprobs
     return out_tokens, out_logprobs
 
 
@@ -558,6 +579,15 @@ def _prefill_rows(model, tokens, positions, real, prompt_mask, num_samples):
     positions = positions[prompt_of_row]
     pad_mask = pad_mask[prompt_of_row]
     return logits, positions, pad_mask
+
+
+def _check_prompt_lengths(model, prompts, max_new_tokens):
+    if min(map(len, prompts)) == 0:
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    total = max(map(len, prompts)) + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise ValueError(f"generate: prompt + max_new_tokens = {total} exceeds max_seq_len "
+                         f"{model.args.max_seq_len}")
 
 
 def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, generator,
@@ -657,7 +687,8 @@ def free_memory(device):
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         free += torch.cuda.memory_reserved(device) - allocated
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = 1.0 if get_fraction is None else get_fraction(device)
         return min(free, int(fraction * total) - allocated)
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -671,7 +702,9 @@ def auto_batch_rows(model, max_len, prompt_len, fallback):
     weight = model.tok_embeddings.weight
     if weight.device.type != "cuda":
         return fallback
-    return rows_that_fit(model.args, free_memory(weight.device), max_len, prompt_len, weight.element_size())
+    free_bytes = free_memory(weight.device)
+    dtype_bytes = weight.element_size()
+    return rows_that_fit(model.args, free_bytes, max_len, prompt_len, dtype_bytes)
 
 
 # ---- scoring: log p(token) per position, a chunk of tokens at a time
@@ -695,7 +728,8 @@ def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     pieces = []
     for start in range(0, len(flat_targets), chunk_tokens):
-        chunk = (output, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens])
+        piece = slice(start, start + chunk_tokens)
+        chunk = (output, flat_hidden[piece], flat_targets[piece])
         if torch.is_grad_enabled() and len(flat_targets) > chunk_tokens:
             # one chunk: nothing to save
             pieces.append(checkpoint(_output_logprobs, *chunk, use_reentrant=False))
@@ -757,7 +791,8 @@ def _convert(state_dict, args, to_hf):
             continue
         meta_key = key if to_hf else names.get(key, key)
         if meta_key.endswith(("attention.wq.weight", "attention.wk.weight")):
-            tensor = _permute_qk_rows(tensor, args.n_heads if ".wq." in meta_key else args.n_kv_heads, to_hf)
+            n_heads = args.n_heads if ".wq." in meta_key else args.n_kv_heads
+            tensor = _permute_qk_rows(tensor, n_heads, to_hf)
         out[names.get(key, key)] = tensor
     return out
 
@@ -1059,7 +1094,10 @@ def _read_meta_weights(path):
     merged = {}
     for key in shards[0]:
         dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2]) if key.count(".") else None
-        merged[key] = shards[0][key] if dim is None else torch.cat([shard[key] for shard in shards], dim=dim)
+        if dim is None:  # replicated in every shard
+            merged[key] = shards[0][key]
+        else:
+            merged[key] = torch.cat([shard[key] for shard in shards], dim=dim)
     return merged
 
 
