@@ -1,5 +1,4 @@
-"""LLaMA in plain PyTorch: the model, generation, scoring, checkpoints (safetensors,
-.pth).
+"""LLaMA in plain PyTorch: the model, generation, scoring and checkpoints.
 
 Self-contained (torch, numpy, the standard library), so it can be copied into another
 project alone. Module names follow Meta's first LLaMA release, so Meta checkpoints
