@@ -150,8 +150,7 @@ def rope_tables(args, device=None):
     """cos and sin of position * frequency (rope_frequencies), each (max_seq_len,
     head_dim/2), float32."""
     positions = torch.arange(args.max_seq_len, device=device).float()
-    # (max_seq_len, head_dim/2)
-    angles = torch.outer(positions, rope_frequencies(args, device))
+    angles = torch.outer(positions, rope_frequencies(args, device))  # (max_seq_len, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -211,8 +210,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache_start):
         B, T, _ = x.shape
-        # (B, T, n_heads, head_dim)
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         # (B, T, n_kv_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -318,11 +316,9 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, cache_start)
         if output_positions is not None:
-            # (B, N, dim)
-            h = h[torch.arange(B, device=h.device)[:, None], output_positions]
+            h = h[torch.arange(B, device=h.device)[:, None], output_positions]  # (B, N, dim)
         if targets is not None:
-            # (B, T or N)
-            return chunked_token_logprobs(self.output, self.norm(h), targets)
+            return chunked_token_logprobs(self.output, self.norm(h), targets)  # (B, T or N)
         return self.output(self.norm(h)).float()  # (B, T or N, vocab)
 
 
@@ -420,8 +416,7 @@ def bucketed_decode_step(model, tokens, positions, pad_mask, slot):
     (1,) tensor and each row reads the S cache slots of pad_mask (B, S), those after
     `slot` masked out. pad_mask: 0, or -inf on padding; S is slot + 1 rounded up to a
     power of two (decode_bucket)."""
-    # (S,)
-    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot
+    later = torch.arange(pad_mask.shape[1], device=pad_mask.device) > slot  # (S,)
     return decode_step(model, tokens, positions, pad_mask.masked_fill(later, float("-inf")), slot)
 
 
@@ -723,8 +718,7 @@ def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
     Liger-Kernel's, in plain PyTorch). Same values and gradients as the whole
     computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
     chunk_tokens = chunk_tokens or LOGPROB_CHUNK_TOKENS
-    # (n, dim), (n,)
-    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()  # (n, dim), (n,)
     pieces = []
     for start in range(0, len(flat_targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
