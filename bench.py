@@ -325,7 +325,7 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
 
 # ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
 
-# What a one-GPU reproduction processes (METHOD.md's pipeline; token counts as the benchmarks above).
+# What a one-GPU reproduction processes (README, "A real reproduction, stage by stage"; token counts as the benchmarks above).
 ALPACA = 52_002  # instructions
 SFT_EPOCHS = 3  # Alpaca's recipe
 SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)

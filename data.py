@@ -1,4 +1,4 @@
-"""Tokenizer, Alpaca prompt, training examples and the data files of the Tuna pipeline (METHOD.md).
+"""Tokenizer, Alpaca prompt, training examples and the data files of the Tuna pipeline.
 
 No model here: the teacher, the evaluation and the training loop all read and write data through
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
@@ -54,8 +54,8 @@ class Tokenizer:
     keep their shapes. We pad with the unknown-piece id (0 in LLaMA) instead: with byte fallback,
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
-    real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
+    real EOS from the loss and the model would never learn to stop (the authors added a
+    pad token instead: LMOps tuna/src/train_tuna.py, smart_tokenizer_and_embedding_resize). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
     EOS where it has no other (GPT-2): safe here, as every mask the project builds comes from
     lengths, never from comparing ids with pad_id.
     """
@@ -624,7 +624,7 @@ class ByteLevelBPE:
 
 # ----------------------------------------------------------------------------- prompt and examples
 
-# The Stanford Alpaca template, both variants (METHOD.md, Pipeline 1). The response follows
+# The Stanford Alpaca template, both variants (LMOps tuna/src/train_tuna.py, PROMPT_DICT). The response follows
 # "### Response:" directly, with no space or newline, exactly as Alpaca's and Tuna's training code.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -675,7 +675,7 @@ def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: 
                            finished: bool = True):
     """(prompt ids starting with BOS (if the tokenizer has one), response ids ending in EOS), or None.
 
-    One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (METHOD.md, Pipeline 1),
+    One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (its preprocess),
     split where the prompt text ends (see _count_prompt_tokens). Longer than max_len: the sequence is
     cut on the right like Alpaca's `truncation=True`, so a truncated response loses its EOS (we do not
     teach the model to stop mid-sentence). finished=False is a response that a token limit cut when it

@@ -246,8 +246,8 @@ def start_teacher_server(checkpoint):
 
 def rule_judge_reply(messages, solutions):
     """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks each candidate
-    against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
-    the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
+    against the known answer (a tiny model cannot judge), and answers in the teacher's format (teacher.py's
+    ranking prompt: the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
     user = messages[-1]["content"]
     found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
     if not found or found.group(1).strip() not in solutions:

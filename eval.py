@@ -1,4 +1,4 @@
-"""The paper's evaluation (METHOD.md, "Evaluation in the paper"): Super-NaturalInstructions (ROUGE-L),
+"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L),
 LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
@@ -12,7 +12,7 @@ resumes without regenerating and another checkpoint under the same name never re
 are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
-benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
+benchmarks themselves are silent on that wrapping (Tk-Instruct's src/ni_collator.py; LMentry's data files), so it is this project's choice.
 """
 import argparse
 import hashlib
@@ -48,7 +48,7 @@ def read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
-# Tk-Instruct's per-category metric (NOTES.md 1.4); the headline number is ROUGE-L over all tasks.
+# Tk-Instruct's per-category metric (src/compute_metrics.py); the headline number is ROUGE-L over all tasks.
 EXACT_MATCH_CATEGORIES = {"textual_entailment", "cause_effect_classification", "coreference_resolution",
                           "dialogue_act_recognition", "answerability_classification", "word_analogy"}
 
@@ -60,7 +60,7 @@ def with_period(text):
 
 
 def superni_prompt(definition, instance_input):
-    """Zero-shot "definition only" (NOTES.md 1.5) inside the Alpaca template: the definition is the
+    """Zero-shot "definition only" (Tk-Instruct src/ni_collator.py, DataCollatorForNI) inside the Alpaca template: the definition is the
     instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule.
     Tk-Instruct writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the
     template's "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
@@ -68,7 +68,8 @@ def superni_prompt(definition, instance_input):
 
 
 def read_superni(superni_dir, max_instances=100):
-    """Items of the English test split: the first `max_instances` instances of each task (NOTES.md 1.3).
+    """Items of the English test split: the first `max_instances` instances of each task
+    (Super-NI eval/leaderboard/create_reference_file.py).
     superni_dir holds test_tasks.txt (or splits/default/test_tasks.txt) and tasks/<name>.json."""
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
@@ -169,7 +170,7 @@ def score_superni(items, outputs):
 
 
 # ----------------------------------------------------------------------------- Vicuna QA
-# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (NOTES.md 3.2), in this project's words.
+# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl), in this project's words.
 JUDGE_SYSTEM = (
     "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
     "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "

@@ -6,7 +6,7 @@ eval.py asks the questions and calls this file:
 
 One prediction alone: `lmentry.score_prediction("first_letter", "The first letter is a.", example)` with an
 example as LMentry's data files hold it ({"input", "metadata"}). Re-implemented from the authors' scorers
-(lmentry/scorers, NOTES.md 2.3); score_prediction's docstring lists every difference.
+(lmentry/scorers); score_prediction's docstring lists every difference.
 
 How a scorer reads a prediction, as the authors': the prediction is normalised (strip, lowercase, one space);
 a task's negative check may rule it out at once; the simple scorer accepts the bare answer; then the task's
@@ -91,7 +91,7 @@ def quoted_number(n):
 
 
 def answer_phrasings(answer):
-    """The answer phrasings every task accepts (NOTES.md 2.3)."""
+    """The answer phrasings every task accepts (lmentry/scorers/scorer.py)."""
     return [f"{answer} is the answer", f"the answer is {answer}", f"the correct answer is {answer}",
             f"answer: {answer}"]
 
@@ -462,7 +462,7 @@ def score_prediction(task, prediction, example):
     """(score, certainty) of one LMentry prediction, both 0/1; accuracy counts score 1, certain or not.
 
     Covers all 25 core tasks; the 16 argument-content files use their base task's scorer. Re-implemented from
-    the authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" ->
+    the authors' scorers (lmentry/scorers): normalisation (strip, lowercase, one space, "_" ->
     " "), each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and
     suffixes, lowercased like theirs. Differences:
     - metadata words are regex-escaped (the authors insert them raw; the same for plain words);
@@ -473,7 +473,7 @@ def score_prediction(task, prediction, example):
       predictions like "Ωé", scoring such garbage as correct);
     - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
       models here are instruction-tuned);
-    - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
+    - only the four shared answer phrasings of answer_phrasings (a later scorer.py adds more).
     - bigger_number as in LMentry v1, the phrasings smaller_number mirrors (a later version added "<" / ">"
       patterns, mirrored into nonsense such as "9 < 5" for 9).
     Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern and
@@ -488,8 +488,8 @@ def score_prediction(task, prediction, example):
 # ----------------------------------------------------------------------------- files, accuracy, LMentry score
 
 def read_tasks(lmentry_dir, report):
-    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples, NOTES.md
-    2.2). A file or example that cannot be used is passed to report(message) and left out."""
+    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples).
+    A file or example that cannot be used is passed to report(message) and left out."""
     known = CORE_TASKS + [f"{t}_{s}" for t, subsets in ARGUMENT_SUBSETS.items() for s in subsets]
     tasks = {}
     for name in known:
@@ -568,7 +568,7 @@ def mean(values):
 
 
 def lmentry_score(per_task):
-    """LMentry score = accuracy x robustness / 100 (NOTES.md 2.4), where every file it needs is present:
+    """LMentry score = accuracy x robustness / 100 (lmentry/analysis), where every file it needs is present:
     the 25 core tasks and the 16 argument-content files; else {"lmentry_score": None} and what is missing."""
     subsets = [f"{t}_{s}" for t, names in ARGUMENT_SUBSETS.items() for s in names]
     missing = [t for t in CORE_TASKS + subsets if t not in per_task]

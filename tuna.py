@@ -34,7 +34,8 @@ import data
 import model as llama
 
 # ============================================================================ the method's fixed values
-# METHOD.md ("The training objective", "Hyperparameters of the authors' runs"): the same for both rankings.
+# The paper's method and the authors' code (LMOps tuna/src/train_tuna.py, TrainingArguments;
+# tuna/src/train_tuna.sh): the same for both rankings.
 MARGIN = 0.1                    # m: the ranking margin, grown linearly with the rank distance d
 MLE_WEIGHT = 1.0                # w_mle in L = w_mle * L_MLE + L_rank
 LENGTH_PENALTY = 1.0            # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
@@ -46,7 +47,7 @@ RANK_WARMUP_STEPS = 2           # linear warm-up, then cosine decay
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
 # The SFT baseline Tuna starts from: Stanford Alpaca's recipe (its train.py and README).
 SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE, SFT_WARMUP_RATIO = 2e-5, 3, 128, 0.03
-# Not in METHOD.md: the Hugging Face Trainer default that the authors' runs and Alpaca's inherit.
+# Not set by the authors: the Hugging Face Trainer default their runs and Alpaca's inherit.
 GRAD_CLIP = 1.0
 
 # ============================================================================ 1. the objective
@@ -55,7 +56,8 @@ def candidate_scores(token_logprobs, token_candidate, num_candidates, length_pen
     """s_k = (sum of log p over candidate k's response tokens) / (its token count) ** length_penalty.
 
     token_logprobs, token_candidate: (B, N), each scored token's log-prob and its candidate (-1 =
-    padding, whose log-prob is 0). Returns (B, K). METHOD.md: length normalization, exponent 1."""
+    padding, whose log-prob is 0). Returns (B, K). Length normalization, exponent 1
+    (LMOps tuna/src/custom.py, TunaTrainer.compute_loss: token_lprobs)."""
     column = token_candidate + 1                             # column 0 collects the padding, dropped
     zeros = token_logprobs.new_zeros(token_logprobs.shape[0], num_candidates + 1)
     sums = zeros.scatter_add(1, column, token_logprobs)[:, 1:]
@@ -64,7 +66,8 @@ def candidate_scores(token_logprobs, token_candidate, num_candidates, length_pen
 
 
 def rank_loss(scores, candidate_mask, margin=MARGIN, pair_counts=None):
-    """L_rank = sum over d = 1..K-1 of mean over j of max(0, s_{j+d} - s_j + m*d) (METHOD.md).
+    """L_rank = sum over d = 1..K-1 of mean over j of max(0, s_{j+d} - s_j + m*d)
+    (paper, "Probabilistic Ranking"; LMOps tuna/src/custom.py, TunaTrainer.compute_loss).
 
     scores, candidate_mask: (B, K), candidates best first, masked ones (dropped duplicates, padding)
     after the valid ones. "mean over j" is over every valid pair (j, j+d) of the whole batch, pooled
@@ -309,7 +312,7 @@ def setup(args, kind):
     run.peak_tflops = peak_tflops(device, args.peak_tflops)
     net.gradient_checkpointing = broadcast_outcome(lambda: choose_checkpointing(run, net, micro_batch_size))
     run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
-    # optimizer: AdamW (METHOD.md); the fused kernel on CUDA, or where --fused-adam / --no-fused-adam say
+    # optimizer: AdamW (the authors' optim=adamw_torch); the fused kernel on CUDA, or where --fused-adam / --no-fused-adam say
     params = [p for p in net.parameters() if p.requires_grad]
     fused = on_cuda_unless_told(args.fused_adam, device)
     run.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
@@ -782,7 +785,7 @@ def plain_model(net, state):
 
 def run_pipeline(args):
     """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking (lr 1e-6)
-    from Tuna_p on candidates sampled from Tuna_p (METHOD.md, Pipeline 4). OUT/tuna_p and OUT/tuna
+    from Tuna_p on candidates sampled from Tuna_p (the paper's sequential recipe). OUT/tuna_p and OUT/tuna
     are ordinary stage outputs; --resume skips a finished stage."""
     out = args.out.rstrip("/")
     contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
