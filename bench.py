@@ -135,14 +135,18 @@ def bench_train_step(net, hf, device, batch, seq, repeats, fused=None):
 
 # ---------------------------------------------------------------------------- 2. ranking step
 
+def random_ids(vocab, count, generator):
+    """`count` token ids past the special ones (0-2: unknown, BOS, EOS)."""
+    return torch.randint(3, vocab, (count,), generator=generator).tolist()
+
+
 def ranking_rows(vocab, instructions, response_lens=RESPONSE_LENS, seed=0):
     """Random token ids with the benchmark's lengths: (prefix-shared rows, naive rows)."""
     g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
     shared, naive = [], []
     for _ in range(instructions):
-        prompt = [1] + ids(PROMPT_LEN - 1)
-        responses = [ids(n - 1) + [2] for n in response_lens]
+        prompt = [1] + random_ids(vocab, PROMPT_LEN - 1, g)
+        responses = [random_ids(vocab, n - 1, g) + [2] for n in response_lens]
         shared.append(tuna.pack_example([prompt] * len(responses), responses))
         naive += [tuna.pack_example([prompt], [r]) for r in responses]  # one (prompt, response) per row
     return shared, naive
@@ -411,13 +415,22 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     return costs, hours, memory, settings, mfu
 
 
+def rate(cost, unit):
+    """Seconds per unit as units per second."""
+    return f"{1 / cost:.1f} {unit}" if cost else "does not fit"
+
+
+def mib(size):
+    """Bytes as MiB; 0 or less: the measure could not see it."""
+    return f"{size / 2**20:.0f} MiB" if size > 0 else "n/a (below resolution)"
+
+
 def print_reproduction_hours(device, repeats, peak, memory_cap):
     args = model.ModelArgs.from_name("llama-7b")
     cap = f", memory capped at {memory_cap:g} GiB" if memory_cap else ""
     print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU "
           f"reproduction at LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}){cap}, from measured costs")
     costs, stages, memory, settings, mfu = reproduction_hours(args, device, repeats, peak=peak)
-    rate = lambda cost, unit: f"{1 / cost:.1f} {unit}" if cost else "does not fit"  # noqa: E731
     print(f"measured: train {rate(costs['sft'], 'tok/s')} (SFT rows), {rate(costs['rank'], 'tok/s')} (K=5 "
           f"prefix-shared rows); {rate(costs['sample'], 'samples/s')}; "
           f"{rate(costs['answer'], 'greedy answers/s')}")
@@ -505,7 +518,6 @@ def main():
 
     hf.cpu()
     del hf
-    mib = lambda n: f"{n / 2**20:.0f} MiB" if n > 0 else "n/a (below resolution)"  # noqa: E731
     where = " (CUDA max_memory_allocated above the weights)" if gpu else \
         " (RSS peak above the weights, fresh process)"
     print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s), prompt {PROMPT_LEN} "

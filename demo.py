@@ -13,6 +13,7 @@ touches. Everything stays in --out: data files, checkpoints with metrics.jsonl, 
 again on the same folder continues where it stopped and redoes nothing.
 """
 import argparse
+import functools
 import html
 import json
 import os
@@ -89,7 +90,7 @@ def main(argv=None):
 def run_demo(args):
     """SFT, Tuna_p, Tuna_c and Tuna on the suite, then the held-out table and picture; all in --out."""
     size, out, began = SIZES[args.size], args.out.rstrip("/"), time.time()
-    path = lambda *names: os.path.join(out, *names)  # noqa: E731
+    path = functools.partial(os.path.join, out)  # path(names...): a file in --out
 
     def stage(title, run, argv):  # each stage is the command a user would type; --resume: a rerun skips it
         log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
@@ -371,21 +372,31 @@ def text(x, y, content, size=12, weight="normal", anchor="start", color="#222222
             f'fill="{color}">{html.escape(str(content))}</text>')
 
 
+def x_position(step, steps, x0, x1):
+    """Where a step lies between the panel's left (first step) and right (last step) edges."""
+    return x0 + (x1 - x0) * (step - steps[0]) / max(steps[-1] - steps[0], 1)
+
+
+def y_position(value, high, y0, y1):
+    """Where a value lies between y0 (the value 0) and y1 (the value `high`)."""
+    return y0 - (y0 - y1) * value / high
+
+
 def stage_panel(stage, metrics, left, top):
     """One stage: its curves on axes from step 1 to its last step and from 0 to its largest value."""
     steps = [m["step"] for m in metrics] or [1]
     high = max([m[key] for m in metrics for key in SERIES] + [1e-9]) * 1.05
     x0, x1 = left + MARGIN_L, left + PANEL_W
     y0, y1 = top + PANEL_H - MARGIN_B, top + 24                # y0: the value 0; y1: the value `high`
-    x_of = lambda step: x0 + (x1 - x0) * (step - steps[0]) / max(steps[-1] - steps[0], 1)  # noqa: E731
-    y_of = lambda value: y0 - (y0 - y1) * value / high                                     # noqa: E731
     parts = [f'<g class="stage" data-stage="{html.escape(stage)}" data-steps="{len(metrics)}">',
              text(left, top + 12, f"{stage}: {STAGE_NOTES[stage]}", size=13, weight="bold"),
              f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#bbbbbb"/>',
              text(x0 - 6, y0 + 4, "0", anchor="end"), text(x0 - 6, y1 + 4, f"{high:.3g}", anchor="end"),
              text(x0, y0 + 16, f"step {steps[0]}"), text(x1, y0 + 16, f"step {steps[-1]}", anchor="end")]
     for key, (label, color) in SERIES.items():
-        points = " ".join(f"{x_of(m['step']):.2f},{y_of(m[key]):.2f}" for m in metrics)
+        xs = [x_position(m["step"], steps, x0, x1) for m in metrics]
+        ys = [y_position(m[key], high, y0, y1) for m in metrics]
+        points = " ".join(f"{x:.2f},{y:.2f}" for x, y in zip(xs, ys))
         parts.append(f'<polyline class="{key}" points="{points}" fill="none" stroke="{color}" '
                      f'stroke-width="1.3"><title>{label}</title></polyline>')
     return "\n".join(parts + ["</g>"])

@@ -272,7 +272,7 @@ def judge_vicuna(client, questions, references, answers, pairs):
             reply = str(answer["choices"][0]["message"]["content"])
         except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
             raise
-        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer: a reply, no verdict
+        except Exception as e:  # a failed request or odd answer: a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
@@ -505,9 +505,13 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
     return "\n".join(lines + report.splitlines()[1:])
 
 
+def dash(value):
+    """A table cell: the value, or a dash where there is none."""
+    return "—" if value is None else str(value)
+
+
 def results_markdown(results):
     """Rows = models, columns = benchmarks (the paper's Table 1 shape), then the detail tables."""
-    dash = lambda value: "—" if value is None else str(value)  # noqa: E731
     vicuna = results.get("vicuna", {})
     pairs = vicuna.get("pairs", {})
     lines = ["# Evaluation results", "",
