@@ -200,16 +200,18 @@ def train_step(run, step, batch_rows):
     mine = batch_rows[run.process_rank::run.world_size]
     parts = torch.zeros(3, device=run.device)                  # loss, MLE, ranking term of the whole step
     for i in range(run.micro_batches):
-        batch = collate(mine[i * len(mine) // run.micro_batches:(i + 1) * len(mine) // run.micro_batches],
-                        run.pad_id, run.device)
+        start = i * len(mine) // run.micro_batches
+        stop = (i + 1) * len(mine) // run.micro_batches
+        batch = collate(mine[start:stop], run.pad_id, run.device)
         with gradient_sync(run.wrapped, i == run.micro_batches - 1):
             with autocast(run):
                 # forward: the log-prob of every response token; an instruction's candidates share one row
                 token_logprobs = score_tokens(run.wrapped, batch)
                 # both loss terms: L = w_mle * L_MLE + L_rank
-                loss, mle, rank = tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"],
-                                            mle_best_only=run.args.mle_best_only, token_count=token_count,
-                                            pair_counts=pair_counts)
+                loss, mle, rank = tuna_loss(
+                    token_logprobs, batch["candidate"], batch["candidate_mask"],
+                    mle_best_only=run.args.mle_best_only,
+                    token_count=token_count, pair_counts=pair_counts)
             # backward: DDP and FSDP average gradients over processes, but the step's loss is their sum
             (loss * run.world_size).backward()
         parts += torch.stack([loss, mle, rank]).detach()
@@ -362,7 +364,8 @@ def load_rows(path, tok, kind):
                  for r in data.read_ranked_jsonl(path)]
     else:
         bad = []
-        items = [(r.id, r.prompt, r.candidates, []) for r in data.read_authors_ranking(path, skipped=bad)]
+        records = data.read_authors_ranking(path, skipped=bad)
+        items = [(r.id, r.prompt, r.candidates, []) for r in records]
         if bad:
             log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     rows = []
@@ -392,7 +395,8 @@ def step_rows(run, step):
     seed and the epoch only, so a resumed run sees exactly the batches an uninterrupted
     one would have seen."""
     epoch, index = divmod(step, run.steps_per_epoch)
-    order = torch.randperm(len(run.rows), generator=torch.Generator().manual_seed(run.args.seed + epoch))
+    shuffle = torch.Generator().manual_seed(run.args.seed + epoch)
+    order = torch.randperm(len(run.rows), generator=shuffle)
     batch_size = run.args.batch_size
     return [run.rows[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
 
@@ -408,7 +412,7 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps):
 
 
 def clip_gradients(net, max_norm):
-    """The total gradient norm (over every process's shard under FSDP), after clipping it to max_norm."""
+    """The total gradient norm (every shard under FSDP); clips the gradients to max_norm."""
     params = [p for p in net.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -433,7 +437,7 @@ PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype
 
 
 def on_cuda_unless_told(flag, device):
-    """A device-dependent choice (autocast, the fused AdamW kernel): the flag if given, else on CUDA only."""
+    """The flag if given, else on CUDA only (autocast, the fused AdamW kernel)."""
     return device.type == "cuda" if flag is None else flag
 def choose_checkpointing(run, net, micro_batch_size):
     """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest micro-batch this run
@@ -454,14 +458,14 @@ def choose_checkpointing(run, net, micro_batch_size):
 
 
 def autocast(run):
-    """Matrix products in run.autocast_dtype (bfloat16 for bf16-mixed); weights and optimizer keep theirs."""
+    """Matrix products in run.autocast_dtype; weights and optimizer keep their dtype."""
     if run.autocast_dtype is None:
         return nullcontext()
     return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
 def record_step(run, step, batch_rows, began, values):
-    """Every step's loss terms go to OUT/metrics.jsonl; every --log-every steps a line to the console."""
+    """Each step's loss terms to OUT/metrics.jsonl; a console line every --log-every steps."""
     if not is_main():
         return
     tokens = sum(len(r["tokens"]) for r in batch_rows)
@@ -496,7 +500,7 @@ TRAINING_MEMORY_SHARE = 0.9
 
 
 def peak_tflops(device, override=None):
-    """The device's peak bf16 TFLOP/s: override if given, else PEAK_TFLOPS; None where unknown (a CPU)."""
+    """Peak bf16 TFLOP/s: the override, else PEAK_TFLOPS by name; None where unknown (a CPU)."""
     if override:
         return override
     if device.type != "cuda":
@@ -626,8 +630,11 @@ def open_run_folder(run):
 
 def latest_checkpoint(out):
     folder = os.path.join(out, "checkpoints")
-    steps = sorted(n for n in os.listdir(folder) if n.startswith("step-") and not n.endswith(".tmp")) \
-        if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return None
+    names = os.listdir(folder)
+    # a .tmp folder is one a kill interrupted
+    steps = sorted(n for n in names if n.startswith("step-") and not n.endswith(".tmp"))
     return os.path.join(folder, steps[-1]) if steps else None
 
 
@@ -641,7 +648,7 @@ def read_training_state(checkpoint):
 
 
 def restore_training_state(run, state):
-    """Optimizer moments, random states and the step: the run goes on exactly where the checkpoint was."""
+    """Optimizer moments, random states, step: the run goes on exactly where it stopped."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
@@ -653,7 +660,7 @@ def restore_training_state(run, state):
 
 
 def check_fits(net, tok, run):
-    """The tokenizer's ids and the longest packed row must fit the model (an error, never an index error)."""
+    """Token ids and the longest packed row must fit the model: an error, not an index error."""
     if tok.vocab_size > net.args.vocab_size:
         raise TrainingError(f"{run.tokenizer_path}: {tok.vocab_size} tokens, but {run.args.init} has "
                             f"{net.args.vocab_size} embeddings")
@@ -756,11 +763,12 @@ def wrap_model(net, world_size, device, fsdp):
         for block in net.layers:
             fully_shard(block, mesh=mesh)
         return fully_shard(net, mesh=mesh)
-    return nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    device_ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
 
 
 def gradient_sync(wrapped, enabled):
-    """Gradient accumulation: reduce gradients over processes only at the last micro-batch of a step."""
+    """Gradient accumulation: processes reduce gradients at a step's last micro-batch only."""
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return nullcontext() if enabled else wrapped.no_sync()
     if hasattr(wrapped, "set_requires_gradient_sync"):        # FSDP2
@@ -801,7 +809,7 @@ def add_lora(net, rank, alpha, targets):
 
 
 def plain_model(net, state):
-    """A plain model.Transformer holding `state` (LoRA merged), to save with model.save_hf_checkpoint."""
+    """A plain model.Transformer with `state` (LoRA merged), for model.save_hf_checkpoint."""
     merged = {}
     for key, tensor in state.items():
         if key.endswith((".lora_a", ".lora_b")):
