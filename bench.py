@@ -18,9 +18,8 @@ Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine 
     python bench.py --config gpu-1b               # on a GPU, bf16 autocast (fp32 weights and Adam for
                                                   # two models: 7B configs do not fit one GPU)
     python bench.py --config gpu-7b               # on a GPU: hours of a whole one-GPU reproduction, from
-                                                  # model.py's measured per-token costs at
-                                                  # LLaMA-7B's shape, each stage's peak
-                                                  # memory, and the training MFU
+                                                  # model.py's measured per-token costs at LLaMA-7B's shape,
+                                                  # each stage's peak memory, and the training MFU
     python bench.py --config gpu-7b --memory-cap 24   # the same within 24 GiB: what fits a smaller card
 """
 import argparse
