@@ -37,15 +37,17 @@ import torch.nn.functional as F
 import model
 import tuna
 
-# cpu-small keeps LLaMA's proportions roughly (head dim 64, the output layer and attention a minor share
-# of the work, as at 7B), so that its ratios say something about the real model; vocab 8192 to keep it fast.
+# cpu-small keeps LLaMA's proportions roughly (head dim 64, the output layer and attention
+# a minor share of the work, as at 7B), so that its ratios say something about the real
+# model; vocab 8192 to keep it fast.
 BENCH_CONFIGS = {
     "cpu-small": dict(dim=1024, n_layers=4, n_heads=16, vocab_size=8192, multiple_of=64, max_seq_len=1024),
     "gpu-1b": dict(dim=2048, n_layers=16, n_heads=16, vocab_size=32000, max_seq_len=2048),
 }
 PROMPT_LEN = 100
 RESPONSE_LENS = [120, 140, 160, 180]  # K = 4: probabilistic ranking (the teacher's 4 answers)
-RESPONSE_LENS_K5 = [120, 135, 150, 165, 180]  # K = 5: contextual ranking (4 samples + the teacher's answer)
+# K = 5: contextual ranking (4 samples + the teacher's answer)
+RESPONSE_LENS_K5 = [120, 135, 150, 165, 180]
 
 
 def build(config, device, seed=0, **overrides):
@@ -78,8 +80,8 @@ def sync(device):
 
 
 def race(functions, device, repeats, warmup=1, every_round=False):
-    """{name: median seconds} ({name: [seconds of each round]} if every_round), the functions called in turn
-    so that machine noise hits all alike."""
+    """{name: median seconds} ({name: [seconds of each round]} if every_round), the
+    functions called in turn so that machine noise hits all alike."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
@@ -103,8 +105,9 @@ def autocast(device, enabled=None):
 # ---------------------------------------------------------------------------- 1. train step
 
 def train_step_flops_per_token(net, seq):
-    """tuna.step_flops of section 1's step per token: a row of seq tokens at positions 0..seq-1 (causal),
-    every position through the output layer, every weight trained (6N + attention, PaLM's count)."""
+    """tuna.step_flops of section 1's step per token: a row of seq tokens at positions
+    0..seq-1 (causal), every position through the output layer, every weight trained (6N +
+    attention, PaLM's count)."""
     row = {"tokens": [0] * seq, "positions": list(range(seq)), "target": [0] * seq}
     return tuna.step_flops(net, [row], recompute=False)[0] / seq
 
@@ -135,16 +138,22 @@ def bench_train_step(net, hf, device, batch, seq, repeats, fused=None):
 
 # ---------------------------------------------------------------------------- 2. ranking step
 
+def random_ids(vocab, count, generator):
+    """`count` token ids past the special ones (0-2: unknown, BOS, EOS)."""
+    return torch.randint(3, vocab, (count,), generator=generator).tolist()
+
+
 def ranking_rows(vocab, instructions, response_lens=RESPONSE_LENS, seed=0):
     """Random token ids with the benchmark's lengths: (prefix-shared rows, naive rows)."""
     g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
-    shared, naive = [], []
+    shared = []
+    naive = []
     for _ in range(instructions):
-        prompt = [1] + ids(PROMPT_LEN - 1)
-        responses = [ids(n - 1) + [2] for n in response_lens]
+        prompt = [1] + random_ids(vocab, PROMPT_LEN - 1, g)
+        responses = [random_ids(vocab, n - 1, g) + [2] for n in response_lens]
         shared.append(tuna.pack_example([prompt] * len(responses), responses))
-        naive += [tuna.pack_example([prompt], [r]) for r in responses]  # one (prompt, response) per row
+        # one (prompt, response) per row
+        naive += [tuna.pack_example([prompt], [r]) for r in responses]
     return shared, naive
 
 
@@ -161,8 +170,9 @@ def ranking_loss(net, rows, naive, device, instructions, use_autocast=None):
 
 
 def ranking_step(net, rows, naive, device, instructions, optimizer=None):
-    """Loss and gradients, the part prefix sharing changes. The AdamW update is left out (optimizer None): it
-    is the same for both layouts and, over a real batch of 16 instructions, a small part of a step."""
+    """Loss and gradients, the part prefix sharing changes. The AdamW update is left out
+    (optimizer None): it is the same for both layouts and, over a real batch of 16
+    instructions, a small part of a step."""
     def run():
         ranking_loss(net, rows, naive, device, instructions).backward()
         if optimizer is not None:
@@ -184,8 +194,9 @@ def bench_ranking(net, device, instructions, response_lens, repeats):
 
 
 def peak_memory(config, device, instructions, response_lens, variant):
-    """Peak memory of loss + backward above the model's weights. CUDA: max_memory_allocated. CPU: a
-    fresh process's peak resident set (VmHWM) during two steps minus its resident set before them."""
+    """Peak memory of loss + backward above the model's weights. CUDA:
+    max_memory_allocated. CPU: a fresh process's peak resident set (VmHWM) during two
+    steps minus its resident set before them."""
     if device.type == "cuda":
         net = build(config, device)
         shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
@@ -208,8 +219,9 @@ def peak_memory(config, device, instructions, response_lens, variant):
 
 
 def resident_kib(field):
-    """VmRSS (now) or VmHWM (peak) of this process from /proc, in KiB. Not ru_maxrss: Linux carries
-    that over from the parent across fork + exec, so a child of a big process reports the parent's peak."""
+    """VmRSS (now) or VmHWM (peak) of this process from /proc, in KiB. Not ru_maxrss:
+    Linux carries that over from the parent across fork + exec, so a child of a big
+    process reports the parent's peak."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
@@ -218,7 +230,8 @@ def memory_probe(config, instructions, response_lens, variant):
     net = build(config, "cpu")
     shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
     base = resident_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak (VmHWM) to the current RSS
+    # "5": reset the peak (VmHWM) to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step = ranking_step(net, naive if variant == "naive" else shared, variant == "naive", torch.device("cpu"),
                         instructions)
@@ -235,15 +248,17 @@ def random_prompts(vocab, lengths, seed):
 
 
 def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
-    """tokens/s of greedy generation: model.generate eager and compiled, transformers' generate; the share of
-    rows where all three gave the same tokens; seconds of the compiled step's first call (compilation)."""
+    """tokens/s of greedy generation: model.generate eager and compiled, transformers'
+    generate; the share of rows where all three gave the same tokens; seconds of the
+    compiled step's first call (compilation)."""
     prompts = random_prompts(net.args.vocab_size, [prompt_len] * batch, seed=batch)
     input_ids = torch.tensor(prompts, device=device)
     results = {}
 
     def ours(compile):
         def run():
-            with autocast(device):  # eos_id -1: never stops, every row makes new_tokens tokens
+            # eos_id -1: never stops, every row makes new_tokens tokens
+            with autocast(device):
                 results[compile] = model.generate(net, prompts, new_tokens, eos_id=-1, compile=compile)[0]
         return run
 
@@ -257,8 +272,9 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
     ours(True)()
     compile_seconds = time.perf_counter() - start
     times = race({"eager": ours(False), "compiled": ours(True), "transformers": theirs}, device, repeats)
-    # where each row's three outputs first differ (new_tokens: nowhere; every row makes new_tokens tokens): in
-    # bf16 a random model's near-tied logits part ways after a few tokens
+    # where each row's three outputs first differ (new_tokens: nowhere; every row makes
+    # new_tokens tokens): in bf16 a random model's near-tied logits part ways after a few
+    # tokens
     first_difference = [next((i for i, tokens in enumerate(zip(a, b, c)) if len(set(tokens)) > 1), new_tokens)
                         for a, b, c in zip(results[False], results[True], results["theirs"])]
     same = sum(at == new_tokens for at in first_difference) / batch
@@ -267,8 +283,9 @@ def bench_generation(net, hf, device, batch, prompt_len, new_tokens, repeats):
 
 
 def weight_read_ceiling(net, device, repeats):
-    """(tokens/s, bytes): what batch-1 decoding cannot exceed on this machine. Each new token reads every
-    weight matrix once (of the embedding table, one row), so one pass over them bounds a decode step."""
+    """(tokens/s, bytes): what batch-1 decoding cannot exceed on this machine. Each new
+    token reads every weight matrix once (of the embedding table, one row), so one pass
+    over them bounds a decode step."""
     weights = [w for w in net.parameters() if w is not net.tok_embeddings.weight or net.args.tie_embeddings]
 
     def read_all():
@@ -284,10 +301,11 @@ def per_row_generators(device, seed, rows):
 
 
 class IdsAsText:
-    """What teacher.sample_diverse asks of a tokenizer, over random token ids: prompt i is the text "i", a
-    response's text is its ids, and EOS is -1, so a random model never ends and every row makes all its tokens
-    in both arms."""
+    """What teacher.sample_diverse asks of a tokenizer, over random token ids: prompt i is
+    the text "i", a response's text is its ids, and EOS is -1, so a random model never
+    ends and every row makes all its tokens in both arms."""
     eos_id = -1
+    stop_ids = [eos_id]  # data.Tokenizer's: what generation stops at, EOS first
 
     def __init__(self, prompts):
         self.prompts = prompts
@@ -300,11 +318,13 @@ class IdsAsText:
 
 
 def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_size=128, temperature=0.8):
-    """samples/s of contextual ranking's student sampling, teacher.sample_diverse (the diversity rule
-    included): batch_size rows decoding together vs one instruction (its rows) at a time; each row draws from
-    its own generator, so both must give the same samples."""
+    """samples/s of contextual ranking's student sampling, teacher.sample_diverse (the
+    diversity rule included): batch_size rows decoding together vs one instruction (its
+    rows) at a time; each row draws from its own generator, so both must give the same
+    samples."""
     import teacher  # imports requests: only this section needs it
-    tok, results = IdsAsText(prompts), {}
+    tok = IdsAsText(prompts)
+    results = {}
 
     def arm(name, rows):
         def run():
@@ -325,18 +345,24 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
 
 # ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
 
-# What a one-GPU reproduction processes (METHOD.md's pipeline; token counts as the benchmarks above).
+# What a one-GPU reproduction processes (README, "A real reproduction, stage by stage";
+# token counts as the benchmarks above).
 ALPACA = 52_002  # instructions
 SFT_EPOCHS = 3  # Alpaca's recipe
-SAMPLES_PER_INSTRUCTION = 4  # student samples for contextual ranking (one round; diversity retries add more)
-EVAL_ANSWERS, EVAL_CHECKPOINTS = 12_000, 3  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
-EVAL_PROMPT_LEN, EVAL_NEW_TOKENS = 200, 128
-LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # README's 1-GPU command
+# student samples for contextual ranking (one round; diversity retries add more)
+SAMPLES_PER_INSTRUCTION = 4
+EVAL_ANSWERS = 12_000  # Super-NI 119 x 100 + LMentry + Vicuna; Alpaca, Tuna_p, Tuna
+EVAL_CHECKPOINTS = 3
+EVAL_PROMPT_LEN = 200
+EVAL_NEW_TOKENS = 128
+# README's 1-GPU command
+LORA = dict(rank=64, alpha=16.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
 
 def measure_stage(device, fn, repeats):
-    """fn's median seconds (race) and the peak of CUDA memory allocated meanwhile (weights included: what
-    must fit), or (None, None) where it ran out of memory (under --memory-cap: the stage does not fit)."""
+    """fn's median seconds (race) and the peak of CUDA memory allocated meanwhile (weights
+    included: what must fit), or (None, None) where it ran out of memory (under
+    --memory-cap: the stage does not fit)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -348,12 +374,14 @@ def measure_stage(device, fn, repeats):
 
 
 def reproduction_hours(args, device, repeats, instructions=16, peak=None):
-    """Expected hours of each stage of a one-GPU reproduction, from model.py's measured per-token costs at the
-    shape `args` (bf16 weights; training with LoRA, as README's one-GPU command, gradient checkpointing where
-    tuna.needs_checkpointing says memory needs it; 16 instructions per step as the authors), with each stage's
-    peak memory and the settings it ran with. Generation: the compiled decode step (CUDA graphs), as many rows
-    as fit (model.auto_batch_rows). Teacher API time is not included. Generation runs every row to its length
-    (a random model never ends): its hours are upper bounds for those lengths. peak: TFLOP/s, for MFU."""
+    """Expected hours of each stage of a one-GPU reproduction, from model.py's measured
+    per-token costs at the shape `args` (bf16 weights; training with LoRA, as README's
+    one-GPU command, gradient checkpointing where tuna.needs_checkpointing says memory
+    needs it; 16 instructions per step as the authors), with each stage's peak memory and
+    the settings it ran with. Generation: the compiled decode step (CUDA graphs), as many
+    rows as fit (model.auto_batch_rows). Teacher API time is not included. Generation runs
+    every row to its length (a random model never ends): its hours are upper bounds for
+    those lengths. peak: TFLOP/s, for MFU."""
     torch.manual_seed(0)
     with torch.device(device):
         net = model.Transformer(args)
@@ -369,7 +397,10 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     def answer(prompts):
         model.generate(net, prompts, EVAL_NEW_TOKENS, eos_id=-1, compile=True)
 
-    costs, memory, settings, mfu = {}, {}, {}, {}
+    costs = {}
+    memory = {}
+    settings = {}
+    mfu = {}
     for name, fn, prompt_len, new_tokens, per_prompt, seed in (
             ("sample", sample, PROMPT_LEN, mean_response, SAMPLES_PER_INSTRUCTION, 1),
             ("answer", answer, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, 1, 2)):
@@ -378,7 +409,8 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
         prompts = random_prompts(args.vocab_size, [prompt_len] * max(1, rows // per_prompt), seed=seed)
         seconds, memory[name] = measure_stage(device, functools.partial(fn, prompts), repeats)
         items = len(prompts) * per_prompt
-        costs[name] = seconds / items if seconds else None  # seconds per sample, per greedy answer
+        # seconds per sample, per greedy answer
+        costs[name] = seconds / items if seconds else None
         settings[name] = f"{items} rows (auto), compiled decode step"
     tuna.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
     net.train()
@@ -396,7 +428,8 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
         mfu[name] = tuple(f / seconds / (peak * 1e12) for f in flops) if seconds and peak else None
         settings[name] = (f"LoRA rank {LORA['rank']}, {instructions} instructions per step, gradient "
                           f"checkpointing {'on' if net.gradient_checkpointing else 'off'} (auto)")
-    rank_tokens = ALPACA * (PROMPT_LEN + sum(RESPONSE_LENS_K5))  # one prefix-shared row per instruction
+    # one prefix-shared row per instruction
+    rank_tokens = ALPACA * (PROMPT_LEN + sum(RESPONSE_LENS_K5))
     stages = [("SFT", "sft", ALPACA * SFT_EPOCHS * (PROMPT_LEN + mean_response),
                f"{ALPACA} x {SFT_EPOCHS} epochs x {PROMPT_LEN + mean_response} tokens"),
               ("Tuna_p", "rank", rank_tokens,
@@ -411,13 +444,22 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     return costs, hours, memory, settings, mfu
 
 
+def rate(cost, unit):
+    """Seconds per unit as units per second."""
+    return f"{1 / cost:.1f} {unit}" if cost else "does not fit"
+
+
+def mib(size):
+    """Bytes as MiB; 0 or less: the measure could not see it."""
+    return f"{size / 2**20:.0f} MiB" if size > 0 else "n/a (below resolution)"
+
+
 def print_reproduction_hours(device, repeats, peak, memory_cap):
     args = model.ModelArgs.from_name("llama-7b")
     cap = f", memory capped at {memory_cap:g} GiB" if memory_cap else ""
     print(f"bench.py on {torch.cuda.get_device_name(device)}, torch {torch.__version__}: a one-GPU "
           f"reproduction at LLaMA-7B's shape (bf16, LoRA rank {LORA['rank']}){cap}, from measured costs")
     costs, stages, memory, settings, mfu = reproduction_hours(args, device, repeats, peak=peak)
-    rate = lambda cost, unit: f"{1 / cost:.1f} {unit}" if cost else "does not fit"  # noqa: E731
     print(f"measured: train {rate(costs['sft'], 'tok/s')} (SFT rows), {rate(costs['rank'], 'tok/s')} (K=5 "
           f"prefix-shared rows); {rate(costs['sample'], 'samples/s')}; "
           f"{rate(costs['answer'], 'greedy answers/s')}")
@@ -433,7 +475,7 @@ def print_reproduction_hours(device, repeats, peak, memory_cap):
         print(f"   {'total':17s} {sum(h for _, _, h, _ in stages):7.1f} h   (teacher API calls not included)")
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help=f"{', '.join(BENCH_CONFIGS)}, gpu-7b or a model.py "
                         "name (default: cpu-small on CPU, gpu-1b on CUDA)")
@@ -447,12 +489,17 @@ def main():
                         "(torch.cuda.set_per_process_memory_fraction), to measure what fits a smaller card")
     parser.add_argument("--memory-probe", choices=["prefix", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--candidates", type=int, default=4, choices=[4, 5], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser, parser.parse_args()
+
+
+def main():
+    parser, args = parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     config = args.config or ("gpu-1b" if gpu else "cpu-small")
-    if config not in (*BENCH_CONFIGS, "gpu-7b", *model.CONFIGS):  # bad input: one line, never a traceback
-        parser.error(f"--config {config}: not one of {', '.join((*BENCH_CONFIGS, 'gpu-7b', *model.CONFIGS))}")
+    known_configs = (*BENCH_CONFIGS, "gpu-7b", *model.CONFIGS)
+    if config not in known_configs:  # bad input: one line, never a traceback
+        parser.error(f"--config {config}: not one of {', '.join(known_configs)}")
     if importlib.util.find_spec("transformers") is None:
         parser.exit(1, "bench.py: error: transformers is not installed (the comparison needs it): pip "
                        "install -r tests/requirements.txt\n")
@@ -472,12 +519,20 @@ def main():
             sys.exit("bench.py: error: --config gpu-7b needs a CUDA GPU: it measures a 7B model's per-token "
                      "costs there")
         return print_reproduction_hours(device, min(repeats, 3), peak, args.memory_cap)
-    train_batch, train_seq = (8, 512) if gpu else (2, 256)
-    gen_prompt, gen_new = (128, 128) if gpu else (32, 32)
-    sample_lens, sample_new = ((64, 192), 128) if gpu else ((16, 64), 32)
-
     net = build(config, device)
     hf = hf_twin(net)
+    print_parity(net, hf, config, device)
+    print_train_step(net, hf, config, device, repeats, peak)
+    hf.cpu()
+    del hf
+    print_ranking(net, config, device, instructions, repeats)
+    print_generation(net, device, repeats)
+    print_sampling(net, device, repeats)
+
+
+def print_parity(net, hf, config, device):
+    """The machine, the model, and that model.py and transformers compute the same logits."""
+    gpu = device.type == "cuda"
     a = net.args
     device_name = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"bench.py on {device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
@@ -488,6 +543,11 @@ def main():
         gap = (net(probe) - hf(input_ids=probe).logits.float()).abs().max().item()
     print(f"same weights: max |logits difference| model.py vs transformers = {gap:.2e}")
 
+
+def print_train_step(net, hf, config, device, repeats, peak):
+    """Section 1: a training step, model.py against transformers, with and without grouped-query."""
+    train_batch, train_seq = (8, 512) if device.type == "cuda" else (2, 256)
+    a = net.args
     print(f"\n1. train step, batch {train_batch} x {train_seq} tokens (target >= 1.0x):")
     for label, kv_heads in (("multi-head", a.n_heads), ("grouped-query", a.n_heads // 4)):
         twin_net = net if kv_heads == a.n_heads else build(config, device, n_kv_heads=kv_heads)
@@ -503,9 +563,10 @@ def main():
               f"{flops / 1e9:.3f} GFLOP/token -> {achieved * 1000:.1f} GFLOP/s{utilisation}")
         del twin_net, twin_hf
 
-    hf.cpu()
-    del hf
-    mib = lambda n: f"{n / 2**20:.0f} MiB" if n > 0 else "n/a (below resolution)"  # noqa: E731
+
+def print_ranking(net, config, device, instructions, repeats):
+    """Section 2: the ranking step on prefix-shared rows against one row per candidate, K = 4 and 5."""
+    gpu = device.type == "cuda"
     where = " (CUDA max_memory_allocated above the weights)" if gpu else \
         " (RSS peak above the weights, fresh process)"
     print(f"\n2. ranking loss + backward (tuna.py), {instructions} instruction(s), prompt {PROMPT_LEN} "
@@ -520,6 +581,10 @@ def main():
         print(f"      prefix sharing: {times['naive'] / times['prefix']:.2f}x faster, "
               f"{memory['naive'] / max(memory['prefix'], 1):.2f}x less memory")
 
+
+def print_generation(net, device, repeats):
+    """Section 3: greedy decoding, eager and compiled, against transformers, at batch 1 and 8."""
+    gen_prompt, gen_new = (128, 128) if device.type == "cuda" else (32, 32)
     hf = hf_twin(net)
     net.eval()
     hf.eval()
@@ -544,8 +609,13 @@ def main():
     hf.cpu()
     del hf
 
-    prompts = random_prompts(a.vocab_size, torch.randint(*sample_lens, (32,), generator=torch.Generator()
-                                                         .manual_seed(0)).tolist(), seed=3)
+
+def print_sampling(net, device, repeats):
+    """Section 4: contextual ranking's student sampling, batched against one instruction at a time."""
+    sample_lens, sample_new = ((64, 192), 128) if device.type == "cuda" else ((16, 64), 32)
+    lengths_generator = torch.Generator().manual_seed(0)
+    prompt_lens = torch.randint(*sample_lens, (32,), generator=lengths_generator).tolist()
+    prompts = random_prompts(net.args.vocab_size, prompt_lens, seed=3)
     speed, same, rounds = bench_sampling(net, device, prompts, 4, sample_new, max(3, repeats // 2))
     print(f"\n4. student sampling (teacher.sample_diverse), 32 instructions of {sample_lens[0]}-"
           f"{sample_lens[1]} tokens x 4 samples of {sample_new} tokens, temperature 0.8, a generator per row "
@@ -555,7 +625,6 @@ def main():
           f"{speed['batched'] / speed['one instruction at a time']:.2f}x; "
           f"same samples for {same:.0%} of instructions; diversity rule: {rounds:.1f} rounds per instruction "
           "(mean; samples/s counts the kept 4)")
-
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Tokenizer, Alpaca prompt, training examples and the data files of the Tuna pipeline (METHOD.md).
+"""Tokenizer, Alpaca prompt, training examples and the data files of the Tuna pipeline.
 
 No model here: the teacher, the evaluation and the training loop all read and write data through
 this file. Every reader validates what it reads and fails with a DataError that names the file, the
@@ -29,40 +29,44 @@ from dataclasses import asdict, dataclass, field
 import sentencepiece as spm
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, the line (1-based) or record index (0-based, in a
-    JSON list), and the field: "alpaca.json, record 3, field 'output': empty"."""
+    """Bad input data; the message names the file, the line (1-based) or record index
+    (0-based, in a JSON list), and the field: "alpaca.json, record 3, field 'output':
+    empty"."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """The checkpoint's tokenizer with LLaMA's conventions: Tokenizer(folder) opens tokenizer.model
-    (sentencepiece: LLaMA 1/2, Mistral, TinyLlama) when the folder has one, else tokenizer.json (byte-level
-    BPE: Llama 3, SmolLM2; see ByteLevelBPE). A file path opens that file.
+    """The checkpoint's tokenizer with LLaMA's conventions: Tokenizer(folder) opens
+    tokenizer.model (sentencepiece: LLaMA 1/2, Mistral, TinyLlama) when the folder has
+    one, else tokenizer.json (byte-level BPE: Llama 3, SmolLM2; see ByteLevelBPE). A file
+    path opens that file.
 
     eos_id ends every training response; stop_ids are all the ids generation stops at: eos_id, then
     generation_config.json's eos_token_id beside the file (Llama 3.x Instruct lists 128001, 128008, 128009:
     end of text, end of a tool call's message, end of a turn).
 
-    encode() never produces a control or special token from text: text that looks like "</s>" or
-    "<|end_of_text|>" is encoded as text, as Meta's llama does it (and transformers' slow LlamaTokenizer
-    with legacy=True). bos_id is None where the checkpoint's tokenizer puts nothing before a text (GPT-2
-    style).
+    encode() never produces a control or special token from text: text that looks like
+    "</s>" or "<|end_of_text|>" is encoded as text, as Meta's llama does it (and
+    transformers' slow LlamaTokenizer with legacy=True). bos_id is None where the
+    checkpoint's tokenizer puts nothing before a text (GPT-2 style).
 
     Padding: LLaMA's model has no pad piece (sentencepiece pad_id() == -1, which no embedding can
     look up). Alpaca and Tuna add a "[PAD]" token and resize the embeddings; we do not, so checkpoints
     keep their shapes. We pad with the unknown-piece id (0 in LLaMA) instead: with byte fallback,
     sentencepiece encodes every string without it, so a pad can never be mistaken for text. Not EOS:
     code that masks `ids == pad_id` (Alpaca's collator and Tuna's labels do) would then drop every
-    real EOS from the loss and the model would never learn to stop (METHOD.md: the authors added a
-    pad token instead). A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
+    real EOS from the loss and the model would never learn to stop (the authors added a
+    pad token instead: LMOps tuna/src/train_tuna.py, smart_tokenizer_and_embedding_resize).
+    A BPE tokenizer pads with a special token other than EOS (ByteLevelBPE), or with
     EOS where it has no other (GPT-2): safe here, as every mask the project builds comes from
     lengths, never from comparing ids with pad_id.
-    """
+"""
 
     def __init__(self, model_path):
         path = str(model_path)
-        if os.path.isdir(path):  # a checkpoint folder: sentencepiece first, as LLaMA 1/2 folders hold both
+        # a checkpoint folder: sentencepiece first, as LLaMA 1/2 folders hold both
+        if os.path.isdir(path):
             found = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")
                      if os.path.isfile(os.path.join(path, name))]
             if not found:
@@ -86,9 +90,11 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
-        except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on version
+        # sentencepiece raises OSError or RuntimeError depending on version
+        except Exception as e:
             raise DataError(f"{path}: not a sentencepiece model ({e}){_tiktoken_hint(path)}") from None
-        self.files = {"tokenizer.model": path}  # name in a checkpoint -> this file: what a saved one copies
+        # name in a checkpoint -> this file: what a saved one copies
+        self.files = {"tokenizer.model": path}
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -102,11 +108,12 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         if self.bpe:
             return self.bpe.decode(ids)
-        return self.sp.decode([int(i) for i in ids])  # BOS/EOS (control pieces) decode to nothing
+        # BOS/EOS (control pieces) decode to nothing
+        return self.sp.decode([int(i) for i in ids])
 
     def piece_bytes(self, token_id: int) -> bytes:
-        """The bytes of the normalized text a token covers ("▁" is a space, "<0xE6>" one byte); b"" for
-        control and special tokens."""
+        """The bytes of the normalized text a token covers ("▁" is a space, "<0xE6>" one
+        byte); b"" for control and special tokens."""
         if self.bpe:
             return self.bpe.piece_bytes(token_id)
         if self.sp.is_byte(token_id):
@@ -117,8 +124,9 @@ class Tokenizer:
 
 
 def _stop_ids(eos_id, folder, vocab_size, files):
-    """[eos_id] + generation_config.json's eos_token_id (one id or a list) not already in it; the file joins
-    files (what a saved checkpoint copies) so that the checkpoint stops where this one does."""
+    """[eos_id] + generation_config.json's eos_token_id (one id or a list) not already in
+    it; the file joins files (what a saved checkpoint copies) so that the checkpoint stops
+    where this one does."""
     path = os.path.join(folder, "generation_config.json")
     listed = _read_json_object(path).get("eos_token_id") if os.path.isfile(path) else None
     if listed is None:
@@ -144,16 +152,18 @@ def _tiktoken_hint(path):
 
 # ---------------------------------------------------------------------- byte-level BPE (tokenizer.json)
 #
-# The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging Face's tokenizer.json by
-# hand (the `tokenizers` package is not needed). Encoding a text takes these steps, as in `tokenizers`:
+# The tokenizer of GPT-2, Llama 3, SmolLM2 and most recent models, read from Hugging
+# Face's tokenizer.json by hand (the `tokenizers` package is not needed). Encoding a text
+# takes these steps, as in `tokenizers`:
 #   0. added tokens that are not special (DeepSeek's "<｜User｜>", Qwen's "<think>") are cut out of the text
 #      first, and the rest is normalized (NFC for Qwen; most files have no normalizer);
 #   1. pre-tokenize: regexes cut the text into words ("Hello", " world", "!", " 123");
 #   2. byte level: each word's UTF-8 bytes become printable characters, one per byte (GPT-2's table), so any
 #      text is spelled with 256 symbols (a vocabulary lacking a symbol drops that byte, as `tokenizers` does);
 #   3. BPE: from single bytes, the adjacent pair with the lowest merge rank is merged until no pair has one.
-# Special tokens are never produced from text. Everything else a tokenizer.json may say (another normalizer,
-# another model type, byte fallback, other pre-tokenizers or split behaviours) is refused by name.
+# Special tokens are never produced from text. Everything else a tokenizer.json may say
+# (another normalizer, another model type, byte fallback, other pre-tokenizers or split
+# behaviours) is refused by name.
 
 def _byte_to_char():
     """GPT-2's table: printable bytes stand for themselves, the other 68 for chr(256), chr(257), ..."""
@@ -166,8 +176,8 @@ def _byte_to_char():
 BYTE_TO_CHAR = _byte_to_char()
 CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 
-# What the ByteLevel pre-tokenizer splits with (use_regex=True): GPT-2's pattern, in Oniguruma syntax as
-# `tokenizers` writes it; _python_regex translates it like any other.
+# What the ByteLevel pre-tokenizer splits with (use_regex=True): GPT-2's pattern, in
+# Oniguruma syntax as `tokenizers` writes it; _python_regex translates it like any other.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
@@ -190,7 +200,8 @@ def _unicode_class(name):
     def escape(code):  # the characters with a meaning inside [...]
         return "\\" + chr(code) if chr(code) in "\\]^-[" else chr(code)
 
-    ranges, start = [], None
+    ranges = []
+    start = None
     for code in range(sys.maxunicode + 2):
         inside = code <= sys.maxunicode and member(chr(code))
         if inside and start is None:
@@ -214,7 +225,9 @@ def _python_regex(pattern, where):
     def refuse(what):
         return DataError(f"{where}: {what} is not implemented (regex {pattern!r})")
 
-    out, i, in_class = [], 0, False
+    out = []
+    i = 0
+    in_class = False
     while i < len(pattern):
         char = pattern[i]
         if char == "\\" and i + 1 < len(pattern):
@@ -223,12 +236,15 @@ def _python_regex(pattern, where):
                 found = re.match(r"\{(\^?)(\w+)\}", pattern[i + 2:])
                 if not found or found.group(2) not in UNICODE_CATEGORIES:
                     raise refuse(f"the Unicode property {pattern[i:i + 12]!r}")
-                body, negated = _unicode_class(found.group(2)), (code == "P") != bool(found.group(1))
+                body = _unicode_class(found.group(2))
+                negated = (code == "P") != bool(found.group(1))
                 i += 2 + found.end()
             elif code in "sS":
-                body, negated = _unicode_class("White_Space"), code == "S"
+                body = _unicode_class("White_Space")
+                negated = code == "S"
                 i += 2
-            elif code in "rntfv" or not code.isalnum():  # control characters, escaped punctuation: the same
+            # control characters, escaped punctuation: the same
+            elif code in "rntfv" or not code.isalnum():
                 out.append(pattern[i:i + 2])
                 i += 2
                 continue
@@ -261,10 +277,11 @@ def _python_regex(pattern, where):
 
 
 def _split_isolated(regex):
-    """A pre-tokenizer step: every match of regex becomes a piece of its own, and so does the text between
-    matches (`tokenizers`' "Isolated" split behaviour)."""
+    """A pre-tokenizer step: every match of regex becomes a piece of its own, and so does
+    the text between matches (`tokenizers`' "Isolated" split behaviour)."""
     def split(piece):
-        pieces, end = [], 0
+        pieces = []
+        end = 0
         for match in regex.finditer(piece):
             if match.end() == match.start():  # an empty match cuts nothing
                 continue
@@ -279,8 +296,9 @@ def _split_isolated(regex):
 
 
 def _byte_level(add_prefix_space, use_regex, where):
-    """The ByteLevel pre-tokenizer: a space before each piece that lacks one (add_prefix_space), GPT-2's
-    split (use_regex), then every byte as its printable character."""
+    """The ByteLevel pre-tokenizer: a space before each piece that lacks one
+    (add_prefix_space), GPT-2's split (use_regex), then every byte as its printable
+    character."""
     split = _split_isolated(_python_regex(GPT2_PATTERN, where)) if use_regex else lambda piece: [piece]
 
     def step(piece):
@@ -291,8 +309,9 @@ def _byte_level(add_prefix_space, use_regex, where):
 
 
 def _pre_tokenizer_steps(spec, where):
-    """tokenizer.json's pre_tokenizer -> a list of functions, piece -> pieces, applied in order. Exactly one
-    ByteLevel step must be among them (else this is not a byte-level BPE)."""
+    """tokenizer.json's pre_tokenizer -> a list of functions, piece -> pieces, applied in
+    order. Exactly one ByteLevel step must be among them (else this is not a byte-level
+    BPE)."""
     if not isinstance(spec, dict):
         raise DataError(f"{where}: expected an object, got {spec!r}")
     kind = spec.get("type")
@@ -301,13 +320,17 @@ def _pre_tokenizer_steps(spec, where):
                 for step in _pre_tokenizer_steps(inner, f"{where}.pretokenizers[{k}]")]
     if kind == "ByteLevel":
         step = _byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True), where)
-        step.add_prefix_space = spec.get("add_prefix_space", True)  # marks the ByteLevel step (ByteLevelBPE)
+        # marks the ByteLevel step (ByteLevelBPE)
+        step.add_prefix_space = spec.get("add_prefix_space", True)
         return [step]
-    if kind == "Digits":  # tokenizers splits on char::is_numeric, the Unicode categories Nd, Nl and No
+    # tokenizers splits on char::is_numeric, the Unicode categories Nd, Nl and No
+    if kind == "Digits":
         run = "" if spec.get("individual_digits", False) else "+"
         return [_split_isolated(_python_regex(r"\p{N}" + run, where))]
     if kind == "Split":
-        pattern, behavior, invert = spec.get("pattern") or {}, spec.get("behavior"), spec.get("invert", False)
+        pattern = spec.get("pattern") or {}
+        behavior = spec.get("behavior")
+        invert = spec.get("invert", False)
         if behavior != "Isolated" or invert:
             raise DataError(f"{where}: Split with behavior={behavior!r}, invert={invert!r} is not "
                             "implemented (only behavior 'Isolated', invert false)")
@@ -349,20 +372,24 @@ def _word_char(char):
     punctuation and the joiners."""
     if not char:
         return False
-    category, code = unicodedata.category(char), ord(char)
+    category = unicodedata.category(char)
+    code = ord(char)
     return (category[0] in "LM" or category in ("Nd", "Nl", "Pc") or char in "\u200c\u200d"
             or 0x24B6 <= code <= 0x24E9 or 0x1F130 <= code <= 0x1F149 or 0x1F150 <= code <= 0x1F169
             or 0x1F170 <= code <= 0x1F189)
 
 
 def _added_token_finder(tokens, normalize):
-    """A function text -> [(piece, added token or None)] covering the text, as `tokenizers`' AddedVocabulary
-    finds its tokens: at the leftmost place where any matches, the longest (its content normalized when the
-    token says normalized=true); single_word drops a match inside a word, lstrip / rstrip take the whitespace
-    before / after a match into it. A special token found is left as text (encode never makes one), and no
-    other token is looked for inside it: `tokenizers` with encode_special_tokens=True does the same."""
+    """A function text -> [(piece, added token or None)] covering the text, as
+    `tokenizers`' AddedVocabulary finds its tokens: at the leftmost place where any
+    matches, the longest (its content normalized when the token says normalized=true);
+    single_word drops a match inside a word, lstrip / rstrip take the whitespace before /
+    after a match into it. A special token found is left as text (encode never makes one),
+    and no other token is looked for inside it: `tokenizers` with
+    encode_special_tokens=True does the same."""
     by_pattern = {}
-    for token in sorted(tokens, key=lambda token: not token.get("special")):  # tokenizers: special ones first
+    # tokenizers: special ones first
+    for token in sorted(tokens, key=lambda token: not token.get("special")):
         by_pattern.setdefault(normalize(token["content"]), token)
     if not by_pattern:
         return lambda text: [(text, None)]
@@ -370,9 +397,12 @@ def _added_token_finder(tokens, normalize):
     regex = re.compile("|".join(map(re.escape, sorted(by_pattern, key=len, reverse=True))))
 
     def find(text):
-        pieces, done = [], 0
+        pieces = []
+        done = 0
         for match in regex.finditer(text):
-            token, start, stop = by_pattern[match.group()], match.start(), match.end()
+            token = by_pattern[match.group()]
+            start = match.start()
+            stop = match.end()
             if token.get("special"):
                 continue
             inside_a_word = _word_char(text[start - 1:start]) or _word_char(text[stop:stop + 1])
@@ -398,28 +428,33 @@ def _special_token_content(value):
 class ByteLevelBPE:
     """A byte-level BPE tokenizer read from tokenizer.json, with its special tokens from the files beside it.
 
-    BOS is what the checkpoint's own tokenizer puts before a text: tokenizer.json's post_processor (a
-    TemplateProcessing "<|begin_of_text|> $A", as Llama 3's) or tokenizer_config.json's add_bos_token; None if
-    neither (GPT-2). EOS is tokenizer_config.json's eos_token (special_tokens_map.json's in older
-    folders), else generation_config.json's eos_token_id (the first of a list). The pad id is a special token
-    (never produced from text) other than EOS: tokenizer_config.json's pad_token if it is one, else the first
-    special token that is neither BOS nor EOS, else BOS, else EOS itself (GPT-2: see Tokenizer)."""
+    BOS is what the checkpoint's own tokenizer puts before a text: tokenizer.json's
+    post_processor (a TemplateProcessing "<|begin_of_text|> $A", as Llama 3's) or
+    tokenizer_config.json's add_bos_token; None if neither (GPT-2). EOS is
+    tokenizer_config.json's eos_token (special_tokens_map.json's in older folders), else
+    generation_config.json's eos_token_id (the first of a list). The pad id is a special
+    token (never produced from text) other than EOS: tokenizer_config.json's pad_token if
+    it is one, else the first special token that is neither BOS nor EOS, else BOS, else
+    EOS itself (GPT-2: see Tokenizer)."""
 
     def __init__(self, path):
         spec = _read_json_object(path)
-        self.path, self.files = path, {"tokenizer.json": path}  # file name in a checkpoint -> the file read
+        # file name in a checkpoint -> the file read
+        self.path, self.files = path, {"tokenizer.json": path}
         for key in ("truncation", "padding"):
             if spec.get(key) is not None:
                 raise DataError(f"{path}: {key}={spec[key]!r} is not implemented (it changes what encode "
                                 "returns)")
-        self.special_ids, self.added = {}, {}  # content -> id: special added tokens; content -> the others
+        # content -> id: special added tokens; content -> the others
+        self.special_ids, self.added = {}, {}
         for k, token in enumerate(spec.get("added_tokens") or []):
             _check_added_token(token, f"{path}: added_tokens[{k}]")
             if token["special"]:
                 self.special_ids[token["content"]] = token["id"]
             else:
                 self.added[token["content"]] = token
-        self._read_model(spec.get("model") or {})  # first: it says best what kind of tokenizer this is
+        # first: it says best what kind of tokenizer this is
+        self._read_model(spec.get("model") or {})
         self.normalize = _normalizer(spec.get("normalizer"), f"{path}: normalizer")
         decoder = spec.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
@@ -430,8 +465,9 @@ class ByteLevelBPE:
             raise DataError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step (or "
                             "several): not a byte-level BPE tokenizer")
         self.add_prefix_space = byte_level[0]
-        # added tokens are found in the text before anything else, in two passes: those with normalized=false
-        # in the text as given, the others in the normalized text (special ones too, then skipped: see encode)
+        # added tokens are found in the text before anything else, in two passes: those
+        # with normalized=false in the text as given, the others in the normalized text
+        # (special ones too, then skipped: see encode)
         added_tokens = spec.get("added_tokens") or []
         self.find_raw = _added_token_finder([t for t in added_tokens if not t.get("normalized", True)], str)
         self.find_normalized = _added_token_finder([t for t in added_tokens if t.get("normalized", True)],
@@ -440,7 +476,8 @@ class ByteLevelBPE:
         self.vocab_size = 1 + max([*self.vocab.values(), *added_ids])
         self.token_bytes = {i: bytes(CHAR_TO_BYTE[c] for c in token) for token, i in self.vocab.items()
                             if i not in added_ids}
-        for content, token in self.added.items():  # decoded as their text, as `tokenizers` decodes them
+        # decoded as their text, as `tokenizers` decodes them
+        for content, token in self.added.items():
             self.token_bytes[token["id"]] = content.encode("utf-8")
         self.cache = {}  # word -> ids: text repeats its words
         folder = os.path.dirname(os.path.abspath(path))
@@ -451,8 +488,9 @@ class ByteLevelBPE:
         pad_content = _special_token_content(config.get("pad_token"))
         preferred = [self.special_ids[pad_content]] if pad_content in self.special_ids else []
         candidates = preferred + sorted(special - {self.bos_id}) + [self.bos_id]
-        # GPT-2 has no special token but EOS: padding with it is safe, as the project builds
-        # every mask from lengths and never compares ids with pad_id (README, Models)
+        # GPT-2 has no special token but EOS: padding with it is safe, as the project
+        # builds every mask from lengths and never compares ids with pad_id (README,
+        # Models)
         self.pad_id = next((i for i in candidates if i in special and i != self.eos_id), self.eos_id)
 
     def _read_model(self, model):
@@ -470,22 +508,26 @@ class ByteLevelBPE:
         if not_bytes:
             raise DataError(f"{where}: not a byte-level vocabulary: tokens outside GPT-2's byte alphabet "
                             f"{not_bytes[:5]}")
-        # A byte whose symbol the vocabulary lacks (SmolLM2 lacks 21 of 256) becomes unk_token, or is dropped
-        # when there is none, before any merge, as `tokenizers`' BPE.merge_word does.
+        # A byte whose symbol the vocabulary lacks (SmolLM2 lacks 21 of 256) becomes
+        # unk_token, or is dropped when there is none, before any merge, as `tokenizers`'
+        # BPE.merge_word does.
         self.unk_token, self.fuse_unk = model.get("unk_token"), bool(model.get("fuse_unk"))
         if self.unk_token is not None and self.unk_token not in self.vocab:
             raise DataError(f"{where}.unk_token={self.unk_token!r} is not a token of the vocabulary")
-        self.merge_ranks = {}  # (left, right) -> rank: the earlier a merge was learned, the sooner it applies
+        # (left, right) -> rank: the earlier a merge was learned, the sooner it applies
+        self.merge_ranks = {}
         for rank, merge in enumerate(model.get("merges") or []):
-            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)  # "a b" or ["a", "b"]
+            # "a b" or ["a", "b"]
+            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
             if len(pair) != 2 or any(part not in self.vocab for part in (*pair, "".join(pair))):
                 raise DataError(f"{where}.merges[{rank}] {merge!r}: not two vocabulary tokens merging into "
                                 "one")
             self.merge_ranks.setdefault(pair, rank)
 
     def _read_tokenizer_config(self, folder):
-        """tokenizer_config.json (and the older special_tokens_map.json), where present; settings transformers
-        applies on top of tokenizer.json that data.py does not implement are refused."""
+        """tokenizer_config.json (and the older special_tokens_map.json), where present;
+        settings transformers applies on top of tokenizer.json that data.py does not
+        implement are refused."""
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             path = os.path.join(folder, name)
@@ -524,9 +566,9 @@ class ByteLevelBPE:
         return prefix[0] if prefix else None
 
     def _template_prefix(self, spec, where):
-        """The ids a post_processor puts before the text: none (no post_processor, ByteLevel) or a
-        TemplateProcessing's special tokens before $A. Tokens after $A are refused (encode appends EOS only
-        where asked)."""
+        """The ids a post_processor puts before the text: none (no post_processor,
+        ByteLevel) or a TemplateProcessing's special tokens before $A. Tokens after $A are
+        refused (encode appends EOS only where asked)."""
         if spec is None or spec.get("type") == "ByteLevel":
             return []
         if spec.get("type") == "Sequence":
@@ -535,7 +577,8 @@ class ByteLevelBPE:
         if spec.get("type") != "TemplateProcessing":
             raise DataError(f"{where}: type {spec.get('type')!r} is not implemented (ByteLevel, "
                             "TemplateProcessing)")
-        items, named = spec.get("single") or [], spec.get("special_tokens") or {}
+        items = spec.get("single") or []
+        named = spec.get("special_tokens") or {}
         if [k for k, item in enumerate(items) if "Sequence" in item] != [len(items) - 1]:
             raise DataError(f"{where}: single template {items!r} is not implemented (special tokens, then "
                             "$A)")
@@ -555,15 +598,16 @@ class ByteLevelBPE:
             raise DataError(f"{self.path}: no EOS token: neither tokenizer_config.json's eos_token nor "
                             f"generation_config.json's eos_token_id in {folder}")
         self.files["generation_config.json"] = generation
-        eos = eos[0] if isinstance(eos, list) else eos  # Llama 3 Instruct lists several; EOS is the first
+        # Llama 3 Instruct lists several; EOS is the first
+        eos = eos[0] if isinstance(eos, list) else eos
         if eos not in self.special_ids.values():
             raise DataError(f"{generation}: eos_token_id {eos!r} is not a special token of {self.path}")
         return eos
 
     def encode(self, text):
-        """Added tokens first (those matched as written, then, in the normalized rest, the others), then the
-        pre-tokenizer and BPE on each piece between them, as `tokenizers`'
-        AddedVocabulary.extract_and_normalize followed by the pipeline."""
+        """Added tokens first (those matched as written, then, in the normalized rest, the
+        others), then the pre-tokenizer and BPE on each piece between them, as
+        `tokenizers`' AddedVocabulary.extract_and_normalize followed by the pipeline."""
         ids = []
         for raw, raw_token in self.find_raw(text):
             found = [(raw, raw_token)] if raw_token else self.find_normalized(self.normalize(raw))
@@ -578,19 +622,21 @@ class ByteLevelBPE:
         return [i for piece in pieces for i in self._merge(piece)]
 
     def _merge(self, word):
-        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its occurrences left to
-        right, until no adjacent pair has a rank (for merge lists learned in order, the same as `tokenizers`'
-        queue)."""
+        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its
+        occurrences left to right, until no adjacent pair has a rank (for merge lists
+        learned in order, the same as `tokenizers`' queue)."""
         if word in self.cache:
             return self.cache[word]
-        if self.ignore_merges and word in self.vocab:  # Llama 3: a word that is a token stays whole
+        # Llama 3: a word that is a token stays whole
+        if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
         parts = self._symbols(word)
         while len(parts) > 1:
             rank, pair = min((self.merge_ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
             if rank == math.inf:
                 break
-            merged, k = [], 0
+            merged = []
+            k = 0
             while k < len(parts):
                 if k + 1 < len(parts) and (parts[k], parts[k + 1]) == pair:
                     merged.append(parts[k] + parts[k + 1])
@@ -605,18 +651,21 @@ class ByteLevelBPE:
         return ids
 
     def _symbols(self, word):
-        """The word's byte symbols before any merge. One the vocabulary lacks is dropped, or becomes
-        unk_token (one for a run of them with fuse_unk), as `tokenizers`' BPE.merge_word."""
+        """The word's byte symbols before any merge. One the vocabulary lacks is dropped,
+        or becomes unk_token (one for a run of them with fuse_unk), as `tokenizers`'
+        BPE.merge_word."""
         symbols = []
         for char in word:
             if char in self.vocab:
                 symbols.append(char)
             elif self.unk_token is not None and not (self.fuse_unk and symbols and symbols[-1] is None):
-                symbols.append(None)  # an unknown run, fused or not; None marks it until the run ends
+                # an unknown run, fused or not; None marks it until the run ends
+                symbols.append(None)
         return [self.unk_token if symbol is None else symbol for symbol in symbols]
 
     def piece_bytes(self, token_id):
-        return self.token_bytes.get(int(token_id), b"")  # special tokens (and unused ids) cover no text
+        # special tokens (and unused ids) cover no text
+        return self.token_bytes.get(int(token_id), b"")
 
     def decode(self, ids):
         return b"".join(self.piece_bytes(i) for i in ids).decode("utf-8", "replace")
@@ -624,8 +673,9 @@ class ByteLevelBPE:
 
 # ----------------------------------------------------------------------------- prompt and examples
 
-# The Stanford Alpaca template, both variants (METHOD.md, Pipeline 1). The response follows
-# "### Response:" directly, with no space or newline, exactly as Alpaca's and Tuna's training code.
+# The Stanford Alpaca template, both variants (LMOps tuna/src/train_tuna.py, PROMPT_DICT).
+# The response follows "### Response:" directly, with no space or newline, exactly as
+# Alpaca's and Tuna's training code.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -639,8 +689,8 @@ PROMPT_NO_INPUT = (
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
-    # Alpaca picks the variant by `input != ""`. format() parses only the template, so braces in
-    # the instruction or input are kept as they are.
+    # Alpaca picks the variant by `input != ""`. format() parses only the template, so
+    # braces in the instruction or input are kept as they are.
     template = PROMPT_WITH_INPUT if input != "" else PROMPT_NO_INPUT
     return template.format(instruction=instruction, input=input)
 
@@ -648,26 +698,30 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 def _count_prompt_tokens(tok: Tokenizer, full_ids: list[int], prompt: str, full_text: str) -> int:
     """How many leading tokens of the tokenized prompt+response hold prompt text only.
 
-    Usually the prompt's own tokens are a prefix of the full tokenization. At the seam they can
-    differ: a piece may span the last prompt characters and the first response characters
-    ("...word banan" + "a." -> "▁banana"), or the prompt's last word may be split differently.
-    We then walk the full tokenization's pieces by byte length: a token that holds any response
-    byte belongs to the response (it is trained on), so no response text is ever masked; the
-    prompt ids then decode to the prompt minus its last few characters.
-    """
+    Usually the prompt's own tokens are a prefix of the full tokenization. At the seam
+    they can differ: a piece may span the last prompt characters and the first response
+    characters ("...word banan" + "a." -> "▁banana"), or the prompt's last word may be
+    split differently. We then walk the full tokenization's pieces by byte length: a token
+    that holds any response byte belongs to the response (it is trained on), so no
+    response text is ever masked; the prompt ids then decode to the prompt minus its last
+    few characters.
+"""
     prompt_ids = tok.encode(prompt)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return len(prompt_ids)
-    ends, total = [], 0
+    ends = []
+    total = 0
     for token_id in full_ids:
         total += len(tok.piece_bytes(token_id))
         ends.append(total)
     text_bytes = len(full_text.encode("utf-8"))
-    if total in (text_bytes, text_bytes + 1):  # identity normalization (LLaMA, BPE), +1: a dummy prefix "▁"
+    # identity normalization (LLaMA, BPE), +1: a dummy prefix "▁"
+    if total in (text_bytes, text_bytes + 1):
         boundary = len(prompt.encode("utf-8")) + (total - text_bytes)
         return sum(1 for end in ends if end <= boundary)
-    # Another normalization (e.g. NFKC) or an unknown piece changed the length: fall back to the
-    # longest common prefix of the two tokenizations (commonprefix works on any lists).
+    # Another normalization (e.g. NFKC) or an unknown piece changed the length: fall back
+    # to the longest common prefix of the two tokenizations (commonprefix works on any
+    # lists).
     return len(os.path.commonprefix([full_ids, prompt_ids]))
 
 
@@ -675,16 +729,18 @@ def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: 
                            finished: bool = True):
     """(prompt ids starting with BOS (if the tokenizer has one), response ids ending in EOS), or None.
 
-    One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (METHOD.md, Pipeline 1),
-    split where the prompt text ends (see _count_prompt_tokens). Longer than max_len: the sequence is
-    cut on the right like Alpaca's `truncation=True`, so a truncated response loses its EOS (we do not
-    teach the model to stop mid-sentence). finished=False is a response that a token limit cut when it
-    was generated: no EOS either, for the same reason. None when not even one response token fits: the
-    caller counts and reports such examples instead of training on an all-masked row.
-    """
+    One tokenization of BOS + prompt + response + EOS, as Alpaca's train.py (its
+    preprocess), split where the prompt text ends (see _count_prompt_tokens). Longer than
+    max_len: the sequence is cut on the right like Alpaca's `truncation=True`, so a
+    truncated response loses its EOS (we do not teach the model to stop mid-sentence).
+    finished=False is a response that a token limit cut when it was generated: no EOS
+    either, for the same reason. None when not even one response token fits: the caller
+    counts and reports such examples instead of training on an all-masked row.
+"""
     full_ids = tok.encode(prompt + response)
     n_prompt = _count_prompt_tokens(tok, full_ids, prompt, prompt + response)
-    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]  # BOS where the checkpoint's tokenizer has it
+    # BOS where the checkpoint's tokenizer has it
+    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]
     response_ids = full_ids[n_prompt:] + ([tok.eos_id] if finished else [])
     room = max_len - len(prompt_ids)
     if room < 1 or not response_ids:
@@ -711,7 +767,7 @@ class RankedRecord:
                     lists the positions (in "candidates") of responses a token limit cut when they were
                     generated: they are trained without EOS (encode_prompt_response, finished=False)
     Unknown keys are refused, so a typo cannot silently drop a field. Blank lines are skipped.
-    """
+"""
     id: str
     prompt: str
     candidates: list[str]
@@ -854,14 +910,17 @@ def read_alpaca(path) -> list[dict]:
 
 
 def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
-    """The authors' ranking release: JSON list of {instruction (already templated), id, output: [str],
-    score: [float]}. Candidates are sorted by score, highest first, ties kept in file order (a stable
-    sort, as the authors' code); source["ranks"] keeps the original positions, best first.
+    """The authors' ranking release: JSON list of {instruction (already templated), id,
+    output: [str], score: [float]}. Candidates are sorted by score, highest first, ties
+    kept in file order (a stable sort, as the authors' code); source["ranks"] keeps the
+    original positions, best first.
 
-    skipped: a list to receive one message per record left out because of its content (an empty
-    output, a non-finite score), so that one bad record among 52K does not stop a run; the caller
-    reports them. Without it such a record raises, as does anything that is not the release's shape."""
-    records, seen = [], {}
+    skipped: a list to receive one message per record left out because of its content (an
+    empty output, a non-finite score), so that one bad record among 52K does not stop a
+    run; the caller reports them. Without it such a record raises, as does anything that
+    is not the release's shape."""
+    records = []
+    seen = {}
     for i, obj in enumerate(_read_json_list(path)):
         where = f"record {i}"
         _require(obj, ("instruction", "id", "output", "score"), path, where)
@@ -873,11 +932,13 @@ def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
             outputs = _check_texts(obj["output"], path, where, "output", 2)
             scores = _check_scores(obj["score"], len(outputs), path, where, "score")
         except DataError as e:
-            outputs, scores = obj["output"], obj["score"]
+            outputs = obj["output"]
+            scores = obj["score"]
             empty = isinstance(outputs, list) and any(isinstance(x, str) and not x.strip() for x in outputs)
             infinite = isinstance(scores, list) and any(
                 isinstance(x, float) and not math.isfinite(x) for x in scores)
-            if skipped is None or not (empty or infinite):  # a wrong shape is no release file: stop
+            # a wrong shape is no release file: stop
+            if skipped is None or not (empty or infinite):
                 raise
             skipped.append(f"{e} (id {record_id!r}): record skipped")
             continue
@@ -894,7 +955,8 @@ def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
 
 def read_ranked_jsonl(path) -> list[RankedRecord]:
     """The project's ranked JSONL (format in RankedRecord's docstring)."""
-    records, seen = [], {}
+    records = []
+    seen = {}
     for line_no, obj in iter_jsonl(path):
         where = f"line {line_no}"
         record = _ranked_record_from_dict(obj, path, where)
@@ -912,7 +974,8 @@ def write_ranked_jsonl(path, records) -> None:
             if not isinstance(record, RankedRecord):
                 raise _fail(path, where, None, f"expected a RankedRecord, got {type(record).__name__}")
             obj = asdict(record)
-            _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)  # as read
+            # as read
+            _check_unique_id(seen, _ranked_record_from_dict(obj, path, where).id, path, where)
             try:
                 yield json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
             except (TypeError, ValueError) as e:
@@ -923,15 +986,17 @@ def write_ranked_jsonl(path, records) -> None:
 # ----------------------------------------------------------------------------- files a kill may interrupt
 
 def write_atomic(path, text):
-    """Write text (a string, or an iterable of strings written one by one) to path as UTF-8, through a
-    temporary file in the same folder and a rename: a kill or an error leaves the old file or the new
-    one, never half of one. The project's one way to replace a file."""
+    """Write text (a string, or an iterable of strings written one by one) to path as
+    UTF-8, through a temporary file in the same folder and a rename: a kill or an error
+    leaves the old file or the new one, never half of one. The project's one way to
+    replace a file."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); a data file is meant to be shared
+            # mkstemp makes it private (0600); a data file is meant to be shared
+            os.fchmod(fd, 0o644)
             f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
@@ -943,10 +1008,11 @@ def write_atomic(path, text):
 
 
 def read_jsonl_log(path, skipped=None):
-    """(byte offset, record) for each line of an append-only JSONL log (a cache, metrics, finished
-    answers) that a kill may have cut short: a line that is not a whole JSON object is passed to
-    skipped(message) and left out, never an error. A missing file holds no records. The project's one
-    way to read such a file (data files are read strictly, with iter_jsonl)."""
+    """(byte offset, record) for each line of an append-only JSONL log (a cache, metrics,
+    finished answers) that a kill may have cut short: a line that is not a whole JSON
+    object is passed to skipped(message) and left out, never an error. A missing file
+    holds no records. The project's one way to read such a file (data files are read
+    strictly, with iter_jsonl)."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -964,9 +1030,10 @@ def read_jsonl_log(path, skipped=None):
 
 
 def append_jsonl(path, records):
-    """Append records to a JSONL log, one line each, and close the file, so each line survives a kill of
-    this process. A last line cut short by an earlier kill is ended first, so the new line stands on
-    its own. Returns the byte offset where the first new line starts."""
+    """Append records to a JSONL log, one line each, and close the file, so each line
+    survives a kill of this process. A last line cut short by an earlier kill is ended
+    first, so the new line stands on its own. Returns the byte offset where the first new
+    line starts."""
     with open(path, "ab+") as f:
         end = f.seek(0, os.SEEK_END)
         if end:
@@ -985,10 +1052,11 @@ class OutputLocked(RuntimeError):
 
 @contextlib.contextmanager
 def lock_output(path):
-    """Hold PATH.lock while writing PATH (a file or a folder): one writer per output. A second process
-    refuses at once, naming the first (its pid and command line are in the lock file). The lock is an
-    fcntl.flock, which the OS drops when its holder dies, so a killed run never blocks the next; the
-    lock file itself stays (deleting it could let two processes hold two different files)."""
+    """Hold PATH.lock while writing PATH (a file or a folder): one writer per output. A
+    second process refuses at once, naming the first (its pid and command line are in the
+    lock file). The lock is an fcntl.flock, which the OS drops when its holder dies, so a
+    killed run never blocks the next; the lock file itself stays (deleting it could let
+    two processes hold two different files)."""
     import fcntl  # POSIX only; imported here so that data.py still imports elsewhere
     lock_path = str(path).rstrip("/") + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)

@@ -13,6 +13,7 @@ touches. Everything stays in --out: data files, checkpoints with metrics.jsonl, 
 again on the same folder continues where it stopped and redoes nothing.
 """
 import argparse
+import functools
 import html
 import json
 import os
@@ -34,10 +35,11 @@ import model as llama
 import teacher
 import tuna
 
-# The suite: short tasks whose answers can be checked, so the final table can say whether ranking helped.
-# Every answer is a function of what the instruction shows (no world knowledge), so held-out instructions
-# are new instances of the same tasks. Each task also has one plausible wrong answer: the SFT data uses it
-# for a share of the instructions, as Alpaca's distilled answers are sometimes wrong.
+# The suite: short tasks whose answers can be checked, so the final table can say whether
+# ranking helped. Every answer is a function of what the instruction shows (no world
+# knowledge), so held-out instructions are new instances of the same tasks. Each task also
+# has one plausible wrong answer: the SFT data uses it for a share of the instructions, as
+# Alpaca's distilled answers are sometimes wrong.
 TASKS = {  # name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
     "first": lambda ls, ds: (f"What is the first of the letters {' '.join(ls)}?", ls[0], ls[-1]),
     "last": lambda ls, ds: (f"What is the last of the letters {' '.join(ls)}?", ls[-1], ls[0]),
@@ -80,7 +82,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         run_demo(args)
-    except (DemoError, OSError, ValueError) as e:  # DataError is a ValueError; each names its file
+    # DataError is a ValueError; each names its file
+    except (DemoError, OSError, ValueError) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -88,20 +91,37 @@ def main(argv=None):
 
 def run_demo(args):
     """SFT, Tuna_p, Tuna_c and Tuna on the suite, then the held-out table and picture; all in --out."""
-    size, out, began = SIZES[args.size], args.out.rstrip("/"), time.time()
-    path = lambda *names: os.path.join(out, *names)  # noqa: E731
-
-    def stage(title, run, argv):  # each stage is the command a user would type; --resume: a rerun skips it
-        log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
-        try:
-            status = run(argv[1:])
-        except SystemExit as e:  # argparse and teacher.py exit this way
-            status = e.code
-        if status != 0:
-            raise DemoError(f"stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
-
+    began = time.time()
+    size = SIZES[args.size]
+    out = args.out.rstrip("/")
+    path = functools.partial(os.path.join, out)  # path(names...): a file in --out
+    stage = functools.partial(run_stage, began)
     student, teacher_data, heldout = prepare(args, size, out)
     common = ["--resume", "--seed", str(args.seed), "--save-every", "0", "--log-every", "25"]
+    sft_stages(stage, path, size, common)
+    rank = [*common, "--batch-size", "16", "--epochs", "1"]
+    limit = ["--limit", str(size["ranked"]), "--workers", "2"]
+    probabilistic_stage(stage, path, limit)
+    contextual_stages(stage, path, size, teacher_data, rank, limit)
+    stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main,
+          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out",
+           path("tuna_c"), "--lr", str(size["rank_lr"]), *rank])
+    return write_results(args, out, heldout, began)
+
+
+def run_stage(began, title, run, argv):
+    """One stage: the command a user would type; with --resume a rerun skips a finished one."""
+    log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
+    try:
+        status = run(argv[1:])
+    except SystemExit as e:  # argparse and teacher.py exit this way
+        status = e.code
+    if status != 0:
+        raise DemoError(f"stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
+
+
+def sft_stages(stage, path, size, common):
+    """The teacher and the student, each by SFT from its own initial model."""
     sft = ["--lr", str(size["sft_lr"]), "--epochs", str(size["sft_epochs"]), "--batch-size", "32"]
     stage("the teacher: SFT on correct answers (it stands for text-davinci-003)", tuna.main,
           ["tuna.py", "sft", "--init", path("init_teacher"), "--data", path("teacher_data.json"),
@@ -109,8 +129,10 @@ def run_demo(args):
     stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)", tuna.main,
           ["tuna.py", "sft", "--init", path("init_student"), "--data", path("sft_data.json"),
            "--out", path("sft"), *common, *sft])
-    rank = [*common, "--batch-size", "16", "--epochs", "1"]
-    limit = ["--limit", str(size["ranked"]), "--workers", "2"]
+
+
+def probabilistic_stage(stage, path, limit):
+    """The teacher, served over HTTP for this stage only, writes the probabilistic ranking data."""
     process, teacher_url = start_teacher_server(path("teacher"))
     try:
         stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token "
@@ -120,6 +142,10 @@ def run_demo(args):
                "--max-tokens", "16", "--add-original", "scored", *limit])
     finally:
         process.kill()
+
+
+def contextual_stages(stage, path, size, teacher_data, rank, limit):
+    """The stages the rule-based judge ranks for: the Tuna pipeline and Tuna_c's contextual data."""
     judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
     judge_url = f"http://127.0.0.1:{judge.server_port}/v1"
     judge_args = ["--base-url", judge_url, "--model", JUDGE, "--student-max-tokens", "16", *limit]
@@ -137,19 +163,19 @@ def run_demo(args):
                path("contextual_sft.jsonl"), *judge_args])
     finally:
         judge.shutdown()
-    stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main,
-          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out",
-           path("tuna_c"), "--lr", str(size["rank_lr"]), *rank])
 
+
+def write_results(args, out, heldout, began):
+    """Every model's greedy answers to the held-out instructions: results.md, .json and .svg."""
     log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new "
         "instructions")
     results = evaluate_heldout(out, heldout)
     table = results_table(results, args.noise, time.time() - began)
-    data.write_atomic(path("results.md"), table)
-    data.write_atomic(path("results.json"), json.dumps(results, indent=1))
-    curves = {name: read_metrics(path(MODELS[name], "metrics.jsonl")) for name in STAGE_NOTES}
-    data.write_atomic(path("results.svg"), results_svg(curves, results, f"size {args.size}, {args.noise:.0%} "
-                                                       f"wrong SFT answers, seed {args.seed}"))
+    data.write_atomic(os.path.join(out, "results.md"), table)
+    data.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+    curves = {name: read_metrics(os.path.join(out, MODELS[name], "metrics.jsonl")) for name in STAGE_NOTES}
+    picture_title = f"size {args.size}, {args.noise:.0%} wrong SFT answers, seed {args.seed}"
+    data.write_atomic(os.path.join(out, "results.svg"), results_svg(curves, results, picture_title))
     print(table, end="")
     log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, generations/, results.md, "
         "results.json, results.svg)")
@@ -163,11 +189,12 @@ def log(message):
 # ----------------------------------------------------------------------------- the suite and the models
 
 def prepare(args, size, out):
-    """The folder's settings (demo.json), the suite's data files, the tokenizer and the two untrained
-    models; each written once, atomically, and kept on a rerun."""
+    """The folder's settings (demo.json), the suite's data files, the tokenizer and the
+    two untrained models; each written once, atomically, and kept on a rerun."""
     settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
     recorded_path = os.path.join(out, "demo.json")
-    if os.path.exists(recorded_path):  # one demo per folder: never new data under checkpoints trained on old
+    # one demo per folder: never new data under checkpoints trained on old
+    if os.path.exists(recorded_path):
         with open(recorded_path, encoding="utf-8") as f:
             recorded = json.load(f)
         if recorded != settings:
@@ -196,9 +223,12 @@ def prepare(args, size, out):
 
 
 def suite(size, noise, seed):
-    """(SFT examples with a share `noise` of wrong answers, the same instructions answered right for the
-    teacher, held-out examples). Held-out instructions never appear in training."""
-    rng, seen, suites = random.Random(seed), set(), {"heldout": [], "train": []}
+    """(SFT examples with a share `noise` of wrong answers, the same instructions answered
+    right for the teacher, held-out examples). Held-out instructions never appear in
+    training."""
+    rng = random.Random(seed)
+    seen = set()
+    suites = {"heldout": [], "train": []}
     for split, count in (("heldout", size["heldout"]), ("train", size["train"])):
         while len(suites[split]) < count:
             task = list(TASKS)[len(suites[split]) % len(TASKS)]
@@ -245,9 +275,10 @@ def start_teacher_server(checkpoint):
 
 
 def rule_judge_reply(messages, solutions):
-    """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks each candidate
-    against the known answer (a tiny model cannot judge), and answers in the teacher's format (METHOD.md:
-    the five steps, "rank: [...]") so the real prompt, parser and validation are exercised."""
+    """The demo's stand-in for GPT-4 in contextual ranking: a RULE-BASED JUDGE that checks
+    each candidate against the known answer (a tiny model cannot judge), and answers in
+    the teacher's format (teacher.py's ranking prompt: the five steps, "rank: [...]") so
+    the real prompt, parser and validation are exercised."""
     user = messages[-1]["content"]
     found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
     if not found or found.group(1).strip() not in solutions:
@@ -257,7 +288,8 @@ def rule_judge_reply(messages, solutions):
                             re.DOTALL)
     solution = solutions[found.group(1).strip()]
     pool = [c.strip() for c in candidates] + [solution]
-    kept = [i for i, c in enumerate(pool) if c not in pool[:i]]             # step 3: one of each duplicate
+    # step 3: one of each duplicate
+    kept = [i for i, c in enumerate(pool) if c not in pool[:i]]
     score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution))
              for i in kept}
     ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
@@ -276,7 +308,8 @@ class RuleJudge:
         self.solutions = solutions
 
     def chat(self, body):
-        if "###Response 0:" not in body["messages"][-1]["content"]:  # not a ranking request: the pre-flight
+        # not a ranking request: the pre-flight
+        if "###Response 0:" not in body["messages"][-1]["content"]:
             return self._answer("OK")
         return self._answer(rule_judge_reply(body["messages"], self.solutions))
 
@@ -299,8 +332,9 @@ def start_rule_judge(solutions):
 # ----------------------------------------------------------------------------- results: table and picture
 
 def evaluate_heldout(out, heldout):
-    """Greedy answers of every model to the held-out instructions (eval.py's batched path: kept in
-    generations/, so a rerun generates nothing), exact match and ROUGE-L as Super-NI scores them."""
+    """Greedy answers of every model to the held-out instructions (eval.py's batched path:
+    kept in generations/, so a rerun generates nothing), exact match and ROUGE-L as
+    Super-NI scores them."""
     items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(heldout)]
     results = {}
     for name, folder in MODELS.items():
@@ -340,12 +374,17 @@ def read_metrics(path):
 
 
 SERIES = {"loss": ("loss", "#222222"), "mle": ("MLE term", "#1f77b4"), "rank": ("ranking term", "#d62728")}
-WIDTH, PANEL_W, PANEL_H, MARGIN_L, MARGIN_B = 960, 440, 190, 56, 28
+WIDTH = 960
+PANEL_W = 440
+PANEL_H = 190
+MARGIN_L = 56
+MARGIN_B = 28
 
 
 def results_svg(curves, results, subtitle):
-    """A self-contained SVG (no plotting package): a panel per stage with its loss, MLE term and ranking term
-    at every step (metrics.jsonl), each panel on its own axes, then the held-out scores per model."""
+    """A self-contained SVG (no plotting package): a panel per stage with its loss, MLE
+    term and ranking term at every step (metrics.jsonl), each panel on its own axes, then
+    the held-out scores per model."""
     score_top = 90 + 2 * (PANEL_H + 50)
     height = score_top + 40 + 30 * len(results)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
@@ -360,7 +399,8 @@ def results_svg(curves, results, subtitle):
         parts += [f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" stroke="{color}" stroke-width="2"/>',
                   text(x + 30, 70, label)]
     for i, (stage, metrics) in enumerate(curves.items()):
-        left, top = 20 + (i % 2) * (PANEL_W + 40), 90 + (i // 2) * (PANEL_H + 50)
+        left = 20 + (i % 2) * (PANEL_W + 40)
+        top = 90 + (i // 2) * (PANEL_H + 50)
         parts.append(stage_panel(stage, metrics, left, top))
     parts.append(score_bars(results, score_top))
     return "\n".join(parts + ["</svg>"]) + "\n"
@@ -371,21 +411,33 @@ def text(x, y, content, size=12, weight="normal", anchor="start", color="#222222
             f'fill="{color}">{html.escape(str(content))}</text>')
 
 
+def x_position(step, steps, x0, x1):
+    """Where a step lies between the panel's left (first step) and right (last step) edges."""
+    return x0 + (x1 - x0) * (step - steps[0]) / max(steps[-1] - steps[0], 1)
+
+
+def y_position(value, high, y0, y1):
+    """Where a value lies between y0 (the value 0) and y1 (the value `high`)."""
+    return y0 - (y0 - y1) * value / high
+
+
 def stage_panel(stage, metrics, left, top):
     """One stage: its curves on axes from step 1 to its last step and from 0 to its largest value."""
     steps = [m["step"] for m in metrics] or [1]
     high = max([m[key] for m in metrics for key in SERIES] + [1e-9]) * 1.05
-    x0, x1 = left + MARGIN_L, left + PANEL_W
-    y0, y1 = top + PANEL_H - MARGIN_B, top + 24                # y0: the value 0; y1: the value `high`
-    x_of = lambda step: x0 + (x1 - x0) * (step - steps[0]) / max(steps[-1] - steps[0], 1)  # noqa: E731
-    y_of = lambda value: y0 - (y0 - y1) * value / high                                     # noqa: E731
+    x0 = left + MARGIN_L
+    x1 = left + PANEL_W
+    y0 = top + PANEL_H - MARGIN_B  # y0: the value 0; y1: the value `high`
+    y1 = top + 24
     parts = [f'<g class="stage" data-stage="{html.escape(stage)}" data-steps="{len(metrics)}">',
              text(left, top + 12, f"{stage}: {STAGE_NOTES[stage]}", size=13, weight="bold"),
              f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#bbbbbb"/>',
              text(x0 - 6, y0 + 4, "0", anchor="end"), text(x0 - 6, y1 + 4, f"{high:.3g}", anchor="end"),
              text(x0, y0 + 16, f"step {steps[0]}"), text(x1, y0 + 16, f"step {steps[-1]}", anchor="end")]
     for key, (label, color) in SERIES.items():
-        points = " ".join(f"{x_of(m['step']):.2f},{y_of(m[key]):.2f}" for m in metrics)
+        xs = [x_position(m["step"], steps, x0, x1) for m in metrics]
+        ys = [y_position(m[key], high, y0, y1) for m in metrics]
+        points = " ".join(f"{x:.2f},{y:.2f}" for x, y in zip(xs, ys))
         parts.append(f'<polyline class="{key}" points="{points}" fill="none" stroke="{color}" '
                      f'stroke-width="1.3"><title>{label}</title></polyline>')
     return "\n".join(parts + ["</g>"])
@@ -393,7 +445,8 @@ def stage_panel(stage, metrics, left, top):
 
 def score_bars(results, top):
     """Held-out exact match (dark) and ROUGE-L (light) per model, on one 0-100 scale."""
-    x0, scale = 200, 6.4                                       # 100 points = 640 pixels
+    x0 = 200  # 100 points = 640 pixels
+    scale = 6.4
     parts = ['<g class="scores">', text(20, top + 14, "Held-out instructions, greedy answers: exact match "
                                        "(dark) and ROUGE-L (light), x100", size=13, weight="bold")]
     for i, (name, r) in enumerate(results.items()):

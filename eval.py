@@ -1,4 +1,4 @@
-"""The paper's evaluation (METHOD.md, "Evaluation in the paper"): Super-NaturalInstructions (ROUGE-L),
+"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L),
 LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
@@ -12,7 +12,8 @@ resumes without regenerating and another checkpoint under the same name never re
 are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
-benchmarks themselves are silent on that wrapping (NOTES.md 1.5, 2.2), so it is this project's choice.
+benchmarks themselves are silent on that wrapping (Tk-Instruct's src/ni_collator.py;
+LMentry's data files), so it is this project's choice.
 """
 import argparse
 import hashlib
@@ -34,7 +35,8 @@ class EvalError(ValueError):
     """Input the evaluation cannot start with (a missing folder or file); the message names it."""
 
 
-PROBLEMS = []  # every skipped file / item / reply, in words; ends up in results.md and results.json
+# every skipped file / item / reply, in words; ends up in results.md and results.json
+PROBLEMS = []
 
 
 def problem(message):
@@ -48,7 +50,7 @@ def read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
-# Tk-Instruct's per-category metric (NOTES.md 1.4); the headline number is ROUGE-L over all tasks.
+# Tk-Instruct's per-category metric (src/compute_metrics.py); the headline number is ROUGE-L over all tasks.
 EXACT_MATCH_CATEGORIES = {"textual_entailment", "cause_effect_classification", "coreference_resolution",
                           "dialogue_act_recognition", "answerability_classification", "word_analogy"}
 
@@ -60,16 +62,19 @@ def with_period(text):
 
 
 def superni_prompt(definition, instance_input):
-    """Zero-shot "definition only" (NOTES.md 1.5) inside the Alpaca template: the definition is the
-    instruction and the instance input the Alpaca input, both with Tk-Instruct's add-a-period rule.
-    Tk-Instruct writes "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the
-    template's "### Instruction:", "### Input:" and "### Response:" take the places of those three labels."""
+    """Zero-shot "definition only" (Tk-Instruct src/ni_collator.py, DataCollatorForNI)
+    inside the Alpaca template: the definition is the instruction and the instance input
+    the Alpaca input, both with Tk-Instruct's add-a-period rule. Tk-Instruct writes
+    "Definition: D\\n\\nNow complete the following example -\\nInput: X\\nOutput: "; the
+    template's "### Instruction:", "### Input:" and "### Response:" take the places of
+    those three labels."""
     return data.alpaca_prompt(with_period(definition), with_period(instance_input))
 
 
 def read_superni(superni_dir, max_instances=100):
-    """Items of the English test split: the first `max_instances` instances of each task (NOTES.md 1.3).
-    superni_dir holds test_tasks.txt (or splits/default/test_tasks.txt) and tasks/<name>.json."""
+    """Items of the English test split: the first `max_instances` instances of each task
+    (Super-NI eval/leaderboard/create_reference_file.py). superni_dir holds test_tasks.txt
+    (or splits/default/test_tasks.txt) and tasks/<name>.json."""
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
         split = os.path.join(superni_dir, "splits", "default", "test_tasks.txt")
@@ -78,7 +83,8 @@ def read_superni(superni_dir, max_instances=100):
                         "found there")
     with open(split, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
-    items, missing = [], []
+    items = []
+    missing = []
     for name in names:
         path = os.path.join(superni_dir, "tasks", name + ".json")
         if not os.path.exists(path):
@@ -96,7 +102,8 @@ def read_superni(superni_dir, max_instances=100):
         if not isinstance(definition, str) or not instances or not task.get("Categories"):
             problem(f"{path}: task has no Definition, Categories or Instances")
             continue
-        category = "_".join(task["Categories"][0].lower().split())  # the official script's group name
+        # the official script's group name
+        category = "_".join(task["Categories"][0].lower().split())
         for index, inst in enumerate(instances[:max_instances]):
             refs = inst.get("output") if isinstance(inst, dict) else None
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
@@ -113,8 +120,8 @@ def read_superni(superni_dir, max_instances=100):
 
 
 def normalize_answer(text):
-    """The official script's exact-match normalisation: lowercase, drop string.punctuation, collapse
-    whitespace (SQuAD's rule without removing articles)."""
+    """The official script's exact-match normalisation: lowercase, drop
+    string.punctuation, collapse whitespace (SQuAD's rule without removing articles)."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(text.split())
 
@@ -127,10 +134,11 @@ _ROUGE_SCORER = []
 
 
 def rouge_l(prediction, reference):
-    """ROUGE-L F of one pair, as the official script: rouge_score's RougeScorer(['rougeL'],
-    use_stemmer=True), default tokenizer, reference as target."""
+    """ROUGE-L F of one pair, as the official script: rouge_score's
+    RougeScorer(['rougeL'], use_stemmer=True), default tokenizer, reference as target."""
     if not _ROUGE_SCORER:
-        from rouge_score import rouge_scorer  # the one runtime exception (requirements.txt), only here
+        # the one runtime exception (requirements.txt), only here
+        from rouge_score import rouge_scorer
         _ROUGE_SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
     return _ROUGE_SCORER[0].score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
@@ -169,7 +177,7 @@ def score_superni(items, outputs):
 
 
 # ----------------------------------------------------------------------------- Vicuna QA
-# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (NOTES.md 3.2), in this project's words.
+# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl), in this project's words.
 JUDGE_SYSTEM = (
     "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
     "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "
@@ -181,7 +189,8 @@ JUDGE_CRITERIA = {
     "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
     "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with "
                  "it, and identify and correct any mistakes in them."}
-REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}  # FastChat's categories judged with a reference
+# FastChat's categories judged with a reference
+REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}
 
 
 def judge_messages(question, answer_a, answer_b, reference=None):
@@ -204,8 +213,9 @@ def parse_verdict(reply):
 
 
 def combine_games(game1, game2):
-    """Model 1's result from game 1 (model 1 shown as A) and game 2 (shown as B): a win or a loss only when
-    both orders agree; a tie when game 1 says tie or they disagree; "error" if either named no winner."""
+    """Model 1's result from game 1 (model 1 shown as A) and game 2 (shown as B): a win or
+    a loss only when both orders agree; a tie when game 1 says tie or they disagree;
+    "error" if either named no winner."""
     if "error" in (game1, game2):
         return "error"
     winner1 = {"A": 1, "B": 2}.get(game1, "tie")
@@ -216,8 +226,9 @@ def combine_games(game1, game2):
 
 
 def read_vicuna(vicuna_dir):
-    """Questions (question.jsonl: question_id, category, turns; the old `text` field too) and the GPT-4
-    reference answers by question id (reference_answer_gpt-4.jsonl or reference_answer/gpt-4.jsonl)."""
+    """Questions (question.jsonl: question_id, category, turns; the old `text` field too)
+    and the GPT-4 reference answers by question id (reference_answer_gpt-4.jsonl or
+    reference_answer/gpt-4.jsonl)."""
     path = os.path.join(vicuna_dir, "question.jsonl")
     if not os.path.isfile(path):
         raise EvalError(f"--vicuna {vicuna_dir}: no question.jsonl there")
@@ -250,15 +261,16 @@ def judge_request(messages):
 
 
 def judge_jobs(questions, references, pairs):
-    """(model 1, model 2, question, order, reference or None) of every judgment: both orders of every question
-    for each pair."""
+    """(model 1, model 2, question, order, reference or None) of every judgment: both
+    orders of every question for each pair."""
     return [(m1, m2, q, order, references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None)
             for m1, m2 in pairs for q in questions for order in (0, 1)]
 
 
 def judge_vicuna(client, questions, references, answers, pairs):
-    """Both orders of every question for each (model_1, model_2) pair; per-pair win/lose/tie from model 1's
-    side, win rates, and every judgment kept (prompts, replies, verdicts)."""
+    """Both orders of every question for each (model_1, model_2) pair; per-pair
+    win/lose/tie from model 1's side, win rates, and every judgment kept (prompts,
+    replies, verdicts)."""
     jobs = judge_jobs(questions, references, pairs)
 
     def one(job):
@@ -269,14 +281,16 @@ def judge_vicuna(client, questions, references, answers, pairs):
         try:
             answer = client.request(*judge_request(messages))
             reply = str(answer["choices"][0]["message"]["content"])
-        except teacher.RunError:  # no request reaches the judge: stop, the answers are kept for the next run
+        # no request reaches the judge: stop, the answers are kept for the next run
+        except teacher.RunError:
             raise
-        except Exception as e:  # noqa: BLE001 -- a failed request or odd answer: a reply, no verdict
+        except Exception as e:  # a failed request or odd answer: a reply, no verdict
             reply = f"<request failed: {type(e).__name__}: {e}>"
         return reply, parse_verdict(reply)
 
     replies = client.map(one, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
-    results, judgments = {}, []
+    results = {}
+    judgments = []
     for k in range(0, len(jobs), 2):
         m1, m2, q, _, _ = jobs[k]
         (reply1, game1), (reply2, game2) = replies[k], replies[k + 1]
@@ -396,87 +410,130 @@ def model_loader(directory, tokenizer_path, device, dtype):
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
-            tok = data.Tokenizer(tokenizer_path or directory)  # its tokenizer.model or tokenizer.json
+            # its tokenizer.model or tokenizer.json
+            tok = data.Tokenizer(tokenizer_path or directory)
             loaded.append((lm, tok))
         return loaded[0]
     return get
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+BENCHMARKS = ("superni", "lmentry", "vicuna")  # the order of --max-new-tokens
+
+
+def check_checkpoints(checkpoints, baseline, lmentry_dir):
+    """Refuse bad arguments before any work: a typo should not cost an hour of answers."""
+    if baseline is not None and baseline not in checkpoints:
+        raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name, directory in checkpoints.items():
+        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
+            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
+                            "params.json there)")
+    if lmentry_dir and not os.path.isdir(lmentry_dir):
+        raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
+
+
+def lmentry_prompts(lmentry_tasks):
+    """Every LMentry example as an item to answer: its id and its input in the Alpaca template."""
+    if lmentry_tasks is None:
+        return None
+    return [{"id": item["id"], "prompt": data.alpaca_prompt(item["example"]["input"])}
+            for task in lmentry_tasks.values() for item in task["items"]]
+
+
+def vicuna_pairs(names, baseline, all_pairs, questions):
+    """(baseline, the model pairs to judge): every model against the baseline (default:
+    the first), or every pair; no pairs without Vicuna questions or with one model."""
+    if questions is None or len(names) < 2:
+        return baseline, None
+    baseline = baseline or names[0]
+    if all_pairs:
+        return baseline, list(combinations(names, 2))
+    return baseline, [(name, baseline) for name in names if name != baseline]
+
+
+def score_model(row, outputs, superni_items, lmentry_tasks, questions):
+    """One model's scores into its results row; returns its Vicuna answers ({id: answer}) or None."""
+    if superni_items is not None:
+        row["superni"] = score_superni(superni_items, outputs["superni"])
+    if lmentry_tasks is not None:
+        row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs["lmentry"], problem)
+    if questions is None:
+        return None
+    answers = outputs["vicuna"]
+    row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers.get(q["id"], "")}
+                             for q in questions]
+    return answers
+
+
+def judge_answers(client, questions, references, answers, pairs):
+    """The judge's verdicts on every pair; a question that needs a reference and has none
+    is judged without one, and reported."""
+    for q in questions:
+        if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
+            problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
+                    "without one")
+    return judge_vicuna(client, questions, references, answers, pairs)
 
 
 def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
              judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
              all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
              device="cpu", dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
-    """Results of every checkpoint ({name: directory}) on the benchmarks given; written to out_dir. The judge
-    is checked (one pre-flight request) before any answer is generated. dry_run: only the report of what
-    would be generated and sent to the judge (a string); nothing generated, sent or written."""
+    """Results of every checkpoint ({name: directory}) on the benchmarks given; written to
+    out_dir. The judge is checked (one pre-flight request) before any answer is generated.
+    dry_run: only the report of what would be generated and sent to the judge (a string);
+    nothing generated, sent or written."""
     PROBLEMS.clear()
-    if baseline is not None and baseline not in checkpoints:
-        raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
-    for name, directory in checkpoints.items():  # before any work: a typo should not cost an hour of answers
-        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
-            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
-                            "params.json there)")
-    if lmentry_dir and not os.path.isdir(lmentry_dir):
-        raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
+    check_checkpoints(checkpoints, baseline, lmentry_dir)
     names = list(checkpoints)
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
-    lmentry_items = None if lmentry_tasks is None else [
-        {"id": it["id"], "prompt": data.alpaca_prompt(it["example"]["input"])}
-        for task in lmentry_tasks.values() for it in task["items"]]
+    lmentry_items = lmentry_prompts(lmentry_tasks)
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
-    benches = [(bench, items, n) for bench, items, n in zip(
-        ("superni", "lmentry", "vicuna"), (superni_items, lmentry_items, questions), max_new_tokens)
-        if items is not None]
+    all_items = (superni_items, lmentry_items, questions)
+    benches = [(bench, items, n) for bench, items, n in zip(BENCHMARKS, all_items, max_new_tokens)
+               if items is not None]
     results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
                           for name, directory in checkpoints.items()}}
-    pairs, client = None, None
-    if questions is not None and len(names) > 1:
-        baseline = baseline or names[0]
-        pairs = list(combinations(names, 2)) if all_pairs else [(n, baseline) for n in names if n != baseline]
+    baseline, pairs = vicuna_pairs(names, baseline, all_pairs, questions)
+    client = None
     if pairs and judge_url:
+        judge_cache = os.path.join(out_dir, "judge_cache.jsonl")
         client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
-                                       cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
+                                       cache_path=judge_cache)
     if dry_run:
         return dry_run_report(results["models"], out_dir, benches, questions, references, pairs, client,
                               count_tokenizer, prices)
-    if client:  # before hours of answers: the judge is reachable, takes the key, knows the model
+    # before hours of answers: the judge is reachable, takes the key, knows the model
+    if client:
         client.check(chat=True, temperature=0)
     os.makedirs(out_dir, exist_ok=True)
     answers = {}
     for name in names:
-        get_model, row = model_loader(checkpoints[name], tokenizer, device, dtype), results["models"][name]
+        get_model = model_loader(checkpoints[name], tokenizer, device, dtype)
+        row = results["models"][name]
         outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,
                                            row["producer"]) for bench, items, n in benches}
-        if superni_items is not None:
-            row["superni"] = score_superni(superni_items, outputs["superni"])
-        if lmentry_tasks is not None:
-            row["lmentry"] = lmentry.score_tasks(lmentry_tasks, outputs["lmentry"], problem)
-        if questions is not None:
-            answers[name] = outputs["vicuna"]
-            row["vicuna_answers"] = [{"question_id": q["id"], "answer": answers[name].get(q["id"], "")}
-                                     for q in questions]
-    if pairs:
-        if not judge_url:
-            problem("Vicuna QA: no --judge-url, so no model pair was judged")
-        else:
-            for q in questions:
-                if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
-                    problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
-                            "without one")
-            judged = judge_vicuna(client, questions, references, answers, pairs)
-            results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
+        answers[name] = score_model(row, outputs, superni_items, lmentry_tasks, questions)
+    if pairs and not judge_url:
+        problem("Vicuna QA: no --judge-url, so no model pair was judged")
+    elif pairs:
+        judged = judge_answers(client, questions, references, answers, pairs)
+        results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    data.write_atomic(os.path.join(out_dir, "results.json"),
-                      json.dumps(results, indent=1, ensure_ascii=False))
+    results_json = json.dumps(results, indent=1, ensure_ascii=False)
+    data.write_atomic(os.path.join(out_dir, "results.json"), results_json)
     data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
     return results
 
 
 def dry_run_report(models, out_dir, benches, questions, references, pairs, client, count_tokenizer, prices):
-    """What a run would do, with nothing generated or sent: the answers still to generate (the others are in
-    OUT/generations), and the judge's requests (teacher.DryRun): exact where both answers of a judgment are
-    generated already, else estimated, a missing answer counted at its max_new_tokens."""
+    """What a run would do, with nothing generated or sent: the answers still to generate
+    (the others are in OUT/generations), and the judge's requests (teacher.DryRun): exact
+    where both answers of a judgment are generated already, else estimated, a missing
+    answer counted at its max_new_tokens."""
     lines = ["eval.py: dry run, nothing generated, nothing sent"]
     known = {}
     for name, row in models.items():
@@ -490,7 +547,8 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
         return "\n".join(lines + ["  judge: no model pair to judge" + ("" if pairs else " (--vicuna and 2+ "
                                                                      "checkpoints judge pairs)")])
     vicuna_tokens = {bench: n for bench, _, n in benches}["vicuna"]
-    dry, unknown = teacher.DryRun(client, count_tokenizer), 0
+    dry = teacher.DryRun(client, count_tokenizer)
+    unknown = 0
     for m1, m2, q, order, reference in judge_jobs(questions, references, pairs):
         first, second = (known[m, "vicuna"].get(q["id"]) for m in ((m1, m2) if order == 0 else (m2, m1)))
         missing = (first is None) + (second is None)
@@ -504,16 +562,21 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
     return "\n".join(lines + report.splitlines()[1:])
 
 
+def dash(value):
+    """A table cell: the value, or a dash where there is none."""
+    return "—" if value is None else str(value)
+
+
 def results_markdown(results):
     """Rows = models, columns = benchmarks (the paper's Table 1 shape), then the detail tables."""
-    dash = lambda value: "—" if value is None else str(value)  # noqa: E731
     vicuna = results.get("vicuna", {})
     pairs = vicuna.get("pairs", {})
     lines = ["# Evaluation results", "",
              f"| Model | Super-NI ROUGE-L | Super-NI EM | LMentry accuracy | LMentry score | "
              f"Vicuna QA vs {vicuna.get('baseline', '—')}: win / lose / tie |", "|---|---|---|---|---|---|"]
     for name, row in results["models"].items():
-        superni, lmentry = row.get("superni", {}).get("overall", {}), row.get("lmentry", {})
+        superni = row.get("superni", {}).get("overall", {})
+        lmentry = row.get("lmentry", {})
         versus = next((c for c in pairs.values()
                        if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
         lines.append(f"| {name} | {dash(superni.get('rougeL'))} | {dash(superni.get('exact_match'))} | "
@@ -589,7 +652,8 @@ def main(argv=None):
             return
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
             results = evaluate(checkpoints, args.out, **options)
-    except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:  # each names its file or URL
+    # each names its file or URL
+    except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:
         parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
     print(results_markdown(results))
 

@@ -6,7 +6,7 @@ eval.py asks the questions and calls this file:
 
 One prediction alone: `lmentry.score_prediction("first_letter", "The first letter is a.", example)` with an
 example as LMentry's data files hold it ({"input", "metadata"}). Re-implemented from the authors' scorers
-(lmentry/scorers, NOTES.md 2.3); score_prediction's docstring lists every difference.
+(lmentry/scorers); score_prediction's docstring lists every difference.
 
 How a scorer reads a prediction, as the authors': the prediction is normalised (strip, lowercase, one space);
 a task's negative check may rule it out at once; the simple scorer accepts the bare answer; then the task's
@@ -47,7 +47,8 @@ ADJACENT_TASKS = [("bigger_number", "smaller_number"), ("more_letters", "less_le
                   ("starts_with_word", "ends_with_word"), ("starts_with_letter", "ends_with_letter"),
                   ("first_word", "last_word"), ("first_letter", "last_letter")]
 QUOTES = r"[\"'\.,]*"
-NOT_WORD = "[^a-z0-9_]"  # the authors' [^a-zA-Z0-9_], which survives lowercasing (see pattern_match)
+# the authors' [^a-zA-Z0-9_], which survives lowercasing (see pattern_match)
+NOT_WORD = "[^a-z0-9_]"
 
 
 # ----------------------------------------------------------------------------- regex building blocks
@@ -91,7 +92,7 @@ def quoted_number(n):
 
 
 def answer_phrasings(answer):
-    """The answer phrasings every task accepts (NOTES.md 2.3)."""
+    """The answer phrasings every task accepts (lmentry/scorers/scorer.py)."""
     return [f"{answer} is the answer", f"the answer is {answer}", f"the correct answer is {answer}",
             f"answer: {answer}"]
 
@@ -111,9 +112,10 @@ def lacks_word(prediction, word):
 
 
 def simple_match(prediction, answer, allow_repetition=True):
-    """The simple scorer: the whole prediction is the answer (optional final period), or every
-    [a-z0-9]+ word of it is (e.g. "cat, cat"), and there is at least one such word (the authors' check
-    passes on none, so e.g. "Ωé" scored 1). True means score 1, certain."""
+    """The simple scorer: the whole prediction is the answer (optional final period), or
+    every [a-z0-9]+ word of it is (e.g. "cat, cat"), and there is at least one such word
+    (the authors' check passes on none, so e.g. "Ωé" scored 1). True means score 1,
+    certain."""
     if re.match(answer + r"\.?$", prediction, flags=re.IGNORECASE):
         return True
     words = re.findall(r"\b[a-z\d]+\b", prediction)
@@ -121,8 +123,9 @@ def simple_match(prediction, answer, allow_repetition=True):
 
 
 def pattern_match(prediction, bases, prefixes=("",), suffixes=("",)):
-    """The pattern scorer: prefix + base + suffix, lowercased like the authors' (so a \\W they wrote
-    becomes \\w); a whole-prediction match is 1 certain, a match anywhere 1 uncertain, else 0 uncertain."""
+    """The pattern scorer: prefix + base + suffix, lowercased like the authors' (so a \\W
+    they wrote becomes \\w); a whole-prediction match is 1 certain, a match anywhere 1
+    uncertain, else 0 uncertain."""
     found = 0
     for prefix, suffix in product(prefixes, suffixes):
         for base in bases:
@@ -146,10 +149,12 @@ def score_letter_in_word(prediction, metadata, example, task):
         bases = [rf"{word} (is a word (that|which) )?(contains|uses|has) {the_letter}"]
         return (1, 1) if simple_match(prediction, word) else pattern_match(prediction,
                                                                           bases + answer_phrasings(word))
-    starts, more = task == "starts_with_letter", (r"\w*" if letter in "ai" else r"\w+")
+    starts = task == "starts_with_letter"
+    more = r"\w*" if letter in "ai" else r"\w+"
     if all((w[0] if starts else w[-1]) != letter for w in re.findall(r"\b[a-z]+\b", prediction)):
         return 0, 1
-    word = quoted(rf"{letter}-?{more}" if starts else rf"{more}{letter}")  # "-": e-mail, x-ray
+    # "-": e-mail, x-ray
+    word = quoted(rf"{letter}-?{more}" if starts else rf"{more}{letter}")
     if simple_match(prediction, word):
         return 1, 1
     templates = ["_A_ possible( such)? (word|answer) is {w}", "{w} is _A_ possible( such)? (word|answer)",
@@ -159,7 +164,8 @@ def score_letter_in_word(prediction, metadata, example, task):
         templates += ["{w} is _A_ word whose first letter is {l}", "{l} is for {w}", "how about {w}"]
         markers = {"_STARTS_": "(starts|begins)", "_STARTING_": "(starting|beginning)",
                    "_STARTING1_": "starting"}
-    else:  # the authors' missing comma glues these two patterns into one; kept for parity of scores
+    # the authors' missing comma glues these two patterns into one; kept for parity of scores
+    else:
         templates += ["{w} is _A_ word whose last letter is {l}how about {w}"]
         markers = {"_STARTS_": "ends", "_STARTING_": "ending", "_STARTING1_": "ending"}
     templates += ["may i suggest {w}"]
@@ -169,15 +175,18 @@ def score_letter_in_word(prediction, metadata, example, task):
 
 def score_word_not_containing(prediction, metadata, example, task):
     letter = metadata["letter"]
-    prompt = re.escape(normalize(example["input"])).replace(f'"{letter}"', r'"\w"')  # the prompt, any letter
+    # the prompt, any letter
+    prompt = re.escape(normalize(example["input"])).replace(f'"{letter}"', r'"\w"')
     if re.match(prompt + "$", prediction) or (not re.search(r"\W", prediction) and letter in prediction):
         return 0, 1
     allowed = "".join(c for c in string.ascii_lowercase if c != letter)
     word = rf"(\b[{allowed}]{{2,}}\b)" + ("|(a)" if letter != "a" else "") + ("|(i)" if letter != "i" else "")
     word, the_letter = quoted(f"({word})"), quoted(letter, "letter")
-    if simple_match(prediction, word, allow_repetition=False):  # a sentence of such words does not count here
+    # a sentence of such words does not count here
+    if simple_match(prediction, word, allow_repetition=False):
         return 1, 1
-    doesnt, contain = "((does not)|(doesn't))", "(contain|use|have)"
+    doesnt = "((does not)|(doesn't))"
+    contain = "(contain|use|have)"
     return pattern_match(prediction, [f"{word} (is a word (that|which) )?{doesnt} {contain} {the_letter}",
                                       f"a word (that|which) {doesnt} {contain} {the_letter} is {word}",
                                       f"a word not (containing|using|having) {the_letter} is {word}",
@@ -187,14 +196,16 @@ def score_word_not_containing(prediction, metadata, example, task):
 def score_sentence_containing(prediction, metadata, example, task):
     """sentence_containing, sentence_not_containing."""
     word = re.escape(metadata["word"].lower())
-    if task == "sentence_containing":  # the word plus at least one more character; always certain
+    # the word plus at least one more character; always certain
+    if task == "sentence_containing":
         return int(bool(re.search(quoted_sentence(rf"((.*\b{word}\b.+)|(.+\b{word}\b.*))"), prediction))), 1
     words = re.findall(r"\b[a-z]+\b", prediction)
     if not lacks_word(prediction, word) or not words:
         return 0, 1
     if len(words) == 1:
         return 0, 0  # one word is no sentence
-    return 1, int(metadata["word"].lower() not in prediction)  # uncertain when it hides in another (cats)
+    # uncertain when it hides in another (cats)
+    return 1, int(metadata["word"].lower() not in prediction)
 
 
 def score_sentence_starts_or_ends_with(prediction, metadata, example, task):
@@ -202,7 +213,8 @@ def score_sentence_starts_or_ends_with(prediction, metadata, example, task):
     word = re.escape(metadata["word"].lower())
     if lacks_word(prediction, word):
         return 0, 1
-    word, valid, a = quoted(word), r"(a|i|\w\w+)", "(a|one)"  # and at least one more valid word
+    # and at least one more valid word
+    word, valid, a = quoted(word), r"(a|i|\w\w+)", "(a|one)"
     if task == "starts_with_word":
         sentence = rf"{NOT_WORD}*{word}{NOT_WORD}+{valid}.*"
         starts = ("that starts with", "starting with", "whose first word is")
@@ -263,14 +275,16 @@ def score_position(prediction, metadata, example, task):
                      "the word that comes _AFTER_ {q} in {s} is {a}", "the word that _SUCC_ {q} is {a}",
                      "the word that _FOLL_ {q} is {a}",
                      "{q} is succeeded by {a}", "{q} is followed by {a}"]
-        marker, other = "_AFTER_", "_BEFORE_"
+        marker = "_AFTER_"
+        other = "_BEFORE_"
     else:
         templates = ["{a} comes _BEFORE_ {q}", "{a} is the word that comes _BEFORE_ {q}", "{a} _PREC_ {q}",
                      "{a} is the word that _PREC_ {q}", "{a} is followed by {q}",
                      "the word that comes _BEFORE_ {q} is {a}",
                      "the word that comes _BEFORE_ {q} in {s} is {a}", "the word that _PREC_ {q} is {a}",
                      "the word that _FOLL_ {a} is {q}", "{a} is succeeded by {q}", "{q} _FOLL_ {a}"]
-        marker, other = "_BEFORE_", "_AFTER_"
+        marker = "_BEFORE_"
+        other = "_AFTER_"
     # mirrored: "Q comes before A" for "A comes after Q" (the authors' swap of answer and query)
     mirrored = [t for t in templates if marker in t]
     bases = (fill_templates(templates, markers, a=answer, q=query, s=sentence)
@@ -290,10 +304,12 @@ def score_letter_counts(prediction, metadata, example, task):
     """more_letters, less_letters."""
     more = task == "more_letters"
     difference = (len(metadata["answer"]) - len(metadata["distractor"])) * (1 if more else -1)
-    answer, distractor = quoted(re.escape(metadata["answer"])), quoted(re.escape(metadata["distractor"]))
+    answer = quoted(re.escape(metadata["answer"]))
+    distractor = quoted(re.escape(metadata["distractor"]))
     spelled = number_words(difference)
     difference_regex = rf"(\b{difference}\b|{spelled}|{spelled.replace('-', ' ')})"
-    longer, shorter = {"_CMP_": "more", "_LONG_": "longer"}, {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
+    longer = {"_CMP_": "more", "_LONG_": "longer"}
+    shorter = {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
     markers, opposite = (longer, shorter) if more else (shorter, longer)
     negatives = [distractor] + fill_templates(LETTER_COUNT_TEMPLATES + ["{a} is _LONG_ by {n} letter(s)?"],
                                               markers, a=distractor, b=answer, n=difference_regex)
@@ -313,7 +329,8 @@ def score_letter_counts(prediction, metadata, example, task):
         mirrored = [t for t in LETTER_COUNT_TEMPLATES if marker in t]
         bases += fill_templates(mirrored, {marker: opposite[marker]}, a=distractor, b=answer,
                                 n=difference_regex)
-    word1, word2 = quoted(re.escape(metadata["word1"])), quoted(re.escape(metadata["word2"]))
+    word1 = quoted(re.escape(metadata["word1"]))
+    word2 = quoted(re.escape(metadata["word2"]))
     prefixes = ("", f"of the words {word1} and {word2}, ", f"from the words {word1} and {word2}, ")
     return pattern_match(prediction, bases + answer_phrasings(answer), prefixes)
 
@@ -323,12 +340,14 @@ def score_numbers(prediction, metadata, example, task):
     tokens = re.findall(r"\b[a-z\d]+\b", prediction)
     if len(set(tokens)) == 1 and tokens[0] != str(metadata["answer"]):
         return 0, 1  # one repeated token that is not the answer
-    answer, distractor = quoted_number(metadata["answer"]), quoted_number(metadata["distractor"])
+    answer = quoted_number(metadata["answer"])
+    distractor = quoted_number(metadata["distractor"])
     if simple_match(prediction, answer):
         return 1, 1
-    # LMentry v1 (lmentry/scorers at commit 463763d): the same four phrasings for both tasks, each mirrored
-    # ("D is smaller than A" for "A is bigger than D"). A later bigger_number added "<" / ">" patterns and
-    # mirrored them too, so "9 < 5" scored as the answer 9; smaller_number never had them.
+    # LMentry v1 (lmentry/scorers at commit 463763d): the same four phrasings for both
+    # tasks, each mirrored ("D is smaller than A" for "A is bigger than D"). A later
+    # bigger_number added "<" / ">" patterns and mirrored them too, so "9 < 5" scored as
+    # the answer 9; smaller_number never had them.
     templates = ["{a} is _X_", "{a} is _X_ than {b}", "{a} is the _X_ number", "the _X_ number is {a}"]
     bigger = "(bigger|larger)"
     compared, mirrored = (bigger, "smaller") if task == "bigger_number" else ("smaller", bigger)
@@ -343,10 +362,12 @@ def score_first_alphabetically(prediction, metadata, example, task):
     words = re.findall(r"\b[a-z]+\b", prediction)
     if len(words) == 1 and words[0] != metadata["answer"]:
         return 0, 1
-    answer, distractor = quoted(re.escape(metadata["answer"])), quoted(re.escape(metadata["distractor"]))
+    answer = quoted(re.escape(metadata["answer"]))
+    distractor = quoted(re.escape(metadata["distractor"]))
     if simple_match(prediction, answer) or simple_match(prediction, f"{answer} does"):
         return 1, 1
-    word1, word2 = quoted(re.escape(metadata["word1"])), quoted(re.escape(metadata["word2"]))
+    word1 = quoted(re.escape(metadata["word1"]))
+    word2 = quoted(re.escape(metadata["word2"]))
     bases = fill_templates(["{a} _C_ first", "{d} _C_ second", "{d} _C_ after", "{a} _C_ before {d}",
                             "{d} _C_ after {a}"], {"_C_": "(comes|is)"}, a=answer, d=distractor)
     prefixes = ("", "alphabetically, ", "in an alphabetical order, ", "in alphabetical order, ",
@@ -396,7 +417,8 @@ def score_association(prediction, metadata, example, task):
     """most_associated_word, least_associated_word."""
     if lacks_word(prediction, re.escape(metadata["answer"])):
         return 0, 1
-    answer, category = quoted(re.escape(metadata["answer"])), quoted(re.escape(metadata["category"]))
+    answer = quoted(re.escape(metadata["answer"]))
+    category = quoted(re.escape(metadata["category"]))
     if simple_match(prediction, answer) or (task == "most_associated_word"
                                             and simple_match(prediction, f"{category} - {answer}")):
         return 1, 1
@@ -406,7 +428,8 @@ def score_association(prediction, metadata, example, task):
     words = f"{NOT_WORD}*" + "".join(re.escape(w) + f"{NOT_WORD}+" + (f"(and{NOT_WORD}+)?" if k == last
                                                                        else "") for k, w in enumerate(listed))
     words += f"{NOT_WORD}*"  # the listed words in order, "and" allowed before the last
-    given, options = "(above|given|listed|following)", "(words|options)"
+    given = "(above|given|listed|following)"
+    options = "(words|options)"
     word_list = f"(of|from) ((the words )?{words}|the {options} {given}|the {given} {options})"
     templates = ["the word _ASSOC_ _TO_ {c} is {a}", "the word _ASSOC_ _TO_ {c} {w} is {a}",
                  "{c} _IS_ _ASSOC_ _TO_ {a}", "{a} _IS_ the _ASSOC_ _TO_ {c}",
@@ -462,7 +485,7 @@ def score_prediction(task, prediction, example):
     """(score, certainty) of one LMentry prediction, both 0/1; accuracy counts score 1, certain or not.
 
     Covers all 25 core tasks; the 16 argument-content files use their base task's scorer. Re-implemented from
-    the authors' scorers (lmentry/scorers, NOTES.md 2.3): normalisation (strip, lowercase, one space, "_" ->
+    the authors' scorers (lmentry/scorers): normalisation (strip, lowercase, one space, "_" ->
     " "), each task's negative check, then the simple scorer, then its phrasing patterns with prefixes and
     suffixes, lowercased like theirs. Differences:
     - metadata words are regex-escaped (the authors insert them raw; the same for plain words);
@@ -473,7 +496,7 @@ def score_prediction(task, prediction, example):
       predictions like "Ωé", scoring such garbage as correct);
     - no truncation to the first line / sentence (the authors' rule for base models that cannot stop; the
       models here are instruction-tuned);
-    - only the four shared answer phrasings of NOTES.md 2.3 (a later scorer.py adds more).
+    - only the four shared answer phrasings of answer_phrasings (a later scorer.py adds more).
     - bigger_number as in LMentry v1, the phrasings smaller_number mirrors (a later version added "<" / ">"
       patterns, mirrored into nonsense such as "9 < 5" for 9).
     Quirks of the authors' patterns are kept for comparable scores: the glued ends_with_letter pattern and
@@ -488,8 +511,9 @@ def score_prediction(task, prediction, example):
 # ----------------------------------------------------------------------------- files, accuracy, LMentry score
 
 def read_tasks(lmentry_dir, report):
-    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings + examples, NOTES.md
-    2.2). A file or example that cannot be used is passed to report(message) and left out."""
+    """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings +
+    examples). A file or example that cannot be used is passed to report(message) and left
+    out."""
     known = CORE_TASKS + [f"{t}_{s}" for t, subsets in ARGUMENT_SUBSETS.items() for s in subsets]
     tasks = {}
     for name in known:
@@ -499,7 +523,8 @@ def read_tasks(lmentry_dir, report):
         try:
             with open(path, encoding="utf-8") as f:
                 content = json.load(f)
-            settings, examples = content["settings"], content["examples"]
+            settings = content["settings"]
+            examples = content["examples"]
             if not isinstance(settings["num_examples_per_template"], int) or not settings["input_templates"]:
                 raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
@@ -523,14 +548,19 @@ def read_tasks(lmentry_dir, report):
 
 
 def score_tasks(tasks, outputs, report):
-    """Per-item score/certainty and per-task accuracy as the authors count it: correct / (examples per
-    template x templates) x 100, rounded to 2 (missing predictions count as wrong); per-template to 1.
-    An example that cannot be scored is passed to report(message)."""
-    per_task, rows = {}, []
+    """Per-item score/certainty and per-task accuracy as the authors count it: correct /
+    (examples per template x templates) x 100, rounded to 2 (missing predictions count as
+    wrong); per-template to 1. An example that cannot be scored is passed to
+    report(message)."""
+    per_task = {}
+    rows = []
     for name, task in tasks.items():
         per_template = task["settings"]["num_examples_per_template"]
         templates = len(task["settings"]["input_templates"])
-        correct, by_template, by_index, count_index = 0, [0] * templates, [0, 0], [0, 0]
+        correct = 0
+        by_template = [0] * templates
+        by_index = [0, 0]
+        count_index = [0, 0]
         for item in task["items"]:
             prediction = outputs.get(item["id"], "")
             try:
@@ -568,7 +598,7 @@ def mean(values):
 
 
 def lmentry_score(per_task):
-    """LMentry score = accuracy x robustness / 100 (NOTES.md 2.4), where every file it needs is present:
+    """LMentry score = accuracy x robustness / 100 (lmentry/analysis), where every file it needs is present:
     the 25 core tasks and the 16 argument-content files; else {"lmentry_score": None} and what is missing."""
     subsets = [f"{t}_{s}" for t, names in ARGUMENT_SUBSETS.items() for s in names]
     missing = [t for t in CORE_TASKS + subsets if t not in per_task]

@@ -34,19 +34,27 @@ import data
 import model as llama
 
 # ============================================================================ the method's fixed values
-# METHOD.md ("The training objective", "Hyperparameters of the authors' runs"): the same for both rankings.
+# The paper's method and the authors' code (LMOps tuna/src/train_tuna.py,
+# TrainingArguments; tuna/src/train_tuna.sh): the same for both rankings.
 MARGIN = 0.1                    # m: the ranking margin, grown linearly with the rank distance d
 MLE_WEIGHT = 1.0                # w_mle in L = w_mle * L_MLE + L_rank
 LENGTH_PENALTY = 1.0            # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
 MAX_LEN = 512                   # tokens of prompt + one response; longer ones are cut on the right
-RANK_LR = {"probabilistic": 1e-5, "contextual": 1e-6}  # Tuna_p from SFT, then Tuna_c from Tuna_p
-RANK_BATCH_SIZE = 16            # instructions per step (the authors': per GPU; their GPU count is not stated)
+# Tuna_p from SFT, then Tuna_c from Tuna_p
+RANK_LR = {"probabilistic": 1e-5, "contextual": 1e-6}
+# instructions per step (the authors': per GPU; their GPU count is not stated)
+RANK_BATCH_SIZE = 16
 RANK_EPOCHS = 1
 RANK_WARMUP_STEPS = 2           # linear warm-up, then cosine decay
-ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+WEIGHT_DECAY = 0.0
 # The SFT baseline Tuna starts from: Stanford Alpaca's recipe (its train.py and README).
-SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE, SFT_WARMUP_RATIO = 2e-5, 3, 128, 0.03
-# Not in METHOD.md: the Hugging Face Trainer default that the authors' runs and Alpaca's inherit.
+SFT_LR = 2e-5
+SFT_EPOCHS = 3
+SFT_BATCH_SIZE = 128
+SFT_WARMUP_RATIO = 0.03
+# Not set by the authors: the Hugging Face Trainer default their runs and Alpaca's inherit.
 GRAD_CLIP = 1.0
 
 # ============================================================================ 1. the objective
@@ -54,8 +62,9 @@ GRAD_CLIP = 1.0
 def candidate_scores(token_logprobs, token_candidate, num_candidates, length_penalty=LENGTH_PENALTY):
     """s_k = (sum of log p over candidate k's response tokens) / (its token count) ** length_penalty.
 
-    token_logprobs, token_candidate: (B, N), each scored token's log-prob and its candidate (-1 =
-    padding, whose log-prob is 0). Returns (B, K). METHOD.md: length normalization, exponent 1."""
+    token_logprobs, token_candidate: (B, N), each scored token's log-prob and its
+    candidate (-1 = padding, whose log-prob is 0). Returns (B, K). Length normalization,
+    exponent 1 (LMOps tuna/src/custom.py, TunaTrainer.compute_loss: token_lprobs)."""
     column = token_candidate + 1                             # column 0 collects the padding, dropped
     zeros = token_logprobs.new_zeros(token_logprobs.shape[0], num_candidates + 1)
     sums = zeros.scatter_add(1, column, token_logprobs)[:, 1:]
@@ -64,17 +73,20 @@ def candidate_scores(token_logprobs, token_candidate, num_candidates, length_pen
 
 
 def rank_loss(scores, candidate_mask, margin=MARGIN, pair_counts=None):
-    """L_rank = sum over d = 1..K-1 of mean over j of max(0, s_{j+d} - s_j + m*d) (METHOD.md).
+    """L_rank = sum over d = 1..K-1 of mean over j of max(0, s_{j+d} - s_j + m*d) (paper,
+    "Probabilistic Ranking"; LMOps tuna/src/custom.py, TunaTrainer.compute_loss).
 
-    scores, candidate_mask: (B, K), candidates best first, masked ones (dropped duplicates, padding)
-    after the valid ones. "mean over j" is over every valid pair (j, j+d) of the whole batch, pooled
-    across instructions: the authors' code flattens the (B, K-d) pairs of each d into one
-    nn.MarginRankingLoss (mean); with unequal candidate counts we average over the pairs that exist.
-    pair_counts[d-1], when given, is the pair count of the whole optimizer step (all micro-batches,
-    all processes), so that splitting a batch never changes its loss or gradient."""
+    scores, candidate_mask: (B, K), candidates best first, masked ones (dropped
+    duplicates, padding) after the valid ones. "mean over j" is over every valid pair (j,
+    j+d) of the whole batch, pooled across instructions: the authors' code flattens the
+    (B, K-d) pairs of each d into one nn.MarginRankingLoss (mean); with unequal candidate
+    counts we average over the pairs that exist. pair_counts[d-1], when given, is the pair
+    count of the whole optimizer step (all micro-batches, all processes), so that
+    splitting a batch never changes its loss or gradient."""
     loss = scores.new_zeros(())
     for d in range(1, scores.shape[1]):                      # rank distance d; each term is (B, K-d)
-        better, worse = scores[:, :-d], scores[:, d:]
+        better = scores[:, :-d]
+        worse = scores[:, d:]
         valid = candidate_mask[:, :-d] & candidate_mask[:, d:]
         hinge = torch.clamp(worse - better + margin * d, min=0) * valid
         count = valid.sum().clamp(min=1) if pair_counts is None else max(pair_counts[d - 1], 1)
@@ -83,9 +95,10 @@ def rank_loss(scores, candidate_mask, margin=MARGIN, pair_counts=None):
 
 
 def mle_loss(token_logprobs, token_candidate, best_only=False, token_count=None):
-    """Token-level cross-entropy: mean -log p over the response tokens of all candidates (the
-    authors' code: Hugging Face's loss over the B*K rows) or of the best one only (a paper reading).
-    token_count, when given, is the count of the whole optimizer step (see rank_loss)."""
+    """Token-level cross-entropy: mean -log p over the response tokens of all candidates
+    (the authors' code: Hugging Face's loss over the B*K rows) or of the best one only (a
+    paper reading). token_count, when given, is the count of the whole optimizer step (see
+    rank_loss)."""
     used = (token_candidate == 0) if best_only else (token_candidate >= 0)
     count = used.sum().clamp(min=1) if token_count is None else max(token_count, 1)
     return -(token_logprobs * used).sum() / count
@@ -112,13 +125,14 @@ def step_normalizers(examples, mle_best_only=False):
 def pack_example(prompts, responses):
     """One instruction's K candidates as one row: the shared prompt once, then each response.
 
-    prompts[k], responses[k]: candidate k's ids (prompt with BOS, response ending in EOS), best first.
-    The prompts are normally identical; where tokenization at the seam differed, the shared part is
-    their longest common prefix and each candidate's own rest of prompt opens its segment, unscored.
-    Each segment attends to the shared prompt and to itself (collate builds that mask) and its
-    positions continue from the prompt's, so every response sees exactly what it would see alone in
-    its own row: the naive K-row computation without K copies of the prompt. Scored tokens: the
-    logits at row index `source` predict `target`, a token of candidate `candidate`."""
+    prompts[k], responses[k]: candidate k's ids (prompt with BOS, response ending in EOS),
+    best first. The prompts are normally identical; where tokenization at the seam
+    differed, the shared part is their longest common prefix and each candidate's own rest
+    of prompt opens its segment, unscored. Each segment attends to the shared prompt and
+    to itself (collate builds that mask) and its positions continue from the prompt's, so
+    every response sees exactly what it would see alone in its own row: the naive K-row
+    computation without K copies of the prompt. Scored tokens: the logits at row index
+    `source` predict `target`, a token of candidate `candidate`."""
     shared = 0
     while all(len(p) > shared for p in prompts) and len({p[shared] for p in prompts}) == 1:
         shared += 1
@@ -139,10 +153,13 @@ def pack_example(prompts, responses):
 
 
 def collate(rows, pad_id, device="cpu"):
-    """Pad packed rows into tensors. mask (B, 1, T, T), True = may attend: causal, and a token sees the
-    shared prompt (segment 0) and its own segment only. None (plain causal) when no row packs more
-    than one candidate, so one-candidate batches (SFT) keep the fast causal attention path."""
-    B, T, N = len(rows), max(len(r["tokens"]) for r in rows), max(len(r["target"]) for r in rows)
+    """Pad packed rows into tensors. mask (B, 1, T, T), True = may attend: causal, and a
+    token sees the shared prompt (segment 0) and its own segment only. None (plain causal)
+    when no row packs more than one candidate, so one-candidate batches (SFT) keep the
+    fast causal attention path."""
+    B = len(rows)
+    T = max(len(r["tokens"]) for r in rows)
+    N = max(len(r["target"]) for r in rows)
     K = max(r["num_candidates"] for r in rows)
     batch = {"tokens": torch.full((B, T), pad_id), "positions": torch.zeros(B, T, dtype=torch.long),
              "segment": torch.full((B, T), -1), "source": torch.zeros(B, N, dtype=torch.long),
@@ -165,9 +182,10 @@ def collate(rows, pad_id, device="cpu"):
 
 
 def score_tokens(model, batch):
-    """log p(target | all it may see) of every scored token: (B, N), 0 at padding. Only the positions
-    that predict a scored token go through the vocabulary-sized output layer (output_positions), which
-    skips prompts and padding, and only a chunk of them at a time (model.chunked_token_logprobs)."""
+    """log p(target | all it may see) of every scored token: (B, N), 0 at padding. Only
+    the positions that predict a scored token go through the vocabulary-sized output layer
+    (output_positions), which skips prompts and padding, and only a chunk of them at a
+    time (model.chunked_token_logprobs)."""
     token_logprobs = model(batch["tokens"], batch["positions"], batch["mask"],  # chunk by chunk: never
                            output_positions=batch["source"], targets=batch["target"])  # (B, N, vocab) whole
     return token_logprobs * (batch["candidate"] >= 0)                                       # (B, N)
@@ -182,16 +200,18 @@ def train_step(run, step, batch_rows):
     mine = batch_rows[run.process_rank::run.world_size]
     parts = torch.zeros(3, device=run.device)                  # loss, MLE, ranking term of the whole step
     for i in range(run.micro_batches):
-        batch = collate(mine[i * len(mine) // run.micro_batches:(i + 1) * len(mine) // run.micro_batches],
-                        run.pad_id, run.device)
+        start = i * len(mine) // run.micro_batches
+        stop = (i + 1) * len(mine) // run.micro_batches
+        batch = collate(mine[start:stop], run.pad_id, run.device)
         with gradient_sync(run.wrapped, i == run.micro_batches - 1):
             with autocast(run):
                 # forward: the log-prob of every response token; an instruction's candidates share one row
                 token_logprobs = score_tokens(run.wrapped, batch)
                 # both loss terms: L = w_mle * L_MLE + L_rank
-                loss, mle, rank = tuna_loss(token_logprobs, batch["candidate"], batch["candidate_mask"],
-                                            mle_best_only=run.args.mle_best_only, token_count=token_count,
-                                            pair_counts=pair_counts)
+                loss, mle, rank = tuna_loss(
+                    token_logprobs, batch["candidate"], batch["candidate_mask"],
+                    mle_best_only=run.args.mle_best_only,
+                    token_count=token_count, pair_counts=pair_counts)
             # backward: DDP and FSDP average gradients over processes, but the step's loss is their sum
             (loss * run.world_size).backward()
         parts += torch.stack([loss, mle, rank]).detach()
@@ -216,7 +236,8 @@ def train(args, kind):
     if run.state == "done":
         log(f"{run.out}: already finished")
         if is_main():
-            shutil.rmtree(os.path.join(run.out, "checkpoints"), ignore_errors=True)  # left by a kill
+            # left by a kill
+            shutil.rmtree(os.path.join(run.out, "checkpoints"), ignore_errors=True)
         return run.out
     if is_main():
         open_run_folder(run)                 # only now: a run that failed in setup() left nothing behind
@@ -249,7 +270,8 @@ class Run:
     world_size: int = 1
     device: torch.device = None
     tokenizer_path: str = ""
-    tokenizer_files: dict = None  # name -> source path, copied into every checkpoint (data.Tokenizer.files)
+    # name -> source path, copied into every checkpoint (data.Tokenizer.files)
+    tokenizer_files: dict = None
     pad_id: int = 0
     rows: list = None           # the packed instructions (load_rows)
     micro_batches: int = 1      # forward passes per process per optimizer step
@@ -258,33 +280,40 @@ class Run:
     warmup_steps: int = 0
     start_step: int = 0         # > 0 when resumed from a checkpoint
     net: nn.Module = None       # the model (with LoRA adapters, if any)
-    wrapped: nn.Module = None   # the same model under DDP or FSDP2: what the forward pass calls
+    # the same model under DDP or FSDP2: what the forward pass calls
+    wrapped: nn.Module = None
     optimizer: torch.optim.Optimizer = None
-    autocast_dtype: torch.dtype = None  # matrix products in this dtype; None: in the weights' dtype
+    # matrix products in this dtype; None: in the weights' dtype
+    autocast_dtype: torch.dtype = None
     tokens_seen: int = 0        # since this process started (for tokens per second)
     flops_seen: tuple = (0, 0)  # model and hardware FLOPs since then (step_flops), for MFU
     peak_tflops: float = None   # of one device (peak_tflops); None: MFU not reported
 
 
 def setup(args, kind):
-    """Data, model, optimizer and, with --resume, the last checkpoint's state. Writes nothing: a run that
-    fails here (bad data, a missing or corrupt checkpoint) leaves no trace behind."""
+    """Data, model, optimizer and, with --resume, the last checkpoint's state. Writes
+    nothing: a run that fails here (bad data, a missing or corrupt checkpoint) leaves no
+    trace behind."""
     process_rank, world_size, device = start_processes(args.device)
-    out, settings = args.out.rstrip("/"), run_settings(args, kind)
-    state = broadcast_outcome(lambda: run_folder_state(out, settings, args))  # main decides, all follow
+    out = args.out.rstrip("/")
+    settings = run_settings(args, kind)
+    # main decides, all follow
+    state = broadcast_outcome(lambda: run_folder_state(out, settings, args))
     run = Run(args, kind, out, state, settings, process_rank, world_size, device)
     if run.state == "done":
         return run
     if not os.path.isdir(args.init):
         raise TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
-    tok = data.Tokenizer(args.tokenizer or args.init)  # a folder: its tokenizer.model, else tokenizer.json
+    # a folder: its tokenizer.model, else tokenizer.json
+    tok = data.Tokenizer(args.tokenizer or args.init)
     run.tokenizer_files, run.tokenizer_path = tok.files, tok.path
     run.pad_id, run.rows = tok.pad_id, load_rows(args.data, tok, kind)
     micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / world_size)
     run.micro_batches = math.ceil(args.batch_size / (world_size * micro_batch_size))
     full_batches, rest = divmod(len(run.rows), args.batch_size)
-    run.steps_per_epoch = full_batches + (rest >= world_size * run.micro_batches)  # else the rest is dropped
+    # else the rest is dropped
+    run.steps_per_epoch = full_batches + (rest >= world_size * run.micro_batches)
     run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
     if run.total_steps == 0:
         raise TrainingError(f"{args.data}: {len(run.rows)} usable example(s), fewer than one batch of "
@@ -309,7 +338,8 @@ def setup(args, kind):
     run.peak_tflops = peak_tflops(device, args.peak_tflops)
     net.gradient_checkpointing = broadcast_outcome(lambda: choose_checkpointing(run, net, micro_batch_size))
     run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
-    # optimizer: AdamW (METHOD.md); the fused kernel on CUDA, or where --fused-adam / --no-fused-adam say
+    # optimizer: AdamW (the authors' optim=adamw_torch); the fused kernel on CUDA,
+    # or where --fused-adam / --no-fused-adam say
     params = [p for p in net.parameters() if p.requires_grad]
     fused = on_cuda_unless_told(args.fused_adam, device)
     run.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
@@ -320,11 +350,12 @@ def setup(args, kind):
 
 
 def load_rows(path, tok, kind):
-    """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or a ranked file
-    (.jsonl: the project's format; .json: the authors' release, whose records with an empty output or a
-    non-finite score are skipped and named). A candidate that cannot keep one response token within MAX_LEN
-    is dropped; the rest keep their order. A candidate that a token limit cut when it was generated
-    (source["unfinished"]) is trained without EOS: the model must not learn to stop there."""
+    """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or
+    a ranked file (.jsonl: the project's format; .json: the authors' release, whose
+    records with an empty output or a non-finite score are skipped and named). A candidate
+    that cannot keep one response token within MAX_LEN is dropped; the rest keep their
+    order. A candidate that a token limit cut when it was generated (source["unfinished"])
+    is trained without EOS: the model must not learn to stop there."""
     if kind == "sft":
         items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]], [])
                  for i, e in enumerate(data.read_alpaca(path))]
@@ -333,10 +364,13 @@ def load_rows(path, tok, kind):
                  for r in data.read_ranked_jsonl(path)]
     else:
         bad = []
-        items = [(r.id, r.prompt, r.candidates, []) for r in data.read_authors_ranking(path, skipped=bad)]
+        records = data.read_authors_ranking(path, skipped=bad)
+        items = [(r.id, r.prompt, r.candidates, []) for r in records]
         if bad:
             log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
-    rows, dropped, skipped = [], 0, 0
+    rows = []
+    dropped = 0
+    skipped = 0
     for record_id, prompt, candidates, unfinished in items:
         pairs = [data.encode_prompt_response(tok, prompt, c, MAX_LEN, finished=k not in unfinished)
                  for k, c in enumerate(candidates)]
@@ -357,17 +391,20 @@ def load_rows(path, tok, kind):
 
 
 def step_rows(run, step):
-    """The instructions of one optimizer step: each epoch a shuffle that depends on the seed and the epoch
-    only, so a resumed run sees exactly the batches an uninterrupted one would have seen."""
+    """The instructions of one optimizer step: each epoch a shuffle that depends on the
+    seed and the epoch only, so a resumed run sees exactly the batches an uninterrupted
+    one would have seen."""
     epoch, index = divmod(step, run.steps_per_epoch)
-    order = torch.randperm(len(run.rows), generator=torch.Generator().manual_seed(run.args.seed + epoch))
+    shuffle = torch.Generator().manual_seed(run.args.seed + epoch)
+    order = torch.randperm(len(run.rows), generator=shuffle)
     batch_size = run.args.batch_size
     return [run.rows[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps):
-    """Linear warm-up, then cosine decay towards 0 (the authors' Hugging Face cosine schedule; step is
-    0-based). HF's first step has lr 0; ours has peak/warmup, so no step is spent without moving."""
+    """Linear warm-up, then cosine decay towards 0 (the authors' Hugging Face cosine
+    schedule; step is 0-based). HF's first step has lr 0; ours has peak/warmup, so no step
+    is spent without moving."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -375,7 +412,7 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps):
 
 
 def clip_gradients(net, max_norm):
-    """The total gradient norm (over every process's shard under FSDP), after clipping it to max_norm."""
+    """The total gradient norm (every shard under FSDP); clips the gradients to max_norm."""
     params = [p for p in net.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -390,8 +427,9 @@ def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
 
 
 PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype)
-    "bf16-mixed": (torch.float32, torch.bfloat16),   # float32 weights, bfloat16 matrix products (by default
-                                                     # on CUDA only: a CPU computes in float32, see --autocast)
+    # float32 weights, bfloat16 matrix products (by default on CUDA only:
+    # a CPU computes in float32, see --autocast)
+    "bf16-mixed": (torch.float32, torch.bfloat16),
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
     "fp16": (torch.float16, None),
@@ -399,7 +437,7 @@ PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype
 
 
 def on_cuda_unless_told(flag, device):
-    """A device-dependent choice (autocast, the fused AdamW kernel): the flag if given, else on CUDA only."""
+    """The flag if given, else on CUDA only (autocast, the fused AdamW kernel)."""
     return device.type == "cuda" if flag is None else flag
 def choose_checkpointing(run, net, micro_batch_size):
     """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest micro-batch this run
@@ -420,14 +458,14 @@ def choose_checkpointing(run, net, micro_batch_size):
 
 
 def autocast(run):
-    """Matrix products in run.autocast_dtype (bfloat16 for bf16-mixed); weights and optimizer keep theirs."""
+    """Matrix products in run.autocast_dtype; weights and optimizer keep their dtype."""
     if run.autocast_dtype is None:
         return nullcontext()
     return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
 def record_step(run, step, batch_rows, began, values):
-    """Every step's loss terms go to OUT/metrics.jsonl; every --log-every steps a line to the console."""
+    """Each step's loss terms to OUT/metrics.jsonl; a console line every --log-every steps."""
     if not is_main():
         return
     tokens = sum(len(r["tokens"]) for r in batch_rows)
@@ -452,9 +490,9 @@ def record_step(run, step, batch_rows, began, values):
 
 
 # ---------------------------------------------------------------------------- speed (MFU) and memory
-# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, matched in this order
-# against torch.cuda.get_device_name (H100 PCIe before H100, L40S and L40 before L4); --peak-tflops
-# supplies or overrides it.
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, matched
+# in this order against torch.cuda.get_device_name (H100 PCIe before H100, L40S and L40
+# before L4); --peak-tflops supplies or overrides it.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
                ("L40", 181.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX A6000", 154.8))
 # Share of free memory the training step may take (the rest: the allocator's fragmentation, small tensors)
@@ -462,7 +500,7 @@ TRAINING_MEMORY_SHARE = 0.9
 
 
 def peak_tflops(device, override=None):
-    """The device's peak bf16 TFLOP/s: override if given, else PEAK_TFLOPS; None where unknown (a CPU)."""
+    """Peak bf16 TFLOP/s: the override, else PEAK_TFLOPS by name; None where unknown (a CPU)."""
     if override:
         return override
     if device.type != "cuda":
@@ -472,16 +510,18 @@ def peak_tflops(device, override=None):
 
 
 def step_flops(net, rows, recompute):
-    """(model FLOPs, hardware FLOPs) of a training step on packed rows: 2 per multiply-add of the matrix
-    products (norms, RoPE, softmax and the optimizer left out). Per token, forward: every linear layer of the
-    blocks (LoRA's A and B included) and attention (q k^T and the weighted sum of v over the keys the token
-    sees: its position + 1, exact under prefix sharing's mask); the output layer only for scored tokens.
-    Backward: the gradient of every activation (the forward's work again; attention's twice), plus the
-    weights' gradients of trainable layers only (a frozen base under LoRA has none). Full fine-tuning is so
-    PaLM's 6N + attention (Chowdhery et al. 2022, appendix B); LoRA's frozen base 4N. Model FLOPs give the
-    MFU; hardware FLOPs add what is computed again: the blocks' forward under gradient checkpointing
-    (`recompute`) and, where the step scores more tokens than one chunk (model.LOGPROB_CHUNK_TOKENS), the
-    output layer's (model.chunked_token_logprobs recomputes its chunks in backward)."""
+    """(model FLOPs, hardware FLOPs) of a training step on packed rows: 2 per multiply-add
+    of the matrix products (norms, RoPE, softmax and the optimizer left out). Per token,
+    forward: every linear layer of the blocks (LoRA's A and B included) and attention (q
+    k^T and the weighted sum of v over the keys the token sees: its position + 1, exact
+    under prefix sharing's mask); the output layer only for scored tokens. Backward: the
+    gradient of every activation (the forward's work again; attention's twice), plus the
+    weights' gradients of trainable layers only (a frozen base under LoRA has none). Full
+    fine-tuning is so PaLM's 6N + attention (Chowdhery et al. 2022, appendix B); LoRA's
+    frozen base 4N. Model FLOPs give the MFU; hardware FLOPs add what is computed again:
+    the blocks' forward under gradient checkpointing (`recompute`) and, where the step
+    scores more tokens than one chunk (model.LOGPROB_CHUNK_TOKENS), the output layer's
+    (model.chunked_token_logprobs recomputes its chunks in backward)."""
     frozen = trainable = 0  # multiply-adds per token in the blocks' linear layers
     for module in net.layers.modules():
         if isinstance(module, nn.Linear) and module.weight.requires_grad:
@@ -524,18 +564,20 @@ def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_d
 
 
 # ============================================================================ 4. run folders and checkpoints
-# OUT is the run folder from the first step on: run.json (the settings), metrics.jsonl, and the newest
-# checkpoints/step-N (each written to step-N.tmp and renamed: whole or absent). When the run ends, the
-# final weights are written into OUT itself, config.json last, so OUT/config.json marks a finished run.
+# OUT is the run folder from the first step on: run.json (the settings), metrics.jsonl,
+# and the newest checkpoints/step-N (each written to step-N.tmp and renamed: whole or
+# absent). When the run ends, the final weights are written into OUT itself, config.json
+# last, so OUT/config.json marks a finished run.
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says which file, step or setting."""
 
 
 def run_settings(args, kind):
-    """What makes two runs the same run, recorded in OUT/run.json: the settings that change the math (the
-    micro-batch size and the process count do not, see rank_loss), the method's constants, and the data
-    file's SHA-256, so that --resume never continues a run on other data."""
+    """What makes two runs the same run, recorded in OUT/run.json: the settings that
+    change the math (the micro-batch size and the process count do not, see rank_loss),
+    the method's constants, and the data file's SHA-256, so that --resume never continues
+    a run on other data."""
     settings = {key: getattr(args, key) for key in ("lr", "epochs", "max_steps", "batch_size", "seed",
                                                     "precision", "lora_rank", "lora_alpha", "lora_targets",
                                                     "mle_best_only")}
@@ -570,8 +612,9 @@ def run_folder_state(out, settings, args):
 
 
 def open_run_folder(run):
-    """A new run: OUT (an --overwrite'n one removed first) with run.json. A resumed one: its metrics
-    from after the checkpoint are forgotten, as the steps that made them are trained again."""
+    """A new run: OUT (an --overwrite'n one removed first) with run.json. A resumed one:
+    its metrics from after the checkpoint are forgotten, as the steps that made them are
+    trained again."""
     metrics = os.path.join(run.out, "metrics.jsonl")
     if run.state == "new":
         if os.path.isdir(run.out):
@@ -587,8 +630,11 @@ def open_run_folder(run):
 
 def latest_checkpoint(out):
     folder = os.path.join(out, "checkpoints")
-    steps = sorted(n for n in os.listdir(folder) if n.startswith("step-") and not n.endswith(".tmp")) \
-        if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return None
+    names = os.listdir(folder)
+    # a .tmp folder is one a kill interrupted
+    steps = sorted(n for n in names if n.startswith("step-") and not n.endswith(".tmp"))
     return os.path.join(folder, steps[-1]) if steps else None
 
 
@@ -602,7 +648,7 @@ def read_training_state(checkpoint):
 
 
 def restore_training_state(run, state):
-    """Optimizer moments, random states and the step: the run goes on exactly where the checkpoint was."""
+    """Optimizer moments, random states, step: the run goes on exactly where it stopped."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
@@ -614,7 +660,7 @@ def restore_training_state(run, state):
 
 
 def check_fits(net, tok, run):
-    """The tokenizer's ids and the longest packed row must fit the model (an error, never an index error)."""
+    """Token ids and the longest packed row must fit the model: an error, not an index error."""
     if tok.vocab_size > net.args.vocab_size:
         raise TrainingError(f"{run.tokenizer_path}: {tok.vocab_size} tokens, but {run.args.init} has "
                             f"{net.args.vocab_size} embeddings")
@@ -625,9 +671,10 @@ def check_fits(net, tok, run):
 
 
 def save_checkpoint(run, step, finished=False):
-    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt (optimizer, step, data
-    position, random states). A step checkpoint goes to checkpoints/step-N.tmp, renamed when whole, and
-    replaces the older ones; the final one goes into OUT itself. Every process calls it (FSDP gathers)."""
+    """HF checkpoint (config.json last) + the tokenizer's files + training_state.pt
+    (optimizer, step, data position, random states). A step checkpoint goes to
+    checkpoints/step-N.tmp, renamed when whole, and replaces the older ones; the final one
+    goes into OUT itself. Every process calls it (FSDP gathers)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -651,7 +698,8 @@ def save_checkpoint(run, step, finished=False):
                 "data_position": dict(epoch=epoch, batches_done_in_epoch=batches_done, seed=run.args.seed),
                 "lora": {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}},
                os.path.join(folder, "training_state.pt"))
-    llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)  # weights, then config.json
+    # weights, then config.json
+    llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)
     if finished:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return
@@ -703,8 +751,9 @@ def broadcast_outcome(decide):
 
 
 def wrap_model(net, world_size, device, fsdp):
-    """DDP replicates the model on every GPU; FSDP2 (fully_shard, one unit per block) shards weights,
-    gradients and optimizer state over the GPUs, for models that do not fit one."""
+    """DDP replicates the model on every GPU; FSDP2 (fully_shard, one unit per block)
+    shards weights, gradients and optimizer state over the GPUs, for models that do not
+    fit one."""
     if world_size == 1:
         return net
     if fsdp:
@@ -714,11 +763,12 @@ def wrap_model(net, world_size, device, fsdp):
         for block in net.layers:
             fully_shard(block, mesh=mesh)
         return fully_shard(net, mesh=mesh)
-    return nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    device_ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
 
 
 def gradient_sync(wrapped, enabled):
-    """Gradient accumulation: reduce gradients over processes only at the last micro-batch of a step."""
+    """Gradient accumulation: processes reduce gradients at a step's last micro-batch only."""
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return nullcontext() if enabled else wrapped.no_sync()
     if hasattr(wrapped, "set_requires_gradient_sync"):        # FSDP2
@@ -729,15 +779,17 @@ def gradient_sync(wrapped, enabled):
 # ============================================================================ 6. LoRA (Hu et al. 2021)
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A x with W frozen, A (r, in) random, B (out, r) zero: training starts
-    exactly at W and only A, B (and their Adam moments) take memory, so a 7B model fits one GPU."""
+    """y = W x + (alpha / r) B A x with W frozen, A (r, in) random, B (out, r) zero:
+    training starts exactly at W and only A, B (and their Adam moments) take memory, so a
+    7B model fits one GPU."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         base.weight.requires_grad_(False)
         device = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))   # float32
+        # float32
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))                              # as nn.Linear
 
@@ -757,7 +809,7 @@ def add_lora(net, rank, alpha, targets):
 
 
 def plain_model(net, state):
-    """A plain model.Transformer holding `state` (LoRA merged), to save with model.save_hf_checkpoint."""
+    """A plain model.Transformer with `state` (LoRA merged), for model.save_hf_checkpoint."""
     merged = {}
     for key, tensor in state.items():
         if key.endswith((".lora_a", ".lora_b")):
@@ -765,7 +817,8 @@ def plain_model(net, state):
         if key.endswith(".base.weight"):
             prefix = key[: -len("base.weight")]
             lora = net.get_submodule(prefix[:-1])
-            a, b = state[prefix + "lora_a"], state[prefix + "lora_b"]
+            a = state[prefix + "lora_a"]
+            b = state[prefix + "lora_b"]
             tensor = (tensor.float() + lora.scale * b.float() @ a.float()).to(tensor.dtype)
             key = prefix + "weight"
         merged[key] = tensor
@@ -781,18 +834,21 @@ def plain_model(net, state):
 # ============================================================================ 7. pipeline and command line
 
 def run_pipeline(args):
-    """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking (lr 1e-6)
-    from Tuna_p on candidates sampled from Tuna_p (METHOD.md, Pipeline 4). OUT/tuna_p and OUT/tuna
-    are ordinary stage outputs; --resume skips a finished stage."""
+    """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking
+    (lr 1e-6) from Tuna_p on candidates sampled from Tuna_p (the paper's sequential
+    recipe). OUT/tuna_p and OUT/tuna are ordinary stage outputs; --resume skips a finished
+    stage."""
     out = args.out.rstrip("/")
     contextual = args.contextual_data or os.path.join(out, "contextual.jsonl")
-    # built from this Tuna_p on every run (teacher.py's caches make that free when nothing changed), so that
-    # the samples of an older Tuna_p are never trained on after a retraining
+    # built from this Tuna_p on every run (teacher.py's caches make that free when nothing
+    # changed), so that the samples of an older Tuna_p are never trained on after a
+    # retraining
     build_contextual = not args.contextual_data
     if build_contextual and not (args.instructions and args.teacher_base_url and args.teacher_model):
         raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
                             "--teacher-model to build it from Tuna_p's samples with teacher.py")
-    if build_contextual and "RANK" in os.environ:  # hours of sampling would time out the other processes
+    # hours of sampling would time out the other processes
+    if build_contextual and "RANK" in os.environ:
         raise TrainingError("pipeline: under torchrun, build the contextual data first and pass "
                             "--contextual-data")
     tuna_p = os.path.join(out, "tuna_p")
@@ -801,7 +857,8 @@ def run_pipeline(args):
                args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
                "--student-batch-size", str(args.student_batch_size), *shlex.split(args.teacher_args)
                ] if build_contextual else None
-    if args.dry_run:  # what the contextual teacher will be sent and cost; nothing trained, nothing sent
+    # what the contextual teacher will be sent and cost; nothing trained, nothing sent
+    if args.dry_run:
         if not build_contextual:
             log("pipeline --dry-run: --contextual-data is given, so no teacher request would be sent")
             return None
@@ -829,8 +886,9 @@ def run_pipeline(args):
 
 
 def add_training_arguments(p, kind):
-    """The flags a user changes: paths, length of training, batch, LoRA, precision, run folder, logging,
-    processes. The method's fixed values are the constants at the top of this file."""
+    """The flags a user changes: paths, length of training, batch, LoRA, precision, run
+    folder, logging, processes. The method's fixed values are the constants at the top of
+    this file."""
     lr, epochs, batch_size = (SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE) if kind == "sft" else \
         (RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE)
     p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
@@ -869,7 +927,8 @@ def add_training_arguments(p, kind):
     p.add_argument("--log-every", type=int, default=1, help="a console line every N steps")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
-    if kind != "sft":   # a README faithfulness note: the authors' code puts MLE on every candidate
+    # a README faithfulness note: the authors' code puts MLE on every candidate
+    if kind != "sft":
         p.add_argument("--mle-best-only", action="store_true", help="MLE on the best candidate only "
                        "(a paper reading; default: all candidates, as the authors' code)")
     else:
@@ -912,11 +971,13 @@ def main(argv=None):
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:  # one writer per output folder (under torchrun, the main process holds the lock for all)
+    # one writer per output folder (under torchrun, the main process holds the lock for all)
+    try:
         writes = os.environ.get("RANK", "0") == "0" and not getattr(args, "dry_run", False)
         with data.lock_output(args.out) if writes else nullcontext():
             SUBCOMMANDS[args.command][2](args)
-    except (TrainingError, data.OutputLocked, OSError, ValueError) as e:  # DataError is a ValueError
+    # DataError is a ValueError
+    except (TrainingError, data.OutputLocked, OSError, ValueError) as e:
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:
