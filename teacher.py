@@ -740,7 +740,8 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
     not depend on where a run was killed nor on batch_size."""
     settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
-    cached, others = cached_samples(examples, cache_path, settings)
+    kept = student_log(examples, cache_path, settings)
+    cached = kept.kept
     device = model.tok_embeddings.weight.device
     result, todo = {}, []
     for item_id, _, prompt in _items(examples):  # the result follows the examples' order
@@ -757,12 +758,13 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     def keep(i, best):
         item_id, prompt = todo[i]
         result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
-        data.append_jsonl(cache_path, [result[item_id]])
+        kept.keep([result[item_id]])
         progress.advance()
 
     generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
     sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
                    generators=generators, batch_size=batch_size, on_done=keep)
+    others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
     if others:
         log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
                  cache_path, others)
@@ -775,22 +777,30 @@ def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_i
                 student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
 
 
+def sample_key(settings, prompt):
+    """What made a student's samples: its settings (sample_settings) and the prompt."""
+    return json.dumps([settings, prompt], sort_keys=True)
+
+
+def sample_made_by(entry):
+    """The key a cached sample was made under (None: the line holds no sample)."""
+    settings = entry.get("settings")
+    return sample_key(settings, entry.get("prompt")) if isinstance(settings, dict) else None
+
+
+def student_log(examples, cache_path, settings):
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
+    keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
+    return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
+
+
 def cached_samples(examples, cache_path, settings):
     """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
     the number of the other examples it holds samples of, for another student, prompt or settings)."""
-    done = {}
-    for _, entry in data.read_jsonl_log(cache_path, log.warning):
-        if "id" in entry and isinstance(entry.get("settings"), dict):
-            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
-    cached_ids = {item_id for item_id, _ in done}
-    found, others, key = {}, 0, json.dumps(settings, sort_keys=True)
-    for item_id, _, prompt in _items(examples):
-        entry = done.get((item_id, key))
-        if entry and entry.get("prompt") == prompt:
-            found[item_id] = entry
-        else:
-            others += item_id in cached_ids
-    return found, others
+    kept = student_log(examples, cache_path, settings)
+    ids = [item_id for item_id, _, _ in _items(examples)]
+    others = sum(item_id in kept.made_otherwise for item_id in ids)
+    return kept.kept, others
 
 
 def is_checkpoint(folder):
