@@ -1,13 +1,20 @@
-"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server (METHOD.md, 2-3).
+"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server.
 
-1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
+The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
+1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction, each scored by its
+   mean token log-prob; sorted, best first. Tuna_p trains on them.
+2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher sees them all
+   in one prompt and ranks them (the authors' tuna/src/gpt-eval.py, GroupEval.group_eval). Tuna_c trains
+   on them.
+Then the plumbing:
+4. What both builders share: the items, a new request for an unparseable reply, the failures file.
+5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
    `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended
    to a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts
    again where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that
    no request reaches stops the run at once (RunError), as does a run where every item failed.
-2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
-   student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
-3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+6. --dry-run: the requests a run would send, counted and priced, never sent.
+7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
@@ -68,7 +75,569 @@ class ReplyError(ValueError):
         self.raw = raw
 
 
-# ----------------------------------------------------------------------------- 1. the client
+# ----------------------- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
+
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
+# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
+REQUESTS_PER_SAMPLE = 2
+
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
+                "that scores prompts (vLLM, teacher.py serve)")
+
+
+def probabilistic_request(item, k, n, max_tokens, temperature, chat):
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
+    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
+    _, ex, prompt = item
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
+    if chat:  # a chat teacher gets the instruction itself, not our template
+        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
+    return "/completions", dict(prompt=prompt, logprobs=1, **options)
+
+
+def original_request(prompt, output):
+    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
+    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
+    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
+
+
+def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
+                        chat=False, add_original=None, retry_failures=False):
+    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each scored by its
+    mean token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against
+    each other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
+    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
+    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
+    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
+    if add_original not in (None, "scored", "first"):
+        raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
+    if add_original == "scored" and chat:
+        raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
+    url = client.base_url + ("/chat/completions" if chat else "/completions")
+    distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
+
+    def request(item, k, cache_only):
+        path, params = probabilistic_request(item, k, n, max_tokens, temperature, chat)
+        return client.request(path, params, cache_only)
+
+    def usable_choices(answer):
+        """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
+        found = []
+        for i in range(len(get_field(answer, "choices", url))):
+            if chat:
+                text = get_field(answer, f"choices.{i}.message.content", url)
+                logprobs = get_field(answer, f"choices.{i}.logprobs.content", url)
+            else:
+                text = get_field(answer, f"choices.{i}.text", url)
+                logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
+            try:
+                values = [t["logprob"] for t in logprobs] if chat else list(logprobs)
+                logprobs = [float(value) for value in values if value is not None]
+            except (TypeError, KeyError, ValueError):
+                raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
+            if isinstance(text, str) and text.strip() and logprobs:
+                finished = answer["choices"][i].get("finish_reason") != "length"
+                found.append((text.strip(), sum(logprobs) / len(logprobs), finished))
+        return found
+
+    def samples(item):
+        """The item's usable choices and the number of requests they took. Past the bound (or with n samples
+        but too few distinct ones) only cached answers are read, and with retry_failures one new request is
+        paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
+        found, k, fresh = [], 0, retry_failures
+        while True:
+            distinct = len({text for text, _, _ in found})
+            if len(found) >= n and distinct >= distinct_needed:
+                return found, k
+            answer = request(item, k, cache_only=len(found) >= n or k >= REQUESTS_PER_SAMPLE * n)
+            if answer is None and fresh and distinct < distinct_needed:
+                answer, fresh = request(item, k, cache_only=False), False
+            if answer is None:
+                return found, k
+            found += usable_choices(answer)
+            k += 1
+
+    def original_score(prompt, output):
+        full = prompt + output  # as the training text (data.encode_prompt_response): no separator
+        try:
+            answer = client.request(*original_request(prompt, output))
+        except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
+            if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
+                raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+            raise
+        offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
+        logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
+        try:  # a token holding any response character is the response's, as in data.encode_prompt_response
+            ends = list(offsets[1:]) + [len(full)]
+            picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
+                      if end > len(prompt) and at < len(full) and lp is not None]
+        except (TypeError, ValueError):
+            raise ReplyError(f"{url}: malformed echo log-probs") from None
+        if not picked:
+            raise ReplyError(f"{url}: no log-probs for the original response's tokens")
+        return sum(picked) / len(picked)
+
+    def one(item):
+        item_id, ex, prompt = item
+        try:
+            found, requests_made = samples(item)
+            scored, finished = {}, {}
+            for text, score, done in found:
+                scored.setdefault(text, score)
+                finished[text] = finished.get(text, False) or done
+            if len(scored) < distinct_needed:
+                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs "
+                                 f"from {requests_made} request(s)")
+            ranked = sorted(scored.items(), key=lambda pair: -pair[1])
+            original = ex.get("output", "").strip()
+            if add_original and not original:
+                raise ReplyError("add_original is set but the example has no output")
+            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
+                finished[original] = True
+            if add_original == "scored" and original not in scored:
+                scored_original = (original, original_score(prompt, ex["output"]))
+                ranked = sorted(ranked + [scored_original], key=lambda pair: -pair[1])
+            elif add_original == "first":
+                ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
+            if len(ranked) < 2:
+                raise ReplyError(f"{url}: fewer than 2 distinct candidates")
+            texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
+            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat,
+                      "requests": requests_made,
+                      "original_index": texts.index(original) if add_original and original in texts else None,
+                      "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
+            if add_original == "first":
+                source["teacher_scores"], scores = scores[1:], None
+            return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
+                                             instruction=ex["instruction"], input=ex.get("input", ""),
+                                             source=source)
+        except RunError:
+            raise
+        except (ReplyError, TeacherError) as e:
+            return "failed", _failure("probabilistic", item, e, client.model)
+
+    results = client.map(one, _items(examples), "probabilistic ranking", failed=lambda r: r[0] == "failed")
+    return _finish("probabilistic", client, results, out_path, failures_path)
+
+
+# ------------------------------------- 2. contextual ranking: the student samples n diverse answers
+
+def prefix_ids(tok):
+    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's tokenizer adds
+    nothing (SmolLM2, GPT-2)."""
+    return tok.encode("", bos=True)
+
+
+def without_stop(tokens, stops):
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
+    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
+    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
+    one, so it can only be the last token."""
+    finished = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if finished else tokens), finished
+
+
+# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
+# decode step costs in proportion to its rows, so more buys little there.
+STUDENT_BATCH_ROWS = 64
+
+
+def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                   generators=None, batch_size="auto", on_done=None):
+    """For each prompt, n student responses with the diversity rule (paper, section 2.2): while some pair
+    has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
+    the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
+    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
+    max_new_tokens), temperature, round, mean_rouge_l.
+
+    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
+    per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
+    as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
+    CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
+    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
+    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
+    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
+    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
+    in prompt order."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    ids = [tok.encode(prompt, bos=True) for prompt in prompts]
+    stops = tok.stop_ids
+    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
+    best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
+    if batch_size == "auto":
+        longest = max(map(len, ids), default=1)
+        slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
+        batch_size = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
+        log.info("student: %d rows sample together (--student-batch-size auto)", batch_size)
+    per_batch = max(1, batch_size // n)
+    while fresh or any(waiting):
+        due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
+        r = max(due, default=0)  # the latest round first: its prompts are the nearest to done
+        queue = waiting[r] if r else fresh
+        group, queue[:] = queue[:per_batch], queue[per_batch:]
+        t = round(temperature + 0.1 * r, 6)
+        for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
+            batch = [i for i in group if budget[i] == tokens]
+            rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
+            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
+                               generator=rows, num_samples=n, batch_size=len(batch) * n)
+            for k, i in enumerate(batch):
+                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
+                texts = [tok.decode(answer).strip() for answer, _ in mine]
+                pairs = [scorer.score(a, b)["rougeL"].fmeasure
+                         for a, b in itertools.combinations(texts, 2)] or [0.0]
+                mean = sum(pairs) / len(pairs)
+                if best[i] is None or mean < best[i]["mean_rouge_l"]:
+                    best[i] = {"candidates": texts, "finished": [finished for _, finished in mine],
+                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
+                if max(pairs) < threshold or r + 1 == tries:
+                    if on_done:
+                        on_done(i, best[i])
+                else:
+                    waiting[r + 1].append(i)
+    return best
+
+
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
+                      seed=0, *, student, batch_size="auto"):
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
+    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
+    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
+    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
+    not depend on where a run was killed nor on batch_size."""
+    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
+    kept = student_log(examples, cache_path, settings)
+    cached = kept.kept
+    device = model.tok_embeddings.weight.device
+    result, todo = {}, []
+    for item_id, _, prompt in _items(examples):  # the result follows the examples' order
+        result[item_id] = cached.get(item_id)
+        if item_id not in cached:
+            todo.append((item_id, prompt))
+
+    def row_generator(item_id, row):
+        row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
+        return torch.Generator(device=device).manual_seed(row_seed)
+
+    progress = data.Progress("student sampling", len(todo), log.info)
+
+    def keep(i, best):
+        item_id, prompt = todo[i]
+        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
+        kept.keep([result[item_id]])
+        progress.advance()
+
+    generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
+    sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
+                   generators=generators, batch_size=batch_size, on_done=keep)
+    others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
+    if others:
+        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
+                 cache_path, others)
+    return result
+
+
+def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
+    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
+    return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
+                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
+
+
+def sample_key(settings, prompt):
+    """What made a student's samples: its settings (sample_settings) and the prompt."""
+    return json.dumps([settings, prompt], sort_keys=True)
+
+
+def sample_made_by(entry):
+    """The key a cached sample was made under (None: the line holds no sample)."""
+    settings = entry.get("settings")
+    return sample_key(settings, entry.get("prompt")) if isinstance(settings, dict) else None
+
+
+def student_log(examples, cache_path, settings):
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
+    keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
+    return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
+
+
+def cached_samples(examples, cache_path, settings):
+    """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
+    the number of the other examples it holds samples of, for another student, prompt or settings)."""
+    kept = student_log(examples, cache_path, settings)
+    ids = [item_id for item_id, _, _ in _items(examples)]
+    others = sum(item_id in kept.made_otherwise for item_id in ids)
+    return kept.kept, others
+
+
+def is_checkpoint(folder):
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
+
+
+def producer_identity(checkpoint_dir, tokenizer_path):
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
+    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
+
+
+# -------------------------------------- 3. contextual ranking: the teacher ranks them in one prompt
+
+RANKING_SYSTEM = "You are a professional, experienced data annotator."
+
+
+def ranking_messages(prompt, candidates):
+    """The contextual-ranking request (paper, section 2.2; the authors' prompt in tuna/src/gpt-eval.py,
+    GroupEval.group_eval); index len(candidates) is
+    the teacher's own reference answer. The format example shows placeholders, as the authors' prompt does
+    ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an answer."""
+    n = len(candidates)
+    if n > 17:
+        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
+    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
+    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
+            f"Follow these steps:\n"
+            f"(1) Say whether the instruction is open-ended or close-ended.\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with "
+            f"\"###Response {n}:\".\n"
+            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
+            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
+            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
+            f"[sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
+            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
+    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
+    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
+    return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
+                                     max_tokens=max_tokens)
+
+
+def parse_ranking(reply, n):
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
+    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
+    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
+    once, so stray digits become a ReplyError instead of training data."""
+    text = reply.lower()
+    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
+    if key is None:
+        raise ReplyError("no 'rank:' in the reply", reply)
+    tail = text.rsplit(key, 1)[1].lstrip()
+    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
+    ranks = [int(x) for x in re.findall(r"\d+", listed)]
+    bad = [r for r in ranks if r > n]
+    if bad or len(set(ranks)) != len(ranks) or len(ranks) < 2:
+        problem = f"index {bad[0]} out of range 0..{n}" if bad else \
+            "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
+        raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
+    return ranks
+
+
+# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
+# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
+# ("First, ... Second, ... Last, ...").
+_LINE = r"^[ \t>*#_-]*"
+_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
+             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
+STEP_MARKERS = {
+    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
+    "k)": lambda k: rf"{_LINE}{k}\)",
+    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
+    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
+    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
+}
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
+STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
+               4: r"scor|rat(?:e|ing)", 5: r"rank"}
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
+
+
+def reference_answer(reply, n):
+    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
+    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
+    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
+    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
+    be told unambiguously, there is no reference (the ranking is still usable without it)."""
+    blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
+    masked = re.sub(r"```.*?(?:```|\Z)", blank, reply, flags=re.S)  # code blocks hold no step markers
+    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
+    if not head:
+        return None, f"no '###Response {n}' in the reply"
+    begin, lowered = head.end(), masked.lower()
+    key = "rank:" if "rank:" in lowered else "ranking:"
+    end = lowered.rfind(key)  # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    line_start = masked.rfind("\n", 0, end) + 1
+    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
+    cut, problem = _step_after_reference(masked, head.start(), begin, end)
+    if problem:
+        return None, problem
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()  # a closing rule
+    return (text, None) if text else (None, "the reference answer is empty")
+
+
+def _step_after_reference(masked, head_at, begin, end):
+    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
+    line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
+    best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
+    for marker in STEP_MARKERS.values():
+        found = sorted((m.start(), k) for k in range(1, 6)
+                       for m in re.finditer(marker(k), masked, re.I | re.M))
+        before = [(at, k) for at, k in found if at < head_at]
+        after = [(at, k) for at, k in found if begin <= at < end]
+        if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
+                best is None or before[-1][0] > best[0]):
+            best = (before[-1][0], after)
+    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
+        # the first one after the answer, at its heading's level or above, that names a later step's topic
+        headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                    if not re.search(r"response\s*\d", m.group(), re.I)]
+        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731
+        before = [m for m in headings if m.start() < head_at]
+        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
+        topics = "|".join(STEP_TOPICS.values())
+        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+        if named:
+            return named[0], None
+        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
+            return None, "no step markers after the reference answer to tell where it ends"
+        return end, None  # nothing but the answer up to the ranking
+    after = best[1]
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
+        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
+        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
+        both = [at for at in fresh if at in topical]
+        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
+        if len(chosen) == 1:
+            return chosen[0], None
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) could begin "
+                      f"step {step}")
+    return end, None
+
+
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates (samples: {id:
+    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
+    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
+    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
+    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
+    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
+    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
+    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
+    be incomplete."""
+    url = client.base_url + "/chat/completions"
+
+    def one(item):
+        item_id, ex, prompt = item
+        entry = samples.get(item_id)
+        if not entry:
+            return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
+        candidates = entry["candidates"]
+        finished = entry.get("finished") or [True] * len(candidates)
+
+        def parse(answer):
+            reply = str(get_field(answer, "choices.0.message.content", url))
+            if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so "
+                                 "its ranking may be incomplete", reply)
+            ranks = parse_ranking(reply, len(candidates))
+            reference, problem = reference_answer(reply, len(candidates))
+            pool, kept = candidates + [reference if keep_reference else None], []
+            for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
+                if pool[i] and pool[i] not in [pool[k] for k in kept]:
+                    kept.append(i)
+            if len(kept) < 2:
+                raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+            return reply, ranks, reference, problem, kept, pool
+
+        try:
+            path, params = ranking_request(prompt, candidates, temperature, max_tokens)
+            (reply, ranks, reference, problem, kept, pool), attempt = ask(
+                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
+                parse, retry_failures)
+        except RunError:
+            raise
+        except (ReplyError, TeacherError) as e:
+            return "failed", _failure("contextual", item, e, client.model)
+        source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
+                  "raw_reply": reply, "reference": reference, "reference_problem": problem,
+                  "student_candidates": candidates, "attempt": attempt,
+                  "unfinished": [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]],
+                  **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
+                  "student": (entry.get("settings") or {}).get("student")}
+        return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
+                                         instruction=ex["instruction"], input=ex.get("input", ""),
+                                         source=source)
+
+    results = client.map(one, _items(examples), "contextual ranking", failed=lambda r: r[0] == "failed")
+    return _finish("contextual", client, results, out_path, failures_path)
+
+
+# -------------------------------------------- 4. what both builders share: items, retries, failures
+
+def _items(examples):
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
+    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
+            for i, ex in enumerate(examples)]
+
+
+def ask(send, parse, retry_failures):
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
+    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
+    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
+    fresh_left, error = retry_failures, None
+    for attempt in itertools.count():
+        params = {"seed": attempt} if attempt else {}
+        answer = send(cache_only=attempt > 0, **params)
+        if answer is None and fresh_left:
+            answer, fresh_left = send(**params), False
+        if answer is None:
+            raise error
+        try:
+            return parse(answer), attempt
+        except (ReplyError, TeacherError) as e:
+            error = e
+
+
+def _failure(kind, item, error, teacher):
+    item_id, ex, prompt = item
+    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
+            "teacher": teacher}
+
+
+def _finish(kind, client, results, out_path, failures_path):
+    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
+    records = [r for status, r in results if status == "done"]
+    failures = [r for status, r in results if status == "failed"]
+    failures_path = failures_path or out_path + ".failures.jsonl"
+    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
+    if failures and not records:
+        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
+                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
+                       f"{failures_path}")
+    data.write_ranked_jsonl(out_path, records)
+    counts = dict(done=len(records), failed=len(failures), **client.counts)
+    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
+    return counts
+
+
+# ------------------------------------------------------------------------------- 5. the HTTP client
 
 PREFLIGHT_TEXT = "This is a connection check. Reply with OK."  # the pre-flight request's whole prompt
 
@@ -319,560 +888,7 @@ def get_field(answer, dotted, url):
     return value
 
 
-# ----------------------------------------------------------------------------- 2. the data builders
-
-def _items(examples):
-    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
-    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
-            for i, ex in enumerate(examples)]
-
-
-def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
-    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
-    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
-    fresh_left, error = retry_failures, None
-    for attempt in itertools.count():
-        params = {"seed": attempt} if attempt else {}
-        answer = send(cache_only=attempt > 0, **params)
-        if answer is None and fresh_left:
-            answer, fresh_left = send(**params), False
-        if answer is None:
-            raise error
-        try:
-            return parse(answer), attempt
-        except (ReplyError, TeacherError) as e:
-            error = e
-
-
-def _failure(kind, item, error, teacher):
-    item_id, ex, prompt = item
-    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
-            "teacher": teacher}
-
-
-def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
-    records = [r for status, r in results if status == "done"]
-    failures = [r for status, r in results if status == "failed"]
-    failures_path = failures_path or out_path + ".failures.jsonl"
-    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
-    if failures and not records:
-        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
-        first = failures[0]
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
-                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
-                       f"{failures_path}")
-    data.write_ranked_jsonl(out_path, records)
-    counts = dict(done=len(records), failed=len(failures), **client.counts)
-    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
-    return counts
-
-
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
-# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
-REQUESTS_PER_SAMPLE = 2
-
-ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
-                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
-                "that scores prompts (vLLM, teacher.py serve)")
-
-
-def probabilistic_request(item, k, n, max_tokens, temperature, chat):
-    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
-    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
-    _, ex, prompt = item
-    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
-    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
-    if chat:  # a chat teacher gets the instruction itself, not our template
-        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        messages = [{"role": "user", "content": user}]
-        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
-    return "/completions", dict(prompt=prompt, logprobs=1, **options)
-
-
-def original_request(prompt, output):
-    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
-    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
-    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
-
-
-def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
-                        chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its
-    mean token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against
-    each other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
-    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
-    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
-    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
-    if add_original not in (None, "scored", "first"):
-        raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
-    if add_original == "scored" and chat:
-        raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
-    url = client.base_url + ("/chat/completions" if chat else "/completions")
-    distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
-
-    def request(item, k, cache_only):
-        path, params = probabilistic_request(item, k, n, max_tokens, temperature, chat)
-        return client.request(path, params, cache_only)
-
-    def usable_choices(answer):
-        """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
-        found = []
-        for i in range(len(get_field(answer, "choices", url))):
-            if chat:
-                text = get_field(answer, f"choices.{i}.message.content", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.content", url)
-            else:
-                text = get_field(answer, f"choices.{i}.text", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
-            try:
-                values = [t["logprob"] for t in logprobs] if chat else list(logprobs)
-                logprobs = [float(value) for value in values if value is not None]
-            except (TypeError, KeyError, ValueError):
-                raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
-            if isinstance(text, str) and text.strip() and logprobs:
-                finished = answer["choices"][i].get("finish_reason") != "length"
-                found.append((text.strip(), sum(logprobs) / len(logprobs), finished))
-        return found
-
-    def samples(item):
-        """The item's usable choices and the number of requests they took. Past the bound (or with n samples
-        but too few distinct ones) only cached answers are read, and with retry_failures one new request is
-        paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
-        found, k, fresh = [], 0, retry_failures
-        while True:
-            distinct = len({text for text, _, _ in found})
-            if len(found) >= n and distinct >= distinct_needed:
-                return found, k
-            answer = request(item, k, cache_only=len(found) >= n or k >= REQUESTS_PER_SAMPLE * n)
-            if answer is None and fresh and distinct < distinct_needed:
-                answer, fresh = request(item, k, cache_only=False), False
-            if answer is None:
-                return found, k
-            found += usable_choices(answer)
-            k += 1
-
-    def original_score(prompt, output):
-        full = prompt + output  # as the training text (data.encode_prompt_response): no separator
-        try:
-            answer = client.request(*original_request(prompt, output))
-        except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
-            if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
-                raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
-            raise
-        offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
-        logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-        try:  # a token holding any response character is the response's, as in data.encode_prompt_response
-            ends = list(offsets[1:]) + [len(full)]
-            picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
-                      if end > len(prompt) and at < len(full) and lp is not None]
-        except (TypeError, ValueError):
-            raise ReplyError(f"{url}: malformed echo log-probs") from None
-        if not picked:
-            raise ReplyError(f"{url}: no log-probs for the original response's tokens")
-        return sum(picked) / len(picked)
-
-    def one(item):
-        item_id, ex, prompt = item
-        try:
-            found, requests_made = samples(item)
-            scored, finished = {}, {}
-            for text, score, done in found:
-                scored.setdefault(text, score)
-                finished[text] = finished.get(text, False) or done
-            if len(scored) < distinct_needed:
-                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs "
-                                 f"from {requests_made} request(s)")
-            ranked = sorted(scored.items(), key=lambda pair: -pair[1])
-            original = ex.get("output", "").strip()
-            if add_original and not original:
-                raise ReplyError("add_original is set but the example has no output")
-            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
-                finished[original] = True
-            if add_original == "scored" and original not in scored:
-                scored_original = (original, original_score(prompt, ex["output"]))
-                ranked = sorted(ranked + [scored_original], key=lambda pair: -pair[1])
-            elif add_original == "first":
-                ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
-            if len(ranked) < 2:
-                raise ReplyError(f"{url}: fewer than 2 distinct candidates")
-            texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat,
-                      "requests": requests_made,
-                      "original_index": texts.index(original) if add_original and original in texts else None,
-                      "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
-            if add_original == "first":
-                source["teacher_scores"], scores = scores[1:], None
-            return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                                             instruction=ex["instruction"], input=ex.get("input", ""),
-                                             source=source)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("probabilistic", item, e, client.model)
-
-    results = client.map(one, _items(examples), "probabilistic ranking", failed=lambda r: r[0] == "failed")
-    return _finish("probabilistic", client, results, out_path, failures_path)
-
-
-RANKING_SYSTEM = "You are a professional, experienced data annotator."
-
-
-def ranking_messages(prompt, candidates):
-    """The contextual-ranking request (METHOD.md, "The contextual-ranking prompt"); index len(candidates) is
-    the teacher's own reference answer. The format example shows placeholders, as the authors' prompt does
-    ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an answer."""
-    n = len(candidates)
-    if n > 17:
-        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
-    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
-    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
-    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
-            f"Follow these steps:\n"
-            f"(1) Say whether the instruction is open-ended or close-ended.\n"
-            f"(2) Write one high-quality reference answer to the instruction, starting with "
-            f"\"###Response {n}:\".\n"
-            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
-            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
-            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
-            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
-            f"[sum]\".\n"
-            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
-            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
-    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
-
-
-def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
-    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
-    return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
-                                     max_tokens=max_tokens)
-
-
-def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
-    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
-    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
-    once, so stray digits become a ReplyError instead of training data."""
-    text = reply.lower()
-    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
-    if key is None:
-        raise ReplyError("no 'rank:' in the reply", reply)
-    tail = text.rsplit(key, 1)[1].lstrip()
-    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
-    ranks = [int(x) for x in re.findall(r"\d+", listed)]
-    bad = [r for r in ranks if r > n]
-    if bad or len(set(ranks)) != len(ranks) or len(ranks) < 2:
-        problem = f"index {bad[0]} out of range 0..{n}" if bad else \
-            "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
-        raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-    return ranks
-
-
-# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
-# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
-# ("First, ... Second, ... Last, ...").
-_LINE = r"^[ \t>*#_-]*"
-_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
-             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
-STEP_MARKERS = {
-    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
-    "k)": lambda k: rf"{_LINE}{k}\)",
-    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
-    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
-    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
-}
-# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
-STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
-               4: r"scor|rat(?:e|ing)", 5: r"rank"}
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
-
-
-def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
-    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
-    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
-    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
-    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
-    be told unambiguously, there is no reference (the ranking is still usable without it)."""
-    blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
-    masked = re.sub(r"```.*?(?:```|\Z)", blank, reply, flags=re.S)  # code blocks hold no step markers
-    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
-    if not head:
-        return None, f"no '###Response {n}' in the reply"
-    begin, lowered = head.end(), masked.lower()
-    key = "rank:" if "rank:" in lowered else "ranking:"
-    end = lowered.rfind(key)  # the ranking's line is not the answer's (nor a ranking on the answer's line)
-    line_start = masked.rfind("\n", 0, end) + 1
-    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
-    cut, problem = _step_after_reference(masked, head.start(), begin, end)
-    if problem:
-        return None, problem
-    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()  # a closing rule
-    return (text, None) if text else (None, "the reference answer is empty")
-
-
-def _step_after_reference(masked, head_at, begin, end):
-    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
-    line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
-    best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
-    for marker in STEP_MARKERS.values():
-        found = sorted((m.start(), k) for k in range(1, 6)
-                       for m in re.finditer(marker(k), masked, re.I | re.M))
-        before = [(at, k) for at, k in found if at < head_at]
-        after = [(at, k) for at, k in found if begin <= at < end]
-        if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
-                best is None or before[-1][0] > best[0]):
-            best = (before[-1][0], after)
-    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
-        # the first one after the answer, at its heading's level or above, that names a later step's topic
-        headings = [m for m in re.finditer(_HEADING, masked, re.M)
-                    if not re.search(r"response\s*\d", m.group(), re.I)]
-        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731
-        before = [m for m in headings if m.start() < head_at]
-        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
-        topics = "|".join(STEP_TOPICS.values())
-        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
-        if named:
-            return named[0], None
-        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
-            return None, "no step markers after the reference answer to tell where it ends"
-        return end, None  # nothing but the answer up to the ranking
-    after = best[1]
-    for step in (3, 4, 5):
-        places = [at for at, k in after if k == step]
-        if not places:
-            continue
-        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
-        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
-        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
-        both = [at for at in fresh if at in topical]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
-        if len(chosen) == 1:
-            return chosen[0], None
-        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) could begin "
-                      f"step {step}")
-    return end, None
-
-
-def prefix_ids(tok):
-    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's tokenizer adds
-    nothing (SmolLM2, GPT-2)."""
-    return tok.encode("", bos=True)
-
-
-def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
-    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
-    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
-    one, so it can only be the last token."""
-    finished = bool(tokens) and tokens[-1] in stops
-    return (tokens[:-1] if finished else tokens), finished
-# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
-# decode step costs in proportion to its rows, so more buys little there.
-STUDENT_BATCH_ROWS = 64
-
-
-def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
-                   generators=None, batch_size="auto", on_done=None):
-    """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
-    has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
-    the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
-    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
-    max_new_tokens), temperature, round, mean_rouge_l.
-
-    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
-    per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
-    as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
-    CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
-    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
-    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
-    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
-    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
-    in prompt order."""
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    ids = [tok.encode(prompt, bos=True) for prompt in prompts]
-    stops = tok.stop_ids
-    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
-    best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
-    if batch_size == "auto":
-        longest = max(map(len, ids), default=1)
-        slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
-        batch_size = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
-        log.info("student: %d rows sample together (--student-batch-size auto)", batch_size)
-    per_batch = max(1, batch_size // n)
-    while fresh or any(waiting):
-        due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
-        r = max(due, default=0)  # the latest round first: its prompts are the nearest to done
-        queue = waiting[r] if r else fresh
-        group, queue[:] = queue[:per_batch], queue[per_batch:]
-        t = round(temperature + 0.1 * r, 6)
-        for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
-            batch = [i for i in group if budget[i] == tokens]
-            rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
-            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
-                               generator=rows, num_samples=n, batch_size=len(batch) * n)
-            for k, i in enumerate(batch):
-                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
-                texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = [scorer.score(a, b)["rougeL"].fmeasure
-                         for a, b in itertools.combinations(texts, 2)] or [0.0]
-                mean = sum(pairs) / len(pairs)
-                if best[i] is None or mean < best[i]["mean_rouge_l"]:
-                    best[i] = {"candidates": texts, "finished": [finished for _, finished in mine],
-                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
-                if max(pairs) < threshold or r + 1 == tries:
-                    if on_done:
-                        on_done(i, best[i])
-                else:
-                    waiting[r + 1].append(i)
-    return best
-
-
-def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
-                      seed=0, *, student, batch_size="auto"):
-    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
-    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
-    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
-    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
-    not depend on where a run was killed nor on batch_size."""
-    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
-    kept = student_log(examples, cache_path, settings)
-    cached = kept.kept
-    device = model.tok_embeddings.weight.device
-    result, todo = {}, []
-    for item_id, _, prompt in _items(examples):  # the result follows the examples' order
-        result[item_id] = cached.get(item_id)
-        if item_id not in cached:
-            todo.append((item_id, prompt))
-
-    def row_generator(item_id, row):
-        row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
-        return torch.Generator(device=device).manual_seed(row_seed)
-
-    progress = data.Progress("student sampling", len(todo), log.info)
-
-    def keep(i, best):
-        item_id, prompt = todo[i]
-        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
-        kept.keep([result[item_id]])
-        progress.advance()
-
-    generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
-    sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
-                   generators=generators, batch_size=batch_size, on_done=keep)
-    others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
-    if others:
-        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
-                 cache_path, others)
-    return result
-
-
-def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
-    return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
-
-
-def sample_key(settings, prompt):
-    """What made a student's samples: its settings (sample_settings) and the prompt."""
-    return json.dumps([settings, prompt], sort_keys=True)
-
-
-def sample_made_by(entry):
-    """The key a cached sample was made under (None: the line holds no sample)."""
-    settings = entry.get("settings")
-    return sample_key(settings, entry.get("prompt")) if isinstance(settings, dict) else None
-
-
-def student_log(examples, cache_path, settings):
-    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
-    keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
-    return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
-
-
-def cached_samples(examples, cache_path, settings):
-    """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
-    the number of the other examples it holds samples of, for another student, prompt or settings)."""
-    kept = student_log(examples, cache_path, settings)
-    ids = [item_id for item_id, _, _ in _items(examples)]
-    others = sum(item_id in kept.made_otherwise for item_id in ids)
-    return kept.kept, others
-
-
-def is_checkpoint(folder):
-    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
-
-
-def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
-    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
-
-
-def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
-                     retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
-    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
-    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
-    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
-    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
-    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
-    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
-    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
-    be incomplete."""
-    url = client.base_url + "/chat/completions"
-
-    def one(item):
-        item_id, ex, prompt = item
-        entry = samples.get(item_id)
-        if not entry:
-            return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
-        candidates = entry["candidates"]
-        finished = entry.get("finished") or [True] * len(candidates)
-
-        def parse(answer):
-            reply = str(get_field(answer, "choices.0.message.content", url))
-            if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so "
-                                 "its ranking may be incomplete", reply)
-            ranks = parse_ranking(reply, len(candidates))
-            reference, problem = reference_answer(reply, len(candidates))
-            pool, kept = candidates + [reference if keep_reference else None], []
-            for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
-                if pool[i] and pool[i] not in [pool[k] for k in kept]:
-                    kept.append(i)
-            if len(kept) < 2:
-                raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-            return reply, ranks, reference, problem, kept, pool
-
-        try:
-            path, params = ranking_request(prompt, candidates, temperature, max_tokens)
-            (reply, ranks, reference, problem, kept, pool), attempt = ask(
-                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
-                parse, retry_failures)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("contextual", item, e, client.model)
-        source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
-                  "raw_reply": reply, "reference": reference, "reference_problem": problem,
-                  "student_candidates": candidates, "attempt": attempt,
-                  "unfinished": [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]],
-                  **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
-                  "student": (entry.get("settings") or {}).get("student")}
-        return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
-                                         instruction=ex["instruction"], input=ex.get("input", ""),
-                                         source=source)
-
-    results = client.map(one, _items(examples), "contextual ranking", failed=lambda r: r[0] == "failed")
-    return _finish("contextual", client, results, out_path, failures_path)
-
-
-# ----------------------------------------------------------------------------- --dry-run: what a run sends
+# ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
 
 def token_counter(tokenizer_path=None):
     """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as
@@ -969,7 +985,7 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ----------------------------------------------------------------------------- 3. the server
+# ------------------------------------------------------------------------------ 7. the local server
 
 def chat_prompt(messages):
     """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns
@@ -1292,7 +1308,7 @@ def _is_loopback(host):
         return host == "localhost"
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------ 8. the command line
 
 def preflight(args, client):
     """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
@@ -1322,7 +1338,7 @@ def dry_run(args, client, examples):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
-                                     "over an OpenAI-compatible API, and a local teacher server (METHOD.md).")
+                                     "over an OpenAI-compatible API, and a local teacher server (paper, section 2).")
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
