@@ -26,7 +26,9 @@ import argparse
 import codecs
 import concurrent.futures
 import contextlib
+import dataclasses
 import email.utils
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -117,111 +119,175 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
         raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
     if add_original == "scored" and chat:
         raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
-    url = client.base_url + ("/chat/completions" if chat else "/completions")
-    distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
-
-    def request(item, k, cache_only):
-        path, params = probabilistic_request(item, k, n, max_tokens, temperature, chat)
-        return client.request(path, params, cache_only)
-
-    def usable_choices(answer):
-        """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
-        found = []
-        for i in range(len(get_field(answer, "choices", url))):
-            if chat:
-                text = get_field(answer, f"choices.{i}.message.content", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.content", url)
-            else:
-                text = get_field(answer, f"choices.{i}.text", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
-            try:
-                values = [t["logprob"] for t in logprobs] if chat else list(logprobs)
-                logprobs = [float(value) for value in values if value is not None]
-            except (TypeError, KeyError, ValueError):
-                raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
-            if isinstance(text, str) and text.strip() and logprobs:
-                finished = answer["choices"][i].get("finish_reason") != "length"
-                found.append((text.strip(), sum(logprobs) / len(logprobs), finished))
-        return found
-
-    def samples(item):
-        """The item's usable choices and the number of requests they took. Past the bound (or with n samples
-        but too few distinct ones) only cached answers are read, and with retry_failures one new request is
-        paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
-        found, k, fresh = [], 0, retry_failures
-        while True:
-            distinct = len({text for text, _, _ in found})
-            if len(found) >= n and distinct >= distinct_needed:
-                return found, k
-            answer = request(item, k, cache_only=len(found) >= n or k >= REQUESTS_PER_SAMPLE * n)
-            if answer is None and fresh and distinct < distinct_needed:
-                answer, fresh = request(item, k, cache_only=False), False
-            if answer is None:
-                return found, k
-            found += usable_choices(answer)
-            k += 1
-
-    def original_score(prompt, output):
-        full = prompt + output  # as the training text (data.encode_prompt_response): no separator
-        try:
-            answer = client.request(*original_request(prompt, output))
-        except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
-            if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
-                raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
-            raise
-        offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
-        logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-        try:  # a token holding any response character is the response's, as in data.encode_prompt_response
-            ends = list(offsets[1:]) + [len(full)]
-            picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
-                      if end > len(prompt) and at < len(full) and lp is not None]
-        except (TypeError, ValueError):
-            raise ReplyError(f"{url}: malformed echo log-probs") from None
-        if not picked:
-            raise ReplyError(f"{url}: no log-probs for the original response's tokens")
-        return sum(picked) / len(picked)
-
-    def one(item):
-        item_id, ex, prompt = item
-        try:
-            found, requests_made = samples(item)
-            scored, finished = {}, {}
-            for text, score, done in found:
-                scored.setdefault(text, score)
-                finished[text] = finished.get(text, False) or done
-            if len(scored) < distinct_needed:
-                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs "
-                                 f"from {requests_made} request(s)")
-            ranked = sorted(scored.items(), key=lambda pair: -pair[1])
-            original = ex.get("output", "").strip()
-            if add_original and not original:
-                raise ReplyError("add_original is set but the example has no output")
-            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
-                finished[original] = True
-            if add_original == "scored" and original not in scored:
-                scored_original = (original, original_score(prompt, ex["output"]))
-                ranked = sorted(ranked + [scored_original], key=lambda pair: -pair[1])
-            elif add_original == "first":
-                ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
-            if len(ranked) < 2:
-                raise ReplyError(f"{url}: fewer than 2 distinct candidates")
-            texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat,
-                      "requests": requests_made,
-                      "original_index": texts.index(original) if add_original and original in texts else None,
-                      "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
-            if add_original == "first":
-                source["teacher_scores"], scores = scores[1:], None
-            return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                                             instruction=ex["instruction"], input=ex.get("input", ""),
-                                             source=source)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("probabilistic", item, e, client.model)
-
-    results = client.map(one, _items(examples), "probabilistic ranking", failed=lambda r: r[0] == "failed")
+    asked = Asking(n, max_tokens, temperature, chat, add_original, retry_failures)
+    one = functools.partial(probabilistic_item, client, asked)
+    results = client.map(one, _items(examples), "probabilistic ranking", failed=is_failure)
     return _finish("probabilistic", client, results, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Asking:
+    """How probabilistic ranking asks the teacher (build_probabilistic's arguments)."""
+    n: int
+    max_tokens: int
+    temperature: float
+    chat: bool
+    add_original: object
+    retry_failures: bool
+
+    @property
+    def distinct_needed(self):
+        """Distinct samples an item needs: 2, or 1 when the original answer is the second candidate."""
+        return 1 if self.add_original else 2
+
+
+def probabilistic_item(client, asked, item):
+    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+    try:
+        return "done", probabilistic_record(client, asked, item)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure("probabilistic", item, e, client.model)
+
+
+def probabilistic_record(client, asked, item):
+    """The item's samples, ranked by mean token log-prob, best first (paper, section 2.1)."""
+    item_id, ex, prompt = item
+    found, requests_made = teacher_samples(client, asked, item)
+    scored, finished = distinct_samples(found)
+    if len(scored) < asked.distinct_needed:
+        raise ReplyError(f"{teacher_url(client, asked.chat)}: only {len(scored)} distinct non-empty "
+                         f"sample(s) with log-probs from {requests_made} request(s)")
+    ranked = sorted(scored.items(), key=by_score, reverse=True)
+    original = ex.get("output", "").strip()
+    if asked.add_original:
+        ranked = with_original(client, asked, ranked, prompt, ex)
+        finished[original] = True  # the dataset's answer is finished, even where a cut sample equals it
+    if len(ranked) < 2:
+        raise ReplyError(f"{teacher_url(client, asked.chat)}: fewer than 2 distinct candidates")
+    texts = [text for text, _ in ranked]
+    scores = [score for _, score in ranked]
+    has_original = asked.add_original and original in texts
+    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat,
+              "requests": requests_made,
+              "original_index": texts.index(original) if has_original else None,
+              "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
+    if asked.add_original == "first":
+        source["teacher_scores"] = scores[1:]
+        scores = None
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+
+
+def by_score(pair):
+    """The sort key of a (text, mean log-prob) pair."""
+    return pair[1]
+
+
+def distinct_samples(found):
+    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples: identical texts
+    are kept once (the first one's score), finished if any copy was."""
+    scored, finished = {}, {}
+    for text, score, done in found:
+        scored.setdefault(text, score)
+        finished[text] = finished.get(text, False) or done
+    return scored, finished
+
+
+def with_original(client, asked, ranked, prompt, ex):
+    """The ranking with the dataset's own answer: sorted in by its score ("scored") or placed first
+    ("first", its score unknown)."""
+    original = ex.get("output", "").strip()
+    if not original:
+        raise ReplyError("add_original is set but the example has no output")
+    texts = [text for text, _ in ranked]
+    if asked.add_original == "first":
+        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
+    if original in texts:  # a sample equals it: already scored
+        return ranked
+    scored_original = (original, original_score(client, prompt, ex["output"]))
+    return sorted(ranked + [scored_original], key=by_score, reverse=True)
+
+
+def teacher_url(client, chat):
+    """The URL probabilistic ranking asks, for messages."""
+    return client.base_url + ("/chat/completions" if chat else "/completions")
+
+
+def teacher_samples(client, asked, item):
+    """The item's usable choices and the number of requests they took. Past the bound (or with n samples
+    but too few distinct ones) only cached answers are read, and with retry_failures one new request is
+    paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
+    found, k, fresh = [], 0, asked.retry_failures
+    while True:
+        distinct = len({text for text, _, _ in found})
+        if len(found) >= asked.n and distinct >= asked.distinct_needed:
+            return found, k
+        path, params = probabilistic_request(item, k, asked.n, asked.max_tokens, asked.temperature, asked.chat)
+        past_bound = len(found) >= asked.n or k >= REQUESTS_PER_SAMPLE * asked.n
+        answer = client.request(path, params, past_bound)
+        if answer is None and fresh and distinct < asked.distinct_needed:
+            answer = client.request(path, params, False)
+            fresh = False
+        if answer is None:
+            return found, k
+        found += usable_choices(answer, teacher_url(client, asked.chat), asked.chat)
+        k += 1
+
+
+def usable_choices(answer, url, chat):
+    """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
+    found = []
+    for i in range(len(get_field(answer, "choices", url))):
+        text, logprobs = choice_logprobs(answer, i, url, chat)
+        if isinstance(text, str) and text.strip() and logprobs:
+            finished = answer["choices"][i].get("finish_reason") != "length"
+            found.append((text.strip(), mean_logprob(logprobs), finished))
+    return found
+
+
+def mean_logprob(logprobs):
+    """An answer's score: its total log-prob over its number of tokens (paper, section 2.1)."""
+    return sum(logprobs) / len(logprobs)
+
+
+def choice_logprobs(answer, i, url, chat):
+    """(text, [token log-prob]) of choice i, in the chat or the completions layout."""
+    if chat:
+        text = get_field(answer, f"choices.{i}.message.content", url)
+        tokens = get_field(answer, f"choices.{i}.logprobs.content", url)
+    else:
+        text = get_field(answer, f"choices.{i}.text", url)
+        tokens = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
+    try:
+        values = [t["logprob"] for t in tokens] if chat else list(tokens)
+        return text, [float(value) for value in values if value is not None]
+    except (TypeError, KeyError, ValueError):
+        raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
+
+
+def original_score(client, prompt, output):
+    """The mean token log-prob of the dataset's own response, echoed by the teacher after the prompt."""
+    url = client.base_url + "/completions"
+    full = prompt + output  # as the training text (data.encode_prompt_response): no separator
+    try:
+        answer = client.request(*original_request(prompt, output))
+    except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
+        if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
+            raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+        raise
+    offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
+    logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
+    try:  # a token holding any response character is the response's, as in data.encode_prompt_response
+        ends = list(offsets[1:]) + [len(full)]
+        picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
+                  if end > len(prompt) and at < len(full) and lp is not None]
+    except (TypeError, ValueError):
+        raise ReplyError(f"{url}: malformed echo log-probs") from None
+    if not picked:
+        raise ReplyError(f"{url}: no log-probs for the original response's tokens")
+    return mean_logprob(picked)
 
 
 # ------------------------------------- 2. contextual ranking: the student samples n diverse answers
@@ -582,7 +648,7 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
                                          instruction=ex["instruction"], input=ex.get("input", ""),
                                          source=source)
 
-    results = client.map(one, _items(examples), "contextual ranking", failed=lambda r: r[0] == "failed")
+    results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
     return _finish("contextual", client, results, out_path, failures_path)
 
 
@@ -610,6 +676,11 @@ def ask(send, parse, retry_failures):
             return parse(answer), attempt
         except (ReplyError, TeacherError) as e:
             error = e
+
+
+def is_failure(result):
+    """Whether a builder's result for one item is ("failed", why)."""
+    return result[0] == "failed"
 
 
 def _failure(kind, item, error, teacher):
