@@ -533,8 +533,7 @@ def reference_answer(reply, n):
     the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
     answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
     be told unambiguously, there is no reference (the ranking is still usable without it)."""
-    blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
-    masked = re.sub(r"```.*?(?:```|\Z)", blank, reply, flags=re.S)  # code blocks hold no step markers
+    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)  # code blocks hold no step markers
     head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
     if not head:
         return None, f"no '###Response {n}' in the reply"
@@ -550,9 +549,31 @@ def reference_answer(reply, n):
     return (text, None) if text else (None, "the reference answer is empty")
 
 
+def _blanked(match):
+    """A match's text as spaces, its line breaks kept: positions stay where they were."""
+    return re.sub(r"[^\n]", " ", match.group())
+
+
+def _line_end(text, at):
+    """Where the line holding position `at` ends (the text's end for the last line)."""
+    end = text.find("\n", at)
+    return len(text) if end < 0 else end
+
+
+def _heading_level(match):
+    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every heading."""
+    heading = match.group().strip()
+    return len(heading) - len(heading.lstrip("#")) or 7
+
+
+def _step_before(after, at):
+    """The number of the last step marker before position `at` (0: none)."""
+    earlier = [(q, k) for q, k in after if q < at]
+    return max(earlier, default=(0, 0))[1]
+
+
 def _step_after_reference(masked, head_at, begin, end):
     """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
-    line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
     best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
     for marker in STEP_MARKERS.values():
         found = sorted((m.start(), k) for k in range(1, 6)
@@ -566,9 +587,8 @@ def _step_after_reference(masked, head_at, begin, end):
         # the first one after the answer, at its heading's level or above, that names a later step's topic
         headings = [m for m in re.finditer(_HEADING, masked, re.M)
                     if not re.search(r"response\s*\d", m.group(), re.I)]
-        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731
         before = [m for m in headings if m.start() < head_at]
-        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
+        after = [m for m in headings if begin <= m.start() < end and before and _heading_level(m) <= _heading_level(before[-1])]
         topics = "|".join(STEP_TOPICS.values())
         named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
         if named:
@@ -581,9 +601,8 @@ def _step_after_reference(masked, head_at, begin, end):
         places = [at for at, k in after if k == step]
         if not places:
             continue
-        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
-        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
-        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
+        fresh = [at for at in places if _step_before(after, at) != step - 1]  # not the next item of a list in the answer
+        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:_line_end(masked, at)], re.I)]
         both = [at for at in fresh if at in topical]
         chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
         if len(chosen) == 1:
@@ -1106,6 +1125,11 @@ class LocalTeacher:
     def _text(self, token_id):
         return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
 
+    def _token(self, token_id, logprob):
+        """One token of a chat answer's log-probs, as OpenAI's chat API lists it."""
+        return {"token": self._text(token_id), "logprob": logprob,
+                "bytes": list(self.tok.piece_bytes(token_id))}
+
     def _score(self, ids, top_k):
         """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as the OpenAI API
         reports them, and as training scores responses) and the top_k (log-prob, id) pairs per position."""
@@ -1218,9 +1242,7 @@ class LocalTeacher:
         choices, usage = [], dict(prompt_tokens=len(ids), completion_tokens=0)
         for j, (new, logprobs, tops, text, finish) in enumerate(outs):
             usage["completion_tokens"] += len(new)
-            token = lambda t, lp: {"token": self._text(t), "logprob": lp,  # noqa: E731
-                                   "bytes": list(self.tok.piece_bytes(t))}
-            content = [dict(token(t, lp), top_logprobs=[token(i, v) for v, i in top])
+            content = [dict(self._token(t, lp), top_logprobs=[self._token(i, v) for v, i in top])
                        for t, lp, top in zip(new, logprobs, tops)]
             choices.append({"index": j, "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
@@ -1407,6 +1429,12 @@ def dry_run(args, client, examples):
                               args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)
 
 
+def client_from_args(args, cache_path):
+    """The TeacherClient the command line asks for, with its cache at cache_path (None: no cache)."""
+    return TeacherClient(args.base_url, args.model, args.api_key_env, cache_path, args.timeout,
+                         args.max_retries, args.workers, args.rpm)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
                                      "over an OpenAI-compatible API, and a local teacher server (paper, section 2).")
@@ -1491,9 +1519,7 @@ def main(argv=None):
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
-        client_for = lambda cache_path: TeacherClient(  # noqa: E731
-            args.base_url, args.model, args.api_key_env, cache_path, args.timeout, args.max_retries,
-            args.workers, args.rpm)
+        client_for = functools.partial(client_from_args, args)
         if args.dry_run:
             print(dry_run(args, client_for(cache), examples))
             return 0
