@@ -623,52 +623,91 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
     source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
     source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
     be incomplete."""
-    url = client.base_url + "/chat/completions"
-
-    def one(item):
-        item_id, ex, prompt = item
-        entry = samples.get(item_id)
-        if not entry:
-            return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
-        candidates = entry["candidates"]
-        finished = entry.get("finished") or [True] * len(candidates)
-
-        def parse(answer):
-            reply = str(get_field(answer, "choices.0.message.content", url))
-            if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so "
-                                 "its ranking may be incomplete", reply)
-            ranks = parse_ranking(reply, len(candidates))
-            reference, problem = reference_answer(reply, len(candidates))
-            pool, kept = candidates + [reference if keep_reference else None], []
-            for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
-                if pool[i] and pool[i] not in [pool[k] for k in kept]:
-                    kept.append(i)
-            if len(kept) < 2:
-                raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-            return reply, ranks, reference, problem, kept, pool
-
-        try:
-            path, params = ranking_request(prompt, candidates, temperature, max_tokens)
-            (reply, ranks, reference, problem, kept, pool), attempt = ask(
-                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
-                parse, retry_failures)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("contextual", item, e, client.model)
-        source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
-                  "raw_reply": reply, "reference": reference, "reference_problem": problem,
-                  "student_candidates": candidates, "attempt": attempt,
-                  "unfinished": [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]],
-                  **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
-                  "student": (entry.get("settings") or {}).get("student")}
-        return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
-                                         instruction=ex["instruction"], input=ex.get("input", ""),
-                                         source=source)
-
+    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
+    one = functools.partial(contextual_item, client, samples, ranking)
     results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
     return _finish("contextual", client, results, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How contextual ranking asks the teacher (build_contextual's arguments)."""
+    keep_reference: bool
+    retry_failures: bool
+    temperature: float
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedReply:
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why there is none),
+    the indices kept for training, best first, and the texts they index (candidates, then the reference)."""
+    reply: str
+    ranks: list
+    reference: object
+    problem: object
+    kept: list
+    pool: list
+
+
+def contextual_item(client, samples, ranking, item):
+    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+    item_id, ex, prompt = item
+    entry = samples.get(item_id)
+    if not entry:
+        return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
+    candidates = entry["candidates"]
+    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
+    send = functools.partial(send_with_seed, client, path, params)
+    parse = functools.partial(parse_ranked_reply, client.base_url + "/chat/completions", candidates, ranking)
+    try:
+        ranked, attempt = ask(send, parse, ranking.retry_failures)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure("contextual", item, e, client.model)
+    record = contextual_record(client, item, entry, ranked, attempt)
+    return "done", record
+
+
+def send_with_seed(client, path, params, cache_only=False, **seed):
+    """One request of `ask`: seed, when given, makes a retry its own request (and cache entry)."""
+    return client.request(path, dict(params, **seed), cache_only)
+
+
+def parse_ranked_reply(url, candidates, ranking, answer):
+    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
+    reply = str(get_field(answer, "choices.0.message.content", url))
+    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
+                         "so its ranking may be incomplete", reply)
+    ranks = parse_ranking(reply, len(candidates))
+    reference, problem = reference_answer(reply, len(candidates))
+    pool = candidates + [reference if ranking.keep_reference else None]
+    kept = []
+    for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
+        if pool[i] and pool[i] not in [pool[k] for k in kept]:
+            kept.append(i)
+    if len(kept) < 2:
+        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+    return RankedReply(reply, ranks, reference, problem, kept, pool)
+
+
+def contextual_record(client, item, entry, ranked, attempt):
+    """The training record of one ranked item; its source keeps the whole reply and the student's samples."""
+    item_id, ex, prompt = item
+    candidates = entry["candidates"]
+    finished = entry.get("finished") or [True] * len(candidates)
+    kept = ranked.kept
+    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
+    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
+    source = {"kind": "contextual", "teacher": client.model, "ranks": ranked.ranks, "kept_ranks": kept,
+              "raw_reply": ranked.reply, "reference": ranked.reference,
+              "reference_problem": ranked.problem, "student_candidates": candidates,
+              "attempt": attempt, "unfinished": unfinished, **sampled,
+              "student": (entry.get("settings") or {}).get("student")}
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=[ranked.pool[i] for i in kept],
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
 
 
 # -------------------------------------------- 4. what both builders share: items, retries, failures
