@@ -56,8 +56,8 @@ log = logging.getLogger("teacher")
 
 
 class TeacherError(RuntimeError):
-    """A request that failed for good, or an answer without a needed field; names the URL, never the API key.
-    status: the HTTP status of a refused request (4xx), else None."""
+    """A request that failed for good, or an answer without a needed field; names the URL,
+    never the API key. status: the HTTP status of a refused request (4xx), else None."""
 
     def __init__(self, message, status=None):
         super().__init__(message)
@@ -65,12 +65,14 @@ class TeacherError(RuntimeError):
 
 
 class RunError(TeacherError):
-    """A problem of the whole run, not of one item (no request reaches the server, every item failed, the
-    server refuses a feature the run needs): the command stops, says so in one line and exits non-zero."""
+    """A problem of the whole run, not of one item (no request reaches the server, every
+    item failed, the server refuses a feature the run needs): the command stops, says so
+    in one line and exits non-zero."""
 
 
 class ReplyError(ValueError):
-    """An answer that cannot become a training record (an unparseable ranking, say); `raw`: the reply."""
+    """An answer that cannot become a training record (an unparseable ranking, say);
+    `raw`: the reply."""
 
     def __init__(self, message, raw=None):
         super().__init__(message)
@@ -79,8 +81,9 @@ class ReplyError(ValueError):
 
 # ----------------------- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
 
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
-# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further
+# requests then ask for one choice each, with seeds 1, 2, ... (each its own cache entry):
+# at most this many requests per sample.
 REQUESTS_PER_SAMPLE = 2
 
 ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
@@ -89,8 +92,9 @@ ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs),
 
 
 def probabilistic_request(item, k, n, max_tokens, temperature, chat):
-    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
-    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for
+    n choices, as the authors did; k > 0 for one more, with seed k. The run and its dry
+    run build the same requests."""
     _, ex, prompt = item
     choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
     options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
@@ -102,19 +106,22 @@ def probabilistic_request(item, k, n, max_tokens, temperature, chat):
 
 
 def original_request(prompt, output):
-    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
-    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
+    """(path, params) of the request that scores the dataset's own response
+    (--add-original scored): the training text (data.encode_prompt_response: no separator)
+    echoed with its log-probs, nothing generated."""
     return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
 
 
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each scored by its
-    mean token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against
-    each other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
-    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
-    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
-    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
+    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each
+    scored by its mean token log-prob, best first. Identical samples are kept once (equal
+    texts cannot be ranked against each other), and are not replaced by asking again (that
+    would favour the teacher's less likely answers). A sample cut by max_tokens
+    (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained
+    without EOS. add_original: None; "scored" = the dataset's response scored by the same
+    teacher (echo, /completions only) and sorted in; "first" = placed best (gold), its
+    score unknown (scores null)."""
     if add_original not in (None, "scored", "first"):
         raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
     if add_original == "scored" and chat:
@@ -137,7 +144,8 @@ class Asking:
 
     @property
     def distinct_needed(self):
-        """Distinct samples an item needs: 2, or 1 when the original answer is the second candidate."""
+        """Distinct samples an item needs: 2, or 1 when the original answer is the second
+        candidate."""
         return 1 if self.add_original else 2
 
 
@@ -186,8 +194,8 @@ def by_score(pair):
 
 
 def distinct_samples(found):
-    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples: identical texts
-    are kept once (the first one's score), finished if any copy was."""
+    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples:
+    identical texts are kept once (the first one's score), finished if any copy was."""
     scored, finished = {}, {}
     for text, score, done in found:
         scored.setdefault(text, score)
@@ -196,8 +204,8 @@ def distinct_samples(found):
 
 
 def with_original(client, asked, ranked, prompt, ex):
-    """The ranking with the dataset's own answer: sorted in by its score ("scored") or placed first
-    ("first", its score unknown)."""
+    """The ranking with the dataset's own answer: sorted in by its score ("scored") or
+    placed first ("first", its score unknown)."""
     original = ex.get("output", "").strip()
     if not original:
         raise ReplyError("add_original is set but the example has no output")
@@ -216,9 +224,10 @@ def teacher_url(client, chat):
 
 
 def teacher_samples(client, asked, item):
-    """The item's usable choices and the number of requests they took. Past the bound (or with n samples
-    but too few distinct ones) only cached answers are read, and with retry_failures one new request is
-    paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
+    """The item's usable choices and the number of requests they took. Past the bound (or
+    with n samples but too few distinct ones) only cached answers are read, and with
+    retry_failures one new request is paid for an item that would fail: a re-run replays
+    exactly the requests of the runs before it."""
     found, k, fresh = [], 0, asked.retry_failures
     while True:
         distinct = len({text for text, _, _ in found})
@@ -248,7 +257,8 @@ def usable_choices(answer, url, chat):
 
 
 def mean_logprob(logprobs):
-    """An answer's score: its total log-prob over its number of tokens (paper, section 2.1)."""
+    """An answer's score: its total log-prob over its number of tokens (paper, section
+    2.1)."""
     return sum(logprobs) / len(logprobs)
 
 
@@ -268,7 +278,8 @@ def choice_logprobs(answer, i, url, chat):
 
 
 def original_score(client, prompt, output):
-    """The mean token log-prob of the dataset's own response, echoed by the teacher after the prompt."""
+    """The mean token log-prob of the dataset's own response, echoed by the teacher after
+    the prompt."""
     url = client.base_url + "/completions"
     full = prompt + output  # as the training text (data.encode_prompt_response): no separator
     try:
@@ -293,42 +304,46 @@ def original_score(client, prompt, output):
 # ------------------------------------- 2. contextual ranking: the student samples n diverse answers
 
 def prefix_ids(tok):
-    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's tokenizer adds
-    nothing (SmolLM2, GPT-2)."""
+    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's
+    tokenizer adds nothing (SmolLM2, GPT-2)."""
     return tok.encode("", bos=True)
 
 
 def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
-    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
-    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
-    one, so it can only be the last token."""
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of
+    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
+    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
+    (data.encode_prompt_response); generate stops at the first one, so it can only be the
+    last token."""
     finished = bool(tokens) and tokens[-1] in stops
     return (tokens[:-1] if finished else tokens), finished
 
 
-# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
-# decode step costs in proportion to its rows, so more buys little there.
+# Rows sampled together where batch_size is "auto" and the device reports no free memory
+# (a CPU): a CPU's decode step costs in proportion to its rows, so more buys little there.
 STUDENT_BATCH_ROWS = 64
 
 
 def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
                    generators=None, batch_size="auto", on_done=None):
-    """For each prompt, n student responses with the diversity rule (paper, section 2.2): while some pair
-    has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
-    the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
-    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
+    """For each prompt, n student responses with the diversity rule (paper, section 2.2):
+    while some pair has ROUGE-L F1 >= threshold, sample again at temperature + 0.1,
+    `tries` rounds in all; keep the round with the lowest mean pairwise ROUGE-L. ROUGE-L
+    with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True). Each result:
+    candidates, finished (which ended in one of tok.stop_ids; the others hit
     max_new_tokens), temperature, round, mean_rouge_l.
 
-    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
-    per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
-    as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
-    CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
-    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
-    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
-    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
-    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
-    in prompt order."""
+    The prompts are sampled together, shortest first, in model.generate calls of at most
+    batch_size rows (n per prompt; a row leaves the batch when it ends): on a GPU a decode
+    step costs about the same for 4 rows as for 128. "auto": the rows whose KV caches fit
+    the device's free memory (model.auto_batch_rows; on a CPU, STUDENT_BATCH_ROWS). A
+    prompt that must be sampled again waits until a full batch of prompts needs the same
+    round (or no new prompt is left), so retries fill batches too. generators: None
+    (torch's default), or per prompt a list of n torch.Generators, one per row: a row's
+    draws then depend only on its own generator, so a prompt's result does not depend on
+    which prompts share its batch. on_done(i, result) is called as soon as prompt i's
+    result is final (sample_candidates caches it there); returns the results in prompt
+    order."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
@@ -372,11 +387,12 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
 
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
                       seed=0, *, student, batch_size="auto"):
-    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
-    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
-    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
-    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
-    not depend on where a run was killed nor on batch_size."""
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time.
+    Each finished item is appended to cache_path (JSONL) and read back on a re-run with
+    the same prompt, settings and student (its identity: producer_identity), so a killed
+    run does not sample again and another checkpoint never reuses them. Row s of an item
+    draws from its own generator seeded from (seed, item id, s): an item's samples do not
+    depend on where a run was killed nor on batch_size."""
     settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
     kept = student_log(examples, cache_path, settings)
     cached = kept.kept
@@ -410,7 +426,8 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
 
 
 def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
+    """What makes a student's samples what they are: a cached sample is used only under
+    the same settings."""
     return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                 student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
 
@@ -427,14 +444,16 @@ def sample_made_by(entry):
 
 
 def student_log(examples, cache_path, settings):
-    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and
+    settings."""
     keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
     return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
 
 
 def cached_samples(examples, cache_path, settings):
-    """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
-    the number of the other examples it holds samples of, for another student, prompt or settings)."""
+    """({id: cached entry} of the examples whose samples cache_path holds for the same
+    prompt and settings, the number of the other examples it holds samples of, for another
+    student, prompt or settings)."""
     kept = student_log(examples, cache_path, settings)
     ids = [item_id for item_id, _, _ in _items(examples)]
     others = sum(item_id in kept.made_otherwise for item_id in ids)
@@ -442,12 +461,14 @@ def cached_samples(examples, cache_path, settings):
 
 
 def is_checkpoint(folder):
-    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
+    params.json)."""
     return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its
+    tokenizer's sha256."""
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
@@ -457,10 +478,11 @@ RANKING_SYSTEM = "You are a professional, experienced data annotator."
 
 
 def ranking_messages(prompt, candidates):
-    """The contextual-ranking request (paper, section 2.2; the authors' prompt in tuna/src/gpt-eval.py,
-    GroupEval.group_eval); index len(candidates) is
-    the teacher's own reference answer. The format example shows placeholders, as the authors' prompt does
-    ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an answer."""
+    """The contextual-ranking request (paper, section 2.2; the authors' prompt in
+    tuna/src/gpt-eval.py, GroupEval.group_eval); index len(candidates) is the teacher's
+    own reference answer. The format example shows placeholders, as the authors' prompt
+    does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest
+    an answer."""
     n = len(candidates)
     if n > 17:
         raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
@@ -482,16 +504,18 @@ def ranking_messages(prompt, candidates):
 
 
 def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
-    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
+    """(path, params) of the contextual-ranking request for one instruction (the run and
+    its dry run)."""
     return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
                                      max_tokens=max_tokens)
 
 
 def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
-    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
-    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
-    once, so stray digits become a ReplyError instead of training data."""
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own
+    answer (index n). As the authors: lowercase, the text after the last "rank:" (else
+    "ranking:"), integers in order. Unlike them, only the integers inside the [...] list
+    (or on that line) are read, and each index must be in 0..n at most once, so stray
+    digits become a ReplyError instead of training data."""
     text = reply.lower()
     key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
     if key is None:
@@ -507,9 +531,9 @@ def parse_ranking(reply, n):
     return ranks
 
 
-# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
-# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
-# ("First, ... Second, ... Last, ...").
+# How replies number their five steps: the marker of step k at the start of a line, after
+# markdown ("**", "#", ">", "-"); "(k)" also inside a line, as the prompt itself writes
+# them. Ordinals as in the authors' prompt ("First, ... Second, ... Last, ...").
 _LINE = r"^[ \t>*#_-]*"
 _ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
              5: r"fifth(?:ly)?|last(?:ly)?|finally"}
@@ -520,19 +544,22 @@ STEP_MARKERS = {
     "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
     "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
 }
-# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside
+# the answer.
 STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
                4: r"scor|rat(?:e|ing)", 5: r"rank"}
 _HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
 
 
 def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
-    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
-    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
-    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
-    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
-    be told unambiguously, there is no reference (the ranking is still usable without it)."""
+    """(the teacher's reference answer, None) or (None, why there is none): the text after
+    "###Response n" up to where the reply's next step begins, in the numbering style the
+    reply uses for its steps (found from the marker just before the answer: "(2)", "2.",
+    "2)", "**Step 2:**", "Second," or a heading), and never past the ranking. A list
+    inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank).
+    When the end cannot be told unambiguously, there is no reference (the ranking is still
+    usable without it)."""
     masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)  # code blocks hold no step markers
     head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
     if not head:
@@ -561,7 +588,8 @@ def _line_end(text, at):
 
 
 def _heading_level(match):
-    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every heading."""
+    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every
+    heading."""
     heading = match.group().strip()
     return len(heading) - len(heading.lstrip("#")) or 7
 
@@ -573,7 +601,8 @@ def _step_before(after, at):
 
 
 def _step_after_reference(masked, head_at, begin, end):
-    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
+    """(where the step after the reference answer begins, None), or (None, why it cannot
+    be told)."""
     best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
     for marker in STEP_MARKERS.values():
         found = sorted((m.start(), k) for k in range(1, 6)
@@ -584,7 +613,8 @@ def _step_after_reference(masked, head_at, begin, end):
                 best is None or before[-1][0] > best[0]):
             best = (before[-1][0], after)
     if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
-        # the first one after the answer, at its heading's level or above, that names a later step's topic
+        # the first one after the answer, at its heading's level or above, that names a
+        # later step's topic
         headings = [m for m in re.finditer(_HEADING, masked, re.M)
                     if not re.search(r"response\s*\d", m.group(), re.I)]
         before = [m for m in headings if m.start() < head_at]
@@ -614,15 +644,16 @@ def _step_after_reference(masked, head_at, begin, end):
 
 def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
                      retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates (samples: {id:
-    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
-    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
-    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
-    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
-    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
-    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
-    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
-    be incomplete."""
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
+    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
+    "finished" defaults to all) in one chat request per instruction, at the authors'
+    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
+    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
+    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
+    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
+    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
+    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
+    (finish_reason "length") is a failure: its ranking may be incomplete."""
     ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
     one = functools.partial(contextual_item, client, samples, ranking)
     results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
@@ -640,8 +671,9 @@ class Ranking:
 
 @dataclasses.dataclass(frozen=True)
 class RankedReply:
-    """What one ranking reply gives: the teacher's ranks, its reference answer (or why there is none),
-    the indices kept for training, best first, and the texts they index (candidates, then the reference)."""
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
+    there is none), the indices kept for training, best first, and the texts they index
+    (candidates, then the reference)."""
     reply: str
     ranks: list
     reference: object
@@ -671,7 +703,8 @@ def contextual_item(client, samples, ranking, item):
 
 
 def send_with_seed(client, path, params, cache_only=False, **seed):
-    """One request of `ask`: seed, when given, makes a retry its own request (and cache entry)."""
+    """One request of `ask`: seed, when given, makes a retry its own request (and cache
+    entry)."""
     return client.request(path, dict(params, **seed), cache_only)
 
 
@@ -694,7 +727,8 @@ def parse_ranked_reply(url, candidates, ranking, answer):
 
 
 def contextual_record(client, item, entry, ranked, attempt):
-    """The training record of one ranked item; its source keeps the whole reply and the student's samples."""
+    """The training record of one ranked item; its source keeps the whole reply and the
+    student's samples."""
     item_id, ex, prompt = item
     candidates = entry["candidates"]
     finished = entry.get("finished") or [True] * len(candidates)
@@ -713,15 +747,17 @@ def contextual_record(client, item, entry, ranked, attempt):
 # -------------------------------------------- 4. what both builders share: items, retries, failures
 
 def _items(examples):
-    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its
+    position."""
     return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
             for i, ex in enumerate(examples)]
 
 
 def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
-    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
-    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends
+    seed=k, so each attempt has its own cache entry: a re-run reads all earlier attempts
+    from the cache and only with retry_failures pays for one new one. Raises the last
+    ReplyError/TeacherError when none parses."""
     fresh_left, error = retry_failures, None
     for attempt in itertools.count():
         params = {"seed": attempt} if attempt else {}
@@ -749,7 +785,8 @@ def _failure(kind, item, error, teacher):
 
 
 def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
+    """Write the records and the failures. A run where every item failed is an error, and
+    replaces no OUT."""
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
     failures_path = failures_path or out_path + ".failures.jsonl"
@@ -785,8 +822,8 @@ class TeacherClient:
         self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
                            completion_tokens=0, preflight_requests=0)
-        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in
-        # RAM), or -> the answer itself when there is no cache file
+        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
+        # would not fit in RAM), or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
         if cache_path:  # the last line of a killed run may be cut short: its request is sent again
             for offset, entry in data.read_jsonl_log(cache_path, log.warning):
@@ -803,8 +840,8 @@ class TeacherClient:
         return self.post(path, {"model": self.model, **params}, cache_only)
 
     def post(self, path, body, cache_only=False):
-        """The answer (a dict) to POST base_url + path with a JSON body: from the cache, else from the server
-        (None if cache_only and not cached)."""
+        """The answer (a dict) to POST base_url + path with a JSON body: from the cache,
+        else from the server (None if cache_only and not cached)."""
         url, key = self.base_url + path, self._key(path, body)
         with self._lock:
             where = self._cache.get(key)
@@ -835,15 +872,17 @@ class TeacherClient:
         return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def is_cached(self, path, params):
-        """Whether the answer to request(path, params) is in the cache (paid for already); sends nothing."""
+        """Whether the answer to request(path, params) is in the cache (paid for already);
+        sends nothing."""
         with self._lock:
             return self._key(path, {"model": self.model, **params}) in self._cache
 
     def check(self, chat, **options):
-        """The pre-flight request: one answer of 1 token from the endpoint the run needs (chat or
-        completions), with the options it needs (logprobs, echo), before any long or paid work. Not cached.
-        An unreachable server, a refused key, an unknown model or option, or an answer without the fields
-        the run reads stop the run (RunError naming the URL and the model)."""
+        """The pre-flight request: one answer of 1 token from the endpoint the run needs
+        (chat or completions), with the options it needs (logprobs, echo), before any long
+        or paid work. Not cached. An unreachable server, a refused key, an unknown model
+        or option, or an answer without the fields the run reads stop the run (RunError
+        naming the URL and the model)."""
         path = "/chat/completions" if chat else "/completions"
         message = {"role": "user", "content": PREFLIGHT_TEXT}
         asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
@@ -924,7 +963,8 @@ class TeacherClient:
                                         f"{problem}"))
 
     def stop(self, error):
-        """Make every later request of every thread raise `error` (a RunError), as the caller does."""
+        """Make every later request of every thread raise `error` (a RunError), as the
+        caller does."""
         with self._lock:
             self._stopped = self._stopped or error
         return self._stopped
@@ -946,8 +986,9 @@ class TeacherClient:
         return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
 
     def map(self, fn, items, what="teacher requests", failed=lambda result: False):
-        """fn over items on a bounded thread pool, results in order; a progress line every 5% (data.Progress:
-        done/total, rate, failed(result) so far, ETA) with the requests, cache hits and tokens so far."""
+        """fn over items on a bounded thread pool, results in order; a progress line every
+        5% (data.Progress: done/total, rate, failed(result) so far, ETA) with the
+        requests, cache hits and tokens so far."""
         results, progress = [], data.Progress(what, len(items), log.info, detail=self.report)
         pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
         try:
@@ -966,7 +1007,8 @@ class TeacherClient:
 
 
 def _unreached(error):
-    """How a request failed to reach the server at all (None: it reached it, e.g. a read timeout)."""
+    """How a request failed to reach the server at all (None: it reached it, e.g. a read
+    timeout)."""
     if isinstance(error, requests.exceptions.SSLError):
         return f"TLS failure ({_one_line(str(error))[-160:]})"
     if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.ReadTimeout):
@@ -1007,7 +1049,8 @@ def _retry_after_seconds(value):
 
 
 def get_field(answer, dotted, url):
-    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError naming URL and field."""
+    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError
+    naming URL and field."""
     value = answer
     for key in dotted.split("."):
         try:
@@ -1020,9 +1063,9 @@ def get_field(answer, dotted, url):
 # ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as
-    teacher.py serve counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule
-    of thumb for English text), and said so."""
+    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer
+    reads, as teacher.py serve counts a prompt (BOS included); else estimated at 4
+    characters a token (OpenAI's rule of thumb for English text), and said so."""
     if tokenizer_path:
         tok = data.Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
@@ -1030,10 +1073,10 @@ def token_counter(tokenizer_path=None):
 
 
 class DryRun:
-    """The requests a run would send, added one by one as the run would build them, and never sent: how
-    many, which of them the cache holds (paid before), their prompt tokens (chat messages laid out as
-    teacher.py serve lays them out: an API's own chat template adds a few tokens a request) and the most
-    completion tokens they may cost."""
+    """The requests a run would send, added one by one as the run would build them, and
+    never sent: how many, which of them the cache holds (paid before), their prompt tokens
+    (chat messages laid out as teacher.py serve lays them out: an API's own chat template
+    adds a few tokens a request) and the most completion tokens they may cost."""
 
     def __init__(self, client, tokenizer_path=None):
         self.client = client
@@ -1041,8 +1084,8 @@ class DryRun:
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, path, params, max_completion_tokens, unknown_prompt_tokens=0):
-        """One request; unknown_prompt_tokens: what its prompt will hold beyond params' text (candidates
-        not sampled yet, as an upper bound)."""
+        """One request; unknown_prompt_tokens: what its prompt will hold beyond params'
+        text (candidates not sampled yet, as an upper bound)."""
         if self.client.is_cached(path, params):
             self.cached += 1
             return
@@ -1052,7 +1095,8 @@ class DryRun:
         self.completion_tokens += max_completion_tokens
 
     def report(self, title, prompt_note="", completion_note="", price_input=None, price_output=None):
-        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
+        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when
+        given)."""
         notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
         lines = [f"{title}: dry run, nothing sent",
                  f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
@@ -1075,8 +1119,9 @@ class DryRun:
 
 def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0, chat=False,
                           add_original=None, tokenizer_path=None, prices=(None, None)):
-    """build_probabilistic's requests, counted and not sent (the first request of each item; top-ups and
-    the original answer's scoring as notes, since they depend on the answers)."""
+    """build_probabilistic's requests, counted and not sent (the first request of each
+    item; top-ups and the original answer's scoring as notes, since they depend on the
+    answers)."""
     dry = DryRun(client, tokenizer_path)
     items = _items(examples)
     for item in items:
@@ -1094,9 +1139,10 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
 
 def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
                        max_tokens=2048, tokenizer_path=None, prices=(None, None)):
-    """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
-    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
-    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
+    """build_contextual's requests, counted and not sent: exact for items whose student
+    samples are in the student cache (samples), estimated for the others: each of the n
+    candidates counted at student_max_tokens tokens, the most a sample holds (an upper
+    bound, up to how the teacher's tokenizer splits the text)."""
     dry, unknown = DryRun(client, tokenizer_path), 0
     for item_id, _, prompt in _items(examples):
         if item_id in samples:
@@ -1117,9 +1163,10 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
 # ------------------------------------------------------------------------------ 7. the local server
 
 def chat_prompt(messages):
-    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns
-    as "### Instruction:", assistant turns as "### Response:", ending in "### Response:". One user message and
-    no system message give exactly data.alpaca_prompt(content), the SFT model's own format."""
+    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's
+    preamble), user turns as "### Instruction:", assistant turns as "### Response:",
+    ending in "### Response:". One user message and no system message give exactly
+    data.alpaca_prompt(content), the SFT model's own format."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
     parts += [f"### Instruction:\n{m['content']}" if m["role"] == "user" else f"### Response:{m['content']}"
@@ -1143,8 +1190,9 @@ def _option(body, name, kinds, default, valid=lambda value: True):
 
 
 def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end (OpenAI counts from
-    the prompt's start). Counted from the end: sentencepiece drops the leading space of a first piece."""
+    """Character offset of each token (bytes) in a text that ends with them at text_end
+    (OpenAI counts from the prompt's start). Counted from the end: sentencepiece drops the
+    leading space of a first piece."""
     decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
     for piece in pieces:
         starts.append(chars)
@@ -1154,7 +1202,8 @@ def _offsets(pieces, text_end):
 
 
 class LocalTeacher:
-    """The model behind the server: one model call at a time (a lock); the HTTP threads parse and format."""
+    """The model behind the server: one model call at a time (a lock); the HTTP threads
+    parse and format."""
 
     def __init__(self, model, tokenizer, name, seed=None):
         self.model, self.tok, self.name, self.seed = model, tokenizer, name, seed
@@ -1170,8 +1219,9 @@ class LocalTeacher:
                 "bytes": list(self.tok.piece_bytes(token_id))}
 
     def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as the OpenAI API
-        reports them, and as training scores responses) and the top_k (log-prob, id) pairs per position."""
+        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as
+        the OpenAI API reports them, and as training scores responses) and the top_k
+        (log-prob, id) pairs per position."""
         with torch.no_grad():
             logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]  # (T - 1, vocab)
         chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
@@ -1222,8 +1272,9 @@ class LocalTeacher:
                     seed=_option(body, "seed", (int,), self._default_seed(body)), stop=stop)
 
     def _default_seed(self, body):
-        """serve --seed S: a request without a seed samples from a generator seeded by (S, the request), so a
-        run is reproducible whatever the order in which concurrent requests arrive."""
+        """serve --seed S: a request without a seed samples from a generator seeded by (S,
+        the request), so a run is reproducible whatever the order in which concurrent
+        requests arrive."""
         if self.seed is None:
             return None
         request = json.dumps(body, sort_keys=True, ensure_ascii=False)
@@ -1293,9 +1344,10 @@ def _error(message, kind="invalid_request_error", param=None, code=None):  # Ope
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or wrong key, 404
-# model_not_found, 400 invalid_request_error, 413 for a body over the limit), a listen backlog that takes
-# a client's whole thread pool at once, and an API key compared in constant time.
+# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or
+# wrong key, 404 model_not_found, 400 invalid_request_error, 413 for a body over the
+# limit), a listen backlog that takes a client's whole thread pool at once, and an API key
+# compared in constant time.
 LISTEN_BACKLOG = 1024           # pending connections the kernel keeps (Python's default of 5 resets the rest)
 MAX_BODY_BYTES = 8 * 2 ** 20    # a ranking request is ~10 KB; a bigger body is refused before it is read
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
@@ -1314,7 +1366,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _refused(self):
-        """An error answer (status, body) when the request lacks the server's API key, else None."""
+        """An error answer (status, body) when the request lacks the server's API key,
+        else None."""
         key = self.server.api_key
         if key is None:
             return None
@@ -1381,10 +1434,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_bytes=MAX_BODY_BYTES):
-    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies, answered by `backend`: an
-    object with .name, .completions(body) and .chat(body) -> answer dict (BadRequest -> 400). Port 0 picks a
-    free port (server.server_port). api_key: requests must bring it as "Authorization: Bearer KEY" (else 401).
-    Run it with serve_forever(), e.g. in a thread."""
+    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies,
+    answered by `backend`: an object with .name, .completions(body) and .chat(body) ->
+    answer dict (BadRequest -> 400). Port 0 picks a free port (server.server_port).
+    api_key: requests must bring it as "Authorization: Bearer KEY" (else 401). Run it with
+    serve_forever(), e.g. in a thread."""
     server = _Server((host, port), _Handler)
     server.teacher, server.api_key, server.max_body_bytes = backend, api_key, max_body_bytes
     return server
@@ -1392,7 +1446,8 @@ def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_byt
 
 def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
                 max_body_bytes=MAX_BODY_BYTES):
-    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and /v1/models."""
+    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and
+    /v1/models."""
     backend = LocalTeacher(model, tokenizer, model_name, seed)
     return backend_server(backend, host, port, api_key, max_body_bytes)
 
@@ -1407,8 +1462,9 @@ def _stop(signum, frame):
 
 def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
           seed=None, api_key_env=None, max_body_bytes=MAX_BODY_BYTES):
-    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM. A host other than
-    loopback needs an API key (the variable api_key_env names), as anyone who reaches the port may use it."""
+    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM.
+    A host other than loopback needs an API key (the variable api_key_env names), as
+    anyone who reaches the port may use it."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
@@ -1443,7 +1499,8 @@ def _is_loopback(host):
 # ------------------------------------------------------------------------------ 8. the command line
 
 def preflight(args, client):
-    """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
+    """The pre-flight request of a probabilistic or contextual run, with the endpoint and
+    options it sends."""
     if args.command == "contextual":
         return client.check(chat=True, temperature=args.teacher_temperature)
     if args.chat:
@@ -1469,7 +1526,8 @@ def dry_run(args, client, examples):
 
 
 def client_from_args(args, cache_path):
-    """The TeacherClient the command line asks for, with its cache at cache_path (None: no cache)."""
+    """The TeacherClient the command line asks for, with its cache at cache_path (None: no
+    cache)."""
     return TeacherClient(args.base_url, args.model, args.api_key_env, cache_path, args.timeout,
                          args.max_retries, args.workers, args.rpm)
 
