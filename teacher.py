@@ -233,7 +233,8 @@ def teacher_samples(client, asked, item):
         distinct = len({text for text, _, _ in found})
         if len(found) >= asked.n and distinct >= asked.distinct_needed:
             return found, k
-        path, params = probabilistic_request(item, k, asked.n, asked.max_tokens, asked.temperature, asked.chat)
+        path, params = probabilistic_request(item, k, asked.n, asked.max_tokens,
+                                             asked.temperature, asked.chat)
         past_bound = len(found) >= asked.n or k >= REQUESTS_PER_SAMPLE * asked.n
         answer = client.request(path, params, past_bound)
         if answer is None and fresh and distinct < asked.distinct_needed:
@@ -603,44 +604,65 @@ def _step_before(after, at):
 def _step_after_reference(masked, head_at, begin, end):
     """(where the step after the reference answer begins, None), or (None, why it cannot
     be told)."""
-    best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
+    after = _numbered_steps(masked, head_at, begin, end)
+    if after is None:
+        return _step_by_headings(masked, head_at, begin, end)
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        # a marker that continues a numbering begun inside the answer is an item of a list
+        fresh = [at for at in places if _step_before(after, at) != step - 1]
+        topical = [at for at in places if _names_topic(masked, at, step)]
+        both = [at for at in fresh if at in topical]
+        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
+        if len(chosen) == 1:
+            return chosen[0], None
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
+                      f"could begin step {step}")
+    return end, None
+
+
+def _names_topic(masked, at, step):
+    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
+    line = masked[at:_line_end(masked, at)]
+    return re.search(STEP_TOPICS[step], line, re.I) is not None
+
+
+def _numbered_steps(masked, head_at, begin, end):
+    """The (position, step number) markers after the answer, in the numbering style whose
+    step-1 or step-2 marker comes nearest before the answer; None when no style numbers
+    steps on both sides of it."""
+    best_at, best = -1, None
     for marker in STEP_MARKERS.values():
         found = sorted((m.start(), k) for k in range(1, 6)
                        for m in re.finditer(marker(k), masked, re.I | re.M))
         before = [(at, k) for at, k in found if at < head_at]
         after = [(at, k) for at, k in found if begin <= at < end]
-        if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
-                best is None or before[-1][0] > best[0]):
-            best = (before[-1][0], after)
-    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
-        # the first one after the answer, at its heading's level or above, that names a
-        # later step's topic
-        headings = [m for m in re.finditer(_HEADING, masked, re.M)
-                    if not re.search(r"response\s*\d", m.group(), re.I)]
-        before = [m for m in headings if m.start() < head_at]
-        after = [m for m in headings if begin <= m.start() < end and before and _heading_level(m) <= _heading_level(before[-1])]
-        topics = "|".join(STEP_TOPICS.values())
-        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
-        if named:
-            return named[0], None
-        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
-            return None, "no step markers after the reference answer to tell where it ends"
-        return end, None  # nothing but the answer up to the ranking
-    after = best[1]
-    for step in (3, 4, 5):
-        places = [at for at, k in after if k == step]
-        if not places:
+        if not before or before[-1][1] not in (1, 2):
             continue
-        fresh = [at for at in places if _step_before(after, at) != step - 1]  # not the next item of a list in the answer
-        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:_line_end(masked, at)], re.I)]
-        both = [at for at in fresh if at in topical]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
-        if len(chosen) == 1:
-            return chosen[0], None
-        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) could begin "
-                      f"step {step}")
-    return end, None
+        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
+            best_at, best = before[-1][0], after
+    return best
 
+
+def _step_by_headings(masked, head_at, begin, end):
+    """Where a reply that marks its steps with headings ("## Duplicates") begins the next
+    one: the first heading after the answer, at its heading's level or above, that names a
+    later step's topic."""
+    headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                if not re.search(r"response\s*\d", m.group(), re.I)]
+    before = [m for m in headings if m.start() < head_at]
+    top = _heading_level(before[-1]) if before else 0
+    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
+    topics = "|".join(STEP_TOPICS.values())
+    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+    if named:
+        return named[0], None
+    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
+    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
+        return None, "no step markers after the reference answer to tell where it ends"
+    return end, None  # nothing but the answer up to the ranking
 
 def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
                      retry_failures=False, temperature=1.0, max_tokens=2048):
@@ -1533,8 +1555,9 @@ def client_from_args(args, cache_path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
-                                     "over an OpenAI-compatible API, and a local teacher server (paper, section 2).")
+    description = ("Tuna ranking data from a teacher LLM over an OpenAI-compatible API, "
+                   "and a local teacher server (paper, section 2).")
+    parser = argparse.ArgumentParser(prog="teacher.py", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
