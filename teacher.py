@@ -171,7 +171,8 @@ def probabilistic_record(client, asked, item):
     original = ex.get("output", "").strip()
     if asked.add_original:
         ranked = with_original(client, asked, ranked, prompt, ex)
-        finished[original] = True  # the dataset's answer is finished, even where a cut sample equals it
+        # the dataset's answer is finished, even where a cut sample equals it
+        finished[original] = True
     if len(ranked) < 2:
         raise ReplyError(f"{teacher_url(client, asked.chat)}: fewer than 2 distinct candidates")
     texts = [text for text, _ in ranked]
@@ -282,16 +283,20 @@ def original_score(client, prompt, output):
     """The mean token log-prob of the dataset's own response, echoed by the teacher after
     the prompt."""
     url = client.base_url + "/completions"
-    full = prompt + output  # as the training text (data.encode_prompt_response): no separator
+    # as the training text (data.encode_prompt_response): no separator
+    full = prompt + output
     try:
         answer = client.request(*original_request(prompt, output))
-    except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
+    # a property of the server, not of this item: stop before paying for more
+    except TeacherError as e:
         if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
             raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
         raise
     offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
     logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-    try:  # a token holding any response character is the response's, as in data.encode_prompt_response
+    # a token holding any response character is the response's, as in
+    # data.encode_prompt_response
+    try:
         ends = list(offsets[1:]) + [len(full)]
         picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
                   if end > len(prompt) and at < len(full) and lp is not None]
@@ -349,7 +354,8 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
     stops = tok.stop_ids
-    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
+    # a long prompt leaves fewer tokens to its answer
+    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]
     best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
     if batch_size == "auto":
@@ -360,11 +366,13 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     per_batch = max(1, batch_size // n)
     while fresh or any(waiting):
         due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
-        r = max(due, default=0)  # the latest round first: its prompts are the nearest to done
+        # the latest round first: its prompts are the nearest to done
+        r = max(due, default=0)
         queue = waiting[r] if r else fresh
         group, queue[:] = queue[:per_batch], queue[per_batch:]
         t = round(temperature + 0.1 * r, 6)
-        for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
+        # one generate call per token budget
+        for tokens in sorted({budget[i] for i in group}):
             batch = [i for i in group if budget[i] == tokens]
             rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
             outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
@@ -399,7 +407,8 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     cached = kept.kept
     device = model.tok_embeddings.weight.device
     result, todo = {}, []
-    for item_id, _, prompt in _items(examples):  # the result follows the examples' order
+    # the result follows the examples' order
+    for item_id, _, prompt in _items(examples):
         result[item_id] = cached.get(item_id)
         if item_id not in cached:
             todo.append((item_id, prompt))
@@ -549,7 +558,8 @@ STEP_MARKERS = {
 # the answer.
 STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
                4: r"scor|rat(?:e|ing)", 5: r"rank"}
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
+# "## Duplicates", "**Duplicates:** none"
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
 
 
 def reference_answer(reply, n):
@@ -561,19 +571,22 @@ def reference_answer(reply, n):
     answer is an item of it, unless it names its step's topic (duplicates, scores, rank).
     When the end cannot be told unambiguously, there is no reference (the ranking is still
     usable without it)."""
-    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)  # code blocks hold no step markers
+    # code blocks hold no step markers
+    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
     head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
     if not head:
         return None, f"no '###Response {n}' in the reply"
     begin, lowered = head.end(), masked.lower()
     key = "rank:" if "rank:" in lowered else "ranking:"
-    end = lowered.rfind(key)  # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    end = lowered.rfind(key)
     line_start = masked.rfind("\n", 0, end) + 1
     end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
     cut, problem = _step_after_reference(masked, head.start(), begin, end)
     if problem:
         return None, problem
-    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()  # a closing rule
+    # a closing rule
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
     return (text, None) if text else (None, "the reference answer is empty")
 
 
@@ -740,7 +753,8 @@ def parse_ranked_reply(url, candidates, ranking, answer):
     reference, problem = reference_answer(reply, len(candidates))
     pool = candidates + [reference if ranking.keep_reference else None]
     kept = []
-    for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
+    # an empty text or a copy of a better-ranked one cannot be ranked against it
+    for i in ranks:
         if pool[i] and pool[i] not in [pool[k] for k in kept]:
             kept.append(i)
     if len(kept) < 2:
@@ -827,7 +841,8 @@ def _finish(kind, client, results, out_path, failures_path):
 
 # ------------------------------------------------------------------------------- 5. the HTTP client
 
-PREFLIGHT_TEXT = "This is a connection check. Reply with OK."  # the pre-flight request's whole prompt
+# the pre-flight request's whole prompt
+PREFLIGHT_TEXT = "This is a connection check. Reply with OK."
 
 
 class TeacherClient:
@@ -835,19 +850,22 @@ class TeacherClient:
                  max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
         self.base_url, self.model = base_url.rstrip("/"), model
         self.api_key_env = api_key_env
-        self._api_key = os.environ.get(api_key_env) or None  # no key is fine for a local server
+        # no key is fine for a local server
+        self._api_key = os.environ.get(api_key_env) or None
         self.timeout, self.max_retries, self.max_workers = timeout, max_retries, max_workers
         self.backoff, self.max_backoff = backoff, max_backoff
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
-        self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
+        # any HTTP answer yet; the RunError that stops all threads
+        self._reached, self._stopped = False, None
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
                            completion_tokens=0, preflight_requests=0)
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
         # would not fit in RAM), or -> the answer itself when there is no cache file
         self.cache_path, self._cache = cache_path, {}
-        if cache_path:  # the last line of a killed run may be cut short: its request is sent again
+        # the last line of a killed run may be cut short: its request is sent again
+        if cache_path:
             for offset, entry in data.read_jsonl_log(cache_path, log.warning):
                 self._cache[entry.get("key")] = offset
 
@@ -880,7 +898,8 @@ class TeacherClient:
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         entry = {"key": key, "path": path, "request": body, "response": answer}
         line = json.dumps(entry, ensure_ascii=False)
-        if self._redact(line) != line:  # the server put the key into its answer: keep it out of every file
+        # the server put the key into its answer: keep it out of every file
+        if self._redact(line) != line:
             entry = json.loads(self._redact(line))
             answer = entry["response"]
         with self._lock:
@@ -889,7 +908,8 @@ class TeacherClient:
             self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
         return answer
 
-    def _key(self, path, body):  # the request's content: the URL's path and the body, never the key
+    # the request's content: the URL's path and the body, never the key
+    def _key(self, path, body):
         request = [urllib.parse.urlparse(self.base_url + path).path, body]
         return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -914,10 +934,12 @@ class TeacherClient:
             fields.append("choices.0.logprobs.content" if chat else "choices.0.logprobs.token_logprobs")
         if options.get("echo"):
             fields.append("choices.0.logprobs.text_offset")
-        where = f"pre-flight check of model '{self.model}'"  # the error names the URL
+        # the error names the URL
+        where = f"pre-flight check of model '{self.model}'"
         sent_before = self.counts["requests"]
         try:
-            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))  # a check, not a wait
+            # a check, not a wait
+            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))
             for field in fields:
                 get_field(answer, field, self.base_url + path)
         except TeacherError as e:
@@ -937,7 +959,8 @@ class TeacherClient:
         max_retries = self.max_retries if max_retries is None else max_retries
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         for attempt in range(max_retries + 1):
-            if self._stopped:  # another thread found that no request can reach the server
+            # another thread found that no request can reach the server
+            if self._stopped:
                 raise self._stopped
             self._wait_for_rate_limit()
             with self._lock:
@@ -949,7 +972,8 @@ class TeacherClient:
                     requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 unreached = _unreached(e) if not self._reached else None
-                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no retry helps
+                # unknown host, TLS: no retry helps
+                if unreached and not unreached.startswith("connection"):
                     break
             else:
                 self._reached = True
@@ -959,19 +983,23 @@ class TeacherClient:
                         if isinstance(answer, dict):
                             return answer
                         problem = f"answer is JSON {type(answer).__name__}, not an object"
-                    except ValueError:  # a cut-short body: usually a proxy or network glitch, so retried
+                    # a cut-short body: usually a proxy or network glitch, so retried
+                    except ValueError:
                         problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
                 elif reply.status_code == 429 or reply.status_code >= 500:
                     problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
                     retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
-                else:  # other 4xx: the request itself is wrong, asking again cannot help
+                # other 4xx: the request itself is wrong, asking again cannot help
+                else:
                     self._count_failure()
                     message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
                     raise TeacherError(self._redact(message), reply.status_code)
             if attempt == max_retries:
                 break
-            delay = retry_after if retry_after is not None else \
-                min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
+            # exponential back-off with jitter, unless the server said how long to wait
+            backoff = min(self.max_backoff, self.backoff * 2 ** attempt)
+            jittered = backoff * random.uniform(0.5, 1.5)
+            delay = retry_after if retry_after is not None else jittered
             with self._lock:
                 self.counts["retries"] += 1
             log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
@@ -998,13 +1026,15 @@ class TeacherClient:
     def _wait_for_rate_limit(self):
         if not self._interval:
             return
-        with self._lock:  # each request takes the next free slot, interval seconds after the previous one
+        # each request takes the next free slot, interval seconds after the previous one
+        with self._lock:
             now = time.monotonic()
             start = self._next_slot = max(now, self._next_slot)
             self._next_slot += self._interval
         time.sleep(start - now)
 
-    def _redact(self, text):  # servers echo keys back in error messages ("Incorrect API key provided: ...")
+    # servers echo keys back in error messages ("Incorrect API key provided: ...")
+    def _redact(self, text):
         return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
 
     def map(self, fn, items, what="teacher requests", failed=lambda result: False):
@@ -1017,7 +1047,8 @@ class TeacherClient:
             for result in pool.map(fn, items):
                 results.append(result)
                 progress.advance(failed=int(bool(failed(result))))
-        finally:  # on Ctrl-C, drop the queued items instead of waiting for all of them
+        # on Ctrl-C, drop the queued items instead of waiting for all of them
+        finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return results
 
@@ -1148,7 +1179,8 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
     items = _items(examples)
     for item in items:
         dry.add(*probabilistic_request(item, 0, n, max_tokens, temperature, chat), n * max_tokens)
-        if add_original == "scored":  # sent unless a sample equals the original: an upper bound
+        # sent unless a sample equals the original: an upper bound
+        if add_original == "scored":
             dry.add(*original_request(item[2], item[1]["output"]), 0)
     prompt_note = f"{len(items):,} instructions" + (
         ", each with the request that scores its original answer (skipped where a sample equals it)"
@@ -1245,7 +1277,8 @@ class LocalTeacher:
         the OpenAI API reports them, and as training scores responses) and the top_k
         (log-prob, id) pairs per position."""
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]  # (T - 1, vocab)
+            # (T - 1, vocab)
+            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
         chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
         if not top_k:
             return chosen, [[] for _ in chosen]
@@ -1273,7 +1306,8 @@ class LocalTeacher:
             pieces = [self.tok.piece_bytes(t) for t in new]
             text = b"".join(pieces).decode("utf-8", "replace")
             cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-            if cut >= 0:  # the text ends before the stop sequence, and so do the tokens
+            # the text ends before the stop sequence, and so do the tokens
+            if cut >= 0:
                 keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
                 new, logprobs, tops = new[:keep], logprobs[:keep], tops[:keep]
                 text, finish = text[:cut], "stop"
@@ -1322,15 +1356,19 @@ class LocalTeacher:
             usage["prompt_tokens"] += len(ids)
             for j, (new, logprobs, tops, text, finish) in enumerate(outs):
                 usage["completion_tokens"] += len(new)
-                end = len(prompt) + len(text)  # OpenAI counts text offsets from the prompt's start
-                if echo:  # the prompt's tokens first (BOS is no text); the first has no context: None
-                    start = len(prefix_ids(self.tok))  # BOS, or nothing (SmolLM2, GPT-2)
+                # OpenAI counts text offsets from the prompt's start
+                end = len(prompt) + len(text)
+                # the prompt's tokens first (BOS is no text); the first has no context: None
+                if echo:
+                    # BOS, or nothing (SmolLM2, GPT-2)
+                    start = len(prefix_ids(self.tok))
                     new, text = ids[start:] + new, prompt + text
                     logprobs = [None] + prompt_logprobs[start:] + logprobs
                     tops = [None] + prompt_tops[start:] + tops
                 info = None if top_k is None else {
                     "tokens": [self._text(t) for t in new],
-                    "token_logprobs": logprobs,  # tokens with equal texts: the best one's log-prob
+                    # tokens with equal texts: the best one's log-prob
+                    "token_logprobs": logprobs,
                     "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)}
                                      for top in tops],
                     "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], end)}
@@ -1362,7 +1400,8 @@ class LocalTeacher:
         return self._answer("chat.completion", choices, usage)
 
 
-def _error(message, kind="invalid_request_error", param=None, code=None):  # OpenAI's error body
+def _error(message, kind="invalid_request_error", param=None, code=None):
+    """OpenAI's error body."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -1370,8 +1409,10 @@ def _error(message, kind="invalid_request_error", param=None, code=None):  # Ope
 # wrong key, 404 model_not_found, 400 invalid_request_error, 413 for a body over the
 # limit), a listen backlog that takes a client's whole thread pool at once, and an API key
 # compared in constant time.
-LISTEN_BACKLOG = 1024           # pending connections the kernel keeps (Python's default of 5 resets the rest)
-MAX_BODY_BYTES = 8 * 2 ** 20    # a ranking request is ~10 KB; a bigger body is refused before it is read
+# pending connections the kernel keeps (Python's default of 5 resets the rest)
+LISTEN_BACKLOG = 1024
+# a ranking request is ~10 KB; a bigger body is refused before it is read
+MAX_BODY_BYTES = 8 * 2 ** 20
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
           "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 
@@ -1397,7 +1438,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not given.startswith("Bearer "):
             return 401, _error(NO_KEY)
         if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
-            return 401, _error("Incorrect API key provided.", code="invalid_api_key")  # never echo the key
+            # never echo the key
+            return 401, _error("Incorrect API key provided.", code="invalid_api_key")
         return None
 
     def do_GET(self):
@@ -1417,7 +1459,8 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             size = -1
-        if size < 0 or size > self.server.max_body_bytes:  # answered unread: the connection closes after it
+        # answered unread: the connection closes after it
+        if size < 0 or size > self.server.max_body_bytes:
             self.close_connection = True
             status, message = (413, f"Request body of {size} bytes is over this server's limit of "
                                     f"{self.server.max_body_bytes} bytes.") if size > 0 else \
@@ -1436,7 +1479,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest("We could not parse the JSON body of your request.") from None
             if not isinstance(body, dict):
                 raise BadRequest("The request body must be a JSON object.")
-            if body.get("model") not in (None, teacher.name):  # no model: the served one, as vLLM
+            # no model: the served one, as vLLM
+            if body.get("model") not in (None, teacher.name):
                 unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
                 return self._send(404, _error(unknown, code="model_not_found"))
             self._send(200, route(body))
@@ -1537,7 +1581,9 @@ def dry_run(args, client, examples):
     if args.command == "probabilistic":
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
-    samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
+    # what the student sampled already, if it exists yet (in the pipeline: not before
+    # Tuna_p)
+    samples = {}
     if is_checkpoint(args.student):
         tok = data.Tokenizer(args.tokenizer or args.student)
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
@@ -1626,12 +1672,14 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
-    if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
+    # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False  # rouge_score's absl logging configures the root logger: no second copy there
+        # rouge_score's absl logging configures the root logger: no second copy there
+        log.propagate = False
     try:
         if args.command == "serve":
             return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
@@ -1646,11 +1694,13 @@ def main(argv=None):
         if args.preflight_only:  # writes nothing, so takes no lock
             preflight(args, client_for(None))
             return 0
-        with contextlib.ExitStack() as locks:  # one writer per output, and per cache given apart from it
+        # one writer per output, and per cache given apart from it
+        with contextlib.ExitStack() as locks:
             for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
             client = client_for(cache)
-            if args.command == "contextual":  # the student's files first: a typo is named before any request
+            # the student's files first: a typo is named before any request
+            if args.command == "contextual":
                 tok = data.Tokenizer(args.tokenizer or args.student)
                 if not is_checkpoint(args.student):
                     raise ValueError(f"--student {args.student}: not a checkpoint folder (no config.json or "
@@ -1669,7 +1719,8 @@ def main(argv=None):
                                         batch_size=args.student_batch_size)
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
-    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL
+    # each names its file or URL
+    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:
         parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
     return 0
 
