@@ -229,7 +229,9 @@ def teacher_samples(client, asked, item):
     with n samples but too few distinct ones) only cached answers are read, and with
     retry_failures one new request is paid for an item that would fail: a re-run replays
     exactly the requests of the runs before it."""
-    found, k, fresh = [], 0, asked.retry_failures
+    found = []
+    k = 0
+    fresh = asked.retry_failures
     while True:
         distinct = len({text for text, _, _ in found})
         if len(found) >= asked.n and distinct >= asked.distinct_needed:
@@ -356,7 +358,8 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     stops = tok.stop_ids
     # a long prompt leaves fewer tokens to its answer
     budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]
-    best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    best = [None] * len(prompts)
+    fresh = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
     if batch_size == "auto":
         longest = max(map(len, ids), default=1)
@@ -369,7 +372,8 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
         # the latest round first: its prompts are the nearest to done
         r = max(due, default=0)
         queue = waiting[r] if r else fresh
-        group, queue[:] = queue[:per_batch], queue[per_batch:]
+        group = queue[:per_batch]
+        queue[:] = queue[per_batch:]
         t = round(temperature + 0.1 * r, 6)
         # one generate call per token budget
         for tokens in sorted({budget[i] for i in group}):
@@ -576,7 +580,8 @@ def reference_answer(reply, n):
     head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
     if not head:
         return None, f"no '###Response {n}' in the reply"
-    begin, lowered = head.end(), masked.lower()
+    begin = head.end()
+    lowered = masked.lower()
     key = "rank:" if "rank:" in lowered else "ranking:"
     # the ranking's line is not the answer's (nor a ranking on the answer's line)
     end = lowered.rfind(key)
@@ -646,7 +651,8 @@ def _numbered_steps(masked, head_at, begin, end):
     """The (position, step number) markers after the answer, in the numbering style whose
     step-1 or step-2 marker comes nearest before the answer; None when no style numbers
     steps on both sides of it."""
-    best_at, best = -1, None
+    best_at = -1
+    best = None
     for marker in STEP_MARKERS.values():
         found = sorted((m.start(), k) for k in range(1, 6)
                        for m in re.finditer(marker(k), masked, re.I | re.M))
@@ -655,7 +661,8 @@ def _numbered_steps(masked, head_at, begin, end):
         if not before or before[-1][1] not in (1, 2):
             continue
         if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
-            best_at, best = before[-1][0], after
+            best_at = before[-1][0]
+            best = after
     return best
 
 
@@ -794,12 +801,14 @@ def ask(send, parse, retry_failures):
     seed=k, so each attempt has its own cache entry: a re-run reads all earlier attempts
     from the cache and only with retry_failures pays for one new one. Raises the last
     ReplyError/TeacherError when none parses."""
-    fresh_left, error = retry_failures, None
+    fresh_left = retry_failures
+    error = None
     for attempt in itertools.count():
         params = {"seed": attempt} if attempt else {}
         answer = send(cache_only=attempt > 0, **params)
         if answer is None and fresh_left:
-            answer, fresh_left = send(**params), False
+            answer = send(**params)
+            fresh_left = False
         if answer is None:
             raise error
         try:
@@ -848,12 +857,16 @@ PREFLIGHT_TEXT = "This is a connection check. Reply with OK."
 class TeacherClient:
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
                  max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
-        self.base_url, self.model = base_url.rstrip("/"), model
+        self.base_url = base_url.rstrip("/")
+        self.model = model
         self.api_key_env = api_key_env
         # no key is fine for a local server
         self._api_key = os.environ.get(api_key_env) or None
-        self.timeout, self.max_retries, self.max_workers = timeout, max_retries, max_workers
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_workers = max_workers
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
@@ -863,7 +876,8 @@ class TeacherClient:
                            completion_tokens=0, preflight_requests=0)
         # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
         # would not fit in RAM), or -> the answer itself when there is no cache file
-        self.cache_path, self._cache = cache_path, {}
+        self.cache_path = cache_path
+        self._cache = {}
         # the last line of a killed run may be cut short: its request is sent again
         if cache_path:
             for offset, entry in data.read_jsonl_log(cache_path, log.warning):
@@ -882,7 +896,8 @@ class TeacherClient:
     def post(self, path, body, cache_only=False):
         """The answer (a dict) to POST base_url + path with a JSON body: from the cache,
         else from the server (None if cache_only and not cached)."""
-        url, key = self.base_url + path, self._key(path, body)
+        url = self.base_url + path
+        key = self._key(path, body)
         with self._lock:
             where = self._cache.get(key)
             self.counts["cache_hits"] += where is not None
@@ -1041,7 +1056,8 @@ class TeacherClient:
         """fn over items on a bounded thread pool, results in order; a progress line every
         5% (data.Progress: done/total, rate, failed(result) so far, ETA) with the
         requests, cache hits and tokens so far."""
-        results, progress = [], data.Progress(what, len(items), log.info, detail=self.report)
+        results = []
+        progress = data.Progress(what, len(items), log.info, detail=self.report)
         pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
         try:
             for result in pool.map(fn, items):
@@ -1197,7 +1213,8 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     samples are in the student cache (samples), estimated for the others: each of the n
     candidates counted at student_max_tokens tokens, the most a sample holds (an upper
     bound, up to how the teacher's tokenizer splits the text)."""
-    dry, unknown = DryRun(client, tokenizer_path), 0
+    dry = DryRun(client, tokenizer_path)
+    unknown = 0
     for item_id, _, prompt in _items(examples):
         if item_id in samples:
             candidates = samples[item_id]["candidates"]
@@ -1247,7 +1264,9 @@ def _offsets(pieces, text_end):
     """Character offset of each token (bytes) in a text that ends with them at text_end
     (OpenAI counts from the prompt's start). Counted from the end: sentencepiece drops the
     leading space of a first piece."""
-    decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    starts = []
+    chars = 0
     for piece in pieces:
         starts.append(chars)
         chars += len(decoder.decode(piece))
@@ -1260,7 +1279,10 @@ class LocalTeacher:
     parse and format."""
 
     def __init__(self, model, tokenizer, name, seed=None):
-        self.model, self.tok, self.name, self.seed = model, tokenizer, name, seed
+        self.model = model
+        self.tok = tokenizer
+        self.name = name
+        self.seed = seed
         self.device = model.tok_embeddings.weight.device
         self.lock = threading.Lock()
 
@@ -1302,15 +1324,19 @@ class LocalTeacher:
         choices = []
         for (new, stopped), (logprobs, tops) in zip(outs, scored):
             finish = "stop" if stopped else "length"
-            logprobs, tops = logprobs[len(ids) - 1:], tops[len(ids) - 1:]
+            logprobs = logprobs[len(ids) - 1:]
+            tops = tops[len(ids) - 1:]
             pieces = [self.tok.piece_bytes(t) for t in new]
             text = b"".join(pieces).decode("utf-8", "replace")
             cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
             # the text ends before the stop sequence, and so do the tokens
             if cut >= 0:
                 keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
-                new, logprobs, tops = new[:keep], logprobs[:keep], tops[:keep]
-                text, finish = text[:cut], "stop"
+                new = new[:keep]
+                logprobs = logprobs[:keep]
+                tops = tops[:keep]
+                text = text[:cut]
+                finish = "stop"
             choices.append((new, logprobs, tops, text, finish))
         return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
 
@@ -1350,7 +1376,8 @@ class LocalTeacher:
         sampling = self._sampling(body, 16)  # 16: the OpenAI default
         top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
         echo = _option(body, "echo", (bool,), False)
-        choices, usage = [], dict(prompt_tokens=0, completion_tokens=0)
+        choices = []
+        usage = dict(prompt_tokens=0, completion_tokens=0)
         for p, prompt in enumerate(prompts):
             ids, prompt_logprobs, prompt_tops, outs = self._run(prompt, top_k=top_k or 0, **sampling)
             usage["prompt_tokens"] += len(ids)
@@ -1362,7 +1389,8 @@ class LocalTeacher:
                 if echo:
                     # BOS, or nothing (SmolLM2, GPT-2)
                     start = len(prefix_ids(self.tok))
-                    new, text = ids[start:] + new, prompt + text
+                    new = ids[start:] + new
+                    text = prompt + text
                     logprobs = [None] + prompt_logprobs[start:] + logprobs
                     tops = [None] + prompt_tops[start:] + tops
                 info = None if top_k is None else {
@@ -1389,7 +1417,8 @@ class LocalTeacher:
         if top_k and not want_logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
         ids, _, _, outs = self._run(chat_prompt(messages), top_k=top_k, **sampling)
-        choices, usage = [], dict(prompt_tokens=len(ids), completion_tokens=0)
+        choices = []
+        usage = dict(prompt_tokens=len(ids), completion_tokens=0)
         for j, (new, logprobs, tops, text, finish) in enumerate(outs):
             usage["completion_tokens"] += len(new)
             content = [dict(self._token(t, lp), top_logprobs=[self._token(i, v) for v, i in top])
@@ -1506,7 +1535,9 @@ def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_byt
     api_key: requests must bring it as "Authorization: Bearer KEY" (else 401). Run it with
     serve_forever(), e.g. in a thread."""
     server = _Server((host, port), _Handler)
-    server.teacher, server.api_key, server.max_body_bytes = backend, api_key, max_body_bytes
+    server.teacher = backend
+    server.api_key = api_key
+    server.max_body_bytes = max_body_bytes
     return server
 
 
