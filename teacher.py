@@ -1,20 +1,24 @@
 """Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server.
 
 The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
-1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction, each scored by its
-   mean token log-prob; sorted, best first. Tuna_p trains on them.
-2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher sees them all
-   in one prompt and ranks them (the authors' tuna/src/gpt-eval.py, GroupEval.group_eval). Tuna_c trains
-   on them.
+1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction,
+   each scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
+2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher
+   sees them all in one prompt and ranks them (the authors' tuna/src/gpt-eval.py,
+   GroupEval.group_eval). Tuna_c trains on them.
 Then the plumbing:
-4. What both builders share: the items, a new request for an unparseable reply, the failures file.
-5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
-   `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended
-   to a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts
-   again where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that
-   no request reaches stops the run at once (RunError), as does a run where every item failed.
+4. What both builders share: the items, a new request for an unparseable reply, the
+   failures file.
+5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server
+   (OpenAI, vLLM, llama.cpp, `python teacher.py serve`) with `requests` only. Nothing
+   lost, nothing paid twice: every answer is appended to a JSONL cache keyed by the
+   request's content (path + body, never the API key), so a killed run starts again where
+   it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a
+   server that no request reaches stops the run at once (RunError), as does a run where
+   every item failed.
 6. --dry-run: the requests a run would send, counted and priced, never sent.
-7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the
+   tests and the demo.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
@@ -164,9 +168,10 @@ def probabilistic_record(client, asked, item):
     item_id, ex, prompt = item
     found, requests_made = teacher_samples(client, asked, item)
     scored, finished = distinct_samples(found)
+    url = teacher_url(client, asked.chat)
     if len(scored) < asked.distinct_needed:
-        raise ReplyError(f"{teacher_url(client, asked.chat)}: only {len(scored)} distinct non-empty "
-                         f"sample(s) with log-probs from {requests_made} request(s)")
+        raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with "
+                         f"log-probs from {requests_made} request(s)")
     ranked = sorted(scored.items(), key=by_score, reverse=True)
     original = ex.get("output", "").strip()
     if asked.add_original:
@@ -174,19 +179,21 @@ def probabilistic_record(client, asked, item):
         # the dataset's answer is finished, even where a cut sample equals it
         finished[original] = True
     if len(ranked) < 2:
-        raise ReplyError(f"{teacher_url(client, asked.chat)}: fewer than 2 distinct candidates")
+        raise ReplyError(f"{url}: fewer than 2 distinct candidates")
     texts = [text for text, _ in ranked]
     scores = [score for _, score in ranked]
     has_original = asked.add_original and original in texts
+    original_index = texts.index(original) if has_original else None
+    unfinished = [k for k, text in enumerate(texts) if not finished.get(text, True)]
     source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat,
-              "requests": requests_made,
-              "original_index": texts.index(original) if has_original else None,
-              "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
+              "requests": requests_made, "original_index": original_index,
+              "unfinished": unfinished}
     if asked.add_original == "first":
         source["teacher_scores"] = scores[1:]
         scores = None
     return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+                             instruction=ex["instruction"], input=ex.get("input", ""),
+                             source=source)
 
 
 def by_score(pair):
@@ -362,13 +369,12 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     fresh = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
     if batch_size == "auto":
-        longest = max(map(len, ids), default=1)
-        slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
-        batch_size = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
-        log.info("student: %d rows sample together (--student-batch-size auto)", batch_size)
+        batch_size = student_batch_rows(model, ids, budget)
     per_batch = max(1, batch_size // n)
     while fresh or any(waiting):
-        due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
+        full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
+        last = [r for r in range(1, tries) if waiting[r] and not fresh]
+        due = full + last
         # the latest round first: its prompts are the nearest to done
         r = max(due, default=0)
         queue = waiting[r] if r else fresh
@@ -384,11 +390,11 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
             for k, i in enumerate(batch):
                 mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
                 texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = [scorer.score(a, b)["rougeL"].fmeasure
-                         for a, b in itertools.combinations(texts, 2)] or [0.0]
+                pairs = pairwise_rouge_l(scorer, texts)
                 mean = sum(pairs) / len(pairs)
                 if best[i] is None or mean < best[i]["mean_rouge_l"]:
-                    best[i] = {"candidates": texts, "finished": [finished for _, finished in mine],
+                    finished = [done for _, done in mine]
+                    best[i] = {"candidates": texts, "finished": finished,
                                "temperature": t, "round": r + 1, "mean_rouge_l": mean}
                 if max(pairs) < threshold or r + 1 == tries:
                     if on_done:
@@ -396,6 +402,22 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
                 else:
                     waiting[r + 1].append(i)
     return best
+
+
+def pairwise_rouge_l(scorer, texts):
+    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair)."""
+    pairs = itertools.combinations(texts, 2)
+    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs] or [0.0]
+
+
+def student_batch_rows(model, ids, budget):
+    """Rows that sample together under --student-batch-size auto: as many as fit in the
+    device's free memory (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
+    longest = max(map(len, ids), default=1)
+    slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
+    rows = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
+    log.info("student: %d rows sample together (--student-batch-size auto)", rows)
+    return rows
 
 
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
@@ -417,10 +439,6 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
         if item_id not in cached:
             todo.append((item_id, prompt))
 
-    def row_generator(item_id, row):
-        row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
-        return torch.Generator(device=device).manual_seed(row_seed)
-
     progress = data.Progress("student sampling", len(todo), log.info)
 
     def keep(i, best):
@@ -429,7 +447,7 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
         kept.keep([result[item_id]])
         progress.advance()
 
-    generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
+    generators = [[row_generator(seed, item_id, s, device) for s in range(n)] for item_id, _ in todo]
     sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
                    generators=generators, batch_size=batch_size, on_done=keep)
     others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
@@ -437,6 +455,14 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
         log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
                  cache_path, others)
     return result
+
+
+def row_generator(seed, item_id, row, device):
+    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row):
+    its samples depend on neither batch_size nor where a run was killed."""
+    digest = hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()
+    row_seed = int.from_bytes(digest[:6], "little")
+    return torch.Generator(device=device).manual_seed(row_seed)
 
 
 def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
@@ -477,13 +503,15 @@ def cached_samples(examples, cache_path, settings):
 def is_checkpoint(folder):
     """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
     params.json)."""
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
+    configs = [os.path.join(folder, name) for name in ("config.json", "params.json")]
+    return any(os.path.isfile(config) for config in configs)
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
     """What produces a model's text: its checkpoint (model.checkpoint_identity), its
     tokenizer's sha256."""
-    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
+    checkpoint = checkpoint_identity(checkpoint_dir)
+    return {"checkpoint": checkpoint, "tokenizer": data.file_sha256(tokenizer_path)}
 
 
 # -------------------------------------- 3. contextual ranking: the teacher ranks them in one prompt
@@ -520,8 +548,9 @@ def ranking_messages(prompt, candidates):
 def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
     """(path, params) of the contextual-ranking request for one instruction (the run and
     its dry run)."""
-    return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
-                                     max_tokens=max_tokens)
+    messages = ranking_messages(prompt, candidates)
+    params = dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
+    return "/chat/completions", params
 
 
 def parse_ranking(reply, n):
@@ -538,11 +567,16 @@ def parse_ranking(reply, n):
     listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
     ranks = [int(x) for x in re.findall(r"\d+", listed)]
     bad = [r for r in ranks if r > n]
-    if bad or len(set(ranks)) != len(ranks) or len(ranks) < 2:
-        problem = f"index {bad[0]} out of range 0..{n}" if bad else \
-            "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
-        raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-    return ranks
+    twice = len(set(ranks)) != len(ranks)
+    if bad:
+        problem = f"index {bad[0]} out of range 0..{n}"
+    elif twice:
+        problem = "an index appears twice"
+    elif len(ranks) < 2:
+        problem = f"{len(ranks)} index(es), need 2+"
+    else:
+        return ranks
+    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
 
 
 # How replies number their five steps: the marker of step k at the start of a line, after
@@ -729,11 +763,13 @@ def contextual_item(client, samples, ranking, item):
     item_id, ex, prompt = item
     entry = samples.get(item_id)
     if not entry:
-        return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
+        error = ReplyError("no student candidates")
+        return "failed", _failure("contextual", item, error, client.model)
     candidates = entry["candidates"]
     path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
     send = functools.partial(send_with_seed, client, path, params)
-    parse = functools.partial(parse_ranked_reply, client.base_url + "/chat/completions", candidates, ranking)
+    url = client.base_url + "/chat/completions"
+    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
     try:
         ranked, attempt = ask(send, parse, ranking.retry_failures)
     except RunError:
@@ -778,13 +814,16 @@ def contextual_record(client, item, entry, ranked, attempt):
     kept = ranked.kept
     unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
     sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
-    source = {"kind": "contextual", "teacher": client.model, "ranks": ranked.ranks, "kept_ranks": kept,
+    student = (entry.get("settings") or {}).get("student")
+    source = {"kind": "contextual", "teacher": client.model,
+              "ranks": ranked.ranks, "kept_ranks": kept,
               "raw_reply": ranked.reply, "reference": ranked.reference,
               "reference_problem": ranked.problem, "student_candidates": candidates,
-              "attempt": attempt, "unfinished": unfinished, **sampled,
-              "student": (entry.get("settings") or {}).get("student")}
-    return data.RankedRecord(id=item_id, prompt=prompt, candidates=[ranked.pool[i] for i in kept],
-                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
+    texts = [ranked.pool[i] for i in kept]
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
+                             instruction=ex["instruction"], input=ex.get("input", ""),
+                             source=source)
 
 
 # -------------------------------------------- 4. what both builders share: items, retries, failures
@@ -824,8 +863,10 @@ def is_failure(result):
 
 def _failure(kind, item, error, teacher):
     item_id, ex, prompt = item
-    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
+    raw_reply = getattr(error, "raw", None)
+    return {"id": item_id, "kind": kind,
+            "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": raw_reply,
             "teacher": teacher}
 
 
@@ -835,7 +876,8 @@ def _finish(kind, client, results, out_path, failures_path):
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
     failures_path = failures_path or out_path + ".failures.jsonl"
-    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
+    failure_lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
+    data.write_atomic(failures_path, failure_lines)
     if failures and not records:
         print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
         first = failures[0]
