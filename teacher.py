@@ -962,13 +962,18 @@ class TeacherClient:
         with self._lock:
             for name in ("prompt_tokens", "completion_tokens"):
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
+            # with a cache file, the offset of the answer's line; else the answer itself
+            if self.cache_path:
+                self._cache[key] = data.append_jsonl(self.cache_path, [entry])
+            else:
+                self._cache[key] = answer
         return answer
 
     # the request's content: the URL's path and the body, never the key
     def _key(self, path, body):
         request = [urllib.parse.urlparse(self.base_url + path).path, body]
-        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        content = json.dumps(request, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(content.encode()).hexdigest()
 
     def is_cached(self, path, params):
         """Whether the answer to request(path, params) is in the cache (paid for already);
@@ -988,7 +993,8 @@ class TeacherClient:
         body = {"model": self.model, **asked, "max_tokens": 1, **options}
         fields = ["choices.0.message.content" if chat else "choices.0.text"]
         if options.get("logprobs"):
-            fields.append("choices.0.logprobs.content" if chat else "choices.0.logprobs.token_logprobs")
+            logprobs_field = "content" if chat else "token_logprobs"
+            fields.append(f"choices.0.logprobs.{logprobs_field}")
         if options.get("echo"):
             fields.append("choices.0.logprobs.text_offset")
         # the error names the URL
@@ -1000,10 +1006,13 @@ class TeacherClient:
             for field in fields:
                 get_field(answer, field, self.base_url + path)
         except TeacherError as e:
-            hint = {401: f"; check the key in ${self.api_key_env}" + ("" if self._api_key else " (not set)"),
-                    403: f"; check the key in ${self.api_key_env}",
-                    404: f"; check --base-url, and the model's name (GET {self.base_url}/models lists them)"}
-            hint = hint.get(e.status, "")
+            check_key = f"; check the key in ${self.api_key_env}"
+            not_set = "" if self._api_key else " (not set)"
+            list_models = f"GET {self.base_url}/models lists them"
+            hints = {401: check_key + not_set,
+                     403: check_key,
+                     404: f"; check --base-url, and the model's name ({list_models})"}
+            hint = hints.get(e.status, "")
             if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
                 hint = f": {ECHO_REFUSED}"
             raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
@@ -1092,7 +1101,10 @@ class TeacherClient:
 
     # servers echo keys back in error messages ("Incorrect API key provided: ...")
     def _redact(self, text):
-        return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
+        # a key of 1-3 characters would blank out ordinary text
+        if not self._api_key or len(self._api_key) < 4:
+            return text
+        return text.replace(self._api_key, "***")
 
     def map(self, fn, items, what="teacher requests", failed=lambda result: False):
         """fn over items on a bounded thread pool, results in order; a progress line every
@@ -1112,9 +1124,11 @@ class TeacherClient:
 
     def report(self):
         c = self.counts
-        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache "
-                f"hits {c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} "
-                "completion" + (f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""))
+        requests_line = (f"requests {c['requests']} (retries {c['retries']}, "
+                         f"failed {c['requests_failed']})")
+        tokens = f"tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion"
+        preflight = f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""
+        return f"{requests_line}, cache hits {c['cache_hits']}, {tokens}{preflight}"
 
 
 def _unreached(error):
