@@ -372,11 +372,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
         batch_size = student_batch_rows(model, ids, budget)
     per_batch = max(1, batch_size // n)
     while fresh or any(waiting):
-        full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
-        last = [r for r in range(1, tries) if waiting[r] and not fresh]
-        due = full + last
-        # the latest round first: its prompts are the nearest to done
-        r = max(due, default=0)
+        r = next_round(fresh, waiting, per_batch)
         queue = waiting[r] if r else fresh
         group = queue[:per_batch]
         queue[:] = queue[per_batch:]
@@ -402,6 +398,15 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
                 else:
                     waiting[r + 1].append(i)
     return best
+
+
+def next_round(fresh, waiting, per_batch):
+    """The round to sample next (0: new prompts): the latest round with a full batch due,
+    or any due once no new prompt is left; its prompts are the nearest to done."""
+    tries = len(waiting)
+    full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
+    last = [r for r in range(1, tries) if waiting[r] and not fresh]
+    return max(full + last, default=0)
 
 
 def pairwise_rouge_l(scorer, texts):
