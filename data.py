@@ -1127,3 +1127,28 @@ def rows_option(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a whole number of at least 1")
     return int(text)
+
+
+# ----------------------------------------------------------------------------- generate once and keep it
+
+class KeptLog:
+    """Results generated once and kept in an append-only JSONL log (student samples, eval answers), each
+    line keyed by what made it (the model's identity, the settings, the prompt). keys: {item id: the key
+    it would be made under now}; key_of(line): the key a line was made under, None for a line that is
+    no result. A line made otherwise is never reused: it stays in the file, and its item is made again.
+    kept: {item id: its line} of the items the log holds; made_otherwise: ids held under another key."""
+
+    def __init__(self, path, keys, key_of, skipped=None):
+        self.path = path
+        held = {}
+        for _, line in read_jsonl_log(path, skipped):
+            key = key_of(line)
+            if key is not None and "id" in line:
+                held[line["id"], key] = line
+        self.kept = {item_id: held[item_id, key] for item_id, key in keys.items() if (item_id, key) in held}
+        held_ids = {item_id for item_id, _ in held}
+        self.made_otherwise = held_ids - set(self.kept)
+
+    def keep(self, lines):
+        """Append newly made results as they finish: a kill loses none of them."""
+        append_jsonl(self.path, lines)

@@ -347,23 +347,38 @@ def answers_path(out_dir, name, bench):
     return os.path.join(out_dir, "generations", name, bench + ".jsonl")
 
 
+def answer_key(item, max_new_tokens, producer):
+    """What made an answer: a digest of the producer, the decoding settings and the item's prompt."""
+    decoding = {"decoding": "greedy", "max_new_tokens": max_new_tokens}
+    made_of = json.dumps([producer, decoding, item["prompt"]], sort_keys=True)
+    return hashlib.sha256(made_of.encode()).hexdigest()[:24]
+
+
+def answer_made_by(line):
+    """The key a kept answer was made under (None: the line holds no answer)."""
+    return line.get("made_by") if isinstance(line.get("output"), str) else None
+
+
 def kept_answers(path, items, max_new_tokens, producer):
     """({item id: answer} of the items whose answer the file holds, made as these would be; {item id: its
     key "made_by"}; the ids the file holds answers of made otherwise)."""
-    made = {item["id"]: hashlib.sha256(json.dumps(  # each answer's key, computed once
-        [producer, {"decoding": "greedy", "max_new_tokens": max_new_tokens}, item["prompt"]],
-        sort_keys=True).encode()).hexdigest()[:24] for item in items}
-    kept = {(r["id"], r.get("made_by")): r["output"] for r in read_jsonl(path)
-            if "id" in r and isinstance(r.get("output"), str)}
-    done = {item_id: kept[item_id, key] for item_id, key in made.items() if (item_id, key) in kept}
-    return done, made, {i for i, _ in kept} - set(done)
+    kept, made, done = answer_log(path, items, max_new_tokens, producer)
+    return done, made, kept.made_otherwise
+
+
+def answer_log(path, items, max_new_tokens, producer):
+    """(the answers' data.KeptLog, {item id: its key "made_by"}, {item id: its kept answer})."""
+    made = {item["id"]: answer_key(item, max_new_tokens, producer) for item in items}
+    kept = data.KeptLog(path, made, answer_made_by, problem)
+    done = {item_id: line["output"] for item_id, line in kept.kept.items()}
+    return kept, made, done
 
 
 def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer):
     """generate_answers' work, while it holds the lock on `path`."""
-    done, made, made_otherwise = kept_answers(path, items, max_new_tokens, producer)
+    kept, made, done = answer_log(path, items, max_new_tokens, producer)
     todo = [item for item in items if item["id"] not in done]
-    other = len(made_otherwise & {item["id"] for item in todo})
+    other = len(kept.made_otherwise & {item["id"] for item in todo})
     if other:
         print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
               "max_new_tokens: generating them again", file=sys.stderr)
@@ -396,7 +411,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
             text = tok.decode(teacher.without_stop(tokens, stops)[0]).strip()
             done[todo[i]["id"]] = text
             finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
-        data.append_jsonl(path, finished)
+        kept.keep(finished)
         progress.advance(len(batch))
     return done
 

@@ -1,13 +1,24 @@
-"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server (METHOD.md, 2-3).
+"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server.
 
-1. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp,
-   `python teacher.py serve`) with `requests` only. Nothing lost, nothing paid twice: every answer is appended
-   to a JSONL cache keyed by the request's content (path + body, never the API key), so a killed run starts
-   again where it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a server that
-   no request reaches stops the run at once (RunError), as does a run where every item failed.
-2. The data builders: probabilistic ranking (the teacher's mean token log-prob) and contextual ranking (the
-   student samples, the teacher ranks them with the METHOD.md prompt). Final files are written atomically.
-3. The server: the same endpoints over a model.py checkpoint, for a local teacher, the tests and the demo.
+The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
+1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction,
+   each scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
+2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher
+   sees them all in one prompt and ranks them (the authors' tuna/src/gpt-eval.py,
+   GroupEval.group_eval). Tuna_c trains on them.
+Then the plumbing:
+4. What both builders share: the items, a new request for an unparseable reply, the
+   failures file.
+5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server
+   (OpenAI, vLLM, llama.cpp, `python teacher.py serve`) with `requests` only. Nothing
+   lost, nothing paid twice: every answer is appended to a JSONL cache keyed by the
+   request's content (path + body, never the API key), so a killed run starts again where
+   it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a
+   server that no request reaches stops the run at once (RunError), as does a run where
+   every item failed.
+6. --dry-run: the requests a run would send, counted and priced, never sent.
+7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the
+   tests and the demo.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
@@ -19,7 +30,9 @@ import argparse
 import codecs
 import concurrent.futures
 import contextlib
+import dataclasses
 import email.utils
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -47,8 +60,8 @@ log = logging.getLogger("teacher")
 
 
 class TeacherError(RuntimeError):
-    """A request that failed for good, or an answer without a needed field; names the URL, never the API key.
-    status: the HTTP status of a refused request (4xx), else None."""
+    """A request that failed for good, or an answer without a needed field; names the URL,
+    never the API key. status: the HTTP status of a refused request (4xx), else None."""
 
     def __init__(self, message, status=None):
         super().__init__(message)
@@ -56,41 +69,864 @@ class TeacherError(RuntimeError):
 
 
 class RunError(TeacherError):
-    """A problem of the whole run, not of one item (no request reaches the server, every item failed, the
-    server refuses a feature the run needs): the command stops, says so in one line and exits non-zero."""
+    """A problem of the whole run, not of one item (no request reaches the server, every
+    item failed, the server refuses a feature the run needs): the command stops, says so
+    in one line and exits non-zero."""
 
 
 class ReplyError(ValueError):
-    """An answer that cannot become a training record (an unparseable ranking, say); `raw`: the reply."""
+    """An answer that cannot become a training record (an unparseable ranking, say);
+    `raw`: the reply."""
 
     def __init__(self, message, raw=None):
         super().__init__(message)
         self.raw = raw
 
 
-# ----------------------------------------------------------------------------- 1. the client
+# ----------------------- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
 
-PREFLIGHT_TEXT = "This is a connection check. Reply with OK."  # the pre-flight request's whole prompt
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further
+# requests then ask for one choice each, with seeds 1, 2, ... (each its own cache entry):
+# at most this many requests per sample.
+REQUESTS_PER_SAMPLE = 2
+
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
+                "that scores prompts (vLLM, teacher.py serve)")
+
+
+def probabilistic_request(item, k, n, max_tokens, temperature, chat):
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for
+    n choices, as the authors did; k > 0 for one more, with seed k. The run and its dry
+    run build the same requests."""
+    _, ex, prompt = item
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
+    if chat:  # a chat teacher gets the instruction itself, not our template
+        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
+    return "/completions", dict(prompt=prompt, logprobs=1, **options)
+
+
+def original_request(prompt, output):
+    """(path, params) of the request that scores the dataset's own response
+    (--add-original scored): the training text (data.encode_prompt_response: no separator)
+    echoed with its log-probs, nothing generated."""
+    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
+
+
+def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
+                        chat=False, add_original=None, retry_failures=False):
+    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each
+    scored by its mean token log-prob, best first. Identical samples are kept once (equal
+    texts cannot be ranked against each other), and are not replaced by asking again (that
+    would favour the teacher's less likely answers). A sample cut by max_tokens
+    (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained
+    without EOS. add_original: None; "scored" = the dataset's response scored by the same
+    teacher (echo, /completions only) and sorted in; "first" = placed best (gold), its
+    score unknown (scores null)."""
+    if add_original not in (None, "scored", "first"):
+        raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
+    if add_original == "scored" and chat:
+        raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
+    asked = Asking(n, max_tokens, temperature, chat, add_original, retry_failures)
+    one = functools.partial(probabilistic_item, client, asked)
+    results = client.map(one, _items(examples), "probabilistic ranking", failed=is_failure)
+    return _finish("probabilistic", client, results, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Asking:
+    """How probabilistic ranking asks the teacher (build_probabilistic's arguments)."""
+    n: int
+    max_tokens: int
+    temperature: float
+    chat: bool
+    add_original: object
+    retry_failures: bool
+
+    @property
+    def distinct_needed(self):
+        """Distinct samples an item needs: 2, or 1 when the original answer is the second
+        candidate."""
+        return 1 if self.add_original else 2
+
+
+def probabilistic_item(client, asked, item):
+    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+    try:
+        return "done", probabilistic_record(client, asked, item)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure("probabilistic", item, e, client.model)
+
+
+def probabilistic_record(client, asked, item):
+    """The item's samples, ranked by mean token log-prob, best first (paper, section 2.1)."""
+    item_id, ex, prompt = item
+    found, requests_made = teacher_samples(client, asked, item)
+    scored, finished = distinct_samples(found)
+    url = teacher_url(client, asked.chat)
+    if len(scored) < asked.distinct_needed:
+        raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with "
+                         f"log-probs from {requests_made} request(s)")
+    ranked = sorted(scored.items(), key=by_score, reverse=True)
+    original = ex.get("output", "").strip()
+    if asked.add_original:
+        ranked = with_original(client, asked, ranked, prompt, ex)
+        # the dataset's answer is finished, even where a cut sample equals it
+        finished[original] = True
+    if len(ranked) < 2:
+        raise ReplyError(f"{url}: fewer than 2 distinct candidates")
+    texts = [text for text, _ in ranked]
+    scores = [score for _, score in ranked]
+    has_original = asked.add_original and original in texts
+    original_index = texts.index(original) if has_original else None
+    unfinished = [k for k, text in enumerate(texts) if not finished.get(text, True)]
+    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat,
+              "requests": requests_made, "original_index": original_index,
+              "unfinished": unfinished}
+    if asked.add_original == "first":
+        source["teacher_scores"] = scores[1:]
+        scores = None
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
+                             instruction=ex["instruction"], input=ex.get("input", ""),
+                             source=source)
+
+
+def by_score(pair):
+    """The sort key of a (text, mean log-prob) pair."""
+    return pair[1]
+
+
+def distinct_samples(found):
+    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples:
+    identical texts are kept once (the first one's score), finished if any copy was."""
+    scored, finished = {}, {}
+    for text, score, done in found:
+        scored.setdefault(text, score)
+        finished[text] = finished.get(text, False) or done
+    return scored, finished
+
+
+def with_original(client, asked, ranked, prompt, ex):
+    """The ranking with the dataset's own answer: sorted in by its score ("scored") or
+    placed first ("first", its score unknown)."""
+    original = ex.get("output", "").strip()
+    if not original:
+        raise ReplyError("add_original is set but the example has no output")
+    texts = [text for text, _ in ranked]
+    if asked.add_original == "first":
+        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
+    if original in texts:  # a sample equals it: already scored
+        return ranked
+    scored_original = (original, original_score(client, prompt, ex["output"]))
+    return sorted(ranked + [scored_original], key=by_score, reverse=True)
+
+
+def teacher_url(client, chat):
+    """The URL probabilistic ranking asks, for messages."""
+    return client.base_url + ("/chat/completions" if chat else "/completions")
+
+
+def teacher_samples(client, asked, item):
+    """The item's usable choices and the number of requests they took. Past the bound (or
+    with n samples but too few distinct ones) only cached answers are read, and with
+    retry_failures one new request is paid for an item that would fail: a re-run replays
+    exactly the requests of the runs before it."""
+    found = []
+    k = 0
+    fresh = asked.retry_failures
+    while True:
+        distinct = len({text for text, _, _ in found})
+        if len(found) >= asked.n and distinct >= asked.distinct_needed:
+            return found, k
+        path, params = probabilistic_request(item, k, asked.n, asked.max_tokens,
+                                             asked.temperature, asked.chat)
+        past_bound = len(found) >= asked.n or k >= REQUESTS_PER_SAMPLE * asked.n
+        answer = client.request(path, params, past_bound)
+        if answer is None and fresh and distinct < asked.distinct_needed:
+            answer = client.request(path, params, False)
+            fresh = False
+        if answer is None:
+            return found, k
+        found += usable_choices(answer, teacher_url(client, asked.chat), asked.chat)
+        k += 1
+
+
+def usable_choices(answer, url, chat):
+    """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
+    found = []
+    for i in range(len(get_field(answer, "choices", url))):
+        text, logprobs = choice_logprobs(answer, i, url, chat)
+        if isinstance(text, str) and text.strip() and logprobs:
+            finished = answer["choices"][i].get("finish_reason") != "length"
+            found.append((text.strip(), mean_logprob(logprobs), finished))
+    return found
+
+
+def mean_logprob(logprobs):
+    """An answer's score: its total log-prob over its number of tokens (paper, section
+    2.1)."""
+    return sum(logprobs) / len(logprobs)
+
+
+def choice_logprobs(answer, i, url, chat):
+    """(text, [token log-prob]) of choice i, in the chat or the completions layout."""
+    if chat:
+        text = get_field(answer, f"choices.{i}.message.content", url)
+        tokens = get_field(answer, f"choices.{i}.logprobs.content", url)
+    else:
+        text = get_field(answer, f"choices.{i}.text", url)
+        tokens = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
+    try:
+        values = [t["logprob"] for t in tokens] if chat else list(tokens)
+        return text, [float(value) for value in values if value is not None]
+    except (TypeError, KeyError, ValueError):
+        raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
+
+
+def original_score(client, prompt, output):
+    """The mean token log-prob of the dataset's own response, echoed by the teacher after
+    the prompt."""
+    url = client.base_url + "/completions"
+    # as the training text (data.encode_prompt_response): no separator
+    full = prompt + output
+    try:
+        answer = client.request(*original_request(prompt, output))
+    # a property of the server, not of this item: stop before paying for more
+    except TeacherError as e:
+        if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
+            raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+        raise
+    offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
+    logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
+    # a token holding any response character is the response's, as in
+    # data.encode_prompt_response
+    try:
+        ends = list(offsets[1:]) + [len(full)]
+        picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
+                  if end > len(prompt) and at < len(full) and lp is not None]
+    except (TypeError, ValueError):
+        raise ReplyError(f"{url}: malformed echo log-probs") from None
+    if not picked:
+        raise ReplyError(f"{url}: no log-probs for the original response's tokens")
+    return mean_logprob(picked)
+
+
+# ------------------------------------- 2. contextual ranking: the student samples n diverse answers
+
+def prefix_ids(tok):
+    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's
+    tokenizer adds nothing (SmolLM2, GPT-2)."""
+    return tok.encode("", bos=True)
+
+
+def without_stop(tokens, stops):
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of
+    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
+    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
+    (data.encode_prompt_response); generate stops at the first one, so it can only be the
+    last token."""
+    finished = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if finished else tokens), finished
+
+
+# Rows sampled together where batch_size is "auto" and the device reports no free memory
+# (a CPU): a CPU's decode step costs in proportion to its rows, so more buys little there.
+STUDENT_BATCH_ROWS = 64
+
+
+def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                   generators=None, batch_size="auto", on_done=None):
+    """For each prompt, n student responses with the diversity rule (paper, section 2.2):
+    while some pair has ROUGE-L F1 >= threshold, sample again at temperature + 0.1,
+    `tries` rounds in all; keep the round with the lowest mean pairwise ROUGE-L. ROUGE-L
+    with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True). Each result:
+    candidates, finished (which ended in one of tok.stop_ids; the others hit
+    max_new_tokens), temperature, round, mean_rouge_l.
+
+    The prompts are sampled together, shortest first, in model.generate calls of at most
+    batch_size rows (n per prompt; a row leaves the batch when it ends): on a GPU a decode
+    step costs about the same for 4 rows as for 128. "auto": the rows whose KV caches fit
+    the device's free memory (model.auto_batch_rows; on a CPU, STUDENT_BATCH_ROWS). A
+    prompt that must be sampled again waits until a full batch of prompts needs the same
+    round (or no new prompt is left), so retries fill batches too. generators: None
+    (torch's default), or per prompt a list of n torch.Generators, one per row: a row's
+    draws then depend only on its own generator, so a prompt's result does not depend on
+    which prompts share its batch. on_done(i, result) is called as soon as prompt i's
+    result is final (sample_candidates caches it there); returns the results in prompt
+    order."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    ids = [tok.encode(prompt, bos=True) for prompt in prompts]
+    stops = tok.stop_ids
+    # a long prompt leaves fewer tokens to its answer
+    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]
+    best = [None] * len(prompts)
+    fresh = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
+    if batch_size == "auto":
+        batch_size = student_batch_rows(model, ids, budget)
+    per_batch = max(1, batch_size // n)
+    while fresh or any(waiting):
+        r = next_round(fresh, waiting, per_batch)
+        queue = waiting[r] if r else fresh
+        group = queue[:per_batch]
+        queue[:] = queue[per_batch:]
+        t = round(temperature + 0.1 * r, 6)
+        # one generate call per token budget
+        for tokens in sorted({budget[i] for i in group}):
+            batch = [i for i in group if budget[i] == tokens]
+            rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
+            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
+                               generator=rows, num_samples=n, batch_size=len(batch) * n)
+            for k, i in enumerate(batch):
+                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
+                texts = [tok.decode(answer).strip() for answer, _ in mine]
+                pairs = pairwise_rouge_l(scorer, texts)
+                mean = sum(pairs) / len(pairs)
+                if best[i] is None or mean < best[i]["mean_rouge_l"]:
+                    finished = [done for _, done in mine]
+                    best[i] = {"candidates": texts, "finished": finished,
+                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
+                if max(pairs) < threshold or r + 1 == tries:
+                    if on_done:
+                        on_done(i, best[i])
+                else:
+                    waiting[r + 1].append(i)
+    return best
+
+
+def next_round(fresh, waiting, per_batch):
+    """The round to sample next (0: new prompts): the latest round with a full batch due,
+    or any due once no new prompt is left; its prompts are the nearest to done."""
+    tries = len(waiting)
+    full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
+    last = [r for r in range(1, tries) if waiting[r] and not fresh]
+    return max(full + last, default=0)
+
+
+def pairwise_rouge_l(scorer, texts):
+    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair)."""
+    pairs = itertools.combinations(texts, 2)
+    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs] or [0.0]
+
+
+def student_batch_rows(model, ids, budget):
+    """Rows that sample together under --student-batch-size auto: as many as fit in the
+    device's free memory (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
+    longest = max(map(len, ids), default=1)
+    slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
+    rows = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
+    log.info("student: %d rows sample together (--student-batch-size auto)", rows)
+    return rows
+
+
+def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
+                      seed=0, *, student, batch_size="auto"):
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time.
+    Each finished item is appended to cache_path (JSONL) and read back on a re-run with
+    the same prompt, settings and student (its identity: producer_identity), so a killed
+    run does not sample again and another checkpoint never reuses them. Row s of an item
+    draws from its own generator seeded from (seed, item id, s): an item's samples do not
+    depend on where a run was killed nor on batch_size."""
+    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
+    kept = student_log(examples, cache_path, settings)
+    cached = kept.kept
+    device = model.tok_embeddings.weight.device
+    result, todo = {}, []
+    # the result follows the examples' order
+    for item_id, _, prompt in _items(examples):
+        result[item_id] = cached.get(item_id)
+        if item_id not in cached:
+            todo.append((item_id, prompt))
+
+    progress = data.Progress("student sampling", len(todo), log.info)
+
+    def keep(i, best):
+        item_id, prompt = todo[i]
+        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
+        kept.keep([result[item_id]])
+        progress.advance()
+
+    generators = [[row_generator(seed, item_id, s, device) for s in range(n)] for item_id, _ in todo]
+    sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
+                   generators=generators, batch_size=batch_size, on_done=keep)
+    others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
+    if others:
+        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
+                 cache_path, others)
+    return result
+
+
+def row_generator(seed, item_id, row, device):
+    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row):
+    its samples depend on neither batch_size nor where a run was killed."""
+    digest = hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()
+    row_seed = int.from_bytes(digest[:6], "little")
+    return torch.Generator(device=device).manual_seed(row_seed)
+
+
+def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
+    """What makes a student's samples what they are: a cached sample is used only under
+    the same settings."""
+    return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
+                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
+
+
+def sample_key(settings, prompt):
+    """What made a student's samples: its settings (sample_settings) and the prompt."""
+    return json.dumps([settings, prompt], sort_keys=True)
+
+
+def sample_made_by(entry):
+    """The key a cached sample was made under (None: the line holds no sample)."""
+    settings = entry.get("settings")
+    return sample_key(settings, entry.get("prompt")) if isinstance(settings, dict) else None
+
+
+def student_log(examples, cache_path, settings):
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and
+    settings."""
+    keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
+    return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
+
+
+def cached_samples(examples, cache_path, settings):
+    """({id: cached entry} of the examples whose samples cache_path holds for the same
+    prompt and settings, the number of the other examples it holds samples of, for another
+    student, prompt or settings)."""
+    kept = student_log(examples, cache_path, settings)
+    ids = [item_id for item_id, _, _ in _items(examples)]
+    others = sum(item_id in kept.made_otherwise for item_id in ids)
+    return kept.kept, others
+
+
+def is_checkpoint(folder):
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
+    params.json)."""
+    configs = [os.path.join(folder, name) for name in ("config.json", "params.json")]
+    return any(os.path.isfile(config) for config in configs)
+
+
+def producer_identity(checkpoint_dir, tokenizer_path):
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its
+    tokenizer's sha256."""
+    checkpoint = checkpoint_identity(checkpoint_dir)
+    return {"checkpoint": checkpoint, "tokenizer": data.file_sha256(tokenizer_path)}
+
+
+# -------------------------------------- 3. contextual ranking: the teacher ranks them in one prompt
+
+RANKING_SYSTEM = "You are a professional, experienced data annotator."
+
+
+def ranking_messages(prompt, candidates):
+    """The contextual-ranking request (paper, section 2.2; the authors' prompt in
+    tuna/src/gpt-eval.py, GroupEval.group_eval); index len(candidates) is the teacher's
+    own reference answer. The format example shows placeholders, as the authors' prompt
+    does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest
+    an answer."""
+    n = len(candidates)
+    if n > 17:
+        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
+    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
+    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
+            f"Follow these steps:\n"
+            f"(1) Say whether the instruction is open-ended or close-ended.\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with "
+            f"\"###Response {n}:\".\n"
+            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
+            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
+            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
+            f"[sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
+            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
+    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
+    """(path, params) of the contextual-ranking request for one instruction (the run and
+    its dry run)."""
+    messages = ranking_messages(prompt, candidates)
+    params = dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
+    return "/chat/completions", params
+
+
+def parse_ranking(reply, n):
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own
+    answer (index n). As the authors: lowercase, the text after the last "rank:" (else
+    "ranking:"), integers in order. Unlike them, only the integers inside the [...] list
+    (or on that line) are read, and each index must be in 0..n at most once, so stray
+    digits become a ReplyError instead of training data."""
+    text = reply.lower()
+    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
+    if key is None:
+        raise ReplyError("no 'rank:' in the reply", reply)
+    tail = text.rsplit(key, 1)[1].lstrip()
+    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
+    ranks = [int(x) for x in re.findall(r"\d+", listed)]
+    bad = [r for r in ranks if r > n]
+    twice = len(set(ranks)) != len(ranks)
+    if bad:
+        problem = f"index {bad[0]} out of range 0..{n}"
+    elif twice:
+        problem = "an index appears twice"
+    elif len(ranks) < 2:
+        problem = f"{len(ranks)} index(es), need 2+"
+    else:
+        return ranks
+    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
+
+
+# How replies number their five steps: the marker of step k at the start of a line, after
+# markdown ("**", "#", ">", "-"); "(k)" also inside a line, as the prompt itself writes
+# them. Ordinals as in the authors' prompt ("First, ... Second, ... Last, ...").
+_LINE = r"^[ \t>*#_-]*"
+_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
+             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
+STEP_MARKERS = {
+    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
+    "k)": lambda k: rf"{_LINE}{k}\)",
+    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
+    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
+    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
+}
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside
+# the answer.
+STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
+               4: r"scor|rat(?:e|ing)", 5: r"rank"}
+# "## Duplicates", "**Duplicates:** none"
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
+
+
+def reference_answer(reply, n):
+    """(the teacher's reference answer, None) or (None, why there is none): the text after
+    "###Response n" up to where the reply's next step begins, in the numbering style the
+    reply uses for its steps (found from the marker just before the answer: "(2)", "2.",
+    "2)", "**Step 2:**", "Second," or a heading), and never past the ranking. A list
+    inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank).
+    When the end cannot be told unambiguously, there is no reference (the ranking is still
+    usable without it)."""
+    # code blocks hold no step markers
+    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
+    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
+    if not head:
+        return None, f"no '###Response {n}' in the reply"
+    begin = head.end()
+    lowered = masked.lower()
+    key = "rank:" if "rank:" in lowered else "ranking:"
+    # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    end = lowered.rfind(key)
+    line_start = masked.rfind("\n", 0, end) + 1
+    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
+    cut, problem = _step_after_reference(masked, head.start(), begin, end)
+    if problem:
+        return None, problem
+    # a closing rule
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
+    return (text, None) if text else (None, "the reference answer is empty")
+
+
+def _blanked(match):
+    """A match's text as spaces, its line breaks kept: positions stay where they were."""
+    return re.sub(r"[^\n]", " ", match.group())
+
+
+def _line_end(text, at):
+    """Where the line holding position `at` ends (the text's end for the last line)."""
+    end = text.find("\n", at)
+    return len(text) if end < 0 else end
+
+
+def _heading_level(match):
+    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every
+    heading."""
+    heading = match.group().strip()
+    return len(heading) - len(heading.lstrip("#")) or 7
+
+
+def _step_before(after, at):
+    """The number of the last step marker before position `at` (0: none)."""
+    earlier = [(q, k) for q, k in after if q < at]
+    return max(earlier, default=(0, 0))[1]
+
+
+def _step_after_reference(masked, head_at, begin, end):
+    """(where the step after the reference answer begins, None), or (None, why it cannot
+    be told)."""
+    after = _numbered_steps(masked, head_at, begin, end)
+    if after is None:
+        return _step_by_headings(masked, head_at, begin, end)
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        # a marker that continues a numbering begun inside the answer is an item of a list
+        fresh = [at for at in places if _step_before(after, at) != step - 1]
+        topical = [at for at in places if _names_topic(masked, at, step)]
+        both = [at for at in fresh if at in topical]
+        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
+        if len(chosen) == 1:
+            return chosen[0], None
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
+                      f"could begin step {step}")
+    return end, None
+
+
+def _names_topic(masked, at, step):
+    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
+    line = masked[at:_line_end(masked, at)]
+    return re.search(STEP_TOPICS[step], line, re.I) is not None
+
+
+def _numbered_steps(masked, head_at, begin, end):
+    """The (position, step number) markers after the answer, in the numbering style whose
+    step-1 or step-2 marker comes nearest before the answer; None when no style numbers
+    steps on both sides of it."""
+    best_at = -1
+    best = None
+    for marker in STEP_MARKERS.values():
+        found = sorted((m.start(), k) for k in range(1, 6)
+                       for m in re.finditer(marker(k), masked, re.I | re.M))
+        before = [(at, k) for at, k in found if at < head_at]
+        after = [(at, k) for at, k in found if begin <= at < end]
+        if not before or before[-1][1] not in (1, 2):
+            continue
+        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
+            best_at = before[-1][0]
+            best = after
+    return best
+
+
+def _step_by_headings(masked, head_at, begin, end):
+    """Where a reply that marks its steps with headings ("## Duplicates") begins the next
+    one: the first heading after the answer, at its heading's level or above, that names a
+    later step's topic."""
+    headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                if not re.search(r"response\s*\d", m.group(), re.I)]
+    before = [m for m in headings if m.start() < head_at]
+    top = _heading_level(before[-1]) if before else 0
+    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
+    topics = "|".join(STEP_TOPICS.values())
+    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+    if named:
+        return named[0], None
+    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
+    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
+        return None, "no step markers after the reference answer to tell where it ends"
+    return end, None  # nothing but the answer up to the ranking
+
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
+    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
+    "finished" defaults to all) in one chat request per instruction, at the authors'
+    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
+    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
+    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
+    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
+    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
+    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
+    (finish_reason "length") is a failure: its ranking may be incomplete."""
+    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
+    one = functools.partial(contextual_item, client, samples, ranking)
+    results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
+    return _finish("contextual", client, results, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How contextual ranking asks the teacher (build_contextual's arguments)."""
+    keep_reference: bool
+    retry_failures: bool
+    temperature: float
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedReply:
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
+    there is none), the indices kept for training, best first, and the texts they index
+    (candidates, then the reference)."""
+    reply: str
+    ranks: list
+    reference: object
+    problem: object
+    kept: list
+    pool: list
+
+
+def contextual_item(client, samples, ranking, item):
+    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+    item_id, ex, prompt = item
+    entry = samples.get(item_id)
+    if not entry:
+        error = ReplyError("no student candidates")
+        return "failed", _failure("contextual", item, error, client.model)
+    candidates = entry["candidates"]
+    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
+    send = functools.partial(send_with_seed, client, path, params)
+    url = client.base_url + "/chat/completions"
+    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
+    try:
+        ranked, attempt = ask(send, parse, ranking.retry_failures)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure("contextual", item, e, client.model)
+    record = contextual_record(client, item, entry, ranked, attempt)
+    return "done", record
+
+
+def send_with_seed(client, path, params, cache_only=False, **seed):
+    """One request of `ask`: seed, when given, makes a retry its own request (and cache
+    entry)."""
+    return client.request(path, dict(params, **seed), cache_only)
+
+
+def parse_ranked_reply(url, candidates, ranking, answer):
+    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
+    reply = str(get_field(answer, "choices.0.message.content", url))
+    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
+                         "so its ranking may be incomplete", reply)
+    ranks = parse_ranking(reply, len(candidates))
+    reference, problem = reference_answer(reply, len(candidates))
+    pool = candidates + [reference if ranking.keep_reference else None]
+    kept = []
+    # an empty text or a copy of a better-ranked one cannot be ranked against it
+    for i in ranks:
+        if pool[i] and pool[i] not in [pool[k] for k in kept]:
+            kept.append(i)
+    if len(kept) < 2:
+        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+    return RankedReply(reply, ranks, reference, problem, kept, pool)
+
+
+def contextual_record(client, item, entry, ranked, attempt):
+    """The training record of one ranked item; its source keeps the whole reply and the
+    student's samples."""
+    item_id, ex, prompt = item
+    candidates = entry["candidates"]
+    finished = entry.get("finished") or [True] * len(candidates)
+    kept = ranked.kept
+    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
+    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
+    student = (entry.get("settings") or {}).get("student")
+    source = {"kind": "contextual", "teacher": client.model,
+              "ranks": ranked.ranks, "kept_ranks": kept,
+              "raw_reply": ranked.reply, "reference": ranked.reference,
+              "reference_problem": ranked.problem, "student_candidates": candidates,
+              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
+    texts = [ranked.pool[i] for i in kept]
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
+                             instruction=ex["instruction"], input=ex.get("input", ""),
+                             source=source)
+
+
+# -------------------------------------------- 4. what both builders share: items, retries, failures
+
+def _items(examples):
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its
+    position."""
+    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
+            for i, ex in enumerate(examples)]
+
+
+def ask(send, parse, retry_failures):
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends
+    seed=k, so each attempt has its own cache entry: a re-run reads all earlier attempts
+    from the cache and only with retry_failures pays for one new one. Raises the last
+    ReplyError/TeacherError when none parses."""
+    fresh_left = retry_failures
+    error = None
+    for attempt in itertools.count():
+        params = {"seed": attempt} if attempt else {}
+        answer = send(cache_only=attempt > 0, **params)
+        if answer is None and fresh_left:
+            answer = send(**params)
+            fresh_left = False
+        if answer is None:
+            raise error
+        try:
+            return parse(answer), attempt
+        except (ReplyError, TeacherError) as e:
+            error = e
+
+
+def is_failure(result):
+    """Whether a builder's result for one item is ("failed", why)."""
+    return result[0] == "failed"
+
+
+def _failure(kind, item, error, teacher):
+    item_id, ex, prompt = item
+    raw_reply = getattr(error, "raw", None)
+    return {"id": item_id, "kind": kind,
+            "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": raw_reply,
+            "teacher": teacher}
+
+
+def _finish(kind, client, results, out_path, failures_path):
+    """Write the records and the failures. A run where every item failed is an error, and
+    replaces no OUT."""
+    records = [r for status, r in results if status == "done"]
+    failures = [r for status, r in results if status == "failed"]
+    failures_path = failures_path or out_path + ".failures.jsonl"
+    failure_lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
+    data.write_atomic(failures_path, failure_lines)
+    if failures and not records:
+        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
+                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
+                       f"{failures_path}")
+    data.write_ranked_jsonl(out_path, records)
+    counts = dict(done=len(records), failed=len(failures), **client.counts)
+    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
+    return counts
+
+
+# ------------------------------------------------------------------------------- 5. the HTTP client
+
+# the pre-flight request's whole prompt
+PREFLIGHT_TEXT = "This is a connection check. Reply with OK."
 
 
 class TeacherClient:
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
                  max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
-        self.base_url, self.model = base_url.rstrip("/"), model
+        self.base_url = base_url.rstrip("/")
+        self.model = model
         self.api_key_env = api_key_env
-        self._api_key = os.environ.get(api_key_env) or None  # no key is fine for a local server
-        self.timeout, self.max_retries, self.max_workers = timeout, max_retries, max_workers
-        self.backoff, self.max_backoff = backoff, max_backoff
+        # no key is fine for a local server
+        self._api_key = os.environ.get(api_key_env) or None
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_workers = max_workers
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_slot = 0.0
         self._lock = threading.Lock()
-        self._reached, self._stopped = False, None  # any HTTP answer yet; the RunError that stops all threads
+        # any HTTP answer yet; the RunError that stops all threads
+        self._reached, self._stopped = False, None
         self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
                            completion_tokens=0, preflight_requests=0)
-        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them would not fit in
-        # RAM), or -> the answer itself when there is no cache file
-        self.cache_path, self._cache = cache_path, {}
-        if cache_path:  # the last line of a killed run may be cut short: its request is sent again
+        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
+        # would not fit in RAM), or -> the answer itself when there is no cache file
+        self.cache_path = cache_path
+        self._cache = {}
+        # the last line of a killed run may be cut short: its request is sent again
+        if cache_path:
             for offset, entry in data.read_jsonl_log(cache_path, log.warning):
                 self._cache[entry.get("key")] = offset
 
@@ -105,9 +941,10 @@ class TeacherClient:
         return self.post(path, {"model": self.model, **params}, cache_only)
 
     def post(self, path, body, cache_only=False):
-        """The answer (a dict) to POST base_url + path with a JSON body: from the cache, else from the server
-        (None if cache_only and not cached)."""
-        url, key = self.base_url + path, self._key(path, body)
+        """The answer (a dict) to POST base_url + path with a JSON body: from the cache,
+        else from the server (None if cache_only and not cached)."""
+        url = self.base_url + path
+        key = self._key(path, body)
         with self._lock:
             where = self._cache.get(key)
             self.counts["cache_hits"] += where is not None
@@ -123,49 +960,64 @@ class TeacherClient:
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         entry = {"key": key, "path": path, "request": body, "response": answer}
         line = json.dumps(entry, ensure_ascii=False)
-        if self._redact(line) != line:  # the server put the key into its answer: keep it out of every file
+        # the server put the key into its answer: keep it out of every file
+        if self._redact(line) != line:
             entry = json.loads(self._redact(line))
             answer = entry["response"]
         with self._lock:
             for name in ("prompt_tokens", "completion_tokens"):
                 self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            self._cache[key] = data.append_jsonl(self.cache_path, [entry]) if self.cache_path else answer
+            # with a cache file, the offset of the answer's line; else the answer itself
+            if self.cache_path:
+                self._cache[key] = data.append_jsonl(self.cache_path, [entry])
+            else:
+                self._cache[key] = answer
         return answer
 
-    def _key(self, path, body):  # the request's content: the URL's path and the body, never the key
+    # the request's content: the URL's path and the body, never the key
+    def _key(self, path, body):
         request = [urllib.parse.urlparse(self.base_url + path).path, body]
-        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        content = json.dumps(request, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(content.encode()).hexdigest()
 
     def is_cached(self, path, params):
-        """Whether the answer to request(path, params) is in the cache (paid for already); sends nothing."""
+        """Whether the answer to request(path, params) is in the cache (paid for already);
+        sends nothing."""
         with self._lock:
             return self._key(path, {"model": self.model, **params}) in self._cache
 
     def check(self, chat, **options):
-        """The pre-flight request: one answer of 1 token from the endpoint the run needs (chat or
-        completions), with the options it needs (logprobs, echo), before any long or paid work. Not cached.
-        An unreachable server, a refused key, an unknown model or option, or an answer without the fields
-        the run reads stop the run (RunError naming the URL and the model)."""
+        """The pre-flight request: one answer of 1 token from the endpoint the run needs
+        (chat or completions), with the options it needs (logprobs, echo), before any long
+        or paid work. Not cached. An unreachable server, a refused key, an unknown model
+        or option, or an answer without the fields the run reads stop the run (RunError
+        naming the URL and the model)."""
         path = "/chat/completions" if chat else "/completions"
         message = {"role": "user", "content": PREFLIGHT_TEXT}
         asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
         body = {"model": self.model, **asked, "max_tokens": 1, **options}
         fields = ["choices.0.message.content" if chat else "choices.0.text"]
         if options.get("logprobs"):
-            fields.append("choices.0.logprobs.content" if chat else "choices.0.logprobs.token_logprobs")
+            logprobs_field = "content" if chat else "token_logprobs"
+            fields.append(f"choices.0.logprobs.{logprobs_field}")
         if options.get("echo"):
             fields.append("choices.0.logprobs.text_offset")
-        where = f"pre-flight check of model '{self.model}'"  # the error names the URL
+        # the error names the URL
+        where = f"pre-flight check of model '{self.model}'"
         sent_before = self.counts["requests"]
         try:
-            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))  # a check, not a wait
+            # a check, not a wait
+            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))
             for field in fields:
                 get_field(answer, field, self.base_url + path)
         except TeacherError as e:
-            hint = {401: f"; check the key in ${self.api_key_env}" + ("" if self._api_key else " (not set)"),
-                    403: f"; check the key in ${self.api_key_env}",
-                    404: f"; check --base-url, and the model's name (GET {self.base_url}/models lists them)"}
-            hint = hint.get(e.status, "")
+            check_key = f"; check the key in ${self.api_key_env}"
+            not_set = "" if self._api_key else " (not set)"
+            list_models = f"GET {self.base_url}/models lists them"
+            hints = {401: check_key + not_set,
+                     403: check_key,
+                     404: f"; check --base-url, and the model's name ({list_models})"}
+            hint = hints.get(e.status, "")
             if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
                 hint = f": {ECHO_REFUSED}"
             raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
@@ -178,7 +1030,8 @@ class TeacherClient:
         max_retries = self.max_retries if max_retries is None else max_retries
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         for attempt in range(max_retries + 1):
-            if self._stopped:  # another thread found that no request can reach the server
+            # another thread found that no request can reach the server
+            if self._stopped:
                 raise self._stopped
             self._wait_for_rate_limit()
             with self._lock:
@@ -190,7 +1043,8 @@ class TeacherClient:
                     requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 unreached = _unreached(e) if not self._reached else None
-                if unreached and not unreached.startswith("connection"):  # unknown host, TLS: no retry helps
+                # unknown host, TLS: no retry helps
+                if unreached and not unreached.startswith("connection"):
                     break
             else:
                 self._reached = True
@@ -200,19 +1054,23 @@ class TeacherClient:
                         if isinstance(answer, dict):
                             return answer
                         problem = f"answer is JSON {type(answer).__name__}, not an object"
-                    except ValueError:  # a cut-short body: usually a proxy or network glitch, so retried
+                    # a cut-short body: usually a proxy or network glitch, so retried
+                    except ValueError:
                         problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
                 elif reply.status_code == 429 or reply.status_code >= 500:
                     problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
                     retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
-                else:  # other 4xx: the request itself is wrong, asking again cannot help
+                # other 4xx: the request itself is wrong, asking again cannot help
+                else:
                     self._count_failure()
                     message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
                     raise TeacherError(self._redact(message), reply.status_code)
             if attempt == max_retries:
                 break
-            delay = retry_after if retry_after is not None else \
-                min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter
+            # exponential back-off with jitter, unless the server said how long to wait
+            backoff = min(self.max_backoff, self.backoff * 2 ** attempt)
+            jittered = backoff * random.uniform(0.5, 1.5)
+            delay = retry_after if retry_after is not None else jittered
             with self._lock:
                 self.counts["retries"] += 1
             log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
@@ -226,7 +1084,8 @@ class TeacherClient:
                                         f"{problem}"))
 
     def stop(self, error):
-        """Make every later request of every thread raise `error` (a RunError), as the caller does."""
+        """Make every later request of every thread raise `error` (a RunError), as the
+        caller does."""
         with self._lock:
             self._stopped = self._stopped or error
         return self._stopped
@@ -238,37 +1097,48 @@ class TeacherClient:
     def _wait_for_rate_limit(self):
         if not self._interval:
             return
-        with self._lock:  # each request takes the next free slot, interval seconds after the previous one
+        # each request takes the next free slot, interval seconds after the previous one
+        with self._lock:
             now = time.monotonic()
             start = self._next_slot = max(now, self._next_slot)
             self._next_slot += self._interval
         time.sleep(start - now)
 
-    def _redact(self, text):  # servers echo keys back in error messages ("Incorrect API key provided: ...")
-        return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) >= 4 else text
+    # servers echo keys back in error messages ("Incorrect API key provided: ...")
+    def _redact(self, text):
+        # a key of 1-3 characters would blank out ordinary text
+        if not self._api_key or len(self._api_key) < 4:
+            return text
+        return text.replace(self._api_key, "***")
 
     def map(self, fn, items, what="teacher requests", failed=lambda result: False):
-        """fn over items on a bounded thread pool, results in order; a progress line every 5% (data.Progress:
-        done/total, rate, failed(result) so far, ETA) with the requests, cache hits and tokens so far."""
-        results, progress = [], data.Progress(what, len(items), log.info, detail=self.report)
+        """fn over items on a bounded thread pool, results in order; a progress line every
+        5% (data.Progress: done/total, rate, failed(result) so far, ETA) with the
+        requests, cache hits and tokens so far."""
+        results = []
+        progress = data.Progress(what, len(items), log.info, detail=self.report)
         pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
         try:
             for result in pool.map(fn, items):
                 results.append(result)
                 progress.advance(failed=int(bool(failed(result))))
-        finally:  # on Ctrl-C, drop the queued items instead of waiting for all of them
+        # on Ctrl-C, drop the queued items instead of waiting for all of them
+        finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return results
 
     def report(self):
         c = self.counts
-        return (f"requests {c['requests']} (retries {c['retries']}, failed {c['requests_failed']}), cache "
-                f"hits {c['cache_hits']}, tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} "
-                "completion" + (f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""))
+        requests_line = (f"requests {c['requests']} (retries {c['retries']}, "
+                         f"failed {c['requests_failed']})")
+        tokens = f"tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion"
+        preflight = f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""
+        return f"{requests_line}, cache hits {c['cache_hits']}, {tokens}{preflight}"
 
 
 def _unreached(error):
-    """How a request failed to reach the server at all (None: it reached it, e.g. a read timeout)."""
+    """How a request failed to reach the server at all (None: it reached it, e.g. a read
+    timeout)."""
     if isinstance(error, requests.exceptions.SSLError):
         return f"TLS failure ({_one_line(str(error))[-160:]})"
     if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.ReadTimeout):
@@ -309,7 +1179,8 @@ def _retry_after_seconds(value):
 
 
 def get_field(answer, dotted, url):
-    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError naming URL and field."""
+    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError
+    naming URL and field."""
     value = answer
     for key in dotted.split("."):
         try:
@@ -319,555 +1190,12 @@ def get_field(answer, dotted, url):
     return value
 
 
-# ----------------------------------------------------------------------------- 2. the data builders
-
-def _items(examples):
-    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
-    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
-            for i, ex in enumerate(examples)]
-
-
-def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
-    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
-    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
-    fresh_left, error = retry_failures, None
-    for attempt in itertools.count():
-        params = {"seed": attempt} if attempt else {}
-        answer = send(cache_only=attempt > 0, **params)
-        if answer is None and fresh_left:
-            answer, fresh_left = send(**params), False
-        if answer is None:
-            raise error
-        try:
-            return parse(answer), attempt
-        except (ReplyError, TeacherError) as e:
-            error = e
-
-
-def _failure(kind, item, error, teacher):
-    item_id, ex, prompt = item
-    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
-            "teacher": teacher}
-
-
-def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
-    records = [r for status, r in results if status == "done"]
-    failures = [r for status, r in results if status == "failed"]
-    failures_path = failures_path or out_path + ".failures.jsonl"
-    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
-    if failures and not records:
-        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
-        first = failures[0]
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
-                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
-                       f"{failures_path}")
-    data.write_ranked_jsonl(out_path, records)
-    counts = dict(done=len(records), failed=len(failures), **client.counts)
-    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
-    return counts
-
-
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
-# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
-REQUESTS_PER_SAMPLE = 2
-
-ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
-                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
-                "that scores prompts (vLLM, teacher.py serve)")
-
-
-def probabilistic_request(item, k, n, max_tokens, temperature, chat):
-    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
-    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
-    _, ex, prompt = item
-    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
-    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
-    if chat:  # a chat teacher gets the instruction itself, not our template
-        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        messages = [{"role": "user", "content": user}]
-        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
-    return "/completions", dict(prompt=prompt, logprobs=1, **options)
-
-
-def original_request(prompt, output):
-    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
-    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
-    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
-
-
-def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
-                        chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (METHOD.md, Pipeline 2): n teacher samples per instruction, each scored by its
-    mean token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against
-    each other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
-    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
-    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
-    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
-    if add_original not in (None, "scored", "first"):
-        raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
-    if add_original == "scored" and chat:
-        raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
-    url = client.base_url + ("/chat/completions" if chat else "/completions")
-    distinct_needed = 1 if add_original else 2  # the original answer is the second candidate
-
-    def request(item, k, cache_only):
-        path, params = probabilistic_request(item, k, n, max_tokens, temperature, chat)
-        return client.request(path, params, cache_only)
-
-    def usable_choices(answer):
-        """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
-        found = []
-        for i in range(len(get_field(answer, "choices", url))):
-            if chat:
-                text = get_field(answer, f"choices.{i}.message.content", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.content", url)
-            else:
-                text = get_field(answer, f"choices.{i}.text", url)
-                logprobs = get_field(answer, f"choices.{i}.logprobs.token_logprobs", url)
-            try:
-                values = [t["logprob"] for t in logprobs] if chat else list(logprobs)
-                logprobs = [float(value) for value in values if value is not None]
-            except (TypeError, KeyError, ValueError):
-                raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
-            if isinstance(text, str) and text.strip() and logprobs:
-                finished = answer["choices"][i].get("finish_reason") != "length"
-                found.append((text.strip(), sum(logprobs) / len(logprobs), finished))
-        return found
-
-    def samples(item):
-        """The item's usable choices and the number of requests they took. Past the bound (or with n samples
-        but too few distinct ones) only cached answers are read, and with retry_failures one new request is
-        paid for an item that would fail: a re-run replays exactly the requests of the runs before it."""
-        found, k, fresh = [], 0, retry_failures
-        while True:
-            distinct = len({text for text, _, _ in found})
-            if len(found) >= n and distinct >= distinct_needed:
-                return found, k
-            answer = request(item, k, cache_only=len(found) >= n or k >= REQUESTS_PER_SAMPLE * n)
-            if answer is None and fresh and distinct < distinct_needed:
-                answer, fresh = request(item, k, cache_only=False), False
-            if answer is None:
-                return found, k
-            found += usable_choices(answer)
-            k += 1
-
-    def original_score(prompt, output):
-        full = prompt + output  # as the training text (data.encode_prompt_response): no separator
-        try:
-            answer = client.request(*original_request(prompt, output))
-        except TeacherError as e:  # a property of the server, not of this item: stop before paying for more
-            if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
-                raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
-            raise
-        offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
-        logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-        try:  # a token holding any response character is the response's, as in data.encode_prompt_response
-            ends = list(offsets[1:]) + [len(full)]
-            picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
-                      if end > len(prompt) and at < len(full) and lp is not None]
-        except (TypeError, ValueError):
-            raise ReplyError(f"{url}: malformed echo log-probs") from None
-        if not picked:
-            raise ReplyError(f"{url}: no log-probs for the original response's tokens")
-        return sum(picked) / len(picked)
-
-    def one(item):
-        item_id, ex, prompt = item
-        try:
-            found, requests_made = samples(item)
-            scored, finished = {}, {}
-            for text, score, done in found:
-                scored.setdefault(text, score)
-                finished[text] = finished.get(text, False) or done
-            if len(scored) < distinct_needed:
-                raise ReplyError(f"{url}: only {len(scored)} distinct non-empty sample(s) with log-probs "
-                                 f"from {requests_made} request(s)")
-            ranked = sorted(scored.items(), key=lambda pair: -pair[1])
-            original = ex.get("output", "").strip()
-            if add_original and not original:
-                raise ReplyError("add_original is set but the example has no output")
-            if add_original:  # the dataset's answer is a finished one, even where a cut sample equals it
-                finished[original] = True
-            if add_original == "scored" and original not in scored:
-                scored_original = (original, original_score(prompt, ex["output"]))
-                ranked = sorted(ranked + [scored_original], key=lambda pair: -pair[1])
-            elif add_original == "first":
-                ranked = [(original, None)] + [pair for pair in ranked if pair[0] != original]
-            if len(ranked) < 2:
-                raise ReplyError(f"{url}: fewer than 2 distinct candidates")
-            texts, scores = [text for text, _ in ranked], [score for _, score in ranked]
-            source = {"kind": "probabilistic", "teacher": client.model, "chat": chat,
-                      "requests": requests_made,
-                      "original_index": texts.index(original) if add_original and original in texts else None,
-                      "unfinished": [k for k, text in enumerate(texts) if not finished.get(text, True)]}
-            if add_original == "first":
-                source["teacher_scores"], scores = scores[1:], None
-            return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                                             instruction=ex["instruction"], input=ex.get("input", ""),
-                                             source=source)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("probabilistic", item, e, client.model)
-
-    results = client.map(one, _items(examples), "probabilistic ranking", failed=lambda r: r[0] == "failed")
-    return _finish("probabilistic", client, results, out_path, failures_path)
-
-
-RANKING_SYSTEM = "You are a professional, experienced data annotator."
-
-
-def ranking_messages(prompt, candidates):
-    """The contextual-ranking request (METHOD.md, "The contextual-ranking prompt"); index len(candidates) is
-    the teacher's own reference answer. The format example shows placeholders, as the authors' prompt does
-    ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an answer."""
-    n = len(candidates)
-    if n > 17:
-        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
-    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
-    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
-    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
-            f"Follow these steps:\n"
-            f"(1) Say whether the instruction is open-ended or close-ended.\n"
-            f"(2) Write one high-quality reference answer to the instruction, starting with "
-            f"\"###Response {n}:\".\n"
-            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
-            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
-            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
-            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
-            f"[sum]\".\n"
-            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
-            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
-    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
-
-
-def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
-    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
-    return "/chat/completions", dict(messages=ranking_messages(prompt, candidates), temperature=temperature,
-                                     max_tokens=max_tokens)
-
-
-def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
-    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
-    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
-    once, so stray digits become a ReplyError instead of training data."""
-    text = reply.lower()
-    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
-    if key is None:
-        raise ReplyError("no 'rank:' in the reply", reply)
-    tail = text.rsplit(key, 1)[1].lstrip()
-    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
-    ranks = [int(x) for x in re.findall(r"\d+", listed)]
-    bad = [r for r in ranks if r > n]
-    if bad or len(set(ranks)) != len(ranks) or len(ranks) < 2:
-        problem = f"index {bad[0]} out of range 0..{n}" if bad else \
-            "an index appears twice" if len(set(ranks)) != len(ranks) else f"{len(ranks)} index(es), need 2+"
-        raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-    return ranks
-
-
-# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
-# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
-# ("First, ... Second, ... Last, ...").
-_LINE = r"^[ \t>*#_-]*"
-_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
-             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
-STEP_MARKERS = {
-    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
-    "k)": lambda k: rf"{_LINE}{k}\)",
-    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
-    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
-    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
-}
-# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
-STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
-               4: r"scor|rat(?:e|ing)", 5: r"rank"}
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"  # "## Duplicates", "**Duplicates:** none"
-
-
-def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
-    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
-    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
-    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
-    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
-    be told unambiguously, there is no reference (the ranking is still usable without it)."""
-    blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
-    masked = re.sub(r"```.*?(?:```|\Z)", blank, reply, flags=re.S)  # code blocks hold no step markers
-    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
-    if not head:
-        return None, f"no '###Response {n}' in the reply"
-    begin, lowered = head.end(), masked.lower()
-    key = "rank:" if "rank:" in lowered else "ranking:"
-    end = lowered.rfind(key)  # the ranking's line is not the answer's (nor a ranking on the answer's line)
-    line_start = masked.rfind("\n", 0, end) + 1
-    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
-    cut, problem = _step_after_reference(masked, head.start(), begin, end)
-    if problem:
-        return None, problem
-    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()  # a closing rule
-    return (text, None) if text else (None, "the reference answer is empty")
-
-
-def _step_after_reference(masked, head_at, begin, end):
-    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
-    line_end = lambda at: masked.find("\n", at) % (len(masked) + 1)  # noqa: E731
-    best = None  # (the step-2 marker's position, markers after the answer) of the style with the nearest one
-    for marker in STEP_MARKERS.values():
-        found = sorted((m.start(), k) for k in range(1, 6)
-                       for m in re.finditer(marker(k), masked, re.I | re.M))
-        before = [(at, k) for at, k in found if at < head_at]
-        after = [(at, k) for at, k in found if begin <= at < end]
-        if before and before[-1][1] in (1, 2) and any(k >= 3 for _, k in after) and (
-                best is None or before[-1][0] > best[0]):
-            best = (before[-1][0], after)
-    if best is None:  # no numbered steps: headings ("## Duplicates") if the reply marks its steps with them;
-        # the first one after the answer, at its heading's level or above, that names a later step's topic
-        headings = [m for m in re.finditer(_HEADING, masked, re.M)
-                    if not re.search(r"response\s*\d", m.group(), re.I)]
-        level = lambda m: len(m.group().strip()) - len(m.group().strip().lstrip("#")) or 7  # noqa: E731
-        before = [m for m in headings if m.start() < head_at]
-        after = [m for m in headings if begin <= m.start() < end and before and level(m) <= level(before[-1])]
-        topics = "|".join(STEP_TOPICS.values())
-        named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
-        if named:
-            return named[0], None
-        if after or re.search(r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat", masked[begin:end], re.I | re.M):
-            return None, "no step markers after the reference answer to tell where it ends"
-        return end, None  # nothing but the answer up to the ranking
-    after = best[1]
-    for step in (3, 4, 5):
-        places = [at for at, k in after if k == step]
-        if not places:
-            continue
-        previous = lambda at: max(((q, k) for q, k in after if q < at), default=(0, 0))[1]  # noqa: E731
-        fresh = [at for at in places if previous(at) != step - 1]  # not the next item of a list in the answer
-        topical = [at for at in places if re.search(STEP_TOPICS[step], masked[at:line_end(at)], re.I)]
-        both = [at for at in fresh if at in topical]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
-        if len(chosen) == 1:
-            return chosen[0], None
-        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) could begin "
-                      f"step {step}")
-    return end, None
-
-
-def prefix_ids(tok):
-    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's tokenizer adds
-    nothing (SmolLM2, GPT-2)."""
-    return tok.encode("", bos=True)
-
-
-def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did). Any of the tokenizer's
-    stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which is then
-    finished and trained with the tokenizer's EOS (data.encode_prompt_response); generate stops at the first
-    one, so it can only be the last token."""
-    finished = bool(tokens) and tokens[-1] in stops
-    return (tokens[:-1] if finished else tokens), finished
-# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
-# decode step costs in proportion to its rows, so more buys little there.
-STUDENT_BATCH_ROWS = 64
-
-
-def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
-                   generators=None, batch_size="auto", on_done=None):
-    """For each prompt, n student responses with the diversity rule (METHOD.md, Pipeline 3): while some pair
-    has ROUGE-L F1 >= threshold, sample again at temperature + 0.1, `tries` rounds in all; keep the round with
-    the lowest mean pairwise ROUGE-L. ROUGE-L with the Porter stemmer, as the authors (rouge_scorer,
-    use_stemmer=True). Each result: candidates, finished (which ended in one of tok.stop_ids; the others hit
-    max_new_tokens), temperature, round, mean_rouge_l.
-
-    The prompts are sampled together, shortest first, in model.generate calls of at most batch_size rows (n
-    per prompt; a row leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows
-    as for 128. "auto": the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a
-    CPU, STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs
-    the same round (or no new prompt is left), so retries fill batches too. generators: None (torch's
-    default), or per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its
-    own generator, so a prompt's result does not depend on which prompts share its batch. on_done(i, result)
-    is called as soon as prompt i's result is final (sample_candidates caches it there); returns the results
-    in prompt order."""
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    ids = [tok.encode(prompt, bos=True) for prompt in prompts]
-    stops = tok.stop_ids
-    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]  # long prompt: fewer
-    best, fresh = [None] * len(prompts), sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
-    if batch_size == "auto":
-        longest = max(map(len, ids), default=1)
-        slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
-        batch_size = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
-        log.info("student: %d rows sample together (--student-batch-size auto)", batch_size)
-    per_batch = max(1, batch_size // n)
-    while fresh or any(waiting):
-        due = [r for r in range(1, tries) if len(waiting[r]) >= per_batch or waiting[r] and not fresh]
-        r = max(due, default=0)  # the latest round first: its prompts are the nearest to done
-        queue = waiting[r] if r else fresh
-        group, queue[:] = queue[:per_batch], queue[per_batch:]
-        t = round(temperature + 0.1 * r, 6)
-        for tokens in sorted({budget[i] for i in group}):  # one generate call per token budget
-            batch = [i for i in group if budget[i] == tokens]
-            rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
-            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
-                               generator=rows, num_samples=n, batch_size=len(batch) * n)
-            for k, i in enumerate(batch):
-                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
-                texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = [scorer.score(a, b)["rougeL"].fmeasure
-                         for a, b in itertools.combinations(texts, 2)] or [0.0]
-                mean = sum(pairs) / len(pairs)
-                if best[i] is None or mean < best[i]["mean_rouge_l"]:
-                    best[i] = {"candidates": texts, "finished": [finished for _, finished in mine],
-                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
-                if max(pairs) < threshold or r + 1 == tries:
-                    if on_done:
-                        on_done(i, best[i])
-                else:
-                    waiting[r + 1].append(i)
-    return best
-
-
-def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
-                      seed=0, *, student, batch_size="auto"):
-    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
-    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
-    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
-    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
-    not depend on where a run was killed nor on batch_size."""
-    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
-    cached, others = cached_samples(examples, cache_path, settings)
-    device = model.tok_embeddings.weight.device
-    result, todo = {}, []
-    for item_id, _, prompt in _items(examples):  # the result follows the examples' order
-        result[item_id] = cached.get(item_id)
-        if item_id not in cached:
-            todo.append((item_id, prompt))
-
-    def row_generator(item_id, row):
-        row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()[:6], "little")
-        return torch.Generator(device=device).manual_seed(row_seed)
-
-    progress = data.Progress("student sampling", len(todo), log.info)
-
-    def keep(i, best):
-        item_id, prompt = todo[i]
-        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
-        data.append_jsonl(cache_path, [result[item_id]])
-        progress.advance()
-
-    generators = [[row_generator(item_id, s) for s in range(n)] for item_id, _ in todo]
-    sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
-                   generators=generators, batch_size=batch_size, on_done=keep)
-    if others:
-        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
-                 cache_path, others)
-    return result
-
-
-def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
-    return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
-
-
-def cached_samples(examples, cache_path, settings):
-    """({id: cached entry} of the examples whose samples cache_path holds for the same prompt and settings,
-    the number of the other examples it holds samples of, for another student, prompt or settings)."""
-    done = {}
-    for _, entry in data.read_jsonl_log(cache_path, log.warning):
-        if "id" in entry and isinstance(entry.get("settings"), dict):
-            done[entry["id"], json.dumps(entry["settings"], sort_keys=True)] = entry
-    cached_ids = {item_id for item_id, _ in done}
-    found, others, key = {}, 0, json.dumps(settings, sort_keys=True)
-    for item_id, _, prompt in _items(examples):
-        entry = done.get((item_id, key))
-        if entry and entry.get("prompt") == prompt:
-            found[item_id] = entry
-        else:
-            others += item_id in cached_ids
-    return found, others
-
-
-def is_checkpoint(folder):
-    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
-
-
-def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
-    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
-
-
-def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
-                     retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (METHOD.md, Pipeline 3): the teacher ranks the student's candidates (samples: {id:
-    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
-    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
-    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
-    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
-    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
-    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
-    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may
-    be incomplete."""
-    url = client.base_url + "/chat/completions"
-
-    def one(item):
-        item_id, ex, prompt = item
-        entry = samples.get(item_id)
-        if not entry:
-            return "failed", _failure("contextual", item, ReplyError("no student candidates"), client.model)
-        candidates = entry["candidates"]
-        finished = entry.get("finished") or [True] * len(candidates)
-
-        def parse(answer):
-            reply = str(get_field(answer, "choices.0.message.content", url))
-            if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-                raise ReplyError(f"the reply was cut at max_tokens={max_tokens} (finish_reason 'length'), so "
-                                 "its ranking may be incomplete", reply)
-            ranks = parse_ranking(reply, len(candidates))
-            reference, problem = reference_answer(reply, len(candidates))
-            pool, kept = candidates + [reference if keep_reference else None], []
-            for i in ranks:  # an empty text or a copy of a better-ranked one cannot be ranked against it
-                if pool[i] and pool[i] not in [pool[k] for k in kept]:
-                    kept.append(i)
-            if len(kept) < 2:
-                raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-            return reply, ranks, reference, problem, kept, pool
-
-        try:
-            path, params = ranking_request(prompt, candidates, temperature, max_tokens)
-            (reply, ranks, reference, problem, kept, pool), attempt = ask(
-                lambda cache_only=False, **seed: client.request(path, dict(params, **seed), cache_only),
-                parse, retry_failures)
-        except RunError:
-            raise
-        except (ReplyError, TeacherError) as e:
-            return "failed", _failure("contextual", item, e, client.model)
-        source = {"kind": "contextual", "teacher": client.model, "ranks": ranks, "kept_ranks": kept,
-                  "raw_reply": reply, "reference": reference, "reference_problem": problem,
-                  "student_candidates": candidates, "attempt": attempt,
-                  "unfinished": [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]],
-                  **{k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")},
-                  "student": (entry.get("settings") or {}).get("student")}
-        return "done", data.RankedRecord(id=item_id, prompt=prompt, candidates=[pool[i] for i in kept],
-                                         instruction=ex["instruction"], input=ex.get("input", ""),
-                                         source=source)
-
-    results = client.map(one, _items(examples), "contextual ranking", failed=lambda r: r[0] == "failed")
-    return _finish("contextual", client, results, out_path, failures_path)
-
-
-# ----------------------------------------------------------------------------- --dry-run: what a run sends
+# ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as
-    teacher.py serve counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule
-    of thumb for English text), and said so."""
+    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer
+    reads, as teacher.py serve counts a prompt (BOS included); else estimated at 4
+    characters a token (OpenAI's rule of thumb for English text), and said so."""
     if tokenizer_path:
         tok = data.Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
@@ -875,10 +1203,10 @@ def token_counter(tokenizer_path=None):
 
 
 class DryRun:
-    """The requests a run would send, added one by one as the run would build them, and never sent: how
-    many, which of them the cache holds (paid before), their prompt tokens (chat messages laid out as
-    teacher.py serve lays them out: an API's own chat template adds a few tokens a request) and the most
-    completion tokens they may cost."""
+    """The requests a run would send, added one by one as the run would build them, and
+    never sent: how many, which of them the cache holds (paid before), their prompt tokens
+    (chat messages laid out as teacher.py serve lays them out: an API's own chat template
+    adds a few tokens a request) and the most completion tokens they may cost."""
 
     def __init__(self, client, tokenizer_path=None):
         self.client = client
@@ -886,8 +1214,8 @@ class DryRun:
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, path, params, max_completion_tokens, unknown_prompt_tokens=0):
-        """One request; unknown_prompt_tokens: what its prompt will hold beyond params' text (candidates
-        not sampled yet, as an upper bound)."""
+        """One request; unknown_prompt_tokens: what its prompt will hold beyond params'
+        text (candidates not sampled yet, as an upper bound)."""
         if self.client.is_cached(path, params):
             self.cached += 1
             return
@@ -897,7 +1225,8 @@ class DryRun:
         self.completion_tokens += max_completion_tokens
 
     def report(self, title, prompt_note="", completion_note="", price_input=None, price_output=None):
-        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
+        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when
+        given)."""
         notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
         lines = [f"{title}: dry run, nothing sent",
                  f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
@@ -920,13 +1249,15 @@ class DryRun:
 
 def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0, chat=False,
                           add_original=None, tokenizer_path=None, prices=(None, None)):
-    """build_probabilistic's requests, counted and not sent (the first request of each item; top-ups and
-    the original answer's scoring as notes, since they depend on the answers)."""
+    """build_probabilistic's requests, counted and not sent (the first request of each
+    item; top-ups and the original answer's scoring as notes, since they depend on the
+    answers)."""
     dry = DryRun(client, tokenizer_path)
     items = _items(examples)
     for item in items:
         dry.add(*probabilistic_request(item, 0, n, max_tokens, temperature, chat), n * max_tokens)
-        if add_original == "scored":  # sent unless a sample equals the original: an upper bound
+        # sent unless a sample equals the original: an upper bound
+        if add_original == "scored":
             dry.add(*original_request(item[2], item[1]["output"]), 0)
     prompt_note = f"{len(items):,} instructions" + (
         ", each with the request that scores its original answer (skipped where a sample equals it)"
@@ -939,10 +1270,12 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
 
 def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
                        max_tokens=2048, tokenizer_path=None, prices=(None, None)):
-    """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
-    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
-    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
-    dry, unknown = DryRun(client, tokenizer_path), 0
+    """build_contextual's requests, counted and not sent: exact for items whose student
+    samples are in the student cache (samples), estimated for the others: each of the n
+    candidates counted at student_max_tokens tokens, the most a sample holds (an upper
+    bound, up to how the teacher's tokenizer splits the text)."""
+    dry = DryRun(client, tokenizer_path)
+    unknown = 0
     for item_id, _, prompt in _items(examples):
         if item_id in samples:
             candidates = samples[item_id]["candidates"]
@@ -959,12 +1292,13 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ----------------------------------------------------------------------------- 3. the server
+# ------------------------------------------------------------------------------ 7. the local server
 
 def chat_prompt(messages):
-    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's preamble), user turns
-    as "### Instruction:", assistant turns as "### Response:", ending in "### Response:". One user message and
-    no system message give exactly data.alpaca_prompt(content), the SFT model's own format."""
+    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's
+    preamble), user turns as "### Instruction:", assistant turns as "### Response:",
+    ending in "### Response:". One user message and no system message give exactly
+    data.alpaca_prompt(content), the SFT model's own format."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
     parts += [f"### Instruction:\n{m['content']}" if m["role"] == "user" else f"### Response:{m['content']}"
@@ -988,9 +1322,12 @@ def _option(body, name, kinds, default, valid=lambda value: True):
 
 
 def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end (OpenAI counts from
-    the prompt's start). Counted from the end: sentencepiece drops the leading space of a first piece."""
-    decoder, starts, chars = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
+    """Character offset of each token (bytes) in a text that ends with them at text_end
+    (OpenAI counts from the prompt's start). Counted from the end: sentencepiece drops the
+    leading space of a first piece."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    starts = []
+    chars = 0
     for piece in pieces:
         starts.append(chars)
         chars += len(decoder.decode(piece))
@@ -999,21 +1336,32 @@ def _offsets(pieces, text_end):
 
 
 class LocalTeacher:
-    """The model behind the server: one model call at a time (a lock); the HTTP threads parse and format."""
+    """The model behind the server: one model call at a time (a lock); the HTTP threads
+    parse and format."""
 
     def __init__(self, model, tokenizer, name, seed=None):
-        self.model, self.tok, self.name, self.seed = model, tokenizer, name, seed
+        self.model = model
+        self.tok = tokenizer
+        self.name = name
+        self.seed = seed
         self.device = model.tok_embeddings.weight.device
         self.lock = threading.Lock()
 
     def _text(self, token_id):
         return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
 
+    def _token(self, token_id, logprob):
+        """One token of a chat answer's log-probs, as OpenAI's chat API lists it."""
+        return {"token": self._text(token_id), "logprob": logprob,
+                "bytes": list(self.tok.piece_bytes(token_id))}
+
     def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as the OpenAI API
-        reports them, and as training scores responses) and the top_k (log-prob, id) pairs per position."""
+        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as
+        the OpenAI API reports them, and as training scores responses) and the top_k
+        (log-prob, id) pairs per position."""
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]  # (T - 1, vocab)
+            # (T - 1, vocab)
+            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
         chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
         if not top_k:
             return chosen, [[] for _ in chosen]
@@ -1037,14 +1385,19 @@ class LocalTeacher:
         choices = []
         for (new, stopped), (logprobs, tops) in zip(outs, scored):
             finish = "stop" if stopped else "length"
-            logprobs, tops = logprobs[len(ids) - 1:], tops[len(ids) - 1:]
+            logprobs = logprobs[len(ids) - 1:]
+            tops = tops[len(ids) - 1:]
             pieces = [self.tok.piece_bytes(t) for t in new]
             text = b"".join(pieces).decode("utf-8", "replace")
             cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-            if cut >= 0:  # the text ends before the stop sequence, and so do the tokens
+            # the text ends before the stop sequence, and so do the tokens
+            if cut >= 0:
                 keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
-                new, logprobs, tops = new[:keep], logprobs[:keep], tops[:keep]
-                text, finish = text[:cut], "stop"
+                new = new[:keep]
+                logprobs = logprobs[:keep]
+                tops = tops[:keep]
+                text = text[:cut]
+                finish = "stop"
             choices.append((new, logprobs, tops, text, finish))
         return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
 
@@ -1062,8 +1415,9 @@ class LocalTeacher:
                     seed=_option(body, "seed", (int,), self._default_seed(body)), stop=stop)
 
     def _default_seed(self, body):
-        """serve --seed S: a request without a seed samples from a generator seeded by (S, the request), so a
-        run is reproducible whatever the order in which concurrent requests arrive."""
+        """serve --seed S: a request without a seed samples from a generator seeded by (S,
+        the request), so a run is reproducible whatever the order in which concurrent
+        requests arrive."""
         if self.seed is None:
             return None
         request = json.dumps(body, sort_keys=True, ensure_ascii=False)
@@ -1083,21 +1437,27 @@ class LocalTeacher:
         sampling = self._sampling(body, 16)  # 16: the OpenAI default
         top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
         echo = _option(body, "echo", (bool,), False)
-        choices, usage = [], dict(prompt_tokens=0, completion_tokens=0)
+        choices = []
+        usage = dict(prompt_tokens=0, completion_tokens=0)
         for p, prompt in enumerate(prompts):
             ids, prompt_logprobs, prompt_tops, outs = self._run(prompt, top_k=top_k or 0, **sampling)
             usage["prompt_tokens"] += len(ids)
             for j, (new, logprobs, tops, text, finish) in enumerate(outs):
                 usage["completion_tokens"] += len(new)
-                end = len(prompt) + len(text)  # OpenAI counts text offsets from the prompt's start
-                if echo:  # the prompt's tokens first (BOS is no text); the first has no context: None
-                    start = len(prefix_ids(self.tok))  # BOS, or nothing (SmolLM2, GPT-2)
-                    new, text = ids[start:] + new, prompt + text
+                # OpenAI counts text offsets from the prompt's start
+                end = len(prompt) + len(text)
+                # the prompt's tokens first (BOS is no text); the first has no context: None
+                if echo:
+                    # BOS, or nothing (SmolLM2, GPT-2)
+                    start = len(prefix_ids(self.tok))
+                    new = ids[start:] + new
+                    text = prompt + text
                     logprobs = [None] + prompt_logprobs[start:] + logprobs
                     tops = [None] + prompt_tops[start:] + tops
                 info = None if top_k is None else {
                     "tokens": [self._text(t) for t in new],
-                    "token_logprobs": logprobs,  # tokens with equal texts: the best one's log-prob
+                    # tokens with equal texts: the best one's log-prob
+                    "token_logprobs": logprobs,
                     "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)}
                                      for top in tops],
                     "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], end)}
@@ -1118,12 +1478,11 @@ class LocalTeacher:
         if top_k and not want_logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
         ids, _, _, outs = self._run(chat_prompt(messages), top_k=top_k, **sampling)
-        choices, usage = [], dict(prompt_tokens=len(ids), completion_tokens=0)
+        choices = []
+        usage = dict(prompt_tokens=len(ids), completion_tokens=0)
         for j, (new, logprobs, tops, text, finish) in enumerate(outs):
             usage["completion_tokens"] += len(new)
-            token = lambda t, lp: {"token": self._text(t), "logprob": lp,  # noqa: E731
-                                   "bytes": list(self.tok.piece_bytes(t))}
-            content = [dict(token(t, lp), top_logprobs=[token(i, v) for v, i in top])
+            content = [dict(self._token(t, lp), top_logprobs=[self._token(i, v) for v, i in top])
                        for t, lp, top in zip(new, logprobs, tops)]
             choices.append({"index": j, "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
@@ -1131,15 +1490,19 @@ class LocalTeacher:
         return self._answer("chat.completion", choices, usage)
 
 
-def _error(message, kind="invalid_request_error", param=None, code=None):  # OpenAI's error body
+def _error(message, kind="invalid_request_error", param=None, code=None):
+    """OpenAI's error body."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or wrong key, 404
-# model_not_found, 400 invalid_request_error, 413 for a body over the limit), a listen backlog that takes
-# a client's whole thread pool at once, and an API key compared in constant time.
-LISTEN_BACKLOG = 1024           # pending connections the kernel keeps (Python's default of 5 resets the rest)
-MAX_BODY_BYTES = 8 * 2 ** 20    # a ranking request is ~10 KB; a bigger body is refused before it is read
+# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or
+# wrong key, 404 model_not_found, 400 invalid_request_error, 413 for a body over the
+# limit), a listen backlog that takes a client's whole thread pool at once, and an API key
+# compared in constant time.
+# pending connections the kernel keeps (Python's default of 5 resets the rest)
+LISTEN_BACKLOG = 1024
+# a ranking request is ~10 KB; a bigger body is refused before it is read
+MAX_BODY_BYTES = 8 * 2 ** 20
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
           "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 
@@ -1156,7 +1519,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _refused(self):
-        """An error answer (status, body) when the request lacks the server's API key, else None."""
+        """An error answer (status, body) when the request lacks the server's API key,
+        else None."""
         key = self.server.api_key
         if key is None:
             return None
@@ -1164,7 +1528,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not given.startswith("Bearer "):
             return 401, _error(NO_KEY)
         if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
-            return 401, _error("Incorrect API key provided.", code="invalid_api_key")  # never echo the key
+            # never echo the key
+            return 401, _error("Incorrect API key provided.", code="invalid_api_key")
         return None
 
     def do_GET(self):
@@ -1184,7 +1549,8 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             size = -1
-        if size < 0 or size > self.server.max_body_bytes:  # answered unread: the connection closes after it
+        # answered unread: the connection closes after it
+        if size < 0 or size > self.server.max_body_bytes:
             self.close_connection = True
             status, message = (413, f"Request body of {size} bytes is over this server's limit of "
                                     f"{self.server.max_body_bytes} bytes.") if size > 0 else \
@@ -1203,7 +1569,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest("We could not parse the JSON body of your request.") from None
             if not isinstance(body, dict):
                 raise BadRequest("The request body must be a JSON object.")
-            if body.get("model") not in (None, teacher.name):  # no model: the served one, as vLLM
+            # no model: the served one, as vLLM
+            if body.get("model") not in (None, teacher.name):
                 unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
                 return self._send(404, _error(unknown, code="model_not_found"))
             self._send(200, route(body))
@@ -1223,18 +1590,22 @@ class _Server(ThreadingHTTPServer):
 
 
 def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_bytes=MAX_BODY_BYTES):
-    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies, answered by `backend`: an
-    object with .name, .completions(body) and .chat(body) -> answer dict (BadRequest -> 400). Port 0 picks a
-    free port (server.server_port). api_key: requests must bring it as "Authorization: Bearer KEY" (else 401).
-    Run it with serve_forever(), e.g. in a thread."""
+    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies,
+    answered by `backend`: an object with .name, .completions(body) and .chat(body) ->
+    answer dict (BadRequest -> 400). Port 0 picks a free port (server.server_port).
+    api_key: requests must bring it as "Authorization: Bearer KEY" (else 401). Run it with
+    serve_forever(), e.g. in a thread."""
     server = _Server((host, port), _Handler)
-    server.teacher, server.api_key, server.max_body_bytes = backend, api_key, max_body_bytes
+    server.teacher = backend
+    server.api_key = api_key
+    server.max_body_bytes = max_body_bytes
     return server
 
 
 def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
                 max_body_bytes=MAX_BODY_BYTES):
-    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and /v1/models."""
+    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and
+    /v1/models."""
     backend = LocalTeacher(model, tokenizer, model_name, seed)
     return backend_server(backend, host, port, api_key, max_body_bytes)
 
@@ -1249,8 +1620,9 @@ def _stop(signum, frame):
 
 def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
           seed=None, api_key_env=None, max_body_bytes=MAX_BODY_BYTES):
-    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM. A host other than
-    loopback needs an API key (the variable api_key_env names), as anyone who reaches the port may use it."""
+    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM.
+    A host other than loopback needs an API key (the variable api_key_env names), as
+    anyone who reaches the port may use it."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
@@ -1282,10 +1654,11 @@ def _is_loopback(host):
         return host == "localhost"
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------ 8. the command line
 
 def preflight(args, client):
-    """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
+    """The pre-flight request of a probabilistic or contextual run, with the endpoint and
+    options it sends."""
     if args.command == "contextual":
         return client.check(chat=True, temperature=args.teacher_temperature)
     if args.chat:
@@ -1300,7 +1673,9 @@ def dry_run(args, client, examples):
     if args.command == "probabilistic":
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
-    samples = {}  # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
+    # what the student sampled already, if it exists yet (in the pipeline: not before
+    # Tuna_p)
+    samples = {}
     if is_checkpoint(args.student):
         tok = data.Tokenizer(args.tokenizer or args.student)
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
@@ -1310,9 +1685,17 @@ def dry_run(args, client, examples):
                               args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)
 
 
+def client_from_args(args, cache_path):
+    """The TeacherClient the command line asks for, with its cache at cache_path (None: no
+    cache)."""
+    return TeacherClient(args.base_url, args.model, args.api_key_env, cache_path, args.timeout,
+                         args.max_retries, args.workers, args.rpm)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="teacher.py", description="Tuna ranking data from a teacher LLM "
-                                     "over an OpenAI-compatible API, and a local teacher server (METHOD.md).")
+    description = ("Tuna ranking data from a teacher LLM over an OpenAI-compatible API, "
+                   "and a local teacher server (paper, section 2).")
+    parser = argparse.ArgumentParser(prog="teacher.py", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
@@ -1381,12 +1764,14 @@ def main(argv=None):
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
-    if not log.handlers:  # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
+    # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False  # rouge_score's absl logging configures the root logger: no second copy there
+        # rouge_score's absl logging configures the root logger: no second copy there
+        log.propagate = False
     try:
         if args.command == "serve":
             return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
@@ -1394,20 +1779,20 @@ def main(argv=None):
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
-        client_for = lambda cache_path: TeacherClient(  # noqa: E731
-            args.base_url, args.model, args.api_key_env, cache_path, args.timeout, args.max_retries,
-            args.workers, args.rpm)
+        client_for = functools.partial(client_from_args, args)
         if args.dry_run:
             print(dry_run(args, client_for(cache), examples))
             return 0
         if args.preflight_only:  # writes nothing, so takes no lock
             preflight(args, client_for(None))
             return 0
-        with contextlib.ExitStack() as locks:  # one writer per output, and per cache given apart from it
+        # one writer per output, and per cache given apart from it
+        with contextlib.ExitStack() as locks:
             for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
             client = client_for(cache)
-            if args.command == "contextual":  # the student's files first: a typo is named before any request
+            # the student's files first: a typo is named before any request
+            if args.command == "contextual":
                 tok = data.Tokenizer(args.tokenizer or args.student)
                 if not is_checkpoint(args.student):
                     raise ValueError(f"--student {args.student}: not a checkpoint folder (no config.json or "
@@ -1426,7 +1811,8 @@ def main(argv=None):
                                         batch_size=args.student_batch_size)
             build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
-    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:  # each names its file or URL
+    # each names its file or URL
+    except (OSError, ValueError, TeacherError, data.OutputLocked) as e:
         parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
     return 0
 
