@@ -71,7 +71,7 @@ def test_superni_bad_task_files_are_reported_and_skipped(tmp_path):
 
 # ----------------------------------------------------------------------------- Super-NI: metrics
 def hand_tokens(text):
-    """rouge_score's default tokenizer written out from its description (NOTES.md 1.4): lowercase, runs of
+    """rouge_score's default tokenizer written out from its description (rouge_score/tokenize.py): lowercase, runs of
     non-[a-z0-9] to spaces, split, Porter-stem tokens longer than 3 characters."""
     from nltk.stem import porter
     stemmer = porter.PorterStemmer()
@@ -93,7 +93,8 @@ def hand_rouge_l(prediction, reference):
 
 
 def test_rouge_l_by_hand():
-    assert E.rouge_l("The answer is A.", "A") == pytest.approx(0.4)  # NOTES.md 1.4 worked example
+    # 4 predicted tokens, 1 reference token, LCS 1: P = 1/4, R = 1, F = 0.4
+    assert E.rouge_l("The answer is A.", "A") == pytest.approx(0.4)
     # LCS("the cat sat on the mat", "the cat is on a mat") = the cat on mat = 4; P = 4/6, R = 4/6
     assert E.rouge_l("the cat sat on the mat", "the cat is on a mat") == pytest.approx(4 / 6)
     # order matters: LCS("b a", "a b") = 1 -> P = R = 1/2

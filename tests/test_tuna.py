@@ -66,7 +66,7 @@ def test_single_candidate_has_no_pairs():
 
 
 def test_equals_the_authors_margin_ranking_loss_formula():
-    # The authors' code (METHOD.md): for i in 1..n-1, nn.MarginRankingLoss(m*i) over the flattened
+    # The authors' code (LMOps tuna/src/custom.py, TunaTrainer.compute_loss): for i in 1..n-1, nn.MarginRankingLoss(m*i) over the flattened
     # pairs (scores[:, :-i], scores[:, i:]) with target 1, mean reduction; summed over i.
     torch.manual_seed(0)
     s = torch.randn(6, 5)

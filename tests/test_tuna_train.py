@@ -83,7 +83,7 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
     assert {"loss", "mle", "rank", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
     assert json.load(open(out / "run.json"))["data"] == str(files / "ranked.jsonl")
     assert all(m["loss"] == pytest.approx(m["mle"] + m["rank"]) and m["rank"] >= 0 for m in lines)
-    assert lines[1]["lr"] == pytest.approx(1e-5)  # METHOD.md: Tuna_p lr 1e-5, 2 warm-up steps
+    assert lines[1]["lr"] == pytest.approx(1e-5)  # the authors' train_tuna.sh: Tuna_p lr 1e-5, 2 warm-up steps
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["step"] == 4 and state["finished"]
     assert any(not torch.equal(weights(out)[k], weights(files / "init")[k]) for k in weights(out))
