@@ -1119,6 +1119,8 @@ class Progress:
             line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed "
                     f"| ETA {eta_text}")
             self.write(line + (f" | {self.detail()}" if self.detail else ""))
+
+
 # ----------------------------------------------------------------------------- command-line values
 def rows_option(text):
     """argparse type of a rows-per-batch option: "auto" (sized from free device memory) or a number >= 1."""
@@ -1127,6 +1129,17 @@ def rows_option(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a whole number of at least 1")
     return int(text)
+
+
+def add_cost_arguments(parser, dry_run_help):
+    """--dry-run and what its report of paid work needs: the tokenizer that counts prompt tokens and the
+    prices (teacher.py's two kinds, tuna.py pipeline and eval.py's judge share them)."""
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer (a "
+                        "folder or file data.Tokenizer reads; default: estimated at 4 characters a token)")
+    parser.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
+    parser.add_argument("--price-per-1m-output", type=float,
+                        help="--dry-run: dollars per 1M completion tokens")
 
 
 # ----------------------------------------------------------------------------- generate once and keep it

@@ -639,13 +639,8 @@ def main(argv=None):
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--dry-run", action="store_true", help="print the answers still to generate and the "
-                        "judge's requests, tokens and cost; generate, send and write nothing")
-    parser.add_argument("--count-tokenizer", help="--dry-run: count the judge's prompt tokens with this "
-                        "tokenizer (default: estimated at 4 characters a token)")
-    parser.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
-    parser.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
-                        "tokens")
+    data.add_cost_arguments(parser, "print the answers still to generate and the judge's requests, "
+                            "tokens and cost; generate, send and write nothing")
     args = parser.parse_args(argv)
     checkpoints = {}
     for spec in args.checkpoints:

@@ -1731,13 +1731,8 @@ def main(argv=None):
         p.add_argument("--max-retries", type=int, default=6)
         p.add_argument("--retry-failures", action="store_true",
                        help="items whose cached answers were unusable get one new request each (a new seed)")
-        p.add_argument("--dry-run", action="store_true", help="read the data, build every request, print how "
-                       "many requests and tokens the run would send and what they cost; send nothing")
-        p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer (a "
-                       "folder or file data.Tokenizer reads; default: estimated at 4 characters a token)")
-        p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
-        p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion "
-                       "tokens")
+        data.add_cost_arguments(p, "read the data, build every request, print how many requests and "
+                                "tokens the run would send and what they cost; send nothing")
         p.add_argument("--preflight-only", action="store_true", help="only check the server with one cheap "
                        "request (reachable, key, model, endpoint and options), then exit")
         if name == "probabilistic":

@@ -948,12 +948,8 @@ def add_pipeline_arguments(p):
     p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows of Tuna_p's "
                    "samples decoding together; auto (default): as many as fit in free GPU memory")
     p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
-    p.add_argument("--dry-run", action="store_true", help="print the contextual teacher's requests, tokens "
-                   "and cost (teacher.py contextual --dry-run); train nothing, send nothing")
-    p.add_argument("--count-tokenizer", help="--dry-run: count prompt tokens with this tokenizer")
-    p.add_argument("--price-per-1m-input", type=float, help="--dry-run: dollars per 1M prompt tokens")
-    p.add_argument("--price-per-1m-output", type=float, help="--dry-run: dollars per 1M completion tokens")
-
+    data.add_cost_arguments(p, "print the contextual teacher's requests, tokens and cost (teacher.py "
+                            "contextual --dry-run); train nothing, send nothing")
 
 SUBCOMMANDS = {  # name -> (help, add arguments, run)
     "sft": ("supervised fine-tuning on Alpaca JSON (the Alpaca baseline)",
