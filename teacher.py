@@ -1610,12 +1610,18 @@ def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-loc
     return backend_server(backend, host, port, api_key, max_body_bytes)
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT: serve() stops serving and exits cleanly."""
+def stop_on_signals(server):
+    """SIGINT or SIGTERM: the server's serve_forever() returns (server.shutdown(), from a thread of its own
+    since it waits for serve_forever). Nothing is raised inside the loop, whatever it was doing. Returns the
+    list that receives the signal's name."""
+    received = []
 
-
-def _stop(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
+    def stop(signum, frame):
+        received.append(signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    return received
 
 
 def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
@@ -1634,16 +1640,14 @@ def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_nam
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
                          max_body_bytes)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop)
+    received = stop_on_signals(server)
     print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1"
           + (f" (API key from ${api_key_env})" if api_key else ""), flush=True)
     try:
         server.serve_forever()
-    except Stopped as e:
-        print(f"teacher.py serve: stopped ({e})", flush=True)
     finally:
         server.server_close()
+    print(f"teacher.py serve: stopped ({', '.join(received)})", flush=True)
     return 0
 
 
