@@ -297,6 +297,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def target_logprobs(model, tokens, source, targets, chunk_tokens=None):
+    """log p(target) at the source positions: chunk_tokens None -> from the whole logits (token_logprobs);
+    else forward(targets=...) with LOGPROB_CHUNK_TOKENS set to chunk_tokens for this call."""
+    if chunk_tokens is None:
+        return M.token_logprobs(model(tokens, output_positions=source), targets)
+    default, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, chunk_tokens
+    try:
+        return model(tokens, output_positions=source, targets=targets)
+    finally:
+        M.LOGPROB_CHUNK_TOKENS = default
+
+
 def test_chunked_logprobs_give_the_whole_computations_values_and_gradients():
     """forward(targets=...) computes log p(target) a chunk of tokens at a time (LOGPROB_CHUNK_TOKENS, 5 here, which
     divides none of the shapes): in float64 its values and every weight's gradient are the whole computation's."""
@@ -308,14 +320,7 @@ def test_chunked_logprobs_give_the_whole_computations_values_and_gradients():
     results = []
     for chunked in (False, True):
         model.zero_grad(set_to_none=True)
-        if chunked:
-            chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 5
-            try:
-                logprobs = model(tokens, output_positions=source, targets=targets)
-            finally:
-                M.LOGPROB_CHUNK_TOKENS = chunk
-        else:
-            logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+        logprobs = target_logprobs(model, tokens, source, targets, chunk_tokens=5 if chunked else None)
         (logprobs * weights).sum().backward()
         results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
     (whole, whole_grads), (chunked, chunked_grads) = results
@@ -343,14 +348,7 @@ def test_chunked_logprobs_never_keep_the_vocabulary_sized_logits_for_backward():
             kept[chunked] += tensor.numel() if tensor.shape[-1:] == (VOCAB,) else 0
             return tensor
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            if chunked:
-                chunk, M.LOGPROB_CHUNK_TOKENS = M.LOGPROB_CHUNK_TOKENS, 7
-                try:
-                    logprobs = model(tokens, output_positions=source, targets=targets)
-                finally:
-                    M.LOGPROB_CHUNK_TOKENS = chunk
-            else:
-                logprobs = M.token_logprobs(model(tokens, output_positions=source), targets)
+            logprobs = target_logprobs(model, tokens, source, targets, chunk_tokens=7 if chunked else None)
         calls_before_backward = len(calls)
         logprobs.sum().backward()
     hook.remove()
