@@ -105,6 +105,11 @@ class Tokenizer:
         bos_ids = [self.bos_id] if bos and self.bos_id is not None else []
         return bos_ids + ids + ([self.eos_id] if eos else [])
 
+    def prefix_ids(self) -> list[int]:
+        """The ids put before every text: [BOS], or none where the checkpoint's tokenizer
+        adds nothing (SmolLM2, GPT-2)."""
+        return self.encode("", bos=True)
+
     def decode(self, ids: list[int]) -> str:
         if self.bpe:
             return self.bpe.decode(ids)
@@ -740,7 +745,7 @@ def encode_prompt_response(tok: Tokenizer, prompt: str, response: str, max_len: 
     full_ids = tok.encode(prompt + response)
     n_prompt = _count_prompt_tokens(tok, full_ids, prompt, prompt + response)
     # BOS where the checkpoint's tokenizer has it
-    prompt_ids = tok.encode("", bos=True) + full_ids[:n_prompt]
+    prompt_ids = tok.prefix_ids() + full_ids[:n_prompt]
     response_ids = full_ids[n_prompt:] + ([tok.eos_id] if finished else [])
     room = max_len - len(prompt_ids)
     if room < 1 or not response_ids:

@@ -337,8 +337,9 @@ def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new
 
 
 def cut_prompt(prefix, text_ids, limit):
-    """A prompt's ids, at most `limit` of them: the ids the tokenizer puts before a text (teacher.prefix_ids:
-    BOS, or nothing) whole, then the text's last tokens, so a long prompt still ends in "### Response:"."""
+    """A prompt's ids, at most `limit` of them: the ids the tokenizer puts before a text
+    (Tokenizer.prefix_ids: BOS, or nothing) whole, then the text's last tokens, so a long
+    prompt still ends in "### Response:"."""
     kept = max(0, limit - len(prefix))
     return prefix + text_ids[max(0, len(text_ids) - kept):]
 
@@ -386,7 +387,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         return done
     lm, tok = get_model()
     limit = lm.args.max_seq_len - max_new_tokens
-    prefix, encoded = teacher.prefix_ids(tok), []
+    prefix, encoded = tok.prefix_ids(), []
     for item in todo:
         text_ids = tok.encode(item["prompt"])
         length = len(prefix) + len(text_ids)

@@ -318,12 +318,6 @@ def original_score(client, prompt, output):
 
 # ------------------------------------- 2. contextual ranking: the student samples n diverse answers
 
-def prefix_ids(tok):
-    """The ids the tokenizer puts before every text: [BOS], or none where the checkpoint's
-    tokenizer adds nothing (SmolLM2, GPT-2)."""
-    return tok.encode("", bos=True)
-
-
 def without_stop(tokens, stops):
     """(the answer's tokens without the stop id that ended it, whether one did). Any of
     the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
@@ -1449,7 +1443,7 @@ class LocalTeacher:
                 # the prompt's tokens first (BOS is no text); the first has no context: None
                 if echo:
                     # BOS, or nothing (SmolLM2, GPT-2)
-                    start = len(prefix_ids(self.tok))
+                    start = len(self.tok.prefix_ids())
                     new = ids[start:] + new
                     text = prompt + text
                     logprobs = [None] + prompt_logprobs[start:] + logprobs
