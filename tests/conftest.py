@@ -1,9 +1,9 @@
 """Shared test fixtures: tiny tokenizers trained in the test session, a LLaMA-style sentencepiece model and
 byte-level BPE tokenizer.json folders in the styles real checkpoints ship."""
 import collections
-import io
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -179,3 +179,30 @@ def bpe_tokenizer_dir(tmp_path_factory):
     """A Llama 3-style byte-level BPE tokenizer folder (tokenizer.json + tokenizer_config.json), trained on
     the corpus the sentencepiece fixture uses."""
     return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe_tokenizer"), "llama3", CORPUS_LINES * 20, 600)
+
+
+# eval.py's benchmark folders, for test_eval_e2e.py and test_bpe_pipeline.py
+EVAL_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory):
+    """Small folders in the benchmarks' layouts: 2 real Super-NI tasks + one without Instances + one missing;
+    the LMentry fixtures + an unreadable file; 4 Vicuna questions (one coding) + a malformed line."""
+    root = tmp_path_factory.mktemp("bench")
+    (root / "superni" / "tasks").mkdir(parents=True)
+    names = ["task648_answer_generation", "task1393_superglue_copa_text_completion"]
+    for name in names:
+        shutil.copy(os.path.join(EVAL_FIXTURES, "superni", "tasks", name + ".json"), root / "superni" / "tasks")
+    (root / "superni" / "tasks" / "task_no_instances.json").write_text(json.dumps(
+        {"Definition": ["Say hi."], "Categories": ["Title Generation"], "Instances": []}))
+    (root / "superni" / "test_tasks.txt").write_text("\n".join(names + ["task_no_instances", "task_missing"]) + "\n")
+    shutil.copytree(os.path.join(EVAL_FIXTURES, "lmentry"), root / "lmentry")
+    (root / "lmentry" / "homophones.json").write_text('{"settings": ')
+    (root / "vicuna").mkdir()
+    with open(os.path.join(EVAL_FIXTURES, "vicuna", "question.jsonl")) as f:
+        lines = [line for line in f if json.loads(line)["question_id"] in (1, 2, 61, 71)]
+    (root / "vicuna" / "question.jsonl").write_text("".join(lines[:2]) + '{"question_id": 99, "turns": [\n'
+                                                    + "".join(lines[2:]))
+    shutil.copy(os.path.join(EVAL_FIXTURES, "vicuna", "reference_answer_gpt-4.jsonl"), root / "vicuna")
+    return root

@@ -16,7 +16,6 @@ import demo
 import eval as E
 import model
 import tuna
-from test_eval_e2e import benchmarks  # noqa: F401  (a fixture: small Super-NI/LMentry/Vicuna folders)
 from test_tuna_train import WORDS
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -115,7 +114,7 @@ def test_pipeline_with_contextual_sampling_and_a_judge_over_http(sft, tmp_path):
         model.load_checkpoint(str(out / stage))
 
 
-def test_eval_on_the_bpe_checkpoint(sft, benchmarks, tmp_path):  # noqa: F811
+def test_eval_on_the_bpe_checkpoint(sft, benchmarks, tmp_path):
     root, tok, examples = sft
     E.main(["--checkpoints", f"bpe={root / 'sft'}", "--superni", str(benchmarks / "superni"), "--out",
             str(tmp_path), "--max-instances", "3", "--batch-size", "4", "--max-new-tokens", "8", "8", "8",

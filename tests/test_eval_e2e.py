@@ -33,29 +33,6 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def benchmarks(tmp_path_factory):
-    """Small folders in the benchmarks' layouts: 2 real Super-NI tasks + one without Instances + one missing;
-    the LMentry fixtures + an unreadable file; 4 Vicuna questions (one coding) + a malformed line."""
-    root = tmp_path_factory.mktemp("bench")
-    (root / "superni" / "tasks").mkdir(parents=True)
-    names = ["task648_answer_generation", "task1393_superglue_copa_text_completion"]
-    for name in names:
-        shutil.copy(os.path.join(FIXTURES, "superni", "tasks", name + ".json"), root / "superni" / "tasks")
-    (root / "superni" / "tasks" / "task_no_instances.json").write_text(json.dumps(
-        {"Definition": ["Say hi."], "Categories": ["Title Generation"], "Instances": []}))
-    (root / "superni" / "test_tasks.txt").write_text("\n".join(names + ["task_no_instances", "task_missing"]) + "\n")
-    shutil.copytree(os.path.join(FIXTURES, "lmentry"), root / "lmentry")
-    (root / "lmentry" / "homophones.json").write_text('{"settings": ')
-    (root / "vicuna").mkdir()
-    with open(os.path.join(FIXTURES, "vicuna", "question.jsonl")) as f:
-        lines = [line for line in f if json.loads(line)["question_id"] in (1, 2, 61, 71)]
-    (root / "vicuna" / "question.jsonl").write_text("".join(lines[:2]) + '{"question_id": 99, "turns": [\n'
-                                                    + "".join(lines[2:]))
-    shutil.copy(os.path.join(FIXTURES, "vicuna", "reference_answer_gpt-4.jsonl"), root / "vicuna")
-    return root
-
-
-@pytest.fixture(scope="module")
 def judge_url():
     server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
