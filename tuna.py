@@ -1,15 +1,19 @@
 """Tuna: instruction tuning with ranking feedback from LLMs (Li et al., EMNLP 2023), as one explicit loop.
 
-    python tuna.py sft      --init LLAMA_DIR --data alpaca_data.json --out runs/alpaca  # Alpaca baseline
-    python tuna.py rank     --init runs/alpaca --data ranked.jsonl --out runs/tuna_p     # Tuna_p, lr 1e-5
+    # the Alpaca baseline; then Tuna_p (lr 1e-5)
+    python tuna.py sft --init LLAMA_DIR --data alpaca_data.json --out runs/alpaca
+    python tuna.py rank --init runs/alpaca --data ranked.jsonl --out runs/tuna_p
+    # Tuna_p, then Tuna, in one command
     python tuna.py pipeline --init runs/alpaca --probabilistic-data p.jsonl \
-                            --contextual-data c.jsonl --out runs/tuna                     # Tuna_p, then Tuna
-    torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]                                 # several GPUs
-    python tuna.py rank ... --resume                                                      # after a kill
+        --contextual-data c.jsonl --out runs/tuna
+    # several GPUs; after a kill
+    torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]
+    python tuna.py rank ... --resume
 
-Read from the top: the method's fixed values, the objective (scores, ranking loss, MLE term), prefix
-sharing (an instruction's prompt and its K responses in one row), the training loop (setup, then one
-train_step), and below it the plumbing: run folders and checkpoints, several GPUs, LoRA, the command line.
+Read from the top: the method's fixed values, the objective (scores, ranking loss, MLE
+term), prefix sharing (an instruction's prompt and its K responses in one row), the
+training loop (setup, then one train_step), and below it the plumbing: run folders and
+checkpoints, several GPUs, LoRA, the command line.
 The whole method offline on a CPU, with a results table: python demo.py --out runs/demo
 """
 import argparse
@@ -33,19 +37,19 @@ import torch.nn.functional as F
 import data
 import model as llama
 
-# ============================================================================ the method's fixed values
+# ==== the method's fixed values, with their sources
 # The paper's method and the authors' code (LMOps tuna/src/train_tuna.py,
 # TrainingArguments; tuna/src/train_tuna.sh): the same for both rankings.
-MARGIN = 0.1                    # m: the ranking margin, grown linearly with the rank distance d
-MLE_WEIGHT = 1.0                # w_mle in L = w_mle * L_MLE + L_rank
-LENGTH_PENALTY = 1.0            # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
-MAX_LEN = 512                   # tokens of prompt + one response; longer ones are cut on the right
+MARGIN = 0.1          # m: the ranking margin, grown linearly with the rank distance d
+MLE_WEIGHT = 1.0      # w_mle in L = w_mle * L_MLE + L_rank
+LENGTH_PENALTY = 1.0  # s_i = (log-prob sum of r_i) / (its token count) ** LENGTH_PENALTY
+MAX_LEN = 512         # tokens of prompt + one response; longer ones are cut on the right
 # Tuna_p from SFT, then Tuna_c from Tuna_p
 RANK_LR = {"probabilistic": 1e-5, "contextual": 1e-6}
 # instructions per step (the authors': per GPU; their GPU count is not stated)
 RANK_BATCH_SIZE = 16
 RANK_EPOCHS = 1
-RANK_WARMUP_STEPS = 2           # linear warm-up, then cosine decay
+RANK_WARMUP_STEPS = 2  # linear warm-up, then cosine decay
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.0
@@ -57,18 +61,23 @@ SFT_WARMUP_RATIO = 0.03
 # Not set by the authors: the Hugging Face Trainer default their runs and Alpaca's inherit.
 GRAD_CLIP = 1.0
 
-# ============================================================================ 1. the objective
 
-def candidate_scores(token_logprobs, token_candidate, num_candidates, length_penalty=LENGTH_PENALTY):
+# ==== 1. the objective: candidate scores, the ranking loss, the MLE term
+
+def candidate_scores(token_logprobs, token_candidate, num_candidates,
+                     length_penalty=LENGTH_PENALTY):
     """s_k = (sum of log p over candidate k's response tokens) / (its token count) ** length_penalty.
 
     token_logprobs, token_candidate: (B, N), each scored token's log-prob and its
     candidate (-1 = padding, whose log-prob is 0). Returns (B, K). Length normalization,
     exponent 1 (LMOps tuna/src/custom.py, TunaTrainer.compute_loss: token_lprobs)."""
-    column = token_candidate + 1                             # column 0 collects the padding, dropped
-    zeros = token_logprobs.new_zeros(token_logprobs.shape[0], num_candidates + 1)
+    # column 0 collects the padding, dropped below
+    column = token_candidate + 1
+    batch_size = token_logprobs.shape[0]
+    zeros = token_logprobs.new_zeros(batch_size, num_candidates + 1)
     sums = zeros.scatter_add(1, column, token_logprobs)[:, 1:]
-    lengths = zeros.scatter_add(1, column, torch.ones_like(token_logprobs))[:, 1:]
+    ones = torch.ones_like(token_logprobs)
+    lengths = zeros.scatter_add(1, column, ones)[:, 1:]
     return sums / lengths.clamp(min=1) ** length_penalty
 
 
@@ -84,12 +93,17 @@ def rank_loss(scores, candidate_mask, margin=MARGIN, pair_counts=None):
     count of the whole optimizer step (all micro-batches, all processes), so that
     splitting a batch never changes its loss or gradient."""
     loss = scores.new_zeros(())
-    for d in range(1, scores.shape[1]):                      # rank distance d; each term is (B, K-d)
+    # rank distance d; each term is (B, K-d)
+    for d in range(1, scores.shape[1]):
         better = scores[:, :-d]
         worse = scores[:, d:]
         valid = candidate_mask[:, :-d] & candidate_mask[:, d:]
-        hinge = torch.clamp(worse - better + margin * d, min=0) * valid
-        count = valid.sum().clamp(min=1) if pair_counts is None else max(pair_counts[d - 1], 1)
+        violation = worse - better + margin * d
+        hinge = torch.clamp(violation, min=0) * valid
+        if pair_counts is None:
+            count = valid.sum().clamp(min=1)
+        else:
+            count = max(pair_counts[d - 1], 1)
         loss = loss + hinge.sum() / count
     return loss
 
@@ -99,15 +113,21 @@ def mle_loss(token_logprobs, token_candidate, best_only=False, token_count=None)
     (the authors' code: Hugging Face's loss over the B*K rows) or of the best one only (a
     paper reading). token_count, when given, is the count of the whole optimizer step (see
     rank_loss)."""
+    # the best candidate is number 0; padding is -1
     used = (token_candidate == 0) if best_only else (token_candidate >= 0)
-    count = used.sum().clamp(min=1) if token_count is None else max(token_count, 1)
+    if token_count is None:
+        count = used.sum().clamp(min=1)
+    else:
+        count = max(token_count, 1)
     return -(token_logprobs * used).sum() / count
 
 
-def tuna_loss(token_logprobs, token_candidate, candidate_mask, margin=MARGIN, mle_weight=MLE_WEIGHT,
-              length_penalty=LENGTH_PENALTY, mle_best_only=False, token_count=None, pair_counts=None):
+def tuna_loss(token_logprobs, token_candidate, candidate_mask, margin=MARGIN,
+              mle_weight=MLE_WEIGHT, length_penalty=LENGTH_PENALTY, mle_best_only=False,
+              token_count=None, pair_counts=None):
     """L = w_mle * L_MLE + L_rank -> (L, L_MLE, L_rank). SFT is the case K = 1: no pairs, L = L_MLE."""
-    scores = candidate_scores(token_logprobs, token_candidate, candidate_mask.shape[1], length_penalty)
+    num_candidates = candidate_mask.shape[1]
+    scores = candidate_scores(token_logprobs, token_candidate, num_candidates, length_penalty)
     mle = mle_loss(token_logprobs, token_candidate, mle_best_only, token_count)
     rank = rank_loss(scores, candidate_mask, margin, pair_counts)
     return mle_weight * mle + rank, mle, rank
@@ -115,12 +135,15 @@ def tuna_loss(token_logprobs, token_candidate, candidate_mask, margin=MARGIN, ml
 
 def step_normalizers(examples, mle_best_only=False):
     """(response tokens, pairs per rank distance) of a whole optimizer step, for mle/rank_loss."""
-    tokens = sum(sum(1 for c in e["candidate"] if c == 0 or not mle_best_only) for e in examples)
-    max_k = max(e["num_candidates"] for e in examples)
-    return tokens, [sum(max(e["num_candidates"] - d, 0) for e in examples) for d in range(1, max_k)]
+    candidates = [c for e in examples for c in e["candidate"]]
+    tokens = sum(1 for c in candidates if c == 0 or not mle_best_only)
+    counts = [e["num_candidates"] for e in examples]
+    # rank distance d pairs candidate j with j + d: K - d pairs among K candidates
+    pairs = [sum(max(k - d, 0) for k in counts) for d in range(1, max(counts))]
+    return tokens, pairs
 
 
-# ============================================================================ 2. prefix sharing
+# ==== 2. prefix sharing: an instruction's prompt once, then its K responses, in one row
 
 def pack_example(prompts, responses):
     """One instruction's K candidates as one row: the shared prompt once, then each response.
@@ -133,19 +156,31 @@ def pack_example(prompts, responses):
     every response sees exactly what it would see alone in its own row: the naive K-row
     computation without K copies of the prompt. Scored tokens: the logits at row index
     `source` predict `target`, a token of candidate `candidate`."""
+    # the prompts' longest common prefix
     shared = 0
     while all(len(p) > shared for p in prompts) and len({p[shared] for p in prompts}) == 1:
         shared += 1
-    row = {"tokens": list(prompts[0][:shared]), "positions": list(range(shared)), "segment": [0] * shared,
-           "source": [], "target": [], "candidate": [], "num_candidates": len(prompts)}
+    row = {
+        "tokens": list(prompts[0][:shared]),
+        "positions": list(range(shared)),
+        "segment": [0] * shared,
+        "source": [],
+        "target": [],
+        "candidate": [],
+        "num_candidates": len(prompts),
+    }
     for k, (prompt, response) in enumerate(zip(prompts, responses)):
         sequence = prompt + response
+        # this candidate's segment: the rest of its prompt, then its response
+        own = sequence[shared:]
         start = len(row["tokens"])
-        row_index = list(range(shared)) + list(range(start, start + len(sequence) - shared))
-        row["tokens"] += sequence[shared:]
+        # where each token of `sequence` sits in the row
+        row_index = list(range(shared)) + list(range(start, start + len(own)))
+        row["tokens"] += own
         row["positions"] += range(shared, len(sequence))
-        row["segment"] += [k + 1] * (len(sequence) - shared)
-        for p in range(len(prompt), len(sequence)):          # response tokens only are scored
+        row["segment"] += [k + 1] * len(own)
+        # response tokens only are scored
+        for p in range(len(prompt), len(sequence)):
             row["source"].append(row_index[p - 1])
             row["target"].append(sequence[p])
             row["candidate"].append(k)
@@ -161,23 +196,31 @@ def collate(rows, pad_id, device="cpu"):
     T = max(len(r["tokens"]) for r in rows)
     N = max(len(r["target"]) for r in rows)
     K = max(r["num_candidates"] for r in rows)
-    batch = {"tokens": torch.full((B, T), pad_id), "positions": torch.zeros(B, T, dtype=torch.long),
-             "segment": torch.full((B, T), -1), "source": torch.zeros(B, N, dtype=torch.long),
-             "target": torch.zeros(B, N, dtype=torch.long), "candidate": torch.full((B, N), -1)}
-    for b, r in enumerate(rows):
-        for key in ("tokens", "positions", "segment", "source", "target", "candidate"):
-            batch[key][b, :len(r[key])] = torch.tensor(r[key], dtype=torch.long)
+    batch = {
+        "tokens": torch.full((B, T), pad_id),
+        "positions": torch.zeros(B, T, dtype=torch.long),
+        "segment": torch.full((B, T), -1),
+        "source": torch.zeros(B, N, dtype=torch.long),
+        "target": torch.zeros(B, N, dtype=torch.long),
+        "candidate": torch.full((B, N), -1),
+    }
+    for b, row in enumerate(rows):
+        for key, padded in batch.items():
+            padded[b, :len(row[key])] = torch.tensor(row[key], dtype=torch.long)
     counts = torch.tensor([r["num_candidates"] for r in rows])
-    batch["candidate_mask"] = torch.arange(K)[None, :] < counts[:, None]                # (B, K)
+    batch["candidate_mask"] = torch.arange(K)[None, :] < counts[:, None]  # (B, K)
     batch = {key: value.to(device) for key, value in batch.items()}
     batch["mask"] = None
     if K > 1:
-        seg = batch["segment"]
+        segment = batch["segment"]
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)    # (B, T, T)
-        batch["mask"] = (causal & visible)[:, None]                                # (B, 1, T, T)
+        same_segment = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+        shared_prompt = segment[:, None, :] == 0                   # (B, 1, T)
+        visible = same_segment | shared_prompt
+        batch["mask"] = (causal & visible)[:, None]  # (B, 1, T, T)
     else:
-        batch["positions"] = None                                                  # default arange
+        # the model's default positions: arange
+        batch["positions"] = None
     return batch
 
 
@@ -186,40 +229,45 @@ def score_tokens(model, batch):
     the positions that predict a scored token go through the vocabulary-sized output layer
     (output_positions), which skips prompts and padding, and only a chunk of them at a
     time (model.chunked_token_logprobs)."""
-    token_logprobs = model(batch["tokens"], batch["positions"], batch["mask"],  # chunk by chunk: never
-                           output_positions=batch["source"], targets=batch["target"])  # (B, N, vocab) whole
-    return token_logprobs * (batch["candidate"] >= 0)                                       # (B, N)
+    # chunk by chunk: never the whole (B, N, vocab)
+    token_logprobs = model(batch["tokens"], batch["positions"], batch["mask"],
+                           output_positions=batch["source"], targets=batch["target"])
+    scored = batch["candidate"] >= 0
+    return token_logprobs * scored  # (B, N)
 
 
-# ============================================================================ 3. the training loop
+# ==== 3. the training loop: one optimizer step, then the loop over steps
 
 def train_step(run, step, batch_rows):
     """One optimizer step on one batch of instructions -> the step's loss terms, gradient norm and lr."""
     # the whole step's token and pair counts: micro-batches and processes then never change the loss
     token_count, pair_counts = step_normalizers(batch_rows, run.args.mle_best_only)
     mine = batch_rows[run.process_rank::run.world_size]
-    parts = torch.zeros(3, device=run.device)                  # loss, MLE, ranking term of the whole step
+    # loss, MLE, ranking term of the whole step
+    parts = torch.zeros(3, device=run.device)
     for i in range(run.micro_batches):
         start = i * len(mine) // run.micro_batches
         stop = (i + 1) * len(mine) // run.micro_batches
         batch = collate(mine[start:stop], run.pad_id, run.device)
-        with gradient_sync(run.wrapped, i == run.micro_batches - 1):
+        last_micro_batch = i == run.micro_batches - 1
+        with gradient_sync(run.wrapped, last_micro_batch):
             with autocast(run):
-                # forward: the log-prob of every response token; an instruction's candidates share one row
+                # forward: every response token's log-prob; an instruction's candidates share a row
                 token_logprobs = score_tokens(run.wrapped, batch)
                 # both loss terms: L = w_mle * L_MLE + L_rank
                 loss, mle, rank = tuna_loss(
                     token_logprobs, batch["candidate"], batch["candidate_mask"],
                     mle_best_only=run.args.mle_best_only,
                     token_count=token_count, pair_counts=pair_counts)
-            # backward: DDP and FSDP average gradients over processes, but the step's loss is their sum
+            # backward: DDP and FSDP average the processes' gradients; the step's loss is their sum
             (loss * run.world_size).backward()
         parts += torch.stack([loss, mle, rank]).detach()
     if run.world_size > 1:
         dist.all_reduce(parts)
     # clip; a non-finite loss or gradient stops the run before it reaches the weights
     grad_norm = clip_gradients(run.net, GRAD_CLIP)
-    refuse_non_finite(run, step, batch_rows, parts[0].item(), grad_norm)
+    step_loss = parts[0].item()
+    refuse_non_finite(run, step, batch_rows, step_loss, grad_norm)
     # step, at the scheduled learning rate
     lr = learning_rate(step, run.total_steps, run.args.lr, run.warmup_steps)
     for group in run.optimizer.param_groups:
@@ -239,18 +287,21 @@ def train(args, kind):
             # left by a kill
             shutil.rmtree(os.path.join(run.out, "checkpoints"), ignore_errors=True)
         return run.out
+    # only now: a run that failed in setup() left nothing behind
     if is_main():
-        open_run_folder(run)                 # only now: a run that failed in setup() left nothing behind
+        open_run_folder(run)
+    layout = f"{run.world_size} process(es) x {run.micro_batches} micro-batch(es)"
     log(f"tuna.py {kind}: {len(run.rows)} examples, {run.total_steps} steps of {args.batch_size} "
-        f"({run.world_size} process(es) x {run.micro_batches} micro-batch(es)), from step {run.start_step}, "
-        f"in {run.out}")
+        f"({layout}), from step {run.start_step}, in {run.out}")
     began = time.time()
     for step in range(run.start_step, run.total_steps):
         batch_rows = step_rows(run, step)
         values = train_step(run, step, batch_rows)
         record_step(run, step, batch_rows, began, values)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps:
-            save_checkpoint(run, step + 1)
+        done = step + 1
+        save_due = args.save_every and done % args.save_every == 0
+        if save_due and done < run.total_steps:
+            save_checkpoint(run, done)
     save_checkpoint(run, run.total_steps, finished=True)
     log(f"saved {run.out}")
     if dist.is_initialized():
