@@ -358,43 +358,21 @@ def setup(args, kind):
     # data: every process packs all rows, then takes its share of each batch (train_step)
     # a folder: its tokenizer.model, else tokenizer.json
     tok = data.Tokenizer(args.tokenizer or args.init)
-    run.tokenizer_files, run.tokenizer_path = tok.files, tok.path
-    run.pad_id, run.rows = tok.pad_id, load_rows(args.data, tok, kind)
-    micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / world_size)
-    run.micro_batches = math.ceil(args.batch_size / (world_size * micro_batch_size))
-    full_batches, rest = divmod(len(run.rows), args.batch_size)
-    # else the rest is dropped
-    run.steps_per_epoch = full_batches + (rest >= world_size * run.micro_batches)
-    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    if run.total_steps == 0:
-        raise TrainingError(f"{args.data}: {len(run.rows)} usable example(s), fewer than one batch of "
-                            f"{min(args.batch_size, world_size * run.micro_batches)}")
-    run.warmup_steps = RANK_WARMUP_STEPS if kind == "rank" else round(SFT_WARMUP_RATIO * run.total_steps)
+    run.tokenizer_files = tok.files
+    run.tokenizer_path = tok.path
+    run.pad_id = tok.pad_id
+    run.rows = load_rows(args.data, tok, kind)
+    micro_batch_size = plan_steps(run)
     # model: from the last checkpoint when resumed (LoRA: the base model, then the adapters' state)
     checkpoint = latest_checkpoint(out) if run.state == "resume" else None
     state = read_training_state(checkpoint) if checkpoint else None
-    weights_dtype, autocast_dtype = PRECISIONS[args.precision]
-    if args.autocast and autocast_dtype is None:
-        raise TrainingError(f"--autocast needs --precision bf16-mixed (not {args.precision})")
-    # bf16-mixed autocasts on CUDA; --autocast / --no-autocast choose on any device (a CPU then runs CUDA's)
-    run.autocast_dtype = autocast_dtype if on_cuda_unless_told(args.autocast, device) else None
-    start_from = checkpoint if checkpoint and not args.lora_rank else args.init
-    net = llama.load_checkpoint(start_from, device, weights_dtype)
-    check_fits(net, tok, run)
-    if args.lora_rank:
-        add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-        if state:
-            net.load_state_dict(state["lora"], strict=False)
-    net.train()
+    net = load_model(run, tok, checkpoint, state)
     run.peak_tflops = peak_tflops(device, args.peak_tflops)
-    net.gradient_checkpointing = broadcast_outcome(lambda: choose_checkpointing(run, net, micro_batch_size))
-    run.net, run.wrapped = net, wrap_model(net, world_size, device, args.fsdp)
-    # optimizer: AdamW (the authors' optim=adamw_torch); the fused kernel on CUDA,
-    # or where --fused-adam / --no-fused-adam say
-    params = [p for p in net.parameters() if p.requires_grad]
-    fused = on_cuda_unless_told(args.fused_adam, device)
-    run.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                      weight_decay=WEIGHT_DECAY, fused=fused)
+    checkpointing = broadcast_outcome(lambda: choose_checkpointing(run, net, micro_batch_size))
+    net.gradient_checkpointing = checkpointing
+    run.net = net
+    run.wrapped = wrap_model(net, world_size, device, args.fsdp)
+    run.optimizer = make_optimizer(net, args, device)
     if state:
         restore_training_state(run, state)
     return run
@@ -407,38 +385,102 @@ def load_rows(path, tok, kind):
     that cannot keep one response token within MAX_LEN is dropped; the rest keep their
     order. A candidate that a token limit cut when it was generated (source["unfinished"])
     is trained without EOS: the model must not learn to stop there."""
-    if kind == "sft":
-        items = [(str(i), data.alpaca_prompt(e["instruction"], e["input"]), [e["output"]], [])
-                 for i, e in enumerate(data.read_alpaca(path))]
-    elif str(path).endswith(".jsonl"):
-        items = [(r.id, r.prompt, r.candidates, r.source.get("unfinished", []))
-                 for r in data.read_ranked_jsonl(path)]
-    else:
-        bad = []
-        records = data.read_authors_ranking(path, skipped=bad)
-        items = [(r.id, r.prompt, r.candidates, []) for r in records]
-        if bad:
-            log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     rows = []
     dropped = 0
     skipped = 0
-    for record_id, prompt, candidates, unfinished in items:
-        pairs = [data.encode_prompt_response(tok, prompt, c, MAX_LEN, finished=k not in unfinished)
-                 for k, c in enumerate(candidates)]
+    for record_id, prompt, candidates, unfinished in read_records(path, kind):
+        pairs = []
+        for k, candidate in enumerate(candidates):
+            finished = k not in unfinished
+            pair = data.encode_prompt_response(tok, prompt, candidate, MAX_LEN, finished=finished)
+            pairs.append(pair)
         kept = [p for p in pairs if p is not None]
         dropped += len(pairs) - len(kept)
         if not kept:
             skipped += 1
             continue
-        row = pack_example([p for p, _ in kept], [r for _, r in kept])
+        prompt_ids = [ids for ids, _ in kept]
+        response_ids = [ids for _, ids in kept]
+        row = pack_example(prompt_ids, response_ids)
         row["id"] = record_id
         rows.append(row)
     if dropped:
-        log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: prompt longer than "
-            f"{MAX_LEN} tokens")
+        log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: "
+            f"prompt longer than {MAX_LEN} tokens")
     if not rows:
         raise data.DataError(f"{path}: no usable record")
     return rows
+
+
+def read_records(path, kind):
+    """(id, prompt, candidates best first, indices of unfinished candidates) of each record."""
+    if kind == "sft":
+        records = []
+        for i, example in enumerate(data.read_alpaca(path)):
+            prompt = data.alpaca_prompt(example["instruction"], example["input"])
+            records.append((str(i), prompt, [example["output"]], []))
+        return records
+    if str(path).endswith(".jsonl"):
+        ranked = data.read_ranked_jsonl(path)
+        return [(r.id, r.prompt, r.candidates, r.source.get("unfinished", [])) for r in ranked]
+    bad = []
+    ranked = data.read_authors_ranking(path, skipped=bad)
+    if bad:
+        log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
+    return [(r.id, r.prompt, r.candidates, []) for r in ranked]
+
+
+def plan_steps(run):
+    """Micro-batches per step, steps per epoch and in all, warm-up steps; -> the micro-batch size."""
+    args = run.args
+    processes = run.world_size
+    micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / processes)
+    run.micro_batches = math.ceil(args.batch_size / (processes * micro_batch_size))
+    full_batches, rest = divmod(len(run.rows), args.batch_size)
+    # a last, partial batch counts if every micro-batch of every process gets a row; else dropped
+    run.steps_per_epoch = full_batches + (rest >= processes * run.micro_batches)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    if run.total_steps == 0:
+        smallest_batch = min(args.batch_size, processes * run.micro_batches)
+        raise TrainingError(f"{args.data}: {len(run.rows)} usable example(s), "
+                            f"fewer than one batch of {smallest_batch}")
+    if run.kind == "rank":
+        run.warmup_steps = RANK_WARMUP_STEPS
+    else:
+        run.warmup_steps = round(SFT_WARMUP_RATIO * run.total_steps)
+    return micro_batch_size
+
+
+def load_model(run, tok, checkpoint, state):
+    """The model in --precision's dtype, LoRA adapters added if asked, in training mode."""
+    args = run.args
+    weights_dtype, autocast_dtype = PRECISIONS[args.precision]
+    if args.autocast and autocast_dtype is None:
+        raise TrainingError(f"--autocast needs --precision bf16-mixed (not {args.precision})")
+    # bf16-mixed autocasts on CUDA; --autocast / --no-autocast choose on any device
+    # (a CPU then runs CUDA's)
+    if on_cuda_unless_told(args.autocast, run.device):
+        run.autocast_dtype = autocast_dtype
+    # LoRA resumes from the base model: the adapters' state is in training_state.pt
+    start_from = checkpoint if checkpoint and not args.lora_rank else args.init
+    net = llama.load_checkpoint(start_from, run.device, weights_dtype)
+    check_fits(net, tok, run)
+    if args.lora_rank:
+        targets = args.lora_targets.split(",")
+        add_lora(net, args.lora_rank, args.lora_alpha, targets)
+        if state:
+            net.load_state_dict(state["lora"], strict=False)
+    net.train()
+    return net
+
+
+def make_optimizer(net, args, device):
+    """AdamW (the authors' optim=adamw_torch) over the trainable weights; the fused kernel
+    on CUDA, or where --fused-adam / --no-fused-adam say."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    fused = on_cuda_unless_told(args.fused_adam, device)
+    return torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                             weight_decay=WEIGHT_DECAY, fused=fused)
 
 
 def step_rows(run, step):
@@ -449,7 +491,9 @@ def step_rows(run, step):
     shuffle = torch.Generator().manual_seed(run.args.seed + epoch)
     order = torch.randperm(len(run.rows), generator=shuffle)
     batch_size = run.args.batch_size
-    return [run.rows[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+    start = index * batch_size
+    chosen = order[start:start + batch_size].tolist()
+    return [run.rows[i] for i in chosen]
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps):
@@ -465,24 +509,35 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps):
 def clip_gradients(net, max_norm):
     """The total gradient norm (every shard under FSDP); clips the gradients to max_norm."""
     params = [p for p in net.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    # max_norm 0: measured, not clipped
+    limit = max_norm if max_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    # FSDP2: a sharded DTensor
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise TrainingError(
-            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1} (records "
-            f"{[r['id'] for r in batch_rows][:8]}...); stopped before the update; last good checkpoint: "
-            f"{latest_checkpoint(run.out) or run.args.init}")
+    """A NaN or inf stops the run before the update, naming the step, its records and
+    the last good checkpoint."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    record_ids = [r["id"] for r in batch_rows][:8]
+    last_good = latest_checkpoint(run.out) or run.args.init
+    raise TrainingError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1} "
+                        f"(records {record_ids}...); stopped before the update; "
+                        f"last good checkpoint: {last_good}")
 
 
-PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype)
+# --precision -> (weights' and optimizer's dtype, autocast dtype)
+PRECISIONS = {
     # float32 weights, bfloat16 matrix products (by default on CUDA only:
     # a CPU computes in float32, see --autocast)
     "bf16-mixed": (torch.float32, torch.bfloat16),
     "fp32": (torch.float32, None),
-    "bf16": (torch.bfloat16, None),                   # bfloat16 weights: half the memory, coarser updates
+    # bfloat16 weights: half the memory, coarser updates
+    "bf16": (torch.bfloat16, None),
     "fp16": (torch.float16, None),
 }
 
@@ -490,9 +545,12 @@ PRECISIONS = {  # --precision -> (weights' and optimizer's dtype, autocast dtype
 def on_cuda_unless_told(flag, device):
     """The flag if given, else on CUDA only (autocast, the fused AdamW kernel)."""
     return device.type == "cuda" if flag is None else flag
+
+
 def choose_checkpointing(run, net, micro_batch_size):
-    """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest micro-batch this run
-    can meet (micro_batch_size rows, each padded to the longest row), logged with its figures."""
+    """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest
+    micro-batch this run can meet (micro_batch_size rows, each padded to the longest row),
+    logged with its figures."""
     choice = run.args.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
@@ -503,8 +561,11 @@ def choose_checkpointing(run, net, micro_batch_size):
     free = llama.free_memory(run.device)
     on = needs_checkpointing(net.args, tokens, free, trainable, dtype_bytes)
     kept = activation_bytes(net.args, tokens, False, dtype_bytes)
-    log(f"gradient checkpointing {'on' if on else 'off'} (auto): {tokens} tokens per micro-batch keep about "
-        f"{kept / 2**30:.1f} GiB of activations without it; {free / 2**30:.1f} GiB free on {run.device.type}")
+    switch = "on" if on else "off"
+    kept_gib = kept / 2**30
+    free_gib = free / 2**30
+    log(f"gradient checkpointing {switch} (auto): {tokens} tokens per micro-batch keep about "
+        f"{kept_gib:.1f} GiB of activations without it; {free_gib:.1f} GiB free on {run.device.type}")
     return on
 
 
@@ -520,33 +581,54 @@ def record_step(run, step, batch_rows, began, values):
     if not is_main():
         return
     tokens = sum(len(r["tokens"]) for r in batch_rows)
-    model_flops, hardware_flops = step_flops(run.net, batch_rows, run.net.gradient_checkpointing)
+    recompute = run.net.gradient_checkpointing
+    model_flops, hardware_flops = step_flops(run.net, batch_rows, recompute)
     run.tokens_seen += tokens
-    run.flops_seen = (run.flops_seen[0] + model_flops, run.flops_seen[1] + hardware_flops)
+    model_flops_seen = run.flops_seen[0] + model_flops
+    hardware_flops_seen = run.flops_seen[1] + hardware_flops
+    run.flops_seen = (model_flops_seen, hardware_flops_seen)
     elapsed = time.time() - began
-    speed = dict(tokens_per_s=run.tokens_seen / elapsed, model_flops_per_token=model_flops / tokens,
+    speed = dict(tokens_per_s=run.tokens_seen / elapsed,
+                 model_flops_per_token=model_flops / tokens,
                  hardware_flops_per_token=hardware_flops / tokens)
-    if run.peak_tflops:  # the step's FLOPs over the time of all processes' devices
+    # the FLOPs done so far over what all processes' devices could do in that time
+    if run.peak_tflops:
         peak = run.peak_tflops * 1e12 * run.world_size * elapsed
-        speed.update(mfu=run.flops_seen[0] / peak, hfu=run.flops_seen[1] / peak)
-    data.append_jsonl(os.path.join(run.out, "metrics.jsonl"), [dict(
-        step=step + 1, epoch=step // run.steps_per_epoch, **values, tokens=tokens, **speed,
-        elapsed_s=elapsed)])
-    if (step + 1) % run.args.log_every == 0 or step + 1 == run.total_steps:
-        eta = elapsed / (step + 1 - run.start_step) * (run.total_steps - step - 1)
-        mfu = f", MFU {speed['mfu']:.1%} (with recomputation {speed['hfu']:.1%})" if run.peak_tflops else ""
-        log(f"step {step + 1}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, rank "
-            f"{values['rank']:.4f}) | lr {values['lr']:.2e} | {speed['tokens_per_s']:.0f} tok/s x "
-            f"{model_flops / tokens / 1e9:.3g} GFLOP/token{mfu} | ETA {data.duration_text(eta)}")
+        speed.update(mfu=model_flops_seen / peak, hfu=hardware_flops_seen / peak)
+    metrics = dict(step=step + 1, epoch=step // run.steps_per_epoch, **values,
+                   tokens=tokens, **speed, elapsed_s=elapsed)
+    data.append_jsonl(os.path.join(run.out, "metrics.jsonl"), [metrics])
+    done = step + 1
+    if done % run.args.log_every and done != run.total_steps:
+        return
+    eta = elapsed / (done - run.start_step) * (run.total_steps - done)
+    mfu = ""
+    if run.peak_tflops:
+        mfu = f", MFU {speed['mfu']:.1%} (with recomputation {speed['hfu']:.1%})"
+    gflop_per_token = model_flops / tokens / 1e9
+    log(f"step {done}/{run.total_steps} | loss {values['loss']:.4f} (mle {values['mle']:.4f}, "
+        f"rank {values['rank']:.4f}) | lr {values['lr']:.2e} | "
+        f"{speed['tokens_per_s']:.0f} tok/s x {gflop_per_token:.3g} GFLOP/token{mfu} | "
+        f"ETA {data.duration_text(eta)}")
 
 
-# ---------------------------------------------------------------------------- speed (MFU) and memory
+# ---- speed (MFU) and memory: FLOPs of a step, activations, when to recompute them
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, matched
 # in this order against torch.cuda.get_device_name (H100 PCIe before H100, L40S and L40
 # before L4); --peak-tflops supplies or overrides it.
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
-               ("L40", 181.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX A6000", 154.8))
-# Share of free memory the training step may take (the rest: the allocator's fragmentation, small tensors)
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX A6000", 154.8),
+)
+# Share of free memory the training step may take (the rest: the allocator's
+# fragmentation, small tensors)
 TRAINING_MEMORY_SHARE = 0.9
 
 
@@ -573,7 +655,9 @@ def step_flops(net, rows, recompute):
     the blocks' forward under gradient checkpointing (`recompute`) and, where the step
     scores more tokens than one chunk (model.LOGPROB_CHUNK_TOKENS), the output layer's
     (model.chunked_token_logprobs recomputes its chunks in backward)."""
-    frozen = trainable = 0  # multiply-adds per token in the blocks' linear layers
+    # multiply-adds per token in the blocks' linear layers
+    frozen = 0
+    trainable = 0
     for module in net.layers.modules():
         if isinstance(module, nn.Linear) and module.weight.requires_grad:
             trainable += module.in_features * module.out_features
@@ -581,37 +665,48 @@ def step_flops(net, rows, recompute):
             frozen += module.in_features * module.out_features
         elif isinstance(module, LoRALinear):
             trainable += module.lora_a.numel() + module.lora_b.numel()
-    a = net.args
+    shape = net.args
     tokens = sum(len(r["tokens"]) for r in rows)
-    attention = 2 * a.n_layers * a.n_heads * a.head_dim * sum(p + 1 for r in rows for p in r["positions"])
+    keys_seen = sum(p + 1 for r in rows for p in r["positions"])
+    attention = 2 * shape.n_layers * shape.n_heads * shape.head_dim * keys_seen
     scored = sum(len(r["target"]) for r in rows)
     output = net.output.in_features * net.output.out_features * scored
-    forward = (frozen + trainable) * tokens + attention + output
-    backward = forward + attention + trainable * tokens + output * net.output.weight.requires_grad
-    again = ((frozen + trainable) * tokens + attention if recompute else 0) + \
-        (output if scored > llama.LOGPROB_CHUNK_TOKENS else 0)
+    blocks = (frozen + trainable) * tokens + attention
+    forward = blocks + output
+    output_weights = output * net.output.weight.requires_grad
+    backward = forward + attention + trainable * tokens + output_weights
+    again = 0
+    if recompute:
+        again += blocks
+    if scored > llama.LOGPROB_CHUNK_TOKENS:
+        again += output
     return 2 * (forward + backward), 2 * (forward + backward + again)
 
 
 def activation_bytes(args, tokens, checkpointing, activation_dtype_bytes):
-    """What autograd keeps for backward in a step of `tokens` tokens (an estimate). Per token and block:
-    Korthikanti et al. 2022 (section 4.1) count 34 x dim bytes at 16-bit activations for a GPT block with
-    fused attention (no attention scores kept); with its 4 x dim GeLU terms (16 x dim) replaced by SwiGLU's
-    four hidden-sized tensors (gate, its SiLU, up, product) that is (9 x dim + 4 x hidden_dim) activations,
-    plus the two RMSNorms' float32 inputs (model.py normalises in float32). Gradient checkpointing keeps
+    """What autograd keeps for backward in a step of `tokens` tokens (an estimate). Per
+    token and block: Korthikanti et al. 2022 (section 4.1) count 34 x dim bytes at 16-bit
+    activations for a GPT block with fused attention (no attention scores kept); with its
+    4 x dim GeLU terms (16 x dim) replaced by SwiGLU's four hidden-sized tensors (gate, its
+    SiLU, up, product) that is (9 x dim + 4 x hidden_dim) activations, plus the two
+    RMSNorms' float32 inputs (model.py normalises in float32). Gradient checkpointing keeps
     each block's float32 input instead, and one block's whole set while it is recomputed."""
-    per_block = (9 * args.dim + 4 * args.hidden_dim) * activation_dtype_bytes + 2 * 4 * args.dim
+    activations = 9 * args.dim + 4 * args.hidden_dim
+    norm_inputs = 2 * 4 * args.dim
+    per_block = activations * activation_dtype_bytes + norm_inputs
     if checkpointing:
         return tokens * (args.n_layers * 4 * args.dim + per_block)
     return tokens * args.n_layers * per_block
 
 
 def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_dtype_bytes):
-    """--gradient-checkpointing auto: on when the activations of `tokens` tokens without it exceed what is
-    left of TRAINING_MEMORY_SHARE of free memory (measured with the weights loaded) once the trainable
-    parameters' float32 gradients and Adam's two moments (12 bytes each) are allocated."""
+    """--gradient-checkpointing auto: on when the activations of `tokens` tokens without it
+    exceed what is left of TRAINING_MEMORY_SHARE of free memory (measured with the weights
+    loaded) once the trainable parameters' float32 gradients and Adam's two moments (12
+    bytes each) are allocated."""
     budget = free_bytes * TRAINING_MEMORY_SHARE - trainable_params * 12
-    return activation_bytes(args, tokens, False, activation_dtype_bytes) > budget
+    without = activation_bytes(args, tokens, False, activation_dtype_bytes)
+    return without > budget
 
 
 # ============================================================================ 4. run folders and checkpoints
