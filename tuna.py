@@ -709,7 +709,7 @@ def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_d
     return without > budget
 
 
-# ============================================================================ 4. run folders and checkpoints
+# ==== 4. run folders and checkpoints: what a run writes, and how it resumes
 # OUT is the run folder from the first step on: run.json (the settings), metrics.jsonl,
 # and the newest checkpoints/step-N (each written to step-N.tmp and renamed: whole or
 # absent). When the run ends, the final weights are written into OUT itself, config.json
@@ -724,37 +724,49 @@ def run_settings(args, kind):
     change the math (the micro-batch size and the process count do not, see rank_loss),
     the method's constants, and the data file's SHA-256, so that --resume never continues
     a run on other data."""
-    settings = {key: getattr(args, key) for key in ("lr", "epochs", "max_steps", "batch_size", "seed",
-                                                    "precision", "lora_rank", "lora_alpha", "lora_targets",
-                                                    "mle_best_only")}
-    return dict(kind=kind, init=os.path.abspath(args.init), data=os.path.abspath(args.data),
-                data_sha256=data.file_sha256(args.data), **settings, margin=MARGIN, mle_weight=MLE_WEIGHT,
-                length_penalty=LENGTH_PENALTY, max_len=MAX_LEN, grad_clip=GRAD_CLIP)
+    names = ("lr", "epochs", "max_steps", "batch_size", "seed", "precision",
+             "lora_rank", "lora_alpha", "lora_targets", "mle_best_only")
+    settings = {name: getattr(args, name) for name in names}
+    return dict(
+        kind=kind,
+        init=os.path.abspath(args.init),
+        data=os.path.abspath(args.data),
+        data_sha256=data.file_sha256(args.data),
+        **settings,
+        margin=MARGIN,
+        mle_weight=MLE_WEIGHT,
+        length_penalty=LENGTH_PENALTY,
+        max_len=MAX_LEN,
+        grad_clip=GRAD_CLIP,
+    )
 
 
 def run_folder_state(out, settings, args):
-    """What to do with OUT, without changing it: "new" (absent, or --overwrite), "resume" (--resume on an
-    unfinished run with the same settings) or "done" (--resume on a finished one). Anything else is refused:
-    an existing run is never replaced silently."""
+    """What to do with OUT, without changing it: "new" (absent, or --overwrite), "resume"
+    (--resume on an unfinished run with the same settings) or "done" (--resume on a
+    finished one). Anything else is refused: an existing run is never replaced silently."""
     if not os.path.exists(out) or args.overwrite:
         return "new"
     if not args.resume:
-        raise TrainingError(f"{out} already exists: pass --resume to continue its run or --overwrite to "
-                            "start over")
+        raise TrainingError(f"{out} already exists: pass --resume to continue its run "
+                            "or --overwrite to start over")
     stored = os.path.join(out, "run.json")
     if not os.path.isfile(stored):
-        raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): pass --overwrite to "
-                            "replace it, or choose another --out")
+        raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): "
+                            "pass --overwrite to replace it, or choose another --out")
     try:
         with open(stored, encoding="utf-8") as f:
             previous = json.load(f)
     except ValueError as e:
         raise TrainingError(f"{stored}: not readable JSON ({e}); use --overwrite to start over") from None
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    keys = set(previous) | set(settings)
+    changed = sorted(k for k in keys if previous.get(k) != settings.get(k))
     if changed:
-        raise TrainingError(f"{stored}: this run was started with other settings ({', '.join(changed)}); "
+        names = ", ".join(changed)
+        raise TrainingError(f"{stored}: this run was started with other settings ({names}); "
                             "use --overwrite to start over")
-    return "done" if os.path.isfile(os.path.join(out, "config.json")) else "resume"
+    finished = os.path.isfile(os.path.join(out, "config.json"))
+    return "done" if finished else "resume"
 
 
 def open_run_folder(run):
@@ -768,13 +780,16 @@ def open_run_folder(run):
         elif os.path.exists(run.out):
             os.remove(run.out)
         os.makedirs(os.path.join(run.out, "checkpoints"))
-        data.write_atomic(os.path.join(run.out, "run.json"), json.dumps(run.settings, indent=2))
+        settings = json.dumps(run.settings, indent=2)
+        data.write_atomic(os.path.join(run.out, "run.json"), settings)
     else:
-        kept = [r for _, r in data.read_jsonl_log(metrics) if r.get("step", 0) <= run.start_step]
+        records = [r for _, r in data.read_jsonl_log(metrics)]
+        kept = [r for r in records if r.get("step", 0) <= run.start_step]
         data.write_atomic(metrics, (json.dumps(r) + "\n" for r in kept))
 
 
 def latest_checkpoint(out):
+    """The newest whole checkpoints/step-N of run folder `out`, or None."""
     folder = os.path.join(out, "checkpoints")
     if not os.path.isdir(folder):
         return None
@@ -788,32 +803,37 @@ def read_training_state(checkpoint):
     path = os.path.join(checkpoint, "training_state.pt")
     try:
         return torch.load(path, weights_only=True, mmap=True)
-    except Exception as e:  # torch's messages do not name the file
-        raise TrainingError(f"{path}: cannot read the training state ({type(e).__name__}: {e}); remove "
-                            f"{checkpoint} to resume from the checkpoint before it") from None
+    # torch's messages do not name the file
+    except Exception as e:
+        raise TrainingError(f"{path}: cannot read the training state ({type(e).__name__}: {e}); "
+                            f"remove {checkpoint} to resume from the checkpoint before it") from None
 
 
 def restore_training_state(run, state):
     """Optimizer moments, random states, step: the run goes on exactly where it stopped."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"], options=options)
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     run.start_step = state["step"]
 
 
 def check_fits(net, tok, run):
     """Token ids and the longest packed row must fit the model: an error, not an index error."""
-    if tok.vocab_size > net.args.vocab_size:
-        raise TrainingError(f"{run.tokenizer_path}: {tok.vocab_size} tokens, but {run.args.init} has "
-                            f"{net.args.vocab_size} embeddings")
+    shape = net.args
+    if tok.vocab_size > shape.vocab_size:
+        raise TrainingError(f"{run.tokenizer_path}: {tok.vocab_size} tokens, "
+                            f"but {run.args.init} has {shape.vocab_size} embeddings")
     longest = max(run.rows, key=lambda r: max(r["positions"]))
-    if max(longest["positions"]) >= net.args.max_seq_len:
-        raise TrainingError(f"{run.args.data}: record {longest['id']!r} needs {max(longest['positions']) + 1}"
-                            f" positions, more than {run.args.init}'s max_seq_len {net.args.max_seq_len}")
+    positions = max(longest["positions"]) + 1
+    if positions > shape.max_seq_len:
+        raise TrainingError(f"{run.args.data}: record {longest['id']!r} needs {positions} positions, "
+                            f"more than {run.args.init}'s max_seq_len {shape.max_seq_len}")
 
 
 def save_checkpoint(run, step, finished=False):
@@ -821,38 +841,55 @@ def save_checkpoint(run, step, finished=False):
     (optimizer, step, data position, random states). A step checkpoint goes to
     checkpoints/step-N.tmp, renamed when whole, and replaces the older ones; the final one
     goes into OUT itself. Every process calls it (FSDP gathers)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(run.wrapped, options=options)
-    optimizer_state = None if finished else \
-        get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
+    optimizer_state = None
+    if not finished:
+        optimizer_state = get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
     if not is_main():
         return
     checkpoints = os.path.join(run.out, "checkpoints")
-    folder = run.out if finished else os.path.join(checkpoints, f"step-{step:08d}.tmp")
+    name = f"step-{step:08d}"
+    folder = run.out if finished else os.path.join(checkpoints, name + ".tmp")
     if not finished:
-        shutil.rmtree(folder, ignore_errors=True)            # a half-written one left by a kill
+        # a half-written one left by a kill
+        shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
-    for name, source in run.tokenizer_files.items():
-        shutil.copyfile(source, os.path.join(folder, name))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    epoch, batches_done = divmod(step, run.steps_per_epoch)
-    torch.save({"step": step, "finished": finished, "optimizer": optimizer_state, "rng": rng,
-                "data_position": dict(epoch=epoch, batches_done_in_epoch=batches_done, seed=run.args.seed),
-                "lora": {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}},
-               os.path.join(folder, "training_state.pt"))
+    for file_name, source in run.tokenizer_files.items():
+        shutil.copyfile(source, os.path.join(folder, file_name))
+    state = training_state(run, step, finished, optimizer_state, model_state)
+    torch.save(state, os.path.join(folder, "training_state.pt"))
     # weights, then config.json
     llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)
     if finished:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return
-    os.rename(folder, folder[:-len(".tmp")])
-    for name in os.listdir(checkpoints):                      # keep only the newest
-        if name != f"step-{step:08d}":
-            shutil.rmtree(os.path.join(checkpoints, name))
+    os.rename(folder, os.path.join(checkpoints, name))
+    # keep only the newest
+    for older in os.listdir(checkpoints):
+        if older != name:
+            shutil.rmtree(os.path.join(checkpoints, older))
+
+
+def training_state(run, step, finished, optimizer_state, model_state):
+    """training_state.pt: what --resume needs beyond the weights (the LoRA adapters too)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    epoch, batches_done = divmod(step, run.steps_per_epoch)
+    position = dict(epoch=epoch, batches_done_in_epoch=batches_done, seed=run.args.seed)
+    lora = {k: v for k, v in model_state.items() if k.endswith((".lora_a", ".lora_b"))}
+    return {
+        "step": step,
+        "finished": finished,
+        "optimizer": optimizer_state,
+        "rng": rng,
+        "data_position": position,
+        "lora": lora,
+    }
 
 
 def is_main():
@@ -864,16 +901,18 @@ def log(message):
         print(message, file=sys.stderr, flush=True)
 
 
-# ============================================================================ 5. several processes (torchrun)
+# ==== 5. several processes (torchrun): start them, share decisions, wrap the model
 
 def start_processes(device_name=None):
-    """-> (process rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs,
-    gloo on CPUs."""
+    """-> (process rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK;
+    NCCL on GPUs, gloo on CPUs."""
     cuda = torch.cuda.is_available() and device_name != "cpu"
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    gpu_index = int(os.environ.get("LOCAL_RANK", 0))         # this process's GPU on its machine
-    device = torch.device(device_name or (f"cuda:{gpu_index}" if cuda else "cpu"))
+    # this process's GPU on its machine
+    gpu_index = int(os.environ.get("LOCAL_RANK", 0))
+    default_device = f"cuda:{gpu_index}" if cuda else "cpu"
+    device = torch.device(device_name or default_device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -917,12 +956,13 @@ def gradient_sync(wrapped, enabled):
     """Gradient accumulation: processes reduce gradients at a step's last micro-batch only."""
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return nullcontext() if enabled else wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):        # FSDP2
+    # FSDP2
+    if hasattr(wrapped, "set_requires_gradient_sync"):
         wrapped.set_requires_gradient_sync(enabled)
     return nullcontext()
 
 
-# ============================================================================ 6. LoRA (Hu et al. 2021)
+# ==== 6. LoRA (Hu et al. 2021): low-rank adapters on frozen weights, merged when saved
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen, A (r, in) random, B (out, r) zero:
@@ -931,16 +971,20 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base = base
+        self.scale = alpha / rank
         base.weight.requires_grad_(False)
         device = base.weight.device
         # float32
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))                              # as nn.Linear
+        # as nn.Linear initialises its weight
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x):
-        update = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
+        x_adapter = x.to(self.lora_a.dtype)
+        down = F.linear(x_adapter, self.lora_a)  # (..., r)
+        update = F.linear(down, self.lora_b)     # (..., out)
         return self.base(x) + (self.scale * update).to(x.dtype)
 
 
@@ -950,8 +994,9 @@ def add_lora(net, rank, alpha, targets):
     for block in net.layers:
         for parent in (block.attention, block.feed_forward):
             for name in targets:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+                layer = getattr(parent, name, None)
+                if isinstance(layer, nn.Linear):
+                    setattr(parent, name, LoRALinear(layer, rank, alpha))
 
 
 def plain_model(net, state):
@@ -965,19 +1010,21 @@ def plain_model(net, state):
             lora = net.get_submodule(prefix[:-1])
             a = state[prefix + "lora_a"]
             b = state[prefix + "lora_b"]
-            tensor = (tensor.float() + lora.scale * b.float() @ a.float()).to(tensor.dtype)
+            update = lora.scale * b.float() @ a.float()
+            tensor = (tensor.float() + update).to(tensor.dtype)
             key = prefix + "weight"
         merged[key] = tensor
     with torch.device("meta"):
         plain = llama.Transformer(net.args)
     plain.load_state_dict(merged, strict=True, assign=True)
-    plain.reset_rope(plain.tok_embeddings.weight.device)     # buffers not in the state dict
+    # buffers not in the state dict
+    plain.reset_rope(plain.tok_embeddings.weight.device)
     if net.args.tie_embeddings:
         plain.output.weight = plain.tok_embeddings.weight
     return plain
 
 
-# ============================================================================ 7. pipeline and command line
+# ==== 7. pipeline and command line: Tuna_p then Tuna_c in one command; the flags
 
 def run_pipeline(args):
     """Tuna = probabilistic ranking (lr 1e-5) from the SFT model, then contextual ranking
@@ -990,92 +1037,126 @@ def run_pipeline(args):
     # changed), so that the samples of an older Tuna_p are never trained on after a
     # retraining
     build_contextual = not args.contextual_data
-    if build_contextual and not (args.instructions and args.teacher_base_url and args.teacher_model):
-        raise TrainingError("pipeline: give --contextual-data, or --instructions, --teacher-base-url and "
-                            "--teacher-model to build it from Tuna_p's samples with teacher.py")
+    teacher_given = args.instructions and args.teacher_base_url and args.teacher_model
+    if build_contextual and not teacher_given:
+        raise TrainingError("pipeline: give --contextual-data, or --instructions, "
+                            "--teacher-base-url and --teacher-model "
+                            "to build it from Tuna_p's samples with teacher.py")
     # hours of sampling would time out the other processes
     if build_contextual and "RANK" in os.environ:
-        raise TrainingError("pipeline: under torchrun, build the contextual data first and pass "
-                            "--contextual-data")
+        raise TrainingError("pipeline: under torchrun, build the contextual data first "
+                            "and pass --contextual-data")
     tuna_p = os.path.join(out, "tuna_p")
-    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"),
-               "contextual", "--data", args.instructions, "--out", contextual, "--base-url",
-               args.teacher_base_url, "--model", args.teacher_model, "--student", tuna_p,
-               "--student-batch-size", str(args.student_batch_size), *shlex.split(args.teacher_args)
-               ] if build_contextual else None
-    # what the contextual teacher will be sent and cost; nothing trained, nothing sent
+    command = contextual_command(args, contextual, tuna_p) if build_contextual else None
     if args.dry_run:
-        if not build_contextual:
-            log("pipeline --dry-run: --contextual-data is given, so no teacher request would be sent")
-            return None
-        log("pipeline --dry-run: Tuna_p and Tuna are not trained; the contextual teacher's requests:")
-        prices = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
-                  ("count_tokenizer", "price_per_1m_input", "price_per_1m_output") if getattr(args, name)]
-        if subprocess.run(command + ["--dry-run", *prices]).returncode != 0:
-            raise TrainingError("pipeline --dry-run: teacher.py contextual --dry-run failed (above)")
-        return None
+        return pipeline_dry_run(args, command)
     # the teacher is asked only after hours of training: check it first (reachable, key, model, chat)
     if build_contextual and subprocess.run(command + ["--preflight-only"]).returncode != 0:
-        raise TrainingError("pipeline: the contextual teacher failed its pre-flight check (above); nothing "
-                            "was trained")
+        raise TrainingError("pipeline: the contextual teacher failed its pre-flight check (above); "
+                            "nothing was trained")
     stage = argparse.Namespace(**vars(args))
     stage.__dict__.update(out=tuna_p, data=args.probabilistic_data, lr=args.lr_probabilistic)
     tuna_p = train(stage, "rank")
     if build_contextual:
         log("pipeline: " + " ".join(shlex.quote(c) for c in command))
         if subprocess.run(command).returncode != 0:
-            raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, rerun "
-                                "with --resume")
-    stage.__dict__.update(init=tuna_p, out=os.path.join(out, "tuna"), data=contextual, lr=args.lr_contextual,
+            raise TrainingError(f"pipeline: teacher.py contextual failed; {out}/tuna_p is finished, "
+                                "rerun with --resume")
+    # Tuna_c from Tuna_p, whose checkpoint folder holds the tokenizer
+    tuna = os.path.join(out, "tuna")
+    stage.__dict__.update(init=tuna_p, out=tuna, data=contextual, lr=args.lr_contextual,
                           tokenizer=None)
     return train(stage, "rank")
+
+
+def contextual_command(args, contextual, tuna_p):
+    """`teacher.py contextual`: Tuna_p samples answers, the teacher ranks them into `contextual`."""
+    teacher_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py")
+    return [
+        sys.executable, teacher_py, "contextual",
+        "--data", args.instructions,
+        "--out", contextual,
+        "--base-url", args.teacher_base_url,
+        "--model", args.teacher_model,
+        "--student", tuna_p,
+        "--student-batch-size", str(args.student_batch_size),
+        *shlex.split(args.teacher_args),
+    ]
+
+
+def pipeline_dry_run(args, command):
+    """What the contextual teacher will be sent and cost; nothing trained, nothing sent."""
+    if command is None:
+        log("pipeline --dry-run: --contextual-data is given, so no teacher request would be sent")
+        return None
+    log("pipeline --dry-run: Tuna_p and Tuna are not trained; the contextual teacher's requests:")
+    # the cost options given, passed on to teacher.py
+    prices = []
+    for name in ("count_tokenizer", "price_per_1m_input", "price_per_1m_output"):
+        value = getattr(args, name)
+        if value:
+            prices.append(f"--{name.replace('_', '-')}={value}")
+    if subprocess.run(command + ["--dry-run", *prices]).returncode != 0:
+        raise TrainingError("pipeline --dry-run: teacher.py contextual --dry-run failed (above)")
+    return None
 
 
 def add_training_arguments(p, kind):
     """The flags a user changes: paths, length of training, batch, LoRA, precision, run
     folder, logging, processes. The method's fixed values are the constants at the top of
     this file."""
-    lr, epochs, batch_size = (SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE) if kind == "sft" else \
-        (RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE)
-    p.add_argument("--init", required=True, help="checkpoint folder to start from (HF or Meta layout)")
-    p.add_argument("--out", required=True, help="run folder; the checkpoint (HF layout, the tokenizer's "
-                   "files beside) when finished")
+    if kind == "sft":
+        lr, epochs, batch_size = SFT_LR, SFT_EPOCHS, SFT_BATCH_SIZE
+    else:
+        lr, epochs, batch_size = RANK_LR["probabilistic"], RANK_EPOCHS, RANK_BATCH_SIZE
+    p.add_argument("--init", required=True,
+                   help="checkpoint folder to start from (HF or Meta layout)")
+    p.add_argument("--out", required=True,
+                   help="run folder; the checkpoint (HF layout, the tokenizer's files beside) "
+                   "when finished")
     if kind != "pipeline":
-        p.add_argument("--data", required=True, help="Alpaca JSON (sft); ranked .jsonl or the authors' .json")
+        p.add_argument("--data", required=True,
+                       help="Alpaca JSON (sft); ranked .jsonl or the authors' .json")
         p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --init)")
     p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="instructions per optimizer step, all "
-                   f"processes (default {batch_size})")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="instructions per forward pass (0: whole "
-                   "batch); changes memory, not the loss")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many steps (0: all epochs)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"instructions per optimizer step, all processes (default {batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=0,
+                   help="instructions per forward pass (0: whole batch); changes memory, not the loss")
     p.add_argument("--seed", type=int, default=42, help="data order and LoRA initialisation")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed",
-                   help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA (float32 on a CPU, unless "
-                   "--autocast)")
-    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, help="bf16-mixed's bfloat16 autocast "
-                   "(default: on CUDA only)")
-    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, help="AdamW's fused kernel "
-                   "(default: on CUDA only)")
+                   help="bf16-mixed: float32 weights, bfloat16 autocast on CUDA "
+                   "(float32 on a CPU, unless --autocast)")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction,
+                   help="bf16-mixed's bfloat16 autocast (default: on CUDA only)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction,
+                   help="AdamW's fused kernel (default: on CUDA only)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="auto",
-                   choices=["auto", "on", "off"], help="recompute activations in backward: on, off, or "
-                   "auto (default): on when the activations of the largest micro-batch would not fit in free "
-                   "memory (tuna.needs_checkpointing)")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, for the MFU in the log "
+                   choices=["auto", "on", "off"],
+                   help="recompute activations in backward: on, off, or auto (default): "
+                   "on when the activations of the largest micro-batch would not fit in free memory "
+                   "(tuna.needs_checkpointing)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s, for the MFU in the log "
                    "(default: tuna.PEAK_TFLOPS by GPU name; none on a CPU)")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT (or skip it if finished)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT (or skip it if finished)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--save-every", type=int, default=500, help="a checkpoint every N steps (0: none)")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="a checkpoint every N steps (0: none)")
     p.add_argument("--log-every", type=int, default=1, help="a console line every N steps")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     # a README faithfulness note: the authors' code puts MLE on every candidate
     if kind != "sft":
-        p.add_argument("--mle-best-only", action="store_true", help="MLE on the best candidate only "
+        p.add_argument("--mle-best-only", action="store_true",
+                       help="MLE on the best candidate only "
                        "(a paper reading; default: all candidates, as the authors' code)")
     else:
         p.set_defaults(mle_best_only=False)
@@ -1086,38 +1167,58 @@ def add_pipeline_arguments(p):
     p.add_argument("--probabilistic-data", required=True, help="ranked file for Tuna_p")
     p.add_argument("--lr-probabilistic", type=float, default=RANK_LR["probabilistic"])
     p.add_argument("--lr-contextual", type=float, default=RANK_LR["contextual"])
-    p.add_argument("--contextual-data", help="ranked file for Tuna_c; if absent, built from OUT/tuna_p's "
-                   "samples by `teacher.py contextual` with the --teacher-* options")
-    p.add_argument("--instructions", help="Alpaca JSON: what Tuna_p answers for contextual ranking")
-    p.add_argument("--teacher-base-url", help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
+    p.add_argument("--contextual-data",
+                   help="ranked file for Tuna_c; if absent, built from OUT/tuna_p's samples "
+                   "by `teacher.py contextual` with the --teacher-* options")
+    p.add_argument("--instructions",
+                   help="Alpaca JSON: what Tuna_p answers for contextual ranking")
+    p.add_argument("--teacher-base-url",
+                   help="OpenAI-compatible API of the ranking teacher, e.g. GPT-4's")
     p.add_argument("--teacher-model", help="teacher model name")
-    p.add_argument("--student-batch-size", type=data.rows_option, default="auto", help="rows of Tuna_p's "
-                   "samples decoding together; auto (default): as many as fit in free GPU memory")
-    p.add_argument("--teacher-args", default="", help="more `teacher.py contextual` options ('--limit 9')")
-    data.add_cost_arguments(p, "print the contextual teacher's requests, tokens and cost (teacher.py "
-                            "contextual --dry-run); train nothing, send nothing")
+    p.add_argument("--student-batch-size", type=data.rows_option, default="auto",
+                   help="rows of Tuna_p's samples decoding together; "
+                   "auto (default): as many as fit in free GPU memory")
+    p.add_argument("--teacher-args", default="",
+                   help="more `teacher.py contextual` options ('--limit 9')")
+    data.add_cost_arguments(p, "print the contextual teacher's requests, tokens and cost "
+                            "(teacher.py contextual --dry-run); train nothing, send nothing")
 
-SUBCOMMANDS = {  # name -> (help, add arguments, run)
-    "sft": ("supervised fine-tuning on Alpaca JSON (the Alpaca baseline)",
-            lambda p: add_training_arguments(p, "sft"), lambda args: train(args, "sft")),
-    "rank": ("ranking training on a ranked file (.jsonl ours, .json the authors')",
-             lambda p: add_training_arguments(p, "rank"), lambda args: train(args, "rank")),
-    "pipeline": ("Tuna: Tuna_p (lr 1e-5) then Tuna_c (lr 1e-6) in one command", add_pipeline_arguments,
-                 run_pipeline),
+
+# name -> (help, add arguments, run)
+SUBCOMMANDS = {
+    "sft": (
+        "supervised fine-tuning on Alpaca JSON (the Alpaca baseline)",
+        lambda p: add_training_arguments(p, "sft"),
+        lambda args: train(args, "sft"),
+    ),
+    "rank": (
+        "ranking training on a ranked file (.jsonl ours, .json the authors')",
+        lambda p: add_training_arguments(p, "rank"),
+        lambda args: train(args, "rank"),
+    ),
+    "pipeline": (
+        "Tuna: Tuna_p (lr 1e-5) then Tuna_c (lr 1e-6) in one command",
+        add_pipeline_arguments,
+        run_pipeline,
+    ),
 }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tuna.py", description=__doc__.split("\n\n")[0])
+    summary = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="tuna.py", description=summary)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+        subparser = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
     args = parser.parse_args(argv)
     # one writer per output folder (under torchrun, the main process holds the lock for all)
     try:
-        writes = os.environ.get("RANK", "0") == "0" and not getattr(args, "dry_run", False)
+        main_process = os.environ.get("RANK", "0") == "0"
+        writes = main_process and not getattr(args, "dry_run", False)
         with data.lock_output(args.out) if writes else nullcontext():
-            SUBCOMMANDS[args.command][2](args)
+            run_command = SUBCOMMANDS[args.command][2]
+            run_command(args)
     # DataError is a ValueError
     except (TrainingError, data.OutputLocked, OSError, ValueError) as e:
         print(f"tuna.py {args.command}: error: {e}", file=sys.stderr)
