@@ -1,13 +1,15 @@
 """Tuna: instruction tuning with ranking feedback from LLMs (Li et al., EMNLP 2023), as one explicit loop.
 
-    # the Alpaca baseline; then Tuna_p (lr 1e-5)
+    # the Alpaca baseline
     python tuna.py sft --init LLAMA_DIR --data alpaca_data.json --out runs/alpaca
+    # Tuna_p, lr 1e-5
     python tuna.py rank --init runs/alpaca --data ranked.jsonl --out runs/tuna_p
-    # Tuna_p, then Tuna, in one command
+    # Tuna_p, then Tuna
     python tuna.py pipeline --init runs/alpaca --probabilistic-data p.jsonl \
         --contextual-data c.jsonl --out runs/tuna
-    # several GPUs; after a kill
+    # several GPUs
     torchrun --nproc_per_node 8 tuna.py rank ... [--fsdp]
+    # after a kill
     python tuna.py rank ... --resume
 
 Read from the top: the method's fixed values, the objective (scores, ranking loss, MLE
