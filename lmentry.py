@@ -4,14 +4,15 @@ eval.py asks the questions and calls this file:
 
     python eval.py --checkpoints NAME=DIR --lmentry LMENTRY/data --out OUT
 
-One prediction alone: `lmentry.score_prediction("first_letter", "The first letter is a.", example)` with an
-example as LMentry's data files hold it ({"input", "metadata"}). Re-implemented from the authors' scorers
-(lmentry/scorers); score_prediction's docstring lists every difference.
+One prediction alone: `lmentry.score_prediction("first_letter", "The first letter is a.", example)`
+with an example as LMentry's data files hold it ({"input", "metadata"}). Re-implemented from the
+authors' scorers (lmentry/scorers); score_prediction's docstring lists every difference.
 
-How a scorer reads a prediction, as the authors': the prediction is normalised (strip, lowercase, one space);
-a task's negative check may rule it out at once; the simple scorer accepts the bare answer; then the task's
-phrasings ("The first letter of apple is a.") are tried, each a regex built from a template, as a whole
-prediction (certain) or anywhere in it (uncertain). A score is (score, certainty), both 0 or 1.
+How a scorer reads a prediction, as the authors': the prediction is normalised (strip, lowercase,
+one space); a task's negative check may rule it out at once; the simple scorer accepts the bare
+answer; then the task's phrasings ("The first letter of apple is a.") are tried, each a regex built
+from a template, as a whole prediction (certain) or anywhere in it (uncertain). A score is
+(score, certainty), both 0 or 1.
 """
 import json
 import os
@@ -19,33 +20,57 @@ import re
 import string
 from itertools import combinations, product
 
-CORE_TASKS = ["sentence_containing", "sentence_not_containing", "word_containing", "word_not_containing",
-              "most_associated_word", "least_associated_word", "any_words_from_category",
-              "all_words_from_category", "first_alphabetically", "more_letters", "less_letters",
-              "bigger_number", "smaller_number", "rhyming_word", "homophones", "word_after", "word_before",
-              "starts_with_word", "ends_with_word", "starts_with_letter", "ends_with_letter", "first_word",
-              "last_word", "first_letter", "last_letter"]
+# ----------------------------------------------------------------------------- the tasks and their groups
+
+CORE_TASKS = [
+    "sentence_containing", "sentence_not_containing",
+    "word_containing", "word_not_containing",
+    "most_associated_word", "least_associated_word",
+    "any_words_from_category", "all_words_from_category",
+    "first_alphabetically",
+    "more_letters", "less_letters",
+    "bigger_number", "smaller_number",
+    "rhyming_word", "homophones",
+    "word_after", "word_before",
+    "starts_with_word", "ends_with_word",
+    "starts_with_letter", "ends_with_letter",
+    "first_word", "last_word",
+    "first_letter", "last_letter",
+]
 # The argument-content files: a task's examples split by how hard their arguments are (robustness).
-ARGUMENT_SUBSETS = {"first_alphabetically": ["far_first_letter", "different_first_letter",
-                                             "consecutive_first_letter", "same_first_letter"],
-                    "all_words_from_category": ["0_distractors", "1_distractors", "2_distractors"],
-                    "any_words_from_category": ["5_distractors", "4_distractors", "3_distractors"],
-                    "rhyming_word": ["orthographically_similar", "orthographically_different"],
-                    "more_letters": ["length_diff_3plus", "length_diff_1"],
-                    "less_letters": ["length_diff_3plus", "length_diff_1"]}
-ARGUMENT_ORDER_TASKS = ["more_letters", "less_letters", "first_alphabetically", "rhyming_word", "homophones",
-                        "bigger_number", "smaller_number"]
-ADJACENT_TASKS = [("bigger_number", "smaller_number"), ("more_letters", "less_letters"),
-                  ("word_after", "word_before"), ("most_associated_word", "least_associated_word"),
-                  ("any_words_from_category", "all_words_from_category"),
-                  ("sentence_containing", "sentence_not_containing"),
-                  ("word_containing", "word_not_containing"),
-                  ("starts_with_word", "starts_with_letter"), ("ends_with_word", "ends_with_letter"),
-                  ("sentence_containing", "word_containing"),
-                  ("sentence_not_containing", "word_not_containing"),
-                  ("first_word", "first_letter"), ("last_word", "last_letter"),
-                  ("starts_with_word", "ends_with_word"), ("starts_with_letter", "ends_with_letter"),
-                  ("first_word", "last_word"), ("first_letter", "last_letter")]
+ARGUMENT_SUBSETS = {
+    "first_alphabetically": [
+        "far_first_letter", "different_first_letter", "consecutive_first_letter", "same_first_letter"],
+    "all_words_from_category": ["0_distractors", "1_distractors", "2_distractors"],
+    "any_words_from_category": ["5_distractors", "4_distractors", "3_distractors"],
+    "rhyming_word": ["orthographically_similar", "orthographically_different"],
+    "more_letters": ["length_diff_3plus", "length_diff_1"],
+    "less_letters": ["length_diff_3plus", "length_diff_1"],
+}
+ARGUMENT_ORDER_TASKS = [
+    "more_letters", "less_letters",
+    "first_alphabetically", "rhyming_word", "homophones",
+    "bigger_number", "smaller_number",
+]
+ADJACENT_TASKS = [
+    ("bigger_number", "smaller_number"),
+    ("more_letters", "less_letters"),
+    ("word_after", "word_before"),
+    ("most_associated_word", "least_associated_word"),
+    ("any_words_from_category", "all_words_from_category"),
+    ("sentence_containing", "sentence_not_containing"),
+    ("word_containing", "word_not_containing"),
+    ("starts_with_word", "starts_with_letter"),
+    ("ends_with_word", "ends_with_letter"),
+    ("sentence_containing", "word_containing"),
+    ("sentence_not_containing", "word_not_containing"),
+    ("first_word", "first_letter"),
+    ("last_word", "last_letter"),
+    ("starts_with_word", "ends_with_word"),
+    ("starts_with_letter", "ends_with_letter"),
+    ("first_word", "last_word"),
+    ("first_letter", "last_letter"),
+]
 QUOTES = r"[\"'\.,]*"
 # the authors' [^a-zA-Z0-9_], which survives lowercasing (see pattern_match)
 NOT_WORD = "[^a-z0-9_]"
@@ -58,7 +83,8 @@ def normalize(text):
 
 
 def quoted(word, noun="word"):
-    """`word` as the authors accept it: optionally "the word " before it, quotes, periods, commas around."""
+    """`word` as the authors accept it: optionally "the word " before it, quotes, periods,
+    commas around."""
     return rf"(the {noun} )?{QUOTES}\b{word}\b{QUOTES}"
 
 
@@ -66,39 +92,54 @@ def quoted_sentence(sentence):
     return rf"((the sentence )?{QUOTES}{sentence}{QUOTES}|the sentence)"
 
 
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen").split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
 def number_words(n):
     """English words for 0 <= n < 10**6 as num2words writes them ("one hundred and five",
     "two thousand, three hundred and forty-one"); LMentry's numbers are far smaller."""
-    ones = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-            "sixteen seventeen eighteen nineteen").split()
-    tens = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
     if n < 0:
         return "minus " + number_words(-n)
     if n < 20:
-        return ones[n]
+        return ONES[n]
     if n < 100:
-        return tens[n // 10] + ("-" + ones[n % 10] if n % 10 else "")
+        unit = n % 10
+        return TENS[n // 10] + ("-" + ONES[unit] if unit else "")
     if n < 1000:
-        return ones[n // 100] + " hundred" + (" and " + number_words(n % 100) if n % 100 else "")
+        rest = n % 100
+        return ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
     rest = n % 1000
-    joint = "" if not rest else (", " if rest >= 100 else " and ") + number_words(rest)
-    return number_words(n // 1000) + " thousand" + joint
+    if not rest:
+        return number_words(n // 1000) + " thousand"
+    joint = ", " if rest >= 100 else " and "
+    return number_words(n // 1000) + " thousand" + joint + number_words(rest)
+
+
+def number_regex(n):
+    """The number n in digits or in words (with or without the hyphen)."""
+    words = number_words(int(n))
+    return rf"(\b{n}\b|{words}|{words.replace('-', ' ')})"
 
 
 def quoted_number(n):
-    """The number n in digits or in words (with or without the hyphen)."""
-    words = number_words(int(n))
-    return quoted(rf"(\b{n}\b|{words}|{words.replace('-', ' ')})", "number")
+    return quoted(number_regex(n), "number")
 
 
 def answer_phrasings(answer):
     """The answer phrasings every task accepts (lmentry/scorers/scorer.py)."""
-    return [f"{answer} is the answer", f"the answer is {answer}", f"the correct answer is {answer}",
-            f"answer: {answer}"]
+    return [
+        f"{answer} is the answer",
+        f"the answer is {answer}",
+        f"the correct answer is {answer}",
+        f"answer: {answer}",
+    ]
 
 
 def fill_templates(templates, markers=None, **fields):
-    """Regexes from templates: each MARKER in `markers` replaced by its regex, then {fields} filled in."""
+    """Regexes from templates: each MARKER in `markers` replaced by its regex, then {fields}
+    filled in."""
     regexes = []
     for template in templates:
         for marker, regex in (markers or {}).items():
@@ -119,7 +160,9 @@ def simple_match(prediction, answer, allow_repetition=True):
     if re.match(answer + r"\.?$", prediction, flags=re.IGNORECASE):
         return True
     words = re.findall(r"\b[a-z\d]+\b", prediction)
-    return allow_repetition and bool(words) and all(re.match(answer + "$", word) for word in words)
+    if not (allow_repetition and words):
+        return False
+    return all(re.match(answer + "$", word) for word in words)
 
 
 def pattern_match(prediction, bases, prefixes=("",), suffixes=("",)):
