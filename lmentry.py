@@ -47,6 +47,8 @@ ARGUMENT_SUBSETS = {
     "more_letters": ["length_diff_3plus", "length_diff_1"],
     "less_letters": ["length_diff_3plus", "length_diff_1"],
 }
+ARGUMENT_SUBSET_TASKS = [
+    f"{task}_{subset}" for task, subsets in ARGUMENT_SUBSETS.items() for subset in subsets]
 ARGUMENT_ORDER_TASKS = [
     "more_letters", "less_letters",
     "first_alphabetically", "rhyming_word", "homophones",
@@ -752,37 +754,51 @@ def read_tasks(lmentry_dir, report):
     """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings +
     examples). A file or example that cannot be used is passed to report(message) and left
     out."""
-    known = CORE_TASKS + [f"{t}_{s}" for t, subsets in ARGUMENT_SUBSETS.items() for s in subsets]
     tasks = {}
-    for name in known:
+    for name in CORE_TASKS + ARGUMENT_SUBSET_TASKS:
         path = os.path.join(lmentry_dir, name + ".json")
         if not os.path.exists(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = json.load(f)
-            settings = content["settings"]
-            examples = content["examples"]
-            if not isinstance(settings["num_examples_per_template"], int) or not settings["input_templates"]:
-                raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
-        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            report(f"{path}: not an LMentry task file ({type(e).__name__}: {e})")
-            continue
-        items = []
-        for key, example in examples.items():
-            usable = (isinstance(example, dict) and isinstance(example.get("input"), str)
-                      and isinstance(example.get("metadata"), dict)
-                      and example["metadata"].get("template_id") in range(len(settings["input_templates"])))
-            if not usable:
-                report(f"{path}: example {key}: needs 'input' and 'metadata' with a valid 'template_id'")
-                continue
-            items.append({"id": f"{name}/{key}", "task": name, "example": example})
-        tasks[name] = {"settings": settings, "items": items}
+        task = read_task_file(path, name, report)
+        if task is not None:
+            tasks[name] = task
     missing = [t for t in CORE_TASKS if t not in tasks]
     if missing:
         report(f"{lmentry_dir}: {len(missing)} of the 25 core LMentry tasks have no file (first: "
                f"{missing[0]}.json)")
     return tasks
+
+
+def read_task_file(path, name, report):
+    """One task's {"settings", "items"}, or None (reported) if the file is not a task file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        settings = content["settings"]
+        examples = content["examples"]
+        count_is_int = isinstance(settings["num_examples_per_template"], int)
+        if not count_is_int or not settings["input_templates"]:
+            raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        report(f"{path}: not an LMentry task file ({type(e).__name__}: {e})")
+        return None
+    items = []
+    for key, example in examples.items():
+        if not usable_example(example, settings["input_templates"]):
+            report(f"{path}: example {key}: needs 'input' and 'metadata' with a valid 'template_id'")
+            continue
+        items.append({"id": f"{name}/{key}", "task": name, "example": example})
+    return {"settings": settings, "items": items}
+
+
+def usable_example(example, templates):
+    """An example with an "input" text and metadata whose template_id names one of the templates."""
+    if not (isinstance(example, dict) and isinstance(example.get("input"), str)):
+        return False
+    metadata = example.get("metadata")
+    if not isinstance(metadata, dict):
+        return False
+    return metadata.get("template_id") in range(len(templates))
 
 
 def score_tasks(tasks, outputs, report):
@@ -793,41 +809,53 @@ def score_tasks(tasks, outputs, report):
     per_task = {}
     rows = []
     for name, task in tasks.items():
-        per_template = task["settings"]["num_examples_per_template"]
-        templates = len(task["settings"]["input_templates"])
-        correct = 0
-        by_template = [0] * templates
-        by_index = [0, 0]
-        count_index = [0, 0]
-        for item in task["items"]:
-            prediction = outputs.get(item["id"], "")
-            try:
-                score, certainty = score_prediction(name, prediction, item["example"])
-            except (KeyError, IndexError, TypeError, ValueError, re.error) as e:
-                report(f"LMentry {name}.json: example {item['id']}: cannot score ({type(e).__name__}: {e})")
-                continue
-            metadata = item["example"]["metadata"]
-            rows.append({"id": item["id"], "task": name, "prediction": prediction, "score": score,
-                         "certainty": certainty})
-            correct += score
-            by_template[metadata["template_id"]] += score
-            if metadata.get("answer_index") in (0, 1):
-                count_index[metadata["answer_index"]] += 1
-                by_index[metadata["answer_index"]] += score
-        metrics = {"accuracy": round(100 * correct / (per_template * templates), 2),
-                   "per_template": [round(100 * c / per_template, 1) for c in by_template]}
-        if sum(count_index):
-            metrics["accuracy_by_answer_index"] = [round(100 * c / n, 2) if c else 0
-                                                   for c, n in zip(by_index, count_index)]
+        metrics, task_rows = score_task(name, task, outputs, report)
         per_task[name] = metrics
+        rows += task_rows
     core = [per_task[t]["accuracy"] for t in CORE_TASKS if t in per_task]
-    result = {"accuracy": round(sum(core) / len(core), 2) if core else None, "tasks_scored": len(core),
-              "per_task": per_task, "items": rows}
+    accuracy = round(sum(core) / len(core), 2) if core else None
+    result = {"accuracy": accuracy, "tasks_scored": len(core), "per_task": per_task, "items": rows}
     result.update(lmentry_score(per_task))
     return result
 
 
-def robustness(accuracies):  # the authors': 100 minus the largest pairwise difference
+def score_task(name, task, outputs, report):
+    """One task's metrics (accuracy, per template, per answer position) and its scored rows."""
+    per_template = task["settings"]["num_examples_per_template"]
+    templates = len(task["settings"]["input_templates"])
+    correct = 0
+    correct_by_template = [0] * templates
+    correct_by_answer_index = [0, 0]
+    count_by_answer_index = [0, 0]
+    rows = []
+    for item in task["items"]:
+        prediction = outputs.get(item["id"], "")
+        try:
+            score, certainty = score_prediction(name, prediction, item["example"])
+        except (KeyError, IndexError, TypeError, ValueError, re.error) as e:
+            problem = f"{type(e).__name__}: {e}"
+            report(f"LMentry {name}.json: example {item['id']}: cannot score ({problem})")
+            continue
+        metadata = item["example"]["metadata"]
+        rows.append({"id": item["id"], "task": name, "prediction": prediction, "score": score,
+                     "certainty": certainty})
+        correct += score
+        correct_by_template[metadata["template_id"]] += score
+        answer_index = metadata.get("answer_index")
+        if answer_index in (0, 1):
+            count_by_answer_index[answer_index] += 1
+            correct_by_answer_index[answer_index] += score
+    accuracy = round(100 * correct / (per_template * templates), 2)
+    by_template = [round(100 * c / per_template, 1) for c in correct_by_template]
+    metrics = {"accuracy": accuracy, "per_template": by_template}
+    if sum(count_by_answer_index):
+        pairs = zip(correct_by_answer_index, count_by_answer_index)
+        metrics["accuracy_by_answer_index"] = [round(100 * c / n, 2) if c else 0 for c, n in pairs]
+    return metrics, rows
+
+
+def robustness(accuracies):
+    """The authors': 100 minus the largest pairwise difference."""
     return 100 - max((abs(a - b) for a, b in combinations(accuracies, 2)), default=0)
 
 
@@ -836,21 +864,32 @@ def mean(values):
 
 
 def lmentry_score(per_task):
-    """LMentry score = accuracy x robustness / 100 (lmentry/analysis), where every file it needs is present:
-    the 25 core tasks and the 16 argument-content files; else {"lmentry_score": None} and what is missing."""
-    subsets = [f"{t}_{s}" for t, names in ARGUMENT_SUBSETS.items() for s in names]
-    missing = [t for t in CORE_TASKS + subsets if t not in per_task]
+    """LMentry score = accuracy x robustness / 100 (lmentry/analysis), where every file it needs
+    is present: the 25 core tasks and the 16 argument-content files; else
+    {"lmentry_score": None} and what is missing."""
+    missing = [t for t in CORE_TASKS + ARGUMENT_SUBSET_TASKS if t not in per_task]
     if missing:
         return {"lmentry_score": None, "robustness": None, "robustness_missing": missing}
-    aspects = {
-        "argument_order": mean([robustness(per_task[t].get("accuracy_by_answer_index", [0, 0]))
-                                for t in ARGUMENT_ORDER_TASKS]),
-        "argument_content": mean([robustness([per_task[f"{t}_{s}"]["accuracy"] for s in names])
-                                  for t, names in ARGUMENT_SUBSETS.items()]),
-        "template": mean([robustness(per_task[t]["per_template"]) for t in CORE_TASKS]),
-        "adjacent_tasks": mean([robustness([per_task[a]["accuracy"], per_task[b]["accuracy"]])
-                                for a, b in ADJACENT_TASKS])}
+    aspects = robustness_aspects(per_task)
     accuracy = mean([per_task[t]["accuracy"] for t in CORE_TASKS])
     value = round(mean(list(aspects.values())), 1)
     return {"lmentry_score": round(accuracy * value / 100, 1), "robustness": value,
             "robustness_aspects": aspects}
+
+
+def robustness_aspects(per_task):
+    """The four aspects of robustness (lmentry/analysis), each a mean over tasks."""
+    argument_order = []
+    for task in ARGUMENT_ORDER_TASKS:
+        by_index = per_task[task].get("accuracy_by_answer_index", [0, 0])
+        argument_order.append(robustness(by_index))
+    argument_content = []
+    for task, subsets in ARGUMENT_SUBSETS.items():
+        accuracies = [per_task[f"{task}_{subset}"]["accuracy"] for subset in subsets]
+        argument_content.append(robustness(accuracies))
+    template = [robustness(per_task[t]["per_template"]) for t in CORE_TASKS]
+    adjacent_tasks = []
+    for a, b in ADJACENT_TASKS:
+        adjacent_tasks.append(robustness([per_task[a]["accuracy"], per_task[b]["accuracy"]]))
+    return {"argument_order": mean(argument_order), "argument_content": mean(argument_content),
+            "template": mean(template), "adjacent_tasks": mean(adjacent_tasks)}
