@@ -107,16 +107,19 @@ def number_words(n):
     if n < 20:
         return ONES[n]
     if n < 100:
+        tens = TENS[n // 10]
         unit = n % 10
-        return TENS[n // 10] + ("-" + ONES[unit] if unit else "")
+        return f"{tens}-{ONES[unit]}" if unit else tens
     if n < 1000:
+        hundreds = ONES[n // 100] + " hundred"
         rest = n % 100
-        return ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
+        return f"{hundreds} and {number_words(rest)}" if rest else hundreds
+    thousands = number_words(n // 1000) + " thousand"
     rest = n % 1000
     if not rest:
-        return number_words(n // 1000) + " thousand"
+        return thousands
     joint = ", " if rest >= 100 else " and "
-    return number_words(n // 1000) + " thousand" + joint + number_words(rest)
+    return thousands + joint + number_words(rest)
 
 
 def number_regex(n):
@@ -194,10 +197,12 @@ def score_letter_in_word(prediction, metadata, example, task):
     # "a" and "i" are words on their own
     more = r"\w*" if letter in "ai" else r"\w+"
     words = re.findall(r"\b[a-z]+\b", prediction)
-    if all((w[0] if starts else w[-1]) != letter for w in words):
+    edge_letters = [w[0] if starts else w[-1] for w in words]
+    if letter not in edge_letters:
         return 0, 1
     # "-": e-mail, x-ray
-    word = quoted(rf"{letter}-?{more}" if starts else rf"{more}{letter}")
+    bare_word = rf"{letter}-?{more}" if starts else rf"{more}{letter}"
+    word = quoted(bare_word)
     if simple_match(prediction, word):
         return 1, 1
     templates = [
@@ -216,8 +221,8 @@ def score_letter_in_word(prediction, metadata, example, task):
         ]
         markers = {"_STARTS_": "(starts|begins)", "_STARTING_": "(starting|beginning)",
                    "_STARTING1_": "starting"}
-    # the authors' missing comma glues these two patterns into one; kept for parity of scores
     else:
+        # the authors' missing comma glues these two patterns into one; kept for parity of scores
         templates += ["{w} is _A_ word whose last letter is {l}how about {w}"]
         markers = {"_STARTS_": "ends", "_STARTING_": "ending", "_STARTING1_": "ending"}
     templates += ["may i suggest {w}"]
@@ -239,10 +244,12 @@ def score_word_containing(prediction, letter, the_letter):
 
 
 def score_word_not_containing(prediction, metadata, example, task):
+    """word_not_containing: name a word without the letter."""
     letter = metadata["letter"]
+    prompt = re.escape(normalize(example["input"]))
     # the prompt repeated, with any letter in it
-    prompt = re.escape(normalize(example["input"])).replace(f'"{letter}"', r'"\w"')
-    if re.match(prompt + "$", prediction):
+    prompt_any_letter = prompt.replace(f'"{letter}"', r'"\w"')
+    if re.match(prompt_any_letter + "$", prediction):
         return 0, 1
     one_word = not re.search(r"\W", prediction)
     if one_word and letter in prediction:
@@ -467,22 +474,24 @@ def score_letter_counts(prediction, metadata, example, task):
     shorter = {"_CMP_": "(less|fewer)", "_LONG_": "shorter"}
     markers = longer if more else shorter
     opposite = shorter if more else longer
+    answer_first = dict(a=answer, b=distractor, n=difference_regex)
+    distractor_first = dict(a=distractor, b=answer, n=difference_regex)
     negative_templates = LETTER_COUNT_TEMPLATES + ["{a} is _LONG_ by {n} letter(s)?"]
-    negatives = fill_templates(negative_templates, markers, a=distractor, b=answer, n=difference_regex)
+    negatives = fill_templates(negative_templates, markers, **distractor_first)
     if any(re.match(normalize(t) + r"\.?$", prediction) for t in [distractor] + negatives):
         return 0, 1  # names the distractor
-    stated = fill_templates(STATED_DIFFERENCE_TEMPLATES, markers, a=answer, b=distractor, s=STATED_NUMBER)
-    for template in stated:
+    stated = dict(a=answer, b=distractor, s=STATED_NUMBER)
+    for template in fill_templates(STATED_DIFFERENCE_TEMPLATES, markers, **stated):
         found = re.match(template, prediction)
         if found and not re.match(difference_regex, found.group("number")):
             return 0, 1  # the right word, the wrong difference
     if simple_match(prediction, answer):
         return 1, 1
-    bases = fill_templates(LETTER_COUNT_TEMPLATES, markers, a=answer, b=distractor, n=difference_regex)
+    bases = fill_templates(LETTER_COUNT_TEMPLATES, markers, **answer_first)
     for marker in ("_CMP_", "_LONG_"):  # mirrored: "D has fewer letters", "D is shorter"
         mirrored = [t for t in LETTER_COUNT_TEMPLATES if marker in t]
         flipped = {marker: opposite[marker]}
-        bases += fill_templates(mirrored, flipped, a=distractor, b=answer, n=difference_regex)
+        bases += fill_templates(mirrored, flipped, **distractor_first)
     word1 = quoted(re.escape(metadata["word1"]))
     word2 = quoted(re.escape(metadata["word2"]))
     both_words = f"the words {word1} and {word2}, "
@@ -520,6 +529,7 @@ def score_numbers(prediction, metadata, example, task):
 
 
 def score_first_alphabetically(prediction, metadata, example, task):
+    """first_alphabetically: of two words, the one a dictionary lists first."""
     words = re.findall(r"\b[a-z]+\b", prediction)
     if len(words) == 1 and words[0] != metadata["answer"]:
         return 0, 1
@@ -589,7 +599,11 @@ def score_rhyme_or_homophone(prediction, metadata, example, task):
     fields = dict(a=answer, q=query, d=distractor)
     swapped = dict(a=query, q=answer, d=distractor)
     if task == "rhyming_word":
-        markers = {"_A_": "(a|the)", "_WHILE_": "(while|but|and)", "_DOESNT_": "(does not|doesn't)"}
+        markers = {
+            "_A_": "(a|the)",
+            "_WHILE_": "(while|but|and)",
+            "_DOESNT_": "(does not|doesn't)",
+        }
         whole = fill_templates(RHYME_TEMPLATES, markers, **fields)
         whole += fill_templates(RHYME_TEMPLATES, markers, **swapped)
         whole += fill_templates(RHYME_EXTRA, markers, **fields)
