@@ -567,8 +567,9 @@ def results_svg(curves, results, subtitle):
              text(20, 48, note)]
     for i, (label, color) in enumerate(SERIES.values()):
         x = 20 + 150 * i
-        parts += [f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" stroke="{color}" stroke-width="2"/>',
-                  text(x + 30, 70, label)]
+        line = (f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" '
+                f'stroke="{color}" stroke-width="2"/>')
+        parts += [line, text(x + 30, 70, label)]
     # two panels a row
     for i, (stage, metrics) in enumerate(curves.items()):
         left = 20 + (i % 2) * (PANEL_W + 40)
