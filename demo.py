@@ -1,16 +1,21 @@
-"""The whole Tuna method offline on a CPU: SFT, Tuna_p, Tuna_c and Tuna on a built-in instruction suite.
+"""The whole Tuna method offline on a CPU: SFT, Tuna_p, Tuna_c and Tuna on a built-in
+instruction suite.
 
     python demo.py --out runs/demo              # about 4 minutes on 2 CPU cores
     python demo.py --out runs/demo --size ci    # the test-sized run, about 2 minutes
 
-Every stage runs the command a user would type (tuna.py sft / rank / pipeline, teacher.py probabilistic /
-contextual), with the teacher served over HTTP by `teacher.py serve`. What stands in for what: a built-in
-suite of short tasks with checkable answers; a tiny "teacher" LLaMA trained on the correct answers (for
-text-davinci-003); a tiny "student" trained on answers that are sometimes wrong (the Alpaca baseline); and,
-for GPT-4 in contextual ranking, a RULE-BASED JUDGE that checks the known answers, named so in every file it
-touches. Everything stays in --out: data files, checkpoints with metrics.jsonl, greedy answers, results.md
-(the table), results.json and results.svg (each stage's training curves and the held-out scores). Running it
-again on the same folder continues where it stopped and redoes nothing.
+Every stage runs the command a user would type (tuna.py sft / rank / pipeline, teacher.py
+probabilistic / contextual), with the teacher served over HTTP by `teacher.py serve`.
+What stands in for what:
+- a built-in suite of short tasks with checkable answers;
+- a tiny "teacher" LLaMA trained on the correct answers (for text-davinci-003);
+- a tiny "student" trained on answers that are sometimes wrong (the Alpaca baseline);
+- for GPT-4 in contextual ranking, a RULE-BASED JUDGE that checks the known answers,
+  named so in every file it touches.
+Everything stays in --out: data files, checkpoints with metrics.jsonl, greedy answers,
+results.md (the table), results.json and results.svg (each stage's training curves and the
+held-out scores). Running it again on the same folder continues where it stopped and
+redoes nothing.
 """
 import argparse
 import functools
@@ -35,49 +40,80 @@ import model as llama
 import teacher
 import tuna
 
+
 # The suite: short tasks whose answers can be checked, so the final table can say whether
 # ranking helped. Every answer is a function of what the instruction shows (no world
 # knowledge), so held-out instructions are new instances of the same tasks. Each task also
 # has one plausible wrong answer: the SFT data uses it for a share of the instructions, as
 # Alpaca's distilled answers are sometimes wrong.
-TASKS = {  # name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
-    "first": lambda ls, ds: (f"What is the first of the letters {' '.join(ls)}?", ls[0], ls[-1]),
-    "last": lambda ls, ds: (f"What is the last of the letters {' '.join(ls)}?", ls[-1], ls[0]),
-    "count": lambda ls, ds: (f"How many letters are in {' '.join(ls)}?", str(len(ls)), str(len(ls) + 1)),
-    "largest": lambda ls, ds: (f"Which is the largest of the digits {' '.join(ds)}?", max(ds), ds[0]),
-    "smallest": lambda ls, ds: (f"Which is the smallest of the digits {' '.join(ds)}?", min(ds), max(ds)),
-    "sort": lambda ls, ds: (f"Sort the letters {' '.join(ls)} alphabetically.", " ".join(sorted(ls)),
-                            " ".join(ls)),
+def spaced(items):
+    """Letters or digits as an instruction shows them: "a b c"."""
+    return " ".join(items)
+
+
+# name -> (instruction, correct answer, plausible wrong answer), from random letters or digits
+TASKS = {
+    "first": lambda ls, ds: (f"What is the first of the letters {spaced(ls)}?",
+                             ls[0], ls[-1]),
+    "last": lambda ls, ds: (f"What is the last of the letters {spaced(ls)}?",
+                            ls[-1], ls[0]),
+    "count": lambda ls, ds: (f"How many letters are in {spaced(ls)}?",
+                             str(len(ls)), str(len(ls) + 1)),
+    "largest": lambda ls, ds: (f"Which is the largest of the digits {spaced(ds)}?",
+                               max(ds), ds[0]),
+    "smallest": lambda ls, ds: (f"Which is the smallest of the digits {spaced(ds)}?",
+                                min(ds), max(ds)),
+    "sort": lambda ls, ds: (f"Sort the letters {spaced(ls)} alphabetically.",
+                            spaced(sorted(ls)), spaced(ls)),
 }
 
 JUDGE = "rule-based-judge-checking-known-answers"  # its name in every data file it touches
 
-# name -> settings; "full" is what the README's command runs, "ci" the test-sized variant.
+# name -> settings (data sizes; model shapes; training); "full" is what the README's command
+# runs, "ci" the test-sized variant.
 SIZES = {
-    "full": dict(train=4000, heldout=300, ranked=2000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+    "full": dict(train=4000, heldout=300, ranked=2000,
+                 dim=64, layers=2, teacher_dim=96, teacher_layers=3,
                  sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
-    "ci": dict(train=2000, heldout=300, ranked=1000, dim=64, layers=2, teacher_dim=96, teacher_layers=3,
+    "ci": dict(train=2000, heldout=300, ranked=1000,
+               dim=64, layers=2, teacher_dim=96, teacher_layers=3,
                sft_epochs=12, sft_lr=3e-3, rank_lr=1e-3),
 }
 
-# The models of the table (name -> folder in --out); the first four are the stages drawn in results.svg.
-MODELS = {"SFT (Alpaca)": "sft", "Tuna_p": os.path.join("tuna", "tuna_p"), "Tuna_c": "tuna_c",
-          "Tuna": os.path.join("tuna", "tuna"), "teacher (for reference)": "teacher"}
-STAGE_NOTES = {"SFT (Alpaca)": "one candidate, so loss = MLE term",
-               "Tuna_p": "probabilistic ranking, from SFT", "Tuna_c": "contextual ranking, from SFT",
-               "Tuna": "contextual ranking, from Tuna_p (lr / 10)"}
+# The models of the table (name -> folder in --out); the first four are the stages drawn in
+# results.svg.
+MODELS = {
+    "SFT (Alpaca)": "sft",
+    "Tuna_p": os.path.join("tuna", "tuna_p"),
+    "Tuna_c": "tuna_c",
+    "Tuna": os.path.join("tuna", "tuna"),
+    "teacher (for reference)": "teacher",
+}
+# how each drawn stage was trained, in its panel's title
+STAGE_NOTES = {
+    "SFT (Alpaca)": "one candidate, so loss = MLE term",
+    "Tuna_p": "probabilistic ranking, from SFT",
+    "Tuna_c": "contextual ranking, from SFT",
+    "Tuna": "contextual ranking, from Tuna_p (lr / 10)",
+}
 
+
+# ----------------------------------------------------------------------------- the stages
 
 class DemoError(RuntimeError):
     """A demo that cannot start or go on; the message names the file, stage or URL."""
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo); "
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="demo.py", description=description)
+    parser.add_argument("--out", default="runs/demo",
+                        help="folder for every artefact (default: runs/demo); "
                         "running the demo again continues what is there")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="ci: the test-sized variant")
-    parser.add_argument("--noise", type=float, default=0.35, help="share of wrong answers in the SFT data")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="ci: the test-sized variant")
+    parser.add_argument("--noise", type=float, default=0.35,
+                        help="share of wrong answers in the SFT data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -90,96 +126,144 @@ def main(argv=None):
 
 
 def run_demo(args):
-    """SFT, Tuna_p, Tuna_c and Tuna on the suite, then the held-out table and picture; all in --out."""
+    """SFT, Tuna_p, Tuna_c and Tuna on the suite, then the held-out table and picture; all in
+    --out."""
     began = time.time()
     size = SIZES[args.size]
     out = args.out.rstrip("/")
     path = functools.partial(os.path.join, out)  # path(names...): a file in --out
     stage = functools.partial(run_stage, began)
     student, teacher_data, heldout = prepare(args, size, out)
-    common = ["--resume", "--seed", str(args.seed), "--save-every", "0", "--log-every", "25"]
+    common = ["--resume", "--seed", str(args.seed),
+              "--save-every", "0", "--log-every", "25"]
     sft_stages(stage, path, size, common)
     rank = [*common, "--batch-size", "16", "--epochs", "1"]
     limit = ["--limit", str(size["ranked"]), "--workers", "2"]
     probabilistic_stage(stage, path, limit)
     contextual_stages(stage, path, size, teacher_data, rank, limit)
-    stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main,
-          ["tuna.py", "rank", "--init", path("sft"), "--data", path("contextual_sft.jsonl"), "--out",
-           path("tuna_c"), "--lr", str(size["rank_lr"]), *rank])
+    tuna_c = ["tuna.py", "rank",
+              "--init", path("sft"),
+              "--data", path("contextual_sft.jsonl"),
+              "--out", path("tuna_c"),
+              "--lr", str(size["rank_lr"]),
+              *rank]
+    stage("Tuna_c: ranking training from SFT on the contextual data", tuna.main, tuna_c)
     return write_results(args, out, heldout, began)
 
 
 def run_stage(began, title, run, argv):
     """One stage: the command a user would type; with --resume a rerun skips a finished one."""
-    log(f"\n=== demo [{time.time() - began:5.0f}s] {title}\n$ python {' '.join(argv)}")
+    log_stage(began, title)
+    log(f"$ python {' '.join(argv)}")
     try:
         status = run(argv[1:])
     except SystemExit as e:  # argparse and teacher.py exit this way
         status = e.code
     if status != 0:
-        raise DemoError(f"stage '{title}' failed; fix it and rerun the demo (finished stages are kept)")
+        raise DemoError(f"stage '{title}' failed; "
+                        "fix it and rerun the demo (finished stages are kept)")
 
 
 def sft_stages(stage, path, size, common):
     """The teacher and the student, each by SFT from its own initial model."""
-    sft = ["--lr", str(size["sft_lr"]), "--epochs", str(size["sft_epochs"]), "--batch-size", "32"]
-    stage("the teacher: SFT on correct answers (it stands for text-davinci-003)", tuna.main,
-          ["tuna.py", "sft", "--init", path("init_teacher"), "--data", path("teacher_data.json"),
-           "--out", path("teacher"), *common, *sft])
-    stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)", tuna.main,
-          ["tuna.py", "sft", "--init", path("init_student"), "--data", path("sft_data.json"),
-           "--out", path("sft"), *common, *sft])
+    sft = ["--lr", str(size["sft_lr"]),
+           "--epochs", str(size["sft_epochs"]),
+           "--batch-size", "32"]
+    teacher_sft = ["tuna.py", "sft",
+                   "--init", path("init_teacher"),
+                   "--data", path("teacher_data.json"),
+                   "--out", path("teacher"),
+                   *common, *sft]
+    stage("the teacher: SFT on correct answers (it stands for text-davinci-003)",
+          tuna.main, teacher_sft)
+    student_sft = ["tuna.py", "sft",
+                   "--init", path("init_student"),
+                   "--data", path("sft_data.json"),
+                   "--out", path("sft"),
+                   *common, *sft]
+    stage("the student: SFT on answers that are sometimes wrong (the Alpaca baseline)",
+          tuna.main, student_sft)
 
 
 def probabilistic_stage(stage, path, limit):
-    """The teacher, served over HTTP for this stage only, writes the probabilistic ranking data."""
+    """The teacher, served over HTTP for this stage only, writes the probabilistic ranking
+    data."""
+    title = ("probabilistic ranking data: the teacher samples 4 answers over HTTP, "
+             "ranked by mean token log-prob")
     process, teacher_url = start_teacher_server(path("teacher"))
     try:
-        stage("probabilistic ranking data: the teacher samples 4 answers over HTTP, ranked by mean token "
-              "log-prob", teacher.main,
-              ["teacher.py", "probabilistic", "--data", path("sft_data.json"), "--out",
-               path("probabilistic.jsonl"), "--base-url", teacher_url, "--model", "demo-teacher",
-               "--max-tokens", "16", "--add-original", "scored", *limit])
+        probabilistic = ["teacher.py", "probabilistic",
+                         "--data", path("sft_data.json"),
+                         "--out", path("probabilistic.jsonl"),
+                         "--base-url", teacher_url,
+                         "--model", "demo-teacher",
+                         "--max-tokens", "16",
+                         "--add-original", "scored",
+                         *limit]
+        stage(title, teacher.main, probabilistic)
     finally:
         process.kill()
 
 
 def contextual_stages(stage, path, size, teacher_data, rank, limit):
-    """The stages the rule-based judge ranks for: the Tuna pipeline and Tuna_c's contextual data."""
-    judge = start_rule_judge({e["instruction"]: e["output"] for e in teacher_data})
+    """The stages the rule-based judge ranks for: the Tuna pipeline and Tuna_c's contextual
+    data."""
+    pipeline_title = ("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), "
+                      "then contextual ranking on Tuna_p's own samples "
+                      "ranked by the RULE-BASED judge (lr / 10, as the authors)")
+    contextual_title = ("contextual ranking data for Tuna_c: the SFT student samples 4 answers, "
+                        "the RULE-BASED judge ranks them")
+    solutions = {e["instruction"]: e["output"] for e in teacher_data}
+    judge = start_rule_judge(solutions)
     judge_url = f"http://127.0.0.1:{judge.server_port}/v1"
-    judge_args = ["--base-url", judge_url, "--model", JUDGE, "--student-max-tokens", "16", *limit]
+    # what the pipeline hands on to teacher.py contextual (it gives the URL and model itself)
+    sampling_args = ["--student-max-tokens", "16", *limit]
+    judge_args = ["--base-url", judge_url, "--model", JUDGE, *sampling_args]
     try:
-        stage("Tuna = Tuna_p (ranking on the probabilistic data, from SFT), then contextual ranking on "
-              "Tuna_p's own samples ranked by the RULE-BASED judge (lr / 10, as the authors)", tuna.main,
-              ["tuna.py", "pipeline", "--init", path("sft"), "--probabilistic-data",
-               path("probabilistic.jsonl"), "--lr-probabilistic", str(size["rank_lr"]), "--lr-contextual",
-               str(size["rank_lr"] / 10), "--instructions", path("sft_data.json"), "--teacher-base-url",
-               judge_url, "--teacher-model", JUDGE, "--teacher-args", " ".join(judge_args[4:]), "--out",
-               path("tuna"), *rank])
-        stage("contextual ranking data for Tuna_c: the SFT student samples 4 answers, the RULE-BASED judge "
-              "ranks them", teacher.main,
-              ["teacher.py", "contextual", "--data", path("sft_data.json"), "--student", path("sft"), "--out",
-               path("contextual_sft.jsonl"), *judge_args])
+        pipeline = ["tuna.py", "pipeline",
+                    "--init", path("sft"),
+                    "--probabilistic-data", path("probabilistic.jsonl"),
+                    "--lr-probabilistic", str(size["rank_lr"]),
+                    "--lr-contextual", str(size["rank_lr"] / 10),
+                    "--instructions", path("sft_data.json"),
+                    "--teacher-base-url", judge_url,
+                    "--teacher-model", JUDGE,
+                    "--teacher-args", " ".join(sampling_args),
+                    "--out", path("tuna"),
+                    *rank]
+        stage(pipeline_title, tuna.main, pipeline)
+        contextual = ["teacher.py", "contextual",
+                      "--data", path("sft_data.json"),
+                      "--student", path("sft"),
+                      "--out", path("contextual_sft.jsonl"),
+                      *judge_args]
+        stage(contextual_title, teacher.main, contextual)
     finally:
         judge.shutdown()
 
 
 def write_results(args, out, heldout, began):
-    """Every model's greedy answers to the held-out instructions: results.md, .json and .svg."""
-    log(f"\n=== demo [{time.time() - began:5.0f}s] held-out evaluation: greedy answers to {len(heldout)} new "
-        "instructions")
+    """Every model's greedy answers to the held-out instructions: results.md, .json and
+    .svg."""
+    path = functools.partial(os.path.join, out)  # path(names...): a file in --out
+    log_stage(began, f"held-out evaluation: greedy answers to {len(heldout)} new instructions")
     results = evaluate_heldout(out, heldout)
     table = results_table(results, args.noise, time.time() - began)
-    data.write_atomic(os.path.join(out, "results.md"), table)
-    data.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
-    curves = {name: read_metrics(os.path.join(out, MODELS[name], "metrics.jsonl")) for name in STAGE_NOTES}
+    data.write_atomic(path("results.md"), table)
+    data.write_atomic(path("results.json"), json.dumps(results, indent=1))
+    curves = {name: read_metrics(path(MODELS[name], "metrics.jsonl")) for name in STAGE_NOTES}
     picture_title = f"size {args.size}, {args.noise:.0%} wrong SFT answers, seed {args.seed}"
-    data.write_atomic(os.path.join(out, "results.svg"), results_svg(curves, results, picture_title))
+    picture = results_svg(curves, results, picture_title)
+    data.write_atomic(path("results.svg"), picture)
     print(table, end="")
-    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, generations/, results.md, "
-        "results.json, results.svg)")
+    log(f"every artefact is in {out}/ (data files, checkpoints with metrics.jsonl, "
+        "generations/, results.md, results.json, results.svg)")
     return results
+
+
+def log_stage(began, title):
+    """A stage's heading, with the seconds since the demo began."""
+    log(f"\n=== demo [{time.time() - began:5.0f}s] {title}")
 
 
 def log(message):
@@ -192,34 +276,49 @@ def prepare(args, size, out):
     """The folder's settings (demo.json), the suite's data files, the tokenizer and the
     two untrained models; each written once, atomically, and kept on a rerun."""
     settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
-    recorded_path = os.path.join(out, "demo.json")
-    # one demo per folder: never new data under checkpoints trained on old
-    if os.path.exists(recorded_path):
-        with open(recorded_path, encoding="utf-8") as f:
-            recorded = json.load(f)
-        if recorded != settings:
-            raise DemoError(f"{recorded_path}: this folder holds a demo run with {recorded}, not {settings}; "
-                            "use another --out or the same settings")
+    refuse_other_settings(os.path.join(out, "demo.json"), settings)
     os.makedirs(out, exist_ok=True)
     student, teacher_data, heldout = suite(size, args.noise, args.seed)
-    files = {"demo.json": settings, "sft_data.json": student, "teacher_data.json": teacher_data,
+    files = {"demo.json": settings,
+             "sft_data.json": student,
+             "teacher_data.json": teacher_data,
              "heldout.json": heldout}
     for name, value in files.items():
-        if not os.path.exists(os.path.join(out, name)):
-            data.write_atomic(os.path.join(out, name), json.dumps(value, indent=1))
+        file_path = os.path.join(out, name)
+        if not os.path.exists(file_path):
+            data.write_atomic(file_path, json.dumps(value, indent=1))
     tokenizer_path = os.path.join(out, "tokenizer.model")
     if not os.path.exists(tokenizer_path):
         train_tokenizer(teacher_data, tokenizer_path)
     tok = data.Tokenizer(tokenizer_path)
-    for name, dim, layers in (("init_student", size["dim"], size["layers"]),
-                              ("init_teacher", size["teacher_dim"], size["teacher_layers"])):
-        if not os.path.exists(os.path.join(out, name, "config.json")):
-            torch.manual_seed(args.seed)
-            llama.save_hf_checkpoint(llama.Transformer(llama.ModelArgs(
-                dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=3 * dim,
-                max_seq_len=256, bos_id=tok.bos_id, eos_id=tok.eos_id)), os.path.join(out, name))
-            shutil.copyfile(tokenizer_path, os.path.join(out, name, "tokenizer.model"))
+    shapes = {"init_student": (size["dim"], size["layers"]),
+              "init_teacher": (size["teacher_dim"], size["teacher_layers"])}
+    for name, (dim, layers) in shapes.items():
+        folder = os.path.join(out, name)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            write_initial_model(folder, dim, layers, tok, args.seed)
     return student, teacher_data, heldout
+
+
+def refuse_other_settings(recorded_path, settings):
+    """One demo per folder: never new data under checkpoints trained on old."""
+    if not os.path.exists(recorded_path):
+        return
+    with open(recorded_path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    if recorded != settings:
+        raise DemoError(f"{recorded_path}: this folder holds a demo run with {recorded}, "
+                        f"not {settings}; use another --out or the same settings")
+
+
+def write_initial_model(folder, dim, layers, tok, seed):
+    """An untrained LLaMA of this shape, saved with the suite's tokenizer beside it."""
+    torch.manual_seed(seed)
+    config = llama.ModelArgs(dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size,
+                             hidden_dim=3 * dim, max_seq_len=256,
+                             bos_id=tok.bos_id, eos_id=tok.eos_id)
+    llama.save_hf_checkpoint(llama.Transformer(config), folder)
+    shutil.copyfile(tok.path, os.path.join(folder, "tokenizer.model"))
 
 
 def suite(size, noise, seed):
@@ -230,38 +329,56 @@ def suite(size, noise, seed):
     seen = set()
     suites = {"heldout": [], "train": []}
     for split, count in (("heldout", size["heldout"]), ("train", size["train"])):
-        while len(suites[split]) < count:
-            task = list(TASKS)[len(suites[split]) % len(TASKS)]
+        examples = suites[split]
+        while len(examples) < count:
+            task = list(TASKS)[len(examples) % len(TASKS)]
             letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 5))
-            instruction, right, wrong = TASKS[task](letters, rng.sample("0123456789", rng.randint(3, 5)))
-            if instruction not in seen:
-                seen.add(instruction)
-                suites[split].append({"instruction": instruction, "input": "", "output": right,
-                                      "wrong": wrong, "task": task})
-    student = [dict(e, output=e["wrong"] if rng.random() < noise else e["output"]) for e in suites["train"]]
+            digits = rng.sample("0123456789", rng.randint(3, 5))
+            instruction, right, wrong = TASKS[task](letters, digits)
+            if instruction in seen:
+                continue
+            seen.add(instruction)
+            examples.append({"instruction": instruction, "input": "", "output": right,
+                             "wrong": wrong, "task": task})
+    student = []
+    for example in suites["train"]:
+        answer = example["wrong"] if rng.random() < noise else example["output"]
+        student.append(dict(example, output=answer))
     return student, suites["train"], suites["heldout"]
 
 
 def train_tokenizer(examples, path):
-    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, split digits) trained on the suite."""
+    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, split digits) trained on the
+    suite."""
     import sentencepiece as spm
     text = [data.alpaca_prompt(e["instruction"]) + e["output"] for e in examples]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=path[: -len(".model")], model_type="bpe", vocab_size=400,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+        sentence_iterator=iter(text),
+        model_prefix=path[: -len(".model")],
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2)
 
 
 # ----------------------------------------------------------------------------- the teacher and the judge
 
 def start_teacher_server(checkpoint):
-    """`python teacher.py serve` on a free port of 127.0.0.1, as a user starts it -> (process, base URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`python teacher.py serve` on a free port of 127.0.0.1, as a user starts it ->
+    (process, base URL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, os.path.join(here, "teacher.py"), "serve", "--checkpoint", checkpoint,
-               "--port", str(port), "--model-name", "demo-teacher", "--seed", "0"]
+    command = [sys.executable, os.path.join(here, "teacher.py"), "serve",
+               "--checkpoint", checkpoint,
+               "--port", str(port),
+               "--model-name", "demo-teacher",
+               "--seed", "0"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(300):
@@ -281,49 +398,68 @@ def rule_judge_reply(messages, solutions):
     the real prompt, parser and validation are exercised."""
     user = messages[-1]["content"]
     found = re.search(r"### Instruction:\n(.*?)\n\n### Response:", user, re.DOTALL)
-    if not found or found.group(1).strip() not in solutions:
-        raise teacher.BadRequest("the rule-based judge knows no solution for this prompt's instruction",
-                                 "messages")
-    candidates = re.findall(r"###Response \d+:\n(.*?)(?=\n\n###Response \d+:|\n\nFollow these steps:)", user,
-                            re.DOTALL)
-    solution = solutions[found.group(1).strip()]
+    instruction = found.group(1).strip() if found else None
+    if instruction not in solutions:
+        unknown = "the rule-based judge knows no solution for this prompt's instruction"
+        raise teacher.BadRequest(unknown, "messages")
+    # a candidate runs up to the next one's heading, or to the steps after the last
+    candidate_end = r"(?=\n\n###Response \d+:|\n\nFollow these steps:)"
+    candidates = re.findall(r"###Response \d+:\n(.*?)" + candidate_end, user, re.DOTALL)
+    solution = solutions[instruction]
+    # the known answer joins as the last response, the one the teacher writes in step 2
     pool = [c.strip() for c in candidates] + [solution]
     # step 3: one of each duplicate
     kept = [i for i, c in enumerate(pool) if c not in pool[:i]]
-    score = {i: 15 if pool[i] == solution else round(10 * evaluation.rouge_l(pool[i], solution))
-             for i in kept}
+    score = {i: judge_score(pool[i], solution) for i in kept}
+    # best first; on a tie the known answer, then the lower number
     ranks = sorted(kept, key=lambda i: (-score[i], i != len(candidates), i))
-    return ("(1) The instruction is close-ended.\n"
-            f"(2) ###Response {len(candidates)}:\n{solution}\n"
-            f"(3) Kept one of each duplicate: responses {kept}.\n"
-            "(4) " + "\n".join(f"Response {i}: [{score[i]}]" for i in kept) + "\n"
-            f"(5) rank: [{', '.join(map(str, ranks))}]")
+    scores = "\n".join(f"Response {i}: [{score[i]}]" for i in kept)
+    ranking = ", ".join(map(str, ranks))
+    steps = ["(1) The instruction is close-ended.",
+             f"(2) ###Response {len(candidates)}:\n{solution}",
+             f"(3) Kept one of each duplicate: responses {kept}.",
+             f"(4) {scores}",
+             f"(5) rank: [{ranking}]"]
+    return "\n".join(steps)
+
+
+def judge_score(answer, solution):
+    """Step 4: the known answer scores 15, any other 10 x its ROUGE-L against it (at most
+    10)."""
+    if answer == solution:
+        return 15
+    return round(10 * evaluation.rouge_l(answer, solution))
 
 
 class RuleJudge:
-    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions only."""
+    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions
+    only."""
     name = JUDGE
 
     def __init__(self, solutions):
         self.solutions = solutions
 
     def chat(self, body):
+        prompt = body["messages"][-1]["content"]
         # not a ranking request: the pre-flight
-        if "###Response 0:" not in body["messages"][-1]["content"]:
+        if "###Response 0:" not in prompt:
             return self._answer("OK")
         return self._answer(rule_judge_reply(body["messages"], self.solutions))
 
     def _answer(self, reply):
-        return {"object": "chat.completion", "model": self.name, "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+        message = {"role": "assistant", "content": reply}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return {"object": "chat.completion", "model": self.name, "choices": [choice],
+                "usage": usage}
 
     def completions(self, body):
         raise teacher.BadRequest("the rule-based judge answers /v1/chat/completions only")
 
 
 def start_rule_judge(solutions):
-    """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as `teacher.py serve`."""
+    """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as
+    `teacher.py serve`."""
     server = teacher.backend_server(RuleJudge(solutions))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -335,37 +471,64 @@ def evaluate_heldout(out, heldout):
     """Greedy answers of every model to the held-out instructions (eval.py's batched path:
     kept in generations/, so a rerun generates nothing), exact match and ROUGE-L as
     Super-NI scores them."""
-    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(heldout)]
+    items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])}
+             for i, e in enumerate(heldout)]
     results = {}
     for name, folder in MODELS.items():
         checkpoint = os.path.join(out, folder)
-        loader = evaluation.model_loader(checkpoint, None, "cpu", torch.float32)
-        answers = evaluation.generate_answers(os.path.basename(checkpoint), "demo", items, loader, out, 64,
-                                              16, evaluation.answer_producer(checkpoint))
-        answers = [answers[item["id"]] for item in items]
-        exact = [evaluation.exact_match(a, e["output"]) for a, e in zip(answers, heldout)]
-        rouge = [evaluation.rouge_l(a, e["output"]) for a, e in zip(answers, heldout)]
-        by_task = {t: 100 * sum(x for x, e in zip(exact, heldout) if e["task"] == t) /
-                   sum(e["task"] == t for e in heldout) for t in TASKS}
-        results[name] = {"checkpoint": checkpoint, "items": len(heldout),
-                         "exact_match": 100 * sum(exact) / len(exact),
-                         "rouge_l": 100 * sum(rouge) / len(rouge), "exact_match_by_task": by_task,
-                         "answers": [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
-                                     for a, e in zip(answers, heldout)]}
+        answers = greedy_answers(checkpoint, items, out)
+        results[name] = heldout_scores(checkpoint, answers, heldout)
     return results
 
 
+def greedy_answers(checkpoint, items, out):
+    """The checkpoint's answers to `items`, in their order (kept in out/generations/)."""
+    loader = evaluation.model_loader(checkpoint, None, "cpu", torch.float32)
+    producer = evaluation.answer_producer(checkpoint)
+    name = os.path.basename(checkpoint)
+    answers = evaluation.generate_answers(name, "demo", items, loader, out, batch_size=64,
+                                          max_new_tokens=16, producer=producer)
+    return [answers[item["id"]] for item in items]
+
+
+def heldout_scores(checkpoint, answers, heldout):
+    """A model's results.json entry: exact match and ROUGE-L (x100), exact match per task,
+    and every answer beside its reference."""
+    references = [e["output"] for e in heldout]
+    exact = [evaluation.exact_match(a, r) for a, r in zip(answers, references)]
+    rouge = [evaluation.rouge_l(a, r) for a, r in zip(answers, references)]
+    by_task = {}
+    for task in TASKS:
+        task_exact = [x for x, e in zip(exact, heldout) if e["task"] == task]
+        by_task[task] = 100 * sum(task_exact) / len(task_exact)
+    answer_records = [{"instruction": e["instruction"], "reference": e["output"], "answer": a}
+                      for a, e in zip(answers, heldout)]
+    return {"checkpoint": checkpoint,
+            "items": len(heldout),
+            "exact_match": 100 * sum(exact) / len(exact),
+            "rouge_l": 100 * sum(rouge) / len(rouge),
+            "exact_match_by_task": by_task,
+            "answers": answer_records}
+
+
 def results_table(results, noise, wall_time):
-    lines = ["| model | exact match | ROUGE-L | " + " | ".join(TASKS) + " | items |",
-             "|---|---|---|" + "---|" * len(TASKS) + "---|"]
+    """results.md: a row per model, then what the figures mean and how they were made."""
+    header = "| model | exact match | ROUGE-L | " + " | ".join(TASKS) + " | items |"
+    rule = "|---|---|---|" + "---|" * len(TASKS) + "---|"
+    lines = [header, rule]
     for name, r in results.items():
+        per_task = " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in TASKS)
         lines.append(f"| {name} | {r['exact_match']:.1f} | {r['rouge_l']:.1f} | "
-                     + " | ".join(f"{r['exact_match_by_task'][t]:.0f}" for t in TASKS) + f" | {r['items']} |")
-    lines += ["", "Held-out instructions, greedy answers; exact match and ROUGE-L as Super-NI scores them "
-              f"(x100), then exact match per task. SFT data: {noise:.0%} wrong answers. Contextual ranking "
-              "was judged by a rule-based judge that checks the known answers (a stand-in for GPT-4). Wall "
-              f"time {wall_time:.0f} s.",
-              "", "![Each stage's training curves and the held-out scores](results.svg)"]
+                     f"{per_task} | {r['items']} |")
+    caption = ("Held-out instructions, greedy answers; "
+               "exact match and ROUGE-L as Super-NI scores them (x100), "
+               "then exact match per task. "
+               f"SFT data: {noise:.0%} wrong answers. "
+               "Contextual ranking was judged by a rule-based judge that checks the known answers "
+               "(a stand-in for GPT-4). "
+               f"Wall time {wall_time:.0f} s.")
+    picture = "![Each stage's training curves and the held-out scores](results.svg)"
+    lines += ["", caption, "", picture]
     return "\n".join(lines) + "\n"
 
 
@@ -373,7 +536,13 @@ def read_metrics(path):
     return [record for _, record in data.read_jsonl_log(path)]
 
 
-SERIES = {"loss": ("loss", "#222222"), "mle": ("MLE term", "#1f77b4"), "rank": ("ranking term", "#d62728")}
+# the curves of every panel: metrics.jsonl key -> (legend label, colour)
+SERIES = {
+    "loss": ("loss", "#222222"),
+    "mle": ("MLE term", "#1f77b4"),
+    "rank": ("ranking term", "#d62728"),
+}
+# the picture's layout, in pixels
 WIDTH = 960
 PANEL_W = 440
 PANEL_H = 190
@@ -387,17 +556,21 @@ def results_svg(curves, results, subtitle):
     the held-out scores per model."""
     score_top = 90 + 2 * (PANEL_H + 50)
     height = score_top + 40 + 30 * len(results)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-             f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
+    canvas = f'width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}"'
+    title = "Tuna demo: each stage's training curves and the held-out scores"
+    note = (f"{subtitle}; per step, loss = MLE term + ranking term (tuna.py); "
+            "axes differ between panels")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" {canvas} '
+             'font-family="sans-serif" font-size="12">',
              f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
-             text(20, 28, "Tuna demo: each stage's training curves and the held-out scores", size=17,
-                  weight="bold"),
-             text(20, 48, f"{subtitle}; per step, loss = MLE term + ranking term (tuna.py); "
-                          "axes differ between panels")]
-    for i, (key, (label, color)) in enumerate(SERIES.items()):
+             text(20, 28, title, size=17, weight="bold"),
+             text(20, 48, note)]
+    for i, (label, color) in enumerate(SERIES.values()):
         x = 20 + 150 * i
-        parts += [f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" stroke="{color}" stroke-width="2"/>',
-                  text(x + 30, 70, label)]
+        line = (f'<line x1="{x}" y1="66" x2="{x + 24}" y2="66" '
+                f'stroke="{color}" stroke-width="2"/>')
+        parts += [line, text(x + 30, 70, label)]
+    # two panels a row
     for i, (stage, metrics) in enumerate(curves.items()):
         left = 20 + (i % 2) * (PANEL_W + 40)
         top = 90 + (i // 2) * (PANEL_H + 50)
@@ -407,8 +580,10 @@ def results_svg(curves, results, subtitle):
 
 
 def text(x, y, content, size=12, weight="normal", anchor="start", color="#222222"):
-    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" font-weight="{weight}" text-anchor="{anchor}" '
-            f'fill="{color}">{html.escape(str(content))}</text>')
+    """An SVG text element; `content` is escaped."""
+    position = f'x="{x:.1f}" y="{y:.1f}"'
+    style = f'font-size="{size}" font-weight="{weight}" text-anchor="{anchor}" fill="{color}"'
+    return f"<text {position} {style}>{html.escape(str(content))}</text>"
 
 
 def x_position(step, steps, x0, x1):
@@ -422,18 +597,25 @@ def y_position(value, high, y0, y1):
 
 
 def stage_panel(stage, metrics, left, top):
-    """One stage: its curves on axes from step 1 to its last step and from 0 to its largest value."""
+    """One stage: its curves on axes from step 1 to its last step and from 0 to its largest
+    value."""
     steps = [m["step"] for m in metrics] or [1]
-    high = max([m[key] for m in metrics for key in SERIES] + [1e-9]) * 1.05
+    values = [m[key] for m in metrics for key in SERIES]
+    high = max(values + [1e-9]) * 1.05
     x0 = left + MARGIN_L
     x1 = left + PANEL_W
     y0 = top + PANEL_H - MARGIN_B  # y0: the value 0; y1: the value `high`
     y1 = top + 24
+    heading = f"{stage}: {STAGE_NOTES[stage]}"
+    frame = (f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" '
+             'fill="none" stroke="#bbbbbb"/>')
     parts = [f'<g class="stage" data-stage="{html.escape(stage)}" data-steps="{len(metrics)}">',
-             text(left, top + 12, f"{stage}: {STAGE_NOTES[stage]}", size=13, weight="bold"),
-             f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#bbbbbb"/>',
-             text(x0 - 6, y0 + 4, "0", anchor="end"), text(x0 - 6, y1 + 4, f"{high:.3g}", anchor="end"),
-             text(x0, y0 + 16, f"step {steps[0]}"), text(x1, y0 + 16, f"step {steps[-1]}", anchor="end")]
+             text(left, top + 12, heading, size=13, weight="bold"),
+             frame,
+             text(x0 - 6, y0 + 4, "0", anchor="end"),
+             text(x0 - 6, y1 + 4, f"{high:.3g}", anchor="end"),
+             text(x0, y0 + 16, f"step {steps[0]}"),
+             text(x1, y0 + 16, f"step {steps[-1]}", anchor="end")]
     for key, (label, color) in SERIES.items():
         xs = [x_position(m["step"], steps, x0, x1) for m in metrics]
         ys = [y_position(m[key], high, y0, y1) for m in metrics]
@@ -447,17 +629,18 @@ def score_bars(results, top):
     """Held-out exact match (dark) and ROUGE-L (light) per model, on one 0-100 scale."""
     x0 = 200  # 100 points = 640 pixels
     scale = 6.4
-    parts = ['<g class="scores">', text(20, top + 14, "Held-out instructions, greedy answers: exact match "
-                                       "(dark) and ROUGE-L (light), x100", size=13, weight="bold")]
+    title = "Held-out instructions, greedy answers: exact match (dark) and ROUGE-L (light), x100"
+    parts = ['<g class="scores">', text(20, top + 14, title, size=13, weight="bold")]
     for i, (name, r) in enumerate(results.items()):
         y = top + 30 + 30 * i
+        model_name = html.escape(name)
+        label_x = x0 + scale * max(r["rouge_l"], r["exact_match"]) + 8
         parts += [text(x0 - 10, y + 14, name, anchor="end"),
-                  f'<rect class="rouge_l" data-model="{html.escape(name)}" x="{x0}" y="{y}" '
+                  f'<rect class="rouge_l" data-model="{model_name}" x="{x0}" y="{y}" '
                   f'width="{scale * r["rouge_l"]:.1f}" height="20" fill="#c6dbef"/>',
-                  f'<rect class="exact_match" data-model="{html.escape(name)}" x="{x0}" y="{y + 4}" '
+                  f'<rect class="exact_match" data-model="{model_name}" x="{x0}" y="{y + 4}" '
                   f'width="{scale * r["exact_match"]:.1f}" height="12" fill="#08519c"/>',
-                  text(x0 + scale * max(r["rouge_l"], r["exact_match"]) + 8, y + 14,
-                       f"{r['exact_match']:.1f} / {r['rouge_l']:.1f}")]
+                  text(label_x, y + 14, f"{r['exact_match']:.1f} / {r['rouge_l']:.1f}")]
     return "\n".join(parts + ["</g>"])
 
 
