@@ -790,9 +790,7 @@ def read_task_file(path, name, report):
             content = json.load(f)
         settings = content["settings"]
         examples = content["examples"]
-        count_is_int = isinstance(settings["num_examples_per_template"], int)
-        if not count_is_int or not settings["input_templates"]:
-            raise ValueError("'num_examples_per_template' or 'input_templates' is empty")
+        check_task_fields(settings, examples)
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         report(f"{path}: not an LMentry task file ({type(e).__name__}: {e})")
         return None
@@ -805,6 +803,19 @@ def read_task_file(path, name, report):
     return {"settings": settings, "items": items}
 
 
+def check_task_fields(settings, examples):
+    """A ValueError naming the first field that is not as LMentry's files hold it."""
+    if not isinstance(examples, dict):
+        raise ValueError("'examples' is not an object")
+    count = settings["num_examples_per_template"]
+    # a bool is an int in Python, not a count
+    if type(count) is not int or count < 1:
+        raise ValueError("'num_examples_per_template' is not a positive integer")
+    templates = settings["input_templates"]
+    if not isinstance(templates, list) or not templates:
+        raise ValueError("'input_templates' is not a non-empty list")
+
+
 def usable_example(example, templates):
     """An example with an "input" text and metadata whose template_id names one of the templates."""
     if not (isinstance(example, dict) and isinstance(example.get("input"), str)):
@@ -812,7 +823,9 @@ def usable_example(example, templates):
     metadata = example.get("metadata")
     if not isinstance(metadata, dict):
         return False
-    return metadata.get("template_id") in range(len(templates))
+    template_id = metadata.get("template_id")
+    # a bool is an int in Python, not a template number
+    return type(template_id) is int and template_id in range(len(templates))
 
 
 def score_tasks(tasks, outputs, report):
@@ -856,7 +869,8 @@ def score_task(name, task, outputs, report):
         correct += score
         correct_by_template[metadata["template_id"]] += score
         answer_index = metadata.get("answer_index")
-        if answer_index in (0, 1):
+        # True == 1 in Python: a bool is not a position
+        if type(answer_index) is int and answer_index in (0, 1):
             count_by_answer_index[answer_index] += 1
             correct_by_answer_index[answer_index] += score
     accuracy = round(100 * correct / (per_template * templates), 2)

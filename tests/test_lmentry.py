@@ -193,6 +193,47 @@ def test_lmentry_bad_files_are_reported(tmp_path):
     assert any("last_word/2" in p and "cannot score" in p for p in problems) and result["items"] == []
 
 
+@pytest.mark.parametrize("field, value, named", [
+    ("input_templates", 3, "'input_templates' is not a non-empty list"),
+    ("input_templates", [], "'input_templates' is not a non-empty list"),
+    ("num_examples_per_template", True, "'num_examples_per_template' is not a positive integer"),
+    ("num_examples_per_template", 0, "'num_examples_per_template' is not a positive integer"),
+    ("examples", ["x"], "'examples' is not an object"),
+])
+def test_lmentry_malformed_task_fields_are_reported_by_name(tmp_path, field, value, named):
+    """A field of the wrong type is one reported line naming it, not an exception while scoring."""
+    content = {"settings": {"num_examples_per_template": 1, "input_templates": ["{x}"]},
+               "examples": {"1": {"input": "x", "metadata": {"template_id": 0}}}}
+    if field == "examples":
+        content["examples"] = value
+    else:
+        content["settings"][field] = value
+    (tmp_path / "last_word.json").write_text(json.dumps(content))
+    problems = []
+    tasks = lmentry.read_tasks(str(tmp_path), problems.append)
+    assert tasks == {}
+    assert [p for p in problems if "last_word.json" in p] == [
+        f"{tmp_path / 'last_word.json'}: not an LMentry task file (ValueError: {named})"]
+    assert lmentry.score_tasks(tasks, {}, problems.append)["tasks_scored"] == 0
+
+
+def test_lmentry_a_bool_is_neither_a_template_id_nor_an_answer_position(tmp_path):
+    """True == 1 in Python; LMentry's files hold integers, so a bool template_id is refused and a bool
+    answer_index is not counted as position 1."""
+    settings = {"num_examples_per_template": 2, "input_templates": ["{x}", "{y}"]}
+    metadata = {"answer": "logs", "answer_index": True}
+    examples = {"1": {"input": "a", "metadata": {"template_id": True, **metadata}},
+                "2": {"input": "b", "metadata": {"template_id": 1, **metadata}}}
+    (tmp_path / "last_word.json").write_text(json.dumps({"settings": settings, "examples": examples}))
+    problems = []
+    tasks = lmentry.read_tasks(str(tmp_path), problems.append)
+    assert [i["id"] for i in tasks["last_word"]["items"]] == ["last_word/2"]
+    assert any("example 1" in p for p in problems)
+    result = lmentry.score_tasks(tasks, {"last_word/2": "logs"}, problems.append)
+    assert result["per_task"]["last_word"]["per_template"] == [0.0, 50.0]
+    assert "accuracy_by_answer_index" not in result["per_task"]["last_word"]
+
+
 def test_bigger_number_is_lmentry_v1_the_mirror_of_smaller_number():
     """LMentry v1 (lmentry/scorers at commit 463763d): smaller_number "was created by simply mirroring
     BiggerNumberScorer", whose four phrasings it mirrors; a later bigger_number added "<", ">" and more, and
