@@ -60,6 +60,8 @@ PROMPT_LEN = 100
 RESPONSE_LENS = [120, 140, 160, 180]  # K = 4: probabilistic ranking (the teacher's 4 answers)
 # K = 5: contextual ranking (4 samples + the teacher's answer)
 RESPONSE_LENS_K5 = [120, 135, 150, 165, 180]
+# the longest row bench.py builds: one prefix-shared K=5 instruction
+LONGEST_ROW = PROMPT_LEN + sum(RESPONSE_LENS_K5)
 
 
 def build(config, device, seed=0, **overrides):
@@ -67,8 +69,12 @@ def build(config, device, seed=0, **overrides):
     fields."""
     torch.manual_seed(seed)
     fields = BENCH_CONFIGS[config] if config in BENCH_CONFIGS else model.CONFIGS[config]
+    args = model.ModelArgs(**{**fields, **overrides})
+    # a shorter config (model.py's "tiny": 256) gets a longer RoPE table; no weight
+    # depends on its length
+    args.max_seq_len = max(args.max_seq_len, LONGEST_ROW)
     with torch.device(device):
-        return model.Transformer(model.ModelArgs(**{**fields, **overrides}))
+        return model.Transformer(args)
 
 
 def hf_twin(net):

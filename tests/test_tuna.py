@@ -290,8 +290,8 @@ def test_lora_merge_is_the_base_weight_plus_alpha_over_rank_times_b_a(tiny_model
 @pytest.mark.parametrize("candidates", [4, 5])
 def test_bench_compares_layouts_that_compute_the_same_loss(candidates):
     import bench  # its naive K-row baseline must be the same computation, or its speed-up means nothing
-    torch.manual_seed(0)
-    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
+    # `bench.py --config tiny`: model.py's tiny config (max_seq_len 256) with rows of 280 positions
+    net = bench.build("tiny", "cpu")
     lens = bench.RESPONSE_LENS if candidates == 4 else bench.RESPONSE_LENS_K5
     assert len(lens) == candidates
     shared, naive = bench.ranking_rows(512, 2, lens)
@@ -307,8 +307,7 @@ def test_bench_bf16_autocast_path_on_a_cpu_is_float32_within_bfloat16_precision(
     """bench.py's GPU arm (bfloat16 autocast), chosen on the CPU: the ranking loss of both layouts is the
     float32 loss within bfloat16's relative step (2 ** -8), and not the float32 loss itself."""
     import bench
-    torch.manual_seed(0)
-    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "max_seq_len": 512}))
+    net = bench.build("tiny", "cpu")
     shared, naive = bench.ranking_rows(512, 2, bench.RESPONSE_LENS)
     cpu = torch.device("cpu")
     with torch.no_grad():
