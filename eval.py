@@ -1,19 +1,22 @@
-"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L),
-LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
+"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L), LMentry
+(its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a
+row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
         --superni BENCH/superni --lmentry BENCH/lmentry/data --vicuna BENCH/vicuna \
         --judge-url http://127.0.0.1:8000/v1 --judge-model gpt-4 --out runs/eval
 
-Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
-(every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run
-resumes without regenerating and another checkpoint under the same name never reuses them; judge replies
-are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
+Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and
+OUT/results.json (every per-item output kept). Answers are greedy, batched, and appended
+to OUT/generations/MODEL/BENCH.jsonl as they finish, each with what made it (checkpoint,
+tokenizer, prompt, max_new_tokens), so a killed run resumes without regenerating and
+another checkpoint under the same name never reuses them; judge replies are cached by
+teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
-Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
-benchmarks themselves are silent on that wrapping (Tk-Instruct's src/ni_collator.py;
-LMentry's data files), so it is this project's choice.
+
+Prompts: every benchmark is asked in the Alpaca template the models were tuned on
+(data.alpaca_prompt); the benchmarks themselves are silent on that wrapping (Tk-Instruct's
+src/ni_collator.py; LMentry's data files), so it is this project's choice.
 """
 import argparse
 import hashlib
@@ -50,9 +53,16 @@ def read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
-# Tk-Instruct's per-category metric (src/compute_metrics.py); the headline number is ROUGE-L over all tasks.
-EXACT_MATCH_CATEGORIES = {"textual_entailment", "cause_effect_classification", "coreference_resolution",
-                          "dialogue_act_recognition", "answerability_classification", "word_analogy"}
+# Tk-Instruct's per-category metric (src/compute_metrics.py);
+# the headline number is ROUGE-L over all tasks.
+EXACT_MATCH_CATEGORIES = {
+    "textual_entailment",
+    "cause_effect_classification",
+    "coreference_resolution",
+    "dialogue_act_recognition",
+    "answerability_classification",
+    "word_analogy",
+}
 
 
 def with_period(text):
@@ -71,16 +81,22 @@ def superni_prompt(definition, instance_input):
     return data.alpaca_prompt(with_period(definition), with_period(instance_input))
 
 
-def read_superni(superni_dir, max_instances=100):
-    """Items of the English test split: the first `max_instances` instances of each task
-    (Super-NI eval/leaderboard/create_reference_file.py). superni_dir holds test_tasks.txt
-    (or splits/default/test_tasks.txt) and tasks/<name>.json."""
+def superni_split(superni_dir):
+    """The test split's task list: test_tasks.txt, else splits/default/test_tasks.txt."""
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
         split = os.path.join(superni_dir, "splits", "default", "test_tasks.txt")
     if not os.path.isfile(split):
-        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt nor splits/default/test_tasks.txt "
-                        "found there")
+        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt "
+                        "nor splits/default/test_tasks.txt found there")
+    return split
+
+
+def read_superni(superni_dir, max_instances=100):
+    """Items of the English test split: the first `max_instances` instances of each task
+    (Super-NI eval/leaderboard/create_reference_file.py). superni_dir holds test_tasks.txt
+    (or splits/default/test_tasks.txt) and tasks/<name>.json."""
+    split = superni_split(superni_dir)
     with open(split, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     items = []
@@ -90,39 +106,60 @@ def read_superni(superni_dir, max_instances=100):
         if not os.path.exists(path):
             missing.append(name)
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                task = json.load(f)
-        except json.JSONDecodeError as e:
-            problem(f"{path}: not valid JSON ({e})")
-            continue
-        definition = task.get("Definition")
-        definition = definition[0] if isinstance(definition, list) and definition else definition
-        instances = task.get("Instances")
-        if not isinstance(definition, str) or not instances or not task.get("Categories"):
-            problem(f"{path}: task has no Definition, Categories or Instances")
-            continue
-        # the official script's group name
-        category = "_".join(task["Categories"][0].lower().split())
-        for index, inst in enumerate(instances[:max_instances]):
-            refs = inst.get("output") if isinstance(inst, dict) else None
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
-                    or not isinstance(inst.get("input"), str):
-                problem(f"{path}: instance {inst.get('id', index) if isinstance(inst, dict) else index}: "
-                        "no 'input', or an empty or malformed reference list 'output'")
-                continue
-            items.append({"id": inst.get("id", f"{name}-{index}"), "task": name, "category": category,
-                          "prompt": superni_prompt(definition, inst["input"]), "references": refs})
+        items += superni_task_items(path, name, max_instances)
     if missing:
-        problem(f"{split}: {len(missing)} of {len(names)} tasks have no file in {superni_dir}/tasks "
-                f"(first: {', '.join(missing[:3])})")
+        first_missing = ", ".join(missing[:3])
+        problem(f"{split}: {len(missing)} of {len(names)} tasks "
+                f"have no file in {superni_dir}/tasks (first: {first_missing})")
     return items
+
+
+def superni_task_items(path, name, max_instances):
+    """The items of one task file; a malformed task or instance is reported and skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            task = json.load(f)
+    except json.JSONDecodeError as e:
+        problem(f"{path}: not valid JSON ({e})")
+        return []
+    definition = task.get("Definition")
+    if isinstance(definition, list) and definition:
+        definition = definition[0]
+    instances = task.get("Instances")
+    if not isinstance(definition, str) or not instances or not task.get("Categories"):
+        problem(f"{path}: task has no Definition, Categories or Instances")
+        return []
+    # the official script's group name
+    category = "_".join(task["Categories"][0].lower().split())
+    items = []
+    for index, inst in enumerate(instances[:max_instances]):
+        if not valid_instance(inst):
+            inst_id = inst.get("id", index) if isinstance(inst, dict) else index
+            problem(f"{path}: instance {inst_id}: "
+                    "no 'input', or an empty or malformed reference list 'output'")
+            continue
+        items.append({"id": inst.get("id", f"{name}-{index}"),
+                      "task": name,
+                      "category": category,
+                      "prompt": superni_prompt(definition, inst["input"]),
+                      "references": inst["output"]})
+    return items
+
+
+def valid_instance(inst):
+    """An instance with a string 'input' and a non-empty list of string references 'output'."""
+    if not isinstance(inst, dict):
+        return False
+    refs = inst.get("output")
+    refs_valid = isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)
+    return bool(refs_valid) and isinstance(inst.get("input"), str)
 
 
 def normalize_answer(text):
     """The official script's exact-match normalisation: lowercase, drop
     string.punctuation, collapse whitespace (SQuAD's rule without removing articles)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    punctuation = set(string.punctuation)
+    text = "".join(ch for ch in text.lower() if ch not in punctuation)
     return " ".join(text.split())
 
 
@@ -140,15 +177,38 @@ def rouge_l(prediction, reference):
         # the one runtime exception (requirements.txt), only here
         from rouge_score import rouge_scorer
         _ROUGE_SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
-    return _ROUGE_SCORER[0].score(target=reference, prediction=prediction)["rougeL"].fmeasure
+    scores = _ROUGE_SCORER[0].score(target=reference, prediction=prediction)
+    return scores["rougeL"].fmeasure
+
+
+def max_over_references(metric, prediction, references):
+    """A prediction's score against several references: the best one (the official
+    script's metric_max_over_ground_truths)."""
+    return max(metric(prediction, r) for r in references)
 
 
 def superni_metrics(predictions, references):
     """{"exact_match", "rougeL"}: each the max over references, pooled, x100, rounded to 4 decimals."""
-    em = sum(max(exact_match(p, r) for r in refs) for p, refs in zip(predictions, references))
-    rl = sum(max(rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references))
+    pairs = list(zip(predictions, references))
+    em = sum(max_over_references(exact_match, p, refs) for p, refs in pairs)
+    rl = sum(max_over_references(rouge_l, p, refs) for p, refs in pairs)
     n = max(len(references), 1)
     return {"exact_match": round(100.0 * em / n, 4), "rougeL": round(100.0 * rl / n, 4)}
+
+
+def pooled_metrics(rows):
+    """superni_metrics' numbers, from the per-item scores of `rows`."""
+    n = max(len(rows), 1)
+    metrics = ("exact_match", "rougeL")
+    return {m: round(100.0 * sum(row[m] for row in rows) / n, 4) for m in metrics}
+
+
+def pooled_by(rows, key):
+    """pooled_metrics of each group of rows that share a value of `key` (a task, a category)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    return {name: pooled_metrics(group) for name, group in groups.items()}
 
 
 def score_superni(items, outputs):
@@ -156,23 +216,18 @@ def score_superni(items, outputs):
     rows = []
     for item in items:
         prediction = outputs.get(item["id"], "")
-        rows.append({**{k: v for k, v in item.items() if k != "prompt"}, "prediction": prediction,
-                     "exact_match": max(exact_match(prediction, r) for r in item["references"]),
-                     "rougeL": max(rouge_l(prediction, r) for r in item["references"])})
-
-    def pooled(group):  # the same numbers as superni_metrics, from the per-item scores
-        n = max(len(group), 1)
-        return {m: round(100.0 * sum(r[m] for r in group) / n, 4) for m in ("exact_match", "rougeL")}
-
-    def grouped(key):
-        groups = {}
-        for row in rows:
-            groups.setdefault(row[key], []).append(row)
-        return {name: pooled(group) for name, group in groups.items()}
-    per_category = grouped("category")
+        refs = item["references"]
+        row = {k: v for k, v in item.items() if k != "prompt"}
+        row["prediction"] = prediction
+        row["exact_match"] = max_over_references(exact_match, prediction, refs)
+        row["rougeL"] = max_over_references(rouge_l, prediction, refs)
+        rows.append(row)
+    per_category = pooled_by(rows, "category")
     for name, metrics in per_category.items():
         metrics["metric"] = "exact_match" if name in EXACT_MATCH_CATEGORIES else "rougeL"
-    return {"overall": pooled(rows), "per_task": grouped("task"), "per_category": per_category,
+    return {"overall": pooled_metrics(rows),
+            "per_task": pooled_by(rows, "task"),
+            "per_category": per_category,
             "items": rows}
 
 
