@@ -232,36 +232,48 @@ def score_superni(items, outputs):
 
 
 # ----------------------------------------------------------------------------- Vicuna QA
-# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl), in this project's words.
+# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl),
+# in this project's words.
 JUDGE_SYSTEM = (
-    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
-    "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "
-    "First compare the two answers and explain your comparison briefly. The order in which the answers "
-    "appear, their length and the assistants' names must not sway you; be as objective as you can. After the "
-    'explanation, give your verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if '
-    'assistant B is better, "[[C]]" for a tie.')
+    "You are an impartial judge. "
+    "You will see a user's question and the answers two AI assistants gave to it. "
+    "Decide which assistant follows the user's instructions and answers the question better. "
+    "{criteria} "
+    "First compare the two answers and explain your comparison briefly. "
+    "The order in which the answers appear, their length and the assistants' names "
+    "must not sway you; be as objective as you can. "
+    "After the explanation, give your verdict in exactly this format: "
+    '"[[A]]" if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.')
 JUDGE_CRITERIA = {
     "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
-    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with "
-                 "it, and identify and correct any mistakes in them."}
+    "reference": "Weigh correctness and helpfulness. "
+                 "A reference answer is given: "
+                 "compare both answers with it, and identify and correct any mistakes in them."}
 # FastChat's categories judged with a reference
 REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}
+
+
+def quoted_block(title, text):
+    return f"[The Start of {title}]\n{text}\n[The End of {title}]"
 
 
 def judge_messages(question, answer_a, answer_b, reference=None):
     blocks = [f"[User Question]\n{question}"]
     if reference is not None:
-        blocks.append(f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]")
-    blocks += [f"[The Start of Assistant {name}'s Answer]\n{text}\n[The End of Assistant {name}'s Answer]"
-               for name, text in (("A", answer_a), ("B", answer_b))]
+        blocks.append(quoted_block("Reference Answer", reference))
+    for name, text in (("A", answer_a), ("B", answer_b)):
+        blocks.append(quoted_block(f"Assistant {name}'s Answer", text))
     criteria = JUDGE_CRITERIA["general" if reference is None else "reference"]
-    return [{"role": "system", "content": JUDGE_SYSTEM.format(criteria=criteria)},
+    system = JUDGE_SYSTEM.format(criteria=criteria)
+    return [{"role": "system", "content": system},
             {"role": "user", "content": "\n\n".join(blocks)}]
 
 
 def parse_verdict(reply):
-    """"A", "B", "tie" or "error": FastChat's substring tests in its order ([[A]], then [[B]], then [[C]])."""
-    for mark, verdict in (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie")):
+    """"A", "B", "tie" or "error": FastChat's substring tests in its order
+    ([[A]], then [[B]], then [[C]])."""
+    marks = (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"))
+    for mark, verdict in marks:
         if mark in reply:
             return verdict
     return "error"
@@ -287,24 +299,42 @@ def read_vicuna(vicuna_dir):
     path = os.path.join(vicuna_dir, "question.jsonl")
     if not os.path.isfile(path):
         raise EvalError(f"--vicuna {vicuna_dir}: no question.jsonl there")
+    return read_questions(path), read_references(vicuna_dir)
+
+
+def read_questions(path):
+    """The questions of question.jsonl, each with its prompt; a malformed record is reported."""
     questions = []
     for i, record in enumerate(read_jsonl(path), 1):
         record = record if isinstance(record, dict) else {}
-        turns = record.get("turns") or ([record["text"]] if isinstance(record.get("text"), str) else None)
-        if "question_id" not in record or not isinstance(turns, list) or not isinstance(turns[0], str):
+        old_text = record.get("text")
+        turns = record.get("turns") or ([old_text] if isinstance(old_text, str) else None)
+        turns_valid = isinstance(turns, list) and isinstance(turns[0], str)
+        if "question_id" not in record or not turns_valid:
             problem(f"{path}: record {i}: needs 'question_id' and 'turns' (or 'text')")
             continue
-        questions.append({"id": str(record["question_id"]), "category": record.get("category", ""),
-                          "question": turns[0], "prompt": data.alpaca_prompt(turns[0])})
+        question = turns[0]
+        questions.append({"id": str(record["question_id"]),
+                          "category": record.get("category", ""),
+                          "question": question,
+                          "prompt": data.alpaca_prompt(question)})
+    return questions
+
+
+def read_references(vicuna_dir):
+    """The GPT-4 reference answers by question id; a malformed record is reported."""
     references = {}
     for name in ("reference_answer_gpt-4.jsonl", os.path.join("reference_answer", "gpt-4.jsonl")):
         ref_path = os.path.join(vicuna_dir, name)
-        for record in read_jsonl(ref_path) if os.path.exists(ref_path) else []:
+        records = read_jsonl(ref_path) if os.path.exists(ref_path) else []
+        for record in records:
             try:
-                references[str(record["question_id"])] = record["choices"][0]["turns"][0]
+                answer = record["choices"][0]["turns"][0]
+                references[str(record["question_id"])] = answer
             except (KeyError, IndexError, TypeError):
-                problem(f"{ref_path}: record {str(record)[:60]}: no question_id or choices[0].turns[0]")
-    return questions, references
+                shown = str(record)[:60]
+                problem(f"{ref_path}: record {shown}: no question_id or choices[0].turns[0]")
+    return references
 
 
 JUDGE_MAX_TOKENS = 2048  # FastChat's judge
@@ -312,14 +342,79 @@ JUDGE_MAX_TOKENS = 2048  # FastChat's judge
 
 def judge_request(messages):
     """(path, params) of one judgment: greedy, as FastChat's judge (the run and its dry run)."""
-    return "/chat/completions", dict(messages=messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+    params = dict(messages=messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+    return "/chat/completions", params
 
 
 def judge_jobs(questions, references, pairs):
     """(model 1, model 2, question, order, reference or None) of every judgment: both
     orders of every question for each pair."""
-    return [(m1, m2, q, order, references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None)
-            for m1, m2 in pairs for q in questions for order in (0, 1)]
+    jobs = []
+    for m1, m2 in pairs:
+        for q in questions:
+            needs_reference = q["category"] in REFERENCE_CATEGORIES
+            reference = references.get(q["id"]) if needs_reference else None
+            jobs += [(m1, m2, q, order, reference) for order in (0, 1)]
+    return jobs
+
+
+def shown_order(m1, m2, order):
+    """The two models in the order the judge sees them: model 1 as A in order 0, as B in 1."""
+    return (m1, m2) if order == 0 else (m2, m1)
+
+
+def judge_one(client, answers, job):
+    """(the judge's reply, its verdict) of one job; a failed request is a reply with no verdict."""
+    m1, m2, q, order, reference = job
+    first, second = shown_order(m1, m2, order)
+    answer_a = answers[first].get(q["id"], "")
+    answer_b = answers[second].get(q["id"], "")
+    messages = judge_messages(q["question"], answer_a, answer_b, reference)
+    try:
+        response = client.request(*judge_request(messages))
+        reply = str(response["choices"][0]["message"]["content"])
+    # no request reaches the judge: stop, the answers are kept for the next run
+    except teacher.RunError:
+        raise
+    except Exception as e:  # a failed request or odd answer: a reply, no verdict
+        reply = f"<request failed: {type(e).__name__}: {e}>"
+    return reply, parse_verdict(reply)
+
+
+def judgment_record(job, reply1, reply2):
+    """One question judged for one pair: both games' verdicts and replies, and model 1's
+    result; a result with no verdict is reported."""
+    m1, m2, q, _, _ = job
+    text1, game1 = reply1
+    text2, game2 = reply2
+    outcome = combine_games(game1, game2)
+    if outcome == "error":
+        bad = "game 1" if game1 == "error" else "game 2"
+        bad_reply = text1 if game1 == "error" else text2
+        problem(f"Vicuna question {q['id']}, {m1} vs {m2}: "
+                f"judge reply of {bad} names no verdict ([[A]]/[[B]]/[[C]]); "
+                f"not counted: {bad_reply[:80]!r}")
+    return {"question_id": q["id"],
+            "category": q["category"],
+            "model_1": m1,
+            "model_2": m2,
+            "g1_verdict": game1,
+            "g2_verdict": game2,
+            "g1_judgment": text1,
+            "g2_judgment": text2,
+            "result_for_model_1": outcome}
+
+
+def add_win_rates(counts):
+    """A pair's win rate (wins / games with a verdict) and adjusted win rate (a tie counts
+    half a win); None where no game has a verdict."""
+    total = counts["win"] + counts["lose"] + counts["tie"]
+    if not total:
+        counts["win_rate"] = None
+        counts["adjusted_win_rate"] = None
+        return
+    counts["win_rate"] = round(counts["win"] / total, 4)
+    counts["adjusted_win_rate"] = round((counts["win"] + 0.5 * counts["tie"]) / total, 4)
 
 
 def judge_vicuna(client, questions, references, answers, pairs):
@@ -328,43 +423,21 @@ def judge_vicuna(client, questions, references, answers, pairs):
     replies, verdicts)."""
     jobs = judge_jobs(questions, references, pairs)
 
-    def one(job):
-        m1, m2, q, order, reference = job
-        first, second = (m1, m2) if order == 0 else (m2, m1)
-        messages = judge_messages(q["question"], answers[first].get(q["id"], ""),
-                                  answers[second].get(q["id"], ""), reference)
-        try:
-            answer = client.request(*judge_request(messages))
-            reply = str(answer["choices"][0]["message"]["content"])
-        # no request reaches the judge: stop, the answers are kept for the next run
-        except teacher.RunError:
-            raise
-        except Exception as e:  # a failed request or odd answer: a reply, no verdict
-            reply = f"<request failed: {type(e).__name__}: {e}>"
-        return reply, parse_verdict(reply)
+    def ask(job):
+        return judge_one(client, answers, job)
 
-    replies = client.map(one, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
+    replies = client.map(ask, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
     results = {}
     judgments = []
     for k in range(0, len(jobs), 2):
-        m1, m2, q, _, _ = jobs[k]
-        (reply1, game1), (reply2, game2) = replies[k], replies[k + 1]
-        outcome = combine_games(game1, game2)
-        judgments.append({"question_id": q["id"], "category": q["category"], "model_1": m1, "model_2": m2,
-                          "g1_verdict": game1, "g2_verdict": game2, "g1_judgment": reply1,
-                          "g2_judgment": reply2, "result_for_model_1": outcome})
-        if outcome == "error":
-            bad = "game 1" if game1 == "error" else "game 2"
-            problem(f"Vicuna question {q['id']}, {m1} vs {m2}: judge reply of {bad} names no verdict "
-                    f"([[A]]/[[B]]/[[C]]); not counted: {(reply1 if game1 == 'error' else reply2)[:80]!r}")
-        counts = results.setdefault(f"{m1} vs {m2}", {"model_1": m1, "model_2": m2, "win": 0, "lose": 0,
-                                                      "tie": 0, "error": 0})
-        counts[outcome] += 1
+        m1, m2, _, _, _ = jobs[k]
+        record = judgment_record(jobs[k], replies[k], replies[k + 1])
+        judgments.append(record)
+        tally = {"model_1": m1, "model_2": m2, "win": 0, "lose": 0, "tie": 0, "error": 0}
+        counts = results.setdefault(f"{m1} vs {m2}", tally)
+        counts[record["result_for_model_1"]] += 1
     for counts in results.values():
-        total = counts["win"] + counts["lose"] + counts["tie"]
-        counts["win_rate"] = round(counts["win"] / total, 4) if total else None
-        adjusted = (counts["win"] + 0.5 * counts["tie"]) / total if total else None
-        counts["adjusted_win_rate"] = None if adjusted is None else round(adjusted, 4)
+        add_win_rates(counts)
     return {"pairs": results, "judgments": judgments}
 
 
