@@ -443,25 +443,29 @@ def judge_vicuna(client, questions, references, answers, pairs):
 
 # ----------------------------------------------------------------------------- generation, resumable
 def answer_producer(directory, tokenizer_path=None):
-    """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
+    """What makes a checkpoint's answers (teacher.producer_identity), found without loading
+    the model."""
     tok = data.Tokenizer(tokenizer_path or directory)
-    return {**teacher.producer_identity(directory, tok.path), "stop_ids": tok.stop_ids}
+    identity = teacher.producer_identity(directory, tok.path)
+    return {**identity, "stop_ids": tok.stop_ids}
 
 
-# Answers generated together where --batch-size is "auto" and the device reports no free memory (a CPU)
+# Answers generated together where --batch-size is "auto" and the device reports no free
+# memory (a CPU)
 EVAL_BATCH_ROWS = 8
 
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what
-    made it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's
-    prompt): an answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again,
-    never reused (the old line stays in the file, ignored). One process at a time writes the file
-    (data.lock_output)."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each
+    line records what made it ("made_by": a digest of the producer (answer_producer), the
+    decoding settings and the item's prompt): an answer made by another checkpoint,
+    tokenizer, prompt or max_new_tokens is generated again, never reused (the old line
+    stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
     path = answers_path(out_dir, name, bench)
     with data.lock_output(path):
-        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer)
+        return _generate_answers(name, bench, items, get_model, path,
+                                 batch_size, max_new_tokens, producer)
 
 
 def cut_prompt(prefix, text_ids, limit):
@@ -489,8 +493,8 @@ def answer_made_by(line):
 
 
 def kept_answers(path, items, max_new_tokens, producer):
-    """({item id: answer} of the items whose answer the file holds, made as these would be; {item id: its
-    key "made_by"}; the ids the file holds answers of made otherwise)."""
+    """({item id: answer} of the items whose answer the file holds, made as these would be;
+    {item id: its key "made_by"}; the ids the file holds answers of made otherwise)."""
     kept, made, done = answer_log(path, items, max_new_tokens, producer)
     return done, made, kept.made_otherwise
 
@@ -503,11 +507,35 @@ def answer_log(path, items, max_new_tokens, producer):
     return kept, made, done
 
 
+def encode_prompts(tok, items, limit, bench):
+    """Each item's prompt ids, cut to `limit` tokens (cut_prompt); a cut prompt is reported."""
+    prefix = tok.prefix_ids()
+    encoded = []
+    for item in items:
+        text_ids = tok.encode(item["prompt"])
+        length = len(prefix) + len(text_ids)
+        if length > limit:
+            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} "
+                  "(its start and end)", file=sys.stderr)
+        encoded.append(cut_prompt(prefix, text_ids, limit))
+    return encoded
+
+
+def auto_batch_size(lm, encoded, max_new_tokens, name, bench):
+    """As many rows as fit in free GPU memory (model.auto_batch_rows), else EVAL_BATCH_ROWS."""
+    longest = max(map(len, encoded))
+    rows = model.auto_batch_rows(lm, longest + max_new_tokens, longest, EVAL_BATCH_ROWS)
+    print(f"eval: {name} {bench}: {rows} answers generate together (--batch-size auto)",
+          file=sys.stderr)
+    return rows
+
+
 def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer):
     """generate_answers' work, while it holds the lock on `path`."""
     kept, made, done = answer_log(path, items, max_new_tokens, producer)
     todo = [item for item in items if item["id"] not in done]
-    other = len(kept.made_otherwise & {item["id"] for item in todo})
+    todo_ids = {item["id"] for item in todo}
+    other = len(kept.made_otherwise & todo_ids)
     if other:
         print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
               "max_new_tokens: generating them again", file=sys.stderr)
@@ -515,39 +543,33 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         return done
     lm, tok = get_model()
     limit = lm.args.max_seq_len - max_new_tokens
-    prefix, encoded = tok.prefix_ids(), []
-    for item in todo:
-        text_ids = tok.encode(item["prompt"])
-        length = len(prefix) + len(text_ids)
-        if length > limit:
-            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} (its start and end)",
-                  file=sys.stderr)
-        encoded.append(cut_prompt(prefix, text_ids, limit))
+    encoded = encode_prompts(tok, todo, limit, bench)
     stops = tok.stop_ids
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
-    if batch_size == "auto":  # as many rows as fit in free GPU memory (model.auto_batch_rows)
-        longest = max(map(len, encoded))
-        batch_size = model.auto_batch_rows(lm, longest + max_new_tokens, longest, EVAL_BATCH_ROWS)
-        print(f"eval: {name} {bench}: {batch_size} answers generate together (--batch-size auto)",
-              file=sys.stderr)
+    # similar lengths batch with less padding
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    if batch_size == "auto":
+        batch_size = auto_batch_size(lm, encoded, max_new_tokens, name, bench)
     progress = data.Progress(f"eval answers {name} {bench}", len(todo))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
-                                       temperature=0.0, eos_id=stops)
+        prompts = [encoded[i] for i in batch]
+        new_tokens, _ = model.generate(lm, prompts, max_new_tokens, temperature=0.0, eos_id=stops)
         finished = []
         for i, tokens in zip(batch, new_tokens):
-            text = tok.decode(teacher.without_stop(tokens, stops)[0]).strip()
-            done[todo[i]["id"]] = text
-            finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
+            item_id = todo[i]["id"]
+            answer_ids = teacher.without_stop(tokens, stops)[0]
+            text = tok.decode(answer_ids).strip()
+            done[item_id] = text
+            finished.append({"id": item_id, "output": text, "made_by": made[item_id]})
         kept.keep(finished)
         progress.advance(len(batch))
     return done
 
 
-# ----------------------------------------------------------------------------- the run and the table
+# ----------------------------------------------------------------------------- a model, loaded on first use
 def model_loader(directory, tokenizer_path, device, dtype):
-    """A function returning (model, tokenizer), loaded on first use: a fully resumed run loads nothing."""
+    """A function returning (model, tokenizer), loaded on first use: a fully resumed run
+    loads nothing."""
     loaded = []
 
     def get():
