@@ -593,9 +593,10 @@ def check_checkpoints(checkpoints, baseline, lmentry_dir):
     if baseline is not None and baseline not in checkpoints:
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
     for name, directory in checkpoints.items():
-        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
-            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
-                            "params.json there)")
+        configs = [os.path.join(directory, f) for f in ("config.json", "params.json")]
+        if not any(map(os.path.isfile, configs)):
+            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder "
+                            "(no config.json or params.json there)")
     if lmentry_dir and not os.path.isdir(lmentry_dir):
         raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
 
@@ -604,8 +605,12 @@ def lmentry_prompts(lmentry_tasks):
     """Every LMentry example as an item to answer: its id and its input in the Alpaca template."""
     if lmentry_tasks is None:
         return None
-    return [{"id": item["id"], "prompt": data.alpaca_prompt(item["example"]["input"])}
-            for task in lmentry_tasks.values() for item in task["items"]]
+    items = []
+    for task in lmentry_tasks.values():
+        for item in task["items"]:
+            prompt = data.alpaca_prompt(item["example"]["input"])
+            items.append({"id": item["id"], "prompt": prompt})
+    return items
 
 
 def vicuna_pairs(names, baseline, all_pairs, questions):
@@ -638,15 +643,18 @@ def judge_answers(client, questions, references, answers, pairs):
     is judged without one, and reported."""
     for q in questions:
         if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
-            problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
-                    "without one")
+            problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; "
+                    "judged without one")
     return judge_vicuna(client, questions, references, answers, pairs)
 
 
-def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
-             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
-             all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
-             device="cpu", dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
+def evaluate(checkpoints, out_dir, tokenizer=None,
+             superni_dir=None, lmentry_dir=None, vicuna_dir=None,
+             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY",
+             baseline=None, all_pairs=False,
+             batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
+             device="cpu", dtype=None,
+             dry_run=False, count_tokenizer=None, prices=(None, None)):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to
     out_dir. The judge is checked (one pre-flight request) before any answer is generated.
     dry_run: only the report of what would be generated and sent to the judge (a string);
@@ -659,18 +667,21 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     lmentry_items = lmentry_prompts(lmentry_tasks)
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
     all_items = (superni_items, lmentry_items, questions)
-    benches = [(bench, items, n) for bench, items, n in zip(BENCHMARKS, all_items, max_new_tokens)
-               if items is not None]
-    results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
-                          for name, directory in checkpoints.items()}}
+    settings = zip(BENCHMARKS, all_items, max_new_tokens)
+    benches = [(bench, items, n) for bench, items, n in settings if items is not None]
+    models = {}
+    for name, directory in checkpoints.items():
+        models[name] = {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
+    results = {"models": models}
     baseline, pairs = vicuna_pairs(names, baseline, all_pairs, questions)
     client = None
     if pairs and judge_url:
         judge_cache = os.path.join(out_dir, "judge_cache.jsonl")
-        client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
+        client = teacher.TeacherClient(judge_url, judge_model,
+                                       api_key_env=judge_api_key_env,
                                        cache_path=judge_cache)
     if dry_run:
-        return dry_run_report(results["models"], out_dir, benches, questions, references, pairs, client,
+        return dry_run_report(models, out_dir, benches, questions, references, pairs, client,
                               count_tokenizer, prices)
     # before hours of answers: the judge is reachable, takes the key, knows the model
     if client:
@@ -679,9 +690,11 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     answers = {}
     for name in names:
         get_model = model_loader(checkpoints[name], tokenizer, device, dtype)
-        row = results["models"][name]
-        outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,
-                                           row["producer"]) for bench, items, n in benches}
+        row = models[name]
+        outputs = {}
+        for bench, items, n in benches:
+            outputs[bench] = generate_answers(name, bench, items, get_model, out_dir,
+                                              batch_size, n, row["producer"])
         answers[name] = score_model(row, outputs, superni_items, lmentry_tasks, questions)
     if pairs and not judge_url:
         problem("Vicuna QA: no --judge-url, so no model pair was judged")
@@ -689,13 +702,19 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
         judged = judge_answers(client, questions, references, answers, pairs)
         results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    results_json = json.dumps(results, indent=1, ensure_ascii=False)
-    data.write_atomic(os.path.join(out_dir, "results.json"), results_json)
-    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
+    write_results(out_dir, results)
     return results
 
 
-def dry_run_report(models, out_dir, benches, questions, references, pairs, client, count_tokenizer, prices):
+def write_results(out_dir, results):
+    """OUT/results.json and OUT/results.md, each written whole (data.write_atomic)."""
+    results_json = json.dumps(results, indent=1, ensure_ascii=False)
+    data.write_atomic(os.path.join(out_dir, "results.json"), results_json)
+    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
+
+
+def dry_run_report(models, out_dir, benches, questions, references, pairs, client,
+                   count_tokenizer, prices):
     """What a run would do, with nothing generated or sent: the answers still to generate
     (the others are in OUT/generations), and the judge's requests (teacher.DryRun): exact
     where both answers of a judgment are generated already, else estimated, a missing
@@ -705,117 +724,216 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
     for name, row in models.items():
         counts = []
         for bench, items, n in benches:
-            done, _, _ = kept_answers(answers_path(out_dir, name, bench), items, n, row["producer"])
-            counts.append(f"{bench} {len(items) - len(done):,} of {len(items):,}")
+            path = answers_path(out_dir, name, bench)
+            done, _, _ = kept_answers(path, items, n, row["producer"])
+            to_generate = len(items) - len(done)
+            counts.append(f"{bench} {to_generate:,} of {len(items):,}")
             known[name, bench] = done
         lines.append(f"  answers to generate, {name}: " + ", ".join(counts))
     if not pairs or client is None:
-        return "\n".join(lines + ["  judge: no model pair to judge" + ("" if pairs else " (--vicuna and 2+ "
-                                                                     "checkpoints judge pairs)")])
+        why = "" if pairs else " (--vicuna and 2+ checkpoints judge pairs)"
+        return "\n".join(lines + ["  judge: no model pair to judge" + why])
     vicuna_tokens = {bench: n for bench, _, n in benches}["vicuna"]
     dry = teacher.DryRun(client, count_tokenizer)
     unknown = 0
     for m1, m2, q, order, reference in judge_jobs(questions, references, pairs):
-        first, second = (known[m, "vicuna"].get(q["id"]) for m in ((m1, m2) if order == 0 else (m2, m1)))
+        first_model, second_model = shown_order(m1, m2, order)
+        first = known[first_model, "vicuna"].get(q["id"])
+        second = known[second_model, "vicuna"].get(q["id"])
         missing = (first is None) + (second is None)
         unknown += missing > 0
         messages = judge_messages(q["question"], first or "", second or "", reference)
-        dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=missing * vicuna_tokens)
-    prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, counted at "
-                   f"--max-new-tokens VICUNA {vicuna_tokens}, the most an answer holds in its model's tokens"
-                   if unknown else "every answer is generated")
-    report = dry.report("eval.py judge", prompt_note, f"{JUDGE_MAX_TOKENS} a judgment", *prices)
+        unknown_tokens = missing * vicuna_tokens
+        dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=unknown_tokens)
+    if unknown:
+        prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, "
+                       f"counted at --max-new-tokens VICUNA {vicuna_tokens}, "
+                       "the most an answer holds in its model's tokens")
+    else:
+        prompt_note = "every answer is generated"
+    reply_note = f"{JUDGE_MAX_TOKENS} a judgment"
+    report = dry.report("eval.py judge", prompt_note, reply_note, *prices)
     return "\n".join(lines + report.splitlines()[1:])
 
 
+# ----------------------------------------------------------------------------- results.md
 def dash(value):
     """A table cell: the value, or a dash where there is none."""
     return "—" if value is None else str(value)
 
 
+def table_row(cells):
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def table_head(columns):
+    """A Markdown table's header row and its separator."""
+    return [table_row(columns), "|---" * len(columns) + "|"]
+
+
+def versus_baseline(pairs, name, baseline):
+    """The tally of `name` judged against the baseline (None: not judged)."""
+    for counts in pairs.values():
+        if counts["model_1"] == name and counts["model_2"] == baseline:
+            return counts
+    return None
+
+
+def table1_lines(models, vicuna):
+    """Rows = models, columns = benchmarks (the paper's Table 1 shape)."""
+    pairs = vicuna.get("pairs", {})
+    baseline = vicuna.get("baseline", "—")
+    lines = table_head(["Model",
+                        "Super-NI ROUGE-L",
+                        "Super-NI EM",
+                        "LMentry accuracy",
+                        "LMentry score",
+                        f"Vicuna QA vs {baseline}: win / lose / tie"])
+    for name, row in models.items():
+        superni = row.get("superni", {}).get("overall", {})
+        lmentry_scores = row.get("lmentry", {})
+        versus = versus_baseline(pairs, name, baseline)
+        tally = f"{versus['win']} / {versus['lose']} / {versus['tie']}" if versus else "—"
+        lines.append(table_row([name,
+                                dash(superni.get("rougeL")),
+                                dash(superni.get("exact_match")),
+                                dash(lmentry_scores.get("accuracy")),
+                                dash(lmentry_scores.get("lmentry_score")),
+                                tally]))
+    return lines
+
+
+def vicuna_lines(vicuna):
+    """Every judged pair's tally and win rates; nothing where no pair was judged."""
+    pairs = vicuna.get("pairs", {})
+    if not pairs:
+        return []
+    lines = ["", f"## Vicuna QA, each pair judged by {vicuna['judge']} in both orders", ""]
+    lines += table_head(["Model 1 vs model 2", "win", "lose", "tie", "no verdict",
+                         "win rate", "adjusted win rate"])
+    for pair, c in pairs.items():
+        win_rates = [dash(c["win_rate"]), dash(c["adjusted_win_rate"])]
+        lines.append(table_row([pair, c["win"], c["lose"], c["tie"], c["error"], *win_rates]))
+    return lines
+
+
+def category_cell(per_category, category):
+    """A category's score in its own metric, named; a dash where the model has none."""
+    if category not in per_category:
+        return "—"
+    metrics = per_category[category]
+    metric = metrics["metric"]
+    return f"{metrics[metric]} ({metric})"
+
+
+def category_lines(models):
+    """Super-NI per category, each in its Tk-Instruct metric; nothing without Super-NI."""
+    per_model = {name: row.get("superni", {}).get("per_category", {})
+                 for name, row in models.items()}
+    categories = sorted(set().union(*per_model.values()))
+    if not categories:
+        return []
+    lines = ["", "## Super-NI per category (its Tk-Instruct metric)", ""]
+    lines += table_head(["Model", *categories])
+    for name, per_category in per_model.items():
+        cells = [category_cell(per_category, c) for c in categories]
+        lines.append(table_row([name, *cells]))
+    return lines
+
+
 def results_markdown(results):
     """Rows = models, columns = benchmarks (the paper's Table 1 shape), then the detail tables."""
     vicuna = results.get("vicuna", {})
-    pairs = vicuna.get("pairs", {})
-    lines = ["# Evaluation results", "",
-             f"| Model | Super-NI ROUGE-L | Super-NI EM | LMentry accuracy | LMentry score | "
-             f"Vicuna QA vs {vicuna.get('baseline', '—')}: win / lose / tie |", "|---|---|---|---|---|---|"]
-    for name, row in results["models"].items():
-        superni = row.get("superni", {}).get("overall", {})
-        lmentry = row.get("lmentry", {})
-        versus = next((c for c in pairs.values()
-                       if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
-        lines.append(f"| {name} | {dash(superni.get('rougeL'))} | {dash(superni.get('exact_match'))} | "
-                     f"{dash(lmentry.get('accuracy'))} | {dash(lmentry.get('lmentry_score'))} | "
-                     + (f"{versus['win']} / {versus['lose']} / {versus['tie']} |" if versus else "— |"))
-    if pairs:
-        lines += ["", f"## Vicuna QA, each pair judged by {vicuna['judge']} in both orders", "",
-                  "| Model 1 vs model 2 | win | lose | tie | no verdict | win rate | adjusted win rate |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p} | {c['win']} | {c['lose']} | {c['tie']} | {c['error']} | {dash(c['win_rate'])} | "
-                  f"{dash(c['adjusted_win_rate'])} |" for p, c in pairs.items()]
-    categories = sorted({c for row in results["models"].values()
-                         for c in row.get("superni", {}).get("per_category", {})})
-    if categories:
-        lines += ["", "## Super-NI per category (its Tk-Instruct metric)", "",
-                  "| Model | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
-        for name, row in results["models"].items():
-            per = row.get("superni", {}).get("per_category", {})
-            cells = [f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—"
-                     for c in categories]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Skipped ({len(results['skipped'])})", ""] + [f"- {p}" for p in results["skipped"]]
+    skipped = results["skipped"]
+    lines = ["# Evaluation results", ""]
+    lines += table1_lines(results["models"], vicuna)
+    lines += vicuna_lines(vicuna)
+    lines += category_lines(results["models"])
+    lines += ["", f"## Skipped ({len(skipped)})", ""]
+    lines += [f"- {p}" for p in skipped]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command line
+def parse_checkpoints(parser, specs):
+    """{name: directory} of --checkpoints NAME=DIR ...; a bad or repeated NAME is a usage error."""
+    checkpoints = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        well_formed = sep and name and directory
+        if not well_formed or name in checkpoints:
+            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
+        checkpoints[name] = directory
+    return checkpoints
+
+
+def evaluate_options(args):
+    """evaluate()'s keyword arguments from the command line (all but the dry run's)."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return dict(tokenizer=args.tokenizer,
+                superni_dir=args.superni,
+                lmentry_dir=args.lmentry,
+                vicuna_dir=args.vicuna,
+                judge_url=args.judge_url,
+                judge_model=args.judge_model,
+                judge_api_key_env=args.judge_api_key_env,
+                baseline=args.baseline,
+                all_pairs=args.all_pairs,
+                batch_size=args.batch_size,
+                max_instances=args.max_instances,
+                max_new_tokens=tuple(args.max_new_tokens),
+                device=args.device,
+                dtype=dtype)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
-    parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
-    parser.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    parser.add_argument("--vicuna",
+                        help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
+    parser.add_argument("--judge-url",
+                        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
     parser.add_argument("--judge-model", default="gpt-4")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: "
-                        "the first)")
-    parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
+    parser.add_argument("--baseline",
+                        help="Vicuna QA: the model the others are judged against "
+                             "(default: the first)")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=data.rows_option, default="auto", help="answers generated "
-                        "together; auto (default): as many as fit in free GPU memory, "
-                        f"{EVAL_BATCH_ROWS} on a CPU")
-    parser.add_argument("--max-instances", type=int, default=100, help="Super-NI instances per task")
+    parser.add_argument("--batch-size", type=data.rows_option, default="auto",
+                        help="answers generated together; "
+                             "auto (default): as many as fit in free GPU memory, "
+                             f"{EVAL_BATCH_ROWS} on a CPU")
+    parser.add_argument("--max-instances", type=int, default=100,
+                        help="Super-NI instances per task")
     parser.add_argument("--max-new-tokens", type=int, nargs=3, default=[128, 50, 512],
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     data.add_cost_arguments(parser, "print the answers still to generate and the judge's requests, "
                             "tokens and cost; generate, send and write nothing")
     args = parser.parse_args(argv)
-    checkpoints = {}
-    for spec in args.checkpoints:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory or name in checkpoints:
-            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
-        checkpoints[name] = directory
-    options = dict(tokenizer=args.tokenizer, superni_dir=args.superni, lmentry_dir=args.lmentry,
-                   vicuna_dir=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
-                   judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
-                   batch_size=args.batch_size, max_instances=args.max_instances,
-                   max_new_tokens=tuple(args.max_new_tokens), device=args.device,
-                   dtype=getattr(torch, args.dtype) if args.dtype else None)
+    checkpoints = parse_checkpoints(parser, args.checkpoints)
+    options = evaluate_options(args)
     try:
         if args.dry_run:  # writes nothing, so takes no lock
             prices = (args.price_per_1m_input, args.price_per_1m_output)
-            print(evaluate(checkpoints, args.out, **options, dry_run=True,
-                           count_tokenizer=args.count_tokenizer, prices=prices))
+            report = evaluate(checkpoints, args.out, **options, dry_run=True,
+                              count_tokenizer=args.count_tokenizer, prices=prices)
+            print(report)
             return
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
             results = evaluate(checkpoints, args.out, **options)
     # each names its file or URL
     except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:
-        parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
+        message = " ".join(str(e).split())
+        parser.exit(1, f"eval.py: error: {message}\n")
     print(results_markdown(results))
 
 
