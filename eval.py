@@ -1,19 +1,22 @@
-"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L),
-LMentry (its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a row per model.
+"""The paper's evaluation (paper, Table 1): Super-NaturalInstructions (ROUGE-L), LMentry
+(its own scorers, in lmentry.py) and Vicuna QA (a pairwise LLM judge), one table with a
+row per model.
 
     python eval.py --checkpoints alpaca=runs/sft tuna=runs/tuna --tokenizer tokenizer.model \
         --superni BENCH/superni --lmentry BENCH/lmentry/data --vicuna BENCH/vicuna \
         --judge-url http://127.0.0.1:8000/v1 --judge-model gpt-4 --out runs/eval
 
-Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and OUT/results.json
-(every per-item output kept). Answers are greedy, batched, and appended to OUT/generations/MODEL/BENCH.jsonl
-as they finish, each with what made it (checkpoint, tokenizer, prompt, max_new_tokens), so a killed run
-resumes without regenerating and another checkpoint under the same name never reuses them; judge replies
-are cached by teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
+Writes OUT/results.md (rows = models, columns = benchmarks, like the paper's Table 1) and
+OUT/results.json (every per-item output kept). Answers are greedy, batched, and appended
+to OUT/generations/MODEL/BENCH.jsonl as they finish, each with what made it (checkpoint,
+tokenizer, prompt, max_new_tokens), so a killed run resumes without regenerating and
+another checkpoint under the same name never reuses them; judge replies are cached by
+teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
-Prompts: every benchmark is asked in the Alpaca template the models were tuned on (data.alpaca_prompt); the
-benchmarks themselves are silent on that wrapping (Tk-Instruct's src/ni_collator.py;
-LMentry's data files), so it is this project's choice.
+
+Prompts: every benchmark is asked in the Alpaca template the models were tuned on
+(data.alpaca_prompt); the benchmarks themselves are silent on that wrapping (Tk-Instruct's
+src/ni_collator.py; LMentry's data files), so it is this project's choice.
 """
 import argparse
 import hashlib
@@ -50,9 +53,16 @@ def read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- Super-NaturalInstructions
-# Tk-Instruct's per-category metric (src/compute_metrics.py); the headline number is ROUGE-L over all tasks.
-EXACT_MATCH_CATEGORIES = {"textual_entailment", "cause_effect_classification", "coreference_resolution",
-                          "dialogue_act_recognition", "answerability_classification", "word_analogy"}
+# Tk-Instruct's per-category metric (src/compute_metrics.py);
+# the headline number is ROUGE-L over all tasks.
+EXACT_MATCH_CATEGORIES = {
+    "textual_entailment",
+    "cause_effect_classification",
+    "coreference_resolution",
+    "dialogue_act_recognition",
+    "answerability_classification",
+    "word_analogy",
+}
 
 
 def with_period(text):
@@ -71,16 +81,22 @@ def superni_prompt(definition, instance_input):
     return data.alpaca_prompt(with_period(definition), with_period(instance_input))
 
 
-def read_superni(superni_dir, max_instances=100):
-    """Items of the English test split: the first `max_instances` instances of each task
-    (Super-NI eval/leaderboard/create_reference_file.py). superni_dir holds test_tasks.txt
-    (or splits/default/test_tasks.txt) and tasks/<name>.json."""
+def superni_split(superni_dir):
+    """The test split's task list: test_tasks.txt, else splits/default/test_tasks.txt."""
     split = os.path.join(superni_dir, "test_tasks.txt")
     if not os.path.exists(split):
         split = os.path.join(superni_dir, "splits", "default", "test_tasks.txt")
     if not os.path.isfile(split):
-        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt nor splits/default/test_tasks.txt "
-                        "found there")
+        raise EvalError(f"--superni {superni_dir}: neither test_tasks.txt "
+                        "nor splits/default/test_tasks.txt found there")
+    return split
+
+
+def read_superni(superni_dir, max_instances=100):
+    """Items of the English test split: the first `max_instances` instances of each task
+    (Super-NI eval/leaderboard/create_reference_file.py). superni_dir holds test_tasks.txt
+    (or splits/default/test_tasks.txt) and tasks/<name>.json."""
+    split = superni_split(superni_dir)
     with open(split, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     items = []
@@ -90,39 +106,60 @@ def read_superni(superni_dir, max_instances=100):
         if not os.path.exists(path):
             missing.append(name)
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                task = json.load(f)
-        except json.JSONDecodeError as e:
-            problem(f"{path}: not valid JSON ({e})")
-            continue
-        definition = task.get("Definition")
-        definition = definition[0] if isinstance(definition, list) and definition else definition
-        instances = task.get("Instances")
-        if not isinstance(definition, str) or not instances or not task.get("Categories"):
-            problem(f"{path}: task has no Definition, Categories or Instances")
-            continue
-        # the official script's group name
-        category = "_".join(task["Categories"][0].lower().split())
-        for index, inst in enumerate(instances[:max_instances]):
-            refs = inst.get("output") if isinstance(inst, dict) else None
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
-                    or not isinstance(inst.get("input"), str):
-                problem(f"{path}: instance {inst.get('id', index) if isinstance(inst, dict) else index}: "
-                        "no 'input', or an empty or malformed reference list 'output'")
-                continue
-            items.append({"id": inst.get("id", f"{name}-{index}"), "task": name, "category": category,
-                          "prompt": superni_prompt(definition, inst["input"]), "references": refs})
+        items += superni_task_items(path, name, max_instances)
     if missing:
-        problem(f"{split}: {len(missing)} of {len(names)} tasks have no file in {superni_dir}/tasks "
-                f"(first: {', '.join(missing[:3])})")
+        first_missing = ", ".join(missing[:3])
+        problem(f"{split}: {len(missing)} of {len(names)} tasks "
+                f"have no file in {superni_dir}/tasks (first: {first_missing})")
     return items
+
+
+def superni_task_items(path, name, max_instances):
+    """The items of one task file; a malformed task or instance is reported and skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            task = json.load(f)
+    except json.JSONDecodeError as e:
+        problem(f"{path}: not valid JSON ({e})")
+        return []
+    definition = task.get("Definition")
+    if isinstance(definition, list) and definition:
+        definition = definition[0]
+    instances = task.get("Instances")
+    if not isinstance(definition, str) or not instances or not task.get("Categories"):
+        problem(f"{path}: task has no Definition, Categories or Instances")
+        return []
+    # the official script's group name
+    category = "_".join(task["Categories"][0].lower().split())
+    items = []
+    for index, inst in enumerate(instances[:max_instances]):
+        if not valid_instance(inst):
+            inst_id = inst.get("id", index) if isinstance(inst, dict) else index
+            problem(f"{path}: instance {inst_id}: "
+                    "no 'input', or an empty or malformed reference list 'output'")
+            continue
+        items.append({"id": inst.get("id", f"{name}-{index}"),
+                      "task": name,
+                      "category": category,
+                      "prompt": superni_prompt(definition, inst["input"]),
+                      "references": inst["output"]})
+    return items
+
+
+def valid_instance(inst):
+    """An instance with a string 'input' and a non-empty list of string references 'output'."""
+    if not isinstance(inst, dict):
+        return False
+    refs = inst.get("output")
+    refs_valid = isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)
+    return bool(refs_valid) and isinstance(inst.get("input"), str)
 
 
 def normalize_answer(text):
     """The official script's exact-match normalisation: lowercase, drop
     string.punctuation, collapse whitespace (SQuAD's rule without removing articles)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    punctuation = set(string.punctuation)
+    text = "".join(ch for ch in text.lower() if ch not in punctuation)
     return " ".join(text.split())
 
 
@@ -140,15 +177,38 @@ def rouge_l(prediction, reference):
         # the one runtime exception (requirements.txt), only here
         from rouge_score import rouge_scorer
         _ROUGE_SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
-    return _ROUGE_SCORER[0].score(target=reference, prediction=prediction)["rougeL"].fmeasure
+    scores = _ROUGE_SCORER[0].score(target=reference, prediction=prediction)
+    return scores["rougeL"].fmeasure
+
+
+def max_over_references(metric, prediction, references):
+    """A prediction's score against several references: the best one (the official
+    script's metric_max_over_ground_truths)."""
+    return max(metric(prediction, r) for r in references)
 
 
 def superni_metrics(predictions, references):
     """{"exact_match", "rougeL"}: each the max over references, pooled, x100, rounded to 4 decimals."""
-    em = sum(max(exact_match(p, r) for r in refs) for p, refs in zip(predictions, references))
-    rl = sum(max(rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references))
+    pairs = list(zip(predictions, references))
+    em = sum(max_over_references(exact_match, p, refs) for p, refs in pairs)
+    rl = sum(max_over_references(rouge_l, p, refs) for p, refs in pairs)
     n = max(len(references), 1)
     return {"exact_match": round(100.0 * em / n, 4), "rougeL": round(100.0 * rl / n, 4)}
+
+
+def pooled_metrics(rows):
+    """superni_metrics' numbers, from the per-item scores of `rows`."""
+    n = max(len(rows), 1)
+    metrics = ("exact_match", "rougeL")
+    return {m: round(100.0 * sum(row[m] for row in rows) / n, 4) for m in metrics}
+
+
+def pooled_by(rows, key):
+    """pooled_metrics of each group of rows that share a value of `key` (a task, a category)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    return {name: pooled_metrics(group) for name, group in groups.items()}
 
 
 def score_superni(items, outputs):
@@ -156,57 +216,64 @@ def score_superni(items, outputs):
     rows = []
     for item in items:
         prediction = outputs.get(item["id"], "")
-        rows.append({**{k: v for k, v in item.items() if k != "prompt"}, "prediction": prediction,
-                     "exact_match": max(exact_match(prediction, r) for r in item["references"]),
-                     "rougeL": max(rouge_l(prediction, r) for r in item["references"])})
-
-    def pooled(group):  # the same numbers as superni_metrics, from the per-item scores
-        n = max(len(group), 1)
-        return {m: round(100.0 * sum(r[m] for r in group) / n, 4) for m in ("exact_match", "rougeL")}
-
-    def grouped(key):
-        groups = {}
-        for row in rows:
-            groups.setdefault(row[key], []).append(row)
-        return {name: pooled(group) for name, group in groups.items()}
-    per_category = grouped("category")
+        refs = item["references"]
+        row = {k: v for k, v in item.items() if k != "prompt"}
+        row["prediction"] = prediction
+        row["exact_match"] = max_over_references(exact_match, prediction, refs)
+        row["rougeL"] = max_over_references(rouge_l, prediction, refs)
+        rows.append(row)
+    per_category = pooled_by(rows, "category")
     for name, metrics in per_category.items():
         metrics["metric"] = "exact_match" if name in EXACT_MATCH_CATEGORIES else "rougeL"
-    return {"overall": pooled(rows), "per_task": grouped("task"), "per_category": per_category,
+    return {"overall": pooled_metrics(rows),
+            "per_task": pooled_by(rows, "task"),
+            "per_category": per_category,
             "items": rows}
 
 
 # ----------------------------------------------------------------------------- Vicuna QA
-# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl), in this project's words.
+# FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl),
+# in this project's words.
 JUDGE_SYSTEM = (
-    "You are an impartial judge. You will see a user's question and the answers two AI assistants gave to "
-    "it. Decide which assistant follows the user's instructions and answers the question better. {criteria} "
-    "First compare the two answers and explain your comparison briefly. The order in which the answers "
-    "appear, their length and the assistants' names must not sway you; be as objective as you can. After the "
-    'explanation, give your verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if '
-    'assistant B is better, "[[C]]" for a tie.')
+    "You are an impartial judge. "
+    "You will see a user's question and the answers two AI assistants gave to it. "
+    "Decide which assistant follows the user's instructions and answers the question better. "
+    "{criteria} "
+    "First compare the two answers and explain your comparison briefly. "
+    "The order in which the answers appear, their length and the assistants' names "
+    "must not sway you; be as objective as you can. "
+    "After the explanation, give your verdict in exactly this format: "
+    '"[[A]]" if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.')
 JUDGE_CRITERIA = {
     "general": "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail.",
-    "reference": "Weigh correctness and helpfulness. A reference answer is given: compare both answers with "
-                 "it, and identify and correct any mistakes in them."}
+    "reference": "Weigh correctness and helpfulness. "
+                 "A reference answer is given: "
+                 "compare both answers with it, and identify and correct any mistakes in them."}
 # FastChat's categories judged with a reference
 REFERENCE_CATEGORIES = {"math", "reasoning", "coding"}
+
+
+def quoted_block(title, text):
+    return f"[The Start of {title}]\n{text}\n[The End of {title}]"
 
 
 def judge_messages(question, answer_a, answer_b, reference=None):
     blocks = [f"[User Question]\n{question}"]
     if reference is not None:
-        blocks.append(f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]")
-    blocks += [f"[The Start of Assistant {name}'s Answer]\n{text}\n[The End of Assistant {name}'s Answer]"
-               for name, text in (("A", answer_a), ("B", answer_b))]
+        blocks.append(quoted_block("Reference Answer", reference))
+    for name, text in (("A", answer_a), ("B", answer_b)):
+        blocks.append(quoted_block(f"Assistant {name}'s Answer", text))
     criteria = JUDGE_CRITERIA["general" if reference is None else "reference"]
-    return [{"role": "system", "content": JUDGE_SYSTEM.format(criteria=criteria)},
+    system = JUDGE_SYSTEM.format(criteria=criteria)
+    return [{"role": "system", "content": system},
             {"role": "user", "content": "\n\n".join(blocks)}]
 
 
 def parse_verdict(reply):
-    """"A", "B", "tie" or "error": FastChat's substring tests in its order ([[A]], then [[B]], then [[C]])."""
-    for mark, verdict in (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie")):
+    """"A", "B", "tie" or "error": FastChat's substring tests in its order
+    ([[A]], then [[B]], then [[C]])."""
+    marks = (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"))
+    for mark, verdict in marks:
         if mark in reply:
             return verdict
     return "error"
@@ -232,24 +299,42 @@ def read_vicuna(vicuna_dir):
     path = os.path.join(vicuna_dir, "question.jsonl")
     if not os.path.isfile(path):
         raise EvalError(f"--vicuna {vicuna_dir}: no question.jsonl there")
+    return read_questions(path), read_references(vicuna_dir)
+
+
+def read_questions(path):
+    """The questions of question.jsonl, each with its prompt; a malformed record is reported."""
     questions = []
     for i, record in enumerate(read_jsonl(path), 1):
         record = record if isinstance(record, dict) else {}
-        turns = record.get("turns") or ([record["text"]] if isinstance(record.get("text"), str) else None)
-        if "question_id" not in record or not isinstance(turns, list) or not isinstance(turns[0], str):
+        old_text = record.get("text")
+        turns = record.get("turns") or ([old_text] if isinstance(old_text, str) else None)
+        turns_valid = isinstance(turns, list) and isinstance(turns[0], str)
+        if "question_id" not in record or not turns_valid:
             problem(f"{path}: record {i}: needs 'question_id' and 'turns' (or 'text')")
             continue
-        questions.append({"id": str(record["question_id"]), "category": record.get("category", ""),
-                          "question": turns[0], "prompt": data.alpaca_prompt(turns[0])})
+        question = turns[0]
+        questions.append({"id": str(record["question_id"]),
+                          "category": record.get("category", ""),
+                          "question": question,
+                          "prompt": data.alpaca_prompt(question)})
+    return questions
+
+
+def read_references(vicuna_dir):
+    """The GPT-4 reference answers by question id; a malformed record is reported."""
     references = {}
     for name in ("reference_answer_gpt-4.jsonl", os.path.join("reference_answer", "gpt-4.jsonl")):
         ref_path = os.path.join(vicuna_dir, name)
-        for record in read_jsonl(ref_path) if os.path.exists(ref_path) else []:
+        records = read_jsonl(ref_path) if os.path.exists(ref_path) else []
+        for record in records:
             try:
-                references[str(record["question_id"])] = record["choices"][0]["turns"][0]
+                answer = record["choices"][0]["turns"][0]
+                references[str(record["question_id"])] = answer
             except (KeyError, IndexError, TypeError):
-                problem(f"{ref_path}: record {str(record)[:60]}: no question_id or choices[0].turns[0]")
-    return questions, references
+                shown = str(record)[:60]
+                problem(f"{ref_path}: record {shown}: no question_id or choices[0].turns[0]")
+    return references
 
 
 JUDGE_MAX_TOKENS = 2048  # FastChat's judge
@@ -257,14 +342,79 @@ JUDGE_MAX_TOKENS = 2048  # FastChat's judge
 
 def judge_request(messages):
     """(path, params) of one judgment: greedy, as FastChat's judge (the run and its dry run)."""
-    return "/chat/completions", dict(messages=messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+    params = dict(messages=messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+    return "/chat/completions", params
 
 
 def judge_jobs(questions, references, pairs):
     """(model 1, model 2, question, order, reference or None) of every judgment: both
     orders of every question for each pair."""
-    return [(m1, m2, q, order, references.get(q["id"]) if q["category"] in REFERENCE_CATEGORIES else None)
-            for m1, m2 in pairs for q in questions for order in (0, 1)]
+    jobs = []
+    for m1, m2 in pairs:
+        for q in questions:
+            needs_reference = q["category"] in REFERENCE_CATEGORIES
+            reference = references.get(q["id"]) if needs_reference else None
+            jobs += [(m1, m2, q, order, reference) for order in (0, 1)]
+    return jobs
+
+
+def shown_order(m1, m2, order):
+    """The two models in the order the judge sees them: model 1 as A in order 0, as B in 1."""
+    return (m1, m2) if order == 0 else (m2, m1)
+
+
+def judge_one(client, answers, job):
+    """(the judge's reply, its verdict) of one job; a failed request is a reply with no verdict."""
+    m1, m2, q, order, reference = job
+    first, second = shown_order(m1, m2, order)
+    answer_a = answers[first].get(q["id"], "")
+    answer_b = answers[second].get(q["id"], "")
+    messages = judge_messages(q["question"], answer_a, answer_b, reference)
+    try:
+        response = client.request(*judge_request(messages))
+        reply = str(response["choices"][0]["message"]["content"])
+    # no request reaches the judge: stop, the answers are kept for the next run
+    except teacher.RunError:
+        raise
+    except Exception as e:  # a failed request or odd answer: a reply, no verdict
+        reply = f"<request failed: {type(e).__name__}: {e}>"
+    return reply, parse_verdict(reply)
+
+
+def judgment_record(job, reply1, reply2):
+    """One question judged for one pair: both games' verdicts and replies, and model 1's
+    result; a result with no verdict is reported."""
+    m1, m2, q, _, _ = job
+    text1, game1 = reply1
+    text2, game2 = reply2
+    outcome = combine_games(game1, game2)
+    if outcome == "error":
+        bad = "game 1" if game1 == "error" else "game 2"
+        bad_reply = text1 if game1 == "error" else text2
+        problem(f"Vicuna question {q['id']}, {m1} vs {m2}: "
+                f"judge reply of {bad} names no verdict ([[A]]/[[B]]/[[C]]); "
+                f"not counted: {bad_reply[:80]!r}")
+    return {"question_id": q["id"],
+            "category": q["category"],
+            "model_1": m1,
+            "model_2": m2,
+            "g1_verdict": game1,
+            "g2_verdict": game2,
+            "g1_judgment": text1,
+            "g2_judgment": text2,
+            "result_for_model_1": outcome}
+
+
+def add_win_rates(counts):
+    """A pair's win rate (wins / games with a verdict) and adjusted win rate (a tie counts
+    half a win); None where no game has a verdict."""
+    total = counts["win"] + counts["lose"] + counts["tie"]
+    if not total:
+        counts["win_rate"] = None
+        counts["adjusted_win_rate"] = None
+        return
+    counts["win_rate"] = round(counts["win"] / total, 4)
+    counts["adjusted_win_rate"] = round((counts["win"] + 0.5 * counts["tie"]) / total, 4)
 
 
 def judge_vicuna(client, questions, references, answers, pairs):
@@ -273,67 +423,49 @@ def judge_vicuna(client, questions, references, answers, pairs):
     replies, verdicts)."""
     jobs = judge_jobs(questions, references, pairs)
 
-    def one(job):
-        m1, m2, q, order, reference = job
-        first, second = (m1, m2) if order == 0 else (m2, m1)
-        messages = judge_messages(q["question"], answers[first].get(q["id"], ""),
-                                  answers[second].get(q["id"], ""), reference)
-        try:
-            answer = client.request(*judge_request(messages))
-            reply = str(answer["choices"][0]["message"]["content"])
-        # no request reaches the judge: stop, the answers are kept for the next run
-        except teacher.RunError:
-            raise
-        except Exception as e:  # a failed request or odd answer: a reply, no verdict
-            reply = f"<request failed: {type(e).__name__}: {e}>"
-        return reply, parse_verdict(reply)
+    def ask(job):
+        return judge_one(client, answers, job)
 
-    replies = client.map(one, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
+    replies = client.map(ask, jobs, "judge calls", failed=lambda reply: reply[1] == "error")
     results = {}
     judgments = []
     for k in range(0, len(jobs), 2):
-        m1, m2, q, _, _ = jobs[k]
-        (reply1, game1), (reply2, game2) = replies[k], replies[k + 1]
-        outcome = combine_games(game1, game2)
-        judgments.append({"question_id": q["id"], "category": q["category"], "model_1": m1, "model_2": m2,
-                          "g1_verdict": game1, "g2_verdict": game2, "g1_judgment": reply1,
-                          "g2_judgment": reply2, "result_for_model_1": outcome})
-        if outcome == "error":
-            bad = "game 1" if game1 == "error" else "game 2"
-            problem(f"Vicuna question {q['id']}, {m1} vs {m2}: judge reply of {bad} names no verdict "
-                    f"([[A]]/[[B]]/[[C]]); not counted: {(reply1 if game1 == 'error' else reply2)[:80]!r}")
-        counts = results.setdefault(f"{m1} vs {m2}", {"model_1": m1, "model_2": m2, "win": 0, "lose": 0,
-                                                      "tie": 0, "error": 0})
-        counts[outcome] += 1
+        m1, m2, _, _, _ = jobs[k]
+        record = judgment_record(jobs[k], replies[k], replies[k + 1])
+        judgments.append(record)
+        tally = {"model_1": m1, "model_2": m2, "win": 0, "lose": 0, "tie": 0, "error": 0}
+        counts = results.setdefault(f"{m1} vs {m2}", tally)
+        counts[record["result_for_model_1"]] += 1
     for counts in results.values():
-        total = counts["win"] + counts["lose"] + counts["tie"]
-        counts["win_rate"] = round(counts["win"] / total, 4) if total else None
-        adjusted = (counts["win"] + 0.5 * counts["tie"]) / total if total else None
-        counts["adjusted_win_rate"] = None if adjusted is None else round(adjusted, 4)
+        add_win_rates(counts)
     return {"pairs": results, "judgments": judgments}
 
 
 # ----------------------------------------------------------------------------- generation, resumable
 def answer_producer(directory, tokenizer_path=None):
-    """What makes a checkpoint's answers (teacher.producer_identity), found without loading the model."""
+    """What makes a checkpoint's answers (teacher.producer_identity), found without loading
+    the model."""
     tok = data.Tokenizer(tokenizer_path or directory)
-    return {**teacher.producer_identity(directory, tok.path), "stop_ids": tok.stop_ids}
+    identity = teacher.producer_identity(directory, tok.path)
+    return {**identity, "stop_ids": tok.stop_ids}
 
 
-# Answers generated together where --batch-size is "auto" and the device reports no free memory (a CPU)
+# Answers generated together where --batch-size is "auto" and the device reports no free
+# memory (a CPU)
 EVAL_BATCH_ROWS = 8
 
 
 def generate_answers(name, bench, items, get_model, out_dir, batch_size, max_new_tokens, producer):
     """{item id: answer} with greedy decoding; finished answers are appended to
-    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each line records what
-    made it ("made_by": a digest of the producer (answer_producer), the decoding settings and the item's
-    prompt): an answer made by another checkpoint, tokenizer, prompt or max_new_tokens is generated again,
-    never reused (the old line stays in the file, ignored). One process at a time writes the file
-    (data.lock_output)."""
+    OUT/generations/NAME/BENCH.jsonl after every batch and never generated again. Each
+    line records what made it ("made_by": a digest of the producer (answer_producer), the
+    decoding settings and the item's prompt): an answer made by another checkpoint,
+    tokenizer, prompt or max_new_tokens is generated again, never reused (the old line
+    stays in the file, ignored). One process at a time writes the file (data.lock_output)."""
     path = answers_path(out_dir, name, bench)
     with data.lock_output(path):
-        return _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer)
+        return _generate_answers(name, bench, items, get_model, path,
+                                 batch_size, max_new_tokens, producer)
 
 
 def cut_prompt(prefix, text_ids, limit):
@@ -361,8 +493,8 @@ def answer_made_by(line):
 
 
 def kept_answers(path, items, max_new_tokens, producer):
-    """({item id: answer} of the items whose answer the file holds, made as these would be; {item id: its
-    key "made_by"}; the ids the file holds answers of made otherwise)."""
+    """({item id: answer} of the items whose answer the file holds, made as these would be;
+    {item id: its key "made_by"}; the ids the file holds answers of made otherwise)."""
     kept, made, done = answer_log(path, items, max_new_tokens, producer)
     return done, made, kept.made_otherwise
 
@@ -375,11 +507,35 @@ def answer_log(path, items, max_new_tokens, producer):
     return kept, made, done
 
 
+def encode_prompts(tok, items, limit, bench):
+    """Each item's prompt ids, cut to `limit` tokens (cut_prompt); a cut prompt is reported."""
+    prefix = tok.prefix_ids()
+    encoded = []
+    for item in items:
+        text_ids = tok.encode(item["prompt"])
+        length = len(prefix) + len(text_ids)
+        if length > limit:
+            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} "
+                  "(its start and end)", file=sys.stderr)
+        encoded.append(cut_prompt(prefix, text_ids, limit))
+    return encoded
+
+
+def auto_batch_size(lm, encoded, max_new_tokens, name, bench):
+    """As many rows as fit in free GPU memory (model.auto_batch_rows), else EVAL_BATCH_ROWS."""
+    longest = max(map(len, encoded))
+    rows = model.auto_batch_rows(lm, longest + max_new_tokens, longest, EVAL_BATCH_ROWS)
+    print(f"eval: {name} {bench}: {rows} answers generate together (--batch-size auto)",
+          file=sys.stderr)
+    return rows
+
+
 def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_tokens, producer):
     """generate_answers' work, while it holds the lock on `path`."""
     kept, made, done = answer_log(path, items, max_new_tokens, producer)
     todo = [item for item in items if item["id"] not in done]
-    other = len(kept.made_otherwise & {item["id"] for item in todo})
+    todo_ids = {item["id"] for item in todo}
+    other = len(kept.made_otherwise & todo_ids)
     if other:
         print(f"eval: {path}: {other} answer(s) made by another checkpoint, tokenizer, prompt or "
               "max_new_tokens: generating them again", file=sys.stderr)
@@ -387,39 +543,33 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         return done
     lm, tok = get_model()
     limit = lm.args.max_seq_len - max_new_tokens
-    prefix, encoded = tok.prefix_ids(), []
-    for item in todo:
-        text_ids = tok.encode(item["prompt"])
-        length = len(prefix) + len(text_ids)
-        if length > limit:
-            print(f"eval: {bench} {item['id']}: prompt of {length} tokens cut to {limit} (its start and end)",
-                  file=sys.stderr)
-        encoded.append(cut_prompt(prefix, text_ids, limit))
+    encoded = encode_prompts(tok, todo, limit, bench)
     stops = tok.stop_ids
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
-    if batch_size == "auto":  # as many rows as fit in free GPU memory (model.auto_batch_rows)
-        longest = max(map(len, encoded))
-        batch_size = model.auto_batch_rows(lm, longest + max_new_tokens, longest, EVAL_BATCH_ROWS)
-        print(f"eval: {name} {bench}: {batch_size} answers generate together (--batch-size auto)",
-              file=sys.stderr)
+    # similar lengths batch with less padding
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    if batch_size == "auto":
+        batch_size = auto_batch_size(lm, encoded, max_new_tokens, name, bench)
     progress = data.Progress(f"eval answers {name} {bench}", len(todo))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        new_tokens, _ = model.generate(lm, [encoded[i] for i in batch], max_new_tokens,
-                                       temperature=0.0, eos_id=stops)
+        prompts = [encoded[i] for i in batch]
+        new_tokens, _ = model.generate(lm, prompts, max_new_tokens, temperature=0.0, eos_id=stops)
         finished = []
         for i, tokens in zip(batch, new_tokens):
-            text = tok.decode(teacher.without_stop(tokens, stops)[0]).strip()
-            done[todo[i]["id"]] = text
-            finished.append({"id": todo[i]["id"], "output": text, "made_by": made[todo[i]["id"]]})
+            item_id = todo[i]["id"]
+            answer_ids = teacher.without_stop(tokens, stops)[0]
+            text = tok.decode(answer_ids).strip()
+            done[item_id] = text
+            finished.append({"id": item_id, "output": text, "made_by": made[item_id]})
         kept.keep(finished)
         progress.advance(len(batch))
     return done
 
 
-# ----------------------------------------------------------------------------- the run and the table
+# ----------------------------------------------------------------------------- a model, loaded on first use
 def model_loader(directory, tokenizer_path, device, dtype):
-    """A function returning (model, tokenizer), loaded on first use: a fully resumed run loads nothing."""
+    """A function returning (model, tokenizer), loaded on first use: a fully resumed run
+    loads nothing."""
     loaded = []
 
     def get():
@@ -443,9 +593,10 @@ def check_checkpoints(checkpoints, baseline, lmentry_dir):
     if baseline is not None and baseline not in checkpoints:
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
     for name, directory in checkpoints.items():
-        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "params.json")):
-            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder (no config.json or "
-                            "params.json there)")
+        configs = [os.path.join(directory, f) for f in ("config.json", "params.json")]
+        if not any(map(os.path.isfile, configs)):
+            raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder "
+                            "(no config.json or params.json there)")
     if lmentry_dir and not os.path.isdir(lmentry_dir):
         raise EvalError(f"--lmentry {lmentry_dir}: no such folder")
 
@@ -454,8 +605,12 @@ def lmentry_prompts(lmentry_tasks):
     """Every LMentry example as an item to answer: its id and its input in the Alpaca template."""
     if lmentry_tasks is None:
         return None
-    return [{"id": item["id"], "prompt": data.alpaca_prompt(item["example"]["input"])}
-            for task in lmentry_tasks.values() for item in task["items"]]
+    items = []
+    for task in lmentry_tasks.values():
+        for item in task["items"]:
+            prompt = data.alpaca_prompt(item["example"]["input"])
+            items.append({"id": item["id"], "prompt": prompt})
+    return items
 
 
 def vicuna_pairs(names, baseline, all_pairs, questions):
@@ -488,15 +643,18 @@ def judge_answers(client, questions, references, answers, pairs):
     is judged without one, and reported."""
     for q in questions:
         if q["category"] in REFERENCE_CATEGORIES and q["id"] not in references:
-            problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; judged "
-                    "without one")
+            problem(f"Vicuna question {q['id']} ({q['category']}): no reference answer; "
+                    "judged without one")
     return judge_vicuna(client, questions, references, answers, pairs)
 
 
-def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir=None, vicuna_dir=None,
-             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY", baseline=None,
-             all_pairs=False, batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
-             device="cpu", dtype=None, dry_run=False, count_tokenizer=None, prices=(None, None)):
+def evaluate(checkpoints, out_dir, tokenizer=None,
+             superni_dir=None, lmentry_dir=None, vicuna_dir=None,
+             judge_url=None, judge_model="gpt-4", judge_api_key_env="OPENAI_API_KEY",
+             baseline=None, all_pairs=False,
+             batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
+             device="cpu", dtype=None,
+             dry_run=False, count_tokenizer=None, prices=(None, None)):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to
     out_dir. The judge is checked (one pre-flight request) before any answer is generated.
     dry_run: only the report of what would be generated and sent to the judge (a string);
@@ -509,18 +667,21 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     lmentry_items = lmentry_prompts(lmentry_tasks)
     questions, references = read_vicuna(vicuna_dir) if vicuna_dir else (None, None)
     all_items = (superni_items, lmentry_items, questions)
-    benches = [(bench, items, n) for bench, items, n in zip(BENCHMARKS, all_items, max_new_tokens)
-               if items is not None]
-    results = {"models": {name: {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
-                          for name, directory in checkpoints.items()}}
+    settings = zip(BENCHMARKS, all_items, max_new_tokens)
+    benches = [(bench, items, n) for bench, items, n in settings if items is not None]
+    models = {}
+    for name, directory in checkpoints.items():
+        models[name] = {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
+    results = {"models": models}
     baseline, pairs = vicuna_pairs(names, baseline, all_pairs, questions)
     client = None
     if pairs and judge_url:
         judge_cache = os.path.join(out_dir, "judge_cache.jsonl")
-        client = teacher.TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env,
+        client = teacher.TeacherClient(judge_url, judge_model,
+                                       api_key_env=judge_api_key_env,
                                        cache_path=judge_cache)
     if dry_run:
-        return dry_run_report(results["models"], out_dir, benches, questions, references, pairs, client,
+        return dry_run_report(models, out_dir, benches, questions, references, pairs, client,
                               count_tokenizer, prices)
     # before hours of answers: the judge is reachable, takes the key, knows the model
     if client:
@@ -529,9 +690,11 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
     answers = {}
     for name in names:
         get_model = model_loader(checkpoints[name], tokenizer, device, dtype)
-        row = results["models"][name]
-        outputs = {bench: generate_answers(name, bench, items, get_model, out_dir, batch_size, n,
-                                           row["producer"]) for bench, items, n in benches}
+        row = models[name]
+        outputs = {}
+        for bench, items, n in benches:
+            outputs[bench] = generate_answers(name, bench, items, get_model, out_dir,
+                                              batch_size, n, row["producer"])
         answers[name] = score_model(row, outputs, superni_items, lmentry_tasks, questions)
     if pairs and not judge_url:
         problem("Vicuna QA: no --judge-url, so no model pair was judged")
@@ -539,13 +702,19 @@ def evaluate(checkpoints, out_dir, tokenizer=None, superni_dir=None, lmentry_dir
         judged = judge_answers(client, questions, references, answers, pairs)
         results["vicuna"] = dict(judged, baseline=baseline, judge=judge_model)
     results["skipped"] = list(PROBLEMS)
-    results_json = json.dumps(results, indent=1, ensure_ascii=False)
-    data.write_atomic(os.path.join(out_dir, "results.json"), results_json)
-    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
+    write_results(out_dir, results)
     return results
 
 
-def dry_run_report(models, out_dir, benches, questions, references, pairs, client, count_tokenizer, prices):
+def write_results(out_dir, results):
+    """OUT/results.json and OUT/results.md, each written whole (data.write_atomic)."""
+    results_json = json.dumps(results, indent=1, ensure_ascii=False)
+    data.write_atomic(os.path.join(out_dir, "results.json"), results_json)
+    data.write_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
+
+
+def dry_run_report(models, out_dir, benches, questions, references, pairs, client,
+                   count_tokenizer, prices):
     """What a run would do, with nothing generated or sent: the answers still to generate
     (the others are in OUT/generations), and the judge's requests (teacher.DryRun): exact
     where both answers of a judgment are generated already, else estimated, a missing
@@ -555,117 +724,216 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
     for name, row in models.items():
         counts = []
         for bench, items, n in benches:
-            done, _, _ = kept_answers(answers_path(out_dir, name, bench), items, n, row["producer"])
-            counts.append(f"{bench} {len(items) - len(done):,} of {len(items):,}")
+            path = answers_path(out_dir, name, bench)
+            done, _, _ = kept_answers(path, items, n, row["producer"])
+            to_generate = len(items) - len(done)
+            counts.append(f"{bench} {to_generate:,} of {len(items):,}")
             known[name, bench] = done
         lines.append(f"  answers to generate, {name}: " + ", ".join(counts))
     if not pairs or client is None:
-        return "\n".join(lines + ["  judge: no model pair to judge" + ("" if pairs else " (--vicuna and 2+ "
-                                                                     "checkpoints judge pairs)")])
+        why = "" if pairs else " (--vicuna and 2+ checkpoints judge pairs)"
+        return "\n".join(lines + ["  judge: no model pair to judge" + why])
     vicuna_tokens = {bench: n for bench, _, n in benches}["vicuna"]
     dry = teacher.DryRun(client, count_tokenizer)
     unknown = 0
     for m1, m2, q, order, reference in judge_jobs(questions, references, pairs):
-        first, second = (known[m, "vicuna"].get(q["id"]) for m in ((m1, m2) if order == 0 else (m2, m1)))
+        first_model, second_model = shown_order(m1, m2, order)
+        first = known[first_model, "vicuna"].get(q["id"])
+        second = known[second_model, "vicuna"].get(q["id"])
         missing = (first is None) + (second is None)
         unknown += missing > 0
         messages = judge_messages(q["question"], first or "", second or "", reference)
-        dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=missing * vicuna_tokens)
-    prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, counted at "
-                   f"--max-new-tokens VICUNA {vicuna_tokens}, the most an answer holds in its model's tokens"
-                   if unknown else "every answer is generated")
-    report = dry.report("eval.py judge", prompt_note, f"{JUDGE_MAX_TOKENS} a judgment", *prices)
+        unknown_tokens = missing * vicuna_tokens
+        dry.add(*judge_request(messages), JUDGE_MAX_TOKENS, unknown_prompt_tokens=unknown_tokens)
+    if unknown:
+        prompt_note = (f"estimated: {unknown:,} judgment(s) with an answer not generated yet, "
+                       f"counted at --max-new-tokens VICUNA {vicuna_tokens}, "
+                       "the most an answer holds in its model's tokens")
+    else:
+        prompt_note = "every answer is generated"
+    reply_note = f"{JUDGE_MAX_TOKENS} a judgment"
+    report = dry.report("eval.py judge", prompt_note, reply_note, *prices)
     return "\n".join(lines + report.splitlines()[1:])
 
 
+# ----------------------------------------------------------------------------- results.md
 def dash(value):
     """A table cell: the value, or a dash where there is none."""
     return "—" if value is None else str(value)
 
 
+def table_row(cells):
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def table_head(columns):
+    """A Markdown table's header row and its separator."""
+    return [table_row(columns), "|---" * len(columns) + "|"]
+
+
+def versus_baseline(pairs, name, baseline):
+    """The tally of `name` judged against the baseline (None: not judged)."""
+    for counts in pairs.values():
+        if counts["model_1"] == name and counts["model_2"] == baseline:
+            return counts
+    return None
+
+
+def table1_lines(models, vicuna):
+    """Rows = models, columns = benchmarks (the paper's Table 1 shape)."""
+    pairs = vicuna.get("pairs", {})
+    baseline = vicuna.get("baseline", "—")
+    lines = table_head(["Model",
+                        "Super-NI ROUGE-L",
+                        "Super-NI EM",
+                        "LMentry accuracy",
+                        "LMentry score",
+                        f"Vicuna QA vs {baseline}: win / lose / tie"])
+    for name, row in models.items():
+        superni = row.get("superni", {}).get("overall", {})
+        lmentry_scores = row.get("lmentry", {})
+        versus = versus_baseline(pairs, name, baseline)
+        tally = f"{versus['win']} / {versus['lose']} / {versus['tie']}" if versus else "—"
+        lines.append(table_row([name,
+                                dash(superni.get("rougeL")),
+                                dash(superni.get("exact_match")),
+                                dash(lmentry_scores.get("accuracy")),
+                                dash(lmentry_scores.get("lmentry_score")),
+                                tally]))
+    return lines
+
+
+def vicuna_lines(vicuna):
+    """Every judged pair's tally and win rates; nothing where no pair was judged."""
+    pairs = vicuna.get("pairs", {})
+    if not pairs:
+        return []
+    lines = ["", f"## Vicuna QA, each pair judged by {vicuna['judge']} in both orders", ""]
+    lines += table_head(["Model 1 vs model 2", "win", "lose", "tie", "no verdict",
+                         "win rate", "adjusted win rate"])
+    for pair, c in pairs.items():
+        win_rates = [dash(c["win_rate"]), dash(c["adjusted_win_rate"])]
+        lines.append(table_row([pair, c["win"], c["lose"], c["tie"], c["error"], *win_rates]))
+    return lines
+
+
+def category_cell(per_category, category):
+    """A category's score in its own metric, named; a dash where the model has none."""
+    if category not in per_category:
+        return "—"
+    metrics = per_category[category]
+    metric = metrics["metric"]
+    return f"{metrics[metric]} ({metric})"
+
+
+def category_lines(models):
+    """Super-NI per category, each in its Tk-Instruct metric; nothing without Super-NI."""
+    per_model = {name: row.get("superni", {}).get("per_category", {})
+                 for name, row in models.items()}
+    categories = sorted(set().union(*per_model.values()))
+    if not categories:
+        return []
+    lines = ["", "## Super-NI per category (its Tk-Instruct metric)", ""]
+    lines += table_head(["Model", *categories])
+    for name, per_category in per_model.items():
+        cells = [category_cell(per_category, c) for c in categories]
+        lines.append(table_row([name, *cells]))
+    return lines
+
+
 def results_markdown(results):
     """Rows = models, columns = benchmarks (the paper's Table 1 shape), then the detail tables."""
     vicuna = results.get("vicuna", {})
-    pairs = vicuna.get("pairs", {})
-    lines = ["# Evaluation results", "",
-             f"| Model | Super-NI ROUGE-L | Super-NI EM | LMentry accuracy | LMentry score | "
-             f"Vicuna QA vs {vicuna.get('baseline', '—')}: win / lose / tie |", "|---|---|---|---|---|---|"]
-    for name, row in results["models"].items():
-        superni = row.get("superni", {}).get("overall", {})
-        lmentry = row.get("lmentry", {})
-        versus = next((c for c in pairs.values()
-                       if c["model_1"] == name and c["model_2"] == vicuna["baseline"]), None)
-        lines.append(f"| {name} | {dash(superni.get('rougeL'))} | {dash(superni.get('exact_match'))} | "
-                     f"{dash(lmentry.get('accuracy'))} | {dash(lmentry.get('lmentry_score'))} | "
-                     + (f"{versus['win']} / {versus['lose']} / {versus['tie']} |" if versus else "— |"))
-    if pairs:
-        lines += ["", f"## Vicuna QA, each pair judged by {vicuna['judge']} in both orders", "",
-                  "| Model 1 vs model 2 | win | lose | tie | no verdict | win rate | adjusted win rate |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p} | {c['win']} | {c['lose']} | {c['tie']} | {c['error']} | {dash(c['win_rate'])} | "
-                  f"{dash(c['adjusted_win_rate'])} |" for p, c in pairs.items()]
-    categories = sorted({c for row in results["models"].values()
-                         for c in row.get("superni", {}).get("per_category", {})})
-    if categories:
-        lines += ["", "## Super-NI per category (its Tk-Instruct metric)", "",
-                  "| Model | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
-        for name, row in results["models"].items():
-            per = row.get("superni", {}).get("per_category", {})
-            cells = [f"{per[c][per[c]['metric']]} ({per[c]['metric']})" if c in per else "—"
-                     for c in categories]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Skipped ({len(results['skipped'])})", ""] + [f"- {p}" for p in results["skipped"]]
+    skipped = results["skipped"]
+    lines = ["# Evaluation results", ""]
+    lines += table1_lines(results["models"], vicuna)
+    lines += vicuna_lines(vicuna)
+    lines += category_lines(results["models"])
+    lines += ["", f"## Skipped ({len(skipped)})", ""]
+    lines += [f"- {p}" for p in skipped]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command line
+def parse_checkpoints(parser, specs):
+    """{name: directory} of --checkpoints NAME=DIR ...; a bad or repeated NAME is a usage error."""
+    checkpoints = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        well_formed = sep and name and directory
+        if not well_formed or name in checkpoints:
+            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
+        checkpoints[name] = directory
+    return checkpoints
+
+
+def evaluate_options(args):
+    """evaluate()'s keyword arguments from the command line (all but the dry run's)."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return dict(tokenizer=args.tokenizer,
+                superni_dir=args.superni,
+                lmentry_dir=args.lmentry,
+                vicuna_dir=args.vicuna,
+                judge_url=args.judge_url,
+                judge_model=args.judge_model,
+                judge_api_key_env=args.judge_api_key_env,
+                baseline=args.baseline,
+                all_pairs=args.all_pairs,
+                batch_size=args.batch_size,
+                max_instances=args.max_instances,
+                max_new_tokens=tuple(args.max_new_tokens),
+                device=args.device,
+                dtype=dtype)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.model or tokenizer.json (default: each checkpoint's)")
     parser.add_argument("--superni", help="folder with test_tasks.txt and tasks/")
     parser.add_argument("--lmentry", help="folder with LMentry's <task>.json data files")
-    parser.add_argument("--vicuna", help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
-    parser.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    parser.add_argument("--vicuna",
+                        help="folder with question.jsonl and reference_answer_gpt-4.jsonl")
+    parser.add_argument("--judge-url",
+                        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
     parser.add_argument("--judge-model", default="gpt-4")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    parser.add_argument("--baseline", help="Vicuna QA: the model the others are judged against (default: "
-                        "the first)")
-    parser.add_argument("--all-pairs", action="store_true", help="Vicuna QA: judge every pair of models")
+    parser.add_argument("--baseline",
+                        help="Vicuna QA: the model the others are judged against "
+                             "(default: the first)")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="Vicuna QA: judge every pair of models")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=data.rows_option, default="auto", help="answers generated "
-                        "together; auto (default): as many as fit in free GPU memory, "
-                        f"{EVAL_BATCH_ROWS} on a CPU")
-    parser.add_argument("--max-instances", type=int, default=100, help="Super-NI instances per task")
+    parser.add_argument("--batch-size", type=data.rows_option, default="auto",
+                        help="answers generated together; "
+                             "auto (default): as many as fit in free GPU memory, "
+                             f"{EVAL_BATCH_ROWS} on a CPU")
+    parser.add_argument("--max-instances", type=int, default=100,
+                        help="Super-NI instances per task")
     parser.add_argument("--max-new-tokens", type=int, nargs=3, default=[128, 50, 512],
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     data.add_cost_arguments(parser, "print the answers still to generate and the judge's requests, "
                             "tokens and cost; generate, send and write nothing")
     args = parser.parse_args(argv)
-    checkpoints = {}
-    for spec in args.checkpoints:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory or name in checkpoints:
-            parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
-        checkpoints[name] = directory
-    options = dict(tokenizer=args.tokenizer, superni_dir=args.superni, lmentry_dir=args.lmentry,
-                   vicuna_dir=args.vicuna, judge_url=args.judge_url, judge_model=args.judge_model,
-                   judge_api_key_env=args.judge_api_key_env, baseline=args.baseline, all_pairs=args.all_pairs,
-                   batch_size=args.batch_size, max_instances=args.max_instances,
-                   max_new_tokens=tuple(args.max_new_tokens), device=args.device,
-                   dtype=getattr(torch, args.dtype) if args.dtype else None)
+    checkpoints = parse_checkpoints(parser, args.checkpoints)
+    options = evaluate_options(args)
     try:
         if args.dry_run:  # writes nothing, so takes no lock
             prices = (args.price_per_1m_input, args.price_per_1m_output)
-            print(evaluate(checkpoints, args.out, **options, dry_run=True,
-                           count_tokenizer=args.count_tokenizer, prices=prices))
+            report = evaluate(checkpoints, args.out, **options, dry_run=True,
+                              count_tokenizer=args.count_tokenizer, prices=prices)
+            print(report)
             return
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
             results = evaluate(checkpoints, args.out, **options)
     # each names its file or URL
     except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:
-        parser.exit(1, f"eval.py: error: {' '.join(str(e).split())}\n")
+        message = " ".join(str(e).split())
+        parser.exit(1, f"eval.py: error: {message}\n")
     print(results_markdown(results))
 
 
