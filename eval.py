@@ -321,13 +321,22 @@ def read_questions(path):
     return questions
 
 
+# the two layouts of the reference answers: a flat file, and FastChat's folder
+REFERENCE_FILES = ("reference_answer_gpt-4.jsonl", os.path.join("reference_answer", "gpt-4.jsonl"))
+
+
 def read_references(vicuna_dir):
-    """The GPT-4 reference answers by question id; a malformed record is reported."""
+    """The GPT-4 reference answers by question id, from whichever layout the folder
+    holds; both at once is refused (one would silently override the other). A malformed
+    record is reported."""
+    paths = [os.path.join(vicuna_dir, name) for name in REFERENCE_FILES]
+    present = [path for path in paths if os.path.exists(path)]
+    if len(present) > 1:
+        raise EvalError(f"--vicuna {vicuna_dir}: both {present[0]} and {present[1]} exist; "
+                        "keep one")
     references = {}
-    for name in ("reference_answer_gpt-4.jsonl", os.path.join("reference_answer", "gpt-4.jsonl")):
-        ref_path = os.path.join(vicuna_dir, name)
-        records = read_jsonl(ref_path) if os.path.exists(ref_path) else []
-        for record in records:
+    for ref_path in present:
+        for record in read_jsonl(ref_path):
             try:
                 answer = record["choices"][0]["turns"][0]
                 references[str(record["question_id"])] = answer

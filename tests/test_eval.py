@@ -4,6 +4,7 @@ official script calls it and against a hand LCS, the Vicuna judge over HTTP. The
 import json
 import os
 import re
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -271,3 +272,18 @@ def test_vicuna_reader_reports_malformed_lines(tmp_path):
     real, refs = E.read_vicuna(os.path.join(FIXTURES, "vicuna"))
     assert len(real) == 80 and sorted(refs, key=int) == [str(i) for i in range(61, 71)]
     assert sum(q["category"] in E.REFERENCE_CATEGORIES for q in real) == 10
+
+
+def test_vicuna_references_in_fastchats_folder_layout_and_both_layouts_refused(tmp_path):
+    """FastChat keeps GPT-4's answers in reference_answer/gpt-4.jsonl; the flat file is read the same, and a
+    folder holding both is refused by name rather than one overriding the other."""
+    shutil.copy(os.path.join(FIXTURES, "vicuna", "question.jsonl"), tmp_path)
+    (tmp_path / "reference_answer").mkdir()
+    flat = os.path.join(FIXTURES, "vicuna", "reference_answer_gpt-4.jsonl")
+    shutil.copy(flat, tmp_path / "reference_answer" / "gpt-4.jsonl")
+    _, from_folder = E.read_vicuna(str(tmp_path))
+    _, from_flat = E.read_vicuna(os.path.join(FIXTURES, "vicuna"))
+    assert from_folder == from_flat and len(from_folder) == 10
+    shutil.copy(flat, tmp_path)
+    with pytest.raises(E.EvalError, match=r"both .*reference_answer_gpt-4\.jsonl and .*gpt-4\.jsonl exist"):
+        E.read_vicuna(str(tmp_path))
