@@ -1,5 +1,5 @@
 """eval.py's scoring, checked against figures worked out independently: Super-NI on the real task files
-(tests/fixtures/eval/superni, copies of shared/benchmarks), ROUGE-L against rouge_score called the way the
+(tests/fixtures/eval/superni, copied unchanged from allenai/natural-instructions), ROUGE-L against rouge_score called the way the
 official script calls it and against a hand LCS, the Vicuna judge over HTTP. The end-to-end run with tiny checkpoints is in test_eval_e2e.py."""
 import json
 import os
