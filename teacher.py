@@ -578,6 +578,116 @@ def parse_ranking(reply, n):
     raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
 
 
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
+    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
+    "finished" defaults to all) in one chat request per instruction, at the authors'
+    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
+    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
+    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
+    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
+    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
+    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
+    (finish_reason "length") is a failure: its ranking may be incomplete."""
+    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
+    one = functools.partial(contextual_item, client, samples, ranking)
+    results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
+    return _finish("contextual", client, results, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How contextual ranking asks the teacher (build_contextual's arguments)."""
+    keep_reference: bool
+    retry_failures: bool
+    temperature: float
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedReply:
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
+    there is none), the indices kept for training, best first, and the texts they index
+    (candidates, then the reference)."""
+    reply: str
+    ranks: list
+    reference: object
+    problem: object
+    kept: list
+    pool: list
+
+
+def contextual_item(client, samples, ranking, item):
+    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+    item_id, ex, prompt = item
+    entry = samples.get(item_id)
+    if not entry:
+        error = ReplyError("no student candidates")
+        return "failed", _failure("contextual", item, error, client.model)
+    candidates = entry["candidates"]
+    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
+    send = functools.partial(send_with_seed, client, path, params)
+    url = client.base_url + "/chat/completions"
+    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
+    try:
+        ranked, attempt = ask(send, parse, ranking.retry_failures)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure("contextual", item, e, client.model)
+    record = contextual_record(client, item, entry, ranked, attempt)
+    return "done", record
+
+
+def send_with_seed(client, path, params, cache_only=False, **seed):
+    """One request of `ask`: seed, when given, makes a retry its own request (and cache
+    entry)."""
+    return client.request(path, dict(params, **seed), cache_only)
+
+
+def parse_ranked_reply(url, candidates, ranking, answer):
+    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
+    reply = str(get_field(answer, "choices.0.message.content", url))
+    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
+                         "so its ranking may be incomplete", reply)
+    ranks = parse_ranking(reply, len(candidates))
+    reference, problem = reference_answer(reply, len(candidates))
+    pool = candidates + [reference if ranking.keep_reference else None]
+    kept = []
+    # an empty text or a copy of a better-ranked one cannot be ranked against it
+    for i in ranks:
+        if pool[i] and pool[i] not in [pool[k] for k in kept]:
+            kept.append(i)
+    if len(kept) < 2:
+        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+    return RankedReply(reply, ranks, reference, problem, kept, pool)
+
+
+def contextual_record(client, item, entry, ranked, attempt):
+    """The training record of one ranked item; its source keeps the whole reply and the
+    student's samples."""
+    item_id, ex, prompt = item
+    candidates = entry["candidates"]
+    finished = entry.get("finished") or [True] * len(candidates)
+    kept = ranked.kept
+    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
+    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
+    student = (entry.get("settings") or {}).get("student")
+    source = {"kind": "contextual", "teacher": client.model,
+              "ranks": ranked.ranks, "kept_ranks": kept,
+              "raw_reply": ranked.reply, "reference": ranked.reference,
+              "reference_problem": ranked.problem, "student_candidates": candidates,
+              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
+    texts = [ranked.pool[i] for i in kept]
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
+                             instruction=ex["instruction"], input=ex.get("input", ""),
+                             source=source)
+
+
+# ------------------ 3b. contextual ranking: where the teacher's own answer ends in its reply
+
 # How replies number their five steps: the marker of step k at the start of a line, after
 # markdown ("**", "#", ">", "-"); "(k)" also inside a line, as the prompt itself writes
 # them. Ordinals as in the authors' prompt ("First, ... Second, ... Last, ...").
@@ -716,113 +826,6 @@ def _step_by_headings(masked, head_at, begin, end):
     if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
         return None, "no step markers after the reference answer to tell where it ends"
     return end, None  # nothing but the answer up to the ranking
-
-def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
-                     retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
-    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
-    "finished" defaults to all) in one chat request per instruction, at the authors'
-    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
-    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
-    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
-    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
-    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
-    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
-    (finish_reason "length") is a failure: its ranking may be incomplete."""
-    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
-    one = functools.partial(contextual_item, client, samples, ranking)
-    results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
-    return _finish("contextual", client, results, out_path, failures_path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """How contextual ranking asks the teacher (build_contextual's arguments)."""
-    keep_reference: bool
-    retry_failures: bool
-    temperature: float
-    max_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RankedReply:
-    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
-    there is none), the indices kept for training, best first, and the texts they index
-    (candidates, then the reference)."""
-    reply: str
-    ranks: list
-    reference: object
-    problem: object
-    kept: list
-    pool: list
-
-
-def contextual_item(client, samples, ranking, item):
-    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
-    item_id, ex, prompt = item
-    entry = samples.get(item_id)
-    if not entry:
-        error = ReplyError("no student candidates")
-        return "failed", _failure("contextual", item, error, client.model)
-    candidates = entry["candidates"]
-    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
-    send = functools.partial(send_with_seed, client, path, params)
-    url = client.base_url + "/chat/completions"
-    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
-    try:
-        ranked, attempt = ask(send, parse, ranking.retry_failures)
-    except RunError:
-        raise
-    except (ReplyError, TeacherError) as e:
-        return "failed", _failure("contextual", item, e, client.model)
-    record = contextual_record(client, item, entry, ranked, attempt)
-    return "done", record
-
-
-def send_with_seed(client, path, params, cache_only=False, **seed):
-    """One request of `ask`: seed, when given, makes a retry its own request (and cache
-    entry)."""
-    return client.request(path, dict(params, **seed), cache_only)
-
-
-def parse_ranked_reply(url, candidates, ranking, answer):
-    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
-    reply = str(get_field(answer, "choices.0.message.content", url))
-    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
-                         "so its ranking may be incomplete", reply)
-    ranks = parse_ranking(reply, len(candidates))
-    reference, problem = reference_answer(reply, len(candidates))
-    pool = candidates + [reference if ranking.keep_reference else None]
-    kept = []
-    # an empty text or a copy of a better-ranked one cannot be ranked against it
-    for i in ranks:
-        if pool[i] and pool[i] not in [pool[k] for k in kept]:
-            kept.append(i)
-    if len(kept) < 2:
-        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-    return RankedReply(reply, ranks, reference, problem, kept, pool)
-
-
-def contextual_record(client, item, entry, ranked, attempt):
-    """The training record of one ranked item; its source keeps the whole reply and the
-    student's samples."""
-    item_id, ex, prompt = item
-    candidates = entry["candidates"]
-    finished = entry.get("finished") or [True] * len(candidates)
-    kept = ranked.kept
-    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
-    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
-    student = (entry.get("settings") or {}).get("student")
-    source = {"kind": "contextual", "teacher": client.model,
-              "ranks": ranked.ranks, "kept_ranks": kept,
-              "raw_reply": ranked.reply, "reference": ranked.reference,
-              "reference_problem": ranked.problem, "student_candidates": candidates,
-              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
-    texts = [ranked.pool[i] for i in kept]
-    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
-                             instruction=ex["instruction"], input=ex.get("input", ""),
-                             source=source)
 
 
 # -------------------------------------------- 4. what both builders share: items, retries, failures
