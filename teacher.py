@@ -1298,8 +1298,11 @@ def chat_prompt(messages):
     data.alpaca_prompt(content), the SFT model's own format."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
-    parts += [f"### Instruction:\n{m['content']}" if m["role"] == "user" else f"### Response:{m['content']}"
-              for m in messages if m["role"] != "system"]
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(f"### Instruction:\n{m['content']}")
+        elif m["role"] != "system":
+            parts.append(f"### Response:{m['content']}")
     return "\n\n".join(parts) + "\n\n### Response:"
 
 
@@ -1307,6 +1310,22 @@ class BadRequest(ValueError):
     def __init__(self, message, param=None):
         super().__init__(message)
         self.param = param
+
+
+def _non_empty_list_of(value, kind):
+    """Whether value is a non-empty list of `kind`."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, kind) for v in value)
+
+
+def _valid_stop(stop):
+    """OpenAI's rule for "stop" (as a list): at most 4 non-empty strings."""
+    return isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+
+
+def _valid_message(message):
+    """A chat message this server reads: a known role and a string content."""
+    role_known = message.get("role") in ("system", "user", "assistant")
+    return role_known and isinstance(message.get("content"), str)
 
 
 def _option(body, name, kinds, default, valid=lambda value: True):
@@ -1402,14 +1421,20 @@ class LocalTeacher:
         if body.get("stream"):
             raise BadRequest("stream is not supported by this server", "stream")
         stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not _valid_stop(stop):
             raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        return dict(n=_option(body, "n", (int,), 1, lambda v: 1 <= v <= 16),
-                    temperature=float(_option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)),
-                    top_p=float(_option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)),
-                    max_tokens=_option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0),
-                    seed=_option(body, "seed", (int,), self._default_seed(body)), stop=stop)
+        n = _option(body, "n", (int,), 1, lambda v: 1 <= v <= 16)
+        temperature = _option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)
+        top_p = _option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)
+        max_tokens = _option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0)
+        default_seed = self._default_seed(body)
+        seed = _option(body, "seed", (int,), default_seed)
+        return dict(n=n, temperature=float(temperature), top_p=float(top_p),
+                    max_tokens=max_tokens, seed=seed, stop=stop)
 
     def _default_seed(self, body):
         """serve --seed S: a request without a seed samples from a generator seeded by (S,
@@ -1418,7 +1443,8 @@ class LocalTeacher:
         if self.seed is None:
             return None
         request = json.dumps(body, sort_keys=True, ensure_ascii=False)
-        return int.from_bytes(hashlib.sha256(f"{self.seed}:{request}".encode()).digest()[:6], "little")
+        digest = hashlib.sha256(f"{self.seed}:{request}".encode()).digest()
+        return int.from_bytes(digest[:6], "little")
 
     def _answer(self, kind, choices, usage):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -1428,8 +1454,9 @@ class LocalTeacher:
 
     def completions(self, body):
         prompts = body.get("prompt")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not _non_empty_list_of(prompts, str):
             raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
         sampling = self._sampling(body, 16)  # 16: the OpenAI default
         top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
@@ -1451,22 +1478,30 @@ class LocalTeacher:
                     text = prompt + text
                     logprobs = [None] + prompt_logprobs[start:] + logprobs
                     tops = [None] + prompt_tops[start:] + tops
-                info = None if top_k is None else {
-                    "tokens": [self._text(t) for t in new],
-                    # tokens with equal texts: the best one's log-prob
-                    "token_logprobs": logprobs,
-                    "top_logprobs": [None if top is None else {self._text(i): lp for lp, i in reversed(top)}
-                                     for top in tops],
-                    "text_offset": _offsets([self.tok.piece_bytes(t) for t in new], end)}
-                choices.append({"text": text, "index": p * sampling["n"] + j, "logprobs": info,
+                info = None
+                if top_k is not None:
+                    info = self._completion_logprobs(new, logprobs, tops, end)
+                index = p * sampling["n"] + j
+                choices.append({"text": text, "index": index, "logprobs": info,
                                 "finish_reason": finish})
         return self._answer("text_completion", choices, usage)
 
+    def _completion_logprobs(self, new, logprobs, tops, end):
+        """/completions' logprobs object of one choice; `end`: where its text ends."""
+        # tokens with equal texts: the best one's log-prob
+        top_logprobs = []
+        for top in tops:
+            best = None if top is None else {self._text(i): lp for lp, i in reversed(top)}
+            top_logprobs.append(best)
+        pieces = [self.tok.piece_bytes(t) for t in new]
+        return {"tokens": [self._text(t) for t in new],
+                "token_logprobs": logprobs,
+                "top_logprobs": top_logprobs,
+                "text_offset": _offsets(pieces, end)}
+
     def chat(self, body):
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str) for m in messages):
+        if not _non_empty_list_of(messages, dict) or not all(map(_valid_message, messages)):
             raise BadRequest("'messages' must be a non-empty list of {role: system|user|assistant, content: "
                              "string}", "messages")
         sampling = self._sampling(body, None)  # None: up to the end of the context
@@ -1479,10 +1514,13 @@ class LocalTeacher:
         usage = dict(prompt_tokens=len(ids), completion_tokens=0)
         for j, (new, logprobs, tops, text, finish) in enumerate(outs):
             usage["completion_tokens"] += len(new)
-            content = [dict(self._token(t, lp), top_logprobs=[self._token(i, v) for v, i in top])
-                       for t, lp, top in zip(new, logprobs, tops)]
-            choices.append({"index": j, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
+            content = []
+            for t, lp, top in zip(new, logprobs, tops):
+                alternatives = [self._token(i, v) for v, i in top]
+                content.append(dict(self._token(t, lp), top_logprobs=alternatives))
+            message = {"role": "assistant", "content": text, "refusal": None}
+            info = {"content": content, "refusal": None} if want_logprobs else None
+            choices.append({"index": j, "message": message, "logprobs": info,
                             "finish_reason": finish})
         return self._answer("chat.completion", choices, usage)
 
