@@ -133,7 +133,7 @@ def run_demo(args):
     out = args.out.rstrip("/")
     path = functools.partial(os.path.join, out)  # path(names...): a file in --out
     stage = functools.partial(run_stage, began)
-    student, teacher_data, heldout = prepare(args, size, out)
+    teacher_data, heldout = prepare(args, size, out)
     common = ["--resume", "--seed", str(args.seed),
               "--save-every", "0", "--log-every", "25"]
     sft_stages(stage, path, size, common)
@@ -274,7 +274,8 @@ def log(message):
 
 def prepare(args, size, out):
     """The folder's settings (demo.json), the suite's data files, the tokenizer and the
-    two untrained models; each written once, atomically, and kept on a rerun."""
+    two untrained models; each written once, atomically, and kept on a rerun. Returns
+    the teacher's data and the held-out items."""
     settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
     refuse_other_settings(os.path.join(out, "demo.json"), settings)
     os.makedirs(out, exist_ok=True)
@@ -297,7 +298,8 @@ def prepare(args, size, out):
         folder = os.path.join(out, name)
         if not os.path.exists(os.path.join(folder, "config.json")):
             write_initial_model(folder, dim, layers, tok, args.seed)
-    return student, teacher_data, heldout
+    # the SFT data is read back from sft_data.json by the sft stage
+    return teacher_data, heldout
 
 
 def refuse_other_settings(recorded_path, settings):
