@@ -1579,18 +1579,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         teacher = self.server.teacher
-        route = {"/v1/completions": teacher.completions, "/v1/chat/completions": teacher.chat}.get(self.path)
+        # None: an unknown URL, or an endpoint this backend does not answer
+        route = getattr(teacher, ROUTES.get(self.path, ""), None)
         try:
             size = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             size = -1
         # answered unread: the connection closes after it
-        if size < 0 or size > self.server.max_body_bytes:
+        if size < 0:
             self.close_connection = True
-            status, message = (413, f"Request body of {size} bytes is over this server's limit of "
-                                    f"{self.server.max_body_bytes} bytes.") if size > 0 else \
-                (400, "The Content-Length header is not a number of bytes.")
-            return self._send(status, _error(message, code="request_too_large" if size > 0 else None))
+            message = "The Content-Length header is not a number of bytes."
+            return self._send(400, _error(message))
+        limit = self.server.max_body_bytes
+        if size > limit:
+            self.close_connection = True
+            message = f"Request body of {size} bytes is over this server's limit of {limit} bytes."
+            return self._send(413, _error(message, code="request_too_large"))
         try:
             raw = self.rfile.read(size)
             refused = self._refused()
@@ -1617,6 +1621,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug("%s " + format, self.address_string(), *args)
+
+
+# URL -> the backend's method that answers it
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
 class _Server(ThreadingHTTPServer):

@@ -334,6 +334,32 @@ def test_preflight_refuses_a_server_without_a_field_the_run_reads(missing, optio
 
 # ----------------------------------------------------------------------------- teacher.py serve's plumbing
 
+class CompletionsOnly:
+    """A backend with no chat method (backend_server's contract names both)."""
+    name = "m"
+
+    def completions(self, body):
+        return {"choices": [{"text": "OK", "index": 0, "logprobs": None, "finish_reason": "stop"}]}
+
+
+def test_a_backend_without_an_endpoint_answers_it_with_openais_404():
+    """The missing method is an unknown URL (404 unknown_url, JSON), not a dropped connection; the other
+    endpoint still answers."""
+    server = teacher.backend_server(CompletionsOnly())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        chat = requests.post(url + "/chat/completions", json={"messages": []}, timeout=10)
+        completion = requests.post(url + "/completions", json={"prompt": "x"}, timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert chat.status_code == 404
+    assert chat.json()["error"]["code"] == "unknown_url"
+    assert chat.json()["error"]["message"] == "Unknown URL: POST /v1/chat/completions"
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] == "OK"
+
+
 def test_serve_answers_128_concurrent_connections(tiny):
     """A client's 128 threads connect at once: the listen backlog keeps every one (Python's default of 5 leaves
     the rest to SYN retries a second later, or to resets where the kernel aborts on overflow)."""
