@@ -34,6 +34,7 @@ import model
 import teacher
 
 # ----------------------------------------------------------------------------- files and problems
+
 class EvalError(ValueError):
     """Input the evaluation cannot start with (a missing folder or file); the message names it."""
 

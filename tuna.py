@@ -460,7 +460,7 @@ def load_model(run, tok, checkpoint, state):
     if args.autocast and autocast_dtype is None:
         raise TrainingError(f"--autocast needs --precision bf16-mixed (not {args.precision})")
     # bf16-mixed autocasts on CUDA; --autocast / --no-autocast choose on any device
-    # (a CPU then runs CUDA's)
+    # (--autocast on a CPU runs the CUDA path there, so tests can compare it)
     if on_cuda_unless_told(args.autocast, run.device):
         run.autocast_dtype = autocast_dtype
     # LoRA resumes from the base model: the adapters' state is in training_state.pt
