@@ -12,15 +12,15 @@ prints
      answer), prompt 100 tokens, responses 120-180 (mean 150, like Alpaca's), time and
      peak memory of each
   3. greedy generation tokens/s, batch 1 and 8: model.generate (KV cache), eager and with
-     the compiled decode step, vs transformers' generate, and the ceiling that memory
-     bandwidth puts on batch 1
+     the compiled decode step, vs transformers' generate, and batch 1 against the rate
+     of one pass over the weights (which every new token reads)
   4. contextual ranking's student sampling (teacher.sample_diverse), 32 instructions x 4
      samples: 128 rows decoding together vs one instruction (4 rows) at a time,
      samples/s, each row with its own generator
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows
 both alike.
 
-    # CPU, config cpu-small: about ten minutes
+    # CPU, config cpu-small: about four minutes on 2 cores
     python bench.py
     # on a GPU, bf16 autocast (fp32 weights and Adam for two models: 7B configs do not
     # fit one GPU)
