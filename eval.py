@@ -603,8 +603,7 @@ def check_checkpoints(checkpoints, baseline, lmentry_dir):
     if baseline is not None and baseline not in checkpoints:
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
     for name, directory in checkpoints.items():
-        configs = [os.path.join(directory, f) for f in ("config.json", "params.json")]
-        if not any(map(os.path.isfile, configs)):
+        if not teacher.is_checkpoint(directory):
             raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder "
                             "(no config.json or params.json there)")
     if lmentry_dir and not os.path.isdir(lmentry_dir):

@@ -131,9 +131,8 @@ def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max
     if add_original == "scored" and chat:
         raise ValueError("add_original='scored' needs /completions with echo; chat has no echo: use 'first'")
     asked = Asking(n, max_tokens, temperature, chat, add_original, retry_failures)
-    one = functools.partial(probabilistic_item, client, asked)
-    results = client.map(one, _items(examples), "probabilistic ranking", failed=is_failure)
-    return _finish("probabilistic", client, results, out_path, failures_path)
+    record_of = functools.partial(probabilistic_record, client, asked)
+    return build_ranked("probabilistic", client, examples, record_of, out_path, failures_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,16 +150,6 @@ class Asking:
         """Distinct samples an item needs: 2, or 1 when the original answer is the second
         candidate."""
         return 1 if self.add_original else 2
-
-
-def probabilistic_item(client, asked, item):
-    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
-    try:
-        return "done", probabilistic_record(client, asked, item)
-    except RunError:
-        raise
-    except (ReplyError, TeacherError) as e:
-        return "failed", _failure("probabilistic", item, e, client.model)
 
 
 def probabilistic_record(client, asked, item):
@@ -227,7 +216,7 @@ def with_original(client, asked, ranked, prompt, ex):
 
 
 def teacher_url(client, chat):
-    """The URL probabilistic ranking asks, for messages."""
+    """The URL a ranking request goes to, for messages."""
     return client.base_url + ("/chat/completions" if chat else "/completions")
 
 
@@ -489,16 +478,6 @@ def student_log(examples, cache_path, settings):
     return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
 
 
-def cached_samples(examples, cache_path, settings):
-    """({id: cached entry} of the examples whose samples cache_path holds for the same
-    prompt and settings, the number of the other examples it holds samples of, for another
-    student, prompt or settings)."""
-    kept = student_log(examples, cache_path, settings)
-    ids = [item_id for item_id, _, _ in _items(examples)]
-    others = sum(item_id in kept.made_otherwise for item_id in ids)
-    return kept.kept, others
-
-
 def is_checkpoint(folder):
     """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
     params.json)."""
@@ -591,9 +570,8 @@ def build_contextual(client, examples, samples, out_path, failures_path=None, ke
     student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
     (finish_reason "length") is a failure: its ranking may be incomplete."""
     ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
-    one = functools.partial(contextual_item, client, samples, ranking)
-    results = client.map(one, _items(examples), "contextual ranking", failed=is_failure)
-    return _finish("contextual", client, results, out_path, failures_path)
+    record_of = functools.partial(contextual_ranked, client, samples, ranking)
+    return build_ranked("contextual", client, examples, record_of, out_path, failures_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,26 +596,19 @@ class RankedReply:
     pool: list
 
 
-def contextual_item(client, samples, ranking, item):
-    """("done", the item's RankedRecord) or ("failed", why); a RunError stops the run."""
+def contextual_ranked(client, samples, ranking, item):
+    """The item's RankedRecord: its student samples as the teacher ranked them."""
     item_id, ex, prompt = item
     entry = samples.get(item_id)
     if not entry:
-        error = ReplyError("no student candidates")
-        return "failed", _failure("contextual", item, error, client.model)
+        raise ReplyError("no student candidates")
     candidates = entry["candidates"]
     path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
     send = functools.partial(send_with_seed, client, path, params)
-    url = client.base_url + "/chat/completions"
+    url = teacher_url(client, chat=True)
     parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
-    try:
-        ranked, attempt = ask(send, parse, ranking.retry_failures)
-    except RunError:
-        raise
-    except (ReplyError, TeacherError) as e:
-        return "failed", _failure("contextual", item, e, client.model)
-    record = contextual_record(client, item, entry, ranked, attempt)
-    return "done", record
+    ranked, attempt = ask(send, parse, ranking.retry_failures)
+    return contextual_record(client, item, entry, ranked, attempt)
 
 
 def send_with_seed(client, path, params, cache_only=False, **seed):
@@ -856,6 +827,24 @@ def ask(send, parse, retry_failures):
             return parse(answer), attempt
         except (ReplyError, TeacherError) as e:
             error = e
+
+
+def build_ranked(kind, client, examples, record_of, out_path, failures_path):
+    """Both builders' run: record_of(item) for every item, over the client's workers;
+    the records written to out_path, the failures to failures_path."""
+    one = functools.partial(item_result, kind, client, record_of)
+    results = client.map(one, _items(examples), f"{kind} ranking", failed=is_failure)
+    return _finish(kind, client, results, out_path, failures_path)
+
+
+def item_result(kind, client, record_of, item):
+    """("done", record_of(item)) or ("failed", why); a RunError stops the run."""
+    try:
+        return "done", record_of(item)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure(kind, item, e, client.model)
 
 
 def is_failure(result):
@@ -1727,9 +1716,15 @@ def dry_run(args, client, examples):
         tok = data.Tokenizer(args.tokenizer or args.student)
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
                                    args.seed, producer_identity(args.student, tok.path), tok.stop_ids)
-        samples, _ = cached_samples(examples, args.student_cache or args.out + ".student.jsonl", settings)
+        samples = student_log(examples, student_cache_path(args), settings).kept
     return dry_run_contextual(client, examples, samples, args.n, args.student_max_tokens,
                               args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)
+
+
+def student_cache_path(args):
+    """Where contextual ranking keeps the student's samples: --student-cache, else
+    OUT.student.jsonl."""
+    return args.student_cache or args.out + ".student.jsonl"
 
 
 def client_from_args(args, cache_path):
@@ -1846,8 +1841,7 @@ def main(argv=None):
                 return 0
             dtype = torch.float32 if args.device == "cpu" else None
             student = load_checkpoint(args.student, args.device, dtype)
-            student_cache = args.student_cache or args.out + ".student.jsonl"
-            samples = sample_candidates(student, tok, examples, student_cache, args.n,
+            samples = sample_candidates(student, tok, examples, student_cache_path(args), args.n,
                                         args.student_temperature, args.student_max_tokens, args.tries,
                                         args.seed, student=producer_identity(args.student, tok.path),
                                         batch_size=args.student_batch_size)
