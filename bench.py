@@ -168,11 +168,11 @@ def train_step(forward, optimizer, tokens, device):
     return run
 
 
-def bench_train_step(net, hf, device, batch, seq, repeats, fused=None):
+def bench_train_step(net, hf, device, batch, seq, repeats):
     """tokens/s of a training step, model.py against transformers; the median and range of
     the per-round ratio transformers / model.py."""
     tokens = torch.randint(3, net.args.vocab_size, (batch, seq), device=device)
-    fused = tuna.on_cuda_unless_told(fused, device)  # as tuna.py's optimizer
+    fused = tuna.on_cuda_unless_told(None, device)  # as tuna.py's optimizer
     our_optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=fused)
     ours = train_step(net, our_optimizer, tokens, device)
     their_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused)
@@ -267,14 +267,20 @@ def peak_memory(config, device, instructions, response_lens, variant):
     return json.loads(last_line)["peak_bytes"]
 
 
-def cuda_peak_memory(config, device, instructions, response_lens, variant):
-    """CUDA's max_memory_allocated during a second step, above what the first left
-    allocated (the weights: ranking_step frees the gradients)."""
+def probe_step(config, device, instructions, response_lens, variant):
+    """A ranking step of `variant` ("prefix" or "naive") on a fresh model, for the peak
+    memory probes; its rows are built, the step not yet run."""
     net = build(config, device)
     shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
     is_naive = variant == "naive"
     rows = naive if is_naive else shared
-    step = ranking_step(net, rows, is_naive, device, instructions)
+    return ranking_step(net, rows, is_naive, device, instructions)
+
+
+def cuda_peak_memory(config, device, instructions, response_lens, variant):
+    """CUDA's max_memory_allocated during a second step, above what the first left
+    allocated (the weights: ranking_step frees the gradients)."""
+    step = probe_step(config, device, instructions, response_lens, variant)
     step()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -282,7 +288,8 @@ def cuda_peak_memory(config, device, instructions, response_lens, variant):
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    del net, step
+    # the step holds the model
+    del step
     torch.cuda.empty_cache()
     return peak
 
@@ -299,15 +306,12 @@ def resident_kib(field):
 def memory_probe(config, instructions, response_lens, variant):
     """The child process of peak_memory on a CPU: prints {"peak_bytes": ...} as its last
     line."""
-    net = build(config, "cpu")
-    shared, naive = ranking_rows(net.args.vocab_size, instructions, response_lens)
+    cpu = torch.device("cpu")
+    step = probe_step(config, cpu, instructions, response_lens, variant)
     base = resident_kib("VmRSS")
     # "5": reset the peak (VmHWM) to the current RSS
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    is_naive = variant == "naive"
-    rows = naive if is_naive else shared
-    step = ranking_step(net, rows, is_naive, torch.device("cpu"), instructions)
     step()
     step()
     peak_kib = resident_kib("VmHWM") - base
@@ -473,6 +477,16 @@ def measure_stage(device, fn, repeats):
     return seconds, torch.cuda.max_memory_allocated(device)
 
 
+def generate_stage(net, device, prompts, new_tokens, per_prompt, temperature):
+    """One generation stage of a reproduction: per_prompt rows a prompt, each with its own
+    generator when sampling; greedy at temperature 0."""
+    generators = None
+    if temperature:
+        generators = per_row_generators(device, 0, range(len(prompts) * per_prompt))
+    model.generate(net, prompts, new_tokens, temperature=temperature, eos_id=-1,
+                   num_samples=per_prompt, generator=generators, compile=True)
+
+
 def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     """Expected hours of each stage of a one-GPU reproduction, from model.py's measured
     per-token costs at the shape `args` (bf16 weights; training with LoRA, as README's
@@ -489,28 +503,22 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     net.reset_rope(device)  # RoPE tables stay float32
     mean_response = sum(RESPONSE_LENS_K5) // len(RESPONSE_LENS_K5)
 
-    def sample(prompts):  # contextual ranking's student samples, batched as in section 4
-        rows = range(len(prompts) * SAMPLES_PER_INSTRUCTION)
-        generators = per_row_generators(device, 0, rows)
-        model.generate(net, prompts, mean_response, temperature=0.8, eos_id=-1,
-                       num_samples=SAMPLES_PER_INSTRUCTION, generator=generators, compile=True)
-
-    def answer(prompts):
-        model.generate(net, prompts, EVAL_NEW_TOKENS, eos_id=-1, compile=True)
-
     costs = {}
     memory = {}
     settings = {}
     mfu = {}
-    for name, fn, prompt_len, new_tokens, per_prompt, seed in (
-            ("sample", sample, PROMPT_LEN, mean_response, SAMPLES_PER_INSTRUCTION, 1),
-            ("answer", answer, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, 1, 2)):
+    # contextual ranking's student samples (batched as in section 4), then eval's greedy
+    # answers
+    for name, temperature, prompt_len, new_tokens, per_prompt, seed in (
+            ("sample", 0.8, PROMPT_LEN, mean_response, SAMPLES_PER_INSTRUCTION, 1),
+            ("answer", 0.0, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS, 1, 2)):
         # rows from the memory free now (the last stage's CUDA graphs may hold some); 128 if
         # none reported
         rows = model.auto_batch_rows(net, prompt_len + new_tokens, prompt_len, 128)
         prompt_count = max(1, rows // per_prompt)
         prompts = random_prompts(args.vocab_size, [prompt_len] * prompt_count, seed=seed)
-        run = functools.partial(fn, prompts)
+        run = functools.partial(generate_stage, net, device, prompts, new_tokens, per_prompt,
+                                temperature)
         seconds, memory[name] = measure_stage(device, run, repeats)
         items = len(prompts) * per_prompt
         # seconds per sample, per greedy answer
@@ -745,7 +753,8 @@ def print_generation(net, device, repeats):
     for batch in (1, 8):
         speed, (same, first), compile_seconds = bench_generation(net, hf, device, batch,
                                                                  gen_prompt, gen_new, repeats)
-        batch_1 = batch_1 or speed
+        if batch == 1:
+            batch_1 = speed
         if "error" in model._compiled:
             compiled = f"compiled: unavailable ({model._compiled['error']})"
         else:

@@ -500,7 +500,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     first calls compile (about a minute on a CPU), and where torch.compile cannot run
     one line goes to stderr and decoding stays eager, the reference."""
     n_rows = len(prompts) * num_samples
-    if num_samples < 1 or (isinstance(generator, (list, tuple)) and len(generator) != n_rows):
+    per_row_generators = isinstance(generator, (list, tuple))
+    if num_samples < 1 or (per_row_generators and len(generator) != n_rows):
         raise ValueError(f"generate: num_samples must be >= 1 ({num_samples}) and a list of generators must "
                          f"hold one per row, len(prompts) * num_samples = {n_rows}")
     if not prompts or max_new_tokens <= 0:
@@ -517,7 +518,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
         order.sort(key=lambda i: len(prompts[i]))
     out_tokens = [None] * n_rows
     out_logprobs = [None] * n_rows
-    per_row_generators = isinstance(generator, (list, tuple))
     step = _compiled_decode if compile else _eager_decode
     for start in range(0, len(order), per_batch):
         chunk = order[start:start + per_batch]
@@ -709,22 +709,24 @@ def auto_batch_rows(model, max_len, prompt_len, fallback):
 LOGPROB_CHUNK_TOKENS = 2048
 
 
-def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
+def chunked_token_logprobs(output, hidden, targets):
     """token_logprobs(output(hidden), targets) for hidden (..., dim), targets (...) ->
-    float32 (...), with the logits of chunk_tokens tokens at a time. Under autograd
+    float32 (...), with the logits of LOGPROB_CHUNK_TOKENS tokens at a time. Under autograd
     each chunk (of two or more) is checkpointed: backward recomputes its logits (one
     more pass through the output layer) instead of keeping them, so training holds
     one chunk's logits, never all (the idea of fused linear cross-entropy, e.g.
     Liger-Kernel's, in plain PyTorch). Same values and gradients as the whole
-    computation. chunk_tokens: default LOGPROB_CHUNK_TOKENS."""
-    chunk_tokens = chunk_tokens or LOGPROB_CHUNK_TOKENS
-    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()  # (n, dim), (n,)
+    computation."""
+    chunk_tokens = LOGPROB_CHUNK_TOKENS
+    flat_hidden = hidden.flatten(0, -2)  # (n, dim)
+    flat_targets = targets.flatten()  # (n,)
+    # one chunk: nothing to save
+    recompute = torch.is_grad_enabled() and len(flat_targets) > chunk_tokens
     pieces = []
     for start in range(0, len(flat_targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         chunk = (output, flat_hidden[piece], flat_targets[piece])
-        if torch.is_grad_enabled() and len(flat_targets) > chunk_tokens:
-            # one chunk: nothing to save
+        if recompute:
             pieces.append(checkpoint(_output_logprobs, *chunk, use_reentrant=False))
         else:
             pieces.append(_output_logprobs(*chunk))
@@ -732,7 +734,8 @@ def chunked_token_logprobs(output, hidden, targets, chunk_tokens=None):
 
 
 def _output_logprobs(output, hidden, targets):
-    return token_logprobs(output(hidden).float(), targets)  # (n,)
+    # token_logprobs computes in float32
+    return token_logprobs(output(hidden), targets)  # (n,)
 
 
 def token_logprobs(logits, targets, ignore_index=-100):
