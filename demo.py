@@ -443,8 +443,8 @@ class RuleJudge:
 
     def chat(self, body):
         prompt = body["messages"][-1]["content"]
-        # not a ranking request: the pre-flight
-        if "###Response 0:" not in prompt:
+        # teacher.py's pre-flight check; any other prompt is a ranking request
+        if prompt == teacher.PREFLIGHT_TEXT:
             return self._answer("OK")
         return self._answer(rule_judge_reply(body["messages"], self.solutions))
 

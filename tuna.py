@@ -557,8 +557,11 @@ def choose_checkpointing(run, net, micro_batch_size):
     if choice != "auto":
         return choice == "on"
     tokens = micro_batch_size * max(len(r["tokens"]) for r in run.rows)
-    autocast_bf16 = run.device.type == "cuda" and run.autocast_dtype is not None
-    dtype_bytes = 2 if autocast_bf16 else net.tok_embeddings.weight.element_size()
+    # activations are kept in autocast's dtype where the step autocasts (load_model decides)
+    if run.autocast_dtype is not None:
+        dtype_bytes = run.autocast_dtype.itemsize
+    else:
+        dtype_bytes = net.tok_embeddings.weight.element_size()
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     free = llama.free_memory(run.device)
     on = needs_checkpointing(net.args, tokens, free, trainable, dtype_bytes)
@@ -1096,7 +1099,8 @@ def pipeline_dry_run(args, command):
     prices = []
     for name in ("count_tokenizer", "price_per_1m_input", "price_per_1m_output"):
         value = getattr(args, name)
-        if value:
+        # a price of 0 is a price
+        if value is not None:
             prices.append(f"--{name.replace('_', '-')}={value}")
     if subprocess.run(command + ["--dry-run", *prices]).returncode != 0:
         raise TrainingError("pipeline --dry-run: teacher.py contextual --dry-run failed (above)")

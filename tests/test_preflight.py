@@ -280,6 +280,24 @@ def test_pipeline_stops_before_training_tuna_p(broken_teacher, tiny, tmp_path, c
     assert not (out / "tuna_p").exists() and not (out / "contextual.jsonl.student.jsonl").exists()
 
 
+def test_pipeline_dry_run_passes_every_given_cost_option_on_a_price_of_0_included(tiny, tmp_path, capfd):
+    """pipeline --dry-run runs teacher.py contextual --dry-run with the cost options given; a free input
+    (price 0) is still a price, so the cost is computed, not asked for. Nothing is trained or sent."""
+    ranked = tmp_path / "ranked.jsonl"
+    data.write_ranked_jsonl(ranked, [data.RankedRecord(id=str(i), prompt=data.alpaca_prompt(f"Task {i}"),
+                                                       candidates=["a b", "c d e"]) for i in range(4)])
+    out = tmp_path / "tuna"
+    code = tuna.main(["pipeline", "--init", tiny[2], "--probabilistic-data", str(ranked), "--out", str(out),
+                      "--batch-size", "2", "--instructions", alpaca_file(tmp_path / "a.json", 4),
+                      "--teacher-base-url", "http://127.0.0.1:9/v1", "--teacher-model", "gpt-4", "--dry-run",
+                      "--price-per-1m-input", "0", "--price-per-1m-output", "2"])
+    printed = capfd.readouterr()
+    assert code == 0, printed.err
+    cost = next(line for line in printed.out.splitlines() if line.strip().startswith("cost:"))
+    assert "at most $0.00 input + $" in cost and "give --price-per-1m-input" not in cost
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("broken_teacher", CASES, indirect=True)
 def test_eval_stops_before_generating_answers(broken_teacher, tiny, tmp_path, capsys):
     url, model, reason = broken_teacher

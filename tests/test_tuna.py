@@ -1,4 +1,5 @@
 """tuna.py's objective and prefix sharing: hand-computed losses, the authors' formula, and packed == naive K rows."""
+import argparse
 import math
 
 import pytest
@@ -349,6 +350,22 @@ def test_peak_tflops_by_device_name_and_override():
     first = lambda name: next(t for known, t in tuna.PEAK_TFLOPS if known in name)  # noqa: E731 (its matching)
     assert first("NVIDIA H100 PCIe") == names["H100 PCIe"] == 756.0 and first("NVIDIA H100 80GB HBM3") == 989.0
     assert first("NVIDIA L40S") == 362.0 and first("NVIDIA L4") == 121.0 and first("NVIDIA H200") == 989.0
+
+
+@pytest.mark.parametrize("autocast_dtype, expected", [(torch.bfloat16, 2), (None, 4)])
+def test_checkpointing_auto_counts_activations_in_the_dtype_the_step_runs_in(autocast_dtype, expected,
+                                                                             monkeypatch):
+    """--gradient-checkpointing auto sizes activations in autocast's dtype wherever the step autocasts (--autocast
+    on a CPU included), else in the weights' dtype (float32 here)."""
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**model.CONFIGS["tiny"]))
+    seen = []
+    monkeypatch.setattr(tuna, "needs_checkpointing", lambda *a: seen.append(a[-1]) or False)
+    args = argparse.Namespace(gradient_checkpointing="auto")
+    run = tuna.Run(args, "rank", "out", "new", {}, device=torch.device("cpu"), rows=[{"tokens": [1] * 10}],
+                   autocast_dtype=autocast_dtype)
+    assert tuna.choose_checkpointing(run, net, 2) is False
+    assert seen == [expected]
 
 
 def test_checkpointing_rule_by_hand_at_llama_7b():
