@@ -1098,32 +1098,46 @@ def duration_text(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Progress:
-    """One line every `every` (a fraction) of a long phase, and at its end, in training's form:
-    "teacher requests 2600/52002 | 3.12 items/s | 4 failed | ETA 4:37:40 | <detail()>". Made when the
-    work begins (the rate's clock starts then); write: where lines go (default stderr); detail: more to say
-    at the end of each line. Thread-safe: workers may call advance() at once."""
+# lines a long phase prints: one every 5% of it
+PROGRESS_LINES = 20
 
-    def __init__(self, what, total, write=None, every=0.05, unit="items", detail=None):
-        self.what, self.total, self.unit, self.detail = what, total, unit, detail
+
+class Progress:
+    """One line every 5% of a long phase, and at its end, in training's form:
+    "teacher requests 2600/52002 | 3.12 items/s | 4 failed | ETA 4:37:40 | <detail()>".
+    Made when the work begins (the rate's clock starts then); write: where lines go
+    (default stderr); detail: more to say at the end of each line. Thread-safe: workers
+    may call advance() at once."""
+
+    def __init__(self, what, total, write=None, detail=None):
+        self.what = what
+        self.total = total
+        self.detail = detail
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.step = max(1, math.ceil(total * every))
-        self.done, self.failed = 0, 0
-        self.began, self.lock = time.monotonic(), threading.Lock()
+        self.step = max(1, math.ceil(total / PROGRESS_LINES))
+        self.done = 0
+        self.failed = 0
+        self.began = time.monotonic()
+        self.lock = threading.Lock()
 
     def advance(self, count=1, failed=0):
         with self.lock:
-            before, self.done, self.failed = self.done, self.done + count, self.failed + failed
-            crossed = self.done // self.step > before // self.step or self.done >= self.total > before
-            if not crossed:
+            before = self.done
+            self.done += count
+            self.failed += failed
+            next_step = self.done // self.step > before // self.step
+            finished = self.done >= self.total > before
+            if not (next_step or finished):
                 return
+            # a line is written only after done has grown: the rate is above 0
             elapsed = max(time.monotonic() - self.began, 1e-9)
             rate = self.done / elapsed
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_text = duration_text(eta) if eta != float("inf") else "?"
-            line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} {self.unit}/s | {self.failed} failed "
-                    f"| ETA {eta_text}")
-            self.write(line + (f" | {self.detail()}" if self.detail else ""))
+            eta = (self.total - self.done) / rate
+            line = (f"{self.what} {self.done}/{self.total} | {rate:.2f} items/s "
+                    f"| {self.failed} failed | ETA {duration_text(eta)}")
+            if self.detail:
+                line += f" | {self.detail()}"
+            self.write(line)
 
 
 # ----------------------------------------------------------------------------- command-line values

@@ -502,13 +502,6 @@ def answer_made_by(line):
     return line.get("made_by") if isinstance(line.get("output"), str) else None
 
 
-def kept_answers(path, items, max_new_tokens, producer):
-    """({item id: answer} of the items whose answer the file holds, made as these would be;
-    {item id: its key "made_by"}; the ids the file holds answers of made otherwise)."""
-    kept, made, done = answer_log(path, items, max_new_tokens, producer)
-    return done, made, kept.made_otherwise
-
-
 def answer_log(path, items, max_new_tokens, producer):
     """(the answers' data.KeptLog, {item id: its key "made_by"}, {item id: its kept answer})."""
     made = {item["id"]: answer_key(item, max_new_tokens, producer) for item in items}
@@ -734,7 +727,7 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
         counts = []
         for bench, items, n in benches:
             path = answers_path(out_dir, name, bench)
-            done, _, _ = kept_answers(path, items, n, row["producer"])
+            _, _, done = answer_log(path, items, n, row["producer"])
             to_generate = len(items) - len(done)
             counts.append(f"{bench} {to_generate:,} of {len(items):,}")
             known[name, bench] = done

@@ -32,10 +32,13 @@ class RecordOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.shapes = set(), collections.defaultdict(list)
+        self.shapes = collections.defaultdict(list)
+
+    @property
+    def ops(self):
+        return set(self.shapes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
         self.shapes[func.overloadpacket.__name__].append([tuple(a.shape) for a in args if torch.is_tensor(a)])
         return func(*args, **(kwargs or {}))
 

@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import eval as E
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+from conftest import EVAL_FIXTURES as FIXTURES
 SUPERNI = os.path.join(FIXTURES, "superni")
 
 

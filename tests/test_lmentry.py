@@ -7,8 +7,7 @@ import os
 import pytest
 
 import lmentry
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+from conftest import EVAL_FIXTURES as FIXTURES
 
 
 def example(task, input_text="", **metadata):
