@@ -263,17 +263,22 @@ def test_contextual_stops_before_sampling(broken_teacher, tiny, tmp_path, capsys
     assert not os.path.exists(str(out) + ".student.jsonl") and not out.exists()  # no student sample
 
 
-@pytest.mark.parametrize("broken_teacher", CASES, indirect=True)
-def test_pipeline_stops_before_training_tuna_p(broken_teacher, tiny, tmp_path, capfd):
-    url, model, reason = broken_teacher
+def pipeline_command(tiny, tmp_path, url, model):
+    """tuna.py pipeline on 4 ranked instructions and 4 Alpaca instructions for contextual ranking."""
     ranked = tmp_path / "ranked.jsonl"
     data.write_ranked_jsonl(ranked, [data.RankedRecord(id=str(i), prompt=data.alpaca_prompt(f"Task {i}"),
                                                        candidates=["a b", "c d e"]) for i in range(4)])
+    return ["pipeline", "--init", tiny[2], "--probabilistic-data", str(ranked), "--out", str(tmp_path / "tuna"),
+            "--batch-size", "2", "--instructions", alpaca_file(tmp_path / "a.json", 4),
+            "--teacher-base-url", url, "--teacher-model", model]
+
+
+@pytest.mark.parametrize("broken_teacher", CASES, indirect=True)
+def test_pipeline_stops_before_training_tuna_p(broken_teacher, tiny, tmp_path, capfd):
+    url, model, reason = broken_teacher
     out = tmp_path / "tuna"
-    code = tuna.main(["pipeline", "--init", tiny[2], "--probabilistic-data", str(ranked), "--out", str(out),
-                      "--batch-size", "2", "--instructions", alpaca_file(tmp_path / "a.json", 4),
-                      "--teacher-base-url", url, "--teacher-model", model,
-                      "--teacher-args", f"--api-key-env {KEY_ENV} --max-retries 0"])
+    code = tuna.main(pipeline_command(tiny, tmp_path, url, model)
+                     + ["--teacher-args", f"--api-key-env {KEY_ENV} --max-retries 0"])
     err = capfd.readouterr().err
     assert code == 1 and "failed its pre-flight check (above); nothing was trained" in err
     assert reason in one_line_error(err, "teacher.py contextual: error: ", url, model)
@@ -283,14 +288,9 @@ def test_pipeline_stops_before_training_tuna_p(broken_teacher, tiny, tmp_path, c
 def test_pipeline_dry_run_passes_every_given_cost_option_on_a_price_of_0_included(tiny, tmp_path, capfd):
     """pipeline --dry-run runs teacher.py contextual --dry-run with the cost options given; a free input
     (price 0) is still a price, so the cost is computed, not asked for. Nothing is trained or sent."""
-    ranked = tmp_path / "ranked.jsonl"
-    data.write_ranked_jsonl(ranked, [data.RankedRecord(id=str(i), prompt=data.alpaca_prompt(f"Task {i}"),
-                                                       candidates=["a b", "c d e"]) for i in range(4)])
     out = tmp_path / "tuna"
-    code = tuna.main(["pipeline", "--init", tiny[2], "--probabilistic-data", str(ranked), "--out", str(out),
-                      "--batch-size", "2", "--instructions", alpaca_file(tmp_path / "a.json", 4),
-                      "--teacher-base-url", "http://127.0.0.1:9/v1", "--teacher-model", "gpt-4", "--dry-run",
-                      "--price-per-1m-input", "0", "--price-per-1m-output", "2"])
+    code = tuna.main(pipeline_command(tiny, tmp_path, "http://127.0.0.1:9/v1", "gpt-4")
+                     + ["--dry-run", "--price-per-1m-input", "0", "--price-per-1m-output", "2"])
     printed = capfd.readouterr()
     assert code == 0, printed.err
     cost = next(line for line in printed.out.splitlines() if line.strip().startswith("cost:"))
