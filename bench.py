@@ -6,7 +6,7 @@ prints
   1. train-step tokens/s (forward, cross-entropy, backward, AdamW): model.py vs
      LlamaForCausalLM, on the multi-head config and on its grouped-query twin (a quarter
      of the key/value heads, as Llama 3); the FLOPs per token it assumes
-     (tuna.step_flops), the FLOP/s reached, and the MFU where the peak is known
+     (training.step_flops), the FLOP/s reached, and the MFU where the peak is known
   2. the ranking step (tuna.py's loss and backward) with prefix sharing vs naive K rows,
      K = 4 (probabilistic ranking) and K = 5 (contextual: 4 samples + the teacher's
      answer), prompt 100 tokens, responses 120-180 (mean 150, like Alpaca's), time and
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import model
+import training
 import tuna
 
 # ---------------------------------------------------------------------------- configs and timing
@@ -130,18 +131,18 @@ def race(functions, device, repeats, warmup=1, every_round=False):
 def autocast(device, enabled=None):
     """bfloat16 autocast, by default on CUDA only (a CPU measures float32); enabled=True: on
     a CPU too."""
-    enabled = tuna.on_cuda_unless_told(enabled, device)
+    enabled = training.on_cuda_unless_told(enabled, device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ---------------------------------------------------------------------------- 1. train step
 
 def train_step_flops_per_token(net, seq):
-    """tuna.step_flops of section 1's step per token: a row of seq tokens at positions
+    """training.step_flops of section 1's step per token: a row of seq tokens at positions
     0..seq-1 (causal), every position through the output layer, every weight trained (6N +
     attention, PaLM's count)."""
     row = {"tokens": [0] * seq, "positions": list(range(seq)), "target": [0] * seq}
-    return tuna.step_flops(net, [row], recompute=False)[0] / seq
+    return training.step_flops(net, [row], recompute=False)[0] / seq
 
 
 def next_token_loss(logits, tokens):
@@ -172,7 +173,7 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
     """tokens/s of a training step, model.py against transformers; the median and range of
     the per-round ratio transformers / model.py."""
     tokens = torch.randint(3, net.args.vocab_size, (batch, seq), device=device)
-    fused = tuna.on_cuda_unless_told(None, device)  # as tuna.py's optimizer
+    fused = training.on_cuda_unless_told(None, device)  # as tuna.py's optimizer
     our_optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=fused)
     ours = train_step(net, our_optimizer, tokens, device)
     their_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=fused)
@@ -490,7 +491,7 @@ def generate_stage(net, device, prompts, new_tokens, per_prompt, temperature):
 def reproduction_hours(args, device, repeats, instructions=16, peak=None):
     """Expected hours of each stage of a one-GPU reproduction, from model.py's measured
     per-token costs at the shape `args` (bf16 weights; training with LoRA, as README's
-    one-GPU command, gradient checkpointing where tuna.needs_checkpointing says memory
+    one-GPU command, gradient checkpointing where training.needs_checkpointing says memory
     needs it; 16 instructions per step as the authors), with each stage's peak memory and
     the settings it ran with. Generation: the compiled decode step (CUDA graphs), as many
     rows as fit (model.auto_batch_rows). Teacher API time is not included. Generation runs
@@ -524,7 +525,7 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
         # seconds per sample, per greedy answer
         costs[name] = seconds / items if seconds else None
         settings[name] = f"{items} rows (auto), compiled decode step"
-    tuna.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
+    training.add_lora(net, LORA["rank"], LORA["alpha"], LORA["targets"])
     net.train()
     trained = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-6)
@@ -533,12 +534,12 @@ def reproduction_hours(args, device, repeats, instructions=16, peak=None):
         rows, _ = ranking_rows(args.vocab_size, instructions, lens)
         tokens = sum(len(r["tokens"]) for r in rows)
         free = model.free_memory(device)
-        checkpointing = tuna.needs_checkpointing(args, tokens, free, trainable, 2)
+        checkpointing = training.needs_checkpointing(args, tokens, free, trainable, 2)
         net.gradient_checkpointing = checkpointing
         step = ranking_step(net, rows, False, device, instructions, optimizer)
         seconds, memory[name] = measure_stage(device, step, repeats)
         costs[name] = seconds / tokens if seconds else None  # seconds per trained token
-        flops = tuna.step_flops(net, rows, checkpointing)
+        flops = training.step_flops(net, rows, checkpointing)
         known = seconds and peak  # a measured time and a known peak
         mfu[name] = tuple(f / seconds / (peak * 1e12) for f in flops) if known else None
         settings[name] = (f"LoRA rank {LORA['rank']}, {instructions} instructions per step, "
@@ -594,7 +595,7 @@ def print_reproduction_hours(device, repeats, peak, memory_cap):
         if mfu.get(key):
             plain, recomputed = mfu[key]
             print(f"   {what} training: MFU {plain:.1%}, with recomputation {recomputed:.1%} "
-                  f"of {peak:g} TFLOP/s (tuna.step_flops)")
+                  f"of {peak:g} TFLOP/s (training.step_flops)")
     for name, what, hours, key in stages:
         used = f"{memory[key] / 2**30:5.1f} GiB peak" if memory[key] else "does not fit"
         spent = f"{hours:7.1f} h" if hours is not None else "      - h"
@@ -653,7 +654,7 @@ def main():
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, args.memory_cap * 2**30 / total)
         torch.cuda.set_per_process_memory_fraction(fraction, device)
-    peak = tuna.peak_tflops(device, args.peak_tflops)
+    peak = training.peak_tflops(device, args.peak_tflops)
     if config == "gpu-7b":
         if not gpu:
             sys.exit("bench.py: error: --config gpu-7b needs a CUDA GPU: "

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import data
 import model
+import training
 import tuna
 from conftest import sequence_logprobs
 
@@ -236,7 +237,7 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     tokens = torch.randint(3, 500, (2, 12))
     with torch.no_grad():
         before = net(tokens)
-    tuna.add_lora(net, rank=4, alpha=8, targets=["wq", "wv", "w2"])
+    training.add_lora(net, rank=4, alpha=8, targets=["wq", "wv", "w2"])
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
     assert len(trainable) == 2 * 3 * net.args.n_layers
@@ -247,7 +248,7 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     optimizer.step()
     with torch.no_grad():
         after = net(tokens)
-        merged = tuna.plain_model(net, net.state_dict())
+        merged = training.plain_model(net, net.state_dict())
         assert not torch.allclose(after, before)
         torch.testing.assert_close(merged(tokens), after, atol=1e-5, rtol=1e-5)
     assert set(merged.state_dict()) == set(tiny_model.state_dict())
@@ -264,7 +265,7 @@ def test_lora_adds_alpha_over_rank_times_b_a_x(rank, alpha, lora_a, lora_b, expe
     base = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         base.weight.copy_(torch.eye(2))
-    layer = tuna.LoRALinear(base, rank, alpha)
+    layer = training.LoRALinear(base, rank, alpha)
     with torch.no_grad():
         layer.lora_a.copy_(torch.tensor(lora_a, dtype=torch.float32))
         layer.lora_b.copy_(torch.tensor(lora_b, dtype=torch.float32))
@@ -275,7 +276,7 @@ def test_lora_merge_is_the_base_weight_plus_alpha_over_rank_times_b_a(tiny_model
     """The saved (merged) weight of a LoRA layer is W + (alpha / r) B A; rank 4, alpha 16: 4 B A."""
     net = model.Transformer(model.ModelArgs.from_name("tiny"))
     net.load_state_dict(tiny_model.state_dict())
-    tuna.add_lora(net, rank=4, alpha=16, targets=["wq"])
+    training.add_lora(net, rank=4, alpha=16, targets=["wq"])
     layer = net.layers[0].attention.wq
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -284,7 +285,7 @@ def test_lora_merge_is_the_base_weight_plus_alpha_over_rank_times_b_a(tiny_model
         x = torch.randn(3, net.args.dim, generator=g)
         W, A, B = layer.base.weight, layer.lora_a, layer.lora_b
         torch.testing.assert_close(layer(x), x @ W.T + 4 * (x @ A.T) @ B.T)
-        merged = tuna.plain_model(net, net.state_dict())
+        merged = training.plain_model(net, net.state_dict())
     torch.testing.assert_close(merged.layers[0].attention.wq.weight, W + 4 * B @ A)
 
 
@@ -331,23 +332,23 @@ def test_step_flops_by_hand_full_fine_tuning_and_lora(monkeypatch):
     # attention: 2 layers x 2 (q k^T, weights x v) x 4 heads x 16 x 30 keys = 7_680; output: 64 x 512 x 5 = 163_840
     # full: forward 98_304 x 8 + 7_680 + 163_840 = 957_952; backward: again + attention + weights' gradients
     # (98_304 x 8 + 163_840) = 1_915_904; x 2 FLOPs -> 5_747_712 = 6N per token + 6 x attention (PaLM's count)
-    assert tuna.step_flops(net, [flops_row()], recompute=False) == (5_747_712, 5_747_712)
+    assert training.step_flops(net, [flops_row()], recompute=False) == (5_747_712, 5_747_712)
     # recomputation: the blocks' forward (98_304 x 8 + 7_680) once more
-    assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * 794_112
+    assert training.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * 794_112
     # and the output layer's (163_840) where the 5 scored tokens take more than one chunk of log-probs
     monkeypatch.setattr(model, "LOGPROB_CHUNK_TOKENS", 4)
-    assert tuna.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * (794_112 + 163_840)
+    assert training.step_flops(net, [flops_row()], recompute=True)[1] == 5_747_712 + 2 * (794_112 + 163_840)
     # LoRA rank 4 on all seven: 4 x (in + out) per layer = 512 + 384 + 384 + 512 + 3 x 1_024 = 4_864, 2 layers;
     # forward (98_304 + 9_728) x 8 + 7_680 + 163_840 = 1_035_776; backward: again + 7_680 + 9_728 x 8 (the
     # adapters' gradients; the frozen base and output layer have none) = 1_121_280
-    tuna.add_lora(net, 4, 16.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    assert tuna.step_flops(net, [flops_row()], recompute=False) == (4_314_112, 4_314_112 + 2 * 163_840)
+    training.add_lora(net, 4, 16.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    assert training.step_flops(net, [flops_row()], recompute=False) == (4_314_112, 4_314_112 + 2 * 163_840)
 
 
 def test_peak_tflops_by_device_name_and_override():
-    assert tuna.peak_tflops(torch.device("cpu")) is None and tuna.peak_tflops(torch.device("cpu"), 2.5) == 2.5
-    names = dict(tuna.PEAK_TFLOPS)
-    first = lambda name: next(t for known, t in tuna.PEAK_TFLOPS if known in name)  # noqa: E731 (its matching)
+    assert training.peak_tflops(torch.device("cpu")) is None and training.peak_tflops(torch.device("cpu"), 2.5) == 2.5
+    names = dict(training.PEAK_TFLOPS)
+    first = lambda name: next(t for known, t in training.PEAK_TFLOPS if known in name)  # noqa: E731 (its matching)
     assert first("NVIDIA H100 PCIe") == names["H100 PCIe"] == 756.0 and first("NVIDIA H100 80GB HBM3") == 989.0
     assert first("NVIDIA L40S") == 362.0 and first("NVIDIA L4") == 121.0 and first("NVIDIA H200") == 989.0
 
@@ -360,11 +361,11 @@ def test_checkpointing_auto_counts_activations_in_the_dtype_the_step_runs_in(aut
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs(**model.CONFIGS["tiny"]))
     seen = []
-    monkeypatch.setattr(tuna, "needs_checkpointing", lambda *a: seen.append(a[-1]) or False)
+    monkeypatch.setattr(training, "needs_checkpointing", lambda *a: seen.append(a[-1]) or False)
     args = argparse.Namespace(gradient_checkpointing="auto")
-    run = tuna.Run(args, "rank", "out", "new", {}, device=torch.device("cpu"), rows=[{"tokens": [1] * 10}],
+    run = training.Run(args, "rank", "out", "new", {}, device=torch.device("cpu"), rows=[{"tokens": [1] * 10}],
                    autocast_dtype=autocast_dtype)
-    assert tuna.choose_checkpointing(run, net, 2) is False
+    assert training.choose_checkpointing(run, net, 2) is False
     assert seen == [expected]
 
 
@@ -372,13 +373,13 @@ def test_checkpointing_rule_by_hand_at_llama_7b():
     seven_b = model.ModelArgs.from_name("llama-7b")  # dim 4096, hidden 11008, 32 layers
     # per token and block: (9 x 4096 + 4 x 11008) x 2 bytes + 2 x 4 x 4096 = 161_792 + 32_768 = 194_560
     tokens = 16 * 850  # 16 instructions of a prompt and 5 candidates, ~850 tokens each
-    assert tuna.activation_bytes(seven_b, tokens, False, 2) == tokens * 32 * 194_560 == 84_672_512_000
-    assert tuna.activation_bytes(seven_b, tokens, True, 2) == tokens * (32 * 4 * 4096 + 194_560)
+    assert training.activation_bytes(seven_b, tokens, False, 2) == tokens * 32 * 194_560 == 84_672_512_000
+    assert training.activation_bytes(seven_b, tokens, True, 2) == tokens * (32 * 4 * 4096 + 194_560)
     lora = 32 * (4 * 64 * 8192 + 3 * 64 * (4096 + 11008))  # rank 64 on all seven: 159_907_840 parameters
     # an H200 (141e9 - 13.5e9 of bf16 weights free): 0.9 x 127.5e9 - 12 x lora = 112.8e9 > 84.7e9: off
-    assert not tuna.needs_checkpointing(seven_b, tokens, 127.5e9, lora, 2)
+    assert not training.needs_checkpointing(seven_b, tokens, 127.5e9, lora, 2)
     # an 80 GB card: 0.9 x 66.5e9 - 1.9e9 = 57.9e9 < 84.7e9: on; at 8 instructions (42.3e9) off again
-    assert tuna.needs_checkpointing(seven_b, tokens, 66.5e9, lora, 2)
-    assert not tuna.needs_checkpointing(seven_b, tokens // 2, 66.5e9, lora, 2)
+    assert training.needs_checkpointing(seven_b, tokens, 66.5e9, lora, 2)
+    assert not training.needs_checkpointing(seven_b, tokens // 2, 66.5e9, lora, 2)
     # 95e9 free: 85.5e9 would hold the activations, but not once the adapters' gradients and Adam take 1.9e9
-    assert tuna.needs_checkpointing(seven_b, tokens, 95e9, lora, 2)
+    assert training.needs_checkpointing(seven_b, tokens, 95e9, lora, 2)

@@ -92,7 +92,7 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
 
 
 def test_log_reports_mfu_and_gradient_checkpointing_auto_is_off_where_memory_suffices(files, tmp_path, capsys):
-    """Each step's FLOPs (tuna.step_flops, tested by hand in test_tuna.py) and, with --peak-tflops, the MFU: the
+    """Each step's FLOPs (training.step_flops, tested by hand in test_tuna.py) and, with --peak-tflops, the MFU: the
     FLOPs so far over the elapsed time at that peak. auto: a tiny model's activations fit this machine's free
     memory (/proc/meminfo's MemAvailable), so no recomputation; the bare flag still means on."""
     hfu = {}
