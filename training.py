@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import data
 import model as llama
 
-# ---- 1. a run: what tuna.setup builds and the loop carries; its errors and messages
+# ---- 1. a run: what tuna.setup builds and the loop carries; its steps, errors and messages
 
 @dataclass
 class Run:
@@ -69,8 +69,25 @@ def is_main():
 
 
 def log(message):
+    """A line on stderr, from the main process only."""
     if is_main():
         print(message, file=sys.stderr, flush=True)
+
+
+def plan_steps(run):
+    """Micro-batches per process and step, steps per epoch and in all; -> the micro-batch size."""
+    args = run.args
+    processes = run.world_size
+    micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / processes)
+    run.micro_batches = math.ceil(args.batch_size / (processes * micro_batch_size))
+    full_batches, rest = divmod(len(run.rows), args.batch_size)
+    # a last, partial batch counts if every micro-batch of every process gets a row; else dropped
+    run.steps_per_epoch = full_batches + (rest >= processes * run.micro_batches)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    if run.total_steps == 0:
+        raise TrainingError(f"{args.data}: {len(run.rows)} usable example(s), fewer than one batch of "
+                            f"{min(args.batch_size, processes * run.micro_batches)}")
+    return micro_batch_size
 
 
 # ---- 2. the model to train: its precision, LoRA adapters, autocast

@@ -260,11 +260,8 @@ def load_rows(path, tok, kind):
 def read_records(path, kind):
     """(id, prompt, candidates best first, indices of unfinished candidates) of each record."""
     if kind == "sft":
-        records = []
-        for i, example in enumerate(data.read_alpaca(path)):
-            prompt = data.alpaca_prompt(example["instruction"], example["input"])
-            records.append((str(i), prompt, [example["output"]], []))
-        return records
+        return [(str(i), data.alpaca_prompt(example["instruction"], example["input"]), [example["output"]],
+                 []) for i, example in enumerate(data.read_alpaca(path))]
     if str(path).endswith(".jsonl"):
         ranked = data.read_ranked_jsonl(path)
         return [(r.id, r.prompt, r.candidates, r.source.get("unfinished", [])) for r in ranked]
@@ -389,7 +386,8 @@ def setup(args, kind):
     run.tokenizer_path = tok.path
     run.pad_id = tok.pad_id
     run.rows = load_rows(args.data, tok, kind)
-    micro_batch_size = plan_steps(run)
+    micro_batch_size = training.plan_steps(run)
+    run.warmup_steps = RANK_WARMUP_STEPS if kind == "rank" else round(SFT_WARMUP_RATIO * run.total_steps)
     # model: from the last checkpoint when resumed (LoRA: the base model, then the adapters' state)
     checkpoint = training.latest_checkpoint(out) if run.state == "resume" else None
     state = training.read_training_state(checkpoint) if checkpoint else None
@@ -403,23 +401,6 @@ def setup(args, kind):
     if state:
         training.restore_training_state(run, state)
     return run
-
-
-def plan_steps(run):
-    """Micro-batches per step, steps per epoch and in all, warm-up steps; -> the micro-batch size."""
-    args = run.args
-    processes = run.world_size
-    micro_batch_size = args.micro_batch_size or math.ceil(args.batch_size / processes)
-    run.micro_batches = math.ceil(args.batch_size / (processes * micro_batch_size))
-    full_batches, rest = divmod(len(run.rows), args.batch_size)
-    # a last, partial batch counts if every micro-batch of every process gets a row; else dropped
-    run.steps_per_epoch = full_batches + (rest >= processes * run.micro_batches)
-    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    if run.total_steps == 0:
-        raise training.TrainingError(f"{args.data}: {len(run.rows)} usable example(s), fewer than one "
-                                     f"batch of {min(args.batch_size, processes * run.micro_batches)}")
-    run.warmup_steps = RANK_WARMUP_STEPS if run.kind == "rank" else round(SFT_WARMUP_RATIO * run.total_steps)
-    return micro_batch_size
 
 
 def make_optimizer(net, args, device):
