@@ -1,10 +1,11 @@
 """The plumbing of a tuna.py training run: run folders and resume, precision, processes, LoRA, speed, memory.
 
 tuna.py holds the method and its loop; what its train_step and setup call is here, each under a name that
-says what it does: the run's state (Run), the model in its precision with LoRA adapters (load_model,
-autocast), the update's guards (clip_gradients, refuse_non_finite), run folders and checkpoints that resume
-exactly, several processes under torchrun (DDP or FSDP2), FLOPs, MFU and when to recompute activations, and
-each step's metrics line. Imports model.py and data.py; never tuna.py or teacher.py.
+says what it does: the run's state and step plan (Run, plan_steps), the model in its precision with LoRA
+adapters (load_model, autocast), the update's guards (clip_gradients, refuse_non_finite), run folders and
+checkpoints that resume exactly, several processes under torchrun (DDP or FSDP2), FLOPs, MFU and when to
+recompute activations, and each step's metrics line. Imports model.py and data.py; never tuna.py or
+teacher.py.
 """
 import argparse
 import json

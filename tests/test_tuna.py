@@ -1,4 +1,5 @@
-"""tuna.py's objective and prefix sharing: hand-computed losses, the authors' formula, and packed == naive K rows."""
+"""tuna.py's objective and prefix sharing: hand-computed losses, the authors' formula, and packed == naive K rows;
+training.py's LoRA, FLOPs and gradient-checkpointing rule, by hand."""
 import argparse
 import math
 
