@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import data
 import model as llama
+from checkpoint import load_checkpoint, save_hf_checkpoint
 
 # ==== the method's fixed values, with their sources
 # The paper's method and the authors' code (LMOps tuna/src/train_tuna.py,
@@ -465,7 +466,7 @@ def load_model(run, tok, checkpoint, state):
         run.autocast_dtype = autocast_dtype
     # LoRA resumes from the base model: the adapters' state is in training_state.pt
     start_from = checkpoint if checkpoint and not args.lora_rank else args.init
-    net = llama.load_checkpoint(start_from, run.device, weights_dtype)
+    net = load_checkpoint(start_from, run.device, weights_dtype)
     check_fits(net, tok, run)
     if args.lora_rank:
         targets = args.lora_targets.split(",")
@@ -868,7 +869,7 @@ def save_checkpoint(run, step, finished=False):
     state = training_state(run, step, finished, optimizer_state, model_state)
     torch.save(state, os.path.join(folder, "training_state.pt"))
     # weights, then config.json
-    llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)
+    save_hf_checkpoint(plain_model(run.net, model_state), folder)
     if finished:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return
@@ -1005,7 +1006,7 @@ def add_lora(net, rank, alpha, targets):
 
 
 def plain_model(net, state):
-    """A plain model.Transformer with `state` (LoRA merged), for model.save_hf_checkpoint."""
+    """A plain model.Transformer with `state` (LoRA merged), for checkpoint.save_hf_checkpoint."""
     merged = {}
     for key, tensor in state.items():
         if key.endswith((".lora_a", ".lora_b")):
