@@ -106,7 +106,7 @@ def test_killed_run_resumes_without_regenerating(checkpoints, benchmarks, judge_
         ids = [json.loads(line)["id"] for line in f if line.strip().endswith("}")]
     assert len(ids) == len(set(ids)) == 6
     # a third run finds everything done: no model is even loaded, and the results are the same
-    monkeypatch.setattr(E.model, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(E.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
     calls[:] = []
     again, _ = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
     assert calls == [] and again["models"] == results["models"] and again["vicuna"] == results["vicuna"]
