@@ -43,6 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import model
 import training
 import tuna
@@ -100,7 +101,7 @@ def hf_twin(net):
     device = net.tok_embeddings.weight.device
     with torch.device(device):
         hf = LlamaForCausalLM(config)
-    hf.load_state_dict(model.meta_to_hf(net.state_dict(), a), strict=True)
+    hf.load_state_dict(checkpoint.meta_to_hf(net.state_dict(), a), strict=True)
     return hf
 
 

@@ -39,6 +39,7 @@ import eval as evaluation  # eval.py (renamed here so Python's eval() stays visi
 import model as llama
 import teacher
 import tuna
+from checkpoint import save_hf_checkpoint
 
 
 # The suite: short tasks whose answers can be checked, so the final table can say whether
@@ -319,7 +320,7 @@ def write_initial_model(folder, dim, layers, tok, seed):
     config = llama.ModelArgs(dim=dim, n_layers=layers, n_heads=4, vocab_size=tok.vocab_size,
                              hidden_dim=3 * dim, max_seq_len=256,
                              bos_id=tok.bos_id, eos_id=tok.eos_id)
-    llama.save_hf_checkpoint(llama.Transformer(config), folder)
+    save_hf_checkpoint(llama.Transformer(config), folder)
     shutil.copyfile(tok.path, os.path.join(folder, "tokenizer.model"))
 
 

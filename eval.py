@@ -28,6 +28,7 @@ from itertools import combinations
 
 import torch
 
+import checkpoint
 import data
 import lmentry
 import model
@@ -578,7 +579,7 @@ def model_loader(directory, tokenizer_path, device, dtype):
     def get():
         if not loaded:
             print(f"eval: loading {directory}", file=sys.stderr)
-            lm = model.load_checkpoint(directory, device=device, dtype=dtype).eval()
+            lm = checkpoint.load_checkpoint(directory, device=device, dtype=dtype).eval()
             # its tokenizer.model or tokenizer.json
             tok = data.Tokenizer(tokenizer_path or directory)
             loaded.append((lm, tok))

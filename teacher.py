@@ -54,7 +54,8 @@ import requests
 import torch
 
 import data
-from model import auto_batch_rows, checkpoint_identity, generate, load_checkpoint, token_logprobs
+from checkpoint import checkpoint_identity, load_checkpoint
+from model import auto_batch_rows, generate, token_logprobs
 
 log = logging.getLogger("teacher")
 
@@ -486,7 +487,7 @@ def is_checkpoint(folder):
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its
+    """What produces a model's text: its checkpoint (checkpoint.checkpoint_identity), its
     tokenizer's sha256."""
     checkpoint = checkpoint_identity(checkpoint_dir)
     return {"checkpoint": checkpoint, "tokenizer": data.file_sha256(tokenizer_path)}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import data
 import model as llama
+from checkpoint import load_checkpoint, save_hf_checkpoint
 
 # ---- 1. a run: what tuna.setup builds and the loop carries; its steps, errors and messages
 
@@ -123,7 +124,7 @@ def load_model(run, tok, checkpoint, state):
         run.autocast_dtype = autocast_dtype
     # LoRA resumes from the base model: the adapters' state is in training_state.pt
     start_from = checkpoint if checkpoint and not args.lora_rank else args.init
-    net = llama.load_checkpoint(start_from, run.device, weights_dtype)
+    net = load_checkpoint(start_from, run.device, weights_dtype)
     check_fits(net, tok, run)
     if args.lora_rank:
         add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
@@ -305,7 +306,7 @@ def save_checkpoint(run, step, finished=False):
     torch.save(training_state(run, step, finished, optimizer_state, model_state),
                os.path.join(folder, "training_state.pt"))
     # weights, then config.json
-    llama.save_hf_checkpoint(plain_model(run.net, model_state), folder)
+    save_hf_checkpoint(plain_model(run.net, model_state), folder)
     if finished:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return
@@ -429,7 +430,7 @@ def add_lora(net, rank, alpha, targets):
 
 
 def plain_model(net, state):
-    """A plain model.Transformer with `state` (LoRA merged), for model.save_hf_checkpoint."""
+    """A plain model.Transformer with `state` (LoRA merged), for checkpoint.save_hf_checkpoint."""
     merged = {}
     for key, tensor in state.items():
         if key.endswith((".lora_a", ".lora_b")):

@@ -11,6 +11,7 @@ import pytest
 import requests
 import torch
 
+import checkpoint
 import data
 import demo
 import eval as E
@@ -31,7 +32,7 @@ def sft(tmp_path_factory, bpe_tokenizer_dir):
     torch.manual_seed(0)
     args = model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                               "eos_id": tok.eos_id})
-    model.save_hf_checkpoint(model.Transformer(args), str(root / "init"))
+    checkpoint.save_hf_checkpoint(model.Transformer(args), str(root / "init"))
     for name, source in tok.files.items():
         shutil.copyfile(source, root / "init" / name)
     rng = random.Random(0)
@@ -58,7 +59,7 @@ def test_sft_rows_mask_the_prompt_end_in_eos_and_the_model_learns_to_stop(sft):
         assert row["tokens"][:len(prompt)] == prompt and prompt[0] == tok.bos_id
         assert row["target"][-1] == tok.eos_id and tok.decode(row["target"][:-1]) == example["output"]
         assert min(row["source"]) == len(prompt) - 1  # only response tokens (and EOS) are trained on
-    net = model.load_checkpoint(str(root / "sft"))
+    net = checkpoint.load_checkpoint(str(root / "sft"))
     prompts = [tok.encode(data.alpaca_prompt(e["instruction"]), bos=True) for e in examples]
     answers, _ = model.generate(net, prompts, 40, eos_id=tok.eos_id)
     learned = [a[-1] == tok.eos_id and tok.decode(a[:-1]) == e["output"] for a, e in zip(answers, examples)]
@@ -68,7 +69,7 @@ def test_sft_rows_mask_the_prompt_end_in_eos_and_the_model_learns_to_stop(sft):
 def test_teacher_serve_answers_with_text_decoded_as_tokenizers_does(sft):
     root, tok, examples = sft
     reference = tokenizers.Tokenizer.from_file(str(root / "sft" / "tokenizer.json"))
-    net = model.load_checkpoint(str(root / "sft"))
+    net = checkpoint.load_checkpoint(str(root / "sft"))
     process, url = demo.start_teacher_server(str(root / "sft"))  # `python teacher.py serve`, as a user starts it
     finished = []
     try:
@@ -111,7 +112,7 @@ def test_pipeline_with_contextual_sampling_and_a_judge_over_http(sft, tmp_path):
         assert all(tok.decode(tok.encode(c)) == c for c in record.source["student_candidates"])
     for stage in ("tuna_p", "tuna"):
         assert data.Tokenizer(out / stage).encode("Paris") == tok.encode("Paris")
-        model.load_checkpoint(str(out / stage))
+        checkpoint.load_checkpoint(str(out / stage))
 
 
 def test_eval_on_the_bpe_checkpoint(sft, benchmarks, tmp_path):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import model
 import tuna
@@ -24,7 +25,7 @@ def inputs(tmp_path_factory, spm_model_path):
     only checkpoint has a corrupt training state."""
     root = tmp_path_factory.mktemp("bad_inputs")
     torch.manual_seed(0)
-    model.save_hf_checkpoint(model.Transformer(model.ModelArgs.from_name("tiny")), str(root / "init"))
+    checkpoint.save_hf_checkpoint(model.Transformer(model.ModelArgs.from_name("tiny")), str(root / "init"))
     shutil.copyfile(spm_model_path, root / "init" / "tokenizer.model")
     shutil.copytree(root / "init", root / "truncated")
     weights = root / "truncated" / "model.safetensors"

@@ -11,9 +11,9 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
+import checkpoint
 import data
 import demo
-import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna", "teacher (for reference)"]
@@ -80,7 +80,7 @@ def test_demo_artefacts_are_well_formed(demo_run):
             assert record.candidates[0] == solutions[record.instruction]
     for stage in ("teacher", "sft", "tuna_c", os.path.join("tuna", "tuna_p"), os.path.join("tuna", "tuna")):
         folder = out / stage
-        net = model.load_checkpoint(folder)
+        net = checkpoint.load_checkpoint(folder)
         assert net.args.vocab_size == data.Tokenizer(folder / "tokenizer.model").vocab_size
         metrics = [json.loads(line) for line in open(folder / "metrics.jsonl")]
         assert metrics and all(m["loss"] == m["loss"] for m in metrics)   # logged, finite

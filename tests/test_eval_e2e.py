@@ -13,6 +13,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 
+import checkpoint
 import data
 import eval as E
 import model as M
@@ -27,7 +28,7 @@ def checkpoints(tmp_path_factory):
         torch.manual_seed(seed)
         args = M.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=512)
         directory = tmp_path_factory.mktemp(name)
-        M.save_hf_checkpoint(M.Transformer(args).eval(), str(directory))
+        checkpoint.save_hf_checkpoint(M.Transformer(args).eval(), str(directory))
         out[name] = str(directory)
     return out
 
@@ -105,7 +106,7 @@ def test_killed_run_resumes_without_regenerating(checkpoints, benchmarks, judge_
         ids = [json.loads(line)["id"] for line in f if line.strip().endswith("}")]
     assert len(ids) == len(set(ids)) == 6
     # a third run finds everything done: no model is even loaded, and the results are the same
-    monkeypatch.setattr(E.model, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(E.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
     calls[:] = []
     again, _ = run_cli(checkpoints, benchmarks, judge_url, spm_model_path, tmp_path)
     assert calls == [] and again["models"] == results["models"] and again["vicuna"] == results["vicuna"]
@@ -129,7 +130,8 @@ def test_answers_know_the_checkpoint_and_settings_that_made_them(checkpoints, sp
     first = answers()
     assert answers() == first and len(loads) == 1  # read back: the model is not even loaded
     assert E.answer_producer(str(folder), spm_model_path) == E.answer_producer(checkpoints["alpaca"], spm_model_path)
-    M.save_hf_checkpoint(M.load_checkpoint(checkpoints["tuna"]), str(folder))  # another model under the same name
+    # another model under the same name
+    checkpoint.save_hf_checkpoint(checkpoint.load_checkpoint(checkpoints["tuna"]), str(folder))
     second = answers()
     assert len(loads) == 2 and "3 answer(s) made by another checkpoint" in capsys.readouterr().err
     assert second == answers(out=tmp_path / "fresh") and second != first  # the new model's own answers

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+import checkpoint
 import model as M
 from conftest import RecordOps
 
@@ -159,7 +160,7 @@ def test_logits_match_transformers_from_hf_checkpoints(name, hf_dirs):
     expected = hf_logits(hf, tokens)
     assert expected.std() > 0.5  # varied logits, so a wrong rotation or norm cannot hide
     for label, path in (("single", single), ("sharded", sharded)):
-        model = M.load_checkpoint(path)
+        model = checkpoint.load_checkpoint(path)
         diff = max_diff(our_logits(model, tokens), expected)
         print(f"\nparity {name:15s} HF {label:8s} max abs logit diff {diff:.2e}")
         assert diff <= 1e-4
@@ -172,7 +173,7 @@ def test_logits_match_transformers_from_meta_checkpoint(name, tmp_path):
     hf = make_hf_model(name)
     write_meta_checkpoint(hf, name, tmp_path)
     tokens = tokens_for_test()
-    diff = max_diff(our_logits(M.load_checkpoint(str(tmp_path)), tokens), hf_logits(hf, tokens))
+    diff = max_diff(our_logits(checkpoint.load_checkpoint(str(tmp_path)), tokens), hf_logits(hf, tokens))
     print(f"\nparity {name:15s} Meta .pth        max abs logit diff {diff:.2e}")
     assert diff <= 1e-4
 
@@ -181,23 +182,25 @@ def test_meta_model_parallel_shards_are_merged(tmp_path):
     hf = make_hf_model("gqa")
     write_meta_checkpoint(hf, "gqa", tmp_path, shards=2)
     tokens = tokens_for_test()
-    diff = max_diff(our_logits(M.load_checkpoint(str(tmp_path)), tokens), hf_logits(hf, tokens))
+    diff = max_diff(our_logits(checkpoint.load_checkpoint(str(tmp_path)), tokens), hf_logits(hf, tokens))
     print(f"\nparity gqa             Meta 2 shards    max abs logit diff {diff:.2e}")
     assert diff <= 1e-4
 
 
 def test_qk_permutation_matters_and_round_trips(hf_dirs):
     hf, single, _ = hf_dirs["gqa"]
-    args = M.ModelArgs.from_hf_config(os.path.join(single, "config.json"))
-    sd = M.read_safetensors(os.path.join(single, "model.safetensors"))
-    back = M.meta_to_hf(M.hf_to_meta(sd, args), args)
+    args = checkpoint.args_from_hf_config(os.path.join(single, "config.json"))
+    sd = checkpoint.read_safetensors(os.path.join(single, "model.safetensors"))
+    back = checkpoint.meta_to_hf(checkpoint.hf_to_meta(sd, args), args)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # Without the permutation the rotation pairs the wrong channels: logits must visibly change.
-    model = M.load_checkpoint(single)
+    model = checkpoint.load_checkpoint(single)
     with torch.no_grad():
         for layer in model.layers:
-            layer.attention.wq.weight.copy_(M._permute_qk_rows(layer.attention.wq.weight, args.n_heads, to_hf=True))
-            layer.attention.wk.weight.copy_(M._permute_qk_rows(layer.attention.wk.weight, args.n_kv_heads, to_hf=True))
+            layer.attention.wq.weight.copy_(
+                checkpoint._permute_qk_rows(layer.attention.wq.weight, args.n_heads, to_hf=True))
+            layer.attention.wk.weight.copy_(
+                checkpoint._permute_qk_rows(layer.attention.wk.weight, args.n_kv_heads, to_hf=True))
     tokens = tokens_for_test()
     assert max_diff(our_logits(model, tokens), hf_logits(hf, tokens)) > 1e-2
 
@@ -205,11 +208,11 @@ def test_qk_permutation_matters_and_round_trips(hf_dirs):
 @pytest.mark.parametrize("name", ["gqa", "tied", "head_dim_16", "llama3.1_rope"])
 def test_save_hf_checkpoint_round_trip(name, hf_dirs, tmp_path):
     hf, single, _ = hf_dirs[name]
-    model = M.load_checkpoint(single)
+    model = checkpoint.load_checkpoint(single)
     tokens = tokens_for_test()
     for label, shard_bytes in (("single", 10**9), ("sharded", 30_000)):
         out = tmp_path / label
-        M.save_hf_checkpoint(model, str(out), max_shard_bytes=shard_bytes)
+        checkpoint.save_hf_checkpoint(model, str(out), max_shard_bytes=shard_bytes)
         files = os.listdir(out)
         assert ("model.safetensors.index.json" in files) == (label == "sharded")
         assert not [f for f in files if ".tmp" in f]
@@ -219,19 +222,19 @@ def test_save_hf_checkpoint_round_trip(name, hf_dirs, tmp_path):
         diff = max_diff(hf_logits(reloaded_hf, tokens), hf_logits(hf, tokens))
         print(f"\nround trip {name:11s} {label:8s} transformers.from_pretrained max abs logit diff {diff:.2e}")
         assert diff <= 1e-5
-        again = M.load_checkpoint(str(out))
+        again = checkpoint.load_checkpoint(str(out))
         assert again.args == model.args
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     # saving a single file over a sharded save removes the shards and the index that would shadow it
-    M.save_hf_checkpoint(model, str(tmp_path / "sharded"))
+    checkpoint.save_hf_checkpoint(model, str(tmp_path / "sharded"))
     assert sorted(os.listdir(tmp_path / "sharded")) == ["checkpoint_identity.json", "config.json", "model.safetensors"]
 
 
 def test_save_bfloat16(hf_dirs, tmp_path):
-    model = M.load_checkpoint(hf_dirs["mha"][1])
-    M.save_hf_checkpoint(model, str(tmp_path), dtype=torch.bfloat16)
+    model = checkpoint.load_checkpoint(hf_dirs["mha"][1])
+    checkpoint.save_hf_checkpoint(model, str(tmp_path), dtype=torch.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    reloaded = M.load_checkpoint(str(tmp_path))
+    reloaded = checkpoint.load_checkpoint(str(tmp_path))
     assert reloaded.tok_embeddings.weight.dtype == torch.bfloat16
     assert torch.equal(reloaded.layers[1].attention.wq.weight, model.layers[1].attention.wq.weight.bfloat16())
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
@@ -239,23 +242,23 @@ def test_save_bfloat16(hf_dirs, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_named(hf_dirs, tmp_path):
-    sd = M.read_safetensors(os.path.join(hf_dirs["mha"][1], "model.safetensors"))
+    sd = checkpoint.read_safetensors(os.path.join(hf_dirs["mha"][1], "model.safetensors"))
     (tmp_path / "config.json").write_text(open(os.path.join(hf_dirs["mha"][1], "config.json")).read())
     broken = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.down_proj.weight"}
     broken["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
-    M.write_safetensors(str(tmp_path / "model.safetensors"), broken, {"format": "pt"})
+    checkpoint.write_safetensors(str(tmp_path / "model.safetensors"), broken, {"format": "pt"})
     with pytest.raises(ValueError, match=r"missing keys \['layers.1.feed_forward.w2.weight'\].*"
                                          r"unexpected keys \['model.layers.1.mlp.extra.weight'\]") as err:
-        M.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     assert str(tmp_path) in str(err.value)
     with pytest.raises(FileNotFoundError, match="neither config.json"):
-        M.load_checkpoint(str(tmp_path / "nothing"))
+        checkpoint.load_checkpoint(str(tmp_path / "nothing"))
     meta_dir = tmp_path / "meta"
     meta_dir.mkdir()
     (meta_dir / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     (meta_dir / "consolidated.00.pth").write_bytes(b"not a zip archive")
     with pytest.raises(ValueError, match=r"consolidated\.00\.pth: torch.load\(weights_only=True, mmap=True\) failed"):
-        M.load_checkpoint(str(meta_dir))
+        checkpoint.load_checkpoint(str(meta_dir))
 
 
 def tiny_model(seed=0, **overrides):
@@ -367,7 +370,7 @@ def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_d
     """8 query heads read 2 key/value heads in place (no repeated copies: SDPA's grouped-query support); logits,
     loss and every gradient equal transformers' eager attention, which repeats the key/value heads."""
     hf, single, _ = hf_dirs["gqa"]
-    model = M.load_checkpoint(single)
+    model = checkpoint.load_checkpoint(single)
     tokens = tokens_for_test(shape=(3, 17))
     recorded = RecordOps()
 
@@ -381,7 +384,7 @@ def test_grouped_query_attention_matches_transformers_forward_and_gradients(hf_d
         theirs = hf(tokens).logits
         loss_of(theirs).backward()
         assert max_diff(ours, theirs) <= 1e-4
-        gradients = M.meta_to_hf({name: p.grad for name, p in model.named_parameters()}, model.args)
+        gradients = checkpoint.meta_to_hf({name: p.grad for name, p in model.named_parameters()}, model.args)
         for name, p in hf.named_parameters():
             torch.testing.assert_close(gradients[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
@@ -475,7 +478,7 @@ def test_masked_grouped_attention_paths_equal_per_head_attention(n_kv_heads):
 @pytest.fixture(scope="module")
 def gen_model(hf_dirs):
     hf, single, _ = hf_dirs["gqa"]
-    return hf, M.load_checkpoint(single)
+    return hf, checkpoint.load_checkpoint(single)
 
 
 PROMPTS = [[1, 17, 33, 5], [1, 90, 4, 4, 61, 7, 12, 8], [1, 102], [1, 45, 46, 47, 48, 49]]
@@ -783,11 +786,11 @@ def test_safetensors_reader_and_writer_agree_with_the_safetensors_package(tmp_pa
                "i64": torch.arange(7), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 4)}
     safetensors.torch.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
-    ours = M.read_safetensors(str(tmp_path / "theirs.safetensors"))
+    ours = checkpoint.read_safetensors(str(tmp_path / "theirs.safetensors"))
     assert set(ours) == set(tensors)
     for key, t in tensors.items():
         assert ours[key].dtype == t.dtype and ours[key].shape == t.shape and torch.equal(ours[key], t)
-    M.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt", "note": "x"})
+    checkpoint.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt", "note": "x"})
     theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(theirs[k], t) and theirs[k].dtype == t.dtype for k, t in tensors.items())
     with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
@@ -816,7 +819,7 @@ def write_raw(path, header, data=b"", header_len=None):
 def test_corrupted_safetensors_are_refused(tmp_path, header, data, header_len, message):
     path = write_raw(tmp_path / "bad.safetensors", header, data, header_len)
     with pytest.raises(ValueError, match=message) as err:
-        M.read_safetensors(path)
+        checkpoint.read_safetensors(path)
     assert path in str(err.value)
 
 
@@ -897,12 +900,12 @@ def test_config_table_supported_match_transformers_unsupported_are_refused(name,
     refusal = CONFIG_TABLE[name][2]
     if refusal is not None:
         with pytest.raises(ValueError, match=refusal) as err:
-            M.load_checkpoint(path)
+            checkpoint.load_checkpoint(path)
         assert os.path.join(path, "config.json") in str(err.value)
         return
     tokens = tokens_for_test(shape=(2, 40))
     expected = hf_logits(hf, tokens)
-    model = M.load_checkpoint(path)
+    model = checkpoint.load_checkpoint(path)
     diff = max_diff(our_logits(model, tokens), expected)
     print(f"\nparity {name:28s} {layout} layout  max abs logit diff {diff:.2e}")
     assert diff <= 1e-4
@@ -916,23 +919,23 @@ def test_config_table_supported_match_transformers_unsupported_are_refused(name,
 
 
 def test_configs_from_files(tmp_path, hf_dirs):
-    args = M.ModelArgs.from_hf_config(os.path.join(hf_dirs["head_dim_16"][1], "config.json"))
+    args = checkpoint.args_from_hf_config(os.path.join(hf_dirs["head_dim_16"][1], "config.json"))
     assert (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim) == (48, 4, 2, 16, 128)
     (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "multiple_of": 256, "n_heads": 32,
                                                       "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}))
-    llama_7b = M.ModelArgs.from_meta_params(str(tmp_path / "params.json"), vocab_size=32000)
+    llama_7b = checkpoint.args_from_meta_params(str(tmp_path / "params.json"), vocab_size=32000)
     assert llama_7b == M.ModelArgs.from_name("llama-7b")
     with pytest.raises(ValueError, match="vocab_size is -1"):
-        M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
+        checkpoint.args_from_meta_params(str(tmp_path / "params.json"))
     # Llama 3.2 1B's params.json as Meta ships it; a quantized release's extra keys are refused by name
     llama32 = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
                "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
     (tmp_path / "params.json").write_text(json.dumps(llama32))
-    args = M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
+    args = checkpoint.args_from_meta_params(str(tmp_path / "params.json"))
     assert args.rope_scaling == LLAMA31_ROPE and args.hidden_dim == 8192 and args.rope_theta == 500000.0
     (tmp_path / "params.json").write_text(json.dumps(dict(llama32, quantization_args={"group_size": 256})))
     with pytest.raises(ValueError, match=r"params.json: not supported by model.py: quantization_args="):
-        M.ModelArgs.from_meta_params(str(tmp_path / "params.json"))
+        checkpoint.args_from_meta_params(str(tmp_path / "params.json"))
     # RoPE objects that say too little, too much, or two different things
     base = json.loads(open(os.path.join(hf_dirs["head_dim_16"][1], "config.json")).read())
     for rope, message in (
@@ -948,11 +951,11 @@ def test_configs_from_files(tmp_path, hf_dirs):
         without_rope = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
         (tmp_path / "config.json").write_text(json.dumps({**without_rope, **rope}))
         with pytest.raises(ValueError, match=f"config.json: .*{message}"):
-            M.ModelArgs.from_hf_config(str(tmp_path / "config.json"))
+            checkpoint.args_from_hf_config(str(tmp_path / "config.json"))
     # both layouts saying the same thing are read once
     (tmp_path / "config.json").write_text(json.dumps({**base, **in_layout(in_layout(base, "transformers4"),
                                                                           "transformers5"), "rope_theta": 10000.0}))
-    assert M.ModelArgs.from_hf_config(str(tmp_path / "config.json")).rope_theta == 10000.0
+    assert checkpoint.args_from_hf_config(str(tmp_path / "config.json")).rope_theta == 10000.0
 
 
 def test_checkpoint_identity_follows_the_weights(hf_dirs, tmp_path):
@@ -960,21 +963,21 @@ def test_checkpoint_identity_follows_the_weights(hf_dirs, tmp_path):
     changed by another tool (or a folder another tool wrote) fall back to a sampled digest that still tells
     them apart."""
     import shutil
-    model = M.load_checkpoint(hf_dirs["mha"][1])
-    M.save_hf_checkpoint(model, str(tmp_path / "a"))
-    saved = M.checkpoint_identity(str(tmp_path / "a"))
+    model = checkpoint.load_checkpoint(hf_dirs["mha"][1])
+    checkpoint.save_hf_checkpoint(model, str(tmp_path / "a"))
+    saved = checkpoint.checkpoint_identity(str(tmp_path / "a"))
     assert saved.startswith("sha256:") and len(saved) == 7 + 64
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
-    assert M.checkpoint_identity(str(tmp_path / "copy")) == saved
+    assert checkpoint.checkpoint_identity(str(tmp_path / "copy")) == saved
     with torch.no_grad():
         model.norm.weight.add_(1e-3)  # a small change in a small tensor
-    M.save_hf_checkpoint(model, str(tmp_path / "a"))
-    assert M.checkpoint_identity(str(tmp_path / "a")) not in (saved, None)
-    foreign = M.checkpoint_identity(hf_dirs["mha"][1])  # written by transformers: no record
-    assert foreign.startswith("sampled-sha256:") and M.checkpoint_identity(hf_dirs["mha"][1]) == foreign
+    checkpoint.save_hf_checkpoint(model, str(tmp_path / "a"))
+    assert checkpoint.checkpoint_identity(str(tmp_path / "a")) not in (saved, None)
+    foreign = checkpoint.checkpoint_identity(hf_dirs["mha"][1])  # written by transformers: no record
+    assert foreign.startswith("sampled-sha256:") and checkpoint.checkpoint_identity(hf_dirs["mha"][1]) == foreign
     weights = tmp_path / "copy" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 1  # another tool rewrote the weights in place: the record no longer describes the files
     weights.write_bytes(bytes(blob))
-    changed = M.checkpoint_identity(str(tmp_path / "copy"))
-    assert changed.startswith("sampled-sha256:") and changed != M.checkpoint_identity(str(tmp_path / "a"))
+    changed = checkpoint.checkpoint_identity(str(tmp_path / "copy"))
+    assert changed.startswith("sampled-sha256:") and changed != checkpoint.checkpoint_identity(str(tmp_path / "a"))

@@ -19,6 +19,7 @@ import pytest
 import requests
 import torch
 
+import checkpoint
 import data
 import eval as E
 import model as M
@@ -37,7 +38,7 @@ def tiny(tmp_path_factory, spm_model_path):
     torch.manual_seed(0)
     net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=2048)).eval()
     folder = tmp_path_factory.mktemp("tiny")
-    M.save_hf_checkpoint(net, str(folder))
+    checkpoint.save_hf_checkpoint(net, str(folder))
     with open(spm_model_path, "rb") as src, open(folder / "tokenizer.model", "wb") as dst:
         dst.write(src.read())
     return net, data.Tokenizer(spm_model_path), str(folder)

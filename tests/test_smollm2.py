@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import data
 import demo
 import eval as E
@@ -36,7 +37,7 @@ def smollm2(real_files):
 
 def test_logits_and_greedy_text_equal_transformers(smollm2):
     transformers = pytest.importorskip("transformers")
-    net = model.load_checkpoint(smollm2).eval()
+    net = checkpoint.load_checkpoint(smollm2).eval()
     hf = transformers.LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     reference = transformers.AutoTokenizer.from_pretrained(smollm2)
     tok = data.Tokenizer(smollm2)
@@ -77,7 +78,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     sft = str(tmp_path / "sft")
     steps = [json.loads(line) for line in open(os.path.join(sft, "metrics.jsonl"))]
     assert [s["step"] for s in steps] == [1, 2] and all(0 < s["mle"] < 20 and s["rank"] == 0 for s in steps)
-    original, sft_net = model.load_checkpoint(smollm2), model.load_checkpoint(sft)
+    original, sft_net = checkpoint.load_checkpoint(smollm2), checkpoint.load_checkpoint(sft)
     assert sft_net.args == original.args and weights_differ(original, sft_net)  # trained, the same architecture
     assert data.Tokenizer(sft).encode("Paris, 1889 ü") == tok.encode("Paris, 1889 ü")  # its tokenizer beside it
 
@@ -108,7 +109,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
                       "1", *tiny]) == 0
     steps = [json.loads(line) for line in open(os.path.join(tuna_p, "metrics.jsonl"))]
     assert len(steps) == 1 and steps[0]["mle"] > 0 and steps[0]["rank"] >= 0
-    tuna_p_net, tuna_p_identity = model.load_checkpoint(tuna_p), model.checkpoint_identity(tuna_p)
+    tuna_p_net, tuna_p_identity = checkpoint.load_checkpoint(tuna_p), checkpoint.checkpoint_identity(tuna_p)
     assert weights_differ(sft_net, tuna_p_net)
 
     # 5. Tuna: the pipeline, resumed: Tuna_p is done, then Tuna_p's own samples ranked by the rule-based judge over
@@ -122,7 +123,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
                           "--tries 1 --student-max-tokens 8 --workers 1", *tiny]) == 0
     finally:
         judge.shutdown()
-    assert model.checkpoint_identity(tuna_p) == tuna_p_identity  # the finished stage was not trained again
+    assert checkpoint.checkpoint_identity(tuna_p) == tuna_p_identity  # the finished stage was not trained again
     contextual = data.read_ranked_jsonl(tmp_path / "tuna" / "contextual.jsonl")
     with open(tmp_path / "tuna" / "contextual.jsonl.failures.jsonl") as f:
         failed = {line["id"]: line["error"] for line in map(json.loads, f)}
@@ -134,7 +135,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
         assert len(samples) == 4 and all(tok.decode(tok.encode(s)) == s for s in samples)
     steps = [json.loads(line) for line in open(tmp_path / "tuna" / "tuna" / "metrics.jsonl")]
     assert len(steps) == 1 and steps[0]["lr"] < 1e-6  # the contextual stage's lr (1e-6, warming up), not 1e-5
-    assert weights_differ(tuna_p_net, model.load_checkpoint(str(tmp_path / "tuna" / "tuna")))
+    assert weights_differ(tuna_p_net, checkpoint.load_checkpoint(str(tmp_path / "tuna" / "tuna")))
 
     # 6. eval.py on the real Super-NI task files (an instance of each of 3 tasks): the table, ROUGE-L above zero
     E.main(["--checkpoints", f"tuna={tmp_path / 'tuna' / 'tuna'}", "--superni", SUPERNI, "--out",

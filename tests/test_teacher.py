@@ -22,6 +22,7 @@ import pytest
 import requests
 import torch
 
+import checkpoint
 import data
 import model as M
 import teacher
@@ -768,7 +769,7 @@ def test_batched_sampling_gives_each_instruction_what_it_gets_alone(tiny, tmp_pa
 KILLED_SAMPLER = """
 import json, os, signal, sys
 sys.path.insert(0, {root!r})
-import data, model, teacher
+import checkpoint, data, teacher
 appended = 0
 append_jsonl = data.append_jsonl
 def append_then_die(path, entries):  # SIGKILL right after the third finished item is written
@@ -779,7 +780,7 @@ def append_then_die(path, entries):  # SIGKILL right after the third finished it
         os.kill(os.getpid(), signal.SIGKILL)
 data.append_jsonl = append_then_die
 examples = json.load(open({examples!r}))
-teacher.sample_candidates(model.load_checkpoint({student!r}), data.Tokenizer({tokenizer!r}), examples, {cache!r},
+teacher.sample_candidates(checkpoint.load_checkpoint({student!r}), data.Tokenizer({tokenizer!r}), examples, {cache!r},
                           n=4, max_new_tokens=10, tries=2, seed=5, student="s", batch_size=8)
 """
 
@@ -789,7 +790,7 @@ def test_batched_sampling_killed_and_resumed_writes_what_an_uninterrupted_run_wr
     holds each item once, and the same samples as a run in one go with another batch size."""
     model, tok, _ = tiny
     student = tmp_path / "student"
-    M.save_hf_checkpoint(model, str(student))
+    checkpoint.save_hf_checkpoint(model, str(student))
     examples = prompts_of_many_lengths(tok, model.args.max_seq_len, 10)
     with open(tmp_path / "alpaca.json", "w") as f:
         json.dump(examples, f)
@@ -801,7 +802,8 @@ def test_batched_sampling_killed_and_resumed_writes_what_an_uninterrupted_run_wr
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len(read_jsonl(cache)) == 3
     options = dict(n=4, max_new_tokens=10, tries=2, seed=5, student="s")
-    resumed = teacher.sample_candidates(M.load_checkpoint(str(student)), tok, examples, cache, batch_size=8, **options)
+    resumed = teacher.sample_candidates(checkpoint.load_checkpoint(str(student)), tok, examples, cache, batch_size=8,
+                                        **options)
     entries = read_jsonl(cache)
     assert len(entries) == len(examples) and len({e["id"] for e in entries}) == len(examples)
     whole = teacher.sample_candidates(model, tok, examples, str(tmp_path / "whole.jsonl"), batch_size=128, **options)
@@ -814,7 +816,7 @@ def test_contextual_cli_kill_and_resume(tiny, tmp_path):
     the student's samples are read back, not drawn again, and no teacher answer is paid twice."""
     model, tok, _ = tiny
     student = tmp_path / "student"
-    M.save_hf_checkpoint(model, str(student))
+    checkpoint.save_hf_checkpoint(model, str(student))
     with open(tok.path, "rb") as src, open(student / "tokenizer.model", "wb") as dst:
         dst.write(src.read())
     examples = [{"instruction": f"Name fruit number {i}.", "input": "", "output": "x"} for i in range(5)]
@@ -1086,20 +1088,22 @@ def test_student_samples_know_the_checkpoint_that_drew_them(tiny, tmp_path):
     """Retrain (new weights in the same folder), rerun: new samples; the same checkpoint, or a copy of it: none."""
     model, tok, _ = tiny
     student, cache = tmp_path / "student", str(tmp_path / "student.jsonl")
-    M.save_hf_checkpoint(model, str(student))
+    checkpoint.save_hf_checkpoint(model, str(student))
     examples = [example(i) for i in range(2)]
 
     def draw():
-        return teacher.sample_candidates(M.load_checkpoint(str(student)), tok, examples, cache, n=2, max_new_tokens=6,
-                                         tries=1, student=teacher.producer_identity(str(student), tok.path))
+        return teacher.sample_candidates(checkpoint.load_checkpoint(str(student)), tok, examples, cache, n=2,
+                                         max_new_tokens=6, tries=1,
+                                         student=teacher.producer_identity(str(student), tok.path))
 
     first = draw()
     assert len(read_jsonl(cache)) == 2 and draw() == first and len(read_jsonl(cache)) == 2  # read back, not drawn
-    retrained = M.load_checkpoint(str(student))
+    retrained = checkpoint.load_checkpoint(str(student))
     with torch.no_grad():
         for weight in retrained.parameters():
             weight.add_(torch.randn_like(weight) * 0.5)
-    M.save_hf_checkpoint(retrained, str(student))  # "retrained" in place, as `tuna.py pipeline --overwrite` does
+    # "retrained" in place, as `tuna.py pipeline --overwrite` does
+    checkpoint.save_hf_checkpoint(retrained, str(student))
     second = draw()
     assert len(read_jsonl(cache)) == 4 and second != first  # drawn again from the new weights
     ids = [entry["settings"]["student"]["checkpoint"] for entry in read_jsonl(cache)]

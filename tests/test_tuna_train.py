@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import model
 import teacher
@@ -29,7 +30,7 @@ def files(tmp_path_factory, spm_model_path):
     root = tmp_path_factory.mktemp("tuna_train")
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs.from_name("tiny"))
-    model.save_hf_checkpoint(net, str(root / "init"))
+    checkpoint.save_hf_checkpoint(net, str(root / "init"))
     shutil.copyfile(spm_model_path, root / "init" / "tokenizer.model")
     rng = random.Random(0)
     say = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
@@ -61,7 +62,7 @@ def metrics(folder):
 
 
 def weights(folder):
-    return model.read_safetensors(os.path.join(folder, "model.safetensors"))
+    return checkpoint.read_safetensors(os.path.join(folder, "model.safetensors"))
 
 
 def assert_same_weights(a, b, atol=1e-6):
@@ -75,7 +76,7 @@ def test_rank_writes_a_loadable_checkpoint_metrics_and_progress(files, tmp_path,
     out = tmp_path / "tuna_p"
     assert run("rank", "--data", files / "ranked.jsonl", *common(files, out)) == 0
     assert not os.path.exists(out / "checkpoints")  # step checkpoints go when the run is finished
-    loaded = model.load_checkpoint(str(out))
+    loaded = checkpoint.load_checkpoint(str(out))
     assert loaded.args.vocab_size == 512
     assert (out / "tokenizer.model").read_bytes() == (files / "init" / "tokenizer.model").read_bytes()
     lines = metrics(out)
@@ -132,13 +133,13 @@ def test_sft_authors_json_and_the_two_stage_pipeline(files, tmp_path):
     assert max(m["lr"] for m in metrics(tuna_dir / "tuna_p")) == pytest.approx(1e-5)
     assert max(m["lr"] for m in metrics(tuna_dir / "tuna")) == pytest.approx(1e-6)
     assert json.load(open(tuna_dir / "tuna" / "run.json"))["init"] == str(tuna_dir / "tuna_p")
-    model.load_checkpoint(str(tuna_dir / "tuna"))
+    checkpoint.load_checkpoint(str(tuna_dir / "tuna"))
 
 
 def first_step_mle_by_hand(files, best_only):
     """L_MLE of a step over all 16 records, from the init model with each (prompt, candidate) alone in its own
     row: -(sum of the used response tokens' log-probs) / their count; best_only: candidate 0's tokens only."""
-    tok, net = data.Tokenizer(str(files / "init")), model.load_checkpoint(str(files / "init"))
+    tok, net = data.Tokenizer(str(files / "init")), checkpoint.load_checkpoint(str(files / "init"))
     records = data.read_ranked_jsonl(files / "ranked.jsonl")
     pairs = [data.encode_prompt_response(tok, r.prompt, c, tuna.MAX_LEN)
              for r in records for c in r.candidates[:1 if best_only else None]]
@@ -261,7 +262,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(files
     assert code == 1 and "non-finite loss" in err and "at step 2 " in err and "records [" in err
     assert not os.path.exists(out / "config.json")  # not a finished checkpoint
     assert os.listdir(out / "checkpoints") == ["step-00000001"]
-    model.load_checkpoint(str(out / "checkpoints" / "step-00000001"))
+    checkpoint.load_checkpoint(str(out / "checkpoints" / "step-00000001"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
@@ -394,7 +395,7 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
         records = data.read_ranked_jsonl(out / "contextual.jsonl")
         assert len(records) == 4 and all(r.candidates[0] == "Paris is the capital." for r in records)
         assert records[0].source["student_candidates"]  # sampled from Tuna_p
-        assert records[0].source["student"]["checkpoint"] == model.checkpoint_identity(str(out / "tuna_p"))
+        assert records[0].source["student"]["checkpoint"] == checkpoint.checkpoint_identity(str(out / "tuna_p"))
         assert json.load(open(out / "tuna" / "run.json"))["data"] == str(out / "contextual.jsonl")
         assert len(metrics(out / "tuna")) == 1
         # the same run again: the contextual data is rebuilt from the caches, nothing sampled or paid again
@@ -405,7 +406,7 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
         assert pipeline("--overwrite", "--lr-probabilistic", 1e-3) == 0
     finally:
         server.shutdown()
-    new_identity = model.checkpoint_identity(str(out / "tuna_p"))
+    new_identity = checkpoint.checkpoint_identity(str(out / "tuna_p"))
     entries = read_lines(student_cache)
     assert new_identity != old_identity and len(entries) == 8
     assert [e["settings"]["student"]["checkpoint"] for e in entries] == [old_identity] * 4 + [new_identity] * 4
