@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import data
 import model as llama
+import tokenizer
 
 # ==== the method's fixed values, with their sources
 # The paper's method and the authors' code (LMOps tuna/src/train_tuna.py,
@@ -323,7 +324,7 @@ class Run:
     world_size: int = 1
     device: torch.device = None
     tokenizer_path: str = ""
-    # name -> source path, copied into every checkpoint (data.Tokenizer.files)
+    # name -> source path, copied into every checkpoint (tokenizer.Tokenizer.files)
     tokenizer_files: dict = None
     pad_id: int = 0
     rows: list = None           # the packed instructions (load_rows)
@@ -359,7 +360,7 @@ def setup(args, kind):
         raise TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
     # a folder: its tokenizer.model, else tokenizer.json
-    tok = data.Tokenizer(args.tokenizer or args.init)
+    tok = tokenizer.Tokenizer(args.tokenizer or args.init)
     run.tokenizer_files = tok.files
     run.tokenizer_path = tok.path
     run.pad_id = tok.pad_id
