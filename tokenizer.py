@@ -254,6 +254,9 @@ class BytePairEncoding:
 
 # ---- 3. reading a tokenizer.json
 
+# A tokenizer.json and the files beside it, read into what BytePairEncoding uses; whatever they say
+# that is not implemented is refused with a TokenizerError naming the file and the field.
+
 # What the ByteLevel pre-tokenizer splits with (use_regex=True): GPT-2's pattern, in
 # Oniguruma syntax as `tokenizers` writes it; _python_regex translates it like any other.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -503,7 +506,6 @@ def _special_token_content(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-
 class ByteLevelBPE(BytePairEncoding):
     """A byte-level BPE tokenizer read from tokenizer.json, with its special tokens from the files beside it
     (the algorithm: BytePairEncoding).
@@ -687,7 +689,6 @@ class ByteLevelBPE(BytePairEncoding):
         if eos not in self.special_ids.values():
             raise TokenizerError(f"{generation}: eos_token_id {eos!r} is not a special token of {self.path}")
         return eos
-
 
 
 def _read_json_object(path):
