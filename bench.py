@@ -406,7 +406,7 @@ class IdsAsText:
     the text "i", a response's text is its ids, and EOS is -1, so a random model never
     ends and every row makes all its tokens in both arms."""
     eos_id = -1
-    stop_ids = [eos_id]  # data.Tokenizer's: what generation stops at, EOS first
+    stop_ids = [eos_id]  # tokenizer.Tokenizer's: what generation stops at, EOS first
 
     def __init__(self, prompts):
         self.prompts = prompts

@@ -38,6 +38,7 @@ import data
 import eval as evaluation  # eval.py (renamed here so Python's eval() stays visible)
 import model as llama
 import teacher
+import tokenizer
 import tuna
 from checkpoint import save_hf_checkpoint
 
@@ -292,7 +293,7 @@ def prepare(args, size, out):
     tokenizer_path = os.path.join(out, "tokenizer.model")
     if not os.path.exists(tokenizer_path):
         train_tokenizer(teacher_data, tokenizer_path)
-    tok = data.Tokenizer(tokenizer_path)
+    tok = tokenizer.Tokenizer(tokenizer_path)
     shapes = {"init_student": (size["dim"], size["layers"]),
               "init_teacher": (size["teacher_dim"], size["teacher_layers"])}
     for name, (dim, layers) in shapes.items():

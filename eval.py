@@ -33,6 +33,7 @@ import data
 import lmentry
 import model
 import teacher
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- files and problems
 
@@ -456,7 +457,7 @@ def judge_vicuna(client, questions, references, answers, pairs):
 def answer_producer(directory, tokenizer_path=None):
     """What makes a checkpoint's answers (teacher.producer_identity), found without loading
     the model."""
-    tok = data.Tokenizer(tokenizer_path or directory)
+    tok = Tokenizer(tokenizer_path or directory)
     identity = teacher.producer_identity(directory, tok.path)
     return {**identity, "stop_ids": tok.stop_ids}
 
@@ -581,7 +582,7 @@ def model_loader(directory, tokenizer_path, device, dtype):
             print(f"eval: loading {directory}", file=sys.stderr)
             lm = checkpoint.load_checkpoint(directory, device=device, dtype=dtype).eval()
             # its tokenizer.model or tokenizer.json
-            tok = data.Tokenizer(tokenizer_path or directory)
+            tok = Tokenizer(tokenizer_path or directory)
             loaded.append((lm, tok))
         return loaded[0]
     return get

@@ -56,6 +56,7 @@ import torch
 import data
 from checkpoint import checkpoint_identity, load_checkpoint
 from model import auto_batch_rows, generate, token_logprobs
+from tokenizer import Tokenizer
 
 log = logging.getLogger("teacher")
 
@@ -1180,11 +1181,11 @@ def get_field(answer, dotted, url):
 # ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer
+    """(count(text) -> tokens, how they are counted): with a tokenizer file that tokenizer.py
     reads, as teacher.py serve counts a prompt (BOS included); else estimated at 4
     characters a token (OpenAI's rule of thumb for English text), and said so."""
     if tokenizer_path:
-        tok = data.Tokenizer(tokenizer_path)
+        tok = Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
     return (lambda text: -(-len(text) // 4)), "estimated at 4 characters a token (no --count-tokenizer)"
 
@@ -1671,7 +1672,7 @@ def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_nam
                          "127.0.0.1")
     model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
+    server = make_server(model, Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
                          max_body_bytes)
     received = stop_on_signals(server)
     print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1"
@@ -1714,7 +1715,7 @@ def dry_run(args, client, examples):
     # Tuna_p)
     samples = {}
     if is_checkpoint(args.student):
-        tok = data.Tokenizer(args.tokenizer or args.student)
+        tok = Tokenizer(args.tokenizer or args.student)
         settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
                                    args.seed, producer_identity(args.student, tok.path), tok.stop_ids)
         samples = student_log(examples, student_cache_path(args), settings).kept
@@ -1831,7 +1832,7 @@ def main(argv=None):
             client = client_for(cache)
             # the student's files first: a typo is named before any request
             if args.command == "contextual":
-                tok = data.Tokenizer(args.tokenizer or args.student)
+                tok = Tokenizer(args.tokenizer or args.student)
                 if not is_checkpoint(args.student):
                     raise ValueError(f"--student {args.student}: not a checkpoint folder (no config.json or "
                                      "params.json there)")

@@ -41,7 +41,7 @@ class Run:
     world_size: int = 1
     device: torch.device = None
     tokenizer_path: str = ""
-    # name -> source path, copied into every checkpoint (data.Tokenizer.files)
+    # name -> source path, copied into every checkpoint (tokenizer.Tokenizer.files)
     tokenizer_files: dict = None
     pad_id: int = 0
     rows: list = None           # the packed instructions (tuna.load_rows)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import tokenizer
 import training
 
 # ---- 1. the method's fixed values, with their sources
@@ -381,7 +382,7 @@ def setup(args, kind):
         raise training.TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
     # a folder: its tokenizer.model, else tokenizer.json
-    tok = data.Tokenizer(args.tokenizer or args.init)
+    tok = tokenizer.Tokenizer(args.tokenizer or args.init)
     run.tokenizer_files = tok.files
     run.tokenizer_path = tok.path
     run.pad_id = tok.pad_id

@@ -121,7 +121,7 @@ def pytest_terminal_summary(terminalreporter):
 
 # ----------------------------------------------------------------------------- byte-level BPE tokenizers
 # Built with Hugging Face's `tokenizers` (test-only) the way real checkpoints ship them: tokenizer.json plus a
-# tokenizer_config.json naming the special tokens. data.py reads them by hand.
+# tokenizer_config.json naming the special tokens. tokenizer.py reads them by hand.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json, Split pre-tokenizer
 BPE_STYLES = {  # pre-tokenizer, ignore_merges, special tokens, BOS template, tokenizer_config.json

@@ -1,7 +1,7 @@
-"""data.py's byte-level BPE (tokenizer.json read by hand) against Hugging Face's `tokenizers` and transformers.
+"""tokenizer.py's byte-level BPE (tokenizer.json read by hand) against Hugging Face's `tokenizers` and transformers.
 
 The tokenizers are trained here, one per supported pre-tokenizer (conftest.BPE_STYLES), and compared on a varied
-corpus plus seeded random strings; everything data.py does not implement must be refused by name. Run with -s to
+corpus plus seeded random strings; everything tokenizer.py does not implement must be refused by name. Run with -s to
 see the parity counts per pre-tokenizer and the characters where Python's Unicode tables differ from `tokenizers`'."""
 import json
 import os
@@ -14,6 +14,7 @@ import unicodedata
 import pytest
 
 import data
+import tokenizer
 from conftest import BPE_STYLES, CORPUS_LINES, LLAMA3_PATTERN, build_bpe_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -56,7 +57,7 @@ def folders(tmp_path_factory):
 
 
 def reference(folder):
-    """`tokenizers` on the same file, with special tokens never matched inside text (as data.py's encode)."""
+    """`tokenizers` on the same file, with special tokens never matched inside text (as tokenizer.py's encode)."""
     ref = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     ref.encode_special_tokens = True
     return ref
@@ -64,7 +65,7 @@ def reference(folder):
 
 @pytest.mark.parametrize("style", list(BPE_STYLES))
 def test_ids_decode_and_bos_equal_the_tokenizers_package(style, folders):
-    ours, ref = data.Tokenizer(folders[style]), reference(folders[style])
+    ours, ref = tokenizer.Tokenizer(folders[style]), reference(folders[style])
     texts = PARITY_TEXTS + random_texts()
     same = 0
     for text in texts:
@@ -83,12 +84,12 @@ def test_ids_decode_and_bos_equal_the_tokenizers_package(style, folders):
 def test_the_styles_differ_where_their_pre_tokenizers_do(folders):
     # the parity above means something only if the pre-tokenizers really split differently
     text = "It's 2024: 12345 tokens"
-    words = {style: [data.Tokenizer(folders[style]).decode([i]) for i in data.Tokenizer(folders[style]).encode(text)]
+    words = {style: [tokenizer.Tokenizer(folders[style]).decode([i]) for i in tokenizer.Tokenizer(folders[style]).encode(text)]
              for style in ("gpt2", "llama3", "smollm2", "digit_runs")}
     assert all("".join(pieces) == text for pieces in words.values())
     assert "1" in words["smollm2"] and "5" in words["smollm2"]  # one digit per token
     assert not any(len(re.sub(r"\D", "", p)) > 3 for p in words["llama3"])  # at most three digits a token
-    assert data.Tokenizer(folders["gpt2_prefix_space"]).decode(data.Tokenizer(folders["gpt2_prefix_space"])
+    assert tokenizer.Tokenizer(folders["gpt2_prefix_space"]).decode(tokenizer.Tokenizer(folders["gpt2_prefix_space"])
                                                                .encode("word")) == " word"
 
 
@@ -96,9 +97,9 @@ def test_the_styles_differ_where_their_pre_tokenizers_do(folders):
 def test_transformers_reads_the_same_ids_bos_eos_and_pad_from_the_folder(style, folders):
     transformers = pytest.importorskip("transformers")
     theirs = transformers.AutoTokenizer.from_pretrained(folders[style])
-    ours = data.Tokenizer(folders[style])
+    ours = tokenizer.Tokenizer(folders[style])
     for text in PARITY_TEXTS:
-        if "<|" in text or "<s>" in text:  # transformers matches special tokens inside text; data.py never does
+        if "<|" in text or "<s>" in text:  # transformers matches special tokens inside text; tokenizer.py never does
             continue
         assert ours.encode(text, bos=True) == theirs(text)["input_ids"], text
     assert ours.eos_id == theirs.eos_token_id
@@ -108,7 +109,7 @@ def test_transformers_reads_the_same_ids_bos_eos_and_pad_from_the_folder(style, 
 
 
 def test_special_tokens_pad_and_files(folders, tmp_path):
-    llama3 = data.Tokenizer(folders["llama3"])
+    llama3 = tokenizer.Tokenizer(folders["llama3"])
     ids = {name: llama3.bpe.special_ids[name] for name in BPE_STYLES["llama3"][2]}
     assert (llama3.bos_id, llama3.eos_id) == (ids["<|begin_of_text|>"], ids["<|end_of_text|>"])
     assert llama3.pad_id == ids["<|reserved_special_token_0|>"]  # the first special token that is neither
@@ -117,7 +118,7 @@ def test_special_tokens_pad_and_files(folders, tmp_path):
         assert not set(llama3.encode(text)) & set(ids.values())
     assert llama3.decode(llama3.encode("a <|end_of_text|> b", bos=True, eos=True)) == "a <|end_of_text|> b"
     assert llama3.piece_bytes(llama3.eos_id) == b"" and llama3.piece_bytes(10**9) == b""
-    smollm2 = data.Tokenizer(folders["smollm2"])
+    smollm2 = tokenizer.Tokenizer(folders["smollm2"])
     special = smollm2.bpe.special_ids
     # pad_token is EOS there (as SmolLM2-Instruct ships it): it could be taken for text's end, so another is used
     assert smollm2.bos_id is None and smollm2.eos_id == special["<|im_end|>"]
@@ -128,14 +129,14 @@ def test_special_tokens_pad_and_files(folders, tmp_path):
     shutil.copytree(folders["llama3"], folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>"}))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|eot_id|>"], 5]}))
-    from_generation = data.Tokenizer(folder)
+    from_generation = tokenizer.Tokenizer(folder)
     assert from_generation.eos_id == ids["<|eot_id|>"] and "generation_config.json" in from_generation.files
     # add_bos_token in tokenizer_config.json, where the post_processor adds nothing
     folder = tmp_path / "add_bos"
     shutil.copytree(folders["gpt2"], folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, add_bos_token=True)))
-    assert data.Tokenizer(folder).encode("x", bos=True)[0] == data.Tokenizer(folder).bpe.special_ids["<|endoftext|>"]
+    assert tokenizer.Tokenizer(folder).encode("x", bos=True)[0] == tokenizer.Tokenizer(folder).bpe.special_ids["<|endoftext|>"]
 
 
 def test_both_merge_encodings_and_ignore_merges(folders, tmp_path):
@@ -145,11 +146,11 @@ def test_both_merge_encodings_and_ignore_merges(folders, tmp_path):
     folder = tmp_path / "string_merges"
     shutil.copytree(folders["gpt2"], folder)
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    old, new, ref = data.Tokenizer(folder), data.Tokenizer(folders["gpt2"]), reference(str(folder))
+    old, new, ref = tokenizer.Tokenizer(folder), tokenizer.Tokenizer(folders["gpt2"]), reference(str(folder))
     for text in PARITY_TEXTS:
         assert old.encode(text) == new.encode(text) == ref.encode(text, add_special_tokens=False).ids
     # ignore_merges (Llama 3): a word that is itself a token stays whole even where the merges would not build it
-    vocab = {char: i for i, char in enumerate(sorted(data.CHAR_TO_BYTE))}
+    vocab = {char: i for i, char in enumerate(sorted(tokenizer.CHAR_TO_BYTE))}
     vocab.update({"ab": 256, "abc": 257, "<eos>": 258, "<pad>": 259})
     hand_made = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
                  "added_tokens": [{"id": 258, "content": "<eos>", "special": True, "single_word": False,
@@ -169,7 +170,7 @@ def test_both_merge_encodings_and_ignore_merges(folders, tmp_path):
         hand_made["model"]["ignore_merges"] = ignore_merges
         (folder / "tokenizer.json").write_text(json.dumps(hand_made))
         (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-        ids = data.Tokenizer(folder).encode("abc abc")
+        ids = tokenizer.Tokenizer(folder).encode("abc abc")
         assert ids == reference(str(folder)).encode("abc abc").ids
         assert ids[:len(expected)] == [vocab[token] for token in expected]
 
@@ -184,7 +185,7 @@ def onig_members(pattern, chars):
 @pytest.mark.parametrize("name, pattern", [("L", r"\p{L}"), ("N", r"\p{N}"), ("White_Space", r"\s")])
 def test_unicode_classes_equal_oniguruma_but_for_characters_newer_than_pythons_tables(name, pattern):
     chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]  # surrogates: not text
-    ours = set(re.findall(f"[{data._unicode_class(name)}]", "".join(chars)))
+    ours = set(re.findall(f"[{tokenizer._unicode_class(name)}]", "".join(chars)))
     theirs = onig_members(pattern, chars)
     differ = sorted(ours ^ theirs)
     print(f"\n\\p{{{name}}}: {len(theirs)} characters in tokenizers, {len(differ)} differ" + (
@@ -197,10 +198,10 @@ def test_unicode_classes_equal_oniguruma_but_for_characters_newer_than_pythons_t
 
 
 def test_regex_translation_keeps_meaning(folders):
-    llama3 = data._python_regex(LLAMA3_PATTERN, "test")
+    llama3 = tokenizer._python_regex(LLAMA3_PATTERN, "test")
     assert llama3.findall("I'M 12345 héllo\n\n  x") == ["I", "'M", " ", "123", "45", " héllo", "\n\n", " ", " x"]
-    assert data._python_regex(r"\s+", "test").findall("a\x1c\x1fb \u3000c") == [" \u3000"]  # \x1c: not space
-    assert data._python_regex(r"[^\s\p{L}]+", "test").findall("ab 12!é") == ["12!"]
+    assert tokenizer._python_regex(r"\s+", "test").findall("a\x1c\x1fb \u3000c") == [" \u3000"]  # \x1c: not space
+    assert tokenizer._python_regex(r"[^\s\p{L}]+", "test").findall("ab 12!é") == ["12!"]
 
 
 GOOD = "llama3"
@@ -249,8 +250,8 @@ def test_what_is_not_implemented_is_refused_by_name(where, value, message, folde
         target = target[int(part)] if isinstance(target, list) else target[part]
     target[int(last) if isinstance(target, list) else last] = value
     path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(data.DataError, match=message) as err:
-        data.Tokenizer(folder)
+    with pytest.raises(tokenizer.TokenizerError, match=message) as err:
+        tokenizer.Tokenizer(folder)
     assert str(folder) in str(err.value)
 
 
@@ -258,20 +259,20 @@ def test_folder_dispatch_and_file_errors(folders, spm_model_path, tmp_path):
     both = tmp_path / "both"
     shutil.copytree(folders[GOOD], both)
     shutil.copyfile(spm_model_path, both / "tokenizer.model")
-    assert data.Tokenizer(both).sp is not None  # sentencepiece first, as LLaMA 1/2 folders ship both
-    assert data.Tokenizer(both / "tokenizer.json").bpe is not None
+    assert tokenizer.Tokenizer(both).sp is not None  # sentencepiece first, as LLaMA 1/2 folders ship both
+    assert tokenizer.Tokenizer(both / "tokenizer.json").bpe is not None
     with pytest.raises(FileNotFoundError, match="neither tokenizer.model .* nor tokenizer.json"):
-        data.Tokenizer(tmp_path)
+        tokenizer.Tokenizer(tmp_path)
     tiktoken = tmp_path / "meta" / "tokenizer.model"  # Meta's own Llama 3 folder: base64 token, rank
     tiktoken.parent.mkdir()
     tiktoken.write_text("IQ== 0\nIg== 1\nIw== 2\n")
-    with pytest.raises(data.DataError, match=r"tokenizer.model: not a sentencepiece model .* tiktoken BPE file"):
-        data.Tokenizer(tiktoken.parent)
+    with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer.model: not a sentencepiece model .* tiktoken BPE file"):
+        tokenizer.Tokenizer(tiktoken.parent)
 
 
 def test_sft_example_on_a_bpe_tokenizer_masks_the_prompt_and_ends_with_eos(folders):
     for style in ("llama3", "smollm2"):
-        tok = data.Tokenizer(folders[style])
+        tok = tokenizer.Tokenizer(folders[style])
         prompt, response = data.alpaca_prompt("Name the capital of France."), "Paris, 2 million people."
         prompt_ids, response_ids = data.encode_prompt_response(tok, prompt, response)
         assert prompt_ids == tok.encode(prompt, bos=True) and response_ids[-1] == tok.eos_id

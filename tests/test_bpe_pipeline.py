@@ -16,6 +16,7 @@ import data
 import demo
 import eval as E
 import model
+import tokenizer
 import tuna
 from test_tuna_train import WORDS
 
@@ -28,7 +29,7 @@ def sft(tmp_path_factory, bpe_tokenizer_dir):
     """A tiny random LLaMA with the conftest BPE tokenizer, SFT-trained with tuna.py until it has learned 8 short
     answers (as test_tuna_train.py's data: random words); -> (root folder, tokenizer, the Alpaca examples)."""
     root = tmp_path_factory.mktemp("bpe_pipeline")
-    tok = data.Tokenizer(bpe_tokenizer_dir)
+    tok = tokenizer.Tokenizer(bpe_tokenizer_dir)
     torch.manual_seed(0)
     args = model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                               "eos_id": tok.eos_id})
@@ -53,7 +54,7 @@ def test_sft_rows_mask_the_prompt_end_in_eos_and_the_model_learns_to_stop(sft):
     root, tok, examples = sft
     for name in tok.files:  # the checkpoint carries its tokenizer: tokenizer.json and tokenizer_config.json
         assert (root / "sft" / name).read_bytes() == (root / "init" / name).read_bytes()
-    assert data.Tokenizer(root / "sft").bpe is not None
+    assert tokenizer.Tokenizer(root / "sft").bpe is not None
     for row, example in zip(tuna.load_rows(str(root / "alpaca.json"), tok, "sft"), examples):
         prompt = tok.encode(data.alpaca_prompt(example["instruction"]), bos=True)
         assert row["tokens"][:len(prompt)] == prompt and prompt[0] == tok.bos_id
@@ -111,7 +112,7 @@ def test_pipeline_with_contextual_sampling_and_a_judge_over_http(sft, tmp_path):
         assert record.candidates[0] == by_instruction[record.instruction]
         assert all(tok.decode(tok.encode(c)) == c for c in record.source["student_candidates"])
     for stage in ("tuna_p", "tuna"):
-        assert data.Tokenizer(out / stage).encode("Paris") == tok.encode("Paris")
+        assert tokenizer.Tokenizer(out / stage).encode("Paris") == tok.encode("Paris")
         checkpoint.load_checkpoint(str(out / stage))
 
 

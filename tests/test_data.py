@@ -1,5 +1,5 @@
-"""data.py: tokenizer parity with transformers' slow LlamaTokenizer (transformers 4; the byte-level BPE path is
-tests/test_bpe.py), the Alpaca template, SFT examples, and the readers' and writer's validation."""
+"""tokenizer.py's sentencepiece parity with transformers' slow LlamaTokenizer (transformers 4; the byte-level BPE
+path is tests/test_bpe.py); data.py: the Alpaca template, SFT examples, and the readers' and writer's validation."""
 import json
 import os
 import re
@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from data import (DataError, OutputLocked, RankedRecord, Tokenizer, alpaca_prompt, append_jsonl,
-                  encode_prompt_response, iter_jsonl, lock_output, read_alpaca, read_authors_ranking,
-                  read_jsonl_log, read_ranked_jsonl, write_atomic, write_ranked_jsonl)
+from data import (DataError, OutputLocked, RankedRecord, alpaca_prompt, append_jsonl, encode_prompt_response,
+                  iter_jsonl, lock_output, read_alpaca, read_authors_ranking, read_jsonl_log, read_ranked_jsonl,
+                  write_atomic, write_ranked_jsonl)
+from tokenizer import Tokenizer, TokenizerError
 
 # The two Stanford Alpaca prompts, written out in full (PROMPT_DICT in tatsu-lab/stanford_alpaca train.py).
 ALPACA_NO_INPUT = (
@@ -101,7 +102,7 @@ def test_tokenizer_file_errors(tmp_path, spm_model_path):
         Tokenizer(tmp_path / "missing.model")
     garbage = tmp_path / "tokenizer.model"
     garbage.write_bytes(b"this is not a sentencepiece model")
-    with pytest.raises(DataError, match=re.escape(str(garbage)) + ".*not a sentencepiece model"):
+    with pytest.raises(TokenizerError, match=re.escape(str(garbage)) + ".*not a sentencepiece model"):
         Tokenizer(garbage)
     folder = tmp_path / "checkpoint"
     folder.mkdir()

@@ -14,6 +14,7 @@ import pytest
 import checkpoint
 import data
 import demo
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["SFT (Alpaca)", "Tuna_p", "Tuna_c", "Tuna", "teacher (for reference)"]
@@ -81,7 +82,7 @@ def test_demo_artefacts_are_well_formed(demo_run):
     for stage in ("teacher", "sft", "tuna_c", os.path.join("tuna", "tuna_p"), os.path.join("tuna", "tuna")):
         folder = out / stage
         net = checkpoint.load_checkpoint(folder)
-        assert net.args.vocab_size == data.Tokenizer(folder / "tokenizer.model").vocab_size
+        assert net.args.vocab_size == tokenizer.Tokenizer(folder / "tokenizer.model").vocab_size
         metrics = [json.loads(line) for line in open(folder / "metrics.jsonl")]
         assert metrics and all(m["loss"] == m["loss"] for m in metrics)   # logged, finite
     rank_metrics = [json.loads(line) for line in open(out / "tuna_c" / "metrics.jsonl")]

@@ -17,6 +17,7 @@ import checkpoint
 import data
 import eval as E
 import model as M
+import tokenizer
 from test_data import HOLD_LOCK
 from test_eval import FIXTURES, JudgeHandler
 
@@ -179,7 +180,7 @@ def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm
     assert (out / "results.json").exists()  # the killed holders block nothing
 
 
-class TwoTokenStart(data.Tokenizer):
+class TwoTokenStart(tokenizer.Tokenizer):
     """A tokenizer whose template puts two special tokens before every text (a chat-style start), not one BOS."""
 
     def encode(self, text, bos=False, eos=False):
@@ -191,12 +192,12 @@ def test_a_long_prompt_keeps_the_tokenizers_start_whole_and_its_end(spm_model_pa
     """A prompt longer than the context keeps what the tokenizer puts first (one BOS, nothing, or several tokens)
     and its last tokens, so it still ends in "### Response:"; the text's first token is never kept as if BOS."""
     from conftest import CORPUS_LINES, build_bpe_tokenizer
-    no_bos = data.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
+    no_bos = tokenizer.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
     prompt = data.alpaca_prompt(" ".join(CORPUS_LINES))
     real_generate, seen = M.generate, []
     monkeypatch.setattr(E.model, "generate", lambda lm, prompts, *a, **k: (seen.extend(prompts),
                                                                            real_generate(lm, prompts, *a, **k))[1])
-    for name, tok, start in (("bos", data.Tokenizer(spm_model_path), 1), ("none", no_bos, 0),
+    for name, tok, start in (("bos", tokenizer.Tokenizer(spm_model_path), 1), ("none", no_bos, 0),
                              ("two", TwoTokenStart(spm_model_path), 2)):
         assert no_bos.bos_id is None and len(tok.encode(prompt)) > 60
         torch.manual_seed(0)

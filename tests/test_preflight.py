@@ -24,6 +24,7 @@ import data
 import eval as E
 import model as M
 import teacher
+import tokenizer
 import tuna
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory, spm_model_path):
     checkpoint.save_hf_checkpoint(net, str(folder))
     with open(spm_model_path, "rb") as src, open(folder / "tokenizer.model", "wb") as dst:
         dst.write(src.read())
-    return net, data.Tokenizer(spm_model_path), str(folder)
+    return net, tokenizer.Tokenizer(spm_model_path), str(folder)
 
 
 class Counting:

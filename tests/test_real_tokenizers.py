@@ -1,4 +1,4 @@
-"""data.py's tokenizer on the real tokenizer files their publishers shipped (tests/fetch_real_files.py),
+"""tokenizer.py on the real tokenizer files their publishers shipped (tests/fetch_real_files.py),
 against Hugging Face's `tokenizers` and transformers' AutoTokenizer on the same files.
 
 Texts: the benchmark texts the tests hold (Super-NI, LMentry, Vicuna under tests/fixtures/eval), the project's
@@ -15,13 +15,14 @@ import unicodedata
 import pytest
 
 import data
+import tokenizer
 from test_bpe import PARITY_TEXTS, random_texts
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3", "gpt2"]  # data.py opens
+IMPLEMENTED = ["smollm2-135m-instruct", "llama3", "llama3_1", "qwen3", "deepseek-v3", "gpt2"]  # tokenizer.py opens
 
 
 def benchmark_texts():
@@ -105,16 +106,16 @@ def added_token_texts(spec, seed=0):
 
 @pytest.fixture(scope="module")
 def loaded(real_files):
-    """name -> (data.Tokenizer, tokenizers.Tokenizer, transformers' AutoTokenizer), each file read once."""
+    """name -> (tokenizer.Tokenizer, tokenizers.Tokenizer, transformers' AutoTokenizer), each file read once."""
     cache = {}
 
     def load(name):
         if name not in cache:
             folder = real_files(name)
             reference = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-            reference.encode_special_tokens = True  # data.py never makes a special token from text
+            reference.encode_special_tokens = True  # tokenizer.py never makes a special token from text
             auto = transformers.AutoTokenizer.from_pretrained(folder)
-            cache[name] = data.Tokenizer(folder), reference, auto
+            cache[name] = tokenizer.Tokenizer(folder), reference, auto
         return cache[name]
     return load
 
@@ -158,7 +159,7 @@ def test_bos_and_eos_are_the_files(name, loaded):
     assert ours.encode(text, bos=True) == reference.encode(text).ids == auto(text)["input_ids"]
 
 
-REFUSED = {  # real files whose tokenizer.json data.py does not implement: the refusal names field and value
+REFUSED = {  # real files whose tokenizer.json tokenizer.py does not implement: the refusal names field and value
     "llama2-json": r"tokenizer.json: model.byte_fallback=True is not implemented \(a sentencepiece-style "
                    r"BPE: open the folder's tokenizer.model\)",
 }
@@ -167,21 +168,21 @@ REFUSED = {  # real files whose tokenizer.json data.py does not implement: the r
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_real_files_not_implemented_are_refused_by_field(name, real_files):
     folder = real_files(name)
-    with pytest.raises(data.DataError, match=REFUSED[name]) as refused:
-        data.Tokenizer(folder)
+    with pytest.raises(tokenizer.TokenizerError, match=REFUSED[name]) as refused:
+        tokenizer.Tokenizer(folder)
     assert str(refused.value).startswith(os.path.join(folder, "tokenizer.json"))
 
 
 def test_smollm2_drops_the_bytes_its_vocabulary_lacks(loaded):
     ours, reference, _ = loaded("smollm2-135m-instruct")
-    lacking = [byte for byte, char in data.BYTE_TO_CHAR.items() if char not in ours.bpe.vocab]
+    lacking = [byte for byte, char in tokenizer.BYTE_TO_CHAR.items() if char not in ours.bpe.vocab]
     assert len(lacking) == 21 and 0x04 in lacking and 0xC0 in lacking  # the real file lacks 21 of 256
     assert ours.encode("a\x04b") == ours.encode("a b")[:1] + ours.encode("b")
     assert ours.encode("\x04\x06") == [] == reference.encode("\x04\x06").ids
     # dropped before any merge: the bytes on either side become neighbours and merge ("!\x04!" is one word)
     assert ours.encode("!\x04!") == reference.encode("!\x04!").ids == [ours.bpe.vocab["!!"]]
     # U+40000 (plane 4) is F1 80 80 80 in UTF-8: F1 has no symbol and goes, the three 80s stay
-    continuation = ours.bpe.vocab[data.BYTE_TO_CHAR[0x80]]
+    continuation = ours.bpe.vocab[tokenizer.BYTE_TO_CHAR[0x80]]
     assert ours.encode("\U00040000") == reference.encode("\U00040000").ids == [continuation] * 3
 
 
@@ -222,7 +223,7 @@ def test_unk_token_stands_for_bytes_without_a_symbol(loaded, tmp_path):
         spec = json.load(open(ours.path, encoding="utf-8"))
         spec["model"].update(unk_token="<|endoftext|>", fuse_unk=fuse_unk)
         (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        with_unk = data.Tokenizer(folder)
+        with_unk = tokenizer.Tokenizer(folder)
         reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
         reference.encode_special_tokens = True
         assert all(with_unk.encode(t) == reference.encode(t).ids for t in texts)
@@ -250,7 +251,7 @@ def test_llama31_instruct_stop_ids_are_its_generation_config(loaded, real_files,
     folder = tmp_path / "llama3_1"
     shutil.copytree(real_files("llama3_1"), folder)
     (folder / "generation_config.json").write_text(LLAMA31_INSTRUCT_GENERATION_CONFIG)
-    tok = data.Tokenizer(folder)
+    tok = tokenizer.Tokenizer(folder)
     content = {i: token for token, i in tok.bpe.special_ids.items()}
     assert tok.eos_id == 128009  # what training ends responses with, and the first stop id
     assert tok.stop_ids == [128009, 128001, 128008]
@@ -262,12 +263,12 @@ def test_llama31_instruct_stop_ids_are_its_generation_config(loaded, real_files,
     sentencepiece.mkdir()
     shutil.copyfile(spm_model_path, sentencepiece / "tokenizer.model")
     (sentencepiece / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    assert data.Tokenizer(sentencepiece).stop_ids == [2, 7]
+    assert tokenizer.Tokenizer(sentencepiece).stop_ids == [2, 7]
     for bad in (512, "7", True):
         (sentencepiece / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, bad]}))
         message = rf"generation_config.json: eos_token_id {bad!r} is not a token id"
-        with pytest.raises(data.DataError, match=message):
-            data.Tokenizer(sentencepiece)
+        with pytest.raises(tokenizer.TokenizerError, match=message):
+            tokenizer.Tokenizer(sentencepiece)
 
 
 def test_qwen3_normalizes_to_nfc(loaded):
@@ -301,7 +302,7 @@ def test_added_token_flags_match_as_tokenizers_matches_them(loaded, tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     shutil.copyfile(os.path.join(os.path.dirname(ours.path), "tokenizer_config.json"),
                     folder / "tokenizer_config.json")
-    flagged = data.Tokenizer(folder)
+    flagged = tokenizer.Tokenizer(folder)
     reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     reference.encode_special_tokens = True
     texts = added_token_texts(spec, seed=1) + [f"a <résumé{k}>b" for k in range(len(FLAGS))]

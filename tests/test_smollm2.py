@@ -16,6 +16,7 @@ import demo
 import eval as E
 import model
 import teacher
+import tokenizer
 import tuna
 from conftest import sequence_logprobs
 from test_eval import SUPERNI
@@ -40,7 +41,7 @@ def test_logits_and_greedy_text_equal_transformers(smollm2):
     net = checkpoint.load_checkpoint(smollm2).eval()
     hf = transformers.LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     reference = transformers.AutoTokenizer.from_pretrained(smollm2)
-    tok = data.Tokenizer(smollm2)
+    tok = tokenizer.Tokenizer(smollm2)
     prompts = [data.alpaca_prompt(e["instruction"], e["input"]) for e in EXAMPLES[:2]]
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
     assert ids == [reference(prompt)["input_ids"] for prompt in prompts]  # no BOS: SmolLM2's tokenizer adds none
@@ -67,7 +68,7 @@ def weights_differ(a, b):
 
 @pytest.mark.slow
 def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
-    tok = data.Tokenizer(smollm2)
+    tok = tokenizer.Tokenizer(smollm2)
     instructions = tmp_path / "alpaca.json"
     instructions.write_text(json.dumps(EXAMPLES))
     tiny = ["--batch-size", "2", "--precision", "fp32", "--save-every", "0", "--device", "cpu"]
@@ -80,7 +81,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     assert [s["step"] for s in steps] == [1, 2] and all(0 < s["mle"] < 20 and s["rank"] == 0 for s in steps)
     original, sft_net = checkpoint.load_checkpoint(smollm2), checkpoint.load_checkpoint(sft)
     assert sft_net.args == original.args and weights_differ(original, sft_net)  # trained, the same architecture
-    assert data.Tokenizer(sft).encode("Paris, 1889 ü") == tok.encode("Paris, 1889 ü")  # its tokenizer beside it
+    assert tokenizer.Tokenizer(sft).encode("Paris, 1889 ü") == tok.encode("Paris, 1889 ü")  # its tokenizer beside it
 
     # 2. the SFT checkpoint served by `teacher.py serve`; 3. probabilistic ranking data over HTTP
     process, url = demo.start_teacher_server(sft)

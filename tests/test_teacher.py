@@ -26,6 +26,7 @@ import checkpoint
 import data
 import model as M
 import teacher
+import tokenizer
 from conftest import sequence_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,7 +448,7 @@ def test_empty_and_duplicate_candidates_are_left_out(tmp_path):
 # ----------------------------------------------------------------------------- the diversity rule
 
 def test_diversity_rule_resamples_hotter_and_keeps_most_diverse(monkeypatch, spm_model_path):
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     rounds = [["the cat sat"] * 4, ["the cat sat", "the cat sat", "a dog ran far", "the cat sat"],
               ["the cat sat", "the cat sat down", "the cat sat", "the cat sat"]]
     temperatures = []
@@ -480,7 +481,7 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
     """Many prompts at once: one generate call per round for the prompts in it (shortest first, n rows each), a
     prompt that must be sampled again waits for a full batch of the same round or for the fresh prompts to run
     out, and each result is handed over (on_done) as soon as it is final."""
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     prompts = ["Say something.", "Say something else, please.", "Say one more thing, if you would, now."]
     replies = {(0, 1): ["the cat sat"] * 4, (1, 1): ["one apple", "two bears", "three cars", "four dogs"],
                (2, 1): ["a b", "a b", "c d", "e f"], (0, 2): ["red", "green", "blue", "black"],
@@ -504,7 +505,7 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
 def test_student_batch_size_auto_is_the_fixed_default_on_a_cpu(monkeypatch, spm_model_path):
     """batch_size "auto" sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
     CPU reports none, so 20 prompts x 4 samples go as STUDENT_BATCH_ROWS = 64 rows (16 prompts), then 4."""
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     prompts = [f"Say thing number {i}." for i in range(20)]
     calls = []
 
@@ -523,7 +524,7 @@ def tiny(spm_model_path):
     torch.manual_seed(0)
     args = dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=1024)
     model = M.Transformer(args).eval()
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     server = teacher.make_server(model, tok, "127.0.0.1", 0, "tiny-teacher")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield model, tok, f"http://127.0.0.1:{server.server_port}/v1"
@@ -770,6 +771,7 @@ KILLED_SAMPLER = """
 import json, os, signal, sys
 sys.path.insert(0, {root!r})
 import checkpoint, data, teacher
+from tokenizer import Tokenizer
 appended = 0
 append_jsonl = data.append_jsonl
 def append_then_die(path, entries):  # SIGKILL right after the third finished item is written
@@ -780,7 +782,7 @@ def append_then_die(path, entries):  # SIGKILL right after the third finished it
         os.kill(os.getpid(), signal.SIGKILL)
 data.append_jsonl = append_then_die
 examples = json.load(open({examples!r}))
-teacher.sample_candidates(checkpoint.load_checkpoint({student!r}), data.Tokenizer({tokenizer!r}), examples, {cache!r},
+teacher.sample_candidates(checkpoint.load_checkpoint({student!r}), Tokenizer({tokenizer!r}), examples, {cache!r},
                           n=4, max_new_tokens=10, tries=2, seed=5, student="s", batch_size=8)
 """
 
@@ -929,7 +931,7 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
     candidates, listed in source["unfinished"], and tuna.py trains them without EOS; a ranking reply cut at
     max_tokens is a failure (its ranking may be incomplete)."""
     import tuna
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     with FakeTeacher() as server:
         client = client_for(server, tmp_path)
         teacher.build_probabilistic(client, [example(0, "FAULT:cut"), example(1)], str(tmp_path / "p.jsonl"))
@@ -1117,12 +1119,12 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
     server and eval's answers stop there, call the answer finished, and training gives it the tokenizer's EOS."""
     import eval as E
     import tuna
-    eot = data.Tokenizer(spm_model_path).encode("Paris")[-1]
+    eot = tokenizer.Tokenizer(spm_model_path).encode("Paris")[-1]
     folder = tmp_path / "student"
     folder.mkdir()
     shutil.copy(spm_model_path, folder / "tokenizer.model")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, eot]}))  # as Llama 3.x's
-    tok = data.Tokenizer(folder)
+    tok = tokenizer.Tokenizer(folder)
     assert tok.stop_ids == [tok.eos_id, eot]
     student = eos_prone_student(tok, stop_id=eot)
     examples = [example(i) for i in range(4)]
@@ -1167,7 +1169,7 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
     items = [{"id": str(i), "prompt": data.alpaca_prompt(e["instruction"])} for i, e in enumerate(examples)]
     answers = E.generate_answers("eot", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eot-prone")
     assert answers == {item["id"]: "" for item in items}
-    tok = data.Tokenizer(spm_model_path)  # without the second stop id the same student says "Paris" three times
+    tok = tokenizer.Tokenizer(spm_model_path)  # without the second stop id the same student says "Paris" three times
     assert E.generate_answers("eos", "bench", items, lambda: (student, tok), str(tmp_path), 4, 3, "eos-only") == \
         {item["id"]: tok.decode([eot] * 3).strip() for item in items}
 
@@ -1177,9 +1179,9 @@ def test_echo_returns_every_prompt_token_whatever_the_tokenizer_puts_first(tmp_p
     first: after BOS for LLaMA's, from the first token for one that puts nothing (SmolLM2, GPT-2). The first has
     no context, so no log-prob, as OpenAI's; the others are model.py's scores."""
     from conftest import CORPUS_LINES, build_bpe_tokenizer
-    no_bos = data.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
+    no_bos = tokenizer.Tokenizer(build_bpe_tokenizer(tmp_path / "smollm2", "smollm2", CORPUS_LINES * 20))
     text = "Paris is the capital of France."
-    for tok in (data.Tokenizer(spm_model_path), no_bos):
+    for tok in (tokenizer.Tokenizer(spm_model_path), no_bos):
         torch.manual_seed(0)
         net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), vocab_size=tok.vocab_size)).eval()
         server = teacher.make_server(net, tok, "127.0.0.1", 0, "tiny")

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import data
 import model
+import tokenizer
 import training
 import tuna
 from conftest import sequence_logprobs
@@ -188,7 +189,7 @@ def naive_loss(net, prompts_per_row, responses_per_row, **options):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_scores_loss_and_gradients_equal_naive_k_rows(spm_model_path, tiny_model, checkpointing):
-    tok = data.Tokenizer(spm_model_path)
+    tok = tokenizer.Tokenizer(spm_model_path)
     prompt = data.alpaca_prompt("Give three tips for staying healthy.")
     answers = [["Eat a balanced diet, exercise regularly and sleep well.", "Sleep well.",
                 "The quick brown fox jumps over the lazy dog while the cat sleeps."],

@@ -15,6 +15,7 @@ import checkpoint
 import data
 import model
 import teacher
+import tokenizer
 import tuna
 from conftest import RecordOps, sequence_logprobs
 from test_data import HOLD_LOCK
@@ -139,7 +140,7 @@ def test_sft_authors_json_and_the_two_stage_pipeline(files, tmp_path):
 def first_step_mle_by_hand(files, best_only):
     """L_MLE of a step over all 16 records, from the init model with each (prompt, candidate) alone in its own
     row: -(sum of the used response tokens' log-probs) / their count; best_only: candidate 0's tokens only."""
-    tok, net = data.Tokenizer(str(files / "init")), checkpoint.load_checkpoint(str(files / "init"))
+    tok, net = tokenizer.Tokenizer(str(files / "init")), checkpoint.load_checkpoint(str(files / "init"))
     records = data.read_ranked_jsonl(files / "ranked.jsonl")
     pairs = [data.encode_prompt_response(tok, r.prompt, c, tuna.MAX_LEN)
              for r in records for c in r.candidates[:1 if best_only else None]]
@@ -166,7 +167,7 @@ def test_a_partial_last_batch_is_a_step_of_its_own(files, tmp_path):
     """16 records, batches of 5: steps of 5, 5, 5 and 1 record in each epoch, so every record is trained
     once per epoch (4 steps, not 3). Split into micro-batches of 2 (3 per step), a last batch of 1 record
     cannot give each micro-batch one: it is left out (3 steps)."""
-    tok = data.Tokenizer(str(files / "init"))
+    tok = tokenizer.Tokenizer(str(files / "init"))
     tokens_per_epoch = sum(len(row["tokens"]) for row in tuna.load_rows(files / "ranked.jsonl", tok, "rank"))
     for extra, steps_per_epoch in (([], 4), (["--micro-batch-size", 2], 3)):
         out = tmp_path / f"partial{len(extra)}"
