@@ -533,6 +533,16 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     return out_tokens, out_logprobs
 
 
+def without_stop(tokens, stops):
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of
+    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
+    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
+    (data.encode_prompt_response); generate stops at the first one, so it can only be the
+    last token."""
+    finished = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if finished else tokens), finished
+
+
 def _left_pad(prompts, total, device):
     """Left-pad so every row's next token lands in the same cache slot. Each row's
     positions start at 0 at its own first token and pad slots are masked out, so a
@@ -741,7 +751,7 @@ def _output_logprobs(output, hidden, targets):
 def token_logprobs(logits, targets, ignore_index=-100):
     """log p(targets[..., t]) under logits[..., t, :] -> float32 of targets' shape, 0
     where target == ignore_index. The project's one token log-prob: the training loss
-    (tuna.score_tokens) and the teacher server's scores (teacher.LocalTeacher) go
+    (tuna.score_tokens) and the teacher server's scores (server.LocalTeacher) go
     through it: what the teacher reports, training optimises."""
     flat = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
                            reduction="none")

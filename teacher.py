@@ -1,4 +1,4 @@
-"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server.
+"""Ranking data from a teacher LLM over any OpenAI-compatible API (client.py), for Tuna's two stages.
 
 The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
 1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction,
@@ -9,69 +9,35 @@ The method (paper, section 2; README, "Faithfulness notes"), in the order of thi
 Then the plumbing:
 4. What both builders share: the items, a new request for an unparseable reply, the
    failures file.
-5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server
-   (OpenAI, vLLM, llama.cpp, `python teacher.py serve`) with `requests` only. Nothing
-   lost, nothing paid twice: every answer is appended to a JSONL cache keyed by the
-   request's content (path + body, never the API key), so a killed run starts again where
-   it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a
-   server that no request reaches stops the run at once (RunError), as does a run where
-   every item failed.
-6. --dry-run: the requests a run would send, counted and priced, never sent.
-7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the
-   tests and the demo.
+5. --dry-run: the requests a run would send, counted and priced, never sent.
+6. The command line.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
     python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
         --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
-    python teacher.py serve --checkpoint some-llama/ --port 8000                         # a local teacher
+    (a local teacher: python server.py --checkpoint some-llama/ --port 8000)
 """
 import argparse
-import codecs
-import concurrent.futures
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import hashlib
-import hmac
-import ipaddress
 import itertools
 import json
 import logging
 import os
-import random
 import re
-import signal
 import sys
-import threading
-import time
-import urllib.parse
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import requests
 import torch
 
 import data
-from model import auto_batch_rows, checkpoint_identity, generate, load_checkpoint, token_logprobs
+from client import PREFLIGHT_TEXT, RunError, TeacherClient, TeacherError, get_field, one_line
+from model import auto_batch_rows, checkpoint_identity, generate, load_checkpoint, without_stop
+from server import chat_prompt
 
 log = logging.getLogger("teacher")
-
-
-class TeacherError(RuntimeError):
-    """A request that failed for good, or an answer without a needed field; names the URL,
-    never the API key. status: the HTTP status of a refused request (4xx), else None."""
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
-
-
-class RunError(TeacherError):
-    """A problem of the whole run, not of one item (no request reaches the server, every
-    item failed, the server refuses a feature the run needs): the command stops, says so
-    in one line and exits non-zero."""
 
 
 class ReplyError(ValueError):
@@ -92,7 +58,7 @@ REQUESTS_PER_SAMPLE = 2
 
 ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
                 "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
-                "that scores prompts (vLLM, teacher.py serve)")
+                "that scores prompts (vLLM, server.py)")
 
 
 def probabilistic_request(item, k, n, max_tokens, temperature, chat):
@@ -235,9 +201,9 @@ def teacher_samples(client, asked, item):
         path, params = probabilistic_request(item, k, asked.n, asked.max_tokens,
                                              asked.temperature, asked.chat)
         past_bound = len(found) >= asked.n or k >= REQUESTS_PER_SAMPLE * asked.n
-        answer = client.request(path, params, past_bound)
+        answer = client.request(path, params, cache_only=past_bound)
         if answer is None and fresh and distinct < asked.distinct_needed:
-            answer = client.request(path, params, False)
+            answer = client.request(path, params)
             fresh = False
         if answer is None:
             return found, k
@@ -288,7 +254,7 @@ def original_score(client, prompt, output):
     # a property of the server, not of this item: stop before paying for more
     except TeacherError as e:
         if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
-            raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+            raise client.stop(RunError(f"{one_line(e)}: {ECHO_REFUSED}")) from None
         raise
     offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
     logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
@@ -306,16 +272,6 @@ def original_score(client, prompt, output):
 
 
 # ------------------------------------- 2. contextual ranking: the student samples n diverse answers
-
-def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did). Any of
-    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
-    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
-    (data.encode_prompt_response); generate stops at the first one, so it can only be the
-    last token."""
-    finished = bool(tokens) and tokens[-1] in stops
-    return (tokens[:-1] if finished else tokens), finished
-
 
 # Rows sampled together where batch_size is "auto" and the device reports no free memory
 # (a CPU): a CPU's decode step costs in proportion to its rows, so more buys little there.
@@ -614,7 +570,7 @@ def contextual_ranked(client, samples, ranking, item):
 def send_with_seed(client, path, params, cache_only=False, **seed):
     """One request of `ask`: seed, when given, makes a retry its own request (and cache
     entry)."""
-    return client.request(path, dict(params, **seed), cache_only)
+    return client.request(path, dict(params, **seed), cache_only=cache_only)
 
 
 def parse_ranked_reply(url, candidates, ranking, answer):
@@ -873,7 +829,7 @@ def _finish(kind, client, results, out_path, failures_path):
         print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
         first = failures[0]
         raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
-                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
+                       f"e.g. item {first['id']}: {one_line(first['error'])}; all are listed in "
                        f"{failures_path}")
     data.write_ranked_jsonl(out_path, records)
     counts = dict(done=len(records), failed=len(failures), **client.counts)
@@ -881,306 +837,11 @@ def _finish(kind, client, results, out_path, failures_path):
     return counts
 
 
-# ------------------------------------------------------------------------------- 5. the HTTP client
-
-# the pre-flight request's whole prompt
-PREFLIGHT_TEXT = "This is a connection check. Reply with OK."
-
-
-class TeacherClient:
-    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
-                 max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        # no key is fine for a local server
-        self._api_key = os.environ.get(api_key_env) or None
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.max_workers = max_workers
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
-        self._next_slot = 0.0
-        self._lock = threading.Lock()
-        # any HTTP answer yet; the RunError that stops all threads
-        self._reached, self._stopped = False, None
-        self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
-                           completion_tokens=0, preflight_requests=0)
-        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
-        # would not fit in RAM), or -> the answer itself when there is no cache file
-        self.cache_path = cache_path
-        self._cache = {}
-        # the last line of a killed run may be cut short: its request is sent again
-        if cache_path:
-            for offset, entry in data.read_jsonl_log(cache_path, log.warning):
-                self._cache[entry.get("key")] = offset
-
-    def chat(self, messages, cache_only=False, **params):
-        return self.request("/chat/completions", {"messages": messages, **params}, cache_only)
-
-    def complete(self, prompt, cache_only=False, **params):
-        return self.request("/completions", {"prompt": prompt, **params}, cache_only)
-
-    def request(self, path, params, cache_only=False):
-        """post() with this client's model in the body."""
-        return self.post(path, {"model": self.model, **params}, cache_only)
-
-    def post(self, path, body, cache_only=False):
-        """The answer (a dict) to POST base_url + path with a JSON body: from the cache,
-        else from the server (None if cache_only and not cached)."""
-        url = self.base_url + path
-        key = self._key(path, body)
-        with self._lock:
-            where = self._cache.get(key)
-            self.counts["cache_hits"] += where is not None
-        if where is not None:
-            if isinstance(where, dict):
-                return where
-            with open(self.cache_path, "rb") as f:
-                f.seek(where)
-                return json.loads(f.readline())["response"]
-        if cache_only:
-            return None
-        answer = self._send(url, body)
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        entry = {"key": key, "path": path, "request": body, "response": answer}
-        line = json.dumps(entry, ensure_ascii=False)
-        # the server put the key into its answer: keep it out of every file
-        if self._redact(line) != line:
-            entry = json.loads(self._redact(line))
-            answer = entry["response"]
-        with self._lock:
-            for name in ("prompt_tokens", "completion_tokens"):
-                self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            # with a cache file, the offset of the answer's line; else the answer itself
-            if self.cache_path:
-                self._cache[key] = data.append_jsonl(self.cache_path, [entry])
-            else:
-                self._cache[key] = answer
-        return answer
-
-    # the request's content: the URL's path and the body, never the key
-    def _key(self, path, body):
-        request = [urllib.parse.urlparse(self.base_url + path).path, body]
-        content = json.dumps(request, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(content.encode()).hexdigest()
-
-    def is_cached(self, path, params):
-        """Whether the answer to request(path, params) is in the cache (paid for already);
-        sends nothing."""
-        with self._lock:
-            return self._key(path, {"model": self.model, **params}) in self._cache
-
-    def check(self, chat, **options):
-        """The pre-flight request: one answer of 1 token from the endpoint the run needs
-        (chat or completions), with the options it needs (logprobs, echo), before any long
-        or paid work. Not cached. An unreachable server, a refused key, an unknown model
-        or option, or an answer without the fields the run reads stop the run (RunError
-        naming the URL and the model)."""
-        path = "/chat/completions" if chat else "/completions"
-        message = {"role": "user", "content": PREFLIGHT_TEXT}
-        asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
-        body = {"model": self.model, **asked, "max_tokens": 1, **options}
-        fields = ["choices.0.message.content" if chat else "choices.0.text"]
-        if options.get("logprobs"):
-            logprobs_field = "content" if chat else "token_logprobs"
-            fields.append(f"choices.0.logprobs.{logprobs_field}")
-        if options.get("echo"):
-            fields.append("choices.0.logprobs.text_offset")
-        # the error names the URL
-        where = f"pre-flight check of model '{self.model}'"
-        sent_before = self.counts["requests"]
-        try:
-            # a check, not a wait
-            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))
-            for field in fields:
-                get_field(answer, field, self.base_url + path)
-        except TeacherError as e:
-            check_key = f"; check the key in ${self.api_key_env}"
-            not_set = "" if self._api_key else " (not set)"
-            list_models = f"GET {self.base_url}/models lists them"
-            hints = {401: check_key + not_set,
-                     403: check_key,
-                     404: f"; check --base-url, and the model's name ({list_models})"}
-            hint = hints.get(e.status, "")
-            if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
-                hint = f": {ECHO_REFUSED}"
-            raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
-        finally:  # counted apart from the run's requests
-            self.counts["preflight_requests"] += self.counts["requests"] - sent_before
-            self.counts["requests"] = sent_before
-        log.info("%s at %s: answered", where, self.base_url + path)
-
-    def _send(self, url, body, max_retries=None):
-        max_retries = self.max_retries if max_retries is None else max_retries
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        for attempt in range(max_retries + 1):
-            # another thread found that no request can reach the server
-            if self._stopped:
-                raise self._stopped
-            self._wait_for_rate_limit()
-            with self._lock:
-                self.counts["requests"] += 1
-            retry_after, unreached = None, None
-            try:
-                reply = requests.post(url, json=body, headers=headers, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError,
-                    requests.exceptions.ChunkedEncodingError) as e:
-                problem = f"{type(e).__name__}: {e}"
-                unreached = _unreached(e) if not self._reached else None
-                # unknown host, TLS: no retry helps
-                if unreached and not unreached.startswith("connection"):
-                    break
-            else:
-                self._reached = True
-                if 200 <= reply.status_code < 300:
-                    try:
-                        answer = reply.json()
-                        if isinstance(answer, dict):
-                            return answer
-                        problem = f"answer is JSON {type(answer).__name__}, not an object"
-                    # a cut-short body: usually a proxy or network glitch, so retried
-                    except ValueError:
-                        problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
-                elif reply.status_code == 429 or reply.status_code >= 500:
-                    problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
-                    retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
-                # other 4xx: the request itself is wrong, asking again cannot help
-                else:
-                    self._count_failure()
-                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
-                    raise TeacherError(self._redact(message), reply.status_code)
-            if attempt == max_retries:
-                break
-            # exponential back-off with jitter, unless the server said how long to wait
-            backoff = min(self.max_backoff, self.backoff * 2 ** attempt)
-            jittered = backoff * random.uniform(0.5, 1.5)
-            delay = retry_after if retry_after is not None else jittered
-            with self._lock:
-                self.counts["retries"] += 1
-            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
-                                     f"{delay:.1f}s"))
-            time.sleep(delay)
-        self._count_failure()
-        if unreached and not self._reached:
-            raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url "
-                                                  "and that the server is running")))
-        raise TeacherError(self._redact(f"POST {url}: gave up after {max_retries + 1} attempts: "
-                                        f"{problem}"))
-
-    def stop(self, error):
-        """Make every later request of every thread raise `error` (a RunError), as the
-        caller does."""
-        with self._lock:
-            self._stopped = self._stopped or error
-        return self._stopped
-
-    def _count_failure(self):
-        with self._lock:
-            self.counts["requests_failed"] += 1
-
-    def _wait_for_rate_limit(self):
-        if not self._interval:
-            return
-        # each request takes the next free slot, interval seconds after the previous one
-        with self._lock:
-            now = time.monotonic()
-            start = self._next_slot = max(now, self._next_slot)
-            self._next_slot += self._interval
-        time.sleep(start - now)
-
-    # servers echo keys back in error messages ("Incorrect API key provided: ...")
-    def _redact(self, text):
-        # a key of 1-3 characters would blank out ordinary text
-        if not self._api_key or len(self._api_key) < 4:
-            return text
-        return text.replace(self._api_key, "***")
-
-    def map(self, fn, items, what="teacher requests", failed=lambda result: False):
-        """fn over items on a bounded thread pool, results in order; a progress line every
-        5% (data.Progress: done/total, rate, failed(result) so far, ETA) with the
-        requests, cache hits and tokens so far."""
-        results = []
-        progress = data.Progress(what, len(items), log.info, detail=self.report)
-        pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
-        try:
-            for result in pool.map(fn, items):
-                results.append(result)
-                progress.advance(failed=int(bool(failed(result))))
-        # on Ctrl-C, drop the queued items instead of waiting for all of them
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return results
-
-    def report(self):
-        c = self.counts
-        requests_line = (f"requests {c['requests']} (retries {c['retries']}, "
-                         f"failed {c['requests_failed']})")
-        tokens = f"tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion"
-        preflight = f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""
-        return f"{requests_line}, cache hits {c['cache_hits']}, {tokens}{preflight}"
-
-
-def _unreached(error):
-    """How a request failed to reach the server at all (None: it reached it, e.g. a read
-    timeout)."""
-    if isinstance(error, requests.exceptions.SSLError):
-        return f"TLS failure ({_one_line(str(error))[-160:]})"
-    if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.ReadTimeout):
-        return None
-    reason = getattr(error.args[0], "reason", None) if error.args else None
-    if type(reason).__name__ == "NameResolutionError" or "Name or service not known" in str(error):
-        host = urllib.parse.urlparse(error.request.url).hostname if error.request else None
-        return f"unknown host {host!r}"
-    if type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError"):
-        if "refused" in str(reason):
-            return "connection refused"
-        return f"connection failed ({_one_line(reason)})"
-    return None
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
-
-
-def _server_message(reply):
-    try:
-        return str(reply.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return reply.text[:500] or reply.reason
-
-
-def _retry_after_seconds(value):
-    """Retry-After in seconds (it may be a number or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def get_field(answer, dotted, url):
-    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError
-    naming URL and field."""
-    value = answer
-    for key in dotted.split("."):
-        try:
-            value = value[int(key) if key.isdigit() else key]
-        except (KeyError, IndexError, TypeError):
-            raise TeacherError(f"{url}: the answer has no field '{dotted}'") from None
-    return value
-
-
-# ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
+# ---------------------------------------------------- 5. --dry-run and pre-flight: what a run sends
 
 def token_counter(tokenizer_path=None):
     """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer
-    reads, as teacher.py serve counts a prompt (BOS included); else estimated at 4
+    reads, as server.py counts a prompt (BOS included); else estimated at 4
     characters a token (OpenAI's rule of thumb for English text), and said so."""
     if tokenizer_path:
         tok = data.Tokenizer(tokenizer_path)
@@ -1191,7 +852,7 @@ def token_counter(tokenizer_path=None):
 class DryRun:
     """The requests a run would send, added one by one as the run would build them, and
     never sent: how many, which of them the cache holds (paid before), their prompt tokens
-    (chat messages laid out as teacher.py serve lays them out: an API's own chat template
+    (chat messages laid out as server.py lays them out: an API's own chat template
     adds a few tokens a request) and the most completion tokens they may cost."""
 
     def __init__(self, client, tokenizer_path=None):
@@ -1278,419 +939,7 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ------------------------------------------------------------------------------ 7. the local server
-
-def chat_prompt(messages):
-    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's
-    preamble), user turns as "### Instruction:", assistant turns as "### Response:",
-    ending in "### Response:". One user message and no system message give exactly
-    data.alpaca_prompt(content), the SFT model's own format."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
-    for m in messages:
-        if m["role"] == "user":
-            parts.append(f"### Instruction:\n{m['content']}")
-        elif m["role"] != "system":
-            parts.append(f"### Response:{m['content']}")
-    return "\n\n".join(parts) + "\n\n### Response:"
-
-
-class BadRequest(ValueError):
-    def __init__(self, message, param=None):
-        super().__init__(message)
-        self.param = param
-
-
-def _non_empty_list_of(value, kind):
-    """Whether value is a non-empty list of `kind`."""
-    return isinstance(value, list) and bool(value) and all(isinstance(v, kind) for v in value)
-
-
-def _valid_stop(stop):
-    """OpenAI's rule for "stop" (as a list): at most 4 non-empty strings."""
-    return isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
-
-
-def _valid_message(message):
-    """A chat message this server reads: a known role and a string content."""
-    role_known = message.get("role") in ("system", "user", "assistant")
-    return role_known and isinstance(message.get("content"), str)
-
-
-def _option(body, name, kinds, default, valid=lambda value: True):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not valid(value):
-        raise BadRequest(f"Invalid value for '{name}': {value!r}", name)
-    return value
-
-
-def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end
-    (OpenAI counts from the prompt's start). Counted from the end: sentencepiece drops the
-    leading space of a first piece."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    starts = []
-    chars = 0
-    for piece in pieces:
-        starts.append(chars)
-        chars += len(decoder.decode(piece))
-    chars += len(decoder.decode(b"", final=True))
-    return [max(0, text_end - chars + start) for start in starts]
-
-
-class LocalTeacher:
-    """The model behind the server: one model call at a time (a lock); the HTTP threads
-    parse and format."""
-
-    def __init__(self, model, tokenizer, name, seed=None):
-        self.model = model
-        self.tok = tokenizer
-        self.name = name
-        self.seed = seed
-        self.device = model.tok_embeddings.weight.device
-        self.lock = threading.Lock()
-
-    def _text(self, token_id):
-        return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
-
-    def _token(self, token_id, logprob):
-        """One token of a chat answer's log-probs, as OpenAI's chat API lists it."""
-        return {"token": self._text(token_id), "logprob": logprob,
-                "bytes": list(self.tok.piece_bytes(token_id))}
-
-    def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as
-        the OpenAI API reports them, and as training scores responses) and the top_k
-        (log-prob, id) pairs per position."""
-        with torch.no_grad():
-            # (T - 1, vocab)
-            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
-        chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
-        if not top_k:
-            return chosen, [[] for _ in chosen]
-        values, indices = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
-        return chosen, [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
-
-    def _run(self, prompt, n, temperature, top_p, max_tokens, seed, stop, top_k):
-        ids = self.tok.encode(prompt, bos=True)
-        limit = self.model.args.max_seq_len
-        max_tokens = limit - len(ids) if max_tokens is None else max_tokens
-        if len(ids) + max(max_tokens, 0) > limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
-                             f"{len(ids)} tokens and max_tokens is {max_tokens}", "max_tokens")
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        stops = self.tok.stop_ids
-        with self.lock:
-            outs, _ = generate(self.model, [ids] * n, max_tokens, temperature=temperature, top_p=top_p,
-                               eos_id=stops, generator=generator)
-            outs = [without_stop(out, stops) for out in outs]
-            scored = [self._score(ids + new, top_k) for new, _ in outs]
-        choices = []
-        for (new, stopped), (logprobs, tops) in zip(outs, scored):
-            finish = "stop" if stopped else "length"
-            logprobs = logprobs[len(ids) - 1:]
-            tops = tops[len(ids) - 1:]
-            pieces = [self.tok.piece_bytes(t) for t in new]
-            text = b"".join(pieces).decode("utf-8", "replace")
-            cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-            # the text ends before the stop sequence, and so do the tokens
-            if cut >= 0:
-                keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
-                new = new[:keep]
-                logprobs = logprobs[:keep]
-                tops = tops[:keep]
-                text = text[:cut]
-                finish = "stop"
-            choices.append((new, logprobs, tops, text, finish))
-        return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
-
-    def _sampling(self, body, default_max_tokens):
-        if body.get("stream"):
-            raise BadRequest("stream is not supported by this server", "stream")
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not _valid_stop(stop):
-            raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        n = _option(body, "n", (int,), 1, lambda v: 1 <= v <= 16)
-        temperature = _option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)
-        top_p = _option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)
-        max_tokens = _option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0)
-        default_seed = self._default_seed(body)
-        seed = _option(body, "seed", (int,), default_seed)
-        return dict(n=n, temperature=float(temperature), top_p=float(top_p),
-                    max_tokens=max_tokens, seed=seed, stop=stop)
-
-    def _default_seed(self, body):
-        """serve --seed S: a request without a seed samples from a generator seeded by (S,
-        the request), so a run is reproducible whatever the order in which concurrent
-        requests arrive."""
-        if self.seed is None:
-            return None
-        request = json.dumps(body, sort_keys=True, ensure_ascii=False)
-        digest = hashlib.sha256(f"{self.seed}:{request}".encode()).digest()
-        return int.from_bytes(digest[:6], "little")
-
-    def _answer(self, kind, choices, usage):
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": choices, "usage": usage}
-
-    def completions(self, body):
-        prompts = body.get("prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not _non_empty_list_of(prompts, str):
-            raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
-        sampling = self._sampling(body, 16)  # 16: the OpenAI default
-        top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
-        echo = _option(body, "echo", (bool,), False)
-        choices = []
-        usage = dict(prompt_tokens=0, completion_tokens=0)
-        for p, prompt in enumerate(prompts):
-            ids, prompt_logprobs, prompt_tops, outs = self._run(prompt, top_k=top_k or 0, **sampling)
-            usage["prompt_tokens"] += len(ids)
-            for j, (new, logprobs, tops, text, finish) in enumerate(outs):
-                usage["completion_tokens"] += len(new)
-                # OpenAI counts text offsets from the prompt's start
-                end = len(prompt) + len(text)
-                # the prompt's tokens first (BOS is no text); the first has no context: None
-                if echo:
-                    # BOS, or nothing (SmolLM2, GPT-2)
-                    start = len(self.tok.prefix_ids())
-                    new = ids[start:] + new
-                    text = prompt + text
-                    logprobs = [None] + prompt_logprobs[start:] + logprobs
-                    tops = [None] + prompt_tops[start:] + tops
-                info = None
-                if top_k is not None:
-                    info = self._completion_logprobs(new, logprobs, tops, end)
-                index = p * sampling["n"] + j
-                choices.append({"text": text, "index": index, "logprobs": info,
-                                "finish_reason": finish})
-        return self._answer("text_completion", choices, usage)
-
-    def _completion_logprobs(self, new, logprobs, tops, end):
-        """/completions' logprobs object of one choice; `end`: where its text ends."""
-        # tokens with equal texts: the best one's log-prob
-        top_logprobs = []
-        for top in tops:
-            best = None if top is None else {self._text(i): lp for lp, i in reversed(top)}
-            top_logprobs.append(best)
-        pieces = [self.tok.piece_bytes(t) for t in new]
-        return {"tokens": [self._text(t) for t in new],
-                "token_logprobs": logprobs,
-                "top_logprobs": top_logprobs,
-                "text_offset": _offsets(pieces, end)}
-
-    def chat(self, body):
-        messages = body.get("messages")
-        if not _non_empty_list_of(messages, dict) or not all(map(_valid_message, messages)):
-            raise BadRequest("'messages' must be a non-empty list of {role: system|user|assistant, content: "
-                             "string}", "messages")
-        sampling = self._sampling(body, None)  # None: up to the end of the context
-        want_logprobs = _option(body, "logprobs", (bool,), False)
-        top_k = _option(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20)
-        if top_k and not want_logprobs:
-            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        ids, _, _, outs = self._run(chat_prompt(messages), top_k=top_k, **sampling)
-        choices = []
-        usage = dict(prompt_tokens=len(ids), completion_tokens=0)
-        for j, (new, logprobs, tops, text, finish) in enumerate(outs):
-            usage["completion_tokens"] += len(new)
-            content = []
-            for t, lp, top in zip(new, logprobs, tops):
-                alternatives = [self._token(i, v) for v, i in top]
-                content.append(dict(self._token(t, lp), top_logprobs=alternatives))
-            message = {"role": "assistant", "content": text, "refusal": None}
-            info = {"content": content, "refusal": None} if want_logprobs else None
-            choices.append({"index": j, "message": message, "logprobs": info,
-                            "finish_reason": finish})
-        return self._answer("chat.completion", choices, usage)
-
-
-def _error(message, kind="invalid_request_error", param=None, code=None):
-    """OpenAI's error body."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or
-# wrong key, 404 model_not_found, 400 invalid_request_error, 413 for a body over the
-# limit), a listen backlog that takes a client's whole thread pool at once, and an API key
-# compared in constant time.
-# pending connections the kernel keeps (Python's default of 5 resets the rest)
-LISTEN_BACKLOG = 1024
-# a ranking request is ~10 KB; a bigger body is refused before it is read
-MAX_BODY_BYTES = 8 * 2 ** 20
-NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-          "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def _send(self, status, answer):
-        payload = json.dumps(answer, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _refused(self):
-        """An error answer (status, body) when the request lacks the server's API key,
-        else None."""
-        key = self.server.api_key
-        if key is None:
-            return None
-        given = self.headers.get("Authorization", "")
-        if not given.startswith("Bearer "):
-            return 401, _error(NO_KEY)
-        if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
-            # never echo the key
-            return 401, _error("Incorrect API key provided.", code="invalid_api_key")
-        return None
-
-    def do_GET(self):
-        refused = self._refused()
-        if refused:
-            self._send(*refused)
-        elif self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.server.teacher.name, "object": "model",
-                                                         "created": 0, "owned_by": "tuna"}]})
-        else:
-            self._send(404, _error(f"Unknown URL: GET {self.path}", code="unknown_url"))
-
-    def do_POST(self):
-        teacher = self.server.teacher
-        # None: an unknown URL, or an endpoint this backend does not answer
-        route = getattr(teacher, ROUTES.get(self.path, ""), None)
-        try:
-            size = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            size = -1
-        # answered unread: the connection closes after it
-        if size < 0:
-            self.close_connection = True
-            message = "The Content-Length header is not a number of bytes."
-            return self._send(400, _error(message))
-        limit = self.server.max_body_bytes
-        if size > limit:
-            self.close_connection = True
-            message = f"Request body of {size} bytes is over this server's limit of {limit} bytes."
-            return self._send(413, _error(message, code="request_too_large"))
-        try:
-            raw = self.rfile.read(size)
-            refused = self._refused()
-            if refused:
-                return self._send(*refused)
-            if route is None:
-                return self._send(404, _error(f"Unknown URL: POST {self.path}", code="unknown_url"))
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise BadRequest("We could not parse the JSON body of your request.") from None
-            if not isinstance(body, dict):
-                raise BadRequest("The request body must be a JSON object.")
-            # no model: the served one, as vLLM
-            if body.get("model") not in (None, teacher.name):
-                unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
-                return self._send(404, _error(unknown, code="model_not_found"))
-            self._send(200, route(body))
-        except BadRequest as e:
-            self._send(400, _error(str(e), param=e.param))
-        except Exception as e:  # never crash the server: a 500 the client may retry
-            log.exception("POST %s failed", self.path)
-            self._send(500, _error(f"Internal error: {type(e).__name__}: {e}", "server_error"))
-
-    def log_message(self, format, *args):
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-# URL -> the backend's method that answers it
-ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = LISTEN_BACKLOG  # socket.listen()'s backlog
-    daemon_threads = True
-
-
-def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_bytes=MAX_BODY_BYTES):
-    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies,
-    answered by `backend`: an object with .name, .completions(body) and .chat(body) ->
-    answer dict (BadRequest -> 400). Port 0 picks a free port (server.server_port).
-    api_key: requests must bring it as "Authorization: Bearer KEY" (else 401). Run it with
-    serve_forever(), e.g. in a thread."""
-    server = _Server((host, port), _Handler)
-    server.teacher = backend
-    server.api_key = api_key
-    server.max_body_bytes = max_body_bytes
-    return server
-
-
-def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
-                max_body_bytes=MAX_BODY_BYTES):
-    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and
-    /v1/models."""
-    backend = LocalTeacher(model, tokenizer, model_name, seed)
-    return backend_server(backend, host, port, api_key, max_body_bytes)
-
-
-def stop_on_signals(server):
-    """SIGINT or SIGTERM: the server's serve_forever() returns (server.shutdown(), from a thread of its own
-    since it waits for serve_forever). Nothing is raised inside the loop, whatever it was doing. Returns the
-    list that receives the signal's name."""
-    received = []
-
-    def stop(signum, frame):
-        received.append(signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    return received
-
-
-def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
-          seed=None, api_key_env=None, max_body_bytes=MAX_BODY_BYTES):
-    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM.
-    A host other than loopback needs an API key (the variable api_key_env names), as
-    anyone who reaches the port may use it."""
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    if api_key_env and not api_key:
-        raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
-    if api_key is None and not _is_loopback(host):
-        raise ValueError(f"--host {host} serves anyone who can reach the port: give an API key with "
-                         "--api-key-env NAME (the key in the environment variable NAME), or serve on "
-                         "127.0.0.1")
-    model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
-    name = model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(model, data.Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
-                         max_body_bytes)
-    received = stop_on_signals(server)
-    print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1"
-          + (f" (API key from ${api_key_env})" if api_key else ""), flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    print(f"teacher.py serve: stopped ({', '.join(received)})", flush=True)
-    return 0
-
-
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return host == "localhost"
-
-
-# ------------------------------------------------------------------------------ 8. the command line
+# ------------------------------------------------------------------------------ 6. the command line
 
 def preflight(args, client):
     """The pre-flight request of a probabilistic or contextual run, with the endpoint and
@@ -1700,7 +949,8 @@ def preflight(args, client):
     if args.chat:
         return client.check(chat=True, temperature=args.temperature, logprobs=True)
     echo = dict(echo=True) if args.add_original == "scored" else {}
-    return client.check(chat=False, temperature=args.temperature, logprobs=1, **echo)
+    return client.check(chat=False, refused_hints={"echo": ECHO_REFUSED}, temperature=args.temperature,
+                        logprobs=1, **echo)
 
 
 def dry_run(args, client, examples):
@@ -1735,23 +985,9 @@ def client_from_args(args, cache_path):
 
 
 def main(argv=None):
-    description = ("Tuna ranking data from a teacher LLM over an OpenAI-compatible API, "
-                   "and a local teacher server (paper, section 2).")
+    description = "Tuna ranking data from a teacher LLM over an OpenAI-compatible API (paper, section 2)."
     parser = argparse.ArgumentParser(prog="teacher.py", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
-    s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --checkpoint)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the "
-                   "request)")
-    s.add_argument("--api-key-env", help="environment variable holding the API key that requests must bring "
-                   "(Authorization: Bearer KEY); needed for a --host other than loopback")
-    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get "
-                   f"HTTP 413 (default {MAX_BODY_BYTES})")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -1810,9 +1046,6 @@ def main(argv=None):
         # rouge_score's absl logging configures the root logger: no second copy there
         log.propagate = False
     try:
-        if args.command == "serve":
-            return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
-                         args.seed, args.api_key_env, args.max_body_bytes)
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
@@ -1849,7 +1082,7 @@ def main(argv=None):
                              args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
     # each names its file or URL
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:
-        parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
+        parser.exit(1, f"teacher.py {args.command}: error: {one_line(e)}\n")
     return 0
 
 
