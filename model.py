@@ -373,12 +373,14 @@ class KVCache:
         self.v[:len(rows)] = kept_values
 
 
-def sample_next(logits, temperature, top_p, generator=None):
+def sample_next(logits, temperature, top_p, generator=None, finished=None):
     """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus
     (top-p) sampling.
     generator: None (torch's default), one torch.Generator that the rows draw from in
     turn, or a list of B generators, one per row, so that a row's draw depends only
-    on its own logits and generator."""
+    on its own logits and generator. finished: None or (B,) bool; with a list of
+    generators a finished row draws nothing (token 0), so its generator is left as its
+    own tokens left it, whichever rows share its batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
@@ -389,9 +391,10 @@ def sample_next(logits, temperature, top_p, generator=None):
         sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if isinstance(generator, (list, tuple)):
-        # (B,)
-        draws = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)]
-        return torch.cat(draws)
+        done = [False] * len(generator) if finished is None else finished.tolist()
+        draws = [probs.new_zeros(1, dtype=torch.long) if row_done else torch.multinomial(row, 1, generator=g)
+                 for row, g, row_done in zip(probs, generator, done)]
+        return torch.cat(draws)  # (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -614,7 +617,7 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
         # produced a stop id, still in the batch
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step_index in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_p, generator)  # (b,)
+            token = sample_next(logits, temperature, top_p, generator, finished)  # (b,)
             new_tokens[row_of, step_index] = token
             logprobs = torch.log_softmax(logits.float(), -1)  # (B, vocab)
             new_logprobs[row_of, step_index] = logprobs.gather(-1, token[:, None])[:, 0]
