@@ -1,22 +1,25 @@
-"""Ranking data from a teacher LLM over any OpenAI-compatible API (client.py), for Tuna's two stages.
+"""Ranking data from teachers: the ranked candidates Tuna trains on (paper, section 2).
 
-The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
-1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction,
-   each scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
-2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher
-   sees them all in one prompt and ranks them (the authors' tuna/src/gpt-eval.py,
-   GroupEval.group_eval). Tuna_c trains on them.
-Then the plumbing:
-4. What both builders share: the items, a new request for an unparseable reply, the
-   failures file.
-5. --dry-run: the requests a run would send, counted and priced, never sent.
-6. The command line.
+The method, read from the top (README, "Faithfulness notes" for the choices made):
+1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction, each
+   scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
+2. The student's samples (section 2.2): n answers per instruction under the diversity rule.
+3. Contextual ranking (section 2.2): the teacher sees the student's answers in one prompt
+   and ranks them; its reply is parsed into a ranking. Tuna_c trains on them.
+4. What both builders share: the items, the run over them, the failures file.
+Then the details the method calls by name, and the plumbing:
+5. The dataset's own answer as a candidate (--add-original).
+6. Where the teacher's reference answer ends in its ranking reply.
+7. The fast path: the diversity rule for many prompts in batches.
+8. The student's samples on disk: their cache and what made them.
+9. --dry-run: the requests a run would send, counted and priced, never sent.
+10. The command line.
+Requests go through client.py (cache, retries, rate limit); server.py serves a local teacher.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
     python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
         --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
-    (a local teacher: python server.py --checkpoint some-llama/ --port 8000)
 """
 import argparse
 import contextlib
@@ -41,57 +44,23 @@ log = logging.getLogger("teacher")
 
 
 class ReplyError(ValueError):
-    """An answer that cannot become a training record (an unparseable ranking, say);
-    `raw`: the reply."""
+    """An answer that cannot become a training record (an unparseable ranking, say); `raw`: the reply."""
 
     def __init__(self, message, raw=None):
         super().__init__(message)
         self.raw = raw
 
 
-# ----------------------- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
-
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further
-# requests then ask for one choice each, with seeds 1, 2, ... (each its own cache entry):
-# at most this many requests per sample.
-REQUESTS_PER_SAMPLE = 2
-
-ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
-                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
-                "that scores prompts (vLLM, server.py)")
-
-
-def probabilistic_request(item, k, n, max_tokens, temperature, chat):
-    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for
-    n choices, as the authors did; k > 0 for one more, with seed k. The run and its dry
-    run build the same requests."""
-    _, ex, prompt = item
-    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
-    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
-    if chat:  # a chat teacher gets the instruction itself, not our template
-        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        messages = [{"role": "user", "content": user}]
-        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
-    return "/completions", dict(prompt=prompt, logprobs=1, **options)
-
-
-def original_request(prompt, output):
-    """(path, params) of the request that scores the dataset's own response
-    (--add-original scored): the training text (data.encode_prompt_response: no separator)
-    echoed with its log-probs, nothing generated."""
-    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
-
+# ---- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
 
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each
-    scored by its mean token log-prob, best first. Identical samples are kept once (equal
-    texts cannot be ranked against each other), and are not replaced by asking again (that
-    would favour the teacher's less likely answers). A sample cut by max_tokens
-    (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained
-    without EOS. add_original: None; "scored" = the dataset's response scored by the same
-    teacher (echo, /completions only) and sorted in; "first" = placed best (gold), its
-    score unknown (scores null)."""
+    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each scored by its mean
+    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each
+    other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
+    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
+    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
+    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
     if add_original not in (None, "scored", "first"):
         raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
     if add_original == "scored" and chat:
@@ -113,8 +82,7 @@ class Asking:
 
     @property
     def distinct_needed(self):
-        """Distinct samples an item needs: 2, or 1 when the original answer is the second
-        candidate."""
+        """Distinct samples an item needs: 2, or 1 when the original answer is the second candidate."""
         return 1 if self.add_original else 2
 
 
@@ -137,60 +105,31 @@ def probabilistic_record(client, asked, item):
         raise ReplyError(f"{url}: fewer than 2 distinct candidates")
     texts = [text for text, _ in ranked]
     scores = [score for _, score in ranked]
-    has_original = asked.add_original and original in texts
-    original_index = texts.index(original) if has_original else None
+    original_index = texts.index(original) if asked.add_original and original in texts else None
     unfinished = [k for k, text in enumerate(texts) if not finished.get(text, True)]
-    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat,
-              "requests": requests_made, "original_index": original_index,
-              "unfinished": unfinished}
+    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat, "requests": requests_made,
+              "original_index": original_index, "unfinished": unfinished}
     if asked.add_original == "first":
         source["teacher_scores"] = scores[1:]
         scores = None
     return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                             instruction=ex["instruction"], input=ex.get("input", ""),
-                             source=source)
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
 
 
-def by_score(pair):
-    """The sort key of a (text, mean log-prob) pair."""
-    return pair[1]
+def mean_logprob(logprobs):
+    """An answer's score: its total log-prob over its number of tokens (paper, section 2.1)."""
+    return sum(logprobs) / len(logprobs)
 
 
-def distinct_samples(found):
-    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples:
-    identical texts are kept once (the first one's score), finished if any copy was."""
-    scored, finished = {}, {}
-    for text, score, done in found:
-        scored.setdefault(text, score)
-        finished[text] = finished.get(text, False) or done
-    return scored, finished
-
-
-def with_original(client, asked, ranked, prompt, ex):
-    """The ranking with the dataset's own answer: sorted in by its score ("scored") or
-    placed first ("first", its score unknown)."""
-    original = ex.get("output", "").strip()
-    if not original:
-        raise ReplyError("add_original is set but the example has no output")
-    texts = [text for text, _ in ranked]
-    if asked.add_original == "first":
-        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
-    if original in texts:  # a sample equals it: already scored
-        return ranked
-    scored_original = (original, original_score(client, prompt, ex["output"]))
-    return sorted(ranked + [scored_original], key=by_score, reverse=True)
-
-
-def teacher_url(client, chat):
-    """The URL a ranking request goes to, for messages."""
-    return client.base_url + ("/chat/completions" if chat else "/completions")
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
+# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
+REQUESTS_PER_SAMPLE = 2
 
 
 def teacher_samples(client, asked, item):
-    """The item's usable choices and the number of requests they took. Past the bound (or
-    with n samples but too few distinct ones) only cached answers are read, and with
-    retry_failures one new request is paid for an item that would fail: a re-run replays
-    exactly the requests of the runs before it."""
+    """The item's usable choices and the number of requests they took. Past the bound (or with n samples but
+    too few distinct ones) only cached answers are read, and with retry_failures one new request is paid for
+    an item that would fail: a re-run replays exactly the requests of the runs before it."""
     found = []
     k = 0
     fresh = asked.retry_failures
@@ -211,6 +150,19 @@ def teacher_samples(client, asked, item):
         k += 1
 
 
+def probabilistic_request(item, k, n, max_tokens, temperature, chat):
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
+    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
+    _, ex, prompt = item
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
+    if chat:  # a chat teacher gets the instruction itself, not our template
+        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
+    return "/completions", dict(prompt=prompt, logprobs=1, **options)
+
+
 def usable_choices(answer, url, chat):
     """(text, mean log-prob, finished) of each choice with a non-empty text and log-probs."""
     found = []
@@ -220,12 +172,6 @@ def usable_choices(answer, url, chat):
             finished = answer["choices"][i].get("finish_reason") != "length"
             found.append((text.strip(), mean_logprob(logprobs), finished))
     return found
-
-
-def mean_logprob(logprobs):
-    """An answer's score: its total log-prob over its number of tokens (paper, section
-    2.1)."""
-    return sum(logprobs) / len(logprobs)
 
 
 def choice_logprobs(answer, i, url, chat):
@@ -243,9 +189,312 @@ def choice_logprobs(answer, i, url, chat):
         raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
 
 
+def distinct_samples(found):
+    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples: identical texts are
+    kept once (the first one's score), finished if any copy was."""
+    scored, finished = {}, {}
+    for text, score, done in found:
+        scored.setdefault(text, score)
+        finished[text] = finished.get(text, False) or done
+    return scored, finished
+
+
+def by_score(pair):
+    """The sort key of a (text, mean log-prob) pair."""
+    return pair[1]
+
+
+def teacher_url(client, chat):
+    """The URL a ranking request goes to, for messages."""
+    return client.base_url + ("/chat/completions" if chat else "/completions")
+
+
+# ---- 2. the student's samples: n answers per instruction under the diversity rule
+
+def diverse_samples(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                    generators=None):
+    """n student answers to one prompt under the diversity rule (paper, section 2.2): sample n at temperature
+    t; while some pair has ROUGE-L F1 >= threshold, sample again at t + 0.1, `tries` rounds in all; keep the
+    round with the lowest mean pairwise ROUGE-L. -> {candidates, finished (which ended in one of
+    tok.stop_ids; the others hit max_new_tokens), temperature, round, mean_rouge_l}. generators: None
+    (torch's default) or n torch.Generators, one per answer. A run samples many prompts at once with
+    sample_diverse (section 7), tested equal to this rule."""
+    ids = tok.encode(prompt, bos=True)
+    # a long prompt leaves fewer tokens to its answer
+    budget = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))
+    best = None
+    for r in range(tries):
+        t = round(temperature + 0.1 * r, 6)
+        outs, _ = generate(model, [ids], budget, temperature=t, eos_id=tok.stop_ids, generator=generators,
+                           num_samples=n)
+        answers = [without_stop(out, tok.stop_ids) for out in outs]
+        texts = [tok.decode(answer).strip() for answer, _ in answers]
+        pairs = pairwise_rouge_l(texts)
+        mean_rouge_l = sum(pairs) / len(pairs)
+        if best is None or mean_rouge_l < best["mean_rouge_l"]:
+            best = {"candidates": texts, "finished": [done for _, done in answers], "temperature": t,
+                    "round": r + 1, "mean_rouge_l": mean_rouge_l}
+        if max(pairs) < threshold:
+            break
+    return best
+
+
+def pairwise_rouge_l(texts):
+    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair), with the Porter stemmer, as the
+    authors (rouge_scorer, use_stemmer=True)."""
+    from rouge_score import rouge_scorer  # on first use: importing it sets up absl logging
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
+
+
+# ---- 3. contextual ranking: the teacher ranks the student's answers in one prompt
+
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates (samples: {id:
+    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
+    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
+    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
+    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
+    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
+    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
+    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may be
+    incomplete."""
+    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
+    record_of = functools.partial(contextual_ranked, client, samples, ranking)
+    return build_ranked("contextual", client, examples, record_of, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How contextual ranking asks the teacher (build_contextual's arguments)."""
+    keep_reference: bool
+    retry_failures: bool
+    temperature: float
+    max_tokens: int
+
+
+RANKING_SYSTEM = "You are a professional, experienced data annotator."
+
+
+def ranking_messages(prompt, candidates):
+    """The contextual-ranking request (paper, section 2.2): this project's own wording of the authors' prompt
+    (tuna/src/gpt-eval.py, GroupEval.group_eval), its five steps and its "rank: [...]" line; index
+    len(candidates) is the teacher's own reference answer. The format example shows placeholders, as the
+    authors' prompt does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an
+    answer."""
+    n = len(candidates)
+    if n > 17:
+        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
+    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
+    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
+            f"Follow these steps:\n"
+            f"(1) Say whether the instruction is open-ended or close-ended.\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with "
+            f"\"###Response {n}:\".\n"
+            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
+            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
+            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
+            f"[sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
+            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
+    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
+    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
+    messages = ranking_messages(prompt, candidates)
+    return "/chat/completions", dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
+
+
+def contextual_ranked(client, samples, ranking, item):
+    """The item's RankedRecord: its student samples as the teacher ranked them."""
+    item_id, ex, prompt = item
+    entry = samples.get(item_id)
+    if not entry:
+        raise ReplyError("no student candidates")
+    candidates = entry["candidates"]
+    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
+    parse = functools.partial(parse_ranked_reply, teacher_url(client, chat=True), candidates, ranking)
+    ranked, attempt = ask(client, path, params, parse, ranking.retry_failures)
+    return contextual_record(client, item, entry, ranked, attempt)
+
+
+def ask(client, path, params, parse, retry_failures):
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
+    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
+    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
+    fresh_left = retry_failures
+    error = None
+    for attempt in itertools.count():
+        attempt_params = dict(params, seed=attempt) if attempt else params
+        answer = client.request(path, attempt_params, cache_only=attempt > 0)
+        if answer is None and fresh_left:
+            answer = client.request(path, attempt_params)
+            fresh_left = False
+        if answer is None:
+            raise error
+        try:
+            return parse(answer), attempt
+        except (ReplyError, TeacherError) as e:
+            error = e
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedReply:
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why there is none), the
+    indices kept for training, best first, and the texts they index (candidates, then the reference)."""
+    reply: str
+    ranks: list
+    reference: object
+    problem: object
+    kept: list
+    pool: list
+
+
+def parse_ranked_reply(url, candidates, ranking, answer):
+    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
+    reply = str(get_field(answer, "choices.0.message.content", url))
+    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
+                         "so its ranking may be incomplete", reply)
+    ranks = parse_ranking(reply, len(candidates))
+    reference, problem = reference_answer(reply, len(candidates))
+    pool = candidates + [reference if ranking.keep_reference else None]
+    kept = []
+    # an empty text or a copy of a better-ranked one cannot be ranked against it
+    for i in ranks:
+        if pool[i] and pool[i] not in [pool[k] for k in kept]:
+            kept.append(i)
+    if len(kept) < 2:
+        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+    return RankedReply(reply, ranks, reference, problem, kept, pool)
+
+
+def parse_ranking(reply, n):
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
+    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
+    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
+    once, so stray digits become a ReplyError instead of training data."""
+    text = reply.lower()
+    key = "rank:" if "rank:" in text else "ranking:"
+    if key not in text:
+        raise ReplyError("no 'rank:' in the reply", reply)
+    tail = text.rsplit(key, 1)[1].lstrip()
+    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
+    ranks = [int(x) for x in re.findall(r"\d+", listed)]
+    bad = [r for r in ranks if r > n]
+    if bad:
+        problem = f"index {bad[0]} out of range 0..{n}"
+    elif len(set(ranks)) != len(ranks):
+        problem = "an index appears twice"
+    elif len(ranks) < 2:
+        problem = f"{len(ranks)} index(es), need 2+"
+    else:
+        return ranks
+    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
+
+
+def contextual_record(client, item, entry, ranked, attempt):
+    """The training record of one ranked item; its source keeps the whole reply and the student's samples."""
+    item_id, ex, prompt = item
+    candidates = entry["candidates"]
+    finished = entry.get("finished") or [True] * len(candidates)
+    kept = ranked.kept
+    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
+    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
+    student = (entry.get("settings") or {}).get("student")
+    source = {"kind": "contextual", "teacher": client.model, "ranks": ranked.ranks, "kept_ranks": kept,
+              "raw_reply": ranked.reply, "reference": ranked.reference, "reference_problem": ranked.problem,
+              "student_candidates": candidates, "attempt": attempt, "unfinished": unfinished, **sampled,
+              "student": student}
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=[ranked.pool[i] for i in kept],
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+
+
+# ---- 4. what both builders share: the items, the run over them, the failures file
+
+def _items(examples):
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
+    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
+            for i, ex in enumerate(examples)]
+
+
+def build_ranked(kind, client, examples, record_of, out_path, failures_path):
+    """Both builders' run: record_of(item) for every item, over the client's workers; the records written to
+    out_path, the failures to failures_path."""
+    results = client.map(functools.partial(item_result, kind, client, record_of), _items(examples),
+                         f"{kind} ranking", failed=is_failure)
+    return _finish(kind, client, results, out_path, failures_path)
+
+
+def item_result(kind, client, record_of, item):
+    """("done", record_of(item)) or ("failed", why); a RunError stops the run."""
+    try:
+        return "done", record_of(item)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure(kind, item, e, client.model)
+
+
+def is_failure(result):
+    """Whether a builder's result for one item is ("failed", why)."""
+    return result[0] == "failed"
+
+
+def _failure(kind, item, error, teacher):
+    """The failures file's line for an item that gave no record: its prompt, the error and the teacher's reply
+    (raw_reply, when there was one)."""
+    item_id, ex, prompt = item
+    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
+            "teacher": teacher}
+
+
+def _finish(kind, client, results, out_path, failures_path):
+    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
+    records = [r for status, r in results if status == "done"]
+    failures = [r for status, r in results if status == "failed"]
+    failures_path = failures_path or out_path + ".failures.jsonl"
+    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
+    if failures and not records:
+        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
+                       f"e.g. item {first['id']}: {one_line(first['error'])}; all are listed in "
+                       f"{failures_path}")
+    data.write_ranked_jsonl(out_path, records)
+    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
+    return dict(done=len(records), failed=len(failures), **client.counts)
+
+
+# ---- 5. the dataset's own answer as a candidate (--add-original)
+
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
+                "that scores prompts (vLLM, server.py)")
+
+
+def with_original(client, asked, ranked, prompt, ex):
+    """The ranking with the dataset's own answer: sorted in by its score ("scored") or placed first ("first",
+    its score unknown)."""
+    original = ex.get("output", "").strip()
+    if not original:
+        raise ReplyError("add_original is set but the example has no output")
+    texts = [text for text, _ in ranked]
+    if asked.add_original == "first":
+        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
+    if original in texts:  # a sample equals it: already scored
+        return ranked
+    scored = ranked + [(original, original_score(client, prompt, ex["output"]))]
+    return sorted(scored, key=by_score, reverse=True)
+
+
 def original_score(client, prompt, output):
-    """The mean token log-prob of the dataset's own response, echoed by the teacher after
-    the prompt."""
+    """The mean token log-prob of the dataset's own response, echoed by the teacher after the prompt."""
     url = client.base_url + "/completions"
     # as the training text (data.encode_prompt_response): no separator
     full = prompt + output
@@ -258,8 +507,7 @@ def original_score(client, prompt, output):
         raise
     offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
     logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-    # a token holding any response character is the response's, as in
-    # data.encode_prompt_response
+    # a token holding any response character is the response's, as in data.encode_prompt_response
     try:
         ends = list(offsets[1:]) + [len(full)]
         picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
@@ -271,35 +519,170 @@ def original_score(client, prompt, output):
     return mean_logprob(picked)
 
 
-# ------------------------------------- 2. contextual ranking: the student samples n diverse answers
+def original_request(prompt, output):
+    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
+    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
+    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
 
-# Rows sampled together where batch_size is "auto" and the device reports no free memory
-# (a CPU): a CPU's decode step costs in proportion to its rows, so more buys little there.
+
+# ---- 6. where the teacher's reference answer ends in its ranking reply
+
+# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
+# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
+# ("First, ... Second, ... Last, ...").
+_LINE = r"^[ \t>*#_-]*"
+_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
+             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
+STEP_MARKERS = {
+    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
+    "k)": lambda k: rf"{_LINE}{k}\)",
+    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
+    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
+    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
+}
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
+STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
+               4: r"scor|rat(?:e|ing)", 5: r"rank"}
+# "## Duplicates", "**Duplicates:** none"
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
+
+
+def reference_answer(reply, n):
+    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
+    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
+    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
+    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
+    be told unambiguously, there is no reference (the ranking is still usable without it)."""
+    # code blocks hold no step markers
+    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
+    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
+    if not head:
+        return None, f"no '###Response {n}' in the reply"
+    begin = head.end()
+    lowered = masked.lower()
+    key = "rank:" if "rank:" in lowered else "ranking:"
+    # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    end = lowered.rfind(key)
+    line_start = masked.rfind("\n", 0, end) + 1
+    if end < begin:
+        end = len(masked)
+    elif line_start >= begin:
+        end = line_start
+    cut, problem = _step_after_reference(masked, head.start(), begin, end)
+    if problem:
+        return None, problem
+    # a closing rule
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
+    return (text, None) if text else (None, "the reference answer is empty")
+
+
+def _blanked(match):
+    """A match's text as spaces, its line breaks kept: positions stay where they were."""
+    return re.sub(r"[^\n]", " ", match.group())
+
+
+def _line_end(text, at):
+    """Where the line holding position `at` ends (the text's end for the last line)."""
+    end = text.find("\n", at)
+    return len(text) if end < 0 else end
+
+
+def _heading_level(match):
+    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every heading."""
+    heading = match.group().strip()
+    return len(heading) - len(heading.lstrip("#")) or 7
+
+
+def _step_before(after, at):
+    """The number of the last step marker before position `at` (0: none)."""
+    earlier = [(q, k) for q, k in after if q < at]
+    return max(earlier, default=(0, 0))[1]
+
+
+def _step_after_reference(masked, head_at, begin, end):
+    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
+    after = _numbered_steps(masked, head_at, begin, end)
+    if after is None:
+        return _step_by_headings(masked, head_at, begin, end)
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        # a marker that continues a numbering begun inside the answer is an item of a list
+        fresh = [at for at in places if _step_before(after, at) != step - 1]
+        topical = [at for at in places if _names_topic(masked, at, step)]
+        both = [at for at in fresh if at in topical]
+        # one fresh marker, else one that names the step's topic, else one that is both
+        for chosen in (fresh, topical, both):
+            if len(chosen) == 1:
+                return chosen[0], None
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
+                      f"could begin step {step}")
+    return end, None
+
+
+def _names_topic(masked, at, step):
+    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
+    line = masked[at:_line_end(masked, at)]
+    return re.search(STEP_TOPICS[step], line, re.I) is not None
+
+
+def _numbered_steps(masked, head_at, begin, end):
+    """The (position, step number) markers after the answer, in the numbering style whose step-1 or step-2
+    marker comes nearest before the answer; None when no style numbers steps on both sides of it."""
+    best_at = -1
+    best = None
+    for marker in STEP_MARKERS.values():
+        found = sorted((m.start(), k) for k in range(1, 6)
+                       for m in re.finditer(marker(k), masked, re.I | re.M))
+        before = [(at, k) for at, k in found if at < head_at]
+        after = [(at, k) for at, k in found if begin <= at < end]
+        if not before or before[-1][1] not in (1, 2):
+            continue
+        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
+            best_at = before[-1][0]
+            best = after
+    return best
+
+
+def _step_by_headings(masked, head_at, begin, end):
+    """Where a reply that marks its steps with headings ("## Duplicates") begins the next one: the first
+    heading after the answer, at its heading's level or above, that names a later step's topic."""
+    headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                if not re.search(r"response\s*\d", m.group(), re.I)]
+    before = [m for m in headings if m.start() < head_at]
+    top = _heading_level(before[-1]) if before else 0
+    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
+    topics = "|".join(STEP_TOPICS.values())
+    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+    if named:
+        return named[0], None
+    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
+    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
+        return None, "no step markers after the reference answer to tell where it ends"
+    return end, None  # nothing but the answer up to the ranking
+
+
+# ---- 7. the fast path: the diversity rule for many prompts in batches
+
+# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
+# decode step costs in proportion to its rows, so more buys little there.
 STUDENT_BATCH_ROWS = 64
 
 
 def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
                    generators=None, batch_size="auto", on_done=None):
-    """For each prompt, n student responses with the diversity rule (paper, section 2.2):
-    while some pair has ROUGE-L F1 >= threshold, sample again at temperature + 0.1,
-    `tries` rounds in all; keep the round with the lowest mean pairwise ROUGE-L. ROUGE-L
-    with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True). Each result:
-    candidates, finished (which ended in one of tok.stop_ids; the others hit
-    max_new_tokens), temperature, round, mean_rouge_l.
-
-    The prompts are sampled together, shortest first, in model.generate calls of at most
-    batch_size rows (n per prompt; a row leaves the batch when it ends): on a GPU a decode
-    step costs about the same for 4 rows as for 128. "auto": the rows whose KV caches fit
-    the device's free memory (model.auto_batch_rows; on a CPU, STUDENT_BATCH_ROWS). A
-    prompt that must be sampled again waits until a full batch of prompts needs the same
-    round (or no new prompt is left), so retries fill batches too. generators: None
-    (torch's default), or per prompt a list of n torch.Generators, one per row: a row's
-    draws then depend only on its own generator, so a prompt's result does not depend on
-    which prompts share its batch. on_done(i, result) is called as soon as prompt i's
-    result is final (sample_candidates caches it there); returns the results in prompt
-    order."""
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    """For each prompt, what diverse_samples (section 2, the diversity rule) gives it, with the prompts
+    sampled together, shortest first, in model.generate calls of at most batch_size rows (n per prompt; a row
+    leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows as for 128. "auto":
+    the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a CPU,
+    STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs the
+    same round (or no new prompt is left), so retries fill batches too. generators: None (torch's default), or
+    per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its own generator,
+    so a prompt's result does not depend on which prompts share its batch, and equals diverse_samples' with
+    the same generators. on_done(i, result) is called as soon as prompt i's result is final (sample_candidates
+    caches it there); returns the results in prompt order."""
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
     stops = tok.stop_ids
     # a long prompt leaves fewer tokens to its answer
@@ -325,7 +708,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
             for k, i in enumerate(batch):
                 mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
                 texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = pairwise_rouge_l(scorer, texts)
+                pairs = pairwise_rouge_l(texts)
                 mean = sum(pairs) / len(pairs)
                 if best[i] is None or mean < best[i]["mean_rouge_l"]:
                     finished = [done for _, done in mine]
@@ -340,23 +723,17 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
 
 
 def next_round(fresh, waiting, per_batch):
-    """The round to sample next (0: new prompts): the latest round with a full batch due,
-    or any due once no new prompt is left; its prompts are the nearest to done."""
+    """The round to sample next (0: new prompts): the latest round with a full batch due, or any due once no
+    new prompt is left; its prompts are the nearest to done."""
     tries = len(waiting)
     full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
     last = [r for r in range(1, tries) if waiting[r] and not fresh]
     return max(full + last, default=0)
 
 
-def pairwise_rouge_l(scorer, texts):
-    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair)."""
-    pairs = itertools.combinations(texts, 2)
-    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs] or [0.0]
-
-
 def student_batch_rows(model, ids, budget):
-    """Rows that sample together under --student-batch-size auto: as many as fit in the
-    device's free memory (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
+    """Rows that sample together under --student-batch-size auto: as many as fit in the device's free memory
+    (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
     longest = max(map(len, ids), default=1)
     slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
     rows = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
@@ -364,14 +741,15 @@ def student_batch_rows(model, ids, budget):
     return rows
 
 
+# ---- 8. the student's samples on disk: their cache and what made them
+
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
                       seed=0, *, student, batch_size="auto"):
-    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time.
-    Each finished item is appended to cache_path (JSONL) and read back on a re-run with
-    the same prompt, settings and student (its identity: producer_identity), so a killed
-    run does not sample again and another checkpoint never reuses them. Row s of an item
-    draws from its own generator seeded from (seed, item id, s): an item's samples do not
-    depend on where a run was killed nor on batch_size."""
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
+    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
+    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
+    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
+    not depend on where a run was killed nor on batch_size."""
     settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
     kept = student_log(examples, cache_path, settings)
     cached = kept.kept
@@ -402,16 +780,14 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
 
 
 def row_generator(seed, item_id, row, device):
-    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row):
-    its samples depend on neither batch_size nor where a run was killed."""
+    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row): its samples depend
+    on neither batch_size nor where a run was killed."""
     digest = hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()
-    row_seed = int.from_bytes(digest[:6], "little")
-    return torch.Generator(device=device).manual_seed(row_seed)
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:6], "little"))
 
 
 def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under
-    the same settings."""
+    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
     return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                 student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
 
@@ -428,421 +804,27 @@ def sample_made_by(entry):
 
 
 def student_log(examples, cache_path, settings):
-    """The student cache (data.KeptLog): the samples it holds for the same prompt and
-    settings."""
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
     keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
     return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
 
 
 def is_checkpoint(folder):
-    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
-    params.json)."""
-    configs = [os.path.join(folder, name) for name in ("config.json", "params.json")]
-    return any(os.path.isfile(config) for config in configs)
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (model.checkpoint_identity), its
-    tokenizer's sha256."""
-    checkpoint = checkpoint_identity(checkpoint_dir)
-    return {"checkpoint": checkpoint, "tokenizer": data.file_sha256(tokenizer_path)}
+    """What produces a model's text: its checkpoint (model.checkpoint_identity), its tokenizer's sha256."""
+    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
-# -------------------------------------- 3. contextual ranking: the teacher ranks them in one prompt
-
-RANKING_SYSTEM = "You are a professional, experienced data annotator."
-
-
-def ranking_messages(prompt, candidates):
-    """The contextual-ranking request (paper, section 2.2; the authors' prompt in
-    tuna/src/gpt-eval.py, GroupEval.group_eval); index len(candidates) is the teacher's
-    own reference answer. The format example shows placeholders, as the authors' prompt
-    does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest
-    an answer."""
-    n = len(candidates)
-    if n > 17:
-        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
-    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
-    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
-    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
-            f"Follow these steps:\n"
-            f"(1) Say whether the instruction is open-ended or close-ended.\n"
-            f"(2) Write one high-quality reference answer to the instruction, starting with "
-            f"\"###Response {n}:\".\n"
-            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
-            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
-            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
-            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
-            f"[sum]\".\n"
-            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
-            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
-    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
-
-
-def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
-    """(path, params) of the contextual-ranking request for one instruction (the run and
-    its dry run)."""
-    messages = ranking_messages(prompt, candidates)
-    params = dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
-    return "/chat/completions", params
-
-
-def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own
-    answer (index n). As the authors: lowercase, the text after the last "rank:" (else
-    "ranking:"), integers in order. Unlike them, only the integers inside the [...] list
-    (or on that line) are read, and each index must be in 0..n at most once, so stray
-    digits become a ReplyError instead of training data."""
-    text = reply.lower()
-    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
-    if key is None:
-        raise ReplyError("no 'rank:' in the reply", reply)
-    tail = text.rsplit(key, 1)[1].lstrip()
-    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
-    ranks = [int(x) for x in re.findall(r"\d+", listed)]
-    bad = [r for r in ranks if r > n]
-    twice = len(set(ranks)) != len(ranks)
-    if bad:
-        problem = f"index {bad[0]} out of range 0..{n}"
-    elif twice:
-        problem = "an index appears twice"
-    elif len(ranks) < 2:
-        problem = f"{len(ranks)} index(es), need 2+"
-    else:
-        return ranks
-    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-
-
-def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
-                     retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
-    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
-    "finished" defaults to all) in one chat request per instruction, at the authors'
-    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
-    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
-    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
-    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
-    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
-    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
-    (finish_reason "length") is a failure: its ranking may be incomplete."""
-    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
-    record_of = functools.partial(contextual_ranked, client, samples, ranking)
-    return build_ranked("contextual", client, examples, record_of, out_path, failures_path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """How contextual ranking asks the teacher (build_contextual's arguments)."""
-    keep_reference: bool
-    retry_failures: bool
-    temperature: float
-    max_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RankedReply:
-    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
-    there is none), the indices kept for training, best first, and the texts they index
-    (candidates, then the reference)."""
-    reply: str
-    ranks: list
-    reference: object
-    problem: object
-    kept: list
-    pool: list
-
-
-def contextual_ranked(client, samples, ranking, item):
-    """The item's RankedRecord: its student samples as the teacher ranked them."""
-    item_id, ex, prompt = item
-    entry = samples.get(item_id)
-    if not entry:
-        raise ReplyError("no student candidates")
-    candidates = entry["candidates"]
-    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
-    send = functools.partial(send_with_seed, client, path, params)
-    url = teacher_url(client, chat=True)
-    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
-    ranked, attempt = ask(send, parse, ranking.retry_failures)
-    return contextual_record(client, item, entry, ranked, attempt)
-
-
-def send_with_seed(client, path, params, cache_only=False, **seed):
-    """One request of `ask`: seed, when given, makes a retry its own request (and cache
-    entry)."""
-    return client.request(path, dict(params, **seed), cache_only=cache_only)
-
-
-def parse_ranked_reply(url, candidates, ranking, answer):
-    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
-    reply = str(get_field(answer, "choices.0.message.content", url))
-    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
-                         "so its ranking may be incomplete", reply)
-    ranks = parse_ranking(reply, len(candidates))
-    reference, problem = reference_answer(reply, len(candidates))
-    pool = candidates + [reference if ranking.keep_reference else None]
-    kept = []
-    # an empty text or a copy of a better-ranked one cannot be ranked against it
-    for i in ranks:
-        if pool[i] and pool[i] not in [pool[k] for k in kept]:
-            kept.append(i)
-    if len(kept) < 2:
-        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-    return RankedReply(reply, ranks, reference, problem, kept, pool)
-
-
-def contextual_record(client, item, entry, ranked, attempt):
-    """The training record of one ranked item; its source keeps the whole reply and the
-    student's samples."""
-    item_id, ex, prompt = item
-    candidates = entry["candidates"]
-    finished = entry.get("finished") or [True] * len(candidates)
-    kept = ranked.kept
-    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
-    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
-    student = (entry.get("settings") or {}).get("student")
-    source = {"kind": "contextual", "teacher": client.model,
-              "ranks": ranked.ranks, "kept_ranks": kept,
-              "raw_reply": ranked.reply, "reference": ranked.reference,
-              "reference_problem": ranked.problem, "student_candidates": candidates,
-              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
-    texts = [ranked.pool[i] for i in kept]
-    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
-                             instruction=ex["instruction"], input=ex.get("input", ""),
-                             source=source)
-
-
-# ------------------ 3b. contextual ranking: where the teacher's own answer ends in its reply
-
-# How replies number their five steps: the marker of step k at the start of a line, after
-# markdown ("**", "#", ">", "-"); "(k)" also inside a line, as the prompt itself writes
-# them. Ordinals as in the authors' prompt ("First, ... Second, ... Last, ...").
-_LINE = r"^[ \t>*#_-]*"
-_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
-             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
-STEP_MARKERS = {
-    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
-    "k)": lambda k: rf"{_LINE}{k}\)",
-    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
-    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
-    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
-}
-# Words that name what steps 3-5 are about, to tell a step from an item of a list inside
-# the answer.
-STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
-               4: r"scor|rat(?:e|ing)", 5: r"rank"}
-# "## Duplicates", "**Duplicates:** none"
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
-
-
-def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after
-    "###Response n" up to where the reply's next step begins, in the numbering style the
-    reply uses for its steps (found from the marker just before the answer: "(2)", "2.",
-    "2)", "**Step 2:**", "Second," or a heading), and never past the ranking. A list
-    inside the answer stays whole: a marker that continues a numbering begun inside the
-    answer is an item of it, unless it names its step's topic (duplicates, scores, rank).
-    When the end cannot be told unambiguously, there is no reference (the ranking is still
-    usable without it)."""
-    # code blocks hold no step markers
-    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
-    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
-    if not head:
-        return None, f"no '###Response {n}' in the reply"
-    begin = head.end()
-    lowered = masked.lower()
-    key = "rank:" if "rank:" in lowered else "ranking:"
-    # the ranking's line is not the answer's (nor a ranking on the answer's line)
-    end = lowered.rfind(key)
-    line_start = masked.rfind("\n", 0, end) + 1
-    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
-    cut, problem = _step_after_reference(masked, head.start(), begin, end)
-    if problem:
-        return None, problem
-    # a closing rule
-    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
-    return (text, None) if text else (None, "the reference answer is empty")
-
-
-def _blanked(match):
-    """A match's text as spaces, its line breaks kept: positions stay where they were."""
-    return re.sub(r"[^\n]", " ", match.group())
-
-
-def _line_end(text, at):
-    """Where the line holding position `at` ends (the text's end for the last line)."""
-    end = text.find("\n", at)
-    return len(text) if end < 0 else end
-
-
-def _heading_level(match):
-    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every
-    heading."""
-    heading = match.group().strip()
-    return len(heading) - len(heading.lstrip("#")) or 7
-
-
-def _step_before(after, at):
-    """The number of the last step marker before position `at` (0: none)."""
-    earlier = [(q, k) for q, k in after if q < at]
-    return max(earlier, default=(0, 0))[1]
-
-
-def _step_after_reference(masked, head_at, begin, end):
-    """(where the step after the reference answer begins, None), or (None, why it cannot
-    be told)."""
-    after = _numbered_steps(masked, head_at, begin, end)
-    if after is None:
-        return _step_by_headings(masked, head_at, begin, end)
-    for step in (3, 4, 5):
-        places = [at for at, k in after if k == step]
-        if not places:
-            continue
-        # a marker that continues a numbering begun inside the answer is an item of a list
-        fresh = [at for at in places if _step_before(after, at) != step - 1]
-        topical = [at for at in places if _names_topic(masked, at, step)]
-        both = [at for at in fresh if at in topical]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
-        if len(chosen) == 1:
-            return chosen[0], None
-        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
-                      f"could begin step {step}")
-    return end, None
-
-
-def _names_topic(masked, at, step):
-    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
-    line = masked[at:_line_end(masked, at)]
-    return re.search(STEP_TOPICS[step], line, re.I) is not None
-
-
-def _numbered_steps(masked, head_at, begin, end):
-    """The (position, step number) markers after the answer, in the numbering style whose
-    step-1 or step-2 marker comes nearest before the answer; None when no style numbers
-    steps on both sides of it."""
-    best_at = -1
-    best = None
-    for marker in STEP_MARKERS.values():
-        found = sorted((m.start(), k) for k in range(1, 6)
-                       for m in re.finditer(marker(k), masked, re.I | re.M))
-        before = [(at, k) for at, k in found if at < head_at]
-        after = [(at, k) for at, k in found if begin <= at < end]
-        if not before or before[-1][1] not in (1, 2):
-            continue
-        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
-            best_at = before[-1][0]
-            best = after
-    return best
-
-
-def _step_by_headings(masked, head_at, begin, end):
-    """Where a reply that marks its steps with headings ("## Duplicates") begins the next
-    one: the first heading after the answer, at its heading's level or above, that names a
-    later step's topic."""
-    headings = [m for m in re.finditer(_HEADING, masked, re.M)
-                if not re.search(r"response\s*\d", m.group(), re.I)]
-    before = [m for m in headings if m.start() < head_at]
-    top = _heading_level(before[-1]) if before else 0
-    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
-    topics = "|".join(STEP_TOPICS.values())
-    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
-    if named:
-        return named[0], None
-    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
-    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
-        return None, "no step markers after the reference answer to tell where it ends"
-    return end, None  # nothing but the answer up to the ranking
-
-
-# -------------------------------------------- 4. what both builders share: items, retries, failures
-
-def _items(examples):
-    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its
-    position."""
-    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
-            for i, ex in enumerate(examples)]
-
-
-def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends
-    seed=k, so each attempt has its own cache entry: a re-run reads all earlier attempts
-    from the cache and only with retry_failures pays for one new one. Raises the last
-    ReplyError/TeacherError when none parses."""
-    fresh_left = retry_failures
-    error = None
-    for attempt in itertools.count():
-        params = {"seed": attempt} if attempt else {}
-        answer = send(cache_only=attempt > 0, **params)
-        if answer is None and fresh_left:
-            answer = send(**params)
-            fresh_left = False
-        if answer is None:
-            raise error
-        try:
-            return parse(answer), attempt
-        except (ReplyError, TeacherError) as e:
-            error = e
-
-
-def build_ranked(kind, client, examples, record_of, out_path, failures_path):
-    """Both builders' run: record_of(item) for every item, over the client's workers;
-    the records written to out_path, the failures to failures_path."""
-    one = functools.partial(item_result, kind, client, record_of)
-    results = client.map(one, _items(examples), f"{kind} ranking", failed=is_failure)
-    return _finish(kind, client, results, out_path, failures_path)
-
-
-def item_result(kind, client, record_of, item):
-    """("done", record_of(item)) or ("failed", why); a RunError stops the run."""
-    try:
-        return "done", record_of(item)
-    except RunError:
-        raise
-    except (ReplyError, TeacherError) as e:
-        return "failed", _failure(kind, item, e, client.model)
-
-
-def is_failure(result):
-    """Whether a builder's result for one item is ("failed", why)."""
-    return result[0] == "failed"
-
-
-def _failure(kind, item, error, teacher):
-    item_id, ex, prompt = item
-    raw_reply = getattr(error, "raw", None)
-    return {"id": item_id, "kind": kind,
-            "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": raw_reply,
-            "teacher": teacher}
-
-
-def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures. A run where every item failed is an error, and
-    replaces no OUT."""
-    records = [r for status, r in results if status == "done"]
-    failures = [r for status, r in results if status == "failed"]
-    failures_path = failures_path or out_path + ".failures.jsonl"
-    failure_lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
-    data.write_atomic(failures_path, failure_lines)
-    if failures and not records:
-        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
-        first = failures[0]
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
-                       f"e.g. item {first['id']}: {one_line(first['error'])}; all are listed in "
-                       f"{failures_path}")
-    data.write_ranked_jsonl(out_path, records)
-    counts = dict(done=len(records), failed=len(failures), **client.counts)
-    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
-    return counts
-
-
-# ---------------------------------------------------- 5. --dry-run and pre-flight: what a run sends
+# ---- 9. --dry-run: the requests a run would send, counted and priced, never sent
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer
-    reads, as server.py counts a prompt (BOS included); else estimated at 4
-    characters a token (OpenAI's rule of thumb for English text), and said so."""
+    """(count(text) -> tokens, how they are counted): with a tokenizer that data.Tokenizer reads, as server.py
+    counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule of thumb for English
+    text), and said so."""
     if tokenizer_path:
         tok = data.Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
@@ -850,10 +832,10 @@ def token_counter(tokenizer_path=None):
 
 
 class DryRun:
-    """The requests a run would send, added one by one as the run would build them, and
-    never sent: how many, which of them the cache holds (paid before), their prompt tokens
-    (chat messages laid out as server.py lays them out: an API's own chat template
-    adds a few tokens a request) and the most completion tokens they may cost."""
+    """The requests a run would send, added one by one as the run would build them, and never sent: how many,
+    which of them the cache holds (paid before), their prompt tokens (chat messages laid out as server.py lays
+    them out: an API's own chat template adds a few tokens a request) and the most completion tokens they may
+    cost."""
 
     def __init__(self, client, tokenizer_path=None):
         self.client = client
@@ -861,8 +843,8 @@ class DryRun:
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, path, params, max_completion_tokens, unknown_prompt_tokens=0):
-        """One request; unknown_prompt_tokens: what its prompt will hold beyond params'
-        text (candidates not sampled yet, as an upper bound)."""
+        """One request; unknown_prompt_tokens: what its prompt will hold beyond params' text (candidates not
+        sampled yet, as an upper bound)."""
         if self.client.is_cached(path, params):
             self.cached += 1
             return
@@ -872,8 +854,7 @@ class DryRun:
         self.completion_tokens += max_completion_tokens
 
     def report(self, title, prompt_note="", completion_note="", price_input=None, price_output=None):
-        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when
-        given)."""
+        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
         notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
         lines = [f"{title}: dry run, nothing sent",
                  f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
@@ -896,9 +877,8 @@ class DryRun:
 
 def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0, chat=False,
                           add_original=None, tokenizer_path=None, prices=(None, None)):
-    """build_probabilistic's requests, counted and not sent (the first request of each
-    item; top-ups and the original answer's scoring as notes, since they depend on the
-    answers)."""
+    """build_probabilistic's requests, counted and not sent (the first request of each item; top-ups and the
+    original answer's scoring as notes, since they depend on the answers)."""
     dry = DryRun(client, tokenizer_path)
     items = _items(examples)
     for item in items:
@@ -917,10 +897,9 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
 
 def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
                        max_tokens=2048, tokenizer_path=None, prices=(None, None)):
-    """build_contextual's requests, counted and not sent: exact for items whose student
-    samples are in the student cache (samples), estimated for the others: each of the n
-    candidates counted at student_max_tokens tokens, the most a sample holds (an upper
-    bound, up to how the teacher's tokenizer splits the text)."""
+    """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
+    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
+    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
     dry = DryRun(client, tokenizer_path)
     unknown = 0
     for item_id, _, prompt in _items(examples):
@@ -939,11 +918,10 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ------------------------------------------------------------------------------ 6. the command line
+# ---- 10. the command line
 
 def preflight(args, client):
-    """The pre-flight request of a probabilistic or contextual run, with the endpoint and
-    options it sends."""
+    """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
     if args.command == "contextual":
         return client.check(chat=True, temperature=args.teacher_temperature)
     if args.chat:
@@ -959,8 +937,7 @@ def dry_run(args, client, examples):
     if args.command == "probabilistic":
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
-    # what the student sampled already, if it exists yet (in the pipeline: not before
-    # Tuna_p)
+    # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
     samples = {}
     if is_checkpoint(args.student):
         tok = data.Tokenizer(args.tokenizer or args.student)
@@ -972,14 +949,12 @@ def dry_run(args, client, examples):
 
 
 def student_cache_path(args):
-    """Where contextual ranking keeps the student's samples: --student-cache, else
-    OUT.student.jsonl."""
+    """Where contextual ranking keeps the student's samples: --student-cache, else OUT.student.jsonl."""
     return args.student_cache or args.out + ".student.jsonl"
 
 
 def client_from_args(args, cache_path):
-    """The TeacherClient the command line asks for, with its cache at cache_path (None: no
-    cache)."""
+    """The TeacherClient the command line asks for, with its cache at cache_path (None: no cache)."""
     return TeacherClient(args.base_url, args.model, args.api_key_env, cache_path, args.timeout,
                          args.max_retries, args.workers, args.rpm)
 
@@ -1070,16 +1045,18 @@ def main(argv=None):
             preflight(args, client)  # before any sampling or paid request
             if args.command == "probabilistic":
                 build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
-                                    args.temperature, args.chat, args.add_original, args.retry_failures)
+                                    args.temperature, chat=args.chat, add_original=args.add_original,
+                                    retry_failures=args.retry_failures)
                 return 0
-            dtype = torch.float32 if args.device == "cpu" else None
-            student = load_checkpoint(args.student, args.device, dtype)
+            student = load_checkpoint(args.student, args.device,
+                                      dtype=torch.float32 if args.device == "cpu" else None)
             samples = sample_candidates(student, tok, examples, student_cache_path(args), args.n,
                                         args.student_temperature, args.student_max_tokens, args.tries,
                                         args.seed, student=producer_identity(args.student, tok.path),
                                         batch_size=args.student_batch_size)
-            build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
-                             args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
+            build_contextual(client, examples, samples, args.out, args.failures,
+                             keep_reference=not args.drop_reference, retry_failures=args.retry_failures,
+                             temperature=args.teacher_temperature, max_tokens=args.teacher_max_tokens)
     # each names its file or URL
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:
         parser.exit(1, f"teacher.py {args.command}: error: {one_line(e)}\n")

@@ -503,6 +503,42 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
     assert done == [(1, 1), (0, 2), (2, 2)]
     assert [r["candidates"] for r in results] == [replies[0, 2], replies[1, 1], replies[2, 2]]
 
+
+def test_batched_diversity_rule_gives_each_prompt_what_the_rule_gives_it(tiny, monkeypatch):
+    """The fast path against the rule, as pack_example is tested against K naive rows: sample_diverse (10 prompts'
+    rows in 64-row batches, round queues, rows leaving as they end) gives each prompt exactly what diverse_samples
+    gives it alone, from per-row generators seeded alike (candidates, finished, temperature, round, mean ROUGE-L).
+    Some prompts pass at once, others are sampled a second and a third time, hotter, and some keep an earlier,
+    more diverse round than their last."""
+    model, tok, _ = tiny
+    prompts = [data.alpaca_prompt(f"Name fruit number {i}" + " and a colour" * i) for i in range(10)]
+    temperatures = []
+
+    def counting_generate(*args, temperature, **kw):
+        temperatures.append(temperature)
+        return M.generate(*args, temperature=temperature, **kw)
+
+    monkeypatch.setattr(teacher, "generate", counting_generate)
+    rounds_sampled, kept_an_earlier_round = set(), False
+    # the eos-prone student's rows end at different steps, so rows leave a batch while others go on; threshold 0
+    # samples every prompt three times
+    for student, threshold in ((model, 0.2), (eos_prone_student(tok, p_eos=0.05), 0.2), (model, 0.0)):
+        options = dict(n=4, temperature=0.8, max_new_tokens=12, tries=3, threshold=threshold)
+        rule, sampled = [], []
+        for i, prompt in enumerate(prompts):
+            temperatures.clear()
+            rule.append(teacher.diverse_samples(student, tok, prompt, generators=row_generators(5, i, 4), **options))
+            sampled.append(list(temperatures))
+        assert all(t == [0.8, 0.9, 1.0][:len(t)] for t in sampled)
+        rounds_sampled |= {len(t) for t in sampled}
+        kept_an_earlier_round |= any(best["round"] < len(t) for best, t in zip(rule, sampled))
+        generators = [row_generators(5, i, 4) for i in range(len(prompts))]
+        batched = teacher.sample_diverse(student, tok, prompts, generators=generators, batch_size=64, **options)
+        for i, (fast, alone) in enumerate(zip(batched, rule)):
+            assert fast == alone, f"prompt {i}, threshold {threshold}"
+    assert rounds_sampled == {1, 2, 3} and kept_an_earlier_round
+
+
 def test_student_batch_size_auto_is_the_fixed_default_on_a_cpu(monkeypatch, spm_model_path):
     """batch_size "auto" sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
     CPU reports none, so 20 prompts x 4 samples go as STUDENT_BATCH_ROWS = 64 rows (16 prompts), then 4."""
