@@ -457,12 +457,12 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the "
-                        "request)")
+    parser.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, "
+                        "the request)")
     parser.add_argument("--api-key-env", help="environment variable holding the API key that requests must "
                         "bring (Authorization: Bearer KEY); needed for a --host other than loopback")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get "
-                        f"HTTP 413 (default {MAX_BODY_BYTES})")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies "
+                        f"get HTTP 413 (default {MAX_BODY_BYTES})")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     try:
