@@ -70,6 +70,11 @@ def load_checkpoint(path, device="cpu", dtype=None):
     return model.eval()
 
 
+def default_device():
+    """Where a command runs a model unless told (--device): the GPU when torch sees one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     """config.json + safetensors in Hugging Face's LlamaForCausalLM layout, sharded with
     model.safetensors.index.json above max_shard_bytes. Each file is written to a

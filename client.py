@@ -144,7 +144,7 @@ class TeacherClient:
         or paid work. Not cached. An unreachable server, a refused key, an unknown model
         or option, or an answer without the fields the run reads stop the run (RunError
         naming the URL and the model). refused_hints: {option: what to do instead}, said
-        when the server refuses that option (HTTP 400 naming it)."""
+        when the server refuses that option (HTTP 400 naming it). Returns the answer."""
         path = "/chat/completions" if chat else "/completions"
         message = {"role": "user", "content": PREFLIGHT_TEXT}
         asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
@@ -175,6 +175,7 @@ class TeacherClient:
             self.counts["preflight_requests"] += self.counts["requests"] - sent_before
             self.counts["requests"] = sent_before
         log.info("%s at %s: answered", where, self.base_url + path)
+        return answer
 
     def _send(self, url, body, max_retries=None):
         max_retries = self.max_retries if max_retries is None else max_retries

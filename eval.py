@@ -19,11 +19,13 @@ Prompts: every benchmark is asked in the Alpaca template the models were tuned o
 src/ni_collator.py; LMentry's data files), so it is this project's choice.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
 import string
 import sys
+import threading
 from itertools import combinations
 
 import torch
@@ -33,7 +35,7 @@ import data
 import lmentry
 import model
 import teacher
-from client import RunError, TeacherClient, TeacherError
+from client import RunError, TeacherClient, TeacherError, get_field
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- files and problems
@@ -455,12 +457,14 @@ def judge_vicuna(client, questions, references, answers, pairs):
 
 
 # ----------------------------------------------------------------------------- generation, resumable
-def answer_producer(directory, tokenizer_path=None):
+def answer_producer(directory, tokenizer_path=None, served_model=None):
     """What makes a checkpoint's answers (teacher.producer_identity), found without loading
-    the model."""
+    the model; served_model: the name a server answers for it under (--served), else None."""
     tok = Tokenizer(tokenizer_path or directory)
     identity = teacher.producer_identity(directory, tok.path)
-    return {**identity, "stop_ids": tok.stop_ids}
+    if served_model is None:
+        return {**identity, "stop_ids": tok.stop_ids}
+    return {**identity, "stop_ids": tok.stop_ids, "served_model": served_model}
 
 
 # Answers generated together where --batch-size is "auto" and the device reports no free
@@ -548,6 +552,8 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     if not todo:
         return done
     lm, tok = get_model()
+    if isinstance(lm, Served):
+        return _served_answers(name, bench, todo, lm, tok, kept, made, done, max_new_tokens)
     limit = lm.args.max_seq_len - max_new_tokens
     encoded = encode_prompts(tok, todo, limit, bench)
     stops = tok.stop_ids
@@ -572,6 +578,63 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     return done
 
 
+# ----------------------------------------------------------------------------- answers from a server (--served)
+class Served:
+    """A model whose answers come from an OpenAI-compatible server (vLLM, server.py): the
+    client asking it (its model name, workers, retries) and the checkpoint's context length."""
+
+    def __init__(self, client, context_length):
+        self.client = client
+        self.context_length = context_length
+
+
+def _served_answers(name, bench, todo, served, tok, kept, made, done, max_new_tokens):
+    """_generate_answers' work for a served model: each item asked once (served.client's
+    workers at a time), greedy, with the prompt the local path would generate from, the
+    same max_new_tokens and stop ids; each answer kept as it arrives. A request that fails
+    for good stops the evaluation (the answers so far are kept for the next run)."""
+    limit = served.context_length - max_new_tokens
+    encoded = encode_prompts(tok, todo, limit, bench)
+    prompts = [served_prompt(tok, item, ids) for item, ids in zip(todo, encoded)]
+    lock = threading.Lock()
+    ask = functools.partial(served_answer, served.client, tok, kept, made, done, max_new_tokens, lock)
+    served.client.map(ask, list(zip(todo, prompts)), f"eval answers {name} {bench}")
+    return done
+
+
+def served_prompt(tok, item, ids):
+    """The text a server is sent for an item whose prompt ids (encode_prompts) are `ids`:
+    its prompt, or where encode_prompts cut it, the text of the tokens kept (which the
+    server encodes again, the tokenizer's prefix with it)."""
+    prefix = tok.prefix_ids()
+    if len(ids) == len(prefix) + len(tok.encode(item["prompt"])):
+        return item["prompt"]
+    return tok.decode(ids[len(prefix):])
+
+
+def served_answer(client, tok, kept, made, done, max_new_tokens, lock, job):
+    """One item's greedy answer from the server (temperature 0, the stop ids as vLLM's
+    stop_token_ids), stripped as a local answer, kept at once."""
+    item, prompt = job
+    params = dict(prompt=prompt, max_tokens=max_new_tokens, temperature=0, stop_token_ids=tok.stop_ids)
+    answer = client.request("/completions", params)
+    text = str(get_field(answer, "choices.0.text", client.base_url + "/completions")).strip()
+    with lock:
+        done[item["id"]] = text
+        kept.keep([{"id": item["id"], "output": text, "made_by": made[item["id"]]}])
+    return text
+
+
+def served_loader(directory, tokenizer_path, model_name, base_url, api_key_env, workers):
+    """A function returning (Served, tokenizer) for a model answered by the server at
+    base_url under model_name: nothing is loaded, nothing asked until answers are due."""
+    tok = Tokenizer(tokenizer_path or directory)
+    # a greedy answer of up to 512 tokens behind a queue of others: wait long, retry rarely
+    client = TeacherClient(base_url, model_name, api_key_env, None, timeout=600, max_workers=workers)
+    served = Served(client, teacher.context_length(directory, tok))
+    return lambda: (served, tok)
+
+
 # ----------------------------------------------------------------------------- a model, loaded on first use
 def model_loader(directory, tokenizer_path, device, dtype):
     """A function returning (model, tokenizer), loaded on first use: a fully resumed run
@@ -594,10 +657,13 @@ def model_loader(directory, tokenizer_path, device, dtype):
 BENCHMARKS = ("superni", "lmentry", "vicuna")  # the order of --max-new-tokens
 
 
-def check_checkpoints(checkpoints, baseline, lmentry_dir):
+def check_checkpoints(checkpoints, baseline, lmentry_dir, served=None):
     """Refuse bad arguments before any work: a typo should not cost an hour of answers."""
     if baseline is not None and baseline not in checkpoints:
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name in served or {}:
+        if name not in checkpoints:
+            raise EvalError(f"--served {name}=...: {name!r} is not one of the checkpoints {list(checkpoints)}")
     for name, directory in checkpoints.items():
         if not teacher.is_checkpoint(directory):
             raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder "
@@ -659,13 +725,16 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
              baseline=None, all_pairs=False,
              batch_size="auto", max_instances=100, max_new_tokens=(128, 50, 512),
              device="cpu", dtype=None,
-             dry_run=False, count_tokenizer=None, prices=(None, None)):
+             dry_run=False, count_tokenizer=None, prices=(None, None),
+             served=None, served_api_key_env="VLLM_API_KEY", served_workers=16):
     """Results of every checkpoint ({name: directory}) on the benchmarks given; written to
     out_dir. The judge is checked (one pre-flight request) before any answer is generated.
     dry_run: only the report of what would be generated and sent to the judge (a string);
-    nothing generated, sent or written."""
+    nothing generated, sent or written. served: {name: (model name, base URL)} of the
+    checkpoints whose answers come from a server (each checked first, as the judge)."""
     PROBLEMS.clear()
-    check_checkpoints(checkpoints, baseline, lmentry_dir)
+    served = served or {}
+    check_checkpoints(checkpoints, baseline, lmentry_dir, served)
     names = list(checkpoints)
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
@@ -676,7 +745,11 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
     benches = [(bench, items, n) for bench, items, n in settings if items is not None]
     models = {}
     for name, directory in checkpoints.items():
-        models[name] = {"checkpoint": directory, "producer": answer_producer(directory, tokenizer)}
+        served_model, base_url = served.get(name, (None, None))
+        models[name] = {"checkpoint": directory,
+                        "producer": answer_producer(directory, tokenizer, served_model)}
+        if served_model is not None:
+            models[name]["server"] = {"base_url": base_url, "model": served_model}
     results = {"models": models}
     baseline, pairs = vicuna_pairs(names, baseline, all_pairs, questions)
     client = None
@@ -689,10 +762,20 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
     # before hours of answers: the judge is reachable, takes the key, knows the model
     if client:
         client.check(chat=True, temperature=0)
+    loaders = {}
+    for name in names:
+        if name in served:
+            loaders[name] = served_loader(checkpoints[name], tokenizer, *served[name], served_api_key_env,
+                                          served_workers)
+            served_model, tok = loaders[name]()
+            # and so are the servers: each answers as the model asked for
+            teacher.preflight_served(served_model.client, 1, tok.stop_ids)
+        else:
+            loaders[name] = model_loader(checkpoints[name], tokenizer, device, dtype)
     os.makedirs(out_dir, exist_ok=True)
     answers = {}
     for name in names:
-        get_model = model_loader(checkpoints[name], tokenizer, device, dtype)
+        get_model = loaders[name]
         row = models[name]
         outputs = {}
         for bench, items, n in benches:
@@ -870,6 +953,19 @@ def parse_checkpoints(parser, specs):
     return checkpoints
 
 
+def parse_served(parser, specs):
+    """{name: (model name, base URL)} of --served NAME=MODEL@URL ...; a malformed or
+    repeated NAME is a usage error."""
+    served = {}
+    for spec in specs or []:
+        name, _, rest = spec.partition("=")
+        model_name, _, base_url = rest.partition("@")
+        if not (name and model_name and base_url) or name in served:
+            parser.error(f"--served: {spec!r} is not NAME=MODEL@URL with a new NAME")
+        served[name] = (model_name, base_url)
+    return served
+
+
 def evaluate_options(args):
     """evaluate()'s keyword arguments from the command line (all but the dry run's)."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -886,7 +982,9 @@ def evaluate_options(args):
                 max_instances=args.max_instances,
                 max_new_tokens=tuple(args.max_new_tokens),
                 device=args.device,
-                dtype=dtype)
+                dtype=dtype,
+                served_api_key_env=args.served_api_key_env,
+                served_workers=args.served_workers)
 
 
 def main(argv=None):
@@ -916,14 +1014,24 @@ def main(argv=None):
                         help="Super-NI instances per task")
     parser.add_argument("--max-new-tokens", type=int, nargs=3, default=[128, 50, 512],
                         metavar=("SUPERNI", "LMENTRY", "VICUNA"))
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--device", default=checkpoint.default_device())
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--served", nargs="+", metavar="NAME=MODEL@URL",
+                        help="NAME's answers from the OpenAI-compatible server at URL serving "
+                             "NAME's checkpoint as MODEL (e.g. tuna=runs/tuna@http://127.0.0.1:8000/v1 "
+                             "after `vllm serve runs/tuna`), greedy as here, instead of loading it. "
+                             "An option of its own: NAME stays in --checkpoints, whose folder still "
+                             "keys the answers and gives the tokenizer (prompt cut, stop ids)")
+    parser.add_argument("--served-api-key-env", default="VLLM_API_KEY",
+                        help="environment variable with the --served servers' API key (may be unset)")
+    parser.add_argument("--served-workers", type=int, default=16,
+                        help="concurrent requests to each --served server")
     data.add_cost_arguments(parser, "print the answers still to generate and the judge's requests, "
                             "tokens and cost; generate, send and write nothing")
     args = parser.parse_args(argv)
     checkpoints = parse_checkpoints(parser, args.checkpoints)
     options = evaluate_options(args)
+    options["served"] = parse_served(parser, args.served)
     try:
         if args.dry_run:  # writes nothing, so takes no lock
             prices = (args.price_per_1m_input, args.price_per_1m_output)

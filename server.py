@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import data
-from checkpoint import load_checkpoint
+from checkpoint import default_device, load_checkpoint
 from model import generate, token_logprobs, without_stop
 from tokenizer import Tokenizer
 
@@ -458,7 +458,7 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, "
                         "the request)")
     parser.add_argument("--api-key-env", help="environment variable holding the API key that requests must "

@@ -12,14 +12,18 @@ Then the details the method calls by name, and the plumbing:
 6. Where the teacher's reference answer ends in its ranking reply.
 7. The fast path: the diversity rule for many prompts in batches.
 8. The student's samples on disk: their cache and what made them.
-9. --dry-run: the requests a run would send, counted and priced, never sent.
-10. The command line.
+9. The student's samples from a server (vLLM, server.py) over the student checkpoint.
+10. --dry-run: the requests a run would send, counted and priced, never sent.
+11. The command line.
 Requests go through client.py (cache, retries, rate limit); server.py serves a local teacher.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
     python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
         --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
+    # the student's samples from vLLM (`vllm serve runs/tuna_p`) instead of a model loaded here
+    python teacher.py contextual ... --student runs/tuna_p \
+        --student-base-url http://127.0.0.1:8000/v1 --student-model runs/tuna_p
 """
 import argparse
 import contextlib
@@ -32,11 +36,13 @@ import logging
 import os
 import re
 import sys
+import threading
 
 import torch
 
 import data
-from checkpoint import checkpoint_identity, load_checkpoint
+from checkpoint import (args_from_hf_config, args_from_meta_params, checkpoint_identity, default_device,
+                        load_checkpoint)
 from client import PREFLIGHT_TEXT, RunError, TeacherClient, TeacherError, get_field, one_line
 from model import auto_batch_rows, generate, without_stop
 from server import chat_prompt
@@ -213,32 +219,36 @@ def teacher_url(client, chat):
 
 # ---- 2. the student's samples: n answers per instruction under the diversity rule
 
-def diverse_samples(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
-                    generators=None):
-    """n student answers to one prompt under the diversity rule (paper, section 2.2): sample n at temperature
-    t; while some pair has ROUGE-L F1 >= threshold, sample again at t + 0.1, `tries` rounds in all; keep the
-    round with the lowest mean pairwise ROUGE-L. -> {candidates, finished (which ended in one of
-    tok.stop_ids; the others hit max_new_tokens), temperature, round, mean_rouge_l}. generators: None
-    (torch's default) or n torch.Generators, one per answer. A run samples many prompts at once with
-    sample_diverse (section 7), tested equal to this rule."""
-    ids = tok.encode(prompt, bos=True)
-    # a long prompt leaves fewer tokens to its answer
-    budget = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))
+def diversity_rule(sample_round, temperature=0.8, tries=3, threshold=0.8):
+    """The diversity rule (paper, section 2.2) over any sampler: sample n answers at temperature t; while some
+    pair has ROUGE-L F1 >= threshold, sample again at t + 0.1, `tries` rounds in all; keep the round with the
+    lowest mean pairwise ROUGE-L. sample_round(r, t) -> (n texts, which of them finished) draws round r
+    (0-based) at temperature t: model.generate (diverse_samples below) or a server (section 9) plug in.
+    -> {candidates, finished, temperature, round, mean_rouge_l}."""
     best = None
     for r in range(tries):
-        t = round(temperature + 0.1 * r, 6)
-        outs, _ = generate(model, [ids], budget, temperature=t, eos_id=tok.stop_ids, generator=generators,
-                           num_samples=n)
-        answers = [without_stop(out, tok.stop_ids) for out in outs]
-        texts = [tok.decode(answer).strip() for answer, _ in answers]
-        pairs = pairwise_rouge_l(texts)
-        mean_rouge_l = sum(pairs) / len(pairs)
-        if best is None or mean_rouge_l < best["mean_rouge_l"]:
-            best = {"candidates": texts, "finished": [done for _, done in answers], "temperature": t,
-                    "round": r + 1, "mean_rouge_l": mean_rouge_l}
-        if max(pairs) < threshold:
+        t = round_temperature(temperature, r)
+        texts, finished = sample_round(r, t)
+        best, diverse = more_diverse(best, texts, finished, t, r, threshold)
+        if diverse:
             break
     return best
+
+
+def round_temperature(temperature, r):
+    """Round r's temperature under the diversity rule: 0.1 hotter each round."""
+    return round(temperature + 0.1 * r, 6)
+
+
+def more_diverse(best, texts, finished, temperature, r, threshold):
+    """(the round kept so far: round r, unless `best` has the lower mean pairwise ROUGE-L; whether round r is
+    diverse enough: no pair at or above threshold)."""
+    pairs = pairwise_rouge_l(texts)
+    mean_rouge_l = sum(pairs) / len(pairs)
+    if best is None or mean_rouge_l < best["mean_rouge_l"]:
+        best = {"candidates": texts, "finished": finished, "temperature": temperature, "round": r + 1,
+                "mean_rouge_l": mean_rouge_l}
+    return best, max(pairs) < threshold
 
 
 def pairwise_rouge_l(texts):
@@ -247,6 +257,37 @@ def pairwise_rouge_l(texts):
     from rouge_score import rouge_scorer  # on first use: importing it sets up absl logging
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
+
+
+def diverse_samples(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                    generators=None):
+    """n student answers to one prompt under the diversity rule, drawn by model.generate -> diversity_rule's
+    result; "finished": which answers ended in one of tok.stop_ids (the others hit max_new_tokens).
+    generators: None (torch's default) or n torch.Generators, one per answer. A run samples many prompts at
+    once with sample_diverse (section 7), tested equal to this rule."""
+    ids = tok.encode(prompt, bos=True)
+    budget = answer_budget(model.args.max_seq_len, ids, max_new_tokens)
+    sample_round = functools.partial(generated_round, model, tok, ids, n, budget, generators)
+    return diversity_rule(sample_round, temperature, tries, threshold)
+
+
+def answer_budget(max_seq_len, ids, max_new_tokens):
+    """The most tokens an answer to the prompt `ids` may hold: a long prompt leaves fewer to its answer."""
+    return max(0, min(max_new_tokens, max_seq_len - len(ids)))
+
+
+def generated_round(model, tok, ids, n, budget, generators, r, temperature):
+    """One round of n answers to the prompt `ids` from model.generate -> (texts, finished)."""
+    outs, _ = generate(model, [ids], budget, temperature=temperature, eos_id=tok.stop_ids, generator=generators,
+                       num_samples=n)
+    return decoded_answers(tok, outs)
+
+
+def decoded_answers(tok, outs):
+    """(texts, finished) of generated answers: each cut at its stop id (finished) or not (it hit the token
+    budget), decoded and stripped."""
+    answers = [without_stop(out, tok.stop_ids) for out in outs]
+    return [tok.decode(answer).strip() for answer, _ in answers], [done for _, done in answers]
 
 
 # ---- 3. contextual ranking: the teacher ranks the student's answers in one prompt
@@ -686,9 +727,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
     the same generators. on_done(i, result) is called as soon as prompt i's result is final (sample_candidates
     caches it there); returns the results in prompt order."""
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
-    stops = tok.stop_ids
-    # a long prompt leaves fewer tokens to its answer
-    budget = [max(0, min(max_new_tokens, model.args.max_seq_len - len(p))) for p in ids]
+    budget = [answer_budget(model.args.max_seq_len, p, max_new_tokens) for p in ids]
     best = [None] * len(prompts)
     fresh = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     waiting = [[] for _ in range(tries)]  # waiting[r]: prompts due for round r + 1
@@ -700,23 +739,17 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
         queue = waiting[r] if r else fresh
         group = queue[:per_batch]
         queue[:] = queue[per_batch:]
-        t = round(temperature + 0.1 * r, 6)
+        t = round_temperature(temperature, r)
         # one generate call per token budget
         for tokens in sorted({budget[i] for i in group}):
             batch = [i for i in group if budget[i] == tokens]
             rows = [generators[i][s] for i in batch for s in range(n)] if generators else None
-            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=stops,
+            outs, _ = generate(model, [ids[i] for i in batch], tokens, temperature=t, eos_id=tok.stop_ids,
                                generator=rows, num_samples=n, batch_size=len(batch) * n)
             for k, i in enumerate(batch):
-                mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
-                texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = pairwise_rouge_l(texts)
-                mean = sum(pairs) / len(pairs)
-                if best[i] is None or mean < best[i]["mean_rouge_l"]:
-                    finished = [done for _, done in mine]
-                    best[i] = {"candidates": texts, "finished": finished,
-                               "temperature": t, "round": r + 1, "mean_rouge_l": mean}
-                if max(pairs) < threshold or r + 1 == tries:
+                texts, finished = decoded_answers(tok, outs[k * n:(k + 1) * n])
+                best[i], diverse = more_diverse(best[i], texts, finished, t, r, threshold)
+                if diverse or r + 1 == tries:
                     if on_done:
                         on_done(i, best[i])
                 else:
@@ -753,32 +786,45 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
     them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
     not depend on where a run was killed nor on batch_size."""
     settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
-    kept = student_log(examples, cache_path, settings)
-    cached = kept.kept
+    samples = StudentSamples(examples, cache_path, settings)
+    todo = samples.todo
     device = model.tok_embeddings.weight.device
-    result, todo = {}, []
-    # the result follows the examples' order
-    for item_id, _, prompt in _items(examples):
-        result[item_id] = cached.get(item_id)
-        if item_id not in cached:
-            todo.append((item_id, prompt))
-
     progress = data.Progress("student sampling", len(todo), log.info)
 
     def keep(i, best):
-        item_id, prompt = todo[i]
-        result[item_id] = dict(id=item_id, prompt=prompt, settings=settings, **best)
-        kept.keep([result[item_id]])
+        samples.keep(*todo[i], best)
         progress.advance()
 
     generators = [[row_generator(seed, item_id, s, device) for s in range(n)] for item_id, _ in todo]
     sample_diverse(model, tok, [prompt for _, prompt in todo], n, temperature, max_new_tokens, tries,
                    generators=generators, batch_size=batch_size, on_done=keep)
-    others = len(kept.made_otherwise & {item_id for item_id, _ in todo})
-    if others:
-        log.info("%s: %d item(s) had samples from another student, prompt or settings: sampled again",
-                 cache_path, others)
-    return result
+    return samples.result
+
+
+class StudentSamples:
+    """One run's student cache: result ({id: its cached sample, or None}, in the examples' order), todo (the
+    (id, prompt) of the items still to sample) and keep(), which appends a finished item to the cache and the
+    result at once (thread-safe: a server's items finish on the client's workers)."""
+
+    def __init__(self, examples, cache_path, settings):
+        self.settings = settings
+        self.log = student_log(examples, cache_path, settings)
+        self.result, self.todo = {}, []
+        for item_id, _, prompt in _items(examples):
+            self.result[item_id] = self.log.kept.get(item_id)
+            if item_id not in self.log.kept:
+                self.todo.append((item_id, prompt))
+        self.lock = threading.Lock()
+        others = len(self.log.made_otherwise & {item_id for item_id, _ in self.todo})
+        if others:
+            log.info("%s: %d item(s) have samples from another student, server, prompt or settings: sampled "
+                     "again", cache_path, others)
+
+    def keep(self, item_id, prompt, best):
+        """Item item_id's samples (diversity_rule's result) into the cache and the result."""
+        with self.lock:
+            self.result[item_id] = dict(id=item_id, prompt=prompt, settings=self.settings, **best)
+            self.log.keep([self.result[item_id]])
 
 
 def row_generator(seed, item_id, row, device):
@@ -788,10 +834,14 @@ def row_generator(seed, item_id, row, device):
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:6], "little"))
 
 
-def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
+def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids, server=None):
+    """What makes a student's samples what they are: a cached sample is used only under the same settings.
+    server: None (drawn here by model.generate), or {"base_url", "model"} of the server that drew them."""
+    if server is None:
+        return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
+                    student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
     return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
-                student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
+                student=student, server=server, request_seeds="sha256(seed:id:round r)", stop_ids=stop_ids)
 
 
 def sample_key(settings, prompt):
@@ -821,7 +871,103 @@ def producer_identity(checkpoint_dir, tokenizer_path):
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
-# ---- 9. --dry-run: the requests a run would send, counted and priced, never sent
+# ---- 9. the student's samples from a server: vLLM (or server.py) over the student checkpoint
+
+def sample_candidates_served(client, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256,
+                             tries=3, seed=0, *, student, context_length):
+    """sample_candidates' result, each round of the diversity rule drawn by the OpenAI-compatible server that
+    `client` asks (/completions, n choices a request), not by a model loaded here: client.workers items at
+    once, each request retried and cached by the client. The cache keys the samples by the student, as
+    sample_candidates does, and by the server's base URL and model name. Round r of an item sends the seed
+    round_seed(seed, item id, r). context_length: the student's, so that no answer is asked more tokens than
+    fit after its prompt (as answer_budget). An item the server fails is left out of the result (None) and
+    named in the log; ranking lists it among the failures."""
+    server = {"base_url": client.base_url, "model": client.model}
+    settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids, server)
+    samples = StudentSamples(examples, cache_path, settings)
+    draw = functools.partial(served_item, client, tok, samples, context_length)
+    client.map(draw, samples.todo, "student sampling", failed=is_failure)
+    return samples.result
+
+
+def served_item(client, tok, samples, context_length, item):
+    """("done", samples) of one item under the diversity rule, its rounds drawn by the server and kept in the
+    cache, or ("failed", why); a RunError stops the run."""
+    item_id, prompt = item
+    settings = samples.settings
+    budget = answer_budget(context_length, tok.encode(prompt, bos=True), settings["max_new_tokens"])
+    sample_round = functools.partial(served_round, client, settings, item_id, prompt, budget)
+    try:
+        best = diversity_rule(sample_round, settings["temperature"], settings["tries"])
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        log.warning("student sampling: item %s failed: %s", item_id, one_line(e))
+        return "failed", str(e)
+    samples.keep(item_id, prompt, best)
+    return "done", best
+
+
+def served_round(client, settings, item_id, prompt, budget, r, temperature):
+    """Round r of an item's samples from the server -> (texts, finished), as generated_round."""
+    seed = round_seed(settings["seed"], item_id, r)
+    path, params = student_request(prompt, settings["n"], temperature, budget, settings["stop_ids"], seed)
+    answer = client.request(path, params)
+    return served_answers(answer, settings["n"], client.base_url + path)
+
+
+def student_request(prompt, n, temperature, max_tokens, stop_ids, seed):
+    """(path, params) of one round of the student's samples: the Alpaca prompt as text (the server adds BOS,
+    as tok.encode(prompt, bos=True)), n choices at the round's temperature and top_p 1 (model.generate's
+    sampling), ended by the student's stop ids (vLLM's stop_token_ids; a server that ignores it stops at its
+    own EOS) or after max_tokens."""
+    return "/completions", dict(prompt=prompt, n=n, temperature=temperature, top_p=1, max_tokens=max_tokens,
+                                stop_token_ids=stop_ids, seed=seed)
+
+
+def round_seed(seed, item_id, r):
+    """The seed of an item's round r on a server, from (seed, item id, r): a re-run asks the same requests."""
+    digest = hashlib.sha256(f"{seed}:{item_id}:round {r}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def served_answers(answer, n, url):
+    """(texts, finished) of a /completions answer's n choices: the text as the server decoded it, stripped as
+    decoded_answers strips; finish_reason "length" is an unfinished answer, as a local one that hit the
+    budget."""
+    choices = get_field(answer, "choices", url)
+    if not isinstance(choices, list) or len(choices) != n:
+        raise ReplyError(f"{url}: {len(choices) if isinstance(choices, list) else 0} choice(s) for n={n}; the "
+                         "student's samples need a server that returns n choices a request (vLLM, server.py)")
+    texts = [str(get_field(answer, f"choices.{i}.text", url)).strip() for i in range(n)]
+    return texts, [choices[i].get("finish_reason") != "length" for i in range(n)]
+
+
+def preflight_served(client, n, stop_ids):
+    """The pre-flight of a server that answers for a checkpoint (the student's samples here, eval.py's
+    --served answers): one answer of one token with the options the run sends (n choices, stop_token_ids, a
+    seed); it must name the model asked for and return n choices. A server that cannot answer, answers as
+    another model or caps n stops the run (RunError)."""
+    answer = client.check(chat=False, n=n, temperature=1.0, top_p=1, stop_token_ids=stop_ids, seed=0)
+    where = f"pre-flight check of the served model '{client.model}' at {client.base_url}"
+    named = answer.get("model")
+    if named is not None and named != client.model:
+        raise RunError(f"{where}: it answers as model '{named}'; serve the checkpoint under the name asked for")
+    try:
+        served_answers(answer, n, client.base_url + "/completions")
+    except (ReplyError, TeacherError) as e:
+        raise RunError(f"{where}: {one_line(e)}") from None
+
+
+def context_length(folder, tok):
+    """A checkpoint's context length in tokens, from its config.json or params.json (no weights read)."""
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config):
+        return args_from_hf_config(config).max_seq_len
+    return args_from_meta_params(os.path.join(folder, "params.json"), vocab_size=tok.vocab_size).max_seq_len
+
+
+# ---- 10. --dry-run: the requests a run would send, counted and priced, never sent
 
 def token_counter(tokenizer_path=None):
     """(count(text) -> tokens, how they are counted): with a tokenizer that tokenizer.py reads, as server.py
@@ -920,7 +1066,7 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ---- 10. the command line
+# ---- 11. the command line
 
 def preflight(args, client):
     """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
@@ -943,9 +1089,7 @@ def dry_run(args, client, examples):
     samples = {}
     if is_checkpoint(args.student):
         tok = Tokenizer(args.tokenizer or args.student)
-        settings = sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries,
-                                   args.seed, producer_identity(args.student, tok.path), tok.stop_ids)
-        samples = student_log(examples, student_cache_path(args), settings).kept
+        samples = student_log(examples, student_cache_path(args), student_settings(args, tok)).kept
     return dry_run_contextual(client, examples, samples, args.n, args.student_max_tokens,
                               args.teacher_temperature, args.teacher_max_tokens, args.count_tokenizer, prices)
 
@@ -953,6 +1097,44 @@ def dry_run(args, client, examples):
 def student_cache_path(args):
     """Where contextual ranking keeps the student's samples: --student-cache, else OUT.student.jsonl."""
     return args.student_cache or args.out + ".student.jsonl"
+
+
+def student_settings(args, tok):
+    """What makes the student's samples under this command line (sample_settings), the server included."""
+    server = {"base_url": args.student_base_url.rstrip("/"), "model": args.student_model} \
+        if args.student_base_url else None
+    return sample_settings(args.n, args.student_temperature, args.student_max_tokens, args.tries, args.seed,
+                           producer_identity(args.student, tok.path), tok.stop_ids, server)
+
+
+def student_samples(args, tok, examples):
+    """The student's samples for contextual ranking: from the server at --student-base-url (checked first),
+    else drawn here by --student loaded on --device."""
+    identity = producer_identity(args.student, tok.path)
+    options = (args.n, args.student_temperature, args.student_max_tokens, args.tries, args.seed)
+    if args.student_base_url:
+        client = student_client(args, student_requests_path(args, student_settings(args, tok)))
+        preflight_served(client, args.n, tok.stop_ids)
+        return sample_candidates_served(client, tok, examples, student_cache_path(args), *options,
+                                        student=identity, context_length=context_length(args.student, tok))
+    student = load_checkpoint(args.student, args.device, dtype=torch.float32 if args.device == "cpu" else None)
+    return sample_candidates(student, tok, examples, student_cache_path(args), *options, student=identity,
+                             batch_size=args.student_batch_size)
+
+
+def student_requests_path(args, settings):
+    """The student server's request cache: beside the student cache, one file per student checkpoint and
+    server (a request names only the served model, so a retrained checkpoint served under the same name must
+    not read an older one's answers back)."""
+    producer = json.dumps([settings["student"], settings["server"]], sort_keys=True)
+    return f"{student_cache_path(args)}.requests-{hashlib.sha256(producer.encode()).hexdigest()[:12]}.jsonl"
+
+
+def student_client(args, cache_path):
+    """The TeacherClient of the student's server (--student-base-url): the run's workers, timeout and
+    retries, no rate limit."""
+    return TeacherClient(args.student_base_url, args.student_model, args.student_api_key_env, cache_path,
+                         args.timeout, args.max_retries, args.workers)
 
 
 def client_from_args(args, cache_path):
@@ -1009,11 +1191,21 @@ def main(argv=None):
                            "CPU")
             p.add_argument("--tries", type=int, default=3, help="sampling rounds of the diversity rule")
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--device", default="cpu")
+            p.add_argument("--device", default=default_device())
+            p.add_argument("--student-base-url", help="sample the student's candidates from this "
+                           "OpenAI-compatible server serving --student (/completions), e.g. vLLM at "
+                           "http://127.0.0.1:8000/v1, instead of loading --student here; --student's "
+                           "tokenizer and identity still key the samples")
+            p.add_argument("--student-model", help="the name the student server serves --student under "
+                           "(`vllm serve DIR` names it DIR); needed with --student-base-url")
+            p.add_argument("--student-api-key-env", default="VLLM_API_KEY", help="environment variable with "
+                           "the student server's API key (may be unset)")
             p.add_argument("--teacher-temperature", type=float, default=1.0)
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
     args = parser.parse_args(argv)
+    if getattr(args, "student_base_url", None) and not args.student_model:
+        parser.error("--student-base-url needs --student-model (the name the server serves --student under)")
     # our progress lines only (not every library's INFO chatter, e.g. rouge_score's)
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -1032,6 +1224,9 @@ def main(argv=None):
             return 0
         if args.preflight_only:  # writes nothing, so takes no lock
             preflight(args, client_for(None))
+            if getattr(args, "student_base_url", None):
+                tok = Tokenizer(args.tokenizer or args.student)
+                preflight_served(student_client(args, None), args.n, tok.stop_ids)
             return 0
         # one writer per output, and per cache given apart from it
         with contextlib.ExitStack() as locks:
@@ -1050,12 +1245,7 @@ def main(argv=None):
                                     args.temperature, chat=args.chat, add_original=args.add_original,
                                     retry_failures=args.retry_failures)
                 return 0
-            student = load_checkpoint(args.student, args.device,
-                                      dtype=torch.float32 if args.device == "cpu" else None)
-            samples = sample_candidates(student, tok, examples, student_cache_path(args), args.n,
-                                        args.student_temperature, args.student_max_tokens, args.tries,
-                                        args.seed, student=producer_identity(args.student, tok.path),
-                                        batch_size=args.student_batch_size)
+            samples = student_samples(args, tok, examples)
             build_contextual(client, examples, samples, args.out, args.failures,
                              keep_reference=not args.drop_reference, retry_failures=args.retry_failures,
                              temperature=args.teacher_temperature, max_tokens=args.teacher_max_tokens)

@@ -32,6 +32,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import tokenizer
 import training
@@ -438,13 +439,23 @@ def run_pipeline(args):
     command = contextual_command(args, contextual, tuna_p) if build_contextual else None
     if args.dry_run:
         return pipeline_dry_run(args, command)
-    # the teacher is asked only after hours of training: check it first (reachable, key, model, chat)
-    if build_contextual and subprocess.run(command + ["--preflight-only"]).returncode != 0:
+    served = build_contextual and args.student_base_url
+    if served:
+        training.log(f"pipeline: Tuna_p and Tuna train here; Tuna_p's samples (the contextual stage) come from "
+                     f"the student server at {args.student_base_url}, which must serve {tuna_p} once it is "
+                     "trained")
+    # the teacher is asked only after hours of training: check it first (reachable, key, model, chat); the
+    # student server cannot serve Tuna_p before it exists
+    if build_contextual and subprocess.run(contextual_command(args, contextual, tuna_p, student_server=False)
+                                           + ["--preflight-only"]).returncode != 0:
         raise training.TrainingError("pipeline: the contextual teacher failed its pre-flight check "
                                      "(above); nothing was trained")
     stage = argparse.Namespace(**vars(args))
     stage.__dict__.update(out=tuna_p, data=args.probabilistic_data, lr=args.lr_probabilistic)
     tuna_p = train(stage, "rank")
+    # the pipeline never starts a server: it says what to start, before any sample or Tuna_c
+    if served and subprocess.run(command + ["--preflight-only"]).returncode != 0:
+        raise training.TrainingError(student_server_missing(args, tuna_p))
     if build_contextual:
         training.log("pipeline: " + " ".join(shlex.quote(c) for c in command))
         if subprocess.run(command).returncode != 0:
@@ -456,8 +467,11 @@ def run_pipeline(args):
     return train(stage, "rank")
 
 
-def contextual_command(args, contextual, tuna_p):
-    """`teacher.py contextual`: Tuna_p samples answers, the teacher ranks them into `contextual`."""
+def contextual_command(args, contextual, tuna_p, student_server=True):
+    """`teacher.py contextual`: Tuna_p samples answers, on this run's device or through the student server
+    (--student-base-url; left out with student_server=False), and the teacher ranks them into `contextual`."""
+    served = ["--student-base-url", args.student_base_url, "--student-model", student_model(args, tuna_p),
+              "--student-api-key-env", args.student_api_key_env] if args.student_base_url else []
     return [
         sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher.py"), "contextual",
         "--data", args.instructions,
@@ -466,8 +480,25 @@ def contextual_command(args, contextual, tuna_p):
         "--model", args.teacher_model,
         "--student", tuna_p,
         "--student-batch-size", str(args.student_batch_size),
+        "--device", args.device or checkpoint.default_device(),
+        *(served if student_server else []),
         *shlex.split(args.teacher_args),
     ]
+
+
+def student_model(args, tuna_p):
+    """The name the student server serves Tuna_p under: --student-model, else Tuna_p's folder as given, the
+    name `vllm serve OUT/tuna_p` gives it."""
+    return args.student_model or tuna_p
+
+
+def student_server_missing(args, tuna_p):
+    """What to do when no student server serves Tuna_p: the command that starts one, then --resume."""
+    model = student_model(args, tuna_p)
+    return (f"pipeline: the student server at {args.student_base_url} failed its pre-flight check (above); "
+            f"{tuna_p} is trained. Serve it there as '{model}', e.g. `vllm serve {tuna_p} --served-model-name "
+            f"{model} --port PORT` (--tensor-parallel-size N for N GPUs) or `python server.py --checkpoint "
+            f"{tuna_p} --model-name {model} --port PORT`, then rerun this command with --resume")
 
 
 def pipeline_dry_run(args, command):
@@ -565,6 +596,16 @@ def add_pipeline_arguments(p):
     p.add_argument("--student-batch-size", type=data.rows_option, default="auto",
                    help="rows of Tuna_p's samples decoding together; "
                    "auto (default): as many as fit in free GPU memory")
+    p.add_argument("--student-base-url",
+                   help="the contextual stage samples Tuna_p's candidates from this OpenAI-compatible server "
+                   "(e.g. vLLM at http://127.0.0.1:8000/v1) instead of on --device; both trainings run here. "
+                   "The pipeline never starts it: after training Tuna_p it stops, saying what to serve, "
+                   "unless the server answers as --student-model; then rerun with --resume")
+    p.add_argument("--student-model",
+                   help="the name the student server serves OUT/tuna_p under "
+                   "(default: OUT/tuna_p, as `vllm serve OUT/tuna_p` names it)")
+    p.add_argument("--student-api-key-env", default="VLLM_API_KEY",
+                   help="environment variable with the student server's API key (may be unset)")
     p.add_argument("--teacher-args", default="",
                    help="more `teacher.py contextual` options ('--limit 9')")
     data.add_cost_arguments(p, "print the contextual teacher's requests, tokens and cost "
