@@ -13,6 +13,9 @@ tokenizer, prompt, max_new_tokens), so a killed run resumes without regenerating
 another checkpoint under the same name never reuses them; judge replies are cached by
 client.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
+A model given with --served NAME=MODEL@URL answers through an OpenAI-compatible server
+(vLLM, server.py) instead of a model loaded here: the same prompts, greedy, the same
+max_new_tokens and stop ids, kept the same way and keyed by the server's model name too.
 
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on
 (data.alpaca_prompt); the benchmarks themselves are silent on that wrapping (Tk-Instruct's
@@ -987,7 +990,8 @@ def evaluate_options(args):
                 served_workers=args.served_workers)
 
 
-def main(argv=None):
+def argument_parser():
+    """eval.py's command line."""
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--tokenizer",
@@ -1028,6 +1032,11 @@ def main(argv=None):
                         help="concurrent requests to each --served server")
     data.add_cost_arguments(parser, "print the answers still to generate and the judge's requests, "
                             "tokens and cost; generate, send and write nothing")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     checkpoints = parse_checkpoints(parser, args.checkpoints)
     options = evaluate_options(args)

@@ -1143,7 +1143,8 @@ def client_from_args(args, cache_path):
                          args.max_retries, args.workers, args.rpm)
 
 
-def main(argv=None):
+def argument_parser():
+    """teacher.py's command line: the probabilistic and contextual commands and their options."""
     description = "Tuna ranking data from a teacher LLM over an OpenAI-compatible API (paper, section 2)."
     parser = argparse.ArgumentParser(prog="teacher.py", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1203,6 +1204,11 @@ def main(argv=None):
             p.add_argument("--teacher-temperature", type=float, default=1.0)
             p.add_argument("--teacher-max-tokens", type=int, default=2048)
             p.add_argument("--drop-reference", action="store_true", help="leave out the teacher's own answer")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if getattr(args, "student_base_url", None) and not args.student_model:
         parser.error("--student-base-url needs --student-model (the name the server serves --student under)")
