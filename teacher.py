@@ -876,8 +876,8 @@ def producer_identity(checkpoint_dir, tokenizer_path):
 def sample_candidates_served(client, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256,
                              tries=3, seed=0, *, student, context_length):
     """sample_candidates' result, each round of the diversity rule drawn by the OpenAI-compatible server that
-    `client` asks (/completions, n choices a request), not by a model loaded here: client.workers items at
-    once, each request retried and cached by the client. The cache keys the samples by the student, as
+    `client` asks (/completions, n choices a request), not by a model loaded here: client.max_workers items
+    at once, each request retried and cached by the client. The cache keys the samples by the student, as
     sample_candidates does, and by the server's base URL and model name. Round r of an item sends the seed
     round_seed(seed, item id, r). context_length: the student's, so that no answer is asked more tokens than
     fit after its prompt (as answer_budget). An item the server fails is left out of the result (None) and
@@ -910,6 +910,8 @@ def served_item(client, tok, samples, context_length, item):
 
 def served_round(client, settings, item_id, prompt, budget, r, temperature):
     """Round r of an item's samples from the server -> (texts, finished), as generated_round."""
+    if budget == 0:  # no room after the prompt: empty and unfinished, as model.generate gives them
+        return [""] * settings["n"], [False] * settings["n"]
     seed = round_seed(settings["seed"], item_id, r)
     path, params = student_request(prompt, settings["n"], temperature, budget, settings["stop_ids"], seed)
     answer = client.request(path, params)

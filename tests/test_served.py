@@ -401,8 +401,11 @@ def test_eval_answers_through_the_server_equal_local_ones(benchmarks, spm_model_
     backend = CountingStudent(checkpoint.load_checkpoint(folder), tok, "m-served")
     monkeypatch.setattr(E.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("a served model was loaded"))
     with Serving(backend) as served:
-        remote = E.evaluate({"m": folder}, str(tmp_path / "remote"), served={"m": ("m-served", served.url)},
-                            **options)
+        E.main(["--checkpoints", f"m={folder}", "--superni", options["superni_dir"], "--lmentry",
+                options["lmentry_dir"], "--vicuna", options["vicuna_dir"], "--max-instances", "3", "--max-new-tokens",
+                "8", "6", "10", "--batch-size", "4", "--out", str(tmp_path / "remote"), "--served",
+                f"m=m-served@{served.url}", "--served-workers", "3"])
+        remote = json.loads((tmp_path / "remote" / "results.json").read_text())
         asked = len(backend.bodies)
         assert asked == 6 + 18 + 4 and backend.preflights == 1
         assert {body["temperature"] for body, _ in backend.bodies} == {0}
