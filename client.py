@@ -9,7 +9,7 @@ the key, the model and the options a run needs before any long or paid work; a s
 request reaches stops the run at once (RunError). map() runs a function over items on a bounded
 thread pool with progress lines; counts and report() say what was sent, retried and cached.
 
-The one project file it needs is data.py (the kill-tolerant JSONL log and the progress lines).
+Copy with it: data.py (the kill-tolerant JSONL log and the progress lines).
 """
 import concurrent.futures
 import email.utils

@@ -5,7 +5,7 @@ project alone; it knows no files (checkpoint.py reads and writes checkpoints int
 and from it). Module names follow Meta's first LLaMA release, so Meta checkpoints
 load with strict=True. Tuna needs three things from it (README, "The objective"):
 logits for the SFT and ranking losses, per-response log-prob sums for scores, and
-sampling of candidates for contextual ranking:
+sampling of candidates for contextual ranking. Copy with it: nothing else of this project.
 
     import model
     net = model.Transformer(model.ModelArgs.from_name("tiny"))   # or checkpoint.load_checkpoint(folder)

@@ -1,6 +1,8 @@
 """An OpenAI-compatible server over a model.py checkpoint: /v1/completions (with log-probs and
 echo), /v1/chat/completions and /v1/models, for a local teacher, the tests and the demo.
 
+Copy with it: model.py, checkpoint.py, tokenizer.py, data.py.
+
     python server.py --checkpoint some-llama/ --port 8000     # then --base-url http://127.0.0.1:8000/v1
 """
 import argparse
