@@ -13,8 +13,8 @@ TokenizerError that names the file and the field.
     text, stop_ids = tok.decode(ids), tok.stop_ids     # eos_id first
 """
 import functools
+import heapq
 import json
-import math
 import os
 import re
 import sys
@@ -176,6 +176,51 @@ BYTE_TO_CHAR = _byte_to_char()
 CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 
 
+def merge_by_rank(symbols, merge_ranks):
+    """BPE's rule: merge the adjacent pair with the lowest rank (the leftmost of equals) into one symbol, until
+    no adjacent pair has a rank, as `tokenizers` applies it. symbols: a word's byte symbols; merge_ranks:
+    (left, right) -> rank. Quadratic in the word's length: the reference merge_by_rank_fast is tested equal
+    to."""
+    parts = list(symbols)
+    while True:
+        ranked = [(merge_ranks[pair], k) for k, pair in enumerate(zip(parts, parts[1:])) if pair in merge_ranks]
+        if not ranked:
+            return parts
+        _, k = min(ranked)
+        parts[k:k + 2] = [parts[k] + parts[k + 1]]
+
+
+def merge_by_rank_fast(symbols, merge_ranks):
+    """merge_by_rank in O(n log n) for a word of n symbols, as `tokenizers`' Word::merge_all: a heap of the
+    adjacent pairs' (rank, position) over a linked list of the symbols. Positions are those of the symbols
+    before any merge (a merged symbol keeps its left one's), so the smallest is the leftmost; an entry whose
+    pair has changed since it was queued is skipped when it comes up."""
+    parts = list(symbols)
+    end = len(parts)
+    # the linked list: the position of the symbol after / before each one (end / -1: none)
+    after = list(range(1, end + 1))
+    before = list(range(-1, end - 1))
+    queue = [(merge_ranks[pair], k, pair) for k, pair in enumerate(zip(parts, parts[1:])) if pair in merge_ranks]
+    heapq.heapify(queue)
+    while queue:
+        _, left, pair = heapq.heappop(queue)
+        right = after[left]
+        # stale: merged into its left neighbour, or it or its right neighbour has grown since
+        if parts[left] is None or right == end or (parts[left], parts[right]) != pair:
+            continue
+        parts[left] += parts[right]
+        parts[right] = None
+        after[left] = after[right]
+        if after[left] != end:
+            before[after[left]] = left
+        # the two pairs the merged symbol now forms
+        for first, second in ((before[left], left), (left, after[left])):
+            new_pair = (parts[first], parts[second]) if first >= 0 and second != end else None
+            if new_pair in merge_ranks:
+                heapq.heappush(queue, (merge_ranks[new_pair], first, new_pair))
+    return [part for part in parts if part is not None]
+
+
 class BytePairEncoding:
     """Byte-level BPE itself: text -> ids (added tokens cut out, the rest normalized, pre-tokenized into
     words, each word's byte symbols merged by rank) and ids -> text (each token's bytes).
@@ -186,29 +231,13 @@ class BytePairEncoding:
     order), find_raw and find_normalized (text -> [(piece, added token or None)]) and cache (word -> ids)."""
 
     def _merge(self, word):
-        """BPE on one pre-tokenized word: merge the lowest-ranked adjacent pair, all its
-        occurrences left to right, until no adjacent pair has a rank (for merge lists
-        learned in order, the same as `tokenizers`' queue)."""
+        """BPE on one pre-tokenized word (merge_by_rank_fast), its ids cached."""
         if word in self.cache:
             return self.cache[word]
         # Llama 3: a word that is a token stays whole
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
-        parts = self._symbols(word)
-        while len(parts) > 1:
-            rank, pair = min((self.merge_ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
-            if rank == math.inf:
-                break
-            merged = []
-            k = 0
-            while k < len(parts):
-                if k + 1 < len(parts) and (parts[k], parts[k + 1]) == pair:
-                    merged.append(parts[k] + parts[k + 1])
-                    k += 2
-                else:
-                    merged.append(parts[k])
-                    k += 1
-            parts = merged
+        parts = merge_by_rank_fast(self._symbols(word), self.merge_ranks)
         if len(self.cache) > 100_000:
             self.cache.clear()
         ids = self.cache[word] = [self.vocab[part] for part in parts]
@@ -357,6 +386,56 @@ def _python_regex(pattern, where):
         raise TokenizerError(f"{where}: regex {pattern!r} does not translate to Python's re ({e})") from None
 
 
+# a quantifier (?, *, +, {n}, {n,}, {n,m}, {,m}) with the ? (lazy) or + (possessive) that belongs to it; an
+# atom: an escape (\p{L} whole), a character class, or one character
+QUANTIFIER = re.compile(r"(?:[?*+]|\{(?=,?\d)\d*,?\d*\})[?+]?")
+ATOM = re.compile(r"\\(?:[pPx]\{[^}]*\}|.)|\[\^?\]?(?:\\.|[^\]\\])*\]|.", re.DOTALL)
+
+
+def _nested_quantifier(pattern):
+    """The first group of a regex that repeats (*, +, {n,m} with m > 1) and holds a quantifier itself, as
+    written ("(a+)+"), or None. Python's re backtracks through every way of sharing a text between the two
+    quantifiers, exponentially many where the rest does not match ("(a+)+b" on "aaa...a")."""
+    open_groups = []  # [where it starts, holds a quantifier] of each group open here
+    last = None  # the same for the atom or group just before, which a quantifier applies to
+    i = 0
+    while i < len(pattern):
+        quantifier = QUANTIFIER.match(pattern, i)
+        if quantifier and last is not None:
+            start, holds = last
+            if holds and _repeats(quantifier.group()):
+                return pattern[start:quantifier.end()]
+            if open_groups:
+                open_groups[-1][1] = True
+            last = None
+            i = quantifier.end()
+        elif pattern[i] == "(":
+            # past "(?:", "(?i:", "(?!", "(?<=", "(?<name>": none of them is a quantifier
+            prefix = re.match(r"\((?:\?(?:[imsx-]*:|[=!>]|<[=!]|P?<\w+>))?", pattern[i:])
+            open_groups.append([i, False])
+            last = None
+            i += prefix.end()
+        elif pattern[i] == ")" and open_groups:
+            last = open_groups.pop()
+            if last[1] and open_groups:
+                open_groups[-1][1] = True
+            i += 1
+        else:
+            last = [i, False]
+            i = ATOM.match(pattern, i).end()
+    return None
+
+
+def _repeats(quantifier):
+    """Whether a quantifier ("+", "{1,3}", "?") lets what it follows match more than once."""
+    counts = re.fullmatch(r"\{(\d*)(,?)(\d*)\}[?+]?", quantifier)
+    if counts is None:
+        return quantifier[0] in "*+"
+    low, comma, high = counts.groups()
+    unbounded = comma and not high
+    return bool(unbounded) or int(high or low) > 1
+
+
 def _split_isolated(regex):
     """A pre-tokenizer step: every match of regex becomes a piece of its own, and so does
     the text between matches (`tokenizers`' "Isolated" split behaviour)."""
@@ -416,6 +495,11 @@ def _pre_tokenizer_steps(spec, where):
             raise TokenizerError(f"{where}: Split with behavior={behavior!r}, invert={invert!r} is not "
                                  "implemented (only behavior 'Isolated', invert false)")
         if "Regex" in pattern:
+            nested = _nested_quantifier(pattern["Regex"])
+            if nested:
+                raise TokenizerError(f"{where} Split pattern {pattern['Regex']!r} has a nested quantifier "
+                                     f"{nested!r}, on which Python's re can take exponential time: not "
+                                     "implemented")
             return [_split_isolated(_python_regex(pattern["Regex"], where))]
         if "String" in pattern:
             return [_split_isolated(re.compile(re.escape(pattern["String"])))]
@@ -691,9 +775,14 @@ class ByteLevelBPE(BytePairEncoding):
         return eos
 
 
+# The real files nest 7 lists or objects deep at most (Llama 3.1's post_processor: a Sequence of processors,
+# one a template of special tokens); section 3 reads the pipeline's parts recursively.
+MAX_JSON_DEPTH = 32
+
+
 def _read_json_object(path):
-    """A UTF-8 JSON file holding an object (tokenizer.json and the configs beside it); TokenizerError names
-    the file, and the line of malformed JSON."""
+    """A UTF-8 JSON file holding an object, nested at most MAX_JSON_DEPTH deep (tokenizer.json and the configs
+    beside it); TokenizerError names the file, and the line of malformed JSON."""
     with open(path, encoding="utf-8") as f:
         try:
             spec = json.load(f)
@@ -702,6 +791,24 @@ def _read_json_object(path):
                                  f"column {e.colno}") from None
         except UnicodeDecodeError as e:
             raise TokenizerError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        # Python's json recurses once per level, up to the interpreter's limit (1000)
+        except RecursionError:
+            spec = None
+    if spec is None or _nesting_depth(spec) > MAX_JSON_DEPTH:
+        raise TokenizerError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} lists or objects deep; no "
+                             "tokenizer file nests more than a few")
     if not isinstance(spec, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(spec).__name__}")
     return spec
+
+
+def _nesting_depth(value):
+    """How many lists and objects deep a JSON value nests (a number or a string: 0), level by level: no
+    recursion."""
+    depth = 0
+    containers = [value] if isinstance(value, (dict, list)) else []
+    while containers:
+        depth += 1
+        items = [item for outer in containers for item in (outer.values() if isinstance(outer, dict) else outer)]
+        containers = [item for item in items if isinstance(item, (dict, list))]
+    return depth
