@@ -182,7 +182,7 @@ def words_of(tok, text):
     merges them."""
     pieces = [text] if text else []
     for step in tok.bpe.steps:
-        pieces = [part for piece in pieces for part in step(piece)]
+        pieces = [part for piece in pieces for part in step(piece, True)]
     return [tok.bpe._symbols(piece) for piece in pieces]
 
 
@@ -304,6 +304,12 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("tokenizer_config.json:add_prefix_space", True, r"tokenizer_config.json: add_prefix_space=True disagrees"),
     ("tokenizer_config.json:add_bos_token", False, r"add_bos_token=False disagrees"),
     ("tokenizer_config.json:eos_token", "<|not a token|>", r"eos_token '<\|not a token\|>' is not a token"),
+    # every token tokenizer_config.json names must be one of the file's
+    ("tokenizer_config.json:pad_token", "<|no pad|>",
+     r"tokenizer_config.json: pad_token '<\|no pad\|>' is not a token"),
+    ("tokenizer_config.json:unk_token", {"content": "<unk>", "__type": "AddedToken"},
+     r"tokenizer_config.json: unk_token '<unk>' is not a token"),
+    ("tokenizer_config.json:bos_token", "<s>", r"tokenizer_config.json: bos_token '<s>' is not a token"),
 ]
 
 
@@ -331,7 +337,8 @@ def test_nested_quantifiers_are_found_and_the_real_patterns_have_none():
     # a group quantified at most once, a group without a quantifier inside, quantifiers inside classes
     single = [r"(a+)?", r"(?:ab)+", r"(?:'s|'t)*", r"(a+){1}", r"[(a+)]+", r"\(a+\)+", r"(?!\S)\s+"]
     real = [tokenizer.GPT2_PATTERN, LLAMA3_PATTERN, r"\p{N}{1,3}",  # DeepSeek-V3's, then Qwen3's
-            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*",
+            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+            r"| ?[\p{P}\p{S}]+[\r\n]*",
             LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")]
     assert [tokenizer._nested_quantifier(pattern) for pattern in single + real] == [None] * (len(single + real))
 
@@ -371,6 +378,47 @@ def test_folder_dispatch_and_file_errors(folders, spm_model_path, tmp_path):
     tiktoken.write_text("IQ== 0\nIg== 1\nIw== 2\n")
     with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer.model: not a sentencepiece model .* tiktoken BPE file"):
         tokenizer.Tokenizer(tiktoken.parent)
+
+
+def test_an_eos_that_is_an_added_token_but_not_special_ends_generation_and_responses(folders, tmp_path):
+    """tokenizer_config.json may name as EOS (or pad) an added token that is not special: it is looked up among
+    every token tokenizer.json defines, as transformers does; generation stops there and responses are trained to
+    end with it. (Being not special, it is also made from text that holds it, as `tokenizers` makes it.)"""
+    import model
+    import teacher
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "added_eos"
+    shutil.copytree(folders["llama3"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    end = 1 + max(spec["model"]["vocab"].values())
+    spec["added_tokens"] += [{"id": end, "content": "<|end|>", "special": False, "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False},
+                             {"id": end + 1, "content": "<|fill|>", "special": False, "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False}]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(eos_token={"content": "<|end|>", "__type": "AddedToken", "special": False}, pad_token="<|fill|>",
+                  unk_token="Ġthe")  # a vocabulary token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = tokenizer.Tokenizer(folder)
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.eos_id, tok.pad_id, tok.stop_ids) == (end, end + 1, [end]) == (auto.eos_token_id,
+                                                                                auto.pad_token_id, [end])
+    assert tok.encode("a<|end|>", bos=True) == auto("a<|end|>")["input_ids"] == tok.encode("a", bos=True) + [end]
+    prompt_ids, response_ids = data.encode_prompt_response(tok, data.alpaca_prompt("Name a color."), "Red.")
+    assert response_ids[-1] == end and tok.decode(response_ids) == "Red.<|end|>"
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": tok.vocab_size})).eval()
+    with torch.no_grad():  # the blocks add nothing, every embedding is all ones: only <|end|> scores
+        for layer in net.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        net.tok_embeddings.weight.fill_(1.0)
+        net.output.weight.zero_()
+        net.output.weight[end] = 1.0
+        outs, _ = model.generate(net, [prompt_ids], 5, eos_id=tok.stop_ids)
+    assert outs == [[end]] and teacher.without_stop(outs[0], tok.stop_ids) == ([], True)
 
 
 def test_sft_example_on_a_bpe_tokenizer_masks_the_prompt_and_ends_with_eos(folders):
