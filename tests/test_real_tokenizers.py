@@ -293,6 +293,10 @@ def test_the_sentencepiece_style_tokenizer_json_equals_the_tokenizer_model_it_ca
     assert [ours.encode(text) for text in TEXTS] == [spm_model.encode(text) for text in TEXTS]
     assert ours.bpe.byte_fallback and ours.bpe.unk_token == "<unk>" and ours.bpe.fuse_unk
     assert [ours.bos_id, ours.eos_id, ours.pad_id] == [1, 2, 0]  # pad: <unk>, as for tokenizer.model
+    both = tmp_path / "both"  # a folder holding the two, as Mistral's and Llama 2's releases do: tokenizer.model
+    shutil.copytree(real_files("llama2-json"), both)
+    shutil.copy(os.path.join(real_files("mistral-v1"), "tokenizer.model"), both)
+    assert tokenizer.Tokenizer(both).sp is not None and tokenizer.Tokenizer(both / "tokenizer.json").bpe is not None
     # its added tokens looked for in the normalized text instead: then the text reaches the normalizer whole, and
     # Prepend leaves an empty one empty, as in `tokenizers`
     spec = json.load(open(ours.path, encoding="utf-8"))
