@@ -17,6 +17,8 @@ prints
   4. contextual ranking's student sampling (teacher.sample_diverse), 32 instructions x 4
      samples: 128 rows decoding together vs one instruction (4 rows) at a time,
      samples/s, each row with its own generator
+  5. the byte-level BPE (tokenizer.py) encoding one word of 16,000 random letters vs
+     `tokenizers`, on the real Llama 3 tokenizer.json tests/fetch_real_files.py caches
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows
 both alike.
 
@@ -35,7 +37,10 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
+import random
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import model
+import tokenizer
 import training
 import tuna
 
@@ -449,7 +455,33 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
     return speed, same / len(prompts), rounds
 
 
-# ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
+# ---------------------------------------------------------------------------- 5. byte-level BPE on a long word
+
+def real_llama3_tokenizer():
+    """The real Llama 3 tokenizer.json that tests/fetch_real_files.py caches, or None where it is not there."""
+    cache = os.environ.get("TUNA_REAL_FILES") or os.path.expanduser("~/.cache/tuna/real-files")
+    path = os.path.join(cache, "llama3", "tokenizer.json")
+    return path if os.path.isfile(path) else None
+
+
+def bench_bpe_word(path, letters, repeats):
+    """tokenizer.py and `tokenizers` encoding one word of random letters (no spaces: a single word to merge,
+    not itself a token) with the same tokenizer.json: {name: median seconds}, and whether the ids agree."""
+    import tokenizers
+
+    ours, theirs = tokenizer.Tokenizer(path), tokenizers.Tokenizer.from_file(path)
+    word = "".join(random.Random(0).choice(string.ascii_lowercase) for _ in range(letters))
+
+    def encode_with_tokenizer_py():
+        ours.bpe.cache.clear()  # it remembers words; `tokenizers` keeps none this long
+        return ours.encode(word)
+    times = race({"tokenizer.py": encode_with_tokenizer_py,
+                  "tokenizers": lambda: theirs.encode(word, add_special_tokens=False)},
+                 torch.device("cpu"), repeats)
+    return times, ours.encode(word) == theirs.encode(word, add_special_tokens=False).ids
+
+
+# ---------------------------------------------------------------------------- 6. a whole reproduction (GPU)
 
 # What a one-GPU reproduction processes (README, "A real reproduction, stage by stage";
 # token counts as the benchmarks above).
@@ -579,7 +611,7 @@ def mib(size):
 
 
 def print_reproduction_hours(device, repeats, peak, memory_cap):
-    """Section 5 (--config gpu-7b): each stage's hours and peak memory at LLaMA-7B's shape."""
+    """Section 6 (--config gpu-7b): each stage's hours and peak memory at LLaMA-7B's shape."""
     args = model.ModelArgs.from_name("llama-7b")
     cap = f", memory capped at {memory_cap:g} GiB" if memory_cap else ""
     device_name = torch.cuda.get_device_name(device)
@@ -670,6 +702,7 @@ def main():
     print_ranking(net, config, device, instructions, repeats)
     print_generation(net, device, repeats)
     print_sampling(net, device, repeats)
+    print_bpe_word()
 
 
 def print_parity(net, hf, config, device):
@@ -802,6 +835,20 @@ def print_sampling(net, device, repeats):
           f"same samples for {same:.0%} of instructions; "
           f"diversity rule: {rounds:.1f} rounds per instruction "
           "(mean; samples/s counts the kept 4)")
+
+
+def print_bpe_word(letters=16_000, repeats=3):
+    """Section 5: the byte-level BPE's merge on one long word, against `tokenizers` on the same file."""
+    path = real_llama3_tokenizer()
+    if path is None:
+        print("\n5. byte-level BPE: skipped, no Llama 3 tokenizer.json cached "
+              "(python tests/fetch_real_files.py fetches it)")
+        return
+    times, same = bench_bpe_word(path, letters, repeats)
+    print(f"\n5. byte-level BPE, one word of {letters:,} random letters, Llama 3's tokenizer.json "
+          f"(median of {repeats}):")
+    print(f"   tokenizer.py {times['tokenizer.py']:.3f} s, tokenizers {times['tokenizers']:.3f} s -> "
+          f"{times['tokenizer.py'] / times['tokenizers']:.1f}x the time; same ids: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
