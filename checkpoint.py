@@ -6,8 +6,7 @@ a model.Transformer; save_hf_checkpoint writes Hugging Face's LlamaForCausalLM l
 so every stage's output also loads in transformers and vLLM. Hugging Face names go
 through hf_to_meta (key names plus the q/k row permutation); safetensors files are read
 and written by hand (torch, numpy, the standard library). Every config field that would change
-the computation is implemented or refused by name. Needs model.py beside it when
-copied (nothing else of the project):
+the computation is implemented or refused by name. Copy with it: model.py.
 
     import checkpoint
     net = checkpoint.load_checkpoint("llama-2-7b-hf/", device="cuda", dtype=torch.bfloat16)  # or Meta's

@@ -5,7 +5,7 @@ instruction suite.
     python demo.py --out runs/demo --size ci    # the test-sized run, about 2 minutes
 
 Every stage runs the command a user would type (tuna.py sft / rank / pipeline, teacher.py
-probabilistic / contextual), with the teacher served over HTTP by `teacher.py serve`.
+probabilistic / contextual), with the teacher served over HTTP by `server.py`.
 What stands in for what:
 - a built-in suite of short tasks with checkable answers;
 - a tiny "teacher" LLaMA trained on the correct answers (for text-davinci-003);
@@ -41,6 +41,8 @@ import teacher
 import tokenizer
 import tuna
 from checkpoint import save_hf_checkpoint
+from client import PREFLIGHT_TEXT
+from server import BadRequest, backend_server
 
 
 # The suite: short tasks whose answers can be checked, so the final table can say whether
@@ -372,13 +374,13 @@ def train_tokenizer(examples, path):
 # ----------------------------------------------------------------------------- the teacher and the judge
 
 def start_teacher_server(checkpoint):
-    """`python teacher.py serve` on a free port of 127.0.0.1, as a user starts it ->
+    """`python server.py` on a free port of 127.0.0.1, as a user starts it ->
     (process, base URL)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, os.path.join(here, "teacher.py"), "serve",
+    command = [sys.executable, os.path.join(here, "server.py"),
                "--checkpoint", checkpoint,
                "--port", str(port),
                "--model-name", "demo-teacher",
@@ -392,7 +394,7 @@ def start_teacher_server(checkpoint):
         except requests.ConnectionError:
             time.sleep(0.1)
     process.kill()
-    raise DemoError(f"teacher.py serve did not answer at {url}")
+    raise DemoError(f"server.py did not answer at {url}")
 
 
 def rule_judge_reply(messages, solutions):
@@ -405,7 +407,7 @@ def rule_judge_reply(messages, solutions):
     instruction = found.group(1).strip() if found else None
     if instruction not in solutions:
         unknown = "the rule-based judge knows no solution for this prompt's instruction"
-        raise teacher.BadRequest(unknown, "messages")
+        raise BadRequest(unknown, "messages")
     # a candidate runs up to the next one's heading, or to the steps after the last
     candidate_end = r"(?=\n\n###Response \d+:|\n\nFollow these steps:)"
     candidates = re.findall(r"###Response \d+:\n(.*?)" + candidate_end, user, re.DOTALL)
@@ -436,7 +438,7 @@ def judge_score(answer, solution):
 
 
 class RuleJudge:
-    """The rule-based judge behind teacher.py's OpenAI-compatible routes: chat completions
+    """The rule-based judge behind server.py's OpenAI-compatible routes: chat completions
     only."""
     name = JUDGE
 
@@ -445,8 +447,8 @@ class RuleJudge:
 
     def chat(self, body):
         prompt = body["messages"][-1]["content"]
-        # teacher.py's pre-flight check; any other prompt is a ranking request
-        if prompt == teacher.PREFLIGHT_TEXT:
+        # the client's pre-flight check (teacher.py runs it); any other prompt is a ranking request
+        if prompt == PREFLIGHT_TEXT:
             return self._answer("OK")
         return self._answer(rule_judge_reply(body["messages"], self.solutions))
 
@@ -458,13 +460,13 @@ class RuleJudge:
                 "usage": usage}
 
     def completions(self, body):
-        raise teacher.BadRequest("the rule-based judge answers /v1/chat/completions only")
+        raise BadRequest("the rule-based judge answers /v1/chat/completions only")
 
 
 def start_rule_judge(solutions):
     """The rule-based judge served on 127.0.0.1 (a thread), with the same HTTP layer as
-    `teacher.py serve`."""
-    server = teacher.backend_server(RuleJudge(solutions))
+    `python server.py`."""
+    server = backend_server(RuleJudge(solutions))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

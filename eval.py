@@ -11,7 +11,7 @@ OUT/results.json (every per-item output kept). Answers are greedy, batched, and 
 to OUT/generations/MODEL/BENCH.jsonl as they finish, each with what made it (checkpoint,
 tokenizer, prompt, max_new_tokens), so a killed run resumes without regenerating and
 another checkpoint under the same name never reuses them; judge replies are cached by
-teacher.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
+client.TeacherClient (OUT/judge_cache.jsonl). Bad input is reported by file and item,
 skipped, and listed under "Skipped". One evaluation at a time writes OUT (OUT.lock).
 
 Prompts: every benchmark is asked in the Alpaca template the models were tuned on
@@ -33,6 +33,7 @@ import data
 import lmentry
 import model
 import teacher
+from client import RunError, TeacherClient, TeacherError
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- files and problems
@@ -386,7 +387,7 @@ def judge_one(client, answers, job):
         response = client.request(*judge_request(messages))
         reply = str(response["choices"][0]["message"]["content"])
     # no request reaches the judge: stop, the answers are kept for the next run
-    except teacher.RunError:
+    except RunError:
         raise
     except Exception as e:  # a failed request or odd answer: a reply, no verdict
         reply = f"<request failed: {type(e).__name__}: {e}>"
@@ -562,7 +563,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
         finished = []
         for i, tokens in zip(batch, new_tokens):
             item_id = todo[i]["id"]
-            answer_ids = teacher.without_stop(tokens, stops)[0]
+            answer_ids = model.without_stop(tokens, stops)[0]
             text = tok.decode(answer_ids).strip()
             done[item_id] = text
             finished.append({"id": item_id, "output": text, "made_by": made[item_id]})
@@ -681,9 +682,7 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
     client = None
     if pairs and judge_url:
         judge_cache = os.path.join(out_dir, "judge_cache.jsonl")
-        client = teacher.TeacherClient(judge_url, judge_model,
-                                       api_key_env=judge_api_key_env,
-                                       cache_path=judge_cache)
+        client = TeacherClient(judge_url, judge_model, api_key_env=judge_api_key_env, cache_path=judge_cache)
     if dry_run:
         return dry_run_report(models, out_dir, benches, questions, references, pairs, client,
                               count_tokenizer, prices)
@@ -935,7 +934,7 @@ def main(argv=None):
         with data.lock_output(args.out):  # one evaluation at a time writes OUT
             results = evaluate(checkpoints, args.out, **options)
     # each names its file or URL
-    except (data.OutputLocked, teacher.TeacherError, OSError, ValueError) as e:
+    except (data.OutputLocked, TeacherError, OSError, ValueError) as e:
         message = " ".join(str(e).split())
         parser.exit(1, f"eval.py: error: {message}\n")
     print(results_markdown(results))

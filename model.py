@@ -5,7 +5,7 @@ project alone; it knows no files (checkpoint.py reads and writes checkpoints int
 and from it). Module names follow Meta's first LLaMA release, so Meta checkpoints
 load with strict=True. Tuna needs three things from it (README, "The objective"):
 logits for the SFT and ranking losses, per-response log-prob sums for scores, and
-sampling of candidates for contextual ranking:
+sampling of candidates for contextual ranking. Copy with it: nothing else of this project.
 
     import model
     net = model.Transformer(model.ModelArgs.from_name("tiny"))   # or checkpoint.load_checkpoint(folder)
@@ -305,7 +305,7 @@ LOGPROB_CHUNK_TOKENS = 2048
 def token_logprobs(logits, targets, ignore_index=-100):
     """log p(targets[..., t]) under logits[..., t, :] -> float32 of targets' shape, 0
     where target == ignore_index. The project's one token log-prob: the training loss
-    (tuna.score_tokens) and the teacher server's scores (teacher.LocalTeacher) go
+    (tuna.score_tokens) and the teacher server's scores (server.LocalTeacher) go
     through it: what the teacher reports, training optimises."""
     flat = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
                            reduction="none")
@@ -393,12 +393,14 @@ class KVCache:
         self.v[:len(rows)] = kept_values
 
 
-def sample_next(logits, temperature, top_p, generator=None):
+def sample_next(logits, temperature, top_p, generator=None, finished=None):
     """Next token per row from logits (B, vocab): argmax at temperature 0, else nucleus
     (top-p) sampling.
     generator: None (torch's default), one torch.Generator that the rows draw from in
     turn, or a list of B generators, one per row, so that a row's draw depends only
-    on its own logits and generator."""
+    on its own logits and generator. finished: None or (B,) bool; with a list of
+    generators a finished row draws nothing (token 0), so its generator is left as its
+    own tokens left it, whichever rows share its batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
@@ -409,9 +411,10 @@ def sample_next(logits, temperature, top_p, generator=None):
         sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if isinstance(generator, (list, tuple)):
-        # (B,)
-        draws = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)]
-        return torch.cat(draws)
+        done = [False] * len(generator) if finished is None else finished.tolist()
+        draws = [probs.new_zeros(1, dtype=torch.long) if row_done else torch.multinomial(row, 1, generator=g)
+                 for row, g, row_done in zip(probs, generator, done)]
+        return torch.cat(draws)  # (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -553,6 +556,16 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, eos_
     return out_tokens, out_logprobs
 
 
+def without_stop(tokens, stops):
+    """(the answer's tokens without the stop id that ended it, whether one did). Any of
+    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
+    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
+    (data.encode_prompt_response); generate stops at the first one, so it can only be the
+    last token."""
+    finished = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if finished else tokens), finished
+
+
 def _left_pad(prompts, total, device):
     """Left-pad so every row's next token lands in the same cache slot. Each row's
     positions start at 0 at its own first token and pad slots are masked out, so a
@@ -624,7 +637,7 @@ def _generate_batch(model, prompts, num_samples, max_new_tokens, temperature, to
         # produced a stop id, still in the batch
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step_index in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_p, generator)  # (b,)
+            token = sample_next(logits, temperature, top_p, generator, finished)  # (b,)
             new_tokens[row_of, step_index] = token
             logprobs = torch.log_softmax(logits.float(), -1)  # (B, vocab)
             new_logprobs[row_of, step_index] = logprobs.gather(-1, token[:, None])[:, 0]

@@ -1,133 +1,68 @@
-"""Ranking data from a teacher LLM over raw HTTP, and a small OpenAI-compatible server.
+"""Ranking data from teachers: the ranked candidates Tuna trains on (paper, section 2).
 
-The method (paper, section 2; README, "Faithfulness notes"), in the order of this file:
-1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction,
-   each scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
-2-3. Contextual ranking (section 2.2): the student samples n diverse answers; the teacher
-   sees them all in one prompt and ranks them (the authors' tuna/src/gpt-eval.py,
-   GroupEval.group_eval). Tuna_c trains on them.
-Then the plumbing:
-4. What both builders share: the items, a new request for an unparseable reply, the
-   failures file.
-5. TeacherClient: /completions and /chat/completions of any OpenAI-compatible server
-   (OpenAI, vLLM, llama.cpp, `python teacher.py serve`) with `requests` only. Nothing
-   lost, nothing paid twice: every answer is appended to a JSONL cache keyed by the
-   request's content (path + body, never the API key), so a killed run starts again where
-   it stopped; timeouts, dropped connections, 429 and 5xx are retried with back-off; a
-   server that no request reaches stops the run at once (RunError), as does a run where
-   every item failed.
-6. --dry-run: the requests a run would send, counted and priced, never sent.
-7. The server: the same endpoints over a model.py checkpoint, for a local teacher, the
-   tests and the demo.
+The method, read from the top (README, "Faithfulness notes" for the choices made):
+1. Probabilistic ranking (section 2.1): the teacher writes n answers per instruction, each
+   scored by its mean token log-prob; sorted, best first. Tuna_p trains on them.
+2. The student's samples (section 2.2): n answers per instruction under the diversity rule.
+3. Contextual ranking (section 2.2): the teacher sees the student's answers in one prompt
+   and ranks them; its reply is parsed into a ranking. Tuna_c trains on them.
+4. What both builders share: the items, the run over them, the failures file.
+Then the details the method calls by name, and the plumbing:
+5. The dataset's own answer as a candidate (--add-original).
+6. Where the teacher's reference answer ends in its ranking reply.
+7. The fast path: the diversity rule for many prompts in batches.
+8. The student's samples on disk: their cache and what made them.
+9. --dry-run: the requests a run would send, counted and priced, never sent.
+10. The command line.
+Requests go through client.py (cache, retries, rate limit); server.py serves a local teacher.
 
     python teacher.py probabilistic --data alpaca_data.json --base-url https://api.openai.com/v1 \
         --model gpt-3.5-turbo-instruct --out data/probabilistic.jsonl                   # Tuna_p's data
     python teacher.py contextual --data alpaca_data.json --student runs/tuna_p \
         --base-url https://api.openai.com/v1 --model gpt-4 --out data/contextual.jsonl   # Tuna_c's data
-    python teacher.py serve --checkpoint some-llama/ --port 8000                         # a local teacher
 """
 import argparse
-import codecs
-import concurrent.futures
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import hashlib
-import hmac
-import ipaddress
 import itertools
 import json
 import logging
 import os
-import random
 import re
-import signal
 import sys
-import threading
-import time
-import urllib.parse
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import requests
 import torch
 
 import data
 from checkpoint import checkpoint_identity, load_checkpoint
-from model import auto_batch_rows, generate, token_logprobs
+from client import PREFLIGHT_TEXT, RunError, TeacherClient, TeacherError, get_field, one_line
+from model import auto_batch_rows, generate, without_stop
+from server import chat_prompt
 from tokenizer import Tokenizer
 
 log = logging.getLogger("teacher")
 
 
-class TeacherError(RuntimeError):
-    """A request that failed for good, or an answer without a needed field; names the URL,
-    never the API key. status: the HTTP status of a refused request (4xx), else None."""
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
-
-
-class RunError(TeacherError):
-    """A problem of the whole run, not of one item (no request reaches the server, every
-    item failed, the server refuses a feature the run needs): the command stops, says so
-    in one line and exits non-zero."""
-
-
 class ReplyError(ValueError):
-    """An answer that cannot become a training record (an unparseable ranking, say);
-    `raw`: the reply."""
+    """An answer that cannot become a training record (an unparseable ranking, say); `raw`: the reply."""
 
     def __init__(self, message, raw=None):
         super().__init__(message)
         self.raw = raw
 
 
-# ----------------------- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
-
-# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further
-# requests then ask for one choice each, with seeds 1, 2, ... (each its own cache entry):
-# at most this many requests per sample.
-REQUESTS_PER_SAMPLE = 2
-
-ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
-                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
-                "that scores prompts (vLLM, teacher.py serve)")
-
-
-def probabilistic_request(item, k, n, max_tokens, temperature, chat):
-    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for
-    n choices, as the authors did; k > 0 for one more, with seed k. The run and its dry
-    run build the same requests."""
-    _, ex, prompt = item
-    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
-    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
-    if chat:  # a chat teacher gets the instruction itself, not our template
-        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        messages = [{"role": "user", "content": user}]
-        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
-    return "/completions", dict(prompt=prompt, logprobs=1, **options)
-
-
-def original_request(prompt, output):
-    """(path, params) of the request that scores the dataset's own response
-    (--add-original scored): the training text (data.encode_prompt_response: no separator)
-    echoed with its log-probs, nothing generated."""
-    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
-
+# ---- 1. probabilistic ranking: n teacher answers, ranked by mean token log-prob
 
 def build_probabilistic(client, examples, out_path, failures_path=None, n=4, max_tokens=256, temperature=1.0,
                         chat=False, add_original=None, retry_failures=False):
-    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each
-    scored by its mean token log-prob, best first. Identical samples are kept once (equal
-    texts cannot be ranked against each other), and are not replaced by asking again (that
-    would favour the teacher's less likely answers). A sample cut by max_tokens
-    (finish_reason "length") stays a candidate, listed in source["unfinished"]: trained
-    without EOS. add_original: None; "scored" = the dataset's response scored by the same
-    teacher (echo, /completions only) and sorted in; "first" = placed best (gold), its
-    score unknown (scores null)."""
+    """Probabilistic ranking (paper, section 2.1): n teacher samples per instruction, each scored by its mean
+    token log-prob, best first. Identical samples are kept once (equal texts cannot be ranked against each
+    other), and are not replaced by asking again (that would favour the teacher's less likely answers). A
+    sample cut by max_tokens (finish_reason "length") stays a candidate, listed in source["unfinished"]:
+    trained without EOS. add_original: None; "scored" = the dataset's response scored by the same teacher
+    (echo, /completions only) and sorted in; "first" = placed best (gold), its score unknown (scores null)."""
     if add_original not in (None, "scored", "first"):
         raise ValueError(f"add_original must be None, 'scored' or 'first', not {add_original!r}")
     if add_original == "scored" and chat:
@@ -149,8 +84,7 @@ class Asking:
 
     @property
     def distinct_needed(self):
-        """Distinct samples an item needs: 2, or 1 when the original answer is the second
-        candidate."""
+        """Distinct samples an item needs: 2, or 1 when the original answer is the second candidate."""
         return 1 if self.add_original else 2
 
 
@@ -173,60 +107,31 @@ def probabilistic_record(client, asked, item):
         raise ReplyError(f"{url}: fewer than 2 distinct candidates")
     texts = [text for text, _ in ranked]
     scores = [score for _, score in ranked]
-    has_original = asked.add_original and original in texts
-    original_index = texts.index(original) if has_original else None
+    original_index = texts.index(original) if asked.add_original and original in texts else None
     unfinished = [k for k, text in enumerate(texts) if not finished.get(text, True)]
-    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat,
-              "requests": requests_made, "original_index": original_index,
-              "unfinished": unfinished}
+    source = {"kind": "probabilistic", "teacher": client.model, "chat": asked.chat, "requests": requests_made,
+              "original_index": original_index, "unfinished": unfinished}
     if asked.add_original == "first":
         source["teacher_scores"] = scores[1:]
         scores = None
     return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts, scores=scores,
-                             instruction=ex["instruction"], input=ex.get("input", ""),
-                             source=source)
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
 
 
-def by_score(pair):
-    """The sort key of a (text, mean log-prob) pair."""
-    return pair[1]
+def mean_logprob(logprobs):
+    """An answer's score: its total log-prob over its number of tokens (paper, section 2.1)."""
+    return sum(logprobs) / len(logprobs)
 
 
-def distinct_samples(found):
-    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples:
-    identical texts are kept once (the first one's score), finished if any copy was."""
-    scored, finished = {}, {}
-    for text, score, done in found:
-        scored.setdefault(text, score)
-        finished[text] = finished.get(text, False) or done
-    return scored, finished
-
-
-def with_original(client, asked, ranked, prompt, ex):
-    """The ranking with the dataset's own answer: sorted in by its score ("scored") or
-    placed first ("first", its score unknown)."""
-    original = ex.get("output", "").strip()
-    if not original:
-        raise ReplyError("add_original is set but the example has no output")
-    texts = [text for text, _ in ranked]
-    if asked.add_original == "first":
-        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
-    if original in texts:  # a sample equals it: already scored
-        return ranked
-    scored_original = (original, original_score(client, prompt, ex["output"]))
-    return sorted(ranked + [scored_original], key=by_score, reverse=True)
-
-
-def teacher_url(client, chat):
-    """The URL a ranking request goes to, for messages."""
-    return client.base_url + ("/chat/completions" if chat else "/completions")
+# A server may return fewer choices than n (llama.cpp ignores n, others cap it): further requests then ask for
+# one choice each, with seeds 1, 2, ... (each its own cache entry): at most this many requests per sample.
+REQUESTS_PER_SAMPLE = 2
 
 
 def teacher_samples(client, asked, item):
-    """The item's usable choices and the number of requests they took. Past the bound (or
-    with n samples but too few distinct ones) only cached answers are read, and with
-    retry_failures one new request is paid for an item that would fail: a re-run replays
-    exactly the requests of the runs before it."""
+    """The item's usable choices and the number of requests they took. Past the bound (or with n samples but
+    too few distinct ones) only cached answers are read, and with retry_failures one new request is paid for
+    an item that would fail: a re-run replays exactly the requests of the runs before it."""
     found = []
     k = 0
     fresh = asked.retry_failures
@@ -237,14 +142,27 @@ def teacher_samples(client, asked, item):
         path, params = probabilistic_request(item, k, asked.n, asked.max_tokens,
                                              asked.temperature, asked.chat)
         past_bound = len(found) >= asked.n or k >= REQUESTS_PER_SAMPLE * asked.n
-        answer = client.request(path, params, past_bound)
+        answer = client.request(path, params, cache_only=past_bound)
         if answer is None and fresh and distinct < asked.distinct_needed:
-            answer = client.request(path, params, False)
+            answer = client.request(path, params)
             fresh = False
         if answer is None:
             return found, k
         found += usable_choices(answer, teacher_url(client, asked.chat), asked.chat)
         k += 1
+
+
+def probabilistic_request(item, k, n, max_tokens, temperature, chat):
+    """(path, params) of an item's request k in probabilistic ranking: request 0 asks for n choices, as the
+    authors did; k > 0 for one more, with seed k. The run and its dry run build the same requests."""
+    _, ex, prompt = item
+    choices = dict(n=n) if k == 0 else dict(n=1, seed=k)
+    options = dict(max_tokens=max_tokens, temperature=temperature, **choices)
+    if chat:  # a chat teacher gets the instruction itself, not our template
+        user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "/chat/completions", dict(messages=messages, logprobs=True, **options)
+    return "/completions", dict(prompt=prompt, logprobs=1, **options)
 
 
 def usable_choices(answer, url, chat):
@@ -256,12 +174,6 @@ def usable_choices(answer, url, chat):
             finished = answer["choices"][i].get("finish_reason") != "length"
             found.append((text.strip(), mean_logprob(logprobs), finished))
     return found
-
-
-def mean_logprob(logprobs):
-    """An answer's score: its total log-prob over its number of tokens (paper, section
-    2.1)."""
-    return sum(logprobs) / len(logprobs)
 
 
 def choice_logprobs(answer, i, url, chat):
@@ -279,9 +191,312 @@ def choice_logprobs(answer, i, url, chat):
         raise ReplyError(f"{url}: malformed log-probs in choices[{i}]") from None
 
 
+def distinct_samples(found):
+    """({text: its mean log-prob}, {text: finished}) of (text, score, finished) samples: identical texts are
+    kept once (the first one's score), finished if any copy was."""
+    scored, finished = {}, {}
+    for text, score, done in found:
+        scored.setdefault(text, score)
+        finished[text] = finished.get(text, False) or done
+    return scored, finished
+
+
+def by_score(pair):
+    """The sort key of a (text, mean log-prob) pair."""
+    return pair[1]
+
+
+def teacher_url(client, chat):
+    """The URL a ranking request goes to, for messages."""
+    return client.base_url + ("/chat/completions" if chat else "/completions")
+
+
+# ---- 2. the student's samples: n answers per instruction under the diversity rule
+
+def diverse_samples(model, tok, prompt, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
+                    generators=None):
+    """n student answers to one prompt under the diversity rule (paper, section 2.2): sample n at temperature
+    t; while some pair has ROUGE-L F1 >= threshold, sample again at t + 0.1, `tries` rounds in all; keep the
+    round with the lowest mean pairwise ROUGE-L. -> {candidates, finished (which ended in one of
+    tok.stop_ids; the others hit max_new_tokens), temperature, round, mean_rouge_l}. generators: None
+    (torch's default) or n torch.Generators, one per answer. A run samples many prompts at once with
+    sample_diverse (section 7), tested equal to this rule."""
+    ids = tok.encode(prompt, bos=True)
+    # a long prompt leaves fewer tokens to its answer
+    budget = max(0, min(max_new_tokens, model.args.max_seq_len - len(ids)))
+    best = None
+    for r in range(tries):
+        t = round(temperature + 0.1 * r, 6)
+        outs, _ = generate(model, [ids], budget, temperature=t, eos_id=tok.stop_ids, generator=generators,
+                           num_samples=n)
+        answers = [without_stop(out, tok.stop_ids) for out in outs]
+        texts = [tok.decode(answer).strip() for answer, _ in answers]
+        pairs = pairwise_rouge_l(texts)
+        mean_rouge_l = sum(pairs) / len(pairs)
+        if best is None or mean_rouge_l < best["mean_rouge_l"]:
+            best = {"candidates": texts, "finished": [done for _, done in answers], "temperature": t,
+                    "round": r + 1, "mean_rouge_l": mean_rouge_l}
+        if max(pairs) < threshold:
+            break
+    return best
+
+
+def pairwise_rouge_l(texts):
+    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair), with the Porter stemmer, as the
+    authors (rouge_scorer, use_stemmer=True)."""
+    from rouge_score import rouge_scorer  # on first use: importing it sets up absl logging
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in itertools.combinations(texts, 2)] or [0.0]
+
+
+# ---- 3. contextual ranking: the teacher ranks the student's answers in one prompt
+
+def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
+                     retry_failures=False, temperature=1.0, max_tokens=2048):
+    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates (samples: {id:
+    {"candidates": [...], "finished": [...]}} from sample_candidates; "finished" defaults to all) in one chat
+    request per instruction, at the authors' temperature 1.0 and 2048 tokens. The teacher's reference answer
+    (index n) is kept as a candidate unless keep_reference is False, or unless it cannot be cut out of the
+    reply unambiguously (source["reference_problem"] says why). Empty responses and exact copies of a
+    better-ranked one are left out of the record (source["ranks"] keeps the teacher's full ranking,
+    source["kept_ranks"] the one trained on); a candidate that hit the student's token limit is listed in
+    source["unfinished"]. A reply cut by max_tokens (finish_reason "length") is a failure: its ranking may be
+    incomplete."""
+    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
+    record_of = functools.partial(contextual_ranked, client, samples, ranking)
+    return build_ranked("contextual", client, examples, record_of, out_path, failures_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How contextual ranking asks the teacher (build_contextual's arguments)."""
+    keep_reference: bool
+    retry_failures: bool
+    temperature: float
+    max_tokens: int
+
+
+RANKING_SYSTEM = "You are a professional, experienced data annotator."
+
+
+def ranking_messages(prompt, candidates):
+    """The contextual-ranking request (paper, section 2.2): this project's own wording of the authors' prompt
+    (tuna/src/gpt-eval.py, GroupEval.group_eval), its five steps and its "rank: [...]" line; index
+    len(candidates) is the teacher's own reference answer. The format example shows placeholders, as the
+    authors' prompt does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest an
+    answer."""
+    n = len(candidates)
+    if n > 17:
+        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
+    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
+    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
+    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
+            f"Follow these steps:\n"
+            f"(1) Say whether the instruction is open-ended or close-ended.\n"
+            f"(2) Write one high-quality reference answer to the instruction, starting with "
+            f"\"###Response {n}:\".\n"
+            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
+            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
+            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
+            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
+            f"[sum]\".\n"
+            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
+            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
+    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
+    """(path, params) of the contextual-ranking request for one instruction (the run and its dry run)."""
+    messages = ranking_messages(prompt, candidates)
+    return "/chat/completions", dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
+
+
+def contextual_ranked(client, samples, ranking, item):
+    """The item's RankedRecord: its student samples as the teacher ranked them."""
+    item_id, ex, prompt = item
+    entry = samples.get(item_id)
+    if not entry:
+        raise ReplyError("no student candidates")
+    candidates = entry["candidates"]
+    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
+    parse = functools.partial(parse_ranked_reply, teacher_url(client, chat=True), candidates, ranking)
+    ranked, attempt = ask(client, path, params, parse, ranking.retry_failures)
+    return contextual_record(client, item, entry, ranked, attempt)
+
+
+def ask(client, path, params, parse, retry_failures):
+    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends seed=k, so each attempt
+    has its own cache entry: a re-run reads all earlier attempts from the cache and only with retry_failures
+    pays for one new one. Raises the last ReplyError/TeacherError when none parses."""
+    fresh_left = retry_failures
+    error = None
+    for attempt in itertools.count():
+        attempt_params = dict(params, seed=attempt) if attempt else params
+        answer = client.request(path, attempt_params, cache_only=attempt > 0)
+        if answer is None and fresh_left:
+            answer = client.request(path, attempt_params)
+            fresh_left = False
+        if answer is None:
+            raise error
+        try:
+            return parse(answer), attempt
+        except (ReplyError, TeacherError) as e:
+            error = e
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedReply:
+    """What one ranking reply gives: the teacher's ranks, its reference answer (or why there is none), the
+    indices kept for training, best first, and the texts they index (candidates, then the reference)."""
+    reply: str
+    ranks: list
+    reference: object
+    problem: object
+    kept: list
+    pool: list
+
+
+def parse_ranked_reply(url, candidates, ranking, answer):
+    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
+    reply = str(get_field(answer, "choices.0.message.content", url))
+    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
+        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
+                         "so its ranking may be incomplete", reply)
+    ranks = parse_ranking(reply, len(candidates))
+    reference, problem = reference_answer(reply, len(candidates))
+    pool = candidates + [reference if ranking.keep_reference else None]
+    kept = []
+    # an empty text or a copy of a better-ranked one cannot be ranked against it
+    for i in ranks:
+        if pool[i] and pool[i] not in [pool[k] for k in kept]:
+            kept.append(i)
+    if len(kept) < 2:
+        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
+    return RankedReply(reply, ranks, reference, problem, kept, pool)
+
+
+def parse_ranking(reply, n):
+    """The ranks, best first, from a ranking reply over n candidates + the teacher's own answer (index n). As
+    the authors: lowercase, the text after the last "rank:" (else "ranking:"), integers in order. Unlike them,
+    only the integers inside the [...] list (or on that line) are read, and each index must be in 0..n at most
+    once, so stray digits become a ReplyError instead of training data."""
+    text = reply.lower()
+    key = "rank:" if "rank:" in text else "ranking:"
+    if key not in text:
+        raise ReplyError("no 'rank:' in the reply", reply)
+    tail = text.rsplit(key, 1)[1].lstrip()
+    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
+    ranks = [int(x) for x in re.findall(r"\d+", listed)]
+    bad = [r for r in ranks if r > n]
+    if bad:
+        problem = f"index {bad[0]} out of range 0..{n}"
+    elif len(set(ranks)) != len(ranks):
+        problem = "an index appears twice"
+    elif len(ranks) < 2:
+        problem = f"{len(ranks)} index(es), need 2+"
+    else:
+        return ranks
+    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
+
+
+def contextual_record(client, item, entry, ranked, attempt):
+    """The training record of one ranked item; its source keeps the whole reply and the student's samples."""
+    item_id, ex, prompt = item
+    candidates = entry["candidates"]
+    finished = entry.get("finished") or [True] * len(candidates)
+    kept = ranked.kept
+    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
+    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
+    student = (entry.get("settings") or {}).get("student")
+    source = {"kind": "contextual", "teacher": client.model, "ranks": ranked.ranks, "kept_ranks": kept,
+              "raw_reply": ranked.reply, "reference": ranked.reference, "reference_problem": ranked.problem,
+              "student_candidates": candidates, "attempt": attempt, "unfinished": unfinished, **sampled,
+              "student": student}
+    return data.RankedRecord(id=item_id, prompt=prompt, candidates=[ranked.pool[i] for i in kept],
+                             instruction=ex["instruction"], input=ex.get("input", ""), source=source)
+
+
+# ---- 4. what both builders share: the items, the run over them, the failures file
+
+def _items(examples):
+    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its position."""
+    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
+            for i, ex in enumerate(examples)]
+
+
+def build_ranked(kind, client, examples, record_of, out_path, failures_path):
+    """Both builders' run: record_of(item) for every item, over the client's workers; the records written to
+    out_path, the failures to failures_path."""
+    results = client.map(functools.partial(item_result, kind, client, record_of), _items(examples),
+                         f"{kind} ranking", failed=is_failure)
+    return _finish(kind, client, results, out_path, failures_path)
+
+
+def item_result(kind, client, record_of, item):
+    """("done", record_of(item)) or ("failed", why); a RunError stops the run."""
+    try:
+        return "done", record_of(item)
+    except RunError:
+        raise
+    except (ReplyError, TeacherError) as e:
+        return "failed", _failure(kind, item, e, client.model)
+
+
+def is_failure(result):
+    """Whether a builder's result for one item is ("failed", why)."""
+    return result[0] == "failed"
+
+
+def _failure(kind, item, error, teacher):
+    """The failures file's line for an item that gave no record: its prompt, the error and the teacher's reply
+    (raw_reply, when there was one)."""
+    item_id, ex, prompt = item
+    return {"id": item_id, "kind": kind, "instruction": ex["instruction"], "input": ex.get("input", ""),
+            "prompt": prompt, "error": str(error), "raw_reply": getattr(error, "raw", None),
+            "teacher": teacher}
+
+
+def _finish(kind, client, results, out_path, failures_path):
+    """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
+    records = [r for status, r in results if status == "done"]
+    failures = [r for status, r in results if status == "failed"]
+    failures_path = failures_path or out_path + ".failures.jsonl"
+    data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
+    if failures and not records:
+        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
+        first = failures[0]
+        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
+                       f"e.g. item {first['id']}: {one_line(first['error'])}; all are listed in "
+                       f"{failures_path}")
+    data.write_ranked_jsonl(out_path, records)
+    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
+    return dict(done=len(records), failed=len(failures), **client.counts)
+
+
+# ---- 5. the dataset's own answer as a candidate (--add-original)
+
+ECHO_REFUSED = ("the teacher refuses to score a given text (echo with logprobs), which --add-original scored "
+                "needs; OpenAI's current completion models refuse it: use --add-original first, or a server "
+                "that scores prompts (vLLM, server.py)")
+
+
+def with_original(client, asked, ranked, prompt, ex):
+    """The ranking with the dataset's own answer: sorted in by its score ("scored") or placed first ("first",
+    its score unknown)."""
+    original = ex.get("output", "").strip()
+    if not original:
+        raise ReplyError("add_original is set but the example has no output")
+    texts = [text for text, _ in ranked]
+    if asked.add_original == "first":
+        return [(original, None)] + [pair for pair in ranked if pair[0] != original]
+    if original in texts:  # a sample equals it: already scored
+        return ranked
+    scored = ranked + [(original, original_score(client, prompt, ex["output"]))]
+    return sorted(scored, key=by_score, reverse=True)
+
+
 def original_score(client, prompt, output):
-    """The mean token log-prob of the dataset's own response, echoed by the teacher after
-    the prompt."""
+    """The mean token log-prob of the dataset's own response, echoed by the teacher after the prompt."""
     url = client.base_url + "/completions"
     # as the training text (data.encode_prompt_response): no separator
     full = prompt + output
@@ -290,12 +505,11 @@ def original_score(client, prompt, output):
     # a property of the server, not of this item: stop before paying for more
     except TeacherError as e:
         if e.status and 400 <= e.status < 500 and "echo" in str(e).lower():
-            raise client.stop(RunError(f"{_one_line(e)}: {ECHO_REFUSED}")) from None
+            raise client.stop(RunError(f"{one_line(e)}: {ECHO_REFUSED}")) from None
         raise
     offsets = get_field(answer, "choices.0.logprobs.text_offset", url)
     logprobs = get_field(answer, "choices.0.logprobs.token_logprobs", url)
-    # a token holding any response character is the response's, as in
-    # data.encode_prompt_response
+    # a token holding any response character is the response's, as in data.encode_prompt_response
     try:
         ends = list(offsets[1:]) + [len(full)]
         picked = [float(lp) for at, end, lp in zip(offsets, ends, logprobs)
@@ -307,45 +521,170 @@ def original_score(client, prompt, output):
     return mean_logprob(picked)
 
 
-# ------------------------------------- 2. contextual ranking: the student samples n diverse answers
-
-def without_stop(tokens, stops):
-    """(the answer's tokens without the stop id that ended it, whether one did). Any of
-    the tokenizer's stop_ids ends an answer (Llama 3.x Instruct: <|end_of_text|>,
-    <|eom_id|>, <|eot_id|>), which is then finished and trained with the tokenizer's EOS
-    (data.encode_prompt_response); generate stops at the first one, so it can only be the
-    last token."""
-    finished = bool(tokens) and tokens[-1] in stops
-    return (tokens[:-1] if finished else tokens), finished
+def original_request(prompt, output):
+    """(path, params) of the request that scores the dataset's own response (--add-original scored): the
+    training text (data.encode_prompt_response: no separator) echoed with its log-probs, nothing generated."""
+    return "/completions", dict(prompt=prompt + output, echo=True, max_tokens=0, logprobs=1)
 
 
-# Rows sampled together where batch_size is "auto" and the device reports no free memory
-# (a CPU): a CPU's decode step costs in proportion to its rows, so more buys little there.
+# ---- 6. where the teacher's reference answer ends in its ranking reply
+
+# How replies number their five steps: the marker of step k at the start of a line, after markdown ("**", "#",
+# ">", "-"); "(k)" also inside a line, as the prompt itself writes them. Ordinals as in the authors' prompt
+# ("First, ... Second, ... Last, ...").
+_LINE = r"^[ \t>*#_-]*"
+_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
+             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
+STEP_MARKERS = {
+    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
+    "k)": lambda k: rf"{_LINE}{k}\)",
+    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
+    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
+    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
+}
+# Words that name what steps 3-5 are about, to tell a step from an item of a list inside the answer.
+STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
+               4: r"scor|rat(?:e|ing)", 5: r"rank"}
+# "## Duplicates", "**Duplicates:** none"
+_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
+
+
+def reference_answer(reply, n):
+    """(the teacher's reference answer, None) or (None, why there is none): the text after "###Response n" up
+    to where the reply's next step begins, in the numbering style the reply uses for its steps (found from the
+    marker just before the answer: "(2)", "2.", "2)", "**Step 2:**", "Second," or a heading), and never past
+    the ranking. A list inside the answer stays whole: a marker that continues a numbering begun inside the
+    answer is an item of it, unless it names its step's topic (duplicates, scores, rank). When the end cannot
+    be told unambiguously, there is no reference (the ranking is still usable without it)."""
+    # code blocks hold no step markers
+    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
+    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
+    if not head:
+        return None, f"no '###Response {n}' in the reply"
+    begin = head.end()
+    lowered = masked.lower()
+    key = "rank:" if "rank:" in lowered else "ranking:"
+    # the ranking's line is not the answer's (nor a ranking on the answer's line)
+    end = lowered.rfind(key)
+    line_start = masked.rfind("\n", 0, end) + 1
+    if end < begin:
+        end = len(masked)
+    elif line_start >= begin:
+        end = line_start
+    cut, problem = _step_after_reference(masked, head.start(), begin, end)
+    if problem:
+        return None, problem
+    # a closing rule
+    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
+    return (text, None) if text else (None, "the reference answer is empty")
+
+
+def _blanked(match):
+    """A match's text as spaces, its line breaks kept: positions stay where they were."""
+    return re.sub(r"[^\n]", " ", match.group())
+
+
+def _line_end(text, at):
+    """Where the line holding position `at` ends (the text's end for the last line)."""
+    end = text.find("\n", at)
+    return len(text) if end < 0 else end
+
+
+def _heading_level(match):
+    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every heading."""
+    heading = match.group().strip()
+    return len(heading) - len(heading.lstrip("#")) or 7
+
+
+def _step_before(after, at):
+    """The number of the last step marker before position `at` (0: none)."""
+    earlier = [(q, k) for q, k in after if q < at]
+    return max(earlier, default=(0, 0))[1]
+
+
+def _step_after_reference(masked, head_at, begin, end):
+    """(where the step after the reference answer begins, None), or (None, why it cannot be told)."""
+    after = _numbered_steps(masked, head_at, begin, end)
+    if after is None:
+        return _step_by_headings(masked, head_at, begin, end)
+    for step in (3, 4, 5):
+        places = [at for at, k in after if k == step]
+        if not places:
+            continue
+        # a marker that continues a numbering begun inside the answer is an item of a list
+        fresh = [at for at in places if _step_before(after, at) != step - 1]
+        topical = [at for at in places if _names_topic(masked, at, step)]
+        both = [at for at in fresh if at in topical]
+        # one fresh marker, else one that names the step's topic, else one that is both
+        for chosen in (fresh, topical, both):
+            if len(chosen) == 1:
+                return chosen[0], None
+        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
+                      f"could begin step {step}")
+    return end, None
+
+
+def _names_topic(masked, at, step):
+    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
+    line = masked[at:_line_end(masked, at)]
+    return re.search(STEP_TOPICS[step], line, re.I) is not None
+
+
+def _numbered_steps(masked, head_at, begin, end):
+    """The (position, step number) markers after the answer, in the numbering style whose step-1 or step-2
+    marker comes nearest before the answer; None when no style numbers steps on both sides of it."""
+    best_at = -1
+    best = None
+    for marker in STEP_MARKERS.values():
+        found = sorted((m.start(), k) for k in range(1, 6)
+                       for m in re.finditer(marker(k), masked, re.I | re.M))
+        before = [(at, k) for at, k in found if at < head_at]
+        after = [(at, k) for at, k in found if begin <= at < end]
+        if not before or before[-1][1] not in (1, 2):
+            continue
+        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
+            best_at = before[-1][0]
+            best = after
+    return best
+
+
+def _step_by_headings(masked, head_at, begin, end):
+    """Where a reply that marks its steps with headings ("## Duplicates") begins the next one: the first
+    heading after the answer, at its heading's level or above, that names a later step's topic."""
+    headings = [m for m in re.finditer(_HEADING, masked, re.M)
+                if not re.search(r"response\s*\d", m.group(), re.I)]
+    before = [m for m in headings if m.start() < head_at]
+    top = _heading_level(before[-1]) if before else 0
+    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
+    topics = "|".join(STEP_TOPICS.values())
+    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
+    if named:
+        return named[0], None
+    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
+    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
+        return None, "no step markers after the reference answer to tell where it ends"
+    return end, None  # nothing but the answer up to the ranking
+
+
+# ---- 7. the fast path: the diversity rule for many prompts in batches
+
+# Rows sampled together where batch_size is "auto" and the device reports no free memory (a CPU): a CPU's
+# decode step costs in proportion to its rows, so more buys little there.
 STUDENT_BATCH_ROWS = 64
 
 
 def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256, tries=3, threshold=0.8,
                    generators=None, batch_size="auto", on_done=None):
-    """For each prompt, n student responses with the diversity rule (paper, section 2.2):
-    while some pair has ROUGE-L F1 >= threshold, sample again at temperature + 0.1,
-    `tries` rounds in all; keep the round with the lowest mean pairwise ROUGE-L. ROUGE-L
-    with the Porter stemmer, as the authors (rouge_scorer, use_stemmer=True). Each result:
-    candidates, finished (which ended in one of tok.stop_ids; the others hit
-    max_new_tokens), temperature, round, mean_rouge_l.
-
-    The prompts are sampled together, shortest first, in model.generate calls of at most
-    batch_size rows (n per prompt; a row leaves the batch when it ends): on a GPU a decode
-    step costs about the same for 4 rows as for 128. "auto": the rows whose KV caches fit
-    the device's free memory (model.auto_batch_rows; on a CPU, STUDENT_BATCH_ROWS). A
-    prompt that must be sampled again waits until a full batch of prompts needs the same
-    round (or no new prompt is left), so retries fill batches too. generators: None
-    (torch's default), or per prompt a list of n torch.Generators, one per row: a row's
-    draws then depend only on its own generator, so a prompt's result does not depend on
-    which prompts share its batch. on_done(i, result) is called as soon as prompt i's
-    result is final (sample_candidates caches it there); returns the results in prompt
-    order."""
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    """For each prompt, what diverse_samples (section 2, the diversity rule) gives it, with the prompts
+    sampled together, shortest first, in model.generate calls of at most batch_size rows (n per prompt; a row
+    leaves the batch when it ends): on a GPU a decode step costs about the same for 4 rows as for 128. "auto":
+    the rows whose KV caches fit the device's free memory (model.auto_batch_rows; on a CPU,
+    STUDENT_BATCH_ROWS). A prompt that must be sampled again waits until a full batch of prompts needs the
+    same round (or no new prompt is left), so retries fill batches too. generators: None (torch's default), or
+    per prompt a list of n torch.Generators, one per row: a row's draws then depend only on its own generator,
+    so a prompt's result does not depend on which prompts share its batch, and equals diverse_samples' with
+    the same generators. on_done(i, result) is called as soon as prompt i's result is final (sample_candidates
+    caches it there); returns the results in prompt order."""
     ids = [tok.encode(prompt, bos=True) for prompt in prompts]
     stops = tok.stop_ids
     # a long prompt leaves fewer tokens to its answer
@@ -371,7 +710,7 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
             for k, i in enumerate(batch):
                 mine = [without_stop(out, stops) for out in outs[k * n:(k + 1) * n]]
                 texts = [tok.decode(answer).strip() for answer, _ in mine]
-                pairs = pairwise_rouge_l(scorer, texts)
+                pairs = pairwise_rouge_l(texts)
                 mean = sum(pairs) / len(pairs)
                 if best[i] is None or mean < best[i]["mean_rouge_l"]:
                     finished = [done for _, done in mine]
@@ -386,23 +725,17 @@ def sample_diverse(model, tok, prompts, n=4, temperature=0.8, max_new_tokens=256
 
 
 def next_round(fresh, waiting, per_batch):
-    """The round to sample next (0: new prompts): the latest round with a full batch due,
-    or any due once no new prompt is left; its prompts are the nearest to done."""
+    """The round to sample next (0: new prompts): the latest round with a full batch due, or any due once no
+    new prompt is left; its prompts are the nearest to done."""
     tries = len(waiting)
     full = [r for r in range(1, tries) if len(waiting[r]) >= per_batch]
     last = [r for r in range(1, tries) if waiting[r] and not fresh]
     return max(full + last, default=0)
 
 
-def pairwise_rouge_l(scorer, texts):
-    """ROUGE-L F1 of every pair of texts ([0.0] when there is no pair)."""
-    pairs = itertools.combinations(texts, 2)
-    return [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs] or [0.0]
-
-
 def student_batch_rows(model, ids, budget):
-    """Rows that sample together under --student-batch-size auto: as many as fit in the
-    device's free memory (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
+    """Rows that sample together under --student-batch-size auto: as many as fit in the device's free memory
+    (model.auto_batch_rows), STUDENT_BATCH_ROWS on a CPU."""
     longest = max(map(len, ids), default=1)
     slots = max((len(p) + b for p, b in zip(ids, budget)), default=1)
     rows = auto_batch_rows(model, slots, longest, STUDENT_BATCH_ROWS)
@@ -410,14 +743,15 @@ def student_batch_rows(model, ids, budget):
     return rows
 
 
+# ---- 8. the student's samples on disk: their cache and what made them
+
 def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, max_new_tokens=256, tries=3,
                       seed=0, *, student, batch_size="auto"):
-    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time.
-    Each finished item is appended to cache_path (JSONL) and read back on a re-run with
-    the same prompt, settings and student (its identity: producer_identity), so a killed
-    run does not sample again and another checkpoint never reuses them. Row s of an item
-    draws from its own generator seeded from (seed, item id, s): an item's samples do not
-    depend on where a run was killed nor on batch_size."""
+    """{id: sample_diverse(...)} for every example, sampled batch_size rows at a time. Each finished item is
+    appended to cache_path (JSONL) and read back on a re-run with the same prompt, settings and student (its
+    identity: producer_identity), so a killed run does not sample again and another checkpoint never reuses
+    them. Row s of an item draws from its own generator seeded from (seed, item id, s): an item's samples do
+    not depend on where a run was killed nor on batch_size."""
     settings = sample_settings(n, temperature, max_new_tokens, tries, seed, student, tok.stop_ids)
     kept = student_log(examples, cache_path, settings)
     cached = kept.kept
@@ -448,16 +782,14 @@ def sample_candidates(model, tok, examples, cache_path, n=4, temperature=0.8, ma
 
 
 def row_generator(seed, item_id, row, device):
-    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row):
-    its samples depend on neither batch_size nor where a run was killed."""
+    """Row `row` of an item draws from its own generator, seeded from (seed, item id, row): its samples depend
+    on neither batch_size nor where a run was killed."""
     digest = hashlib.sha256(f"{seed}:{item_id}:{row}".encode()).digest()
-    row_seed = int.from_bytes(digest[:6], "little")
-    return torch.Generator(device=device).manual_seed(row_seed)
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:6], "little"))
 
 
 def sample_settings(n, temperature, max_new_tokens, tries, seed, student, stop_ids):
-    """What makes a student's samples what they are: a cached sample is used only under
-    the same settings."""
+    """What makes a student's samples what they are: a cached sample is used only under the same settings."""
     return dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, tries=tries, seed=seed,
                 student=student, row_seeds="sha256(seed:id:row)", stop_ids=stop_ids)
 
@@ -474,716 +806,27 @@ def sample_made_by(entry):
 
 
 def student_log(examples, cache_path, settings):
-    """The student cache (data.KeptLog): the samples it holds for the same prompt and
-    settings."""
+    """The student cache (data.KeptLog): the samples it holds for the same prompt and settings."""
     keys = {item_id: sample_key(settings, prompt) for item_id, _, prompt in _items(examples)}
     return data.KeptLog(cache_path, keys, sample_made_by, log.warning)
 
 
 def is_checkpoint(folder):
-    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's
-    params.json)."""
-    configs = [os.path.join(folder, name) for name in ("config.json", "params.json")]
-    return any(os.path.isfile(config) for config in configs)
+    """Whether folder holds a checkpoint (Hugging Face's config.json or Meta's params.json)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (checkpoint.checkpoint_identity), its
-    tokenizer's sha256."""
-    checkpoint = checkpoint_identity(checkpoint_dir)
-    return {"checkpoint": checkpoint, "tokenizer": data.file_sha256(tokenizer_path)}
+    """What produces a model's text: its checkpoint (checkpoint.checkpoint_identity), its tokenizer's sha256."""
+    return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
-# -------------------------------------- 3. contextual ranking: the teacher ranks them in one prompt
-
-RANKING_SYSTEM = "You are a professional, experienced data annotator."
-
-
-def ranking_messages(prompt, candidates):
-    """The contextual-ranking request (paper, section 2.2; the authors' prompt in
-    tuna/src/gpt-eval.py, GroupEval.group_eval); index len(candidates) is the teacher's
-    own reference answer. The format example shows placeholders, as the authors' prompt
-    does ("rank: [i, j, k, l, m]"): concrete indices in presentation order would suggest
-    an answer."""
-    n = len(candidates)
-    if n > 17:
-        raise ValueError(f"the ranking prompt names at most 17 candidates (placeholders i..z), not {n}")
-    shown = "\n\n".join(f"###Response {i}:\n{text}" for i, text in enumerate(candidates))
-    placeholders = ", ".join(chr(ord("i") + k) for k in range(n + 1))
-    user = (f"Below is an instruction and {n} responses to it.\n\n{prompt}\n\n{shown}\n\n"
-            f"Follow these steps:\n"
-            f"(1) Say whether the instruction is open-ended or close-ended.\n"
-            f"(2) Write one high-quality reference answer to the instruction, starting with "
-            f"\"###Response {n}:\".\n"
-            f"(3) Find the responses that duplicate each other and keep only one of each.\n"
-            f"(4) Score each response from 0 to 15 against the reference answer. Open-ended instruction: "
-            f"relevance, level of details/justification and accuracy, each 0-5. Close-ended instruction: "
-            f"accuracy, level of details/justification and clarity, each 0-5. Write each as \"Response k: "
-            f"[sum]\".\n"
-            f"(5) Rank all responses, the reference answer (Response {n}) included, in decreasing order of "
-            f"score, as \"rank: [{placeholders}]\" (shorter if you dropped duplicates).")
-    return [{"role": "system", "content": RANKING_SYSTEM}, {"role": "user", "content": user}]
-
-
-def ranking_request(prompt, candidates, temperature=1.0, max_tokens=2048):
-    """(path, params) of the contextual-ranking request for one instruction (the run and
-    its dry run)."""
-    messages = ranking_messages(prompt, candidates)
-    params = dict(messages=messages, temperature=temperature, max_tokens=max_tokens)
-    return "/chat/completions", params
-
-
-def parse_ranking(reply, n):
-    """The ranks, best first, from a ranking reply over n candidates + the teacher's own
-    answer (index n). As the authors: lowercase, the text after the last "rank:" (else
-    "ranking:"), integers in order. Unlike them, only the integers inside the [...] list
-    (or on that line) are read, and each index must be in 0..n at most once, so stray
-    digits become a ReplyError instead of training data."""
-    text = reply.lower()
-    key = "rank:" if "rank:" in text else "ranking:" if "ranking:" in text else None
-    if key is None:
-        raise ReplyError("no 'rank:' in the reply", reply)
-    tail = text.rsplit(key, 1)[1].lstrip()
-    listed = tail[1:].split("]", 1)[0] if tail.startswith("[") else tail.split("\n", 1)[0]
-    ranks = [int(x) for x in re.findall(r"\d+", listed)]
-    bad = [r for r in ranks if r > n]
-    twice = len(set(ranks)) != len(ranks)
-    if bad:
-        problem = f"index {bad[0]} out of range 0..{n}"
-    elif twice:
-        problem = "an index appears twice"
-    elif len(ranks) < 2:
-        problem = f"{len(ranks)} index(es), need 2+"
-    else:
-        return ranks
-    raise ReplyError(f"bad ranking {listed.strip()!r}: {problem}", reply)
-
-
-def build_contextual(client, examples, samples, out_path, failures_path=None, keep_reference=True,
-                     retry_failures=False, temperature=1.0, max_tokens=2048):
-    """Contextual ranking (paper, section 2.2): the teacher ranks the student's candidates
-    (samples: {id: {"candidates": [...], "finished": [...]}} from sample_candidates;
-    "finished" defaults to all) in one chat request per instruction, at the authors'
-    temperature 1.0 and 2048 tokens. The teacher's reference answer (index n) is kept as a
-    candidate unless keep_reference is False, or unless it cannot be cut out of the reply
-    unambiguously (source["reference_problem"] says why). Empty responses and exact copies
-    of a better-ranked one are left out of the record (source["ranks"] keeps the teacher's
-    full ranking, source["kept_ranks"] the one trained on); a candidate that hit the
-    student's token limit is listed in source["unfinished"]. A reply cut by max_tokens
-    (finish_reason "length") is a failure: its ranking may be incomplete."""
-    ranking = Ranking(keep_reference, retry_failures, temperature, max_tokens)
-    record_of = functools.partial(contextual_ranked, client, samples, ranking)
-    return build_ranked("contextual", client, examples, record_of, out_path, failures_path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """How contextual ranking asks the teacher (build_contextual's arguments)."""
-    keep_reference: bool
-    retry_failures: bool
-    temperature: float
-    max_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RankedReply:
-    """What one ranking reply gives: the teacher's ranks, its reference answer (or why
-    there is none), the indices kept for training, best first, and the texts they index
-    (candidates, then the reference)."""
-    reply: str
-    ranks: list
-    reference: object
-    problem: object
-    kept: list
-    pool: list
-
-
-def contextual_ranked(client, samples, ranking, item):
-    """The item's RankedRecord: its student samples as the teacher ranked them."""
-    item_id, ex, prompt = item
-    entry = samples.get(item_id)
-    if not entry:
-        raise ReplyError("no student candidates")
-    candidates = entry["candidates"]
-    path, params = ranking_request(prompt, candidates, ranking.temperature, ranking.max_tokens)
-    send = functools.partial(send_with_seed, client, path, params)
-    url = teacher_url(client, chat=True)
-    parse = functools.partial(parse_ranked_reply, url, candidates, ranking)
-    ranked, attempt = ask(send, parse, ranking.retry_failures)
-    return contextual_record(client, item, entry, ranked, attempt)
-
-
-def send_with_seed(client, path, params, cache_only=False, **seed):
-    """One request of `ask`: seed, when given, makes a retry its own request (and cache
-    entry)."""
-    return client.request(path, dict(params, **seed), cache_only)
-
-
-def parse_ranked_reply(url, candidates, ranking, answer):
-    """A RankedReply from the teacher's answer; ReplyError when it cannot train anything."""
-    reply = str(get_field(answer, "choices.0.message.content", url))
-    if get_field(answer, "choices.0", url).get("finish_reason") == "length":
-        raise ReplyError(f"the reply was cut at max_tokens={ranking.max_tokens} (finish_reason 'length'), "
-                         "so its ranking may be incomplete", reply)
-    ranks = parse_ranking(reply, len(candidates))
-    reference, problem = reference_answer(reply, len(candidates))
-    pool = candidates + [reference if ranking.keep_reference else None]
-    kept = []
-    # an empty text or a copy of a better-ranked one cannot be ranked against it
-    for i in ranks:
-        if pool[i] and pool[i] not in [pool[k] for k in kept]:
-            kept.append(i)
-    if len(kept) < 2:
-        raise ReplyError(f"fewer than 2 non-empty ranked candidates in ranks {ranks}", reply)
-    return RankedReply(reply, ranks, reference, problem, kept, pool)
-
-
-def contextual_record(client, item, entry, ranked, attempt):
-    """The training record of one ranked item; its source keeps the whole reply and the
-    student's samples."""
-    item_id, ex, prompt = item
-    candidates = entry["candidates"]
-    finished = entry.get("finished") or [True] * len(candidates)
-    kept = ranked.kept
-    unfinished = [k for k, i in enumerate(kept) if i < len(candidates) and not finished[i]]
-    sampled = {k: entry.get(k) for k in ("temperature", "round", "mean_rouge_l")}
-    student = (entry.get("settings") or {}).get("student")
-    source = {"kind": "contextual", "teacher": client.model,
-              "ranks": ranked.ranks, "kept_ranks": kept,
-              "raw_reply": ranked.reply, "reference": ranked.reference,
-              "reference_problem": ranked.problem, "student_candidates": candidates,
-              "attempt": attempt, "unfinished": unfinished, **sampled, "student": student}
-    texts = [ranked.pool[i] for i in kept]
-    return data.RankedRecord(id=item_id, prompt=prompt, candidates=texts,
-                             instruction=ex["instruction"], input=ex.get("input", ""),
-                             source=source)
-
-
-# ------------------ 3b. contextual ranking: where the teacher's own answer ends in its reply
-
-# How replies number their five steps: the marker of step k at the start of a line, after
-# markdown ("**", "#", ">", "-"); "(k)" also inside a line, as the prompt itself writes
-# them. Ordinals as in the authors' prompt ("First, ... Second, ... Last, ...").
-_LINE = r"^[ \t>*#_-]*"
-_ORDINALS = {1: r"first(?:ly)?", 2: r"second(?:ly)?", 3: r"third(?:ly)?", 4: r"fourth(?:ly)?",
-             5: r"fifth(?:ly)?|last(?:ly)?|finally"}
-STEP_MARKERS = {
-    "(k)": lambda k: rf"(?:{_LINE}|(?<=\s))\({k}\)",
-    "k)": lambda k: rf"{_LINE}{k}\)",
-    "k.": lambda k: rf"{_LINE}{k}\.(?!\d)",
-    "step k": lambda k: rf"{_LINE}step[ \t]*{k}\b",
-    "ordinal": lambda k: rf"{_LINE}(?:{_ORDINALS[k]})\b",
-}
-# Words that name what steps 3-5 are about, to tell a step from an item of a list inside
-# the answer.
-STEP_TOPICS = {3: r"duplicat|identical|repeat|same|distinct|unique|differ|cop(?:y|ies)|redundan",
-               4: r"scor|rat(?:e|ing)", 5: r"rank"}
-# "## Duplicates", "**Duplicates:** none"
-_HEADING = r"^[ \t]*(?:#{1,6}[ \t]+(\S[^\n]*)|\*\*([^*\n]+)\*\*)"
-
-
-def reference_answer(reply, n):
-    """(the teacher's reference answer, None) or (None, why there is none): the text after
-    "###Response n" up to where the reply's next step begins, in the numbering style the
-    reply uses for its steps (found from the marker just before the answer: "(2)", "2.",
-    "2)", "**Step 2:**", "Second," or a heading), and never past the ranking. A list
-    inside the answer stays whole: a marker that continues a numbering begun inside the
-    answer is an item of it, unless it names its step's topic (duplicates, scores, rank).
-    When the end cannot be told unambiguously, there is no reference (the ranking is still
-    usable without it)."""
-    # code blocks hold no step markers
-    masked = re.sub(r"```.*?(?:```|\Z)", _blanked, reply, flags=re.S)
-    head = re.search(rf"#+[ \t]*response[ \t]*{n}\b(?:[ \t]*\([^)\n]*\))?[ \t*:]*", masked, re.I)
-    if not head:
-        return None, f"no '###Response {n}' in the reply"
-    begin = head.end()
-    lowered = masked.lower()
-    key = "rank:" if "rank:" in lowered else "ranking:"
-    # the ranking's line is not the answer's (nor a ranking on the answer's line)
-    end = lowered.rfind(key)
-    line_start = masked.rfind("\n", 0, end) + 1
-    end = (line_start if line_start >= begin else end) if end >= begin else len(masked)
-    cut, problem = _step_after_reference(masked, head.start(), begin, end)
-    if problem:
-        return None, problem
-    # a closing rule
-    text = re.sub(r"(?:\n[ \t]*[-*_=]{3,}[ \t]*)+\Z", "", reply[begin:cut].rstrip()).strip()
-    return (text, None) if text else (None, "the reference answer is empty")
-
-
-def _blanked(match):
-    """A match's text as spaces, its line breaks kept: positions stay where they were."""
-    return re.sub(r"[^\n]", " ", match.group())
-
-
-def _line_end(text, at):
-    """Where the line holding position `at` ends (the text's end for the last line)."""
-    end = text.find("\n", at)
-    return len(text) if end < 0 else end
-
-
-def _heading_level(match):
-    """A markdown heading's level ("## x": 2); a bold line ("**x**") ranks below every
-    heading."""
-    heading = match.group().strip()
-    return len(heading) - len(heading.lstrip("#")) or 7
-
-
-def _step_before(after, at):
-    """The number of the last step marker before position `at` (0: none)."""
-    earlier = [(q, k) for q, k in after if q < at]
-    return max(earlier, default=(0, 0))[1]
-
-
-def _step_after_reference(masked, head_at, begin, end):
-    """(where the step after the reference answer begins, None), or (None, why it cannot
-    be told)."""
-    after = _numbered_steps(masked, head_at, begin, end)
-    if after is None:
-        return _step_by_headings(masked, head_at, begin, end)
-    for step in (3, 4, 5):
-        places = [at for at, k in after if k == step]
-        if not places:
-            continue
-        # a marker that continues a numbering begun inside the answer is an item of a list
-        fresh = [at for at in places if _step_before(after, at) != step - 1]
-        topical = [at for at in places if _names_topic(masked, at, step)]
-        both = [at for at in fresh if at in topical]
-        chosen = fresh if len(fresh) == 1 else topical if len(topical) == 1 else both
-        if len(chosen) == 1:
-            return chosen[0], None
-        return None, (f"cannot tell where the reference answer ends: {len(places)} place(s) "
-                      f"could begin step {step}")
-    return end, None
-
-
-def _names_topic(masked, at, step):
-    """Whether the line at `at` names what step `step` is about (STEP_TOPICS)."""
-    line = masked[at:_line_end(masked, at)]
-    return re.search(STEP_TOPICS[step], line, re.I) is not None
-
-
-def _numbered_steps(masked, head_at, begin, end):
-    """The (position, step number) markers after the answer, in the numbering style whose
-    step-1 or step-2 marker comes nearest before the answer; None when no style numbers
-    steps on both sides of it."""
-    best_at = -1
-    best = None
-    for marker in STEP_MARKERS.values():
-        found = sorted((m.start(), k) for k in range(1, 6)
-                       for m in re.finditer(marker(k), masked, re.I | re.M))
-        before = [(at, k) for at, k in found if at < head_at]
-        after = [(at, k) for at, k in found if begin <= at < end]
-        if not before or before[-1][1] not in (1, 2):
-            continue
-        if any(k >= 3 for _, k in after) and before[-1][0] > best_at:
-            best_at = before[-1][0]
-            best = after
-    return best
-
-
-def _step_by_headings(masked, head_at, begin, end):
-    """Where a reply that marks its steps with headings ("## Duplicates") begins the next
-    one: the first heading after the answer, at its heading's level or above, that names a
-    later step's topic."""
-    headings = [m for m in re.finditer(_HEADING, masked, re.M)
-                if not re.search(r"response\s*\d", m.group(), re.I)]
-    before = [m for m in headings if m.start() < head_at]
-    top = _heading_level(before[-1]) if before else 0
-    after = [m for m in headings if begin <= m.start() < end and _heading_level(m) <= top]
-    topics = "|".join(STEP_TOPICS.values())
-    named = [m.start() for m in after if re.search(topics, m.group(1) or m.group(2), re.I)]
-    if named:
-        return named[0], None
-    scores_or_duplicates = r"^\W*response\s*\d+\s*:\s*\[?\d|duplicat"
-    if after or re.search(scores_or_duplicates, masked[begin:end], re.I | re.M):
-        return None, "no step markers after the reference answer to tell where it ends"
-    return end, None  # nothing but the answer up to the ranking
-
-
-# -------------------------------------------- 4. what both builders share: items, retries, failures
-
-def _items(examples):
-    """(id, example, Alpaca prompt) per example; the id is the example's own "id" or its
-    position."""
-    return [(str(ex.get("id", i)), ex, data.alpaca_prompt(ex["instruction"], ex.get("input", "")))
-            for i, ex in enumerate(examples)]
-
-
-def ask(send, parse, retry_failures):
-    """(parse(answer), attempt) for the first answer that parses. Attempt k > 0 sends
-    seed=k, so each attempt has its own cache entry: a re-run reads all earlier attempts
-    from the cache and only with retry_failures pays for one new one. Raises the last
-    ReplyError/TeacherError when none parses."""
-    fresh_left = retry_failures
-    error = None
-    for attempt in itertools.count():
-        params = {"seed": attempt} if attempt else {}
-        answer = send(cache_only=attempt > 0, **params)
-        if answer is None and fresh_left:
-            answer = send(**params)
-            fresh_left = False
-        if answer is None:
-            raise error
-        try:
-            return parse(answer), attempt
-        except (ReplyError, TeacherError) as e:
-            error = e
-
-
-def build_ranked(kind, client, examples, record_of, out_path, failures_path):
-    """Both builders' run: record_of(item) for every item, over the client's workers;
-    the records written to out_path, the failures to failures_path."""
-    one = functools.partial(item_result, kind, client, record_of)
-    results = client.map(one, _items(examples), f"{kind} ranking", failed=is_failure)
-    return _finish(kind, client, results, out_path, failures_path)
-
-
-def item_result(kind, client, record_of, item):
-    """("done", record_of(item)) or ("failed", why); a RunError stops the run."""
-    try:
-        return "done", record_of(item)
-    except RunError:
-        raise
-    except (ReplyError, TeacherError) as e:
-        return "failed", _failure(kind, item, e, client.model)
-
-
-def is_failure(result):
-    """Whether a builder's result for one item is ("failed", why)."""
-    return result[0] == "failed"
-
-
-def _failure(kind, item, error, teacher):
-    item_id, ex, prompt = item
-    raw_reply = getattr(error, "raw", None)
-    return {"id": item_id, "kind": kind,
-            "instruction": ex["instruction"], "input": ex.get("input", ""),
-            "prompt": prompt, "error": str(error), "raw_reply": raw_reply,
-            "teacher": teacher}
-
-
-def _finish(kind, client, results, out_path, failures_path):
-    """Write the records and the failures. A run where every item failed is an error, and
-    replaces no OUT."""
-    records = [r for status, r in results if status == "done"]
-    failures = [r for status, r in results if status == "failed"]
-    failures_path = failures_path or out_path + ".failures.jsonl"
-    failure_lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in failures)
-    data.write_atomic(failures_path, failure_lines)
-    if failures and not records:
-        print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
-        first = failures[0]
-        raise RunError(f"every item failed ({len(failures)} of {len(failures)}; {out_path} not written), "
-                       f"e.g. item {first['id']}: {_one_line(first['error'])}; all are listed in "
-                       f"{failures_path}")
-    data.write_ranked_jsonl(out_path, records)
-    counts = dict(done=len(records), failed=len(failures), **client.counts)
-    print(f"{kind}: {len(records)} done, {len(failures)} failed -> {out_path}; {client.report()}")
-    return counts
-
-
-# ------------------------------------------------------------------------------- 5. the HTTP client
-
-# the pre-flight request's whole prompt
-PREFLIGHT_TEXT = "This is a connection check. Reply with OK."
-
-
-class TeacherClient:
-    def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", cache_path=None, timeout=60.0,
-                 max_retries=6, max_workers=4, requests_per_minute=None, backoff=1.0, max_backoff=60.0):
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        # no key is fine for a local server
-        self._api_key = os.environ.get(api_key_env) or None
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.max_workers = max_workers
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
-        self._next_slot = 0.0
-        self._lock = threading.Lock()
-        # any HTTP answer yet; the RunError that stops all threads
-        self._reached, self._stopped = False, None
-        self.counts = dict(requests=0, retries=0, requests_failed=0, cache_hits=0, prompt_tokens=0,
-                           completion_tokens=0, preflight_requests=0)
-        # key -> byte offset of its line in cache_path (answers stay on disk: 52K of them
-        # would not fit in RAM), or -> the answer itself when there is no cache file
-        self.cache_path = cache_path
-        self._cache = {}
-        # the last line of a killed run may be cut short: its request is sent again
-        if cache_path:
-            for offset, entry in data.read_jsonl_log(cache_path, log.warning):
-                self._cache[entry.get("key")] = offset
-
-    def chat(self, messages, cache_only=False, **params):
-        return self.request("/chat/completions", {"messages": messages, **params}, cache_only)
-
-    def complete(self, prompt, cache_only=False, **params):
-        return self.request("/completions", {"prompt": prompt, **params}, cache_only)
-
-    def request(self, path, params, cache_only=False):
-        """post() with this client's model in the body."""
-        return self.post(path, {"model": self.model, **params}, cache_only)
-
-    def post(self, path, body, cache_only=False):
-        """The answer (a dict) to POST base_url + path with a JSON body: from the cache,
-        else from the server (None if cache_only and not cached)."""
-        url = self.base_url + path
-        key = self._key(path, body)
-        with self._lock:
-            where = self._cache.get(key)
-            self.counts["cache_hits"] += where is not None
-        if where is not None:
-            if isinstance(where, dict):
-                return where
-            with open(self.cache_path, "rb") as f:
-                f.seek(where)
-                return json.loads(f.readline())["response"]
-        if cache_only:
-            return None
-        answer = self._send(url, body)
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        entry = {"key": key, "path": path, "request": body, "response": answer}
-        line = json.dumps(entry, ensure_ascii=False)
-        # the server put the key into its answer: keep it out of every file
-        if self._redact(line) != line:
-            entry = json.loads(self._redact(line))
-            answer = entry["response"]
-        with self._lock:
-            for name in ("prompt_tokens", "completion_tokens"):
-                self.counts[name] += usage.get(name) if isinstance(usage.get(name), int) else 0
-            # with a cache file, the offset of the answer's line; else the answer itself
-            if self.cache_path:
-                self._cache[key] = data.append_jsonl(self.cache_path, [entry])
-            else:
-                self._cache[key] = answer
-        return answer
-
-    # the request's content: the URL's path and the body, never the key
-    def _key(self, path, body):
-        request = [urllib.parse.urlparse(self.base_url + path).path, body]
-        content = json.dumps(request, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(content.encode()).hexdigest()
-
-    def is_cached(self, path, params):
-        """Whether the answer to request(path, params) is in the cache (paid for already);
-        sends nothing."""
-        with self._lock:
-            return self._key(path, {"model": self.model, **params}) in self._cache
-
-    def check(self, chat, **options):
-        """The pre-flight request: one answer of 1 token from the endpoint the run needs
-        (chat or completions), with the options it needs (logprobs, echo), before any long
-        or paid work. Not cached. An unreachable server, a refused key, an unknown model
-        or option, or an answer without the fields the run reads stop the run (RunError
-        naming the URL and the model)."""
-        path = "/chat/completions" if chat else "/completions"
-        message = {"role": "user", "content": PREFLIGHT_TEXT}
-        asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
-        body = {"model": self.model, **asked, "max_tokens": 1, **options}
-        fields = ["choices.0.message.content" if chat else "choices.0.text"]
-        if options.get("logprobs"):
-            logprobs_field = "content" if chat else "token_logprobs"
-            fields.append(f"choices.0.logprobs.{logprobs_field}")
-        if options.get("echo"):
-            fields.append("choices.0.logprobs.text_offset")
-        # the error names the URL
-        where = f"pre-flight check of model '{self.model}'"
-        sent_before = self.counts["requests"]
-        try:
-            # a check, not a wait
-            answer = self._send(self.base_url + path, body, min(self.max_retries, 2))
-            for field in fields:
-                get_field(answer, field, self.base_url + path)
-        except TeacherError as e:
-            check_key = f"; check the key in ${self.api_key_env}"
-            not_set = "" if self._api_key else " (not set)"
-            list_models = f"GET {self.base_url}/models lists them"
-            hints = {401: check_key + not_set,
-                     403: check_key,
-                     404: f"; check --base-url, and the model's name ({list_models})"}
-            hint = hints.get(e.status, "")
-            if e.status == 400 and options.get("echo") and "echo" in str(e).lower():
-                hint = f": {ECHO_REFUSED}"
-            raise RunError(f"{where} failed: {_one_line(e)}{hint}") from None
-        finally:  # counted apart from the run's requests
-            self.counts["preflight_requests"] += self.counts["requests"] - sent_before
-            self.counts["requests"] = sent_before
-        log.info("%s at %s: answered", where, self.base_url + path)
-
-    def _send(self, url, body, max_retries=None):
-        max_retries = self.max_retries if max_retries is None else max_retries
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        for attempt in range(max_retries + 1):
-            # another thread found that no request can reach the server
-            if self._stopped:
-                raise self._stopped
-            self._wait_for_rate_limit()
-            with self._lock:
-                self.counts["requests"] += 1
-            retry_after, unreached = None, None
-            try:
-                reply = requests.post(url, json=body, headers=headers, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError,
-                    requests.exceptions.ChunkedEncodingError) as e:
-                problem = f"{type(e).__name__}: {e}"
-                unreached = _unreached(e) if not self._reached else None
-                # unknown host, TLS: no retry helps
-                if unreached and not unreached.startswith("connection"):
-                    break
-            else:
-                self._reached = True
-                if 200 <= reply.status_code < 300:
-                    try:
-                        answer = reply.json()
-                        if isinstance(answer, dict):
-                            return answer
-                        problem = f"answer is JSON {type(answer).__name__}, not an object"
-                    # a cut-short body: usually a proxy or network glitch, so retried
-                    except ValueError:
-                        problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
-                elif reply.status_code == 429 or reply.status_code >= 500:
-                    problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
-                    retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
-                # other 4xx: the request itself is wrong, asking again cannot help
-                else:
-                    self._count_failure()
-                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
-                    raise TeacherError(self._redact(message), reply.status_code)
-            if attempt == max_retries:
-                break
-            # exponential back-off with jitter, unless the server said how long to wait
-            backoff = min(self.max_backoff, self.backoff * 2 ** attempt)
-            jittered = backoff * random.uniform(0.5, 1.5)
-            delay = retry_after if retry_after is not None else jittered
-            with self._lock:
-                self.counts["retries"] += 1
-            log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
-                                     f"{delay:.1f}s"))
-            time.sleep(delay)
-        self._count_failure()
-        if unreached and not self._reached:
-            raise self.stop(RunError(self._redact(f"no request reached {url}: {unreached}; check --base-url "
-                                                  "and that the server is running")))
-        raise TeacherError(self._redact(f"POST {url}: gave up after {max_retries + 1} attempts: "
-                                        f"{problem}"))
-
-    def stop(self, error):
-        """Make every later request of every thread raise `error` (a RunError), as the
-        caller does."""
-        with self._lock:
-            self._stopped = self._stopped or error
-        return self._stopped
-
-    def _count_failure(self):
-        with self._lock:
-            self.counts["requests_failed"] += 1
-
-    def _wait_for_rate_limit(self):
-        if not self._interval:
-            return
-        # each request takes the next free slot, interval seconds after the previous one
-        with self._lock:
-            now = time.monotonic()
-            start = self._next_slot = max(now, self._next_slot)
-            self._next_slot += self._interval
-        time.sleep(start - now)
-
-    # servers echo keys back in error messages ("Incorrect API key provided: ...")
-    def _redact(self, text):
-        # a key of 1-3 characters would blank out ordinary text
-        if not self._api_key or len(self._api_key) < 4:
-            return text
-        return text.replace(self._api_key, "***")
-
-    def map(self, fn, items, what="teacher requests", failed=lambda result: False):
-        """fn over items on a bounded thread pool, results in order; a progress line every
-        5% (data.Progress: done/total, rate, failed(result) so far, ETA) with the
-        requests, cache hits and tokens so far."""
-        results = []
-        progress = data.Progress(what, len(items), log.info, detail=self.report)
-        pool = concurrent.futures.ThreadPoolExecutor(self.max_workers)
-        try:
-            for result in pool.map(fn, items):
-                results.append(result)
-                progress.advance(failed=int(bool(failed(result))))
-        # on Ctrl-C, drop the queued items instead of waiting for all of them
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return results
-
-    def report(self):
-        c = self.counts
-        requests_line = (f"requests {c['requests']} (retries {c['retries']}, "
-                         f"failed {c['requests_failed']})")
-        tokens = f"tokens {c['prompt_tokens']} prompt + {c['completion_tokens']} completion"
-        preflight = f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""
-        return f"{requests_line}, cache hits {c['cache_hits']}, {tokens}{preflight}"
-
-
-def _unreached(error):
-    """How a request failed to reach the server at all (None: it reached it, e.g. a read
-    timeout)."""
-    if isinstance(error, requests.exceptions.SSLError):
-        return f"TLS failure ({_one_line(str(error))[-160:]})"
-    if not isinstance(error, requests.ConnectionError) or isinstance(error, requests.ReadTimeout):
-        return None
-    reason = getattr(error.args[0], "reason", None) if error.args else None
-    if type(reason).__name__ == "NameResolutionError" or "Name or service not known" in str(error):
-        host = urllib.parse.urlparse(error.request.url).hostname if error.request else None
-        return f"unknown host {host!r}"
-    if type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError"):
-        if "refused" in str(reason):
-            return "connection refused"
-        return f"connection failed ({_one_line(reason)})"
-    return None
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
-
-
-def _server_message(reply):
-    try:
-        return str(reply.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return reply.text[:500] or reply.reason
-
-
-def _retry_after_seconds(value):
-    """Retry-After in seconds (it may be a number or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def get_field(answer, dotted, url):
-    """answer["choices"][0]["text"] for dotted = "choices.0.text", or a TeacherError
-    naming URL and field."""
-    value = answer
-    for key in dotted.split("."):
-        try:
-            value = value[int(key) if key.isdigit() else key]
-        except (KeyError, IndexError, TypeError):
-            raise TeacherError(f"{url}: the answer has no field '{dotted}'") from None
-    return value
-
-
-# ---------------------------------------------------- 6. --dry-run and pre-flight: what a run sends
+# ---- 9. --dry-run: the requests a run would send, counted and priced, never sent
 
 def token_counter(tokenizer_path=None):
-    """(count(text) -> tokens, how they are counted): with a tokenizer file that tokenizer.py
-    reads, as teacher.py serve counts a prompt (BOS included); else estimated at 4
-    characters a token (OpenAI's rule of thumb for English text), and said so."""
+    """(count(text) -> tokens, how they are counted): with a tokenizer that tokenizer.py reads, as server.py
+    counts a prompt (BOS included); else estimated at 4 characters a token (OpenAI's rule of thumb for English
+    text), and said so."""
     if tokenizer_path:
         tok = Tokenizer(tokenizer_path)
         return (lambda text: len(tok.encode(text, bos=True))), f"counted with {tok.path}"
@@ -1191,10 +834,10 @@ def token_counter(tokenizer_path=None):
 
 
 class DryRun:
-    """The requests a run would send, added one by one as the run would build them, and
-    never sent: how many, which of them the cache holds (paid before), their prompt tokens
-    (chat messages laid out as teacher.py serve lays them out: an API's own chat template
-    adds a few tokens a request) and the most completion tokens they may cost."""
+    """The requests a run would send, added one by one as the run would build them, and never sent: how many,
+    which of them the cache holds (paid before), their prompt tokens (chat messages laid out as server.py lays
+    them out: an API's own chat template adds a few tokens a request) and the most completion tokens they may
+    cost."""
 
     def __init__(self, client, tokenizer_path=None):
         self.client = client
@@ -1202,8 +845,8 @@ class DryRun:
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, path, params, max_completion_tokens, unknown_prompt_tokens=0):
-        """One request; unknown_prompt_tokens: what its prompt will hold beyond params'
-        text (candidates not sampled yet, as an upper bound)."""
+        """One request; unknown_prompt_tokens: what its prompt will hold beyond params' text (candidates not
+        sampled yet, as an upper bound)."""
         if self.client.is_cached(path, params):
             self.cached += 1
             return
@@ -1213,8 +856,7 @@ class DryRun:
         self.completion_tokens += max_completion_tokens
 
     def report(self, title, prompt_note="", completion_note="", price_input=None, price_output=None):
-        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when
-        given)."""
+        """The dry run's lines: requests, tokens, cost at the prices per 1M tokens (when given)."""
         notes = "; ".join(note for note in (prompt_note, self.counted_by) if note)
         lines = [f"{title}: dry run, nothing sent",
                  f"  requests:          {self.requests:,} to send, {self.cached:,} in the cache "
@@ -1237,9 +879,8 @@ class DryRun:
 
 def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0, chat=False,
                           add_original=None, tokenizer_path=None, prices=(None, None)):
-    """build_probabilistic's requests, counted and not sent (the first request of each
-    item; top-ups and the original answer's scoring as notes, since they depend on the
-    answers)."""
+    """build_probabilistic's requests, counted and not sent (the first request of each item; top-ups and the
+    original answer's scoring as notes, since they depend on the answers)."""
     dry = DryRun(client, tokenizer_path)
     items = _items(examples)
     for item in items:
@@ -1258,10 +899,9 @@ def dry_run_probabilistic(client, examples, n=4, max_tokens=256, temperature=1.0
 
 def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, temperature=1.0,
                        max_tokens=2048, tokenizer_path=None, prices=(None, None)):
-    """build_contextual's requests, counted and not sent: exact for items whose student
-    samples are in the student cache (samples), estimated for the others: each of the n
-    candidates counted at student_max_tokens tokens, the most a sample holds (an upper
-    bound, up to how the teacher's tokenizer splits the text)."""
+    """build_contextual's requests, counted and not sent: exact for items whose student samples are in the
+    student cache (samples), estimated for the others: each of the n candidates counted at student_max_tokens
+    tokens, the most a sample holds (an upper bound, up to how the teacher's tokenizer splits the text)."""
     dry = DryRun(client, tokenizer_path)
     unknown = 0
     for item_id, _, prompt in _items(examples):
@@ -1280,429 +920,17 @@ def dry_run_contextual(client, examples, samples, n=4, student_max_tokens=256, t
     return dry.report("teacher.py contextual", prompt_note, completion_note, *prices)
 
 
-# ------------------------------------------------------------------------------ 7. the local server
-
-def chat_prompt(messages):
-    """Chat messages as one Alpaca-template prompt: the system text (default: Alpaca's
-    preamble), user turns as "### Instruction:", assistant turns as "### Response:",
-    ending in "### Response:". One user message and no system message give exactly
-    data.alpaca_prompt(content), the SFT model's own format."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    parts = [system or data.PROMPT_NO_INPUT.split("\n\n")[0]]
-    for m in messages:
-        if m["role"] == "user":
-            parts.append(f"### Instruction:\n{m['content']}")
-        elif m["role"] != "system":
-            parts.append(f"### Response:{m['content']}")
-    return "\n\n".join(parts) + "\n\n### Response:"
-
-
-class BadRequest(ValueError):
-    def __init__(self, message, param=None):
-        super().__init__(message)
-        self.param = param
-
-
-def _non_empty_list_of(value, kind):
-    """Whether value is a non-empty list of `kind`."""
-    return isinstance(value, list) and bool(value) and all(isinstance(v, kind) for v in value)
-
-
-def _valid_stop(stop):
-    """OpenAI's rule for "stop" (as a list): at most 4 non-empty strings."""
-    return isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
-
-
-def _valid_message(message):
-    """A chat message this server reads: a known role and a string content."""
-    role_known = message.get("role") in ("system", "user", "assistant")
-    return role_known and isinstance(message.get("content"), str)
-
-
-def _option(body, name, kinds, default, valid=lambda value: True):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not valid(value):
-        raise BadRequest(f"Invalid value for '{name}': {value!r}", name)
-    return value
-
-
-def _offsets(pieces, text_end):
-    """Character offset of each token (bytes) in a text that ends with them at text_end
-    (OpenAI counts from the prompt's start). Counted from the end: sentencepiece drops the
-    leading space of a first piece."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    starts = []
-    chars = 0
-    for piece in pieces:
-        starts.append(chars)
-        chars += len(decoder.decode(piece))
-    chars += len(decoder.decode(b"", final=True))
-    return [max(0, text_end - chars + start) for start in starts]
-
-
-class LocalTeacher:
-    """The model behind the server: one model call at a time (a lock); the HTTP threads
-    parse and format."""
-
-    def __init__(self, model, tokenizer, name, seed=None):
-        self.model = model
-        self.tok = tokenizer
-        self.name = name
-        self.seed = seed
-        self.device = model.tok_embeddings.weight.device
-        self.lock = threading.Lock()
-
-    def _text(self, token_id):
-        return self.tok.piece_bytes(token_id).decode("utf-8", "replace")
-
-    def _token(self, token_id, logprob):
-        """One token of a chat answer's log-probs, as OpenAI's chat API lists it."""
-        return {"token": self._text(token_id), "logprob": logprob,
-                "bytes": list(self.tok.piece_bytes(token_id))}
-
-    def _score(self, ids, top_k):
-        """log p(ids[t] | ids[:t]) for t >= 1 (model.token_logprobs of the raw logits, as
-        the OpenAI API reports them, and as training scores responses) and the top_k
-        (log-prob, id) pairs per position."""
-        with torch.no_grad():
-            # (T - 1, vocab)
-            logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
-        chosen = token_logprobs(logits, torch.tensor(ids[1:], device=self.device)).tolist()
-        if not top_k:
-            return chosen, [[] for _ in chosen]
-        values, indices = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
-        return chosen, [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
-
-    def _run(self, prompt, n, temperature, top_p, max_tokens, seed, stop, top_k):
-        ids = self.tok.encode(prompt, bos=True)
-        limit = self.model.args.max_seq_len
-        max_tokens = limit - len(ids) if max_tokens is None else max_tokens
-        if len(ids) + max(max_tokens, 0) > limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
-                             f"{len(ids)} tokens and max_tokens is {max_tokens}", "max_tokens")
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        stops = self.tok.stop_ids
-        with self.lock:
-            outs, _ = generate(self.model, [ids] * n, max_tokens, temperature=temperature, top_p=top_p,
-                               eos_id=stops, generator=generator)
-            outs = [without_stop(out, stops) for out in outs]
-            scored = [self._score(ids + new, top_k) for new, _ in outs]
-        choices = []
-        for (new, stopped), (logprobs, tops) in zip(outs, scored):
-            finish = "stop" if stopped else "length"
-            logprobs = logprobs[len(ids) - 1:]
-            tops = tops[len(ids) - 1:]
-            pieces = [self.tok.piece_bytes(t) for t in new]
-            text = b"".join(pieces).decode("utf-8", "replace")
-            cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-            # the text ends before the stop sequence, and so do the tokens
-            if cut >= 0:
-                keep = sum(1 for at in _offsets(pieces, len(text)) if at < cut)
-                new = new[:keep]
-                logprobs = logprobs[:keep]
-                tops = tops[:keep]
-                text = text[:cut]
-                finish = "stop"
-            choices.append((new, logprobs, tops, text, finish))
-        return ids, scored[0][0][:len(ids) - 1], scored[0][1][:len(ids) - 1], choices
-
-    def _sampling(self, body, default_max_tokens):
-        if body.get("stream"):
-            raise BadRequest("stream is not supported by this server", "stream")
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not _valid_stop(stop):
-            raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        n = _option(body, "n", (int,), 1, lambda v: 1 <= v <= 16)
-        temperature = _option(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2)
-        top_p = _option(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1)
-        max_tokens = _option(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 0)
-        default_seed = self._default_seed(body)
-        seed = _option(body, "seed", (int,), default_seed)
-        return dict(n=n, temperature=float(temperature), top_p=float(top_p),
-                    max_tokens=max_tokens, seed=seed, stop=stop)
-
-    def _default_seed(self, body):
-        """serve --seed S: a request without a seed samples from a generator seeded by (S,
-        the request), so a run is reproducible whatever the order in which concurrent
-        requests arrive."""
-        if self.seed is None:
-            return None
-        request = json.dumps(body, sort_keys=True, ensure_ascii=False)
-        digest = hashlib.sha256(f"{self.seed}:{request}".encode()).digest()
-        return int.from_bytes(digest[:6], "little")
-
-    def _answer(self, kind, choices, usage):
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": choices, "usage": usage}
-
-    def completions(self, body):
-        prompts = body.get("prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not _non_empty_list_of(prompts, str):
-            raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
-        sampling = self._sampling(body, 16)  # 16: the OpenAI default
-        top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
-        echo = _option(body, "echo", (bool,), False)
-        choices = []
-        usage = dict(prompt_tokens=0, completion_tokens=0)
-        for p, prompt in enumerate(prompts):
-            ids, prompt_logprobs, prompt_tops, outs = self._run(prompt, top_k=top_k or 0, **sampling)
-            usage["prompt_tokens"] += len(ids)
-            for j, (new, logprobs, tops, text, finish) in enumerate(outs):
-                usage["completion_tokens"] += len(new)
-                # OpenAI counts text offsets from the prompt's start
-                end = len(prompt) + len(text)
-                # the prompt's tokens first (BOS is no text); the first has no context: None
-                if echo:
-                    # BOS, or nothing (SmolLM2, GPT-2)
-                    start = len(self.tok.prefix_ids())
-                    new = ids[start:] + new
-                    text = prompt + text
-                    logprobs = [None] + prompt_logprobs[start:] + logprobs
-                    tops = [None] + prompt_tops[start:] + tops
-                info = None
-                if top_k is not None:
-                    info = self._completion_logprobs(new, logprobs, tops, end)
-                index = p * sampling["n"] + j
-                choices.append({"text": text, "index": index, "logprobs": info,
-                                "finish_reason": finish})
-        return self._answer("text_completion", choices, usage)
-
-    def _completion_logprobs(self, new, logprobs, tops, end):
-        """/completions' logprobs object of one choice; `end`: where its text ends."""
-        # tokens with equal texts: the best one's log-prob
-        top_logprobs = []
-        for top in tops:
-            best = None if top is None else {self._text(i): lp for lp, i in reversed(top)}
-            top_logprobs.append(best)
-        pieces = [self.tok.piece_bytes(t) for t in new]
-        return {"tokens": [self._text(t) for t in new],
-                "token_logprobs": logprobs,
-                "top_logprobs": top_logprobs,
-                "text_offset": _offsets(pieces, end)}
-
-    def chat(self, body):
-        messages = body.get("messages")
-        if not _non_empty_list_of(messages, dict) or not all(map(_valid_message, messages)):
-            raise BadRequest("'messages' must be a non-empty list of {role: system|user|assistant, content: "
-                             "string}", "messages")
-        sampling = self._sampling(body, None)  # None: up to the end of the context
-        want_logprobs = _option(body, "logprobs", (bool,), False)
-        top_k = _option(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20)
-        if top_k and not want_logprobs:
-            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        ids, _, _, outs = self._run(chat_prompt(messages), top_k=top_k, **sampling)
-        choices = []
-        usage = dict(prompt_tokens=len(ids), completion_tokens=0)
-        for j, (new, logprobs, tops, text, finish) in enumerate(outs):
-            usage["completion_tokens"] += len(new)
-            content = []
-            for t, lp, top in zip(new, logprobs, tops):
-                alternatives = [self._token(i, v) for v, i in top]
-                content.append(dict(self._token(t, lp), top_logprobs=alternatives))
-            message = {"role": "assistant", "content": text, "refusal": None}
-            info = {"content": content, "refusal": None} if want_logprobs else None
-            choices.append({"index": j, "message": message, "logprobs": info,
-                            "finish_reason": finish})
-        return self._answer("chat.completion", choices, usage)
-
-
-def _error(message, kind="invalid_request_error", param=None, code=None):
-    """OpenAI's error body."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# The server's plumbing: OpenAI's status codes and error bodies (401 for a missing or
-# wrong key, 404 model_not_found, 400 invalid_request_error, 413 for a body over the
-# limit), a listen backlog that takes a client's whole thread pool at once, and an API key
-# compared in constant time.
-# pending connections the kernel keeps (Python's default of 5 resets the rest)
-LISTEN_BACKLOG = 1024
-# a ranking request is ~10 KB; a bigger body is refused before it is read
-MAX_BODY_BYTES = 8 * 2 ** 20
-NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-          "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def _send(self, status, answer):
-        payload = json.dumps(answer, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _refused(self):
-        """An error answer (status, body) when the request lacks the server's API key,
-        else None."""
-        key = self.server.api_key
-        if key is None:
-            return None
-        given = self.headers.get("Authorization", "")
-        if not given.startswith("Bearer "):
-            return 401, _error(NO_KEY)
-        if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
-            # never echo the key
-            return 401, _error("Incorrect API key provided.", code="invalid_api_key")
-        return None
-
-    def do_GET(self):
-        refused = self._refused()
-        if refused:
-            self._send(*refused)
-        elif self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.server.teacher.name, "object": "model",
-                                                         "created": 0, "owned_by": "tuna"}]})
-        else:
-            self._send(404, _error(f"Unknown URL: GET {self.path}", code="unknown_url"))
-
-    def do_POST(self):
-        teacher = self.server.teacher
-        # None: an unknown URL, or an endpoint this backend does not answer
-        route = getattr(teacher, ROUTES.get(self.path, ""), None)
-        try:
-            size = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            size = -1
-        # answered unread: the connection closes after it
-        if size < 0:
-            self.close_connection = True
-            message = "The Content-Length header is not a number of bytes."
-            return self._send(400, _error(message))
-        limit = self.server.max_body_bytes
-        if size > limit:
-            self.close_connection = True
-            message = f"Request body of {size} bytes is over this server's limit of {limit} bytes."
-            return self._send(413, _error(message, code="request_too_large"))
-        try:
-            raw = self.rfile.read(size)
-            refused = self._refused()
-            if refused:
-                return self._send(*refused)
-            if route is None:
-                return self._send(404, _error(f"Unknown URL: POST {self.path}", code="unknown_url"))
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise BadRequest("We could not parse the JSON body of your request.") from None
-            if not isinstance(body, dict):
-                raise BadRequest("The request body must be a JSON object.")
-            # no model: the served one, as vLLM
-            if body.get("model") not in (None, teacher.name):
-                unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
-                return self._send(404, _error(unknown, code="model_not_found"))
-            self._send(200, route(body))
-        except BadRequest as e:
-            self._send(400, _error(str(e), param=e.param))
-        except Exception as e:  # never crash the server: a 500 the client may retry
-            log.exception("POST %s failed", self.path)
-            self._send(500, _error(f"Internal error: {type(e).__name__}: {e}", "server_error"))
-
-    def log_message(self, format, *args):
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-# URL -> the backend's method that answers it
-ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = LISTEN_BACKLOG  # socket.listen()'s backlog
-    daemon_threads = True
-
-
-def backend_server(backend, host="127.0.0.1", port=0, api_key=None, max_body_bytes=MAX_BODY_BYTES):
-    """A ThreadingHTTPServer (not started) with the OpenAI routes and error bodies,
-    answered by `backend`: an object with .name, .completions(body) and .chat(body) ->
-    answer dict (BadRequest -> 400). Port 0 picks a free port (server.server_port).
-    api_key: requests must bring it as "Authorization: Bearer KEY" (else 401). Run it with
-    serve_forever(), e.g. in a thread."""
-    server = _Server((host, port), _Handler)
-    server.teacher = backend
-    server.api_key = api_key
-    server.max_body_bytes = max_body_bytes
-    return server
-
-
-def make_server(model, tokenizer, host="127.0.0.1", port=0, model_name="tuna-local", seed=None, api_key=None,
-                max_body_bytes=MAX_BODY_BYTES):
-    """backend_server over a model.py model: /v1/completions, /v1/chat/completions and
-    /v1/models."""
-    backend = LocalTeacher(model, tokenizer, model_name, seed)
-    return backend_server(backend, host, port, api_key, max_body_bytes)
-
-
-def stop_on_signals(server):
-    """SIGINT or SIGTERM: the server's serve_forever() returns (server.shutdown(), from a thread of its own
-    since it waits for serve_forever). Nothing is raised inside the loop, whatever it was doing. Returns the
-    list that receives the signal's name."""
-    received = []
-
-    def stop(signum, frame):
-        received.append(signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    return received
-
-
-def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_name=None, device="cpu",
-          seed=None, api_key_env=None, max_body_bytes=MAX_BODY_BYTES):
-    """teacher.py serve: the checkpoint behind the OpenAI routes until SIGINT or SIGTERM.
-    A host other than loopback needs an API key (the variable api_key_env names), as
-    anyone who reaches the port may use it."""
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    if api_key_env and not api_key:
-        raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
-    if api_key is None and not _is_loopback(host):
-        raise ValueError(f"--host {host} serves anyone who can reach the port: give an API key with "
-                         "--api-key-env NAME (the key in the environment variable NAME), or serve on "
-                         "127.0.0.1")
-    model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else None)
-    name = model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(model, Tokenizer(tokenizer_path or model_dir), host, port, name, seed, api_key,
-                         max_body_bytes)
-    received = stop_on_signals(server)
-    print(f"serving {model_dir} as model '{name}' at http://{host}:{server.server_port}/v1"
-          + (f" (API key from ${api_key_env})" if api_key else ""), flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    print(f"teacher.py serve: stopped ({', '.join(received)})", flush=True)
-    return 0
-
-
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return host == "localhost"
-
-
-# ------------------------------------------------------------------------------ 8. the command line
+# ---- 10. the command line
 
 def preflight(args, client):
-    """The pre-flight request of a probabilistic or contextual run, with the endpoint and
-    options it sends."""
+    """The pre-flight request of a probabilistic or contextual run, with the endpoint and options it sends."""
     if args.command == "contextual":
         return client.check(chat=True, temperature=args.teacher_temperature)
     if args.chat:
         return client.check(chat=True, temperature=args.temperature, logprobs=True)
     echo = dict(echo=True) if args.add_original == "scored" else {}
-    return client.check(chat=False, temperature=args.temperature, logprobs=1, **echo)
+    return client.check(chat=False, refused_hints={"echo": ECHO_REFUSED}, temperature=args.temperature,
+                        logprobs=1, **echo)
 
 
 def dry_run(args, client, examples):
@@ -1711,8 +939,7 @@ def dry_run(args, client, examples):
     if args.command == "probabilistic":
         return dry_run_probabilistic(client, examples, args.n, args.max_tokens, args.temperature, args.chat,
                                      args.add_original, args.count_tokenizer, prices)
-    # what the student sampled already, if it exists yet (in the pipeline: not before
-    # Tuna_p)
+    # what the student sampled already, if it exists yet (in the pipeline: not before Tuna_p)
     samples = {}
     if is_checkpoint(args.student):
         tok = Tokenizer(args.tokenizer or args.student)
@@ -1724,36 +951,20 @@ def dry_run(args, client, examples):
 
 
 def student_cache_path(args):
-    """Where contextual ranking keeps the student's samples: --student-cache, else
-    OUT.student.jsonl."""
+    """Where contextual ranking keeps the student's samples: --student-cache, else OUT.student.jsonl."""
     return args.student_cache or args.out + ".student.jsonl"
 
 
 def client_from_args(args, cache_path):
-    """The TeacherClient the command line asks for, with its cache at cache_path (None: no
-    cache)."""
+    """The TeacherClient the command line asks for, with its cache at cache_path (None: no cache)."""
     return TeacherClient(args.base_url, args.model, args.api_key_env, cache_path, args.timeout,
                          args.max_retries, args.workers, args.rpm)
 
 
 def main(argv=None):
-    description = ("Tuna ranking data from a teacher LLM over an OpenAI-compatible API, "
-                   "and a local teacher server (paper, section 2).")
+    description = "Tuna ranking data from a teacher LLM over an OpenAI-compatible API (paper, section 2)."
     parser = argparse.ArgumentParser(prog="teacher.py", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="OpenAI-compatible server over a model.py checkpoint")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder (Hugging Face or Meta layout)")
-    s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --checkpoint)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--model-name", help="model name in answers (default: the checkpoint folder's name)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, help="requests without a seed sample reproducibly from (SEED, the "
-                   "request)")
-    s.add_argument("--api-key-env", help="environment variable holding the API key that requests must bring "
-                   "(Authorization: Bearer KEY); needed for a --host other than loopback")
-    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get "
-                   f"HTTP 413 (default {MAX_BODY_BYTES})")
     helps = {"probabilistic": "rank N teacher samples per instruction by mean token log-prob (Tuna_p data)",
              "contextual": "the student samples N responses, the teacher ranks them (Tuna_c data)"}
     for name, text in helps.items():
@@ -1812,9 +1023,6 @@ def main(argv=None):
         # rouge_score's absl logging configures the root logger: no second copy there
         log.propagate = False
     try:
-        if args.command == "serve":
-            return serve(args.checkpoint, args.host, args.port, args.tokenizer, args.model_name, args.device,
-                         args.seed, args.api_key_env, args.max_body_bytes)
         examples = data.read_alpaca(args.data)[:args.limit]
         cache = args.cache or args.out + ".cache.jsonl"
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
@@ -1839,19 +1047,21 @@ def main(argv=None):
             preflight(args, client)  # before any sampling or paid request
             if args.command == "probabilistic":
                 build_probabilistic(client, examples, args.out, args.failures, args.n, args.max_tokens,
-                                    args.temperature, args.chat, args.add_original, args.retry_failures)
+                                    args.temperature, chat=args.chat, add_original=args.add_original,
+                                    retry_failures=args.retry_failures)
                 return 0
-            dtype = torch.float32 if args.device == "cpu" else None
-            student = load_checkpoint(args.student, args.device, dtype)
+            student = load_checkpoint(args.student, args.device,
+                                      dtype=torch.float32 if args.device == "cpu" else None)
             samples = sample_candidates(student, tok, examples, student_cache_path(args), args.n,
                                         args.student_temperature, args.student_max_tokens, args.tries,
                                         args.seed, student=producer_identity(args.student, tok.path),
                                         batch_size=args.student_batch_size)
-            build_contextual(client, examples, samples, args.out, args.failures, not args.drop_reference,
-                             args.retry_failures, args.teacher_temperature, args.teacher_max_tokens)
+            build_contextual(client, examples, samples, args.out, args.failures,
+                             keep_reference=not args.drop_reference, retry_failures=args.retry_failures,
+                             temperature=args.teacher_temperature, max_tokens=args.teacher_max_tokens)
     # each names its file or URL
     except (OSError, ValueError, TeacherError, data.OutputLocked) as e:
-        parser.exit(1, f"teacher.py {args.command}: error: {_one_line(e)}\n")
+        parser.exit(1, f"teacher.py {args.command}: error: {one_line(e)}\n")
     return 0
 
 

@@ -5,7 +5,7 @@ It works copied alone into another project: it needs the standard library and se
 the one class a caller uses, with LLaMA's conventions (BOS, EOS, pad and stop ids); 2. byte-level BPE itself
 (the byte table, merging a word by ranks, encode, decode); 3. reading a tokenizer.json (normalizers,
 pre-tokenizers, added and special tokens), where whatever is not implemented is refused with a
-TokenizerError that names the file and the field.
+TokenizerError that names the file and the field. Copy with it: nothing else of this project.
 
     from tokenizer import Tokenizer
     tok = Tokenizer("llama-2-7b-hf/")                  # its tokenizer.model, else its tokenizer.json

@@ -1,5 +1,5 @@
 """The pipeline once on a checkpoint whose tokenizer is byte-level BPE (tokenizer.json, Llama 3 style) instead of
-sentencepiece: SFT (EOS appended and learned, prompt masked), `teacher.py serve`, Tuna's pipeline with contextual
+sentencepiece: SFT (EOS appended and learned, prompt masked), `server.py`, Tuna's pipeline with contextual
 sampling through teacher.py and a judge over HTTP, and eval.py. The sentencepiece versions are test_tuna_train.py,
 test_teacher.py and test_eval_e2e.py; this reuses their data, helpers and benchmark fixtures."""
 import json
@@ -71,7 +71,7 @@ def test_teacher_serve_answers_with_text_decoded_as_tokenizers_does(sft):
     root, tok, examples = sft
     reference = tokenizers.Tokenizer.from_file(str(root / "sft" / "tokenizer.json"))
     net = checkpoint.load_checkpoint(str(root / "sft"))
-    process, url = demo.start_teacher_server(str(root / "sft"))  # `python teacher.py serve`, as a user starts it
+    process, url = demo.start_teacher_server(str(root / "sft"))  # `python server.py`, as a user starts it
     finished = []
     try:
         for example in examples[:4]:

@@ -1,4 +1,4 @@
-"""Every script's one error boundary (tuna.py, teacher.py, eval.py, demo.py, bench.py): known bad inputs,
+"""Every script's one error boundary (tuna.py, teacher.py, server.py, eval.py, demo.py, bench.py): known bad inputs,
 each run through the script's command line in a subprocess, end as one line `SCRIPT: error: ...` naming the
 file, field or URL, with a non-zero exit and no traceback; a training run that fails before its first step
 leaves no run folder behind."""
@@ -88,7 +88,7 @@ CASES = [  # (script and arguments, what the error line must contain)
     (["teacher.py", "contextual", "--data", "{root}/alpaca.json", "--out", "{root}/c.jsonl", "--base-url",
       "http://127.0.0.1:9/v1", "--model", "m", "--student", "{root}/init", "--student-batch-size", "0"],
      "argument --student-batch-size: '0' is neither 'auto' nor a whole number of at least 1"),
-    (["teacher.py", "serve", "--checkpoint", "{root}/truncated", "--port", "0"],
+    (["server.py", "--checkpoint", "{root}/truncated", "--port", "0"],
      "{root}/truncated/model.safetensors"),
     (["demo.py", "--out", "{root}/a_file"], "{root}/a_file"),
     (["bench.py", "--config", "no-such-config"], "--config no-such-config: not one of cpu-small"),
@@ -106,7 +106,7 @@ def test_bad_input_ends_in_one_error_line(inputs, argv, expected):
                             text=True, timeout=120, cwd=inputs)
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    script = argv[0] if argv[0] in ("eval.py", "demo.py", "bench.py") else f"{argv[0]} {argv[1]}"
+    script = argv[0] if argv[0] in ("eval.py", "demo.py", "bench.py", "server.py") else f"{argv[0]} {argv[1]}"
     assert last.startswith(f"{script}: error: "), result.stderr[-2000:]
     assert expected.format(root=inputs) in last, result.stderr[-2000:]
     assert not os.path.exists(inputs / "new_run")  # a run that fails before its first step leaves nothing

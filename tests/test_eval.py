@@ -231,7 +231,7 @@ def judge_url():
 
 
 def test_vicuna_judge_counts_both_orders_and_reports_no_verdict(judge_url, tmp_path):
-    import teacher
+    from client import TeacherClient
     questions = [{"id": "1", "category": "generic", "question": "Q one"},
                  {"id": "2", "category": "generic", "question": "Q two"},
                  {"id": "3", "category": "generic", "question": "Q three ALWAYS_A"},
@@ -240,7 +240,7 @@ def test_vicuna_judge_counts_both_orders_and_reports_no_verdict(judge_url, tmp_p
     answers = {"m1": {"1": "a long answer", "2": "s", "3": "x", "4": "y", "61": "code code"},
                "m2": {"1": "short", "2": "a longer one", "3": "z", "4": "w", "61": "c"}}
     references = {"61": "REFERENCE CODE"}
-    client = teacher.TeacherClient(judge_url, "judge", cache_path=str(tmp_path / "cache.jsonl"))
+    client = TeacherClient(judge_url, "judge", cache_path=str(tmp_path / "cache.jsonl"))
     E.PROBLEMS.clear()
     result = E.judge_vicuna(client, questions, references, answers, [("m1", "m2")])
     counts = result["pairs"]["m1 vs m2"]
@@ -254,7 +254,7 @@ def test_vicuna_judge_counts_both_orders_and_reports_no_verdict(judge_url, tmp_p
     game2 = [j for j in result["judgments"] if j["question_id"] == "1"][0]
     assert (game2["g1_verdict"], game2["g2_verdict"], game2["result_for_model_1"]) == ("A", "B", "win")
     # resumable: a second run over the same cache sends nothing
-    again = E.judge_vicuna(teacher.TeacherClient(judge_url, "judge", cache_path=str(tmp_path / "cache.jsonl")),
+    again = E.judge_vicuna(TeacherClient(judge_url, "judge", cache_path=str(tmp_path / "cache.jsonl")),
                            questions, references, answers, [("m1", "m2")])
     assert len(JudgeHandler.requests_seen) == 10 and again["pairs"] == result["pairs"]
 

@@ -1,5 +1,5 @@
 """Long and paid work checks its server first, says what it will send before it sends, and shows where it stands;
-`teacher.py serve` takes a client's whole thread pool, limits bodies, and wants its key. Every server is real HTTP on
+`server.py` takes a client's whole thread pool, limits bodies, and wants its key. Every server is real HTTP on
 127.0.0.1: the project's own server over a tiny model (it counts a request's prompt tokens itself, in usage)."""
 import dataclasses
 import json
@@ -25,6 +25,8 @@ import eval as E
 import model as M
 import teacher
 import tokenizer
+from client import PREFLIGHT_TEXT, TeacherClient
+from server import backend_server, BadRequest, LocalTeacher, NO_KEY
 import tuna
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,15 +71,15 @@ class Counting:
         return self._keep(body, answer)
 
     def counted(self):  # (bodies, prompt tokens) of the run's requests, the pre-flight check left out
-        run = [(b, u) for b, u in self.seen if teacher.PREFLIGHT_TEXT not in json.dumps(b)]
+        run = [(b, u) for b, u in self.seen if PREFLIGHT_TEXT not in json.dumps(b)]
         return [b for b, _ in run], sum(u["prompt_tokens"] for _, u in run)
 
 
 class Served:
     def __init__(self, tiny, api_key=None, **kw):
         net, tok, _ = tiny
-        self.backend = Counting(teacher.LocalTeacher(net, tok, "tiny-teacher", seed=0))
-        self.server = teacher.backend_server(self.backend, api_key=api_key, **kw)
+        self.backend = Counting(LocalTeacher(net, tok, "tiny-teacher", seed=0))
+        self.server = backend_server(self.backend, api_key=api_key, **kw)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
 
     def __enter__(self):
@@ -330,13 +332,13 @@ class WithoutField:
         return {"choices": [{"text": "OK", "index": 0, "logprobs": logprobs, "finish_reason": "length"}]}
 
     def chat(self, body):
-        raise teacher.BadRequest("completions only")
+        raise BadRequest("completions only")
 
 
 @pytest.mark.parametrize("missing, options", [("token_logprobs", []), ("text_offset", ["--add-original", "scored"])])
 def test_preflight_refuses_a_server_without_a_field_the_run_reads(missing, options, tmp_path, capsys):
     backend = WithoutField(missing)
-    server = teacher.backend_server(backend)
+    server = backend_server(backend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/v1"
     out = tmp_path / "p.jsonl"
@@ -352,7 +354,7 @@ def test_preflight_refuses_a_server_without_a_field_the_run_reads(missing, optio
     assert len(backend.bodies) == 1 and not out.exists()  # the check only, nothing paid for the data
 
 
-# ----------------------------------------------------------------------------- teacher.py serve's plumbing
+# ----------------------------------------------------------------------------- server.py's plumbing
 
 class CompletionsOnly:
     """A backend with no chat method (backend_server's contract names both)."""
@@ -365,7 +367,7 @@ class CompletionsOnly:
 def test_a_backend_without_an_endpoint_answers_it_with_openais_404():
     """The missing method is an unknown URL (404 unknown_url, JSON), not a dropped connection; the other
     endpoint still answers."""
-    server = teacher.backend_server(CompletionsOnly())
+    server = backend_server(CompletionsOnly())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
@@ -423,12 +425,12 @@ def test_serve_wants_its_key_and_the_projects_client_brings_it(tiny, monkeypatch
         missing = requests.post(served.url + "/completions", json=body)
         wrong = requests.post(served.url + "/completions", json=body, headers={"Authorization": "Bearer sk-nope"})
         assert missing.status_code == wrong.status_code == 401 and served.backend.seen == []
-        assert missing.json() == {"error": {"message": teacher.NO_KEY, "type": "invalid_request_error",
+        assert missing.json() == {"error": {"message": NO_KEY, "type": "invalid_request_error",
                                             "param": None, "code": None}}
         assert wrong.json()["error"]["code"] == "invalid_api_key" and "sk-nope" not in wrong.text
         assert requests.get(served.url + "/models").status_code == 401
         monkeypatch.setenv(KEY_ENV, KEY)
-        client = teacher.TeacherClient(served.url, "tiny-teacher", api_key_env=KEY_ENV)
+        client = TeacherClient(served.url, "tiny-teacher", api_key_env=KEY_ENV)
         client.check(chat=False, logprobs=1, echo=True)
         assert client.complete("Hi", max_tokens=1)["choices"][0]["text"] is not None
         assert len(served.backend.seen) == 2 and client.counts["requests"] == client.counts["preflight_requests"] == 1
@@ -438,7 +440,7 @@ def test_serve_wants_its_key_and_the_projects_client_brings_it(tiny, monkeypatch
 
 
 def test_serve_refuses_an_open_host_without_a_key_and_stops_cleanly_on_sigterm(tiny, tmp_path, monkeypatch):
-    command = [sys.executable, os.path.join(ROOT, "teacher.py"), "serve", "--checkpoint", tiny[2]]
+    command = [sys.executable, os.path.join(ROOT, "server.py"), "--checkpoint", tiny[2]]
     monkeypatch.delenv(KEY_ENV, raising=False)
     refused = subprocess.run(command + ["--host", "0.0.0.0", "--port", str(free_port())], capture_output=True,
                              text=True, timeout=60)

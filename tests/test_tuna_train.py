@@ -14,10 +14,10 @@ import torch
 import checkpoint
 import data
 import model
-import teacher
 import tokenizer
 import training
 import tuna
+from client import PREFLIGHT_TEXT
 from conftest import RecordOps, sequence_logprobs
 from test_data import HOLD_LOCK
 
@@ -371,7 +371,7 @@ def test_pipeline_builds_contextual_data_from_tuna_p_with_teacher_py(files, tmp_
     class StubTeacher(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            is_preflight = body["messages"][-1]["content"] == teacher.PREFLIGHT_TEXT
+            is_preflight = body["messages"][-1]["content"] == PREFLIGHT_TEXT
             (preflights if is_preflight else requests_seen).append(body)
             answer = json.dumps({"object": "chat.completion", "model": body["model"],
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
