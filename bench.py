@@ -54,7 +54,7 @@ import tokenizer
 import training
 import tuna
 
-# ---------------------------------------------------------------------------- configs and timing
+# ---- 0. configs and timing, which every measurement below uses
 
 # cpu-small keeps LLaMA's proportions roughly (head dim 64, the output layer and attention
 # a minor share of the work, as at 7B), so that its ratios say something about the real
@@ -142,7 +142,7 @@ def autocast(device, enabled=None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-# ---------------------------------------------------------------------------- 1. train step
+# ---- 1. train step
 
 def train_step_flops_per_token(net, seq):
     """training.step_flops of section 1's step per token: a row of seq tokens at positions
@@ -193,7 +193,7 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
     return speed, statistics.median(ratios), (ratios[0], ratios[-1])
 
 
-# ---------------------------------------------------------------------------- 2. ranking step
+# ---- 2. ranking step
 
 def random_ids(vocab, count, generator):
     """`count` token ids past the special ones (0-2: unknown, BOS, EOS)."""
@@ -326,7 +326,7 @@ def memory_probe(config, instructions, response_lens, variant):
     print(json.dumps({"peak_bytes": peak_kib * 1024}))
 
 
-# ---------------------------------------------------------------------------- 3. generation
+# ---- 3. generation
 
 def random_prompts(vocab, lengths, seed):
     """BOS, then random ids: a prompt of each length."""
@@ -424,6 +424,8 @@ class IdsAsText:
         return " ".join(map(str, ids))
 
 
+# ---- 4. student sampling: the diversity rule's batched path
+
 def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_size=128,
                    temperature=0.8):
     """samples/s of contextual ranking's student sampling, teacher.sample_diverse (the
@@ -455,7 +457,7 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
     return speed, same / len(prompts), rounds
 
 
-# ---------------------------------------------------------------------------- 5. byte-level BPE on a long word
+# ---- 5. byte-level BPE on a long word
 
 def real_llama3_tokenizer():
     """The real Llama 3 tokenizer.json that tests/fetch_real_files.py caches, or None where it is not there."""
@@ -481,7 +483,7 @@ def bench_bpe_word(path, letters, repeats):
     return times, ours.encode(word) == theirs.encode(word, add_special_tokens=False).ids
 
 
-# ---------------------------------------------------------------------------- 6. a whole reproduction (GPU)
+# ---- 6. a whole reproduction (GPU)
 
 # What a one-GPU reproduction processes (README, "A real reproduction, stage by stage";
 # token counts as the benchmarks above).
@@ -638,7 +640,7 @@ def print_reproduction_hours(device, repeats, peak, memory_cap):
         print(f"   {'total':17s} {total:7.1f} h   (teacher API calls not included)")
 
 
-# ---------------------------------------------------------------------------- the command line
+# ---- 7. the command line
 
 def parse_args():
     description = __doc__.split("\n")[0]
