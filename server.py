@@ -110,7 +110,8 @@ class LocalTeacher:
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:
-            raise BadRequest(f"'{param}' is not valid Unicode text (it holds a lone surrogate)", param) from None
+            message = f"'{param}' is not valid Unicode text (it holds a lone surrogate)"
+            raise BadRequest(message, param) from None
         limit = self.model.args.max_seq_len
         if size > limit * self.longest_token_bytes:
             fewest = -(-size // self.longest_token_bytes)
@@ -199,10 +200,10 @@ class LocalTeacher:
         sampling = self._sampling(body, 16)  # 16: the OpenAI default
         top_k = _option(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5)
         echo = _option(body, "echo", (bool,), False)
-        choices_asked = len(prompts) * sampling["n"]
-        if choices_asked > MAX_CHOICES:
-            raise BadRequest(f"{len(prompts)} prompts x n={sampling['n']} = {choices_asked} choices; this server "
-                             f"answers at most {MAX_CHOICES} in one request", "n" if sampling["n"] > 1 else "prompt")
+        n = sampling["n"]
+        if len(prompts) * n > MAX_CHOICES:
+            raise BadRequest(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server answers "
+                             f"at most {MAX_CHOICES} in one request", "n" if n > 1 else "prompt")
         for prompt in prompts:
             self._refuse_what_cannot_fit(prompt, "prompt")
         choices = []
@@ -461,7 +462,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.hold_body_bytes(size):
             message = (f"This server holds at most {self.server.max_total_body_bytes} bytes of request bodies "
                        "at once, and more are being read; try again later.")
-            return self._send_unread(503, _error(message, "server_error", code=OVERLOADED), [("Retry-After", "1")])
+            overloaded = _error(message, "server_error", code=OVERLOADED)
+            return self._send_unread(503, overloaded, [("Retry-After", "1")])
         try:
             raw = self._read_body(size)
             if raw is not None:
@@ -757,12 +759,14 @@ def main(argv=None):
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies "
                         f"get HTTP 413 (default {MAX_BODY_BYTES})")
     parser.add_argument("--max-total-body-bytes", type=int, default=MAX_TOTAL_BODY_BYTES, help="request "
-                        f"body bytes held at once; past it HTTP 503, body unread (default {MAX_TOTAL_BODY_BYTES})")
+                        "body bytes held at once; past it HTTP 503, body unread (default "
+                        f"{MAX_TOTAL_BODY_BYTES})")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="connections served at "
                         "once; past it the one waiting longest for its request is dropped, or, if all are "
                         f"being answered, HTTP 503 (default {MAX_CONNECTIONS})")
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, help="seconds for a request's "
-                        f"line, headers and body to arrive; a slower client is dropped (default {READ_TIMEOUT:g})")
+                        "line, headers and body to arrive; a slower client is dropped (default "
+                        f"{READ_TIMEOUT:g})")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     limits = dict(max_body_bytes=args.max_body_bytes, max_total_body_bytes=args.max_total_body_bytes,
