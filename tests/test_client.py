@@ -231,9 +231,9 @@ def transformers_serve(tmp_path_factory, bpe_tokenizer_dir):
     checkpoint.save_hf_checkpoint(M.Transformer(args), str(folder))
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    serve_bin = os.path.join(os.path.dirname(sys.executable), "transformers")
-    command = [serve_bin, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-               "--log-level", "info"]
+    # the `transformers` command of this interpreter's transformers
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu", "--log-level", "info"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
