@@ -346,7 +346,8 @@ def _option(body, name, kinds, default, valid=lambda value: True):
     if value is None:
         return default
     if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not valid(value):
-        raise BadRequest(f"Invalid value for '{name}': {value!r}", name)
+        # said back at most 100 characters long: a value may be megabytes
+        raise BadRequest(f"Invalid value for '{name}': {repr(value)[:100]}", name)
     return value
 
 
@@ -374,9 +375,8 @@ OVERLOADED = "server_is_overloaded"
 class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
-        # every read of a request ends at its deadline (section 4)
+        # every read of a request ends at its deadline (section 4), set per request
         self.rfile.close()
-        self.deadline = time.monotonic() + self.server.read_timeout
         self.rfile = io.BufferedReader(_DeadlineReader(self))
 
     def handle_one_request(self):
@@ -496,7 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = request_body(raw)
             # no model: the served one, as vLLM
             if body.get("model") not in (None, teacher.name):
-                unknown = f"The model `{body['model']}` does not exist or you do not have access to it."
+                unknown = f"The model `{body['model'][:100]}` does not exist or you do not have access to it."
                 return self._send(404, _error(unknown, code="model_not_found"))
             self._send(200, route(body))
         except BadRequest as e:
@@ -530,6 +530,9 @@ MAX_TOTAL_BODY_BYTES = 64 * 2 ** 20
 # A refused request's unread body: what is still read, at most and for at most that long,
 # so that its client reads the answer rather than a reset.
 LINGER_BYTES, LINGER_SECONDS = 64 * 2 ** 10, 1.0
+# Connections answered 503 past the cap that may linger at once (a file descriptor each);
+# the oldest is closed when more come.
+MAX_LINGERING = 64
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -615,6 +618,8 @@ class _Server(ThreadingHTTPServer):
         except OSError:
             pass
         self.refused.append((request, time.monotonic() + LINGER_SECONDS))
+        if len(self.refused) > MAX_LINGERING:
+            self.refused.pop(0)[0].close()
 
     def service_actions(self):
         """Between accepts (at least every poll interval): the refused connections read
@@ -711,8 +716,8 @@ def serve(model_dir, host="127.0.0.1", port=8000, tokenizer_path=None, model_nam
     A host other than loopback needs an API key (the variable api_key_env names), as
     anyone who reaches the port may use it. limits: backend_server's caps and read timeout."""
     for name, value in limits.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be above 0")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a number above 0")
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
