@@ -236,7 +236,7 @@ def test_connections_past_the_cap_get_503_and_slow_ones_make_room():
         slow = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(4)]
         for sock in slow:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\n")
-        time.sleep(1.2)  # older than a request takes to arrive
+        time.sleep(1.2)  # held a while
         for _ in range(3):
             seconds, reply = timed("POST", served.url + "/completions", json=ASK)
             assert reply.status_code == 200 and seconds < 1.0
@@ -255,7 +255,7 @@ def test_body_bytes_held_at_once_are_capped_with_503_body_unread():
     with Running(backend_server(backend, **limits)) as served:
         first = socket.create_connection(("127.0.0.1", served.port))
         first.sendall(post_head("/v1/completions", 2 * 2 ** 20) + b" " * 2 ** 20)
-        time.sleep(0.3)
+        assert held_becomes(served.server, 2 * 2 ** 20)
         with socket.create_connection(("127.0.0.1", served.port)) as second:
             second.sendall(post_head("/v1/completions", 2 * 2 ** 20))
             status, headers, body = read_reply(second, 1.0)
@@ -264,9 +264,18 @@ def test_body_bytes_held_at_once_are_capped_with_503_body_unread():
         seconds, reply = timed("POST", served.url + "/completions", json=ASK)
         assert reply.status_code == 200 and seconds < 1.0  # a small body still fits
         first.close()
-        time.sleep(0.3)
+        assert held_becomes(served.server, 0)
         big = json.dumps(dict(ASK, padding="x" * (2 * 2 ** 20 - 100)))
         assert requests.post(served.url + "/completions", data=big, timeout=10).status_code == 200
+
+
+def held_becomes(server, size, seconds=5):
+    """Whether the server's count of body bytes held reaches `size` within `seconds` (its handler threads run
+    when the machine lets them)."""
+    deadline = time.monotonic() + seconds
+    while server.body_bytes != size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return server.body_bytes == size
 
 
 # ----------------------------------------------------------------------------- 1. all of it at once, measured
