@@ -17,6 +17,8 @@ prints
   4. contextual ranking's student sampling (teacher.sample_diverse), 32 instructions x 4
      samples: 128 rows decoding together vs one instruction (4 rows) at a time,
      samples/s, each row with its own generator
+  5. the byte-level BPE (tokenizer.py) encoding one word of 16,000 random letters vs
+     `tokenizers`, on the real Llama 3 tokenizer.json tests/fetch_real_files.py caches
 Timings are medians of interleaved repeats (A, B, A, B, ...), so a busy machine slows
 both alike.
 
@@ -35,7 +37,10 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
+import random
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -45,10 +50,11 @@ import torch.nn.functional as F
 
 import checkpoint
 import model
+import tokenizer
 import training
 import tuna
 
-# ---------------------------------------------------------------------------- configs and timing
+# ---- 0. configs and timing, which every measurement below uses
 
 # cpu-small keeps LLaMA's proportions roughly (head dim 64, the output layer and attention
 # a minor share of the work, as at 7B), so that its ratios say something about the real
@@ -136,7 +142,7 @@ def autocast(device, enabled=None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-# ---------------------------------------------------------------------------- 1. train step
+# ---- 1. train step
 
 def train_step_flops_per_token(net, seq):
     """training.step_flops of section 1's step per token: a row of seq tokens at positions
@@ -187,7 +193,7 @@ def bench_train_step(net, hf, device, batch, seq, repeats):
     return speed, statistics.median(ratios), (ratios[0], ratios[-1])
 
 
-# ---------------------------------------------------------------------------- 2. ranking step
+# ---- 2. ranking step
 
 def random_ids(vocab, count, generator):
     """`count` token ids past the special ones (0-2: unknown, BOS, EOS)."""
@@ -320,7 +326,7 @@ def memory_probe(config, instructions, response_lens, variant):
     print(json.dumps({"peak_bytes": peak_kib * 1024}))
 
 
-# ---------------------------------------------------------------------------- 3. generation
+# ---- 3. generation
 
 def random_prompts(vocab, lengths, seed):
     """BOS, then random ids: a prompt of each length."""
@@ -418,6 +424,8 @@ class IdsAsText:
         return " ".join(map(str, ids))
 
 
+# ---- 4. student sampling: the diversity rule's batched path
+
 def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_size=128,
                    temperature=0.8):
     """samples/s of contextual ranking's student sampling, teacher.sample_diverse (the
@@ -449,7 +457,33 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
     return speed, same / len(prompts), rounds
 
 
-# ---------------------------------------------------------------------------- 5. a whole reproduction (GPU)
+# ---- 5. byte-level BPE on a long word
+
+def real_llama3_tokenizer():
+    """The real Llama 3 tokenizer.json that tests/fetch_real_files.py caches, or None where it is not there."""
+    cache = os.environ.get("TUNA_REAL_FILES") or os.path.expanduser("~/.cache/tuna/real-files")
+    path = os.path.join(cache, "llama3", "tokenizer.json")
+    return path if os.path.isfile(path) else None
+
+
+def bench_bpe_word(path, letters, repeats):
+    """tokenizer.py and `tokenizers` encoding one word of random letters (no spaces: a single word to merge,
+    not itself a token) with the same tokenizer.json: {name: median seconds}, and whether the ids agree."""
+    import tokenizers
+
+    ours, theirs = tokenizer.Tokenizer(path), tokenizers.Tokenizer.from_file(path)
+    word = "".join(random.Random(0).choice(string.ascii_lowercase) for _ in range(letters))
+
+    def encode_with_tokenizer_py():
+        ours.bpe.cache.clear()  # it remembers words; `tokenizers` keeps none this long
+        return ours.encode(word)
+    times = race({"tokenizer.py": encode_with_tokenizer_py,
+                  "tokenizers": lambda: theirs.encode(word, add_special_tokens=False)},
+                 torch.device("cpu"), repeats)
+    return times, ours.encode(word) == theirs.encode(word, add_special_tokens=False).ids
+
+
+# ---- 6. a whole reproduction (GPU)
 
 # What a one-GPU reproduction processes (README, "A real reproduction, stage by stage";
 # token counts as the benchmarks above).
@@ -579,7 +613,7 @@ def mib(size):
 
 
 def print_reproduction_hours(device, repeats, peak, memory_cap):
-    """Section 5 (--config gpu-7b): each stage's hours and peak memory at LLaMA-7B's shape."""
+    """Section 6 (--config gpu-7b): each stage's hours and peak memory at LLaMA-7B's shape."""
     args = model.ModelArgs.from_name("llama-7b")
     cap = f", memory capped at {memory_cap:g} GiB" if memory_cap else ""
     device_name = torch.cuda.get_device_name(device)
@@ -606,7 +640,7 @@ def print_reproduction_hours(device, repeats, peak, memory_cap):
         print(f"   {'total':17s} {total:7.1f} h   (teacher API calls not included)")
 
 
-# ---------------------------------------------------------------------------- the command line
+# ---- 7. the command line
 
 def parse_args():
     description = __doc__.split("\n")[0]
@@ -670,6 +704,7 @@ def main():
     print_ranking(net, config, device, instructions, repeats)
     print_generation(net, device, repeats)
     print_sampling(net, device, repeats)
+    print_bpe_word()
 
 
 def print_parity(net, hf, config, device):
@@ -802,6 +837,20 @@ def print_sampling(net, device, repeats):
           f"same samples for {same:.0%} of instructions; "
           f"diversity rule: {rounds:.1f} rounds per instruction "
           "(mean; samples/s counts the kept 4)")
+
+
+def print_bpe_word(letters=16_000, repeats=3):
+    """Section 5: the byte-level BPE's merge on one long word, against `tokenizers` on the same file."""
+    path = real_llama3_tokenizer()
+    if path is None:
+        print("\n5. byte-level BPE: skipped, no Llama 3 tokenizer.json cached "
+              "(python tests/fetch_real_files.py fetches it)")
+        return
+    times, same = bench_bpe_word(path, letters, repeats)
+    print(f"\n5. byte-level BPE, one word of {letters:,} random letters, Llama 3's tokenizer.json "
+          f"(median of {repeats}):")
+    print(f"   tokenizer.py {times['tokenizer.py']:.3f} s, tokenizers {times['tokenizers']:.3f} s -> "
+          f"{times['tokenizer.py'] / times['tokenizers']:.1f}x the time; same ids: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ a model.Transformer; save_hf_checkpoint writes Hugging Face's LlamaForCausalLM l
 so every stage's output also loads in transformers and vLLM. Hugging Face names go
 through hf_to_meta (key names plus the q/k row permutation); safetensors files are read
 and written by hand (torch, numpy, the standard library). Every config field that would change
-the computation is implemented or refused by name. Needs model.py beside it when
-copied (nothing else of the project):
+the computation is implemented or refused by name. Copy with it: model.py.
 
     import checkpoint
     net = checkpoint.load_checkpoint("llama-2-7b-hf/", device="cuda", dtype=torch.bfloat16)  # or Meta's
     checkpoint.save_hf_checkpoint(net, "out/")
 """
+import dataclasses
 import glob
 import hashlib
 import json
@@ -31,31 +31,35 @@ from model import ROPE_SCALINGS, ModelArgs, Transformer
 def load_checkpoint(path, device="cpu", dtype=None):
     """A Transformer (in eval mode) from a directory: Hugging Face (config.json +
     model.safetensors, or shards with model.safetensors.index.json) or Meta
-    (params.json + consolidated.*.pth). The model is built on the meta device and
-    takes over the memory-mapped tensors (assign=True), so the weights are never held
-    twice in RAM."""
+    (params.json + consolidated.*.pth). Nothing is allocated before every config field
+    is checked (type, range, divisibility) and the tensor names and shapes the config
+    implies are compared with the weight files' headers (check_weight_shapes). The
+    model is built on the meta device and takes over the memory-mapped tensors
+    (assign=True), so the weights are never held twice in RAM."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        args = args_from_hf_config(os.path.join(path, "config.json"))
-        state = hf_to_meta(_read_hf_weights(path), args)
+        config = os.path.join(path, "config.json")
+        args = args_from_hf_config(config)
+        files = _hf_weight_files(path)
+        check_weight_shapes(config, args, _hf_header_shapes(path, files), "num_hidden_layers")
+        state = hf_to_meta({key: t for file in files for key, t in read_safetensors(file).items()}, args)
     elif os.path.isfile(os.path.join(path, "params.json")):
-        state = _read_meta_weights(path)
-        # LLaMA-1 files carry Meta's precomputed frequencies; recomputed here
-        state.pop("rope.freqs", None)
-        embedding = state.get("tok_embeddings.weight")
-        args = args_from_meta_params(os.path.join(path, "params.json"),
-                                     vocab_size=None if embedding is None else embedding.shape[0])
+        config = os.path.join(path, "params.json")
+        shards = _load_meta_shards(path)
+        found = _meta_shapes(shards)
+        found.pop("rope.freqs", None)
+        embedding = found.get("tok_embeddings.weight")
+        args = args_from_meta_params(config, vocab_size=None if embedding is None else embedding[2][0])
+        check_weight_shapes(config, args, found, "n_layers")
+        state = _merge_meta_shards(shards)
     else:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+    # LLaMA-1 files carry Meta's precomputed frequencies; recomputed here
+    state.pop("rope.freqs", None)
     if args.tie_embeddings and "tok_embeddings.weight" in state:
         # one matrix; HF stores only the embedding
         state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(args)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model built from its config: "
-                         f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
     state = {key: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
              # one tensor at a time; a no-op (still memory-mapped) on the CPU
              for key, t in state.items()}
@@ -94,6 +98,7 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     os.makedirs(out_dir, exist_ok=True)
+    _remove_killed_writes(out_dir)
     weight_map = {}
     for name, keys in zip(names, shards):
         # one shard at a time in RAM, whatever the model's device
@@ -126,25 +131,50 @@ def save_hf_checkpoint(model, out_dir, dtype=None, max_shard_bytes=5 * 10**9):
     write_checkpoint_identity(out_dir)
 
 
-def _read_hf_weights(path):
+def _remove_killed_writes(out_dir):
+    """Remove the temporary files (NAME.tmpPID, _write_atomic's) that a killed save left
+    in out_dir beside the files save_hf_checkpoint writes: gigabytes each at 7B. A
+    folder has one writer (the scripts hold OUT.lock while they write it)."""
+    saved = r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json|" + re.escape(IDENTITY_FILE)
+    for name in os.listdir(out_dir):
+        written, _, pid = name.rpartition(".tmp")
+        if pid.isdigit() and re.fullmatch(saved, written):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _hf_weight_files(path):
+    """The safetensors files of a Hugging Face folder: model.safetensors, or the shards its
+    index names."""
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_path}: no weight_map object")
-        state = {}
-        for shard in sorted(set(weight_map.values())):
+        shards = sorted(set(map(str, weight_map.values())))
+        for shard in shards:
             if os.path.basename(shard) != shard:
                 raise ValueError(f"{index_path}: shard {shard!r} is not a file name in {path}")
-            state.update(read_safetensors(os.path.join(path, shard)))
-        absent = sorted(set(weight_map) - set(state))
-        if absent:
-            raise ValueError(f"{index_path}: keys listed but absent from their shards: {absent[:10]}")
-        return state
+        return [os.path.join(path, shard) for shard in shards]
     if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return read_safetensors(os.path.join(path, "model.safetensors"))
+        return [os.path.join(path, "model.safetensors")]
     raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor "
                             "model.safetensors.index.json")
+
+
+def _hf_header_shapes(path, files):
+    """{Meta key: (file, the name there, shape)} from the files' headers: no tensor read."""
+    found = {}
+    for file in files:
+        for name, (_, shape, _, _) in read_safetensors_header(file)[0].items():
+            # older HF files saved this computed buffer
+            if not name.endswith("rotary_emb.inv_freq"):
+                found[_rename(name, to_hf=False)] = (file, name, shape)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        absent = sorted(set(_read_json(index_path)["weight_map"]) - {name for _, name, _ in found.values()})
+        if absent:
+            raise ValueError(f"{index_path}: keys listed but absent from their shards: {absent[:10]}")
+    return found
 
 
 # Meta's model-parallel shards (LLaMA 1/2, fairscale): column-parallel weights split
@@ -154,29 +184,65 @@ MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, 
                       "tok_embeddings": 1}
 
 
-def _read_meta_weights(path):
+def _load_meta_shards(path):
+    """{file: its tensors, memory-mapped (nothing read yet)} of a Meta folder's
+    consolidated.*.pth, in order, each with the keys of the first."""
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise FileNotFoundError(f"{path}: has params.json but no consolidated.*.pth")
-    shards = []
+    shards = {}
     for file in files:
         try:
-            shards.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            shards[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch's messages do not name the file
             raise ValueError(f"{file}: torch.load(weights_only=True, mmap=True) failed: {e}") from e
-    if len(shards) == 1:
-        return shards[0]
-    for file, shard in zip(files[1:], shards[1:]):
-        if set(shard) != set(shards[0]):
-            differing = sorted(set(shard) ^ set(shards[0]))[:10]
+        if not isinstance(shards[file], dict) or not all(torch.is_tensor(t) for t in shards[file].values()):
+            raise ValueError(f"{file}: not a dictionary of tensors")
+        if set(shards[file]) != set(shards[files[0]]):
+            differing = sorted(set(shards[file]) ^ set(shards[files[0]]))[:10]
             raise ValueError(f"{file}: keys differ from {files[0]}: {differing}")
+    return shards
+
+
+def _model_parallel_dim(key):
+    """The dimension a model-parallel weight is split along, None for a replicated one."""
+    return MODEL_PARALLEL_DIM.get(key.split(".")[-2]) if key.count(".") else None
+
+
+def _meta_shapes(shards):
+    """{key: (first file, key, shape once merged)} from the shards' tensors: no data read."""
+    files = list(shards)
+    found = {}
+    for key, tensor in shards[files[0]].items():
+        dim = _model_parallel_dim(key)
+        shape = list(tensor.shape)
+        for file in files[1:]:
+            other = list(shards[file][key].shape)
+            if dim is None or len(other) != len(shape) or dim >= len(shape):
+                same = other == shape
+            else:
+                same = other[:dim] + other[dim + 1:] == shape[:dim] + shape[dim + 1:]
+                shape[dim] += other[dim]
+            if not same:
+                raise ValueError(f"{file}: tensor {key!r} has shape {other}, which does not merge with "
+                                 f"{files[0]}'s {list(tensor.shape)}")
+        found[key] = (files[0], key, shape)
+    return found
+
+
+def _merge_meta_shards(shards):
+    """One state dict from the model-parallel shards (concatenated along each weight's
+    split), replicated tensors taken from the first."""
+    tensors = list(shards.values())
+    if len(tensors) == 1:
+        return dict(tensors[0])
     merged = {}
-    for key in shards[0]:
-        dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2]) if key.count(".") else None
+    for key in tensors[0]:
+        dim = _model_parallel_dim(key)
         if dim is None:  # replicated in every shard
-            merged[key] = shards[0][key]
+            merged[key] = tensors[0][key]
         else:
-            merged[key] = torch.cat([shard[key] for shard in shards], dim=dim)
+            merged[key] = torch.cat([shard[key] for shard in tensors], dim=dim)
     return merged
 
 
@@ -191,12 +257,20 @@ LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_
 TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
-def _meta_to_hf_names(args):
-    names = {f"{meta}.weight": f"{hf}.weight" for meta, hf in TOP_NAMES.items()}
-    for i in range(args.n_layers):
-        names.update({f"layers.{i}.{meta}.weight": f"model.layers.{i}.{hf}.weight"
-                      for meta, hf in LAYER_NAMES.items()})
-    return names
+def _rename(key, to_hf):
+    """One weight's Meta name -> Hugging Face's (to_hf), or back; an unknown name unchanged."""
+    layers_from, layers_to = ("layers.", "model.layers.") if to_hf else ("model.layers.", "layers.")
+    layer_names = LAYER_NAMES if to_hf else {hf: meta for meta, hf in LAYER_NAMES.items()}
+    top_names = TOP_NAMES if to_hf else {hf: meta for meta, hf in TOP_NAMES.items()}
+    if not key.endswith(".weight"):
+        return key
+    module = key[:-len(".weight")]
+    if module in top_names:
+        return f"{top_names[module]}.weight"
+    index, _, rest = module[len(layers_from):].partition(".")
+    if module.startswith(layers_from) and index.isdigit() and rest in layer_names:
+        return f"{layers_to}{index}.{layer_names[rest]}.weight"
+    return key
 
 
 def _permute_qk_rows(weight, n_heads, to_hf):
@@ -210,18 +284,16 @@ def _permute_qk_rows(weight, n_heads, to_hf):
 
 
 def _convert(state_dict, args, to_hf):
-    names = _meta_to_hf_names(args)
-    names = names if to_hf else {hf: meta for meta, hf in names.items()}
     out = {}
     for key, tensor in state_dict.items():
         if key.endswith("rotary_emb.inv_freq"):
             # older HF files saved this computed buffer
             continue
-        meta_key = key if to_hf else names.get(key, key)
+        meta_key = key if to_hf else _rename(key, to_hf=False)
         if meta_key.endswith(("attention.wq.weight", "attention.wk.weight")):
             n_heads = args.n_heads if ".wq." in meta_key else args.n_kv_heads
             tensor = _permute_qk_rows(tensor, n_heads, to_hf)
-        out[names.get(key, key)] = tensor
+        out[_rename(key, to_hf)] = tensor
     return out
 
 
@@ -234,7 +306,7 @@ def hf_to_meta(state_dict, args):
     return _convert(state_dict, args, to_hf=False)
 
 
-# ---- 3. config.json / params.json -> ModelArgs, the rest refused by name
+# ---- 3. config.json / params.json -> ModelArgs, each field checked; the weights' shapes against it
 
 # config.json fields that change the computation, with the one value model.py implements
 # (an absent field means transformers' default, which is that value). Sliding windows
@@ -248,12 +320,76 @@ META_SCALED_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0
                     "original_max_position_embeddings": 8192}
 
 
+# What each field model.py reads must hold (type and range), before anything is sized by
+# it: a string, a float or 0 where a count belongs is refused by name, not met as a
+# TypeError, a ZeroDivisionError or an 8 GB allocation. name -> (what it must be, null
+# allowed: the default applies).
+POSITIVE_INTEGER = "a positive integer"
+POSITIVE_NUMBER = "a positive finite number"
+TRUE_OR_FALSE = "true or false"
+TOKEN_IDS = "a token id (an integer >= 0) or a list of them"
+HF_FIELDS = {"hidden_size": (POSITIVE_INTEGER, False), "intermediate_size": (POSITIVE_INTEGER, False),
+             "num_hidden_layers": (POSITIVE_INTEGER, False), "num_attention_heads": (POSITIVE_INTEGER, False),
+             "num_key_value_heads": (POSITIVE_INTEGER, True), "head_dim": (POSITIVE_INTEGER, True),
+             "vocab_size": (POSITIVE_INTEGER, False), "max_position_embeddings": (POSITIVE_INTEGER, False),
+             "sliding_window": (POSITIVE_INTEGER, True), "rms_norm_eps": (POSITIVE_NUMBER, False),
+             "tie_word_embeddings": (TRUE_OR_FALSE, False), "bos_token_id": (TOKEN_IDS, True),
+             "eos_token_id": (TOKEN_IDS, True)}
+# vocab_size apart: Meta writes -1 (the size comes from the weights)
+META_FIELDS = {"dim": (POSITIVE_INTEGER, False), "n_layers": (POSITIVE_INTEGER, False),
+               "n_heads": (POSITIVE_INTEGER, False), "n_kv_heads": (POSITIVE_INTEGER, True),
+               "multiple_of": (POSITIVE_INTEGER, False), "ffn_dim_multiplier": (POSITIVE_NUMBER, True),
+               "norm_eps": (POSITIVE_NUMBER, False), "rope_theta": (POSITIVE_NUMBER, False),
+               "use_scaled_rope": (TRUE_OR_FALSE, False)}
+
+
+def _holds(value, kind):
+    """Whether a JSON value is of the kind (POSITIVE_INTEGER, ...); a bool is no number."""
+    if kind == TRUE_OR_FALSE:
+        return isinstance(value, bool)
+    if kind == TOKEN_IDS:
+        ids = value if isinstance(value, list) and value else [value]
+        return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return False
+    return kind == POSITIVE_NUMBER or isinstance(value, int)
+
+
+def _check_fields(settings, path, fields):
+    """Each present field of `fields` is of its kind (null only where allowed), or a
+    ValueError naming the file, the field and its value."""
+    for name, (kind, nullable) in fields.items():
+        if name not in settings or (settings[name] is None and nullable):
+            continue
+        if not _holds(settings[name], kind):
+            raise ValueError(f"{path}: {name}={settings[name]!r}: expected {kind}")
+
+
+def _check_heads(path, names, dim, n_heads, n_kv_heads, head_dim):
+    """Attention heads that model.py can build: query heads a multiple of key/value heads, an
+    even head size (RoPE rotates pairs), and dim divisible by the heads where head_dim is not
+    given. names: the file's names for (dim, n_heads, n_kv_heads, head_dim)."""
+    dim_name, heads_name, kv_name, head_dim_name = names
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{path}: {heads_name}={n_heads} is not a multiple of {kv_name}={n_kv_heads}")
+    if head_dim is None and dim % n_heads:
+        raise ValueError(f"{path}: {dim_name}={dim} is not a multiple of {heads_name}={n_heads} "
+                         f"(and no {head_dim_name} is given)")
+    if (head_dim or dim // n_heads) % 2:
+        given = f"{head_dim_name}={head_dim}" if head_dim else f"{dim_name} / {heads_name} = {dim // n_heads}"
+        raise ValueError(f"{path}: {given}: expected an even number (RoPE rotates pairs of channels)")
+
+
 def args_from_hf_config(path):
     """ModelArgs from a Hugging Face config.json of a LLaMA (or Mistral) model, as
     transformers 4 or 5 writes it. Every field that changes the computation is
-    implemented or refused with its value; fields transformers itself does not read
-    for these models (e.g. SmolLM2's rope_interleaved) are ignored, as there."""
+    implemented or refused with its value, and every field model.py reads is checked
+    for type and range (HF_FIELDS); fields transformers itself does not read for these
+    models (e.g. SmolLM2's rope_interleaved) are ignored, as there."""
     cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    _check_fields(cfg, path, HF_FIELDS)
     if cfg.get("model_type", "llama") not in HF_MODEL_TYPES:
         raise ValueError(f"{path}: model_type={cfg['model_type']!r} is not supported by model.py "
                          f"(supported: {', '.join(HF_MODEL_TYPES)})")
@@ -271,6 +407,9 @@ def args_from_hf_config(path):
     # eos: an id, or a list (Llama 3.x)
     bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
     try:
+        heads = cfg["num_attention_heads"]
+        _check_heads(path, ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"),
+                     cfg["hidden_size"], heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim"))
         return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                          n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
                          vocab_size=cfg["vocab_size"],
@@ -288,9 +427,12 @@ def args_from_meta_params(path, vocab_size=None):
     and model.py does not implement (vision, quantization, LoRA adapters) are refused
     by name, as is any other unknown key."""
     params = _read_json(path)
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: not a JSON object")
     missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
+    _check_fields(params, path, META_FIELDS)
     known = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
              "rope_theta")
     unknown = sorted(set(params) - set(known) - {"vocab_size", "use_scaled_rope"})
@@ -299,12 +441,17 @@ def args_from_meta_params(path, vocab_size=None):
                          f"{', '.join(f'{key}={params[key]!r}' for key in unknown)}")
     # Meta writes -1: the size comes from the tokenizer or weights
     vocab = params.get("vocab_size", -1)
-    vocab = vocab if vocab > 0 else vocab_size
+    if vocab != -1:
+        _check_fields(params, path, {"vocab_size": (POSITIVE_INTEGER, False)})
+    vocab = vocab if vocab != -1 else vocab_size
     if not vocab:
         raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')} and no vocab_size was given")
     # Llama 3.1/3.2: Meta's reference code (llama-models, apply_scaling) fixes the
     # parameters in code
     scaling = dict(META_SCALED_ROPE) if params.get("use_scaled_rope") else None
+    heads = params["n_heads"]
+    _check_heads(path, ("dim", "n_heads", "n_kv_heads", "head_dim"), params["dim"], heads,
+                 params.get("n_kv_heads") or heads, None)
     return ModelArgs(vocab_size=vocab, rope_scaling=scaling,
                      **{key: params[key] for key in known if params.get(key) is not None})
 
@@ -349,14 +496,53 @@ def _rope_settings(settings, path, where):
                          f"{', '.join(f'{key}={value!r}' for key, value in extra.items())}")
     numbers = {"rope_theta": settings.get("rope_theta", 10000.0),
                **{key: settings.get(key) for key in needed}}
-    bad = [f"{key}={value!r}" for key, value in numbers.items()
-           if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0]
+    bad = [f"{key}={value!r}" for key, value in numbers.items() if not _holds(value, POSITIVE_NUMBER)]
     if kind == "llama3" and not bad and not numbers["low_freq_factor"] < numbers["high_freq_factor"]:
         bad.append("low_freq_factor >= high_freq_factor")
     if bad:
         raise ValueError(f"{path}: {where} with rope_type={kind!r}: missing or invalid: {', '.join(bad)}")
     scaling = {"rope_type": kind, **{key: numbers[key] for key in needed}} if needed else None
     return float(numbers["rope_theta"]), scaling
+
+
+def expected_shapes(args):
+    """{Meta key: shape} of Transformer(args)'s state dict, in its order, without building
+    n_layers blocks: one block is built on the meta device and named for every layer."""
+    with torch.device("meta"):
+        one_block = Transformer(dataclasses.replace(args, n_layers=1))
+    shapes = {}
+    for key, tensor in one_block.state_dict().items():
+        if key.startswith("layers.0."):
+            shapes.update({f"layers.{i}.{key[len('layers.0.'):]}": tuple(tensor.shape)
+                           for i in range(args.n_layers)})
+        else:
+            shapes[key] = tuple(tensor.shape)
+    return shapes
+
+
+def check_weight_shapes(config_path, args, found, layers_field):
+    """The weights' layer count, then every tensor name and shape the config implies
+    (expected_shapes), against found: {Meta key: (file, its name there, shape)} read from
+    the files' headers. Runs before any tensor or block is allocated, so a config that
+    says 10^5 layers or another width is an error naming the file and field or tensor."""
+    path = os.path.dirname(config_path)
+    if args.tie_embeddings and "tok_embeddings.weight" in found:
+        # one matrix; HF stores only the embedding
+        found = {**found, "output.weight": found["tok_embeddings.weight"]}
+    layers = {int(key.split(".")[1]) for key in found if re.match(r"layers\.\d+\.", key)}
+    held = max(layers) + 1 if layers else 0
+    if held != args.n_layers:
+        raise ValueError(f"{config_path}: {layers_field}={args.n_layers}, but the weights hold {held} layers")
+    expected = expected_shapes(args)
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model built from its config: "
+                         f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    for key, shape in expected.items():
+        file, name, held_shape = found[key]
+        if tuple(held_shape) != shape:
+            raise ValueError(f"{file}: tensor {name!r} has shape {list(held_shape)}, but "
+                             f"{os.path.basename(config_path)} makes it {list(shape)}")
 
 
 # ---- 4. safetensors: 8-byte little-endian header size, JSON header, raw little-endian bytes
@@ -371,6 +557,25 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 def read_safetensors(path):
     """All tensors of one .safetensors file, memory-mapped copy-on-write: a page is read
     when first used."""
+    entries, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        tensor = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=data_start + begin)
+        aligned = (data_start + begin) % dtype.itemsize == 0
+        # keep loads aligned
+        tensors[name] = tensor.view(shape) if aligned else tensor.view(shape).clone()
+    return tensors
+
+
+def read_safetensors_header(path):
+    """The tensors of one .safetensors file as its header describes them, every entry
+    checked (dtype, shape, offsets inside the data, no overlap), nothing of the data
+    read: ({name: (dtype, shape, begin, end)}, where the data starts)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -380,12 +585,14 @@ def read_safetensors(path):
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: header is not valid JSON ({e})") from None
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except RecursionError:
+            # a real header nests 3 levels; past the reader's limit (about 1,000)
+            raise ValueError(f"{path}: header is {NESTED_TOO_DEEP}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
     data_start, data_size = 8 + header_len, size - 8 - header_len
-    tensors, spans = {}, []
+    entries, spans = {}, []
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         info = info if isinstance(info, dict) else {}
@@ -401,22 +608,16 @@ def read_safetensors(path):
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
             raise ValueError(f"{where}: data_offsets [{begin}, {end}] lie outside the {data_size} data bytes")
-        numel = math.prod(shape)
-        if end - begin != numel * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{where}: {end - begin} bytes cannot hold shape {shape} of {info['dtype']}")
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        spans.append((begin, end, name))
-        tensor = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
-        aligned = (data_start + begin) % dtype.itemsize == 0
-        # keep loads aligned
-        tensors[name] = tensor if aligned else tensor.clone()
+        entries[name] = (dtype, shape, begin, end)
+        if begin < end:
+            spans.append((begin, end, name))
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise ValueError(f"{path}: tensors {first!r} and {second!r} overlap (bytes {begin} to {end})")
-    return tensors
+    return entries, data_start
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -515,25 +716,38 @@ def checkpoint_identity(path):
 
 # ---- 6. files: JSON and the one atomic write
 
+# Python's JSON reader recurses once per level; a real header or config nests a few levels
+NESTED_TOO_DEEP = "JSON nested too deep (deeper than Python's JSON reader allows)"
+
+
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {NESTED_TOO_DEEP}") from None
 
 
 def _write_atomic(path, chunks):
-    """checkpoint.py's one atomic write: the byte chunks go to a temporary file, which
-    reaches the disk (fsync) before it is renamed over path, so path holds the old
-    file or the whole new one."""
+    """checkpoint.py's one atomic write: the byte chunks go to a temporary file
+    (PATH.tmpPID), which reaches the disk (fsync) before it is renamed over path, so
+    path holds the old file or the whole new one. A write that fails removes its
+    temporary file; one a kill left is removed by the next save of the folder
+    (save_hf_checkpoint)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _write_json(path, value, indent):

@@ -9,13 +9,14 @@ the key, the model and the options a run needs before any long or paid work; a s
 request reaches stops the run at once (RunError). map() runs a function over items on a bounded
 thread pool with progress lines; counts and report() say what was sent, retried and cached.
 
-The one project file it needs is data.py (the kill-tolerant JSONL log and the progress lines).
+Copy with it: data.py (the kill-tolerant JSONL log and the progress lines).
 """
 import concurrent.futures
 import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -59,8 +60,7 @@ class TeacherClient:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
-        # no key is fine for a local server
-        self._api_key = os.environ.get(api_key_env) or None
+        self._api_key = read_api_key(api_key_env)
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_workers = max_workers
@@ -143,25 +143,21 @@ class TeacherClient:
         (chat or completions), with the options it needs (logprobs, echo), before any long
         or paid work. Not cached. An unreachable server, a refused key, an unknown model
         or option, or an answer without the fields the run reads stop the run (RunError
-        naming the URL and the model). refused_hints: {option: what to do instead}, said
-        when the server refuses that option (HTTP 400 naming it). Returns the answer."""
+        naming the URL and the model); an answer without an option's field names the
+        option the server ignored, and what works instead (WHAT_WORKS). refused_hints:
+        {option: what to do instead}, said when the server refuses that option (HTTP 400
+        naming it) or ignores it. Returns the answer."""
         path = "/chat/completions" if chat else "/completions"
         message = {"role": "user", "content": PREFLIGHT_TEXT}
         asked = dict(messages=[message]) if chat else dict(prompt=PREFLIGHT_TEXT)
         body = {"model": self.model, **asked, "max_tokens": 1, **options}
-        fields = ["choices.0.message.content" if chat else "choices.0.text"]
-        if options.get("logprobs"):
-            fields.append("choices.0.logprobs." + ("content" if chat else "token_logprobs"))
-        if options.get("echo"):
-            fields.append("choices.0.logprobs.text_offset")
         # the error names the URL
         where = f"pre-flight check of model '{self.model}'"
         sent_before = self.counts["requests"]
         try:
             # a check, not a wait
             answer = self._send(self.base_url + path, body, max_retries=min(self.max_retries, 2))
-            for field in fields:
-                get_field(answer, field, self.base_url + path)
+            ignored = ignored_options(answer, self.base_url + path, chat, options)
         except TeacherError as e:
             check_key = f"; check the key in ${self.api_key_env}"
             hints = {401: check_key + ("" if self._api_key else " (not set)"), 403: check_key,
@@ -174,6 +170,13 @@ class TeacherClient:
         finally:  # counted apart from the run's requests
             self.counts["preflight_requests"] += self.counts["requests"] - sent_before
             self.counts["requests"] = sent_before
+        if ignored:
+            # the option's own field first: what the server left out
+            names = ", ".join(f"'{option}'" for option in ignored)
+            hints = dict(WHAT_WORKS, **(refused_hints or {}))
+            what_works = "; ".join(hints[option] for option in ignored)
+            raise RunError(f"{where} failed: {next(iter(ignored.values()))}; the server ignored {names}: "
+                           f"{what_works}")
         log.info("%s at %s: answered", where, self.base_url + path)
         return answer
 
@@ -197,6 +200,11 @@ class TeacherClient:
                 # unknown host, TLS: no retry helps
                 if unreached and not unreached.startswith("connection"):
                     break
+            # the request cannot be sent as it is (a redirect loop, a malformed URL or header):
+            # no retry helps, and the message may hold what was sent
+            except (requests.RequestException, ValueError) as e:
+                self._count_failure()
+                raise TeacherError(self._redact(f"POST {url}: {type(e).__name__}: {one_line(e)}")) from None
             else:
                 self._reached = True
                 if 200 <= reply.status_code < 300:
@@ -209,18 +217,21 @@ class TeacherClient:
                     except ValueError:
                         problem = f"malformed JSON in the answer ({len(reply.content)} bytes)"
                 elif reply.status_code == 429 or reply.status_code >= 500:
-                    problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
+                    problem = f"HTTP {reply.status_code}: {_server_message(reply, self._redact)}"
                     retry_after = _retry_after_seconds(reply.headers.get("Retry-After"))
                 # other 4xx: the request itself is wrong, asking again cannot help
                 else:
                     self._count_failure()
-                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply)}"
+                    message = f"POST {url}: HTTP {reply.status_code}: {_server_message(reply, self._redact)}"
                     raise TeacherError(self._redact(message), reply.status_code)
             if attempt == max_retries:
                 break
-            # exponential back-off with jitter, unless the server said how long to wait
+            # exponential back-off with jitter, unless the server said how long to wait (at
+            # most max_backoff: a run does not wait a day on a header)
             backoff = min(self.max_backoff, self.backoff * 2 ** attempt)
-            delay = retry_after if retry_after is not None else backoff * random.uniform(0.5, 1.5)
+            delay = backoff * random.uniform(0.5, 1.5)
+            if retry_after is not None:
+                delay = min(retry_after, self.max_backoff)
             with self._lock:
                 self.counts["retries"] += 1
             log.warning(self._redact(f"POST {url}: {problem}; retry {attempt + 1}/{max_retries} in "
@@ -254,12 +265,15 @@ class TeacherClient:
             self._next_slot += self._interval
         time.sleep(start - now)
 
-    # servers echo keys back in error messages ("Incorrect API key provided: ...")
+    # servers echo keys back in error messages ("Incorrect API key provided: ..."), as
+    # written or escaped (in JSON, in a repr)
     def _redact(self, text):
         # a key of 1-3 characters would blank out ordinary text
         if not self._api_key or len(self._api_key) < 4:
             return text
-        return text.replace(self._api_key, "***")
+        for written in {self._api_key, json.dumps(self._api_key)[1:-1], repr(self._api_key)[1:-1]}:
+            text = text.replace(written, "***")
+        return text
 
     def map(self, fn, items, what="teacher requests", failed=lambda result: False):
         """fn over items on a bounded thread pool, results in order; a progress line every
@@ -309,24 +323,80 @@ def one_line(text):
     return " ".join(str(text).split())
 
 
-def _server_message(reply):
+def read_api_key(env):
+    """The API key in the environment variable `env`, or None when it is unset (a local
+    server needs none). A RunError names the variable, never the value, when the key is
+    empty or holds anything but printable ASCII without spaces: a key file with Windows
+    line ends read by $(cat ...) keeps its "\r", which `requests` would print whole."""
+    key = os.environ.get(env)
+    if key is None:
+        return None
+    if not key:
+        raise RunError(f"${env} is set but empty: put the API key in it, or unset it for a server without keys")
+    if not all("!" <= char <= "~" for char in key):
+        raise RunError(f"the API key in ${env} holds white space or a control character (or another "
+                       "character outside printable ASCII), as a key file with Windows line ends read by "
+                       "$(cat ...) does: remove it (the key is not shown)")
+    return key
+
+
+def _server_message(reply, redact):
+    """The error message of a refused request, its API key masked before the message is
+    cut to 500 characters: a key across the cut would escape the mask."""
     try:
-        return str(reply.json()["error"]["message"])
+        message = str(reply.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return reply.text[:500] or reply.reason
+        message = reply.text or reply.reason
+    return redact(message)[:500]
 
 
 def _retry_after_seconds(value):
-    """Retry-After in seconds (it may be a number or an HTTP date), or None."""
+    """Retry-After in seconds (a number or an HTTP date), or None when it says nothing
+    usable: absent, not a number or a date, not finite, negative."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
+            seconds = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, OverflowError):
             return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+# What works instead, when the pre-flight's answer shows that the server ignored an option
+# the run needs (transformers serve ignores logprobs and echo); a caller's refused_hints
+# say it for its own command line.
+WHAT_WORKS = {
+    "logprobs": "use a server that returns log-probs: vLLM, llama.cpp's server, `python server.py`, or "
+                "OpenAI's completions",
+    "echo": "use a server that returns the prompt's tokens with log-probs (echo): vLLM, `python server.py`",
+}
+
+
+def ignored_options(answer, url, chat, options):
+    """{option: what its answer lacks} for each option of the pre-flight that the answer
+    shows the server ignored: log-probs without their field, echo without the prompt's
+    tokens (the check asks 1 token, so an echo has more). A TeacherError when the answer
+    lacks its text."""
+    get_field(answer, "choices.0.message.content" if chat else "choices.0.text", url)
+    fields = {}
+    if options.get("logprobs"):
+        fields["logprobs"] = "choices.0.logprobs." + ("content" if chat else "token_logprobs")
+    if options.get("echo"):
+        fields["echo"] = "choices.0.logprobs.text_offset"
+    ignored = {}
+    for option, field in fields.items():
+        try:
+            get_field(answer, field, url)
+        except TeacherError as e:
+            ignored[option] = str(e)
+    if "echo" in fields and not ignored:
+        tokens = get_field(answer, "choices.0.logprobs.token_logprobs", url)
+        if not isinstance(tokens, list) or len(tokens) < 2:
+            ignored["echo"] = f"{url}: the answer's log-probs cover no token of the prompt"
+    return ignored
 
 
 def get_field(answer, dotted, url):

@@ -13,10 +13,12 @@ appender (read_jsonl_log, append_jsonl), one output lock.
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -151,11 +153,14 @@ def _check_text(value, path, where, name, allow_empty=False):
     return value
 
 
-def _check_texts(value, path, where, name, min_count):
+def _check_texts(value, path, where, name, min_count, max_count=None):
     if not isinstance(value, list):
         raise _fail(path, where, name, f"expected a list of strings, got {type(value).__name__}")
     if len(value) < min_count:
         raise _fail(path, where, name, f"{len(value)} candidate(s), a ranking needs at least {min_count}")
+    if max_count is not None and len(value) > max_count:
+        raise _fail(path, where, name, f"{len(value)} candidates, more than the {max_count} a record may hold "
+                    "for training")
     for k, text in enumerate(value):
         if not isinstance(text, str) or not text.strip():
             raise _fail(path, where, f"{name}[{k}]", "empty response" if isinstance(text, str)
@@ -182,12 +187,12 @@ def _require(obj, keys, path, where):
             raise _fail(path, where, key, "missing")
 
 
-def _ranked_record_from_dict(obj, path, where) -> RankedRecord:
+def _ranked_record_from_dict(obj, path, where, max_candidates=None) -> RankedRecord:
     _require(obj, ("id", "prompt", "candidates"), path, where)
     unknown = sorted(set(obj) - {"id", "prompt", "candidates", "instruction", "input", "scores", "source"})
     if unknown:
         raise _fail(path, where, unknown[0], f"unknown field(s) {unknown}")
-    candidates = _check_texts(obj["candidates"], path, where, "candidates", 2)
+    candidates = _check_texts(obj["candidates"], path, where, "candidates", 2, max_candidates)
     scores = obj.get("scores")
     if scores is not None:
         scores = _check_scores(scores, len(candidates), path, where, "scores")
@@ -216,6 +221,11 @@ def _check_unique_id(seen: dict, record_id, path, where):
     seen[record_id] = where
 
 
+# Python's JSON reader recurses once per level of nesting: past the interpreter's recursion limit (about 1,000
+# levels) a file would be a RecursionError. No data file of the project nests more than a few levels.
+NESTED_TOO_DEEP = "JSON nested too deep (deeper than Python's JSON reader allows)"
+
+
 def iter_jsonl(path):
     """Yield (line number, parsed object) for each non-blank line of a UTF-8 JSONL file."""
     with open(path, "rb") as f:
@@ -231,6 +241,8 @@ def iter_jsonl(path):
             except json.JSONDecodeError as e:
                 problem = f"malformed JSON: {e.msg}, column {e.colno}"
                 raise _fail(path, f"line {line_no}", None, problem) from None
+            except RecursionError:
+                raise _fail(path, f"line {line_no}", None, NESTED_TOO_DEEP) from None
             yield line_no, obj
 
 
@@ -243,6 +255,8 @@ def _read_json(path, expected_type, what):
             raise _fail(path, f"line {e.lineno}", None, problem) from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise DataError(f"{path}: {NESTED_TOO_DEEP}") from None
     if not isinstance(data, expected_type):
         raise DataError(f"{path}: expected {what}, got {type(data).__name__}")
     return data
@@ -266,7 +280,7 @@ def read_alpaca(path) -> list[dict]:
     return examples
 
 
-def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
+def read_authors_ranking(path, skipped=None, max_candidates=None) -> list[RankedRecord]:
     """The authors' ranking release: JSON list of {instruction (already templated), id,
     output: [str], score: [float]}. Candidates are sorted by score, highest first, ties
     kept in file order (a stable sort, as the authors' code); source["ranks"] keeps the
@@ -275,7 +289,7 @@ def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
     skipped: a list to receive one message per record left out because of its content (an
     empty output, a non-finite score), so that one bad record among 52K does not stop a
     run; the caller reports them. Without it such a record raises, as does anything that
-    is not the release's shape."""
+    is not the release's shape. max_candidates: more outputs in a record are refused by name."""
     records = []
     seen = {}
     for i, obj in enumerate(_read_json_list(path)):
@@ -286,7 +300,7 @@ def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
             raise _fail(path, where, "id", f"expected a non-empty string or an integer, got {record_id!r}")
         _check_unique_id(seen, str(record_id), path, where)
         try:
-            outputs = _check_texts(obj["output"], path, where, "output", 2)
+            outputs = _check_texts(obj["output"], path, where, "output", 2, max_candidates)
             scores = _check_scores(obj["score"], len(outputs), path, where, "score")
         except DataError as e:
             outputs = obj["output"]
@@ -310,13 +324,14 @@ def read_authors_ranking(path, skipped=None) -> list[RankedRecord]:
     return records
 
 
-def read_ranked_jsonl(path) -> list[RankedRecord]:
-    """The project's ranked JSONL (format in RankedRecord's docstring)."""
+def read_ranked_jsonl(path, max_candidates=None) -> list[RankedRecord]:
+    """The project's ranked JSONL (format in RankedRecord's docstring); max_candidates: a record
+    of more is refused by name (training's limit, tuna.MAX_CANDIDATES)."""
     records = []
     seen = {}
     for line_no, obj in iter_jsonl(path):
         where = f"line {line_no}"
-        record = _ranked_record_from_dict(obj, path, where)
+        record = _ranked_record_from_dict(obj, path, where, max_candidates)
         _check_unique_id(seen, record.id, path, where)
         records.append(record)
     return records
@@ -377,7 +392,7 @@ def read_jsonl_log(path, skipped=None):
         for line_no, line in enumerate(f, start=1):
             try:
                 record = json.loads(line.decode("utf-8")) if line.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 record = False
             if isinstance(record, dict):
                 yield offset, record
@@ -401,7 +416,30 @@ def append_jsonl(path, records):
     return end
 
 
-# ---- 4. files shared by processes
+# ---- 4. outputs: apart from the inputs, one writer each
+
+def refuse_output_over_inputs(out, inputs):
+    """A DataError naming both paths when the output `out` is an input, lies inside one or holds
+    one (compared after resolving symlinks and `..`), before anything is written: replacing or
+    filling such an output would destroy what the command reads (`tuna.py sft --init ck --out ck
+    --overwrite` once removed its own starting checkpoint). inputs: {name the user knows it by,
+    e.g. "--init": path or None}."""
+    output = os.path.realpath(out)
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = os.path.realpath(path)
+        if output == source:
+            relation = "is"
+        elif os.path.commonpath([output, source]) == source:
+            relation = "is inside"
+        elif os.path.commonpath([output, source]) == output:
+            relation = "holds"
+        else:
+            continue
+        raise DataError(f"the output {out} {relation} {name} {path}: an output must lie apart from "
+                        "the inputs; choose another")
+
 
 class OutputLocked(RuntimeError):
     """Another live process is writing the same output."""
@@ -417,7 +455,7 @@ def lock_output(path):
     import fcntl  # POSIX only; imported here so that data.py still imports elsewhere
     lock_path = str(path).rstrip("/") + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -431,6 +469,26 @@ def lock_output(path):
         yield lock_path
     finally:
         os.close(fd)  # closing the descriptor drops the lock
+
+
+def _open_lock_file(lock_path):
+    """The lock file, opened for writing (created if absent) only if it is a plain file: the lock
+    truncates it, so a symlink is never followed (O_NOFOLLOW: a link to another file would lose that
+    file's content, a dangling one would create its target) and a folder or FIFO is refused by name."""
+    refusal = DataError(f"{lock_path}: not a plain file (a symlink, folder, FIFO or device); the lock file "
+                        "must be one: remove it, then run again")
+    try:
+        # O_NONBLOCK: opening a FIFO or a device never waits
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        # ELOOP: a symlink (O_NOFOLLOW); EISDIR: a folder
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise refusal from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refusal
+    return fd
 
 
 def file_sha256(path) -> str:

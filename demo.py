@@ -102,7 +102,7 @@ STAGE_NOTES = {
 }
 
 
-# ----------------------------------------------------------------------------- the stages
+# ---- 1. the stages
 
 class DemoError(RuntimeError):
     """A demo that cannot start or go on; the message names the file, stage or URL."""
@@ -274,7 +274,7 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- the suite and the models
+# ---- 2. the suite and the models
 
 def prepare(args, size, out):
     """The folder's settings (demo.json), the suite's data files, the tokenizer and the
@@ -371,7 +371,7 @@ def train_tokenizer(examples, path):
         minloglevel=2)
 
 
-# ----------------------------------------------------------------------------- the teacher and the judge
+# ---- 3. the teacher and the judge
 
 def start_teacher_server(checkpoint):
     """`python server.py` on a free port of 127.0.0.1, as a user starts it ->
@@ -471,7 +471,7 @@ def start_rule_judge(solutions):
     return server
 
 
-# ----------------------------------------------------------------------------- results: table and picture
+# ---- 4. results: table and picture
 
 def evaluate_heldout(out, heldout):
     """Greedy answers of every model to the held-out instructions (eval.py's batched path:

@@ -20,7 +20,7 @@ import re
 import string
 from itertools import combinations, product
 
-# ----------------------------------------------------------------------------- the tasks and their groups
+# ---- 1. the tasks and their groups
 
 CORE_TASKS = [
     "sentence_containing", "sentence_not_containing",
@@ -78,7 +78,7 @@ QUOTES = r"[\"'\.,]*"
 NOT_WORD = "[^a-z0-9_]"
 
 
-# ----------------------------------------------------------------------------- regex building blocks
+# ---- 2. regex building blocks
 
 def normalize(text):
     return re.sub(r" +", " ", text.strip().lower())
@@ -184,7 +184,7 @@ def pattern_match(prediction, bases, prefixes=("",), suffixes=("",)):
     return found, 0
 
 
-# ----------------------------------------------------------------------------- the task scorers
+# ---- 3. the task scorers
 # Each takes (normalised prediction, the example's metadata, the example, the task) -> (score, certainty).
 
 def score_letter_in_word(prediction, metadata, example, task):
@@ -762,7 +762,7 @@ def score_prediction(task, prediction, example):
     return SCORERS[base](prediction, example["metadata"], example, base)
 
 
-# ----------------------------------------------------------------------------- files, accuracy, LMentry score
+# ---- 4. files, accuracy, LMentry score
 
 def read_tasks(lmentry_dir, report):
     """{task: {"settings", "items"}} from LMentry's data files (<task>.json: settings +

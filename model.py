@@ -5,7 +5,7 @@ project alone; it knows no files (checkpoint.py reads and writes checkpoints int
 and from it). Module names follow Meta's first LLaMA release, so Meta checkpoints
 load with strict=True. Tuna needs three things from it (README, "The objective"):
 logits for the SFT and ranking losses, per-response log-prob sums for scores, and
-sampling of candidates for contextual ranking:
+sampling of candidates for contextual ranking. Copy with it: nothing else of this project.
 
     import model
     net = model.Transformer(model.ModelArgs.from_name("tiny"))   # or checkpoint.load_checkpoint(folder)
@@ -129,11 +129,13 @@ def rope_frequencies(args, device=None):
                        torch.where(wavelength < original / high, inv_freq, blended))
 
 
-def rope_tables(args, device=None):
-    """cos and sin of position * frequency (rope_frequencies), each (max_seq_len,
-    head_dim/2), float32."""
-    positions = torch.arange(args.max_seq_len, device=device).float()
-    angles = torch.outer(positions, rope_frequencies(args, device))  # (max_seq_len, head_dim/2)
+def rope_cos_sin(inv_freq, positions):
+    """cos and sin of position * frequency for the positions a call uses: positions (B, T)
+    long, inv_freq (head_dim/2,) float32 (rope_frequencies) -> each (B, T, head_dim/2)
+    float32, the values a table of every position would hold. Computed per forward pass
+    (a few operations per token, nothing beside the matrix products), so memory follows
+    the positions used, never max_seq_len (a config may say 10^9)."""
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -248,11 +250,9 @@ class Transformer(nn.Module):
         self.reset_rope()
 
     def reset_rope(self, device=None):
-        # Computed, not stored in checkpoints (persistent=False); rebuilt after a load
-        # onto the meta device.
-        cos, sin = rope_tables(self.args, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Computed, not stored in checkpoints (persistent=False); rebuilt in float32 after a
+        # load onto the meta device or a cast of the model.
+        self.register_buffer("rope_inv_freq", rope_frequencies(self.args, device), persistent=False)
 
     def forward(self, tokens, positions=None, mask=None, *, cache_start=None, output_positions=None,
                 targets=None):
@@ -275,8 +275,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): one pattern for every head
-        cos = self.rope_cos[positions]  # (B, T, head_dim/2)
-        sin = self.rope_sin[positions]
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions)  # (B, T, head_dim/2) each
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         # cache_start is None in training; generation passes its KV-cache slot through to attention
         for layer in self.layers:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import data
 import model as llama
-from checkpoint import load_checkpoint, save_hf_checkpoint
+from checkpoint import checkpoint_identity, load_checkpoint, save_hf_checkpoint
 
 # ---- 1. a run: what tuna.setup builds and the loop carries; its steps, errors and messages
 
@@ -184,17 +184,23 @@ def refuse_non_finite(run, step, batch_rows, loss, grad_norm):
 # absent). When the run ends, the final weights are written into OUT itself, config.json
 # last, so OUT/config.json marks a finished run.
 
-def run_settings(args, kind, method_constants):
+def run_settings(args, kind, tokenizer_files, method_constants):
     """What makes two runs the same run, recorded in OUT/run.json: the settings that
     change the math (the micro-batch size and the process count do not, see tuna.rank_loss),
-    the method's fixed values (method_constants: name -> value, tuna.py's), and the data
-    file's SHA-256, so that --resume never continues a run on other data."""
+    the method's fixed values (method_constants: name -> value, tuna.py's), and what the
+    inputs hold: the data file's SHA-256, the identity of the --init checkpoint
+    (checkpoint.checkpoint_identity: a LoRA run resumes from the base model there) and
+    each tokenizer file's SHA-256 (tokenizer_files: name -> path), so that --resume never
+    continues a run on other data, another base model or another tokenizer under the same
+    paths."""
     names = ("lr", "epochs", "max_steps", "batch_size", "seed", "precision",
              "lora_rank", "lora_alpha", "lora_targets", "mle_best_only")
     settings = {name: getattr(args, name) for name in names}
     return dict(
         kind=kind,
         init=os.path.abspath(args.init),
+        init_identity=checkpoint_identity(args.init),
+        tokenizer_sha256={name: data.file_sha256(path) for name, path in sorted(tokenizer_files.items())},
         data=os.path.abspath(args.data),
         data_sha256=data.file_sha256(args.data),
         **settings,
@@ -203,18 +209,21 @@ def run_settings(args, kind, method_constants):
 
 
 def run_folder_state(out, settings, args):
-    """What to do with OUT, without changing it: "new" (absent, or --overwrite), "resume"
-    (--resume on an unfinished run with the same settings) or "done" (--resume on a
-    finished one). Anything else is refused: an existing run is never replaced silently."""
-    if not os.path.exists(out) or args.overwrite:
+    """What to do with OUT, without changing it: "new" (absent, or --overwrite on a run
+    folder or an empty folder), "resume" (--resume on an unfinished run with the same
+    settings) or "done" (--resume on a finished one). Anything else is refused: an
+    existing run is never replaced silently, and nothing but a run is replaced."""
+    if not os.path.lexists(out):
+        return "new"
+    if args.overwrite:
+        refuse_replacing(out)
         return "new"
     if not args.resume:
         raise TrainingError(f"{out} already exists: pass --resume to continue its run "
                             "or --overwrite to start over")
     stored = os.path.join(out, "run.json")
     if not os.path.isfile(stored):
-        raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): "
-                            "pass --overwrite to replace it, or choose another --out")
+        raise TrainingError(f"{out} is not a run folder of tuna.py (no run.json): choose another --out")
     try:
         with open(stored, encoding="utf-8") as f:
             previous = json.load(f)
@@ -228,21 +237,54 @@ def run_folder_state(out, settings, args):
     return "done" if os.path.isfile(os.path.join(out, "config.json")) else "resume"
 
 
+def refuse_replacing(out):
+    """--overwrite replaces a run folder of tuna.py (its run.json names a kind of run) or an
+    empty folder, never anything else a user may have named by mistake (a project, a
+    checkpoint, a file, a symlink): those are refused by name and left as they are."""
+    if os.path.isdir(out) and not os.path.islink(out):
+        if not os.listdir(out):
+            return
+        try:
+            with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+                settings = json.load(f)
+            if isinstance(settings, dict) and settings.get("kind") in ("sft", "rank"):
+                return
+        except (OSError, ValueError):
+            pass  # no run.json of tuna.py: refused below
+    raise TrainingError(f"--overwrite: {out} is not a run folder of tuna.py (a folder with its run.json) "
+                        "nor an empty folder, so it is left as it is: choose another --out, or remove it "
+                        "yourself")
+
+
 def open_run_folder(run):
-    """A new run: OUT (an --overwrite'n one removed first) with run.json. A resumed one:
-    its metrics from after the checkpoint are forgotten, as the steps that made them are
-    trained again."""
+    """A new run: OUT (an --overwrite'n run folder removed first) with run.json. A resumed
+    one: what a kill left half-written is removed (remove_killed_writes), and its metrics
+    from after the checkpoint are forgotten, as the steps that made them are trained
+    again."""
     metrics = os.path.join(run.out, "metrics.jsonl")
     if run.state == "new":
         if os.path.isdir(run.out):
             shutil.rmtree(run.out)
-        elif os.path.exists(run.out):
-            os.remove(run.out)
         os.makedirs(os.path.join(run.out, "checkpoints"))
         data.write_atomic(os.path.join(run.out, "run.json"), json.dumps(run.settings, indent=2))
     else:
+        remove_killed_writes(run.out)
         kept = [r for _, r in data.read_jsonl_log(metrics) if r.get("step", 0) <= run.start_step]
         data.write_atomic(metrics, (json.dumps(r) + "\n" for r in kept))
+
+
+def remove_killed_writes(out):
+    """The temporary files and folders a killed run left in its run folder: step
+    checkpoints not yet renamed (checkpoints/step-N.tmp, gigabytes at 7B) and
+    data.write_atomic's files (run.json.*.tmp, metrics.jsonl.*.tmp). The final save's
+    weights clear their own (checkpoint.save_hf_checkpoint)."""
+    checkpoints = os.path.join(out, "checkpoints")
+    for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        if name.startswith("step-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(checkpoints, name))
+    for name in os.listdir(out):
+        if name.startswith(("run.json.", "metrics.jsonl.")) and name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
 
 
 def latest_checkpoint(out):
@@ -552,6 +594,53 @@ def needs_checkpointing(args, tokens, free_bytes, trainable_params, activation_d
     return without > budget
 
 
+def row_bytes(args, tokens, multiple_candidates, dtype_bytes):
+    """The least memory a step on one packed row of `tokens` tokens takes (an estimate):
+    its activations with gradient checkpointing (activation_bytes) and, for a row of
+    several candidates, its (T, T) attention mask. tuna.collate builds the bool mask from
+    two more bool (T, T) tensors (same segment, visible: 3 T^2 bytes at its peak, T^2
+    kept for the step), and SDPA turns a bool mask into an additive one in the compute
+    dtype at each attention call (T^2 x dtype bytes; one layer's at a time when blocks are
+    recomputed). Not counted: the (n_heads, T, T) float32 scores SDPA's math path would
+    hold. With a mask, model.grouped_attention's calls run fused kernels that take the
+    mask as a bias and keep no scores (on a CPU the flash kernel, on CUDA the
+    memory-efficient one, after repeating keys and values), and counting the math path
+    (n_heads x 4 bytes per T^2) would refuse rows that those kernels train."""
+    mask = tokens * tokens * (3 + dtype_bytes) if multiple_candidates else 0
+    return activation_bytes(args, tokens, True, dtype_bytes) + mask
+
+
+def refuse_rows_that_cannot_fit(run, net):
+    """Each packed row must fit alone, with gradient checkpointing (row_bytes: the least a
+    step on it takes), in what TRAINING_MEMORY_SHARE of free memory leaves once the
+    trainable parameters' gradients and Adam moments (12 bytes each) are allocated; else
+    a DataError naming the file, the record and its tokens, before anything is written.
+    (One record of 10,000 candidates once packed 228,913 tokens whose 52 GB mask failed
+    after run.json was written.)"""
+    dtype_bytes = activation_dtype_bytes(run, net)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    free = llama.free_memory(run.device)
+    budget = free * TRAINING_MEMORY_SHARE - trainable * 12
+    for row in run.rows:
+        tokens = len(row["tokens"])
+        need = row_bytes(net.args, tokens, row["num_candidates"] > 1, dtype_bytes)
+        if need > budget:
+            raise data.DataError(
+                f"{run.args.data}, record {row['record']} (id {row['id']!r}): its {tokens} tokens in one row "
+                f"need about {need / 2**30:.2f} GiB (activations with gradient checkpointing and a "
+                f"{tokens} x {tokens} attention mask), more than the {max(budget, 0) / 2**30:.2f} GiB "
+                f"that {free / 2**30:.2f} GiB free on {run.device.type} leave for it: shorten or split "
+                "the record")
+
+
+def activation_dtype_bytes(run, net):
+    """Bytes of an activation: autocast's dtype where the step autocasts (load_model decides),
+    else the weights'."""
+    if run.autocast_dtype is None:
+        return net.tok_embeddings.weight.element_size()
+    return run.autocast_dtype.itemsize
+
+
 def choose_checkpointing(run, net, micro_batch_size):
     """--gradient-checkpointing on, off, or auto: needs_checkpointing for the largest
     micro-batch this run can meet (micro_batch_size rows, each padded to the longest row),
@@ -560,9 +649,7 @@ def choose_checkpointing(run, net, micro_batch_size):
     if choice != "auto":
         return choice == "on"
     tokens = micro_batch_size * max(len(r["tokens"]) for r in run.rows)
-    # activations are kept in autocast's dtype where the step autocasts (load_model decides)
-    dtype_bytes = (net.tok_embeddings.weight.element_size() if run.autocast_dtype is None
-                   else run.autocast_dtype.itemsize)
+    dtype_bytes = activation_dtype_bytes(run, net)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     free = llama.free_memory(run.device)
     on = needs_checkpointing(net.args, tokens, free, trainable, dtype_bytes)

@@ -230,6 +230,12 @@ def score_tokens(model, batch):
 
 # ---- 4. the data: each record's candidates, packed into one row
 
+# Candidates per record tuna.py trains on. The paper ranks 4 (probabilistic) and the contextual prompt names at most
+# 17 (teacher.ranking_messages); a row packs every candidate, so a record of 10,000 is a mistake (one became a
+# 228,913-token row), refused by name when the file is read.
+MAX_CANDIDATES = 64
+
+
 def load_rows(path, tok, kind):
     """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or
     a ranked file (.jsonl: the project's format; .json: the authors' release, whose
@@ -240,7 +246,7 @@ def load_rows(path, tok, kind):
     rows = []
     dropped = 0
     skipped = 0
-    for record_id, prompt, candidates, unfinished in read_records(path, kind):
+    for record_index, (record_id, prompt, candidates, unfinished) in enumerate(read_records(path, kind)):
         pairs = [data.encode_prompt_response(tok, prompt, candidate, MAX_LEN, finished=k not in unfinished)
                  for k, candidate in enumerate(candidates)]
         kept = [p for p in pairs if p is not None]
@@ -249,7 +255,9 @@ def load_rows(path, tok, kind):
             skipped += 1
             continue
         row = pack_example([prompt_ids for prompt_ids, _ in kept], [response_ids for _, response_ids in kept])
+        # which record, for messages: its id and its place among the file's records (0-based)
         row["id"] = record_id
+        row["record"] = record_index
         rows.append(row)
     if dropped:
         training.log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: "
@@ -265,10 +273,10 @@ def read_records(path, kind):
         return [(str(i), data.alpaca_prompt(example["instruction"], example["input"]), [example["output"]],
                  []) for i, example in enumerate(data.read_alpaca(path))]
     if str(path).endswith(".jsonl"):
-        ranked = data.read_ranked_jsonl(path)
+        ranked = data.read_ranked_jsonl(path, max_candidates=MAX_CANDIDATES)
         return [(r.id, r.prompt, r.candidates, r.source.get("unfinished", [])) for r in ranked]
     bad = []
-    ranked = data.read_authors_ranking(path, skipped=bad)
+    ranked = data.read_authors_ranking(path, skipped=bad, max_candidates=MAX_CANDIDATES)
     if bad:
         training.log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
     return [(r.id, r.prompt, r.candidates, []) for r in ranked]
@@ -371,7 +379,11 @@ def setup(args, kind):
     trace behind."""
     process_rank, world_size, device = training.start_processes(args.device)
     out = args.out.rstrip("/")
-    settings = training.run_settings(args, kind, method_constants=dict(
+    if not os.path.isdir(args.init):
+        raise training.TrainingError(f"--init {args.init}: no such folder")
+    # a folder: its tokenizer.model, else tokenizer.json
+    tok = tokenizer.Tokenizer(args.tokenizer or args.init)
+    settings = training.run_settings(args, kind, tok.files, method_constants=dict(
         margin=MARGIN, mle_weight=MLE_WEIGHT, length_penalty=LENGTH_PENALTY,
         max_len=MAX_LEN, grad_clip=GRAD_CLIP))
     # main decides, all follow
@@ -379,11 +391,7 @@ def setup(args, kind):
     run = training.Run(args, kind, out, folder_state, settings, process_rank, world_size, device)
     if run.state == "done":
         return run
-    if not os.path.isdir(args.init):
-        raise training.TrainingError(f"--init {args.init}: no such folder")
     # data: every process packs all rows, then takes its share of each batch (train_step)
-    # a folder: its tokenizer.model, else tokenizer.json
-    tok = tokenizer.Tokenizer(args.tokenizer or args.init)
     run.tokenizer_files = tok.files
     run.tokenizer_path = tok.path
     run.pad_id = tok.pad_id
@@ -394,6 +402,7 @@ def setup(args, kind):
     checkpoint = training.latest_checkpoint(out) if run.state == "resume" else None
     state = training.read_training_state(checkpoint) if checkpoint else None
     net = training.load_model(run, tok, checkpoint, state)
+    training.broadcast_outcome(lambda: training.refuse_rows_that_cannot_fit(run, net))
     run.peak_tflops = training.peak_tflops(device, args.peak_tflops)
     net.gradient_checkpointing = training.broadcast_outcome(
         lambda: training.choose_checkpointing(run, net, micro_batch_size))
@@ -632,6 +641,12 @@ SUBCOMMANDS = {
 }
 
 
+def command_inputs(args):
+    """The files and folders a command reads, by the flag that names them (None: not given)."""
+    flags = ("init", "data", "tokenizer", "probabilistic_data", "contextual_data", "instructions")
+    return {"--" + flag.replace("_", "-"): getattr(args, flag, None) for flag in flags}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tuna.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -641,6 +656,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # one writer per output folder (under torchrun, the main process holds the lock for all)
     try:
+        # before anything is written: an --out over an input would destroy what the run reads
+        data.refuse_output_over_inputs(args.out, command_inputs(args))
         writes = os.environ.get("RANK", "0") == "0" and not getattr(args, "dry_run", False)
         with data.lock_output(args.out) if writes else nullcontext():
             run_command = SUBCOMMANDS[args.command][2]

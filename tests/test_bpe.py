@@ -8,7 +8,9 @@ import os
 import random
 import re
 import shutil
+import string
 import sys
+import time
 import unicodedata
 
 import pytest
@@ -175,6 +177,68 @@ def test_both_merge_encodings_and_ignore_merges(folders, tmp_path):
         assert ids[:len(expected)] == [vocab[token] for token in expected]
 
 
+def words_of(tok, text):
+    """The byte-symbol words a text's pre-tokenizer makes (no added tokens in the text), as tokenizer.py
+    merges them."""
+    pieces = [text] if text else []
+    for step in tok.bpe.steps:
+        pieces = [part for piece in pieces for part in step(piece, True)]
+    return [tok.bpe._symbols(piece) for piece in pieces]
+
+
+def test_the_fast_merge_equals_the_rule(folders, tmp_path):
+    # merge_by_rank_fast (a heap over a linked list) against merge_by_rank (BPE's rule, read off one merge at a
+    # time) on every word of the texts, for every style
+    texts = PARITY_TEXTS + random_texts()
+    for style in BPE_STYLES:
+        tok = tokenizer.Tokenizer(folders[style])
+        for word in (word for text in texts for word in words_of(tok, text)):
+            assert tokenizer.merge_by_rank_fast(word, tok.bpe.merge_ranks) == \
+                tokenizer.merge_by_rank(word, tok.bpe.merge_ranks), word
+    # merges in an order no training makes (a longer token may come before its parts), and words of one or two
+    # letters repeated: ties between equal ranks and queue entries that go stale; `tokenizers` agrees
+    rng = random.Random(0)
+    vocab = {char: i for i, char in enumerate(sorted(tokenizer.CHAR_TO_BYTE))}
+    tokens = {"".join(rng.choice("ab") for _ in range(rng.randint(2, 5))) for _ in range(40)}
+    for token in sorted(tokens, key=len):
+        vocab.setdefault(token, len(vocab))
+    merges = [[token[:k], token[k:]] for token in vocab if len(token) > 1 for k in range(1, len(token))
+              if token[:k] in vocab and token[k:] in vocab]
+    rng.shuffle(merges)
+    spec = json.loads(open(os.path.join(folders["gpt2"], "tokenizer.json"), encoding="utf-8").read())
+    spec["model"].update(vocab=vocab, merges=merges)
+    spec["added_tokens"] = [dict(token, id=len(vocab) + k) for k, token in enumerate(spec["added_tokens"])]
+    shutil.copytree(folders["gpt2"], tmp_path / "shuffled")
+    (tmp_path / "shuffled" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    shuffled, ref = tokenizer.Tokenizer(tmp_path / "shuffled"), reference(str(tmp_path / "shuffled"))
+    texts = ["".join(rng.choice(["a", "b", "aa", "ab", "ba"]) for _ in range(rng.randint(1, 30)))
+             for _ in range(500)] + ["a" * n for n in range(1, 20)] + ["ab" * n for n in range(1, 20)]
+    for text in texts:
+        (word,) = words_of(shuffled, text)
+        assert tokenizer.merge_by_rank_fast(word, shuffled.bpe.merge_ranks) == \
+            tokenizer.merge_by_rank(word, shuffled.bpe.merge_ranks), text
+        assert shuffled.encode(text) == ref.encode(text).ids, text
+
+
+def test_a_16k_letter_word_encodes_in_n_log_n_time(tmp_path):
+    """One 16,000-letter word (no spaces: one word to merge, no cache, not a token itself) on a tokenizer whose
+    2,700 merges of letters apply to it: well under a second (0.05 s; `tokenizers` 0.01 s), with `tokenizers`'
+    ids. The earlier merge, one pass over the word per merge applied, took 7 s here on a loaded 2-core machine,
+    and 8-17 s on Llama 3's real file (tests/test_real_tokenizers.py)."""
+    rng = random.Random(0)
+    letter_words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 12)))
+                    for _ in range(20_000)]
+    folder = build_bpe_tokenizer(tmp_path / "letters", "llama3", [" ".join(letter_words)] * 2, 3000)
+    tok, ref = tokenizer.Tokenizer(folder), reference(folder)
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(16_000))
+    start = time.perf_counter()
+    ids = tok.encode(word)
+    seconds = time.perf_counter() - start
+    print(f"\n16,000-letter word: {seconds:.3f} s, {len(ids)} tokens")
+    assert ids == ref.encode(word, add_special_tokens=False).ids
+    assert seconds < 2.0
+
+
 def onig_members(pattern, chars):
     """The characters `tokenizers`' regex engine (Oniguruma) matches with a one-character pattern."""
     split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="removed")
@@ -221,6 +285,12 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"\w+|\s+", r"the escape \\w is not implemented"),
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"\p{Letter}+", r"the Unicode property"),
     ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"[\p{L}&&[a-z]]", r"nested or intersected"),
+    # quantified groups holding a quantifier: Python's re could take exponential time on them
+    ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"(a+)+",
+     r"pre_tokenizer.pretokenizers\[0\] Split pattern '\(a\+\)\+' has a nested quantifier '\(a\+\)\+'"),
+    ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"\s+|(\w*)*", r"has a nested quantifier '\(\\\\w\*\)\*'"),
+    ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"(?:x+y?)+|\p{L}", r"nested quantifier '\(\?:x\+y\?\)\+'"),
+    ("pre_tokenizer.pretokenizers.0.pattern.Regex", r"((\p{L})+ )+", r"nested quantifier '\(\(\\\\p\{L\}\)\+ \)\+'"),
     ("added_tokens.1.special", "no", r"added_tokens\[1\]: special='no' is not true or false"),
     ("added_tokens.1.content", "", r"added_tokens\[1\]: .* is not an added token"),
     ("truncation", {"max_length": 8}, r"truncation=.* is not implemented"),
@@ -234,6 +304,12 @@ REFUSED = [  # (what is changed in tokenizer.json or beside it, the message)
     ("tokenizer_config.json:add_prefix_space", True, r"tokenizer_config.json: add_prefix_space=True disagrees"),
     ("tokenizer_config.json:add_bos_token", False, r"add_bos_token=False disagrees"),
     ("tokenizer_config.json:eos_token", "<|not a token|>", r"eos_token '<\|not a token\|>' is not a token"),
+    # every token tokenizer_config.json names must be one of the file's
+    ("tokenizer_config.json:pad_token", "<|no pad|>",
+     r"tokenizer_config.json: pad_token '<\|no pad\|>' is not a token"),
+    ("tokenizer_config.json:unk_token", {"content": "<unk>", "__type": "AddedToken"},
+     r"tokenizer_config.json: unk_token '<unk>' is not a token"),
+    ("tokenizer_config.json:bos_token", "<s>", r"tokenizer_config.json: bos_token '<s>' is not a token"),
 ]
 
 
@@ -255,6 +331,40 @@ def test_what_is_not_implemented_is_refused_by_name(where, value, message, folde
     assert str(folder) in str(err.value)
 
 
+def test_nested_quantifiers_are_found_and_the_real_patterns_have_none():
+    nested = [r"(a+)+", r"(\w*)*", r"(?:x+y?)+", r"(?:(a)+)+", r"(a+){2,}", r"((a+)b)*", r"(?i:\p{L}+)+"]
+    assert [tokenizer._nested_quantifier(pattern) for pattern in nested] == nested
+    # a group quantified at most once, a group without a quantifier inside, quantifiers inside classes
+    single = [r"(a+)?", r"(?:ab)+", r"(?:'s|'t)*", r"(a+){1}", r"[(a+)]+", r"\(a+\)+", r"(?!\S)\s+"]
+    real = [tokenizer.GPT2_PATTERN, LLAMA3_PATTERN, r"\p{N}{1,3}",  # DeepSeek-V3's, then Qwen3's
+            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+            r"| ?[\p{P}\p{S}]+[\r\n]*",
+            LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")]
+    assert [tokenizer._nested_quantifier(pattern) for pattern in single + real] == [None] * (len(single + real))
+
+
+def test_json_nested_too_deep_is_refused_by_name(folders, tmp_path):
+    folder = tmp_path / "deep"
+    shutil.copytree(folders[GOOD], folder)
+    path = folder / "tokenizer.json"
+    # 100,000 lists, past what Python's json reads (a RecursionError before), and 40 Sequences (80 levels)
+    deep_normalizer = {"type": "NFC"}
+    for _ in range(40):
+        deep_normalizer = {"type": "Sequence", "normalizers": [deep_normalizer]}
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    for text in ('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                 json.dumps(dict(spec, normalizer=deep_normalizer), ensure_ascii=False)):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer.json: JSON nested more than 32 lists or "
+                                                            r"objects deep"):
+            tokenizer.Tokenizer(folder)
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    assert tokenizer.Tokenizer(folder).encode("ok")  # the files beside it too:
+    (folder / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer_config.json: JSON nested more than 32"):
+        tokenizer.Tokenizer(folder)
+
+
 def test_folder_dispatch_and_file_errors(folders, spm_model_path, tmp_path):
     both = tmp_path / "both"
     shutil.copytree(folders[GOOD], both)
@@ -268,6 +378,47 @@ def test_folder_dispatch_and_file_errors(folders, spm_model_path, tmp_path):
     tiktoken.write_text("IQ== 0\nIg== 1\nIw== 2\n")
     with pytest.raises(tokenizer.TokenizerError, match=r"tokenizer.model: not a sentencepiece model .* tiktoken BPE file"):
         tokenizer.Tokenizer(tiktoken.parent)
+
+
+def test_an_eos_that_is_an_added_token_but_not_special_ends_generation_and_responses(folders, tmp_path):
+    """tokenizer_config.json may name as EOS (or pad) an added token that is not special: it is looked up among
+    every token tokenizer.json defines, as transformers does; generation stops there and responses are trained to
+    end with it. (Being not special, it is also made from text that holds it, as `tokenizers` makes it.)"""
+    import model
+    import teacher
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "added_eos"
+    shutil.copytree(folders["llama3"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    end = 1 + max(spec["model"]["vocab"].values())
+    spec["added_tokens"] += [{"id": end, "content": "<|end|>", "special": False, "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False},
+                             {"id": end + 1, "content": "<|fill|>", "special": False, "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False}]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(eos_token={"content": "<|end|>", "__type": "AddedToken", "special": False}, pad_token="<|fill|>",
+                  unk_token="Ġthe")  # a vocabulary token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = tokenizer.Tokenizer(folder)
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.eos_id, tok.pad_id, tok.stop_ids) == (end, end + 1, [end]) == (auto.eos_token_id,
+                                                                                auto.pad_token_id, [end])
+    assert tok.encode("a<|end|>", bos=True) == auto("a<|end|>")["input_ids"] == tok.encode("a", bos=True) + [end]
+    prompt_ids, response_ids = data.encode_prompt_response(tok, data.alpaca_prompt("Name a color."), "Red.")
+    assert response_ids[-1] == end and tok.decode(response_ids) == "Red.<|end|>"
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = model.Transformer(model.ModelArgs(**{**model.CONFIGS["tiny"], "vocab_size": tok.vocab_size})).eval()
+    with torch.no_grad():  # the blocks add nothing, every embedding is all ones: only <|end|> scores
+        for layer in net.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        net.tok_embeddings.weight.fill_(1.0)
+        net.output.weight.zero_()
+        net.output.weight[end] = 1.0
+        outs, _ = model.generate(net, [prompt_ids], 5, eos_id=tok.stop_ids)
+    assert outs == [[end]] and teacher.without_stop(outs[0], tok.stop_ids) == ([], True)
 
 
 def test_sft_example_on_a_bpe_tokenizer_masks_the_prompt_and_ends_with_eos(folders):

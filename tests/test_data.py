@@ -11,7 +11,7 @@ import pytest
 
 from data import (DataError, OutputLocked, RankedRecord, alpaca_prompt, append_jsonl, encode_prompt_response,
                   iter_jsonl, lock_output, read_alpaca, read_authors_ranking, read_jsonl_log, read_ranked_jsonl,
-                  write_atomic, write_ranked_jsonl)
+                  refuse_output_over_inputs, write_atomic, write_ranked_jsonl)
 from tokenizer import Tokenizer, TokenizerError
 
 # The two Stanford Alpaca prompts, written out in full (PROMPT_DICT in tatsu-lab/stanford_alpaca train.py).
@@ -424,3 +424,65 @@ def test_lock_output_one_writer_and_a_killed_holder_never_blocks(tmp_path):
         assert lock_path == f"{out}.lock" and open(lock_path).read().startswith(f"pid {os.getpid()}: ")
     with lock_output(out):  # released on leaving
         pass
+
+
+def test_lock_output_opens_only_a_plain_file_never_through_a_symlink(tmp_path):
+    """The lock file is opened without following a symlink and must be a plain file: a link to another file (whose
+    content the lock would truncate), a dangling link (which would create its target), a folder or a FIFO is
+    refused by name and left as it was."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    os.symlink(precious, tmp_path / "linked.lock")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.lock")
+    (tmp_path / "folder.lock").mkdir()
+    os.mkfifo(tmp_path / "fifo.lock")
+    for name in ("linked", "dangling", "folder", "fifo"):
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}.lock: ") + "not a plain file"):
+            with lock_output(tmp_path / name):
+                pass
+    assert precious.read_text() == "keep me" and not os.path.lexists(tmp_path / "nowhere")
+    assert sorted(os.listdir(tmp_path)) == ["dangling.lock", "fifo.lock", "folder.lock", "linked.lock", "precious.txt"]
+
+
+# ----------------------------------------------------------------------------- outputs never overwrite inputs
+
+def test_an_output_that_is_inside_or_holds_an_input_is_refused_naming_both(tmp_path):
+    """Paths are compared after resolving symlinks and `..`; a sibling whose name merely starts alike is apart."""
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    (checkpoint / "tokenizer.model").write_text("x")
+    (tmp_path / "data.json").write_text("[]")
+    os.symlink(checkpoint, tmp_path / "link")
+    inputs = {"--init": str(checkpoint), "--data": str(tmp_path / "data.json"), "--tokenizer": None}
+    for out, relation, name in (
+            (checkpoint, "is", "--init"),
+            (tmp_path / "link", "is", "--init"),                         # a symlink to the input
+            (tmp_path / "other" / ".." / "ck", "is", "--init"),          # `..`
+            (checkpoint / "run", "is inside", "--init"),
+            (checkpoint / "tokenizer.model", "is inside", "--init"),
+            (tmp_path, "holds", "--init"),
+            (tmp_path / "data.json", "is", "--data")):
+        with pytest.raises(DataError) as err:
+            refuse_output_over_inputs(out, inputs)
+        message = str(err.value)
+        assert f"{out} {relation} {name} {inputs[name]}" in message, message
+    for out in (tmp_path / "ck2", tmp_path / "runs" / "new", tmp_path / "data.json.out"):
+        refuse_output_over_inputs(out, inputs)  # apart from every input: no error
+
+
+# ----------------------------------------------------------------------------- JSON nested too deep for the reader
+
+def test_json_nested_deeper_than_the_reader_allows_is_a_named_error(tmp_path):
+    """100,000 nested lists would be a RecursionError from Python's JSON reader: each reader names the file
+    (and line) instead; a log reader skips the line as it skips any malformed one."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.jsonl").write_text(json.dumps(GOOD_RANKED) + "\n" + '{"id": ' + deep + "}\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'deep.jsonl'}, line 2: ") + "JSON nested too deep"):
+        read_ranked_jsonl(tmp_path / "deep.jsonl")
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'deep.json'}: ") + "JSON nested too deep"):
+        read_alpaca(tmp_path / "deep.json")
+    skipped = []
+    (tmp_path / "log.jsonl").write_text('{"a": 1}\n' + deep + '\n{"b": 2}\n')
+    assert [r for _, r in read_jsonl_log(tmp_path / "log.jsonl", skipped.append)] == [{"a": 1}, {"b": 2}]
+    assert skipped and skipped[0].startswith(f"{tmp_path / 'log.jsonl'}, line 2: ")

@@ -981,3 +981,170 @@ def test_checkpoint_identity_follows_the_weights(hf_dirs, tmp_path):
     weights.write_bytes(bytes(blob))
     changed = checkpoint.checkpoint_identity(str(tmp_path / "copy"))
     assert changed.startswith("sampled-sha256:") and changed != checkpoint.checkpoint_identity(str(tmp_path / "a"))
+
+
+# ---- a checkpoint's config and headers are checked before anything is allocated; RoPE follows the positions used
+
+# checkpoint.load_checkpoint in a subprocess whose address space is capped at 2 GiB: an allocation sized by a bad
+# config (RoPE tables for 1e9 positions, 1e5 layers) fails there. Prints "ValueError: ..." or, when it loads, the
+# logits of 12 tokens into argv[2].
+LOAD_CAPPED = """
+import resource, sys
+limit = 2 * 2**30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import torch
+import checkpoint
+try:
+    net = checkpoint.load_checkpoint(sys.argv[1])
+except ValueError as e:
+    print(f"ValueError: {e}")
+else:
+    with torch.no_grad():
+        torch.save(net(torch.arange(12)[None] % net.args.vocab_size), sys.argv[2])
+    print("loaded")
+"""
+
+
+def load_capped(folder, tmp_path):
+    result = subprocess.run([sys.executable, "-c", LOAD_CAPPED, str(folder), str(tmp_path / "logits.pt")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
+HF_FIELD_CASES = [  # (config.json field, a bad value, the refusal)
+    ("max_position_embeddings", 1e9, "max_position_embeddings=1000000000.0: expected a positive integer"),
+    ("num_hidden_layers", 1e5, "num_hidden_layers=100000.0: expected a positive integer"),
+    ("num_hidden_layers", 100_000, "num_hidden_layers=100000, but the weights hold 2 layers"),
+    ("num_attention_heads", 0, "num_attention_heads=0: expected a positive integer"),
+    ("hidden_size", "64", "hidden_size='64': expected a positive integer"),
+    ("rms_norm_eps", "x", "rms_norm_eps='x': expected a positive finite number"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps=nan: expected a positive finite number"),
+    ("rope_theta", float("inf"), "rope_theta=inf"),
+    ("vocab_size", -1, "vocab_size=-1: expected a positive integer"),
+    ("intermediate_size", True, "intermediate_size=True: expected a positive integer"),
+    ("num_key_value_heads", 3, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ("head_dim", 15, "head_dim=15: expected an even number"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings='no': expected true or false"),
+    ("eos_token_id", [2, "x"], "eos_token_id=[2, 'x']: expected a token id"),
+    ("sliding_window", "x", "sliding_window='x': expected a positive integer"),
+    ("hidden_size", 48, "model.safetensors: tensor 'model.embed_tokens.weight' has shape [128, 64]"),
+    ("intermediate_size", 96, "model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape [192, 64]"),
+]
+
+
+@pytest.mark.parametrize("field, value, refusal", HF_FIELD_CASES,
+                         ids=[f"{field}={value!r}" for field, value, _ in HF_FIELD_CASES])
+def test_config_json_fields_are_checked_before_anything_is_allocated(field, value, refusal, hf_dirs, tmp_path):
+    """Every config.json field model.py reads is checked for type and range (and heads for divisibility), and the
+    tensor names and shapes it implies are compared with the safetensors headers before a tensor or a layer is
+    allocated: each bad value is one ValueError naming the file and the field (or tensor)."""
+    folder = tmp_path / "ck"
+    shutil.copytree(hf_dirs["mha"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_refused(folder, tmp_path, value, refusal)
+
+
+def assert_refused(folder, tmp_path, value, refusal):
+    """load_checkpoint(folder) is one ValueError naming a file of the folder and saying `refusal`; a huge value
+    is tried in the address space of LOAD_CAPPED, where an allocation it sizes fails."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1e5:
+        said = load_capped(folder, tmp_path)
+    else:
+        with pytest.raises(ValueError) as err:
+            checkpoint.load_checkpoint(str(folder))
+        said = f"ValueError: {err.value}"
+    assert said.startswith(f"ValueError: {folder}/") and refusal in said, said
+
+
+META_FIELD_CASES = [  # (params.json field, a bad value, the refusal)
+    ("dim", "64", "dim='64': expected a positive integer"),
+    ("n_layers", 0, "n_layers=0: expected a positive integer"),
+    ("n_layers", 100_000, "n_layers=100000, but the weights hold 2 layers"),
+    ("n_heads", 1e5, "n_heads=100000.0: expected a positive integer"),
+    ("norm_eps", "x", "norm_eps='x': expected a positive finite number"),
+    ("rope_theta", 0, "rope_theta=0: expected a positive finite number"),
+    ("multiple_of", -32, "multiple_of=-32: expected a positive integer"),
+    ("ffn_dim_multiplier", -1.0, "ffn_dim_multiplier=-1.0: expected a positive finite number"),
+    ("use_scaled_rope", "yes", "use_scaled_rope='yes': expected true or false"),
+    ("n_kv_heads", 3, "n_heads=4 is not a multiple of n_kv_heads=3"),
+    ("dim", 48, "consolidated.00.pth: tensor 'tok_embeddings.weight' has shape [128, 64]"),
+]
+
+
+@pytest.mark.parametrize("field, value, refusal", META_FIELD_CASES,
+                         ids=[f"{field}={value!r}" for field, value, _ in META_FIELD_CASES])
+def test_params_json_fields_are_checked_before_anything_is_allocated(field, value, refusal, tmp_path):
+    folder = tmp_path / "meta"
+    write_meta_checkpoint(make_hf_model("mha"), "mha", str(folder))
+    params = json.loads((folder / "params.json").read_text())
+    params[field] = value
+    (folder / "params.json").write_text(json.dumps(params))
+    assert_refused(folder, tmp_path, value, refusal)
+
+
+def test_rope_follows_the_positions_used_not_max_position_embeddings(hf_dirs, tmp_path):
+    """max_position_embeddings 1e9 (a valid integer) once allocated 8 GB of RoPE tables: the model now keeps only
+    the head_dim/2 frequencies and computes cos and sin for the positions each call uses, so such a checkpoint
+    loads in 2 GiB of address space and gives the logits of the original config, and the angles are exactly
+    those of a table indexed by position."""
+    folder = tmp_path / "ck"
+    shutil.copytree(hf_dirs["llama3.1_rope"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**9}))
+    assert load_capped(folder, tmp_path) == "loaded"
+    original = checkpoint.load_checkpoint(hf_dirs["llama3.1_rope"][1])
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), original(torch.arange(12)[None] % VOCAB))
+    assert sum(b.numel() for b in original.buffers()) == original.args.head_dim // 2
+    positions = torch.randint(0, 4000, (3, 50))
+    cos, sin = M.rope_cos_sin(original.rope_inv_freq, positions)
+    table = torch.outer(torch.arange(4000).float(), M.rope_frequencies(original.args))  # (4000, head_dim/2)
+    assert torch.equal(cos, table.cos()[positions]) and torch.equal(sin, table.sin()[positions])
+
+
+def test_a_deeply_nested_header_or_config_is_a_named_error(hf_dirs, tmp_path):
+    """100,000 nested lists in a safetensors header or config.json would be a RecursionError: a ValueError naming
+    the file instead; real headers (3 levels deep) read as before."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path = write_raw(tmp_path / "deep.safetensors", b'{"a": ' + deep + b"}")
+    with pytest.raises(ValueError, match=f"{path}: header is JSON nested too deep"):
+        checkpoint.read_safetensors(path)
+    folder = tmp_path / "ck"
+    shutil.copytree(hf_dirs["mha"][1], folder)
+    (folder / "config.json").write_bytes(b'{"hidden_size": ' + deep + b"}")
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: JSON nested too deep"):
+        checkpoint.load_checkpoint(str(folder))
+
+
+# ---- a failed or killed save leaves no temporary file that the next save does not clear
+
+# save_hf_checkpoint in a subprocess that SIGKILLs itself when it fsyncs model.safetensors' temporary file
+SAVE_KILLED = """
+import os, signal, sys
+import checkpoint, model
+fsync = os.fsync
+def killing_fsync(fd):
+    if ".safetensors.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(fd)
+os.fsync = killing_fsync
+checkpoint.save_hf_checkpoint(model.Transformer(model.ModelArgs.from_name("tiny")), sys.argv[1])
+"""
+
+
+def test_a_failed_or_killed_weight_write_leaves_no_temporary_file_behind(tmp_path):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    # a tensor that cannot be copied out (meta) fails the write after the header and the first tensor
+    with pytest.raises(NotImplementedError):
+        checkpoint.write_safetensors(str(folder / "model.safetensors"),
+                                     {"a": torch.ones(1000), "b": torch.empty(10, device="meta")})
+    assert os.listdir(folder) == []
+    result = subprocess.run([sys.executable, "-c", SAVE_KILLED, str(folder)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -9 and [n[:21] for n in os.listdir(folder)] == ["model.safetensors.tmp"]
+    net = tiny_model()
+    checkpoint.save_hf_checkpoint(net, str(folder))  # the next save of the folder clears the killed one's file
+    assert sorted(os.listdir(folder)) == ["checkpoint_identity.json", "config.json", "model.safetensors"]

@@ -15,6 +15,7 @@ import checkpoint
 import data
 import model
 import tokenizer
+import training
 import tuna
 from client import PREFLIGHT_TEXT
 from conftest import RecordOps, sequence_logprobs
@@ -200,6 +201,7 @@ def test_an_existing_run_is_never_replaced_silently(files, tmp_path, capsys):
 # each run.json key -> (command, flags, a method constant set otherwise) that change it alone
 RUN_JSON_CHANGES = {
     "kind": ("sft", [], None), "init": ("rank", ["--init", "init copy"], None),
+    "init_identity": ("rank", [], None), "tokenizer_sha256": ("rank", [], None),  # base retrained / tokenizer replaced
     "data": ("rank", ["--data", "copy.jsonl"], None), "data_sha256": ("rank", [], None),  # data.jsonl edited
     "lr": ("rank", ["--lr", 2e-5], None), "epochs": ("rank", ["--epochs", 2], None),
     "max_steps": ("rank", ["--max-steps", 2], None), "batch_size": ("rank", ["--batch-size", 8], None),
@@ -217,10 +219,11 @@ def test_resume_refuses_a_change_of_any_setting_in_run_json(files, tmp_path, cap
     """--resume continues only the run that run.json describes: a change of any one of its keys (another
     --seed would mix two data orders) is refused, naming that key, and the run is left as it was."""
     shutil.copytree(files / "init", tmp_path / "init copy")
+    shutil.copytree(files / "init", tmp_path / "base")
     for name in ("copy.jsonl", "data.jsonl"):
         shutil.copyfile(files / "ranked.jsonl", tmp_path / name)
     out = tmp_path / "run"
-    same = ["--data", tmp_path / "data.jsonl", "--init", files / "init", "--out", out, "--lr", 1e-5,
+    same = ["--data", tmp_path / "data.jsonl", "--init", tmp_path / "base", "--out", out, "--lr", 1e-5,
             "--epochs", 1, "--batch-size", 4, "--max-steps", 1, "--seed", 42]
     assert run("rank", *same) == 0
     settings, before = json.load(open(out / "run.json")), weights(out)
@@ -234,8 +237,14 @@ def test_resume_refuses_a_change_of_any_setting_in_run_json(files, tmp_path, cap
             ranked = (tmp_path / "data.jsonl").read_text()
             if key == "data_sha256":  # the same path, one record less
                 (tmp_path / "data.jsonl").write_text(ranked[:ranked.rindex("\n", 0, -1) + 1])
+            if key == "init_identity":  # the same path, other weights
+                retrain_in_place(tmp_path / "base")
+            if key == "tokenizer_sha256":  # the same path, another tokenizer
+                shutil.copyfile(other_tokenizer(tmp_path), tmp_path / "base" / "tokenizer.model")
             assert run(command, *same, *flags, "--resume") == 1, key
             (tmp_path / "data.jsonl").write_text(ranked)
+            shutil.rmtree(tmp_path / "base")
+            shutil.copytree(files / "init", tmp_path / "base")  # its files and their times, as before
         assert f"this run was started with other settings ({key});" in capsys.readouterr().err
     assert run("rank", *same, "--resume") == 0 and "already finished" in capsys.readouterr().err
     assert json.load(open(out / "run.json")) == settings and len(metrics(out)) == 1
@@ -446,3 +455,202 @@ def test_the_authors_release_with_one_bad_record_trains_on_the_rest(files, tmp_p
     assert run("rank", "--data", tmp_path / "release.json", *common(files, tmp_path / "out", "--max-steps", 1)) == 0
     err = capsys.readouterr().err
     assert "1 record(s) skipped, e.g. " in err and "record 3, field 'score[0]'" in err and "15 examples" in err
+
+
+# ---- what a user names is never destroyed, and no input costs more than it should
+
+def test_overwrite_replaces_only_a_run_folder_or_an_empty_folder(files, tmp_path, capsys):
+    """--overwrite replaces a folder that holds a run.json of tuna.py, or nothing; any other folder or a file is
+    refused by name and left as it was."""
+    project = tmp_path / "some_project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine too")
+    for out in (project, tmp_path / "a_file"):
+        assert run("rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 1, "--overwrite")) == 1
+        err = capsys.readouterr().err
+        assert f"--overwrite: {out} is not a run folder of tuna.py" in err, err
+    assert os.listdir(project) == ["notes.txt"] and (project / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "a_file").read_text() == "mine too"
+    (tmp_path / "empty").mkdir()
+    assert run("rank", "--data", files / "ranked.jsonl", *common(files, tmp_path / "empty", "--max-steps", 1,
+                                                                    "--overwrite")) == 0
+
+
+def test_an_output_over_an_input_is_refused_before_anything_is_written(files, tmp_path, capsys):
+    """`sft --init ck --out ck --overwrite` once trained a step, then found ck gone. An --out that is, holds or lies
+    inside an input (--init, --data, --tokenizer; the pipeline's data and instructions) is refused, naming
+    both, before anything is written (not even OUT.lock)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(files / "init", ck)
+    os.symlink(ck, tmp_path / "link")
+    (tmp_path / "inputs").mkdir()
+    for name in ("ranked.jsonl", "alpaca.json"):
+        shutil.copyfile(files / name, tmp_path / "inputs" / name)
+    ranked, alpaca = tmp_path / "inputs" / "ranked.jsonl", tmp_path / "inputs" / "alpaca.json"
+    before, listing = weights(ck), sorted(os.listdir(ck))
+    pipeline = ["pipeline", "--init", files / "init", "--probabilistic-data", ranked]
+    cases = [  # (arguments, the refusal)
+        (["sft", "--init", ck, "--data", alpaca, "--out", ck, "--overwrite"], f"{ck} is --init {ck}"),
+        (["rank", "--init", ck, "--data", ranked, "--out", tmp_path / "link", "--overwrite"],
+         f"{tmp_path / 'link'} is --init {ck}"),
+        (["rank", "--init", ck, "--data", ranked, "--out", ck / "run"], f"{ck / 'run'} is inside --init {ck}"),
+        (["rank", "--init", files / "init", "--data", ranked, "--out", tmp_path / "inputs", "--overwrite"],
+         f"{tmp_path / 'inputs'} holds --data {ranked}"),
+        (["rank", "--init", files / "init", "--data", files / "ranked.jsonl", "--tokenizer", ck / "tokenizer.model",
+          "--out", ck], f"{ck} holds --tokenizer {ck / 'tokenizer.model'}"),
+        ([*pipeline, "--contextual-data", files / "authors.json", "--out", tmp_path / "inputs"],
+         f"{tmp_path / 'inputs'} holds --probabilistic-data {ranked}"),
+        ([*pipeline[:-1], files / "ranked.jsonl", "--contextual-data", ranked, "--out", tmp_path / "inputs"],
+         f"{tmp_path / 'inputs'} holds --contextual-data {ranked}"),
+        ([*pipeline[:-1], files / "ranked.jsonl", "--instructions", alpaca, "--teacher-base-url", "http://127.0.0.1:9",
+          "--teacher-model", "m", "--out", tmp_path / "inputs"], f"{tmp_path / 'inputs'} holds --instructions {alpaca}"),
+    ]
+    for argv, refusal in cases:
+        out = argv[argv.index("--out") + 1]
+        assert run(*argv) == 1, argv
+        err = capsys.readouterr().err
+        assert refusal in err and "error: " in err, err
+        assert not os.path.lexists(f"{out}.lock"), argv  # nothing written, not even the lock
+    assert sorted(os.listdir(ck)) == listing and all(torch.equal(before[k], weights(ck)[k]) for k in before)
+    assert sorted(os.listdir(tmp_path / "inputs")) == ["alpaca.json", "ranked.jsonl"]
+
+
+def ranked_file_with(files, path, extra, at=8):
+    """ranked.jsonl with `extra` (a RankedRecord) inserted as record `at` (line at + 1)."""
+    records = data.read_ranked_jsonl(files / "ranked.jsonl")
+    data.write_ranked_jsonl(path, records[:at] + [extra] + records[at:])
+    return path
+
+
+def test_a_record_of_more_candidates_than_tuna_trains_is_refused_by_name(files, tmp_path, capsys):
+    """tuna.MAX_CANDIDATES per record (the contextual prompt names at most 17; a file of 10,000 candidates once
+    became one 228,913-token row): a record over it is refused, naming the file and line (or record index), at
+    reading, before anything is tokenized or written."""
+    many = [f"answer {k}" for k in range(tuna.MAX_CANDIDATES + 1)]
+    record = data.RankedRecord(id="many", prompt=data.alpaca_prompt("Count."), candidates=many)
+    path = ranked_file_with(files, tmp_path / "many.jsonl", record)
+    out = tmp_path / "run"
+    assert run("rank", "--data", path, *common(files, out, "--max-steps", 1)) == 1
+    err = capsys.readouterr().err
+    assert (f"{path}, line 9, field 'candidates': {len(many)} candidates, more than the {tuna.MAX_CANDIDATES} a "
+            "record may hold for training") in err, err
+    assert not os.path.exists(out)
+    release = json.load(open(files / "authors.json"))
+    release[2].update(output=many, score=[-float(k) for k in range(len(many))])
+    (tmp_path / "many.json").write_text(json.dumps(release))
+    assert run("rank", "--data", tmp_path / "many.json", *common(files, out, "--max-steps", 1)) == 1
+    assert f"{tmp_path / 'many.json'}, record 2, field 'output': {len(many)} candidates" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_a_record_whose_row_cannot_fit_in_memory_is_refused_by_name_before_run_json(files, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A packed row costs its activations and a T x T attention mask (collate, then SDPA's copy of it in the
+    compute dtype): a row that cannot fit in free memory even alone and with gradient checkpointing is a
+    DataError naming the file, record and token count, before run.json is written (not a 52 GB allocation and a
+    traceback after it). The device's free memory is made small (the monkeypatch stands for a smaller device;
+    the rows, the model and the check are real)."""
+    words = " ".join(WORDS)
+    record = data.RankedRecord(id="long", prompt=data.alpaca_prompt("Say everything."),
+                               candidates=[f"{k}: {words}" for k in range(tuna.MAX_CANDIDATES)])
+    path = ranked_file_with(files, tmp_path / "long.jsonl", record)
+    tok = tokenizer.Tokenizer(str(files / "init"))
+    rows = tuna.load_rows(path, tok, "rank")
+    tokens = len(rows[8]["tokens"])
+    assert rows[8]["id"] == "long" and tokens > 10 * max(len(r["tokens"]) for r in rows if r["id"] != "long")
+    net = checkpoint.load_checkpoint(str(files / "init"))
+    trainable = sum(p.numel() for p in net.parameters())
+    need = training.row_bytes(net.args, tokens, multiple_candidates=True, dtype_bytes=4)
+    assert need > tokens * tokens  # the mask is counted
+    # free memory: enough for every other record, not for this one
+    free = (trainable * 12 + need // 2) / training.TRAINING_MEMORY_SHARE
+    monkeypatch.setattr(model, "free_memory", lambda device: free)
+    out = tmp_path / "run"
+    assert run("rank", "--data", path, *common(files, out, "--max-steps", 1)) == 1
+    err = capsys.readouterr().err
+    assert f"{path}, record 8 (id 'long'): its {tokens} tokens in one row need about" in err, err
+    assert "attention mask" in err and "Traceback" not in err
+    assert not os.path.exists(out)  # no run.json
+
+
+# a tuna.py run in a subprocess, SIGKILLed when it fsyncs a file whose path matches argv[1]: a save killed midway
+KILL_AT_FSYNC = """
+import os, re, signal, sys
+sys.path.insert(0, os.getcwd())
+fsync = os.fsync
+def killing_fsync(fd):
+    if re.search(sys.argv[1], os.readlink(f"/proc/self/fd/{fd}")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(fd)
+os.fsync = killing_fsync
+import tuna
+sys.exit(tuna.main(sys.argv[2:]))
+"""
+
+
+def killed_in_a_save(pattern, *argv):
+    result = subprocess.run([sys.executable, "-c", KILL_AT_FSYNC, pattern, *map(str, argv)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+def temporary_files(folder):
+    return [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in dirs + names if ".tmp" in n]
+
+
+def test_a_save_killed_midway_leaves_nothing_that_the_next_save_does_not_clear(files, tmp_path, capsys):
+    """A kill inside a step checkpoint leaves checkpoints/step-N.tmp, one inside the final save a
+    model.safetensors.tmpPID in OUT itself (gigabytes at 7B): the resumed run's saves clear both."""
+    out = tmp_path / "run"
+    argv = ["rank", "--data", files / "ranked.jsonl", *common(files, out, "--max-steps", 3, "--save-every", 1)]
+    killed_in_a_save(r"/checkpoints/step-00000002\.tmp/model\.safetensors\.tmp\d+$", *argv)
+    assert temporary_files(out) and os.listdir(out / "checkpoints") == ["step-00000001", "step-00000002.tmp"]
+    killed_in_a_save(re.escape(str(out)) + r"/model\.safetensors\.tmp\d+$", *argv, "--resume")
+    assert [os.path.basename(t)[:21] for t in temporary_files(out)] == ["model.safetensors.tmp"]
+    assert not os.path.exists(out / "config.json")  # unfinished: the final save was killed
+    assert run(*argv, "--resume") == 0 and "from step 2" in capsys.readouterr().err
+    assert temporary_files(out) == [] and not os.path.exists(out / "checkpoints")
+    checkpoint.load_checkpoint(str(out))
+
+
+def retrain_in_place(folder):
+    """The checkpoint in `folder` replaced by one with other weights, as a retraining would."""
+    net = checkpoint.load_checkpoint(str(folder))
+    with torch.no_grad():
+        net.norm.weight.add_(1.0)
+    checkpoint.save_hf_checkpoint(net, str(folder))
+
+
+def other_tokenizer(folder):
+    """A small sentencepiece tokenizer, another than the fixture's: its path."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 4), model_prefix=str(folder / "other"),
+                                   model_type="bpe", vocab_size=60, hard_vocab_limit=False, minloglevel=2)
+    return folder / "other.model"
+
+
+def test_resume_refuses_another_base_model_or_tokenizer_under_the_same_paths(files, tmp_path, capsys,
+                                                                             spm_model_path):
+    """A LoRA run resumes from the base model at --init plus its adapters: run.json records the base's identity
+    (checkpoint.checkpoint_identity) and the tokenizer files' sha256, so a base retrained in place or another
+    tokenizer under the same path is refused by name; the base restored, the run resumes."""
+    base = tmp_path / "base"
+    shutil.copytree(files / "init", base)
+    out = tmp_path / "lora"
+    argv = ["rank", "--data", files / "ranked.jsonl", "--init", base, "--out", out, "--batch-size", 4,
+            "--max-steps", 2, "--save-every", 1, "--lora-rank", 4]
+    killed_in_a_save(re.escape(str(out)) + r"/model\.safetensors\.tmp\d+$", *argv)  # unfinished, step 1 saved
+    retrain_in_place(base)
+    assert run(*argv, "--resume") == 1
+    assert "this run was started with other settings (init_identity);" in capsys.readouterr().err
+    shutil.rmtree(base)
+    shutil.copytree(files / "init", base)  # the same files again (copytree keeps their times)
+    shutil.copyfile(other_tokenizer(tmp_path), base / "tokenizer.model")  # another tokenizer under the same path
+    assert run(*argv, "--resume") == 1
+    assert "this run was started with other settings (tokenizer_sha256);" in capsys.readouterr().err
+    shutil.copyfile(spm_model_path, base / "tokenizer.model")
+    settings = json.load(open(out / "run.json"))
+    assert settings["init_identity"] == checkpoint.checkpoint_identity(str(base))
+    assert settings["tokenizer_sha256"] == {"tokenizer.model": data.file_sha256(spm_model_path)}
+    assert run(*argv, "--resume") == 0 and "from step 1" in capsys.readouterr().err
