@@ -605,6 +605,16 @@ def _served_answers(name, bench, todo, served, tok, kept, made, done, max_new_to
     return done
 
 
+def answers_due(out_dir, name, benches, producer):
+    """Whether any of model `name`'s answers is still to be made (OUT/generations holds the
+    others); a malformed line is reported later, where the answers are made."""
+    for bench, items, n in benches:
+        made = {item["id"]: answer_key(item, n, producer) for item in items}
+        if len(data.KeptLog(answers_path(out_dir, name, bench), made, answer_made_by).kept) < len(items):
+            return True
+    return False
+
+
 def served_prompt(tok, item, ids):
     """The text a server is sent for an item whose prompt ids (encode_prompts) are `ids`:
     its prompt, or where encode_prompts cut it, the text of the tokens kept (which the
@@ -771,8 +781,9 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
             loaders[name] = served_loader(checkpoints[name], tokenizer, *served[name], served_api_key_env,
                                           served_workers)
             served_model, tok = loaders[name]()
-            # and so are the servers: each answers as the model asked for
-            teacher.preflight_served(served_model.client, 1, tok.stop_ids)
+            # and so are the servers that answers are due from: each answers as the model asked for
+            if answers_due(out_dir, name, benches, models[name]["producer"]):
+                teacher.preflight_served(served_model.client, 1, tok.stop_ids)
         else:
             loaders[name] = model_loader(checkpoints[name], tokenizer, device, dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -410,7 +410,7 @@ def test_eval_answers_through_the_server_equal_local_ones(benchmarks, spm_model_
         assert asked == 6 + 18 + 4 and backend.preflights == 1
         assert {body["temperature"] for body, _ in backend.bodies} == {0}
         E.evaluate({"m": folder}, str(tmp_path / "remote"), served={"m": ("m-served", served.url)}, **options)
-        assert len(backend.bodies) == asked
+        assert len(backend.bodies) == asked and backend.preflights == 1  # nothing due: the server is not asked
         backend.rename("m-other")
         E.evaluate({"m": folder}, str(tmp_path / "remote"), served={"m": ("m-other", served.url)}, **options)
         assert len(backend.bodies) == 2 * asked
