@@ -13,9 +13,9 @@
     python tuna.py rank ... --resume
 
 Read from the top: the method's fixed values, the objective (scores, ranking loss, MLE
-term), prefix sharing (an instruction's prompt and its K responses in one row), records
-read into packed rows, and the training loop (one train_step, the schedule, the data
-order, the loop, its setup); then the pipeline and the command line. The run's plumbing
+term), prefix sharing (an instruction's prompt and its K responses in one row) and the
+training loop (one train_step, the schedule, the data order, the loop, its setup); then
+the records read into packed rows, the pipeline and the command line. The run's plumbing
 (run folders and resume, precision, several GPUs, LoRA, FLOPs) is training.py's.
 The whole method offline on a CPU, with a results table: python demo.py --out runs/demo
 """
@@ -228,61 +228,7 @@ def score_tokens(model, batch):
     return token_logprobs * scored  # (B, N)
 
 
-# ---- 4. the data: each record's candidates, packed into one row
-
-# Candidates per record tuna.py trains on. The paper ranks 4 (probabilistic) and the contextual prompt names at most
-# 17 (teacher.ranking_messages); a row packs every candidate, so a record of 10,000 is a mistake (one became a
-# 228,913-token row), refused by name when the file is read.
-MAX_CANDIDATES = 64
-
-
-def load_rows(path, tok, kind):
-    """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or
-    a ranked file (.jsonl: the project's format; .json: the authors' release, whose
-    records with an empty output or a non-finite score are skipped and named). A candidate
-    that cannot keep one response token within MAX_LEN is dropped; the rest keep their
-    order. A candidate that a token limit cut when it was generated (source["unfinished"])
-    is trained without EOS: the model must not learn to stop there."""
-    rows = []
-    dropped = 0
-    skipped = 0
-    for record_index, (record_id, prompt, candidates, unfinished) in enumerate(read_records(path, kind)):
-        pairs = [data.encode_prompt_response(tok, prompt, candidate, MAX_LEN, finished=k not in unfinished)
-                 for k, candidate in enumerate(candidates)]
-        kept = [p for p in pairs if p is not None]
-        dropped += len(pairs) - len(kept)
-        if not kept:
-            skipped += 1
-            continue
-        row = pack_example([prompt_ids for prompt_ids, _ in kept], [response_ids for _, response_ids in kept])
-        # which record, for messages: its id and its place among the file's records (0-based)
-        row["id"] = record_id
-        row["record"] = record_index
-        rows.append(row)
-    if dropped:
-        training.log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: "
-                     f"prompt longer than {MAX_LEN} tokens")
-    if not rows:
-        raise data.DataError(f"{path}: no usable record")
-    return rows
-
-
-def read_records(path, kind):
-    """(id, prompt, candidates best first, indices of unfinished candidates) of each record."""
-    if kind == "sft":
-        return [(str(i), data.alpaca_prompt(example["instruction"], example["input"]), [example["output"]],
-                 []) for i, example in enumerate(data.read_alpaca(path))]
-    if str(path).endswith(".jsonl"):
-        ranked = data.read_ranked_jsonl(path, max_candidates=MAX_CANDIDATES)
-        return [(r.id, r.prompt, r.candidates, r.source.get("unfinished", [])) for r in ranked]
-    bad = []
-    ranked = data.read_authors_ranking(path, skipped=bad, max_candidates=MAX_CANDIDATES)
-    if bad:
-        training.log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
-    return [(r.id, r.prompt, r.candidates, []) for r in ranked]
-
-
-# ---- 5. the training loop: one optimizer step, its learning rate and data, the loop, its setup
+# ---- 4. the training loop: one optimizer step, its learning rate and data, the loop, its setup
 
 def train_step(run, step, batch_rows):
     """One optimizer step on one batch of instructions -> the step's loss terms, gradient norm and lr."""
@@ -420,6 +366,60 @@ def make_optimizer(net, args, device):
     params = [p for p in net.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
                              fused=training.on_cuda_unless_told(args.fused_adam, device))
+
+
+# ---- 5. the data: each record's candidates, packed into one row (what setup reads)
+
+# Candidates per record tuna.py trains on. The paper ranks 4 (probabilistic) and the contextual prompt
+# names at most 17 (teacher.ranking_messages); a row packs every candidate, so a record of 10,000 is a
+# mistake (one became a 228,913-token row), refused by name when the file is read.
+MAX_CANDIDATES = 64
+
+
+def load_rows(path, tok, kind):
+    """Packed rows of an Alpaca JSON (kind "sft": one candidate, the reference output) or
+    a ranked file (.jsonl: the project's format; .json: the authors' release, whose
+    records with an empty output or a non-finite score are skipped and named). A candidate
+    that cannot keep one response token within MAX_LEN is dropped; the rest keep their
+    order. A candidate that a token limit cut when it was generated (source["unfinished"])
+    is trained without EOS: the model must not learn to stop there."""
+    rows = []
+    dropped = 0
+    skipped = 0
+    for record_index, (record_id, prompt, candidates, unfinished) in enumerate(read_records(path, kind)):
+        pairs = [data.encode_prompt_response(tok, prompt, candidate, MAX_LEN, finished=k not in unfinished)
+                 for k, candidate in enumerate(candidates)]
+        kept = [p for p in pairs if p is not None]
+        dropped += len(pairs) - len(kept)
+        if not kept:
+            skipped += 1
+            continue
+        row = pack_example([prompt_ids for prompt_ids, _ in kept], [response_ids for _, response_ids in kept])
+        # which record, for messages: its id and its place among the file's records (0-based)
+        row["id"] = record_id
+        row["record"] = record_index
+        rows.append(row)
+    if dropped:
+        training.log(f"{path}: {dropped} candidate(s) dropped, {skipped} record(s) skipped: "
+                     f"prompt longer than {MAX_LEN} tokens")
+    if not rows:
+        raise data.DataError(f"{path}: no usable record")
+    return rows
+
+
+def read_records(path, kind):
+    """(id, prompt, candidates best first, indices of unfinished candidates) of each record."""
+    if kind == "sft":
+        return [(str(i), data.alpaca_prompt(example["instruction"], example["input"]), [example["output"]],
+                 []) for i, example in enumerate(data.read_alpaca(path))]
+    if str(path).endswith(".jsonl"):
+        ranked = data.read_ranked_jsonl(path, max_candidates=MAX_CANDIDATES)
+        return [(r.id, r.prompt, r.candidates, r.source.get("unfinished", [])) for r in ranked]
+    bad = []
+    ranked = data.read_authors_ranking(path, skipped=bad, max_candidates=MAX_CANDIDATES)
+    if bad:
+        training.log(f"{path}: {len(bad)} record(s) skipped, e.g. " + "; ".join(bad[:3]))
+    return [(r.id, r.prompt, r.candidates, []) for r in ranked]
 
 
 # ---- 6. the pipeline: Tuna_p, then Tuna_c from Tuna_p's own samples, in one command
