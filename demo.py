@@ -203,6 +203,8 @@ def probabilistic_stage(stage, path, limit):
                          "--model", "demo-teacher",
                          "--max-tokens", "16",
                          "--add-original", "scored",
+                         # a rerun of the demo rebuilds the file from teacher.py's caches
+                         "--resume",
                          *limit]
         stage(title, teacher.main, probabilistic)
     finally:
@@ -240,6 +242,7 @@ def contextual_stages(stage, path, size, teacher_data, rank, limit):
                       "--data", path("sft_data.json"),
                       "--student", path("sft"),
                       "--out", path("contextual_sft.jsonl"),
+                      "--resume",
                       *judge_args]
         stage(contextual_title, teacher.main, contextual)
     finally:
