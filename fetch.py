@@ -288,7 +288,8 @@ def place(source, name, out, raw_url, session, path, blob, size):
     dest = destination(out, name, source, path)
     # the rename would replace the link, a file fetch.py did not write
     if os.path.islink(dest) and not os.path.exists(dest):
-        raise FetchError(f"{dest}: a symlink to nothing ({os.readlink(dest)}); remove it to fetch the pinned file")
+        raise FetchError(f"{dest}: a symlink to nothing ({os.readlink(dest)}); remove it to fetch the pinned "
+                         "file")
     if os.path.exists(dest):
         got = blob_id(dest)
         if got != blob:

@@ -1184,10 +1184,11 @@ def refuse_replacing(args):
     refused by name and left as it is."""
     if os.path.lexists(args.out):
         if not (args.resume or args.overwrite):
-            raise ValueError(f"{args.out} already exists: pass --resume to rebuild it from the caches (what was "
-                             "asked and sampled before is read back, not paid for again) or --overwrite to "
+            raise ValueError(f"{args.out} already exists: pass --resume to rebuild it from the caches (what "
+                             "was asked and sampled before is read back, not paid for again) or --overwrite to "
                              "replace it")
-        first = first_record_written_here(args.out, "--out", "a ranked JSONL file", ("id", "prompt", "candidates"))
+        first = first_record_written_here(args.out, "--out", "a ranked JSONL file",
+                                          ("id", "prompt", "candidates"))
         source = first.get("source")
         kind = source.get("kind") if isinstance(source, dict) else None
         if not args.overwrite and kind not in (None, args.command):
