@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -357,13 +358,20 @@ def write_ranked_jsonl(path, records) -> None:
 
 # ---- 3. files a kill may interrupt
 
+# when this process began, near enough (its scripts import data.py first thing): a temporary
+# file of write_atomic's older than that is no write of this process's
+PROCESS_STARTED = time.time()
+
+
 def write_atomic(path, text):
     """Write text (a string, or an iterable of strings written one by one) to path as
     UTF-8, through a temporary file in the same folder and a rename: a kill or an error
-    leaves the old file or the new one, never half of one. The project's one way to
-    replace a file."""
+    leaves the old file or the new one, never half of one; the temporary file a kill left
+    is removed by the next write of the same path (remove_killed_temporaries). The
+    project's one way to replace a file."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
+    remove_killed_temporaries(folder, os.path.basename(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -377,6 +385,25 @@ def write_atomic(path, text):
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+
+
+def remove_killed_temporaries(folder, name):
+    """Remove the temporary files of write_atomic's for folder/name (NAME.<8 characters>.tmp,
+    mkstemp's names) that a killed write left: plain files older than this process. No live
+    write owns one: this process's own are younger, and one process at a time writes an
+    output (lock_output)."""
+    own_name = re.compile(re.escape(name) + r"\.[a-z0-9_]{8}\.tmp")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return  # no folder to write in: mkstemp names it
+    for entry in entries:
+        if not (own_name.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+            continue
+        if entry.stat(follow_symlinks=False).st_mtime < PROCESS_STARTED:
+            # another process's write of the same path may have cleared it first
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
 
 
 def read_jsonl_log(path, skipped=None):

@@ -203,6 +203,8 @@ def probabilistic_stage(stage, path, limit):
                          "--model", "demo-teacher",
                          "--max-tokens", "16",
                          "--add-original", "scored",
+                         # a rerun of the demo rebuilds the file from teacher.py's caches
+                         "--resume",
                          *limit]
         stage(title, teacher.main, probabilistic)
     finally:
@@ -240,6 +242,7 @@ def contextual_stages(stage, path, size, teacher_data, rank, limit):
                       "--data", path("sft_data.json"),
                       "--student", path("sft"),
                       "--out", path("contextual_sft.jsonl"),
+                      "--resume",
                       *judge_args]
         stage(contextual_title, teacher.main, contextual)
     finally:
@@ -281,6 +284,7 @@ def prepare(args, size, out):
     two untrained models; each written once, atomically, and kept on a rerun. Returns
     the teacher's data and the held-out items."""
     settings = {"size": args.size, "noise": args.noise, "seed": args.seed, **size}
+    refuse_other_folder(out)
     refuse_other_settings(os.path.join(out, "demo.json"), settings)
     os.makedirs(out, exist_ok=True)
     student, teacher_data, heldout = suite(size, args.noise, args.seed)
@@ -304,6 +308,22 @@ def prepare(args, size, out):
             write_initial_model(folder, dim, layers, tok, args.seed)
     # the SFT data is read back from sft_data.json by the sft stage
     return teacher_data, heldout
+
+
+def refuse_other_folder(out):
+    """The demo writes only into a folder of its own: a new or empty one, or one holding its
+    demo.json. This project's folder (one holding tuna.py: `--out .`), any other non-empty
+    folder and a file are refused by name and left as they are."""
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise DemoError(f"--out {out} is a file, not a folder: choose another --out, e.g. runs/demo")
+    if os.path.lexists(os.path.join(out, "tuna.py")):
+        raise DemoError(f"--out {out} holds tuna.py: it is this project's folder, not a demo's; "
+                        "choose a folder of the demo's own, e.g. runs/demo")
+    if os.listdir(out) and not os.path.exists(os.path.join(out, "demo.json")):
+        raise DemoError(f"--out {out} is a folder with other files and no demo.json, not a demo's: "
+                        "choose a new or empty folder, e.g. runs/demo")
 
 
 def refuse_other_settings(recorded_path, settings):

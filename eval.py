@@ -748,6 +748,8 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
     PROBLEMS.clear()
     served = served or {}
     check_checkpoints(checkpoints, baseline, lmentry_dir, served)
+    if not dry_run:
+        refuse_replacing(out_dir)
     names = list(checkpoints)
     superni_items = read_superni(superni_dir, max_instances) if superni_dir else None
     lmentry_tasks = lmentry.read_tasks(lmentry_dir, problem) if lmentry_dir else None
@@ -804,6 +806,43 @@ def evaluate(checkpoints, out_dir, tokenizer=None,
     results["skipped"] = list(PROBLEMS)
     write_results(out_dir, results)
     return results
+
+
+def refuse_replacing(out_dir):
+    """An evaluation continues in an existing OUT by design (its answers and judge replies are kept and
+    added to) and rewrites OUT/results.json and OUT/results.md: each only if eval.py wrote it (results.json:
+    an object with "models" and "skipped"; results.md: its title), never a user's or a demo's file of that
+    name, which is refused by name before any answer and left as it is."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvalError(f"--out {out_dir} is a file, not a folder: choose another --out")
+    for name, ours in (("results.json", written_results_json), ("results.md", written_results_markdown)):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not ours(path):
+            raise EvalError(f"{path} was not written by eval.py, so it is left as it is: choose another --out, "
+                            "or move the file away")
+
+
+def written_results_json(path):
+    """Whether path is a results.json eval.py wrote: a plain file holding an object with "models" and
+    "skipped"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    # unreadable, not UTF-8 or not JSON (ValueErrors), nested too deep
+    except (OSError, ValueError, RecursionError):
+        return False
+    return not os.path.islink(path) and isinstance(results, dict) and {"models", "skipped"} <= set(results)
+
+
+def written_results_markdown(path):
+    """Whether path is a results.md eval.py wrote: a plain file that starts with its title."""
+    title = (RESULTS_TITLE + "\n").encode()
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(title))
+    except OSError:
+        return False
+    return not os.path.islink(path) and start == title
 
 
 def write_results(out_dir, results):
@@ -941,11 +980,15 @@ def category_lines(models):
     return lines
 
 
+# results.md's first line, by which a later run knows the file for its own
+RESULTS_TITLE = "# Evaluation results"
+
+
 def results_markdown(results):
     """Rows = models, columns = benchmarks (the paper's Table 1 shape), then the detail tables."""
     vicuna = results.get("vicuna", {})
     skipped = results["skipped"]
-    lines = ["# Evaluation results", ""]
+    lines = [RESULTS_TITLE, ""]
     lines += table1_lines(results["models"], vicuna)
     lines += vicuna_lines(vicuna)
     lines += category_lines(results["models"])
@@ -963,6 +1006,7 @@ def parse_checkpoints(parser, specs):
         well_formed = sep and name and directory
         if not well_formed or name in checkpoints:
             parser.error(f"--checkpoints: {spec!r} is not NAME=DIR with a new NAME")
+        refuse_folder_name(parser, "--checkpoints", spec, name)
         checkpoints[name] = directory
     return checkpoints
 
@@ -976,8 +1020,25 @@ def parse_served(parser, specs):
         model_name, _, base_url = rest.partition("@")
         if not (name and model_name and base_url) or name in served:
             parser.error(f"--served: {spec!r} is not NAME=MODEL@URL with a new NAME")
+        refuse_folder_name(parser, "--served", spec, name)
         served[name] = (model_name, base_url)
     return served
+
+
+def refuse_folder_name(parser, flag, spec, name):
+    """A model's NAME names its answers' folder, OUT/generations/NAME: one that would lead out of
+    OUT/generations (or be no folder) is a usage error, whatever it was meant to be."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        parser.error(f"{flag}: {spec!r}: NAME names the folder OUT/generations/NAME, so it must not be empty, "
+                     "'.' or '..', nor hold '/' or a NUL character")
+
+
+def command_inputs(args, checkpoints):
+    """The files and folders an evaluation reads, by the flag that names them (None: not given)."""
+    inputs = {f"--checkpoints {name}": directory for name, directory in checkpoints.items()}
+    for flag in ("tokenizer", "superni", "lmentry", "vicuna", "count_tokenizer"):
+        inputs["--" + flag.replace("_", "-")] = getattr(args, flag)
+    return inputs
 
 
 def evaluate_options(args):
@@ -1053,6 +1114,8 @@ def main(argv=None):
     options = evaluate_options(args)
     options["served"] = parse_served(parser, args.served)
     try:
+        # before anything is written, OUT.lock included: an output over an input would destroy what it reads
+        data.refuse_output_over_inputs(args.out, command_inputs(args, checkpoints))
         if args.dry_run:  # writes nothing, so takes no lock
             prices = (args.price_per_1m_input, args.price_per_1m_output)
             report = evaluate(checkpoints, args.out, **options, dry_run=True,

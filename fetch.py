@@ -181,6 +181,9 @@ def fetch_file(session, url, dest, expected, size, label):
     drops) and take dest's name only if their id is `expected`; a mismatch leaves nothing.
     size: the expected size where known (for progress); label: the file's name in progress."""
     part = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.part")
+    # its bytes would go to the link's target, which a mismatch would then lose
+    if os.path.islink(part):
+        raise FetchError(f"{part}: a symlink, not a partial download of fetch.py; remove it, then run again")
     for resume in range(RESUMES + 1):
         try:
             receive(session, url, part, size, label)
@@ -280,8 +283,13 @@ def fetch_input(name, out, raw_url, api_url, session):
 
 def place(source, name, out, raw_url, session, path, blob, size):
     """One file of an input in its place -> (fetched, its size). A file already there with the
-    pinned blob id is kept; one with another id is refused, never overwritten."""
+    pinned blob id is kept; one with another id, or a symlink to nothing, is refused, never
+    overwritten."""
     dest = destination(out, name, source, path)
+    # the rename would replace the link, a file fetch.py did not write
+    if os.path.islink(dest) and not os.path.exists(dest):
+        raise FetchError(f"{dest}: a symlink to nothing ({os.readlink(dest)}); remove it to fetch the pinned "
+                         "file")
     if os.path.exists(dest):
         got = blob_id(dest)
         if got != blob:

@@ -1145,6 +1145,81 @@ def client_from_args(args, cache_path):
                          args.max_retries, args.workers, args.rpm)
 
 
+def command_inputs(args):
+    """The files and folders a run reads, by the flag that names them (None: not given)."""
+    flags = ("data", "student", "tokenizer", "count_tokenizer")
+    return {"--" + flag.replace("_", "-"): getattr(args, flag, None) for flag in flags}
+
+
+def command_caches(args):
+    """The append-only caches a run reads back and adds to, by flag: the teacher's answers and the student's
+    samples (contextual)."""
+    caches = {"--cache": args.cache or args.out + ".cache.jsonl"}
+    if args.command == "contextual":
+        caches["--student-cache"] = student_cache_path(args)
+    return caches
+
+
+def failures_path(args):
+    """Where the items that gave no record are listed: --failures, else OUT.failures.jsonl."""
+    return args.failures or args.out + ".failures.jsonl"
+
+
+def refuse_outputs_over_inputs(args):
+    """Every file a run writes apart from every input it reads (data.refuse_output_over_inputs), before
+    anything is written: the caches apart from the inputs; OUT and the failures file, which are replaced
+    whole, apart from the caches too, whose paid answers they would replace."""
+    inputs = command_inputs(args)
+    caches = command_caches(args)
+    for output in (args.out, failures_path(args)):
+        data.refuse_output_over_inputs(output, {**inputs, **caches})
+    for cache in caches.values():
+        data.refuse_output_over_inputs(cache, inputs)
+
+
+def refuse_replacing(args):
+    """An existing OUT is rewritten only with --resume (from the caches; a ranked file of the same kind) or
+    --overwrite, and only when it is a ranked JSONL file; an existing failures file only when it is one of
+    teacher.py's. Anything else a user may have named by mistake (an Alpaca file, a folder, a symlink) is
+    refused by name and left as it is."""
+    if os.path.lexists(args.out):
+        if not (args.resume or args.overwrite):
+            raise ValueError(f"{args.out} already exists: pass --resume to rebuild it from the caches (what "
+                             "was asked and sampled before is read back, not paid for again) or --overwrite to "
+                             "replace it")
+        first = first_record_written_here(args.out, "--out", "a ranked JSONL file",
+                                          ("id", "prompt", "candidates"))
+        source = first.get("source")
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if not args.overwrite and kind not in (None, args.command):
+            raise ValueError(f"--resume: {args.out} holds {kind} ranking, not {args.command}: pass --overwrite "
+                             "to replace it")
+    if os.path.lexists(failures_path(args)):
+        first_record_written_here(failures_path(args), "--failures", "a failures file", ("id", "kind", "error"))
+
+
+def first_record_written_here(path, flag, what, fields):
+    """The first line of a file teacher.py writes, as a dict ({} for an empty file): a plain file, not a
+    symlink, whose first line is a JSON object with `fields`; anything else is a ValueError naming it."""
+    refusal = (f"{flag} {path} is not {what} of teacher.py (a plain file whose JSON lines hold "
+               f"{', '.join(fields)}), so it is left as it is: choose another {flag} or remove it yourself")
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise ValueError(refusal)
+    with open(path, "rb") as f:
+        # a line at most this long: a large binary file holds no line to read whole
+        head = f.readline(1 << 24)
+    if not head:
+        return {}
+    try:
+        first = json.loads(head)
+    # not UTF-8, not JSON (both ValueErrors), or nested too deep
+    except (ValueError, RecursionError):
+        first = None
+    if not isinstance(first, dict) or not set(fields) <= set(first):
+        raise ValueError(refusal)
+    return first
+
+
 def argument_parser():
     """teacher.py's command line: the probabilistic and contextual commands and their options."""
     description = "Tuna ranking data from a teacher LLM over an OpenAI-compatible API (paper, section 2)."
@@ -1158,6 +1233,13 @@ def argument_parser():
         p.add_argument("--out", required=True, help="ranked JSONL to write (atomically)")
         p.add_argument("--failures", help="failures JSONL (default: OUT.failures.jsonl)")
         p.add_argument("--cache", help="append-only request cache JSONL (default: OUT.cache.jsonl)")
+        caches = "request cache gives back what was asked" if name == "probabilistic" else \
+            "request and student caches give back what was asked and sampled"
+        p.add_argument("--resume", action="store_true", help=f"rebuild an existing OUT from the caches: the "
+                       f"{caches} before, so a rerun pays nothing twice (OUT: a ranked JSONL file of the same "
+                       "kind only)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a ranked JSONL file "
+                       "only); the caches are read as always")
         p.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or "
                        "http://127.0.0.1:8000/v1")
         p.add_argument("--model", required=True, help="teacher model name")
@@ -1223,8 +1305,10 @@ def main(argv=None):
         # rouge_score's absl logging configures the root logger: no second copy there
         log.propagate = False
     try:
+        # before anything is written, OUT.lock included: an output over an input would destroy what it reads
+        refuse_outputs_over_inputs(args)
         examples = data.read_alpaca(args.data)[:args.limit]
-        cache = args.cache or args.out + ".cache.jsonl"
+        cache = command_caches(args)["--cache"]
         given = [path for path in (args.cache, getattr(args, "student_cache", None)) if path]
         client_for = functools.partial(client_from_args, args)
         if args.dry_run:
@@ -1240,6 +1324,8 @@ def main(argv=None):
         with contextlib.ExitStack() as locks:
             for path in dict.fromkeys([args.out] + given):
                 locks.enter_context(data.lock_output(path))
+            # under the lock: no other run changes OUT meanwhile
+            refuse_replacing(args)
             client = client_for(cache)
             # the student's files first: a typo is named before any request
             if args.command == "contextual":

@@ -490,6 +490,8 @@ def contextual_command(args, contextual, tuna_p, student_server=True):
         "--student", tuna_p,
         "--student-batch-size", str(args.student_batch_size),
         "--device", args.device or checkpoint.default_device(),
+        # rebuilt on every run of the pipeline, from teacher.py's caches
+        "--resume",
         *(served if student_server else []),
         *shlex.split(args.teacher_args),
     ]

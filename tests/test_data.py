@@ -399,6 +399,42 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
     assert path.read_text() == "0\n1\n2\n" and oct(os.stat(path).st_mode & 0o777) == "0o644"
 
 
+KILLED_WRITE = ("import sys, time, data\n"
+                "def lines():\n    yield 'half of a file'\n    print('writing', flush=True)\n    time.sleep(120)\n"
+                "data.write_atomic(sys.argv[1], lines())\n")
+NEXT_WRITE = "import sys, data\ndata.write_atomic(sys.argv[1], 'new')\n"
+
+
+def test_a_temporary_file_a_sigkill_left_is_cleared_by_the_next_write_of_the_same_path(tmp_path):
+    """A write killed by SIGKILL leaves its temporary file (OUT.<8 characters>.tmp, gigabytes for a large output)
+    beside the old file. The next write of the same path, in a later process, removes it: of this path, that
+    pattern, and older than the process that writes, so no live write's. Anything else stays: other paths'
+    temporaries, other names, and one younger than the writing process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.jsonl"
+    write_atomic(out, "old")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(out)], cwd=root, stdout=subprocess.PIPE,
+                              text=True)
+    assert killed.stdout.readline() == "writing\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    left = [name for name in os.listdir(tmp_path) if name != "out.jsonl"]
+    assert len(left) == 1 and re.fullmatch(r"out\.jsonl\.[a-z0-9_]{8}\.tmp", left[0]) and out.read_text() == "old"
+    others = ["other.jsonl.abcd1234.tmp", "out.jsonl.notes.tmp", "out.jsonl.abcd1234.tmp.keep",
+              "xout.jsonl.abcd1234.tmp"]
+    for name in others:
+        (tmp_path / name).write_text("not write_atomic's of out.jsonl")
+        os.utime(tmp_path / name, (0, 0))  # as old as can be: only the name protects them
+    (tmp_path / "out.jsonl.folder12.tmp").mkdir()
+    os.utime(tmp_path / "out.jsonl.folder12.tmp", (0, 0))
+    subprocess.run([sys.executable, "-c", NEXT_WRITE, str(out)], cwd=root, check=True)
+    assert out.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.jsonl", "out.jsonl.folder12.tmp", *others])
+    (tmp_path / "out.jsonl.live1234.tmp").write_text("a write of a live process, begun after this one")
+    write_atomic(out, "newer")
+    assert out.read_text() == "newer" and (tmp_path / "out.jsonl.live1234.tmp").exists()
+
+
 # ----------------------------------------------------------------------------- one writer per output
 
 # a second process that holds data.lock_output(argv[1]) until it is killed

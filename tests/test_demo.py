@@ -148,6 +148,32 @@ def test_demo_rerun_redoes_nothing_and_pays_nothing(demo_run):
     assert {k: v["exact_match"] for k, v in after.items()} == {k: v["exact_match"] for k, v in before.items()}
 
 
+def test_an_out_that_is_not_a_demo_folder_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """`demo.py --out .` in the repository would write the demo's files among the project's. The demo writes only
+    into a new or empty folder, or one holding its demo.json: a folder that holds tuna.py, any other non-empty
+    folder, or a file, is refused by name before anything is written, and no stage runs."""
+    def no_stage(*args):
+        raise demo.DemoError("a stage ran")
+    monkeypatch.setattr(demo, "run_stage", no_stage)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tuna.py").write_text("# the method\n")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk\n")
+    (tmp_path / "file").write_text("x")
+    before = {path: sorted(os.listdir(path)) for path in (tmp_path, project, notes, ROOT)}
+    monkeypatch.chdir(ROOT)
+    for out, refusal in ((project, f"--out {project} holds tuna.py"), (".", "--out . holds tuna.py"),
+                         (notes, f"--out {notes} is a folder with other files and no demo.json"),
+                         (tmp_path / "file", f"--out {tmp_path / 'file'} is a file, not a folder")):
+        assert demo.main(["--size", "ci", "--out", str(out)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"demo.py: error: {refusal}") and "Traceback" not in error, error
+    assert {path: sorted(os.listdir(path)) for path in before} == before
+    assert (notes / "todo.txt").read_text() == "buy milk\n" and (tmp_path / "file").read_text() == "x"
+
+
 def test_rule_based_judge_answers_over_http_in_the_teachers_format():
     """The demo's judge goes through the real prompt, HTTP layer and parser: the correct candidate comes
     first, then the teacher's own answer where no candidate is right, the rest by closeness; an instruction

@@ -180,6 +180,84 @@ def test_a_second_evaluation_on_the_same_output_refuses_at_once(checkpoints, spm
     assert (out / "results.json").exists()  # the killed holders block nothing
 
 
+# ----------------------------------------------------------------------------- nothing a user names is destroyed
+
+def test_an_output_over_an_input_or_a_name_that_leaves_its_folder_is_refused(checkpoints, benchmarks, spm_model_path,
+                                                                             tmp_path, capsys):
+    """`--out` a checkpoint folder once filled it with generations/ and results.md. An --out that is, holds or lies
+    inside an input (a --checkpoints folder, --tokenizer, --superni, --lmentry, --vicuna, --count-tokenizer) is
+    refused by name before anything is written, OUT.lock included; a --checkpoints or --served NAME, which names
+    the folder OUT/generations/NAME, must be a plain folder name."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints["alpaca"], model)
+    before = sorted(os.listdir(model))
+    vicuna = benchmarks / "vicuna"
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as stopped:
+            E.main(["--tokenizer", spm_model_path, "--vicuna", str(vicuna), "--device", "cpu", "--max-new-tokens",
+                    "4", "4", "4", *map(str, argv)])
+        return stopped.value.code, capsys.readouterr().err
+
+    cases = [
+        ([f"a={model}", "--out", model], f"{model} is --checkpoints a {model}"),
+        ([f"a={model}", "--out", model / "eval"], f"{model / 'eval'} is inside --checkpoints a {model}"),
+        ([f"a={model}", "--out", tmp_path], f"{tmp_path} holds --checkpoints a {model}"),
+        ([f"a={model}", "--out", os.path.dirname(spm_model_path)],
+         f"{os.path.dirname(spm_model_path)} holds --tokenizer {spm_model_path}"),
+        ([f"a={model}", "--out", vicuna / "eval"], f"{vicuna / 'eval'} is inside --vicuna {vicuna}"),
+        ([f"a={model}", "--out", tmp_path / "t.model", "--count-tokenizer", tmp_path / "t.model", "--dry-run"],
+         f"{tmp_path / 't.model'} is --count-tokenizer {tmp_path / 't.model'}"),
+    ]
+    for argv, refusal in cases:
+        code, err = refused("--checkpoints", *argv)
+        assert code == 1 and refusal in err and "an output must lie apart" in err, err
+    rule = "must not be empty, '.' or '..', nor hold '/' or a NUL character"
+    for name in ("../../up", "a/b", ".", "..", "/abs"):
+        code, err = refused("--checkpoints", f"{name}={model}", "--out", tmp_path / "eval")
+        assert code == 2 and f"--checkpoints: {name + '=' + str(model)!r}: NAME" in err and rule in err, err
+    code, err = refused("--checkpoints", f"a={model}", "--out", tmp_path / "eval", "--served", "../a=m@http://h/v1")
+    assert code == 2 and "--served: '../a=m@http://h/v1': NAME" in err and rule in err, err
+    assert sorted(os.listdir(model)) == before and sorted(os.listdir(tmp_path)) == ["model"]
+    assert sorted(os.listdir(vicuna)) == ["question.jsonl", "reference_answer_gpt-4.jsonl"]
+
+
+def test_an_existing_output_keeps_its_answers_and_only_its_own_results_are_rewritten(checkpoints, spm_model_path,
+                                                                                    tmp_path, capsys):
+    """eval.py continues in an existing --out by design: the answers in generations/ and the judge's cache are kept
+    and added to, results.md and results.json rewritten. A results.md or results.json that eval.py did not write
+    (a demo's table, a user's notes), or an --out that is a file, is refused by name before any answer and left
+    as it was."""
+    out = tmp_path / "eval"
+
+    def evaluate():
+        E.main(["--checkpoints", f"alpaca={checkpoints['alpaca']}", "--tokenizer", spm_model_path, "--lmentry",
+                os.path.join(FIXTURES, "lmentry"), "--out", str(out), "--device", "cpu",
+                "--max-new-tokens", "4", "4", "4"])
+
+    out.mkdir()
+    for name, text in (("results.md", "# My notes\n"), ("results.json", '{"mine": 1}\n')):
+        (out / name).write_text(text)
+        with pytest.raises(SystemExit) as refused:
+            evaluate()
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert refused.value.code == 1 and f"{out / name} was not written by eval.py" in error, error
+        assert (out / name).read_text() == text and sorted(os.listdir(out)) == [name]
+        (out / name).unlink()
+    evaluate()
+    answers = (out / "generations" / "alpaca" / "lmentry.jsonl").read_bytes()
+    assert (out / "results.md").read_text().startswith("# Evaluation results")
+    evaluate()  # again: the answers kept, the results rewritten
+    assert (out / "generations" / "alpaca" / "lmentry.jsonl").read_bytes() == answers
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file"
+    with pytest.raises(SystemExit) as refused:
+        evaluate()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 1 and f"--out {out} is a file, not a folder" in error, error
+    assert (tmp_path / "file").read_text() == "x"
+
+
 class TwoTokenStart(tokenizer.Tokenizer):
     """A tokenizer whose template puts two special tokens before every text (a chat-style start), not one BOS."""
 

@@ -308,3 +308,25 @@ def test_a_file_there_with_another_id_is_refused_and_left_as_it_was(server, inpu
     error = capsys.readouterr().err
     assert os.path.join("single", "notes.txt") in error and git_blob_id(b"my own notes\n") in error
     assert read(out / "single" / "notes.txt") == b"my own notes\n"
+
+
+def test_a_symlink_in_a_files_place_or_its_parts_is_refused_and_nothing_behind_it_is_written(server, inputs, tmp_path,
+                                                                                             capsys):
+    """fetch.py writes only files of its own: a symlink where a file lands that leads nowhere (the rename would
+    replace it), or one where a download's partial file goes (its bytes would go to the link's target, which a
+    mismatch would then lose), is refused by name and left as it was, its target untouched."""
+    out = tmp_path / "inputs"
+    (out / "single" / "sub").mkdir(parents=True)
+    (tmp_path / "precious").write_bytes(b"keep me\n")
+    part = out / "single" / "sub" / ".questions.jsonl.part"
+    os.symlink(tmp_path / "precious", part)
+    assert run(server, out, "single") == 1
+    error = capsys.readouterr().err
+    assert f"{part}: a symlink, not a partial download of fetch.py" in error, error
+    assert os.path.islink(part) and read(tmp_path / "precious") == b"keep me\n"
+    os.remove(part)
+    os.symlink(tmp_path / "nowhere", out / "single" / "notes.txt")
+    assert run(server, out, "single") == 1
+    error = capsys.readouterr().err
+    assert f"{out / 'single' / 'notes.txt'}: a symlink to nothing" in error, error
+    assert os.path.islink(out / "single" / "notes.txt") and not os.path.lexists(tmp_path / "nowhere")

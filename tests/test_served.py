@@ -343,7 +343,7 @@ def test_contextual_with_a_student_server_killed_resumed_and_resampled_for_a_new
         retrained = tiny_student(seed=1)
         save_student(retrained, tmp_path / "tuna_p", tok)
         backend.inner = LocalTeacher(retrained, tok, "student")
-        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        again = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr
     assert len(backend.bodies) > asked + 5 and len(read_lines(str(out) + ".student.jsonl")) == 10
     new_identity = checkpoint.checkpoint_identity(student)

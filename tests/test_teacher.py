@@ -1076,7 +1076,7 @@ def test_every_item_failed_exits_non_zero_and_keeps_the_earlier_output(tmp_path)
         args = ["probabilistic", "--data", tmp_path / "alpaca.json", "--out", out, "--base-url", server.url]
         assert teacher_cli(*args, "--model", "m").returncode == 0
         before = out.read_bytes()
-        run = teacher_cli(*args, "--model", "m FAULT:400")
+        run = teacher_cli(*args, "--model", "m FAULT:400", "--resume")
     assert run.returncode == 1 and out.read_bytes() == before  # nothing already written is lost
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("teacher.py probabilistic: error: every item failed (3 of 3") and "HTTP 400" in error
@@ -1121,6 +1121,104 @@ def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(tmp_pa
         third = teacher_cli(*command[2:], "--base-url", server.url)
         assert third.returncode == 0 and "3 done, 0 failed" in third.stdout, third.stderr
         assert server.repeats == 0
+
+
+# ----------------------------------------------------------------------------- nothing a user names is destroyed
+
+def test_an_existing_output_is_rewritten_only_with_resume_or_overwrite(tmp_path):
+    """`probabilistic --out p.jsonl` a second time once replaced p.jsonl silently. An existing OUT is refused without
+    --resume (rebuilt from the caches: nothing is asked twice) or --overwrite; either rewrites only a ranked JSONL
+    file of teacher.py (--resume only one of the same kind), and a --failures file only if it is teacher.py's:
+    anything else is refused by name, before any request, and left as it was."""
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump([example(i) for i in range(3)], f)
+    out = tmp_path / "p.jsonl"
+    with FakeTeacher() as server:
+        args = ["probabilistic", "--data", tmp_path / "alpaca.json", "--base-url", server.url, "--model", "m"]
+        assert teacher_cli(*args, "--out", out).returncode == 0
+        first, asked = out.read_bytes(), len(server.bodies)
+        again = teacher_cli(*args, "--out", out)
+        error = again.stderr.strip().splitlines()[-1]
+        assert again.returncode == 1 and error == (
+            f"teacher.py probabilistic: error: {out} already exists: pass --resume to rebuild it from the caches "
+            "(what was asked and sampled before is read back, not paid for again) or --overwrite to replace it")
+        assert out.read_bytes() == first and len(server.bodies) == asked and len(server.preflights) == 1
+        resumed = teacher_cli(*args, "--out", out, "--resume")
+        assert resumed.returncode == 0 and "cache hits 3" in resumed.stdout and "requests 0 (" in resumed.stdout
+        assert out.read_bytes() == first and len(server.bodies) == asked
+        assert teacher_cli(*args, "--out", out, "--overwrite").returncode == 0 and out.read_bytes() == first
+        # another kind of ranking: --resume refuses it, --overwrite replaces it
+        contextual = tmp_path / "c.jsonl"
+        data.write_ranked_jsonl(contextual, [data.RankedRecord(id="0", prompt="p", candidates=["a", "b"],
+                                                               source={"kind": "contextual"})])
+        kept = contextual.read_bytes()
+        refused = teacher_cli(*args, "--out", contextual, "--resume")
+        assert refused.returncode == 1 and contextual.read_bytes() == kept
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"teacher.py probabilistic: error: --resume: {contextual} holds contextual ranking, not probabilistic: "
+            "pass --overwrite to replace it")
+        assert teacher_cli(*args, "--out", contextual, "--overwrite").returncode == 0
+        assert [r.source["kind"] for r in data.read_ranked_jsonl(contextual)] == ["probabilistic"] * 3
+        # what teacher.py did not write: never replaced, whatever the flag
+        (tmp_path / "notes.json").write_text(json.dumps([example(0)]) + "\n")
+        (tmp_path / "folder").mkdir()
+        os.symlink(out, tmp_path / "link.jsonl")
+        (tmp_path / "notes.txt").write_text("my notes\n")
+        asked, checked = len(server.bodies), len(server.preflights)
+        for flags, refusal in (
+                (["--out", tmp_path / "notes.json", "--overwrite"], f"--out {tmp_path / 'notes.json'} is not"),
+                (["--out", tmp_path / "folder", "--resume"], f"--out {tmp_path / 'folder'} is not"),
+                (["--out", tmp_path / "link.jsonl", "--overwrite"], f"--out {tmp_path / 'link.jsonl'} is not"),
+                (["--out", out, "--resume", "--failures", tmp_path / "notes.txt"],
+                 f"--failures {tmp_path / 'notes.txt'} is not")):
+            run = teacher_cli(*args, *flags)
+            error = run.stderr.strip().splitlines()[-1]
+            assert run.returncode == 1 and refusal in error and "it is left as it is" in error, error
+        assert (len(server.bodies), len(server.preflights)) == (asked, checked)  # not even a pre-flight
+    assert (tmp_path / "notes.json").read_text() == json.dumps([example(0)]) + "\n"
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n" and os.listdir(tmp_path / "folder") == []
+    assert os.path.islink(tmp_path / "link.jsonl") and out.read_bytes() == first
+
+
+def test_an_output_over_an_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`probabilistic --data d.json --out d.json` replaced the Alpaca input with ranked JSONL. An --out, --failures,
+    --cache or --student-cache that is, holds or lies inside an input (--data, --student, --tokenizer,
+    --count-tokenizer), or an --out or --failures that is a cache (whose paid answers it would replace), is refused
+    by name before anything is written: no request, no lock file, no cache."""
+    alpaca = tmp_path / "d.json"
+    alpaca.write_text(json.dumps([example(i) for i in range(2)]))
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    (student / "tokenizer.model").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    with FakeTeacher() as server:
+        common = ["--data", str(alpaca), "--base-url", server.url, "--model", "m"]
+        contextual = ["contextual", *common, "--student", str(student)]
+        cases = [
+            (["probabilistic", *common, "--out", str(alpaca)], f"{alpaca} is --data {alpaca}"),
+            (["probabilistic", *common, "--out", str(tmp_path / "p.jsonl"), "--failures", str(alpaca)],
+             f"{alpaca} is --data {alpaca}"),
+            (["probabilistic", *common, "--out", str(tmp_path / "p.jsonl"), "--cache", str(alpaca)],
+             f"{alpaca} is --data {alpaca}"),
+            (["probabilistic", *common, "--out", str(tmp_path / "p.jsonl"), "--cache", str(tmp_path / "p.jsonl")],
+             f"{tmp_path / 'p.jsonl'} is --cache {tmp_path / 'p.jsonl'}"),
+            (["probabilistic", *common, "--out", str(tmp_path), "--dry-run"], f"{tmp_path} holds --data {alpaca}"),
+            (contextual + ["--out", str(student / "c.jsonl")], f"{student / 'c.jsonl'} is inside --student {student}"),
+            (contextual + ["--out", str(tmp_path / "c.jsonl"), "--student-cache", str(student / "tokenizer.model"),
+                           "--tokenizer", str(student / "tokenizer.model")],
+             f"{student / 'tokenizer.model'} is inside --student {student}"),
+            (["probabilistic", *common, "--out", str(tmp_path / "t.model"), "--count-tokenizer",
+              str(tmp_path / "t.model")], f"{tmp_path / 't.model'} is --count-tokenizer {tmp_path / 't.model'}"),
+        ]
+        for argv, refusal in cases:
+            with pytest.raises(SystemExit) as stopped:
+                teacher.main(argv)
+            error = capsys.readouterr().err
+            assert stopped.value.code == 1 and refusal in error and "an output must lie apart" in error, error
+        assert server.bodies == [] and server.preflights == []
+    assert sorted(os.listdir(tmp_path)) == before and json.loads(alpaca.read_text())[0] == example(0)
+    assert sorted(os.listdir(student)) == ["config.json", "tokenizer.model"]
 
 
 # ----------------------------------------------------------------------------- caches that know what made them
