@@ -31,6 +31,8 @@ import data
 log = logging.getLogger("teacher")
 
 
+# ---- 1. the client: a cache, sending with retries, the pre-flight check, a pool of workers
+
 class TeacherError(RuntimeError):
     """A request that failed for good, or an answer without a needed field; names the URL,
     never the API key. status: the HTTP status of a refused request (4xx), else None."""
@@ -299,6 +301,8 @@ class TeacherClient:
         preflight = f", pre-flight {c['preflight_requests']}" if c["preflight_requests"] else ""
         return f"{requests_line}, cache hits {c['cache_hits']}, {tokens}{preflight}"
 
+
+# ---- 2. what a failed request or an answer says: masked, bounded, one line
 
 def _unreached(error):
     """How a request failed to reach the server at all (None: it reached it, e.g. a read

@@ -41,7 +41,7 @@ import teacher
 from client import RunError, TeacherClient, TeacherError, get_field
 from tokenizer import Tokenizer
 
-# ----------------------------------------------------------------------------- files and problems
+# ---- 1. files and problems
 
 class EvalError(ValueError):
     """Input the evaluation cannot start with (a missing folder or file); the message names it."""
@@ -61,7 +61,7 @@ def read_jsonl(path):
     return [record for _, record in data.read_jsonl_log(path, problem)]
 
 
-# ----------------------------------------------------------------------------- Super-NaturalInstructions
+# ---- 2. Super-NaturalInstructions
 # Tk-Instruct's per-category metric (src/compute_metrics.py);
 # the headline number is ROUGE-L over all tasks.
 EXACT_MATCH_CATEGORIES = {
@@ -240,7 +240,7 @@ def score_superni(items, outputs):
             "items": rows}
 
 
-# ----------------------------------------------------------------------------- Vicuna QA
+# ---- 3. Vicuna QA
 # FastChat llm_judge "pair-v2" / "pair-math-v1" structure (data/judge_prompts.jsonl),
 # in this project's words.
 JUDGE_SYSTEM = (
@@ -459,7 +459,7 @@ def judge_vicuna(client, questions, references, answers, pairs):
     return {"pairs": results, "judgments": judgments}
 
 
-# ----------------------------------------------------------------------------- generation, resumable
+# ---- 4. generation, resumable
 def answer_producer(directory, tokenizer_path=None, served_model=None):
     """What makes a checkpoint's answers (teacher.producer_identity), found without loading
     the model; served_model: the name a server answers for it under (--served), else None."""
@@ -581,7 +581,7 @@ def _generate_answers(name, bench, items, get_model, path, batch_size, max_new_t
     return done
 
 
-# ----------------------------------------------------------------------------- answers from a server (--served)
+# ---- 5. answers from a server (--served)
 class Served:
     """A model whose answers come from an OpenAI-compatible server (vLLM, server.py): the
     client asking it (its model name, workers, retries) and the checkpoint's context length."""
@@ -648,7 +648,7 @@ def served_loader(directory, tokenizer_path, model_name, base_url, api_key_env, 
     return lambda: (served, tok)
 
 
-# ----------------------------------------------------------------------------- a model, loaded on first use
+# ---- 6. a model, loaded on first use
 def model_loader(directory, tokenizer_path, device, dtype):
     """A function returning (model, tokenizer), loaded on first use: a fully resumed run
     loads nothing."""
@@ -665,7 +665,7 @@ def model_loader(directory, tokenizer_path, device, dtype):
     return get
 
 
-# ----------------------------------------------------------------------------- the whole evaluation
+# ---- 7. the whole evaluation
 
 BENCHMARKS = ("superni", "lmentry", "vicuna")  # the order of --max-new-tokens
 
@@ -895,7 +895,7 @@ def dry_run_report(models, out_dir, benches, questions, references, pairs, clien
     return "\n".join(lines + report.splitlines()[1:])
 
 
-# ----------------------------------------------------------------------------- results.md
+# ---- 8. results.md
 def dash(value):
     """A table cell: the value, or a dash where there is none."""
     return "—" if value is None else str(value)
@@ -997,7 +997,7 @@ def results_markdown(results):
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- the command line
+# ---- 9. the command line
 def parse_checkpoints(parser, specs):
     """{name: directory} of --checkpoints NAME=DIR ...; a bad or repeated NAME is a usage error."""
     checkpoints = {}
