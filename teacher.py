@@ -497,11 +497,15 @@ def _failure(kind, item, error, teacher):
             "teacher": teacher}
 
 
+# the failures file beside OUT, unless --failures names another
+FAILURES_SUFFIX = ".failures.jsonl"
+
+
 def _finish(kind, client, results, out_path, failures_path):
     """Write the records and the failures. A run where every item failed is an error, and replaces no OUT."""
     records = [r for status, r in results if status == "done"]
     failures = [r for status, r in results if status == "failed"]
-    failures_path = failures_path or out_path + ".failures.jsonl"
+    failures_path = failures_path or out_path + FAILURES_SUFFIX
     data.write_atomic(failures_path, (json.dumps(row, ensure_ascii=False) + "\n" for row in failures))
     if failures and not records:
         print(f"{kind}: 0 done, {len(failures)} failed; {client.report()}")
@@ -1162,7 +1166,7 @@ def command_caches(args):
 
 def failures_path(args):
     """Where the items that gave no record are listed: --failures, else OUT.failures.jsonl."""
-    return args.failures or args.out + ".failures.jsonl"
+    return args.failures or args.out + FAILURES_SUFFIX
 
 
 def refuse_outputs_over_inputs(args):
