@@ -655,7 +655,7 @@ def parse_args():
                         help="ranking batch (default 1 CPU, 16 GPU)")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak TFLOP/s, for MFU "
-                        "(default: tuna.PEAK_TFLOPS by GPU name; none on a CPU)")
+                        "(default: training.PEAK_TFLOPS by GPU name; none on a CPU)")
     parser.add_argument("--memory-cap", type=float, metavar="GB",
                         help="CUDA: use at most this many GiB "
                         "(torch.cuda.set_per_process_memory_fraction), "

@@ -567,10 +567,10 @@ def add_training_arguments(p, kind):
                    choices=["auto", "on", "off"],
                    help="recompute activations in backward: on, off, or auto (default): "
                    "on when the activations of the largest micro-batch would not fit in free memory "
-                   "(tuna.needs_checkpointing)")
+                   "(training.needs_checkpointing)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s, for the MFU in the log "
-                   "(default: tuna.PEAK_TFLOPS by GPU name; none on a CPU)")
+                   "(default: training.PEAK_TFLOPS by GPU name; none on a CPU)")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train all weights")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3")
