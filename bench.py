@@ -460,7 +460,8 @@ def bench_sampling(net, device, prompts, samples, new_tokens, repeats, batch_siz
 # ---- 5. byte-level BPE on a long word
 
 def real_llama3_tokenizer():
-    """The real Llama 3 tokenizer.json that tests/fetch_real_files.py caches, or None where it is not there."""
+    """The real Llama 3 tokenizer.json that tests/fetch_real_files.py caches, or None where it is not
+    there."""
     cache = os.environ.get("TUNA_REAL_FILES") or os.path.expanduser("~/.cache/tuna/real-files")
     path = os.path.join(cache, "llama3", "tokenizer.json")
     return path if os.path.isfile(path) else None

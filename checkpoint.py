@@ -350,7 +350,8 @@ def _holds(value, kind):
     if kind == TOKEN_IDS:
         ids = value if isinstance(value, list) and value else [value]
         return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
         return False
     return kind == POSITIVE_NUMBER or isinstance(value, int)
 

@@ -336,7 +336,8 @@ def read_api_key(env):
     if key is None:
         return None
     if not key:
-        raise RunError(f"${env} is set but empty: put the API key in it, or unset it for a server without keys")
+        raise RunError(f"${env} is set but empty: put the API key in it, or unset it for a server "
+                       "without keys")
     if not all("!" <= char <= "~" for char in key):
         raise RunError(f"the API key in ${env} holds white space or a control character (or another "
                        "character outside printable ASCII), as a key file with Windows line ends read by "

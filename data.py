@@ -160,8 +160,8 @@ def _check_texts(value, path, where, name, min_count, max_count=None):
     if len(value) < min_count:
         raise _fail(path, where, name, f"{len(value)} candidate(s), a ranking needs at least {min_count}")
     if max_count is not None and len(value) > max_count:
-        raise _fail(path, where, name, f"{len(value)} candidates, more than the {max_count} a record may hold "
-                    "for training")
+        raise _fail(path, where, name, f"{len(value)} candidates, more than the {max_count} a record "
+                    "may hold for training")
     for k, text in enumerate(value):
         if not isinstance(text, str) or not text.strip():
             raise _fail(path, where, f"{name}[{k}]", "empty response" if isinstance(text, str)

@@ -676,7 +676,8 @@ def check_checkpoints(checkpoints, baseline, lmentry_dir, served=None):
         raise EvalError(f"--baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
     for name in served or {}:
         if name not in checkpoints:
-            raise EvalError(f"--served {name}=...: {name!r} is not one of the checkpoints {list(checkpoints)}")
+            raise EvalError(f"--served {name}=...: {name!r} is not one of the checkpoints "
+                            f"{list(checkpoints)}")
     for name, directory in checkpoints.items():
         if not teacher.is_checkpoint(directory):
             raise EvalError(f"--checkpoints {name}={directory}: not a checkpoint folder "
@@ -818,8 +819,8 @@ def refuse_replacing(out_dir):
     for name, ours in (("results.json", written_results_json), ("results.md", written_results_markdown)):
         path = os.path.join(out_dir, name)
         if os.path.lexists(path) and not ours(path):
-            raise EvalError(f"{path} was not written by eval.py, so it is left as it is: choose another --out, "
-                            "or move the file away")
+            raise EvalError(f"{path} was not written by eval.py, so it is left as it is: choose another "
+                            "--out, or move the file away")
 
 
 def written_results_json(path):
@@ -1029,8 +1030,8 @@ def refuse_folder_name(parser, flag, spec, name):
     """A model's NAME names its answers' folder, OUT/generations/NAME: one that would lead out of
     OUT/generations (or be no folder) is a usage error, whatever it was meant to be."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        parser.error(f"{flag}: {spec!r}: NAME names the folder OUT/generations/NAME, so it must not be empty, "
-                     "'.' or '..', nor hold '/' or a NUL character")
+        parser.error(f"{flag}: {spec!r}: NAME names the folder OUT/generations/NAME, so it must not be "
+                     "empty, '.' or '..', nor hold '/' or a NUL character")
 
 
 def command_inputs(args, checkpoints):

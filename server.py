@@ -204,8 +204,8 @@ class LocalTeacher:
         echo = _option(body, "echo", (bool,), False)
         n = sampling["n"]
         if len(prompts) * n > MAX_CHOICES:
-            raise BadRequest(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server answers "
-                             f"at most {MAX_CHOICES} in one request", "n" if n > 1 else "prompt")
+            raise BadRequest(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server "
+                             f"answers at most {MAX_CHOICES} in one request", "n" if n > 1 else "prompt")
         for prompt in prompts:
             self._refuse_what_cannot_fit(prompt, "prompt")
         choices = []
@@ -323,7 +323,8 @@ def _depth(value):
         value, depth = stack.pop()
         if isinstance(value, (list, dict)):
             deepest = max(deepest, depth)
-            stack.extend((inner, depth + 1) for inner in (value.values() if isinstance(value, dict) else value))
+            stack.extend((inner, depth + 1)
+                         for inner in (value.values() if isinstance(value, dict) else value))
     return deepest
 
 
@@ -462,8 +463,8 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"Request body of {size} bytes is over this server's limit of {limit} bytes."
             return self._send_unread(413, _error(message, code="request_too_large"))
         if not self.server.hold_body_bytes(size):
-            message = (f"This server holds at most {self.server.max_total_body_bytes} bytes of request bodies "
-                       "at once, and more are being read; try again later.")
+            message = (f"This server holds at most {self.server.max_total_body_bytes} bytes of request "
+                       "bodies at once, and more are being read; try again later.")
             overloaded = _error(message, "server_error", code=OVERLOADED)
             return self._send_unread(503, overloaded, [("Retry-After", "1")])
         try:
@@ -608,8 +609,8 @@ class _Server(ThreadingHTTPServer):
     def _refuse(self, request):
         """503 to a connection past the cap, from the accepting thread without waiting; the
         connection closes later (service_actions), once the client has read it."""
-        message = (f"This server serves at most {self.max_connections} connections at once, and all are being "
-                   "answered; try again later.")
+        message = (f"This server serves at most {self.max_connections} connections at once, and all are "
+                   "being answered; try again later.")
         payload = json.dumps(_error(message, "server_error", code=OVERLOADED)).encode()
         head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
                 f"{len(payload)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()

@@ -278,8 +278,8 @@ def answer_budget(max_seq_len, ids, max_new_tokens):
 
 def generated_round(model, tok, ids, n, budget, generators, r, temperature):
     """One round of n answers to the prompt `ids` from model.generate -> (texts, finished)."""
-    outs, _ = generate(model, [ids], budget, temperature=temperature, eos_id=tok.stop_ids, generator=generators,
-                       num_samples=n)
+    outs, _ = generate(model, [ids], budget, temperature=temperature, eos_id=tok.stop_ids,
+                       generator=generators, num_samples=n)
     return decoded_answers(tok, outs)
 
 
@@ -871,7 +871,8 @@ def is_checkpoint(folder):
 
 
 def producer_identity(checkpoint_dir, tokenizer_path):
-    """What produces a model's text: its checkpoint (checkpoint.checkpoint_identity), its tokenizer's sha256."""
+    """What produces a model's text: its checkpoint (checkpoint.checkpoint_identity), its tokenizer's
+    sha256."""
     return {"checkpoint": checkpoint_identity(checkpoint_dir), "tokenizer": data.file_sha256(tokenizer_path)}
 
 
@@ -943,8 +944,9 @@ def served_answers(answer, n, url):
     budget."""
     choices = get_field(answer, "choices", url)
     if not isinstance(choices, list) or len(choices) != n:
-        raise ReplyError(f"{url}: {len(choices) if isinstance(choices, list) else 0} choice(s) for n={n}; the "
-                         "student's samples need a server that returns n choices a request (vLLM, server.py)")
+        raise ReplyError(f"{url}: {len(choices) if isinstance(choices, list) else 0} choice(s) for n={n}; "
+                         "the student's samples need a server that returns n choices a request (vLLM, "
+                         "server.py)")
     texts = [str(get_field(answer, f"choices.{i}.text", url)).strip() for i in range(n)]
     return texts, [choices[i].get("finish_reason") != "length" for i in range(n)]
 
@@ -958,7 +960,8 @@ def preflight_served(client, n, stop_ids):
     where = f"pre-flight check of the served model '{client.model}' at {client.base_url}"
     named = answer.get("model")
     if named is not None and named != client.model:
-        raise RunError(f"{where}: it answers as model '{named}'; serve the checkpoint under the name asked for")
+        raise RunError(f"{where}: it answers as model '{named}'; serve the checkpoint under the name asked "
+                       "for")
     try:
         served_answers(answer, n, client.base_url + "/completions")
     except (ReplyError, TeacherError) as e:
@@ -1123,7 +1126,8 @@ def student_samples(args, tok, examples):
         preflight_served(client, args.n, tok.stop_ids)
         return sample_candidates_served(client, tok, examples, student_cache_path(args), *options,
                                         student=identity, context_length=context_length(args.student, tok))
-    student = load_checkpoint(args.student, args.device, dtype=torch.float32 if args.device == "cpu" else None)
+    student = load_checkpoint(args.student, args.device,
+                              dtype=torch.float32 if args.device == "cpu" else None)
     return sample_candidates(student, tok, examples, student_cache_path(args), *options, student=identity,
                              batch_size=args.student_batch_size)
 
@@ -1189,17 +1193,18 @@ def refuse_replacing(args):
     if os.path.lexists(args.out):
         if not (args.resume or args.overwrite):
             raise ValueError(f"{args.out} already exists: pass --resume to rebuild it from the caches (what "
-                             "was asked and sampled before is read back, not paid for again) or --overwrite to "
-                             "replace it")
+                             "was asked and sampled before is read back, not paid for again) or --overwrite "
+                             "to replace it")
         first = first_record_written_here(args.out, "--out", "a ranked JSONL file",
                                           ("id", "prompt", "candidates"))
         source = first.get("source")
         kind = source.get("kind") if isinstance(source, dict) else None
         if not args.overwrite and kind not in (None, args.command):
-            raise ValueError(f"--resume: {args.out} holds {kind} ranking, not {args.command}: pass --overwrite "
-                             "to replace it")
+            raise ValueError(f"--resume: {args.out} holds {kind} ranking, not {args.command}: pass "
+                             "--overwrite to replace it")
     if os.path.lexists(failures_path(args)):
-        first_record_written_here(failures_path(args), "--failures", "a failures file", ("id", "kind", "error"))
+        first_record_written_here(failures_path(args), "--failures", "a failures file",
+                                  ("id", "kind", "error"))
 
 
 def first_record_written_here(path, flag, what, fields):
@@ -1240,10 +1245,10 @@ def argument_parser():
         caches = "request cache gives back what was asked" if name == "probabilistic" else \
             "request and student caches give back what was asked and sampled"
         p.add_argument("--resume", action="store_true", help=f"rebuild an existing OUT from the caches: the "
-                       f"{caches} before, so a rerun pays nothing twice (OUT: a ranked JSONL file of the same "
-                       "kind only)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a ranked JSONL file "
-                       "only); the caches are read as always")
+                       f"{caches} before, so a rerun pays nothing twice (OUT: a ranked JSONL file of the "
+                       "same kind only)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a ranked JSONL "
+                       "file only); the caches are read as always")
         p.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or "
                        "http://127.0.0.1:8000/v1")
         p.add_argument("--model", required=True, help="teacher model name")

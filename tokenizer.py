@@ -1,4 +1,5 @@
-"""Text <-> token ids for a checkpoint: sentencepiece's tokenizer.model, a BPE tokenizer.json or Meta's tiktoken.
+"""Text <-> token ids for a checkpoint: sentencepiece's tokenizer.model, a BPE tokenizer.json or Meta's
+tiktoken.
 
 It works copied alone into another project: it needs the standard library and sentencepiece, nothing more
 (not Hugging Face's `tokenizers`: tokenizer.json is read by hand). Four parts, in this order: 1. Tokenizer,
@@ -187,13 +188,14 @@ CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 
 
 def merge_by_rank(symbols, merge_ranks):
-    """BPE's rule: merge the adjacent pair with the lowest rank (the leftmost of equals) into one symbol, until
-    no adjacent pair has a rank, as `tokenizers` applies it. symbols: a word's byte symbols; merge_ranks:
-    (left, right) -> rank. Quadratic in the word's length: the reference merge_by_rank_fast is tested equal
-    to."""
+    """BPE's rule: merge the adjacent pair with the lowest rank (the leftmost of equals) into one symbol,
+    until no adjacent pair has a rank, as `tokenizers` applies it. symbols: a word's byte symbols;
+    merge_ranks: (left, right) -> rank. Quadratic in the word's length: the reference merge_by_rank_fast is
+    tested equal to."""
     parts = list(symbols)
     while True:
-        ranked = [(merge_ranks[pair], k) for k, pair in enumerate(zip(parts, parts[1:])) if pair in merge_ranks]
+        ranked = [(merge_ranks[pair], k) for k, pair in enumerate(zip(parts, parts[1:]))
+                  if pair in merge_ranks]
         if not ranked:
             return parts
         _, k = min(ranked)
@@ -669,8 +671,8 @@ def _decoders(spec, where):
         setting = (spec.get("content"), spec.get("start"), spec.get("stop"))
         char, start, stop = setting
         if not isinstance(char, str) or len(char) != 1 or type(start) is not int or type(stop) is not int:
-            raise TokenizerError(f"{where}: Strip content={char!r}, start={start!r}, stop={stop!r} is not one "
-                                 "character and two counts")
+            raise TokenizerError(f"{where}: Strip content={char!r}, start={start!r}, stop={stop!r} is not "
+                                 "one character and two counts")
         return [(kind, setting)]
     raise TokenizerError(f"{where} {kind!r} is not implemented (ByteLevel; or Replace, ByteFallback, Fuse, "
                          "Strip, Sequence)")
@@ -784,7 +786,8 @@ class TokenizerJson(BytePairEncoding):
         self.byte_level = ("ByteLevel", None) in self.decoders
         self._read_model(spec.get("model") or {})
         self.normalize = _normalizer(spec.get("normalizer"), f"{path}: normalizer")
-        self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), f"{path}: pre_tokenizer", self.byte_level)
+        self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), f"{path}: pre_tokenizer",
+                                          self.byte_level)
         byte_level = [step.add_prefix_space for step in self.steps if hasattr(step, "add_prefix_space")]
         if self.byte_level and len(byte_level) != 1:
             raise TokenizerError(f"{path}: pre_tokenizer {spec.get('pre_tokenizer')!r} has no ByteLevel step "
@@ -842,8 +845,8 @@ class TokenizerJson(BytePairEncoding):
         byte_pieces = [f"<0x{byte:02X}>" for byte in range(256)]
         lacking = [piece for piece in byte_pieces if piece not in self.vocab]
         if self.byte_fallback and lacking:
-            raise TokenizerError(f"{where}.byte_fallback=True with a vocabulary lacking {len(lacking)} of the "
-                                 f"256 byte pieces ({lacking[:3]}...) is not implemented")
+            raise TokenizerError(f"{where}.byte_fallback=True with a vocabulary lacking {len(lacking)} of "
+                                 f"the 256 byte pieces ({lacking[:3]}...) is not implemented")
         # A symbol the vocabulary lacks (SmolLM2 lacks 21 of the 256 bytes) becomes
         # unk_token, or is dropped when there is none, before any merge, as `tokenizers`'
         # BPE.merge_word does.
@@ -869,7 +872,8 @@ class TokenizerJson(BytePairEncoding):
         byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
         if byte and ("ByteFallback", None) in self.decoders:
             return bytes([int(byte.group(1), 16)])
-        return decode_tokens([token], [step for step in self.decoders if step[0] == "Replace"]).encode("utf-8")
+        return decode_tokens([token],
+                             [step for step in self.decoders if step[0] == "Replace"]).encode("utf-8")
 
     def _read_tokenizer_config(self, folder):
         """tokenizer_config.json (and the older special_tokens_map.json), where present;
@@ -902,7 +906,8 @@ class TokenizerJson(BytePairEncoding):
         return config
 
     def _token_id(self, content, where):
-        """The id of a token the configs name: a special token, another added one, or one of the vocabulary."""
+        """The id of a token the configs name: a special token, another added one, or one of the
+        vocabulary."""
         found = self.special_ids.get(content, self.added.get(content, {}).get("id", self.vocab.get(content)))
         if found is None:
             raise TokenizerError(f"{where} {content!r} is not a token of {self.path}")
@@ -1013,8 +1018,8 @@ def _nesting_depth(value):
 # after the 128,000 ranks are not in the file but in Meta's code (llama-models, models/llama3/tokenizer.py),
 # written out here as it writes them. The Hugging Face release's tokenizer.json is the same tokenizer.
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_RANKS = 128_000
 LLAMA3_NAMED_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",

@@ -450,9 +450,9 @@ def run_pipeline(args):
         return pipeline_dry_run(args, command)
     served = build_contextual and args.student_base_url
     if served:
-        training.log(f"pipeline: Tuna_p and Tuna train here; Tuna_p's samples (the contextual stage) come from "
-                     f"the student server at {args.student_base_url}, which must serve {tuna_p} once it is "
-                     "trained")
+        training.log(f"pipeline: Tuna_p and Tuna train here; Tuna_p's samples (the contextual stage) come "
+                     f"from the student server at {args.student_base_url}, which must serve {tuna_p} once "
+                     "it is trained")
     # the teacher is asked only after hours of training: check it first (reachable, key, model, chat); the
     # student server cannot serve Tuna_p before it exists
     if build_contextual and subprocess.run(contextual_command(args, contextual, tuna_p, student_server=False)
@@ -507,9 +507,10 @@ def student_server_missing(args, tuna_p):
     """What to do when no student server serves Tuna_p: the command that starts one, then --resume."""
     model = student_model(args, tuna_p)
     return (f"pipeline: the student server at {args.student_base_url} failed its pre-flight check (above); "
-            f"{tuna_p} is trained. Serve it there as '{model}', e.g. `vllm serve {tuna_p} --served-model-name "
-            f"{model} --port PORT` (--tensor-parallel-size N for N GPUs) or `python server.py --checkpoint "
-            f"{tuna_p} --model-name {model} --port PORT`, then rerun this command with --resume")
+            f"{tuna_p} is trained. Serve it there as '{model}', e.g. `vllm serve {tuna_p} "
+            f"--served-model-name {model} --port PORT` (--tensor-parallel-size N for N GPUs) or `python "
+            f"server.py --checkpoint {tuna_p} --model-name {model} --port PORT`, then rerun this command "
+            "with --resume")
 
 
 def pipeline_dry_run(args, command):
