@@ -533,6 +533,9 @@ MAX_TOTAL_BODY_BYTES = 64 * 2 ** 20
 # A refused request's unread body: what is still read, at most and for at most that long,
 # so that its client reads the answer rather than a reset.
 LINGER_BYTES, LINGER_SECONDS = 64 * 2 ** 10, 1.0
+# How long a new connection past the cap waits for the thread of the connection dropped to
+# make room to end (at once, normally: its read ends when the connection is shut down).
+DROPPED_THREAD_WAIT = 1.0
 # Connections answered 503 past the cap that may linger at once (a file descriptor each);
 # the oldest is closed when more come.
 MAX_LINGERING = 64
@@ -568,15 +571,24 @@ class _Server(ThreadingHTTPServer):
         self.max_total_body_bytes = max_total_body_bytes
         self.read_timeout = read_timeout
         self.lock = threading.Lock()
+        self.thread_ended = threading.Condition(self.lock)
         # connection -> since when it waits for (the rest of) its request; None: being answered
         self.connections = {}
+        # connections dropped to make room whose threads have not ended yet: they count too
+        self.dropping = set()
         self.body_bytes = 0
         # (connection, when to close it) of those answered 503 by the accepting thread
         self.refused = []
 
+    def has_room(self):
+        """Whether a thread may start for one more connection (self.lock held)."""
+        return len(self.connections) + len(self.dropping) < self.max_connections
+
     def process_request(self, request, client_address):
         with self.lock:
-            admitted = len(self.connections) < self.max_connections or self._drop_longest_waiting()
+            admitted = self.has_room()
+            if not admitted and self._drop_longest_waiting():
+                admitted = self.thread_ended.wait_for(self.has_room, DROPPED_THREAD_WAIT)
             if admitted:
                 self.connections[request] = time.monotonic()
         if admitted:
@@ -590,15 +602,19 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self.lock:
                 self.connections.pop(request, None)
+                self.dropping.discard(request)
+                self.thread_ended.notify_all()
 
     def _drop_longest_waiting(self):
         """Drop the connection that has waited longest for its request, if any waits
-        (self.lock held): its thread's read ends at once."""
+        (self.lock held): its thread's read ends at once, and its place is free when the
+        thread has ended."""
         waiting = {connection: since for connection, since in self.connections.items() if since is not None}
         if not waiting:
             return False
         oldest = min(waiting, key=waiting.get)
         del self.connections[oldest]
+        self.dropping.add(oldest)
         try:
             oldest.shutdown(socket.SHUT_RDWR)
         except OSError:

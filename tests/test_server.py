@@ -245,6 +245,44 @@ def test_connections_past_the_cap_get_503_and_slow_ones_make_room():
             sock.close()
 
 
+def test_a_connection_dropped_to_make_room_has_ended_before_the_next_one_starts():
+    """--max-connections 2, two connections sending half their headers, then a normal request: it takes the
+    place of the oldest, whose thread ends first (its closing slowed to 0.3 s here, as on a loaded machine), so
+    the connection threads alive at once never pass the cap, and the request is still answered within a
+    second. Before: the new thread started beside the ending one (3 at once)."""
+    backend = Blocking()
+    backend.release.set()
+    server = backend_server(backend, max_connections=2, read_timeout=5)
+    alive, peak, lock = [0], [0], threading.Lock()
+    serve_connection, close_connection = server.process_request_thread, server.shutdown_request
+
+    def counted(request, client_address):  # a connection's thread, counted from its start
+        with lock:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+        serve_connection(request, client_address)
+
+    def slow_close(request):  # the end of a connection's thread, after its socket is closed
+        time.sleep(0.3)
+        close_connection(request)
+        with lock:
+            alive[0] -= 1
+
+    server.process_request_thread, server.shutdown_request = counted, slow_close
+    with Running(server) as served:
+        slow = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(2)]
+        for sock in slow:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\n")
+        deadline = time.monotonic() + 5
+        while alive[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seconds, reply = timed("POST", served.url + "/completions", json=ASK)
+        assert reply.status_code == 200 and seconds < 1.0
+        assert peak[0] == 2
+        for sock in slow:
+            sock.close()
+
+
 def test_body_bytes_held_at_once_are_capped_with_503_body_unread():
     """--max-body-bytes 2 MiB, --max-total-body-bytes 3 MiB: one client holding half of a 2 MiB body leaves
     room for small requests, not for a second 2 MiB body (503 at once, the body unread, the connection closed);
