@@ -65,6 +65,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (still run in CI)")
 
 
+def pytest_collection_modifyitems(items):
+    """The modules that hold a slow test first, each module's tests in their order: on two workers
+    (tests/run_all.sh, --no-loadscope-reorder) the longest start at once instead of last."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)
+
+
 # Enough varied text for a 512-piece BPE vocabulary: prose, the Alpaca template, digits, unicode.
 CORPUS_LINES = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

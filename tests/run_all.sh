@@ -11,11 +11,12 @@ python -m pip install -q -r requirements.txt -r tests/requirements.txt
 python -m pip install -q --upgrade --no-deps --target .transformers4 -r tests/requirements-transformers4.txt
 python tests/fetch_real_files.py
 python -m ruff check --select F,E9 .
-# Two workers, each test module whole on one (its module fixtures built once), one torch thread each
-# (torch's default, a thread per core, would have 4 threads contend for 2 cores).
+# Two workers, each test module whole on one (its module fixtures built once), the modules with slow tests
+# first (tests/conftest.py), one torch thread each (torch's default, a thread per core, would have 4
+# threads contend for 2 cores).
 export OMP_NUM_THREADS=1
+workers="-n 2 --dist loadfile --no-loadscope-reorder"
 # the whole suite against transformers 5 (today's release)
-python -m pytest -q -n 2 --dist loadfile tests
+python -m pytest -q $workers tests
 # the model and tokenizer parity modules again, against transformers 4.57.6
-PYTHONPATH=.transformers4 python -m pytest -q -n 2 --dist loadfile tests/test_model.py tests/test_data.py \
-    tests/test_bpe.py
+PYTHONPATH=.transformers4 python -m pytest -q $workers tests/test_model.py tests/test_data.py tests/test_bpe.py
