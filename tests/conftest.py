@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -59,6 +60,23 @@ def real_files():
             pytest.fail(message)
         pytest.skip(message)
     return folder
+
+
+class ServedInThread:
+    """For a `with` block: self.server (an http.server on 127.0.0.1; port 0 picks a free one) answers on a
+    thread; url is its /v1 base URL. A test server sets self.server (to itself where it is the http.server)."""
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def pytest_configure(config):

@@ -24,6 +24,7 @@ import model as M
 import teacher
 import tokenizer
 from client import RunError, TeacherClient, TeacherError
+from conftest import ServedInThread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_ENV = "TUNA_TEST_CLIENT_KEY"
@@ -44,7 +45,7 @@ def leaks(text, key=KEY):
 
 # ----------------------------------------------------------------------------- a server that misbehaves
 
-class Misbehaving(ThreadingHTTPServer):
+class Misbehaving(ServedInThread, ThreadingHTTPServer):
     """Answers as the request's prompt says: "echo-json 401", "echo-text 500 PAD" (the Authorization header said
     back in an error body, JSON or an HTML page, after PAD characters), "retry-after VALUE" (429 with that
     Retry-After the first time, 200 after), "redirect" (307 to itself, for ever); else 200. Counts requests."""
@@ -52,19 +53,8 @@ class Misbehaving(ThreadingHTTPServer):
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), MisbehavingHandler)
+        self.server = self
         self.requests, self.lock = [], threading.Lock()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
 
 
 class MisbehavingHandler(BaseHTTPRequestHandler):

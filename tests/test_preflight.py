@@ -28,6 +28,7 @@ import tokenizer
 from client import PREFLIGHT_TEXT, TeacherClient
 from server import backend_server, BadRequest, LocalTeacher, NO_KEY
 import tuna
+from conftest import ServedInThread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in sun capital of France is Paris tips add sort".split()
@@ -75,20 +76,11 @@ class Counting:
         return [b for b, _ in run], sum(u["prompt_tokens"] for _, u in run)
 
 
-class Served:
+class Served(ServedInThread):
     def __init__(self, tiny, api_key=None, **kw):
         net, tok, _ = tiny
         self.backend = Counting(LocalTeacher(net, tok, "tiny-teacher", seed=0))
         self.server = backend_server(self.backend, api_key=api_key, **kw)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def alpaca_file(path, count, seed=0):

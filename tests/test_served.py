@@ -27,6 +27,7 @@ import tokenizer
 import tuna
 from client import PREFLIGHT_TEXT, RunError, TeacherClient
 from server import BadRequest, LocalTeacher, backend_server
+from conftest import ServedInThread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,20 +84,11 @@ class RankingTeacher:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-class Serving:
+class Serving(ServedInThread):
     """backend_server over a backend, on 127.0.0.1 (port 0: a free one), for a `with` block."""
 
     def __init__(self, backend, port=0):
         self.backend, self.server = backend, backend_server(backend, port=port)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def tiny_student(seed=0, scale=1.0, max_seq_len=256):

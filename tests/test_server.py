@@ -24,6 +24,7 @@ import checkpoint
 import model as M
 import tokenizer
 from server import backend_server, make_server
+from conftest import ServedInThread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_ENV, KEY = "TUNA_TEST_SERVER_KEY", "sk-tuna-server-test-0123456789"
@@ -54,21 +55,12 @@ def tiny(tmp_path_factory, spm_model_path):
     return net, tokenizer.Tokenizer(spm_model_path), str(folder)
 
 
-class Running:
+class Running(ServedInThread):
     """A server (make_server or backend_server's) serving in a thread while the block runs."""
 
     def __init__(self, server):
         self.server = server
         self.port = server.server_port
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ----------------------------------------------------------------------------- raw HTTP, as a client sends it

@@ -30,7 +30,7 @@ import tokenizer
 from client import get_field, PREFLIGHT_TEXT, RunError, TeacherClient, TeacherError
 from server import chat_prompt, make_server
 from server import main as server_main
-from conftest import sequence_logprobs
+from conftest import ServedInThread, sequence_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-TUNA-test-secret-0123456789abcdef"
@@ -38,12 +38,13 @@ SECRET = "sk-TUNA-test-secret-0123456789abcdef"
 
 # ----------------------------------------------------------------------------- the fake teacher
 
-class FakeTeacher(ThreadingHTTPServer):
+class FakeTeacher(ServedInThread, ThreadingHTTPServer):
     """OpenAI-shaped answers computed from the request body; FAULT:<name> in the body picks a fault.
     seen counts requests per body hash; repeats counts requests for a body that already got a good answer."""
 
     def __init__(self, hang_after=None):
         super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.server = self
         self.daemon_threads = True
         self.lock = threading.Lock()
         self.seen, self.times = collections.Counter(), collections.defaultdict(list)
@@ -52,18 +53,9 @@ class FakeTeacher(ThreadingHTTPServer):
         self.preflights = []  # the pre-flight requests' bodies
         self.hang_after, self.hanging, self.release = hang_after, threading.Event(), threading.Event()
 
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
     def __exit__(self, *exc):
         self.release.set()
-        self.shutdown()
-        self.server_close()
+        super().__exit__(*exc)
 
 
 def fake_answer(path, body, h, fault):
